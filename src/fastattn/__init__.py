@@ -1,0 +1,25 @@
+"""fastattn: exact, memory-efficient scaled-dot-product attention (FlashAttention).
+
+Public names only; nothing is computed at import.
+"""
+
+from ._api import AttentionResult, FlashAttention, flash_attention, standard_attention
+from ._config import FlashAttentionConfig
+from ._info import available_backends, info
+from ._memory import MemoryReport, MemorySavings, memory_report, memory_savings
+from ._version import __version__
+
+__all__ = [
+    "AttentionResult",
+    "FlashAttention",
+    "FlashAttentionConfig",
+    "MemoryReport",
+    "MemorySavings",
+    "__version__",
+    "available_backends",
+    "flash_attention",
+    "info",
+    "memory_report",
+    "memory_savings",
+    "standard_attention",
+]

@@ -1,0 +1,94 @@
+"""Backend registry.
+
+    flash_attention(q, k, v, ...)            (fastattn._api: validate once)
+              |
+              v
+    resolve(name, q, k, v) --- "auto" ----> "cuda" if the arrays live on a GPU
+              |                             "cpu"  otherwise (compiled kernel)
+              v
+    backend.forward(q4, k4, v4, spec) -> ForwardOutput(out, lse, stats)
+
+Every backend is a module with the same few names:
+
+    NAME                       registry name
+    availability() -> str|None None when usable, else why not (names what is missing)
+    prepare(x) -> array        the input as this backend's native array (no copy where possible)
+    restore(y, like) -> array  an output moved back to where the caller's input ``like`` lives
+    forward(q, k, v, spec)     4-D (batch, heads, seq, head_dim) arrays + a validated spec
+    describe() -> dict         facts for fastattn.info()
+
+Adding a backend is adding a module and a line in ``_MODULES``.  "auto" is resolved here
+and only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+from .._validate import is_gpu_array
+
+_MODULES = {
+    "cpu": "fastattn.backends.cpu",
+    "cuda": "fastattn.backends.cuda",
+    "reference": "fastattn.backends.reference",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStats:
+    """What a backend reports about the tiles it actually used."""
+
+    block_q: int
+    block_kv: int
+    peak_sram_bytes: int  # per-thread tile working set (CPU) / shared memory per block (CUDA)
+    num_threads: int = 1
+    simd: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOutput:
+    out: Any  # (batch, heads, seq_q, head_dim), input dtype
+    lse: Any  # (batch, heads, seq_q), float32 (float64 for float64 input)
+    stats: BackendStats
+
+
+def backend_names() -> list[str]:
+    return list(_MODULES)
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module for a registry name (not checked for availability)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {name!r}")
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_MODULES)}")
+    return importlib.import_module(_MODULES[name])
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here, now."""
+    return [name for name in _MODULES if get_backend(name).availability() is None]
+
+
+def require(name: str) -> ModuleType:
+    backend = get_backend(name)
+    reason = backend.availability()
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    return backend
+
+
+def resolve(name: str, *arrays: Any) -> ModuleType:
+    """Picks the backend: an explicit name, or "auto" by where the data lives."""
+    if name != "auto":
+        return require(name)
+    on_gpu = [is_gpu_array(a) for a in arrays]
+    if any(on_gpu):
+        if not all(on_gpu):
+            raise ValueError("q, k and v must all live on the same device (some are GPU arrays, some are not)")
+        return require("cuda")
+    cpu = get_backend("cpu")
+    return cpu if cpu.availability() is None else require("reference")
