@@ -1,0 +1,81 @@
+"""The one place that picks CPU tile sizes ("cache-sized tiles").
+
+Per thread, one work item keeps these in cache (compute itemsize ``isz``: 4 for
+float32/float16/bfloat16, 8 for float64)::
+
+    Q tile   block_q  x d        (scaled copy)
+    K^T tile d        x block_kv (packed, kv contiguous)
+    V tile   block_kv x d
+    S/P tile block_q  x block_kv (scores, then probabilities)
+    O acc    block_q  x d
+    m_i, l_i block_q  each
+
+The K and V tiles are read by every row block of the query tile, so they get half of
+L2; the S tile with the Q and O rows that stream through it gets a quarter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+_FALLBACK = {"l1d": 32 * 1024, "l2": 1024 * 1024, "l3": 8 * 1024 * 1024}
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * mult
+
+
+@functools.lru_cache(maxsize=1)
+def cache_sizes() -> dict:
+    """Per-core L1d and L2, and L3, in bytes (sysfs, then sysconf, then a fallback)."""
+    sizes: dict = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            path = os.path.join(base, entry)
+            try:
+                with open(os.path.join(path, "level")) as f:
+                    level = int(f.read())
+                with open(os.path.join(path, "type")) as f:
+                    kind = f.read().strip()
+                with open(os.path.join(path, "size")) as f:
+                    size = _parse_size(f.read())
+            except (OSError, ValueError):
+                continue
+            if kind == "Instruction":
+                continue
+            sizes[{1: "l1d", 2: "l2", 3: "l3"}.get(level, f"l{level}")] = size
+    except OSError:
+        pass
+    for key, name in (("l1d", "SC_LEVEL1_DCACHE_SIZE"), ("l2", "SC_LEVEL2_CACHE_SIZE"), ("l3", "SC_LEVEL3_CACHE_SIZE")):
+        if not sizes.get(key):
+            try:
+                value = os.sysconf(name)
+            except (ValueError, OSError, AttributeError):
+                value = 0
+            if value > 0:
+                sizes[key] = int(value)
+    return {key: sizes.get(key) or fallback for key, fallback in _FALLBACK.items()}
+
+
+def _round_down(value: int, multiple: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, (value // multiple) * multiple))
+
+
+def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None,
+                 block_kv: int | None = None) -> tuple[int, int]:
+    """(block_q, block_kv): explicit values are kept, missing ones sized to the caches."""
+    l2 = cache_sizes()["l2"]
+    if block_kv is None:
+        block_kv = _round_down(l2 // (4 * head_dim * itemsize), 16, 16, 512)
+    if block_q is None:
+        block_q = _round_down(l2 // (4 * (block_kv + 2 * head_dim) * itemsize), 8, 8, 256)
+    return block_q, block_kv
+
+
+def working_set_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one thread's tile working set (see the module docstring)."""
+    return itemsize * (2 * block_q * head_dim + 2 * block_kv * head_dim + block_q * block_kv + 2 * block_q)
