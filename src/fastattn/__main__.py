@@ -1,0 +1,205 @@
+"""The command line: ``python -m fastattn {info,memory,bench}``.
+
+    python -m fastattn info                      what this installation can do here
+    python -m fastattn memory --seq-lens 1024 4096 --plot mem.png
+    python -m fastattn bench                     a few seconds: fastattn vs NumPy materialized
+    python -m fastattn bench --compare torch     the full grid against PyTorch's CPU SDPA
+    python -m fastattn bench --device cuda       the CUDA backend against torch flash / cuDNN
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _write_json(data: Any, dest: str) -> None:
+    text = json.dumps(data, indent=2, default=str)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {dest}", file=sys.stderr)
+
+
+def _pretty(data: Any, indent: int = 0) -> list[str]:
+    pad = "  " * indent
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{pad}{key}:")
+            lines.extend(_pretty(value, indent + 1))
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{pad}{key}: {', '.join(map(str, value)) or '(none)'}")
+        else:
+            lines.append(f"{pad}{key}: {value}")
+    return lines
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import fastattn
+
+    facts = fastattn.info()
+    if args.json:
+        print(json.dumps(facts, indent=2, default=str))
+    else:
+        print("\n".join(_pretty(facts)))
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    import fastattn
+
+    report = fastattn.memory_report(
+        seq_lens=args.seq_lens, head_dim=args.head_dim, num_heads=args.heads, batch=args.batch,
+        dtype=args.dtype, causal=args.causal, backend=args.backend, measure=not args.no_measure,
+        materialized_limit_bytes=args.limit_mib * 1024**2,
+    )
+    if args.json is not None:
+        _write_json(report.to_dict(), args.json)
+    if args.json != "-":
+        print(report)
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_cuda(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    try:
+        from . import _bench_cuda
+    except ImportError as exc:
+        print(f"fastattn: the CUDA benchmark is not available here ({exc})", file=sys.stderr)
+        return 2
+    try:
+        rows = _bench_cuda.run_cuda_bench(compare_torch=args.compare == "torch", progress=not args.no_progress)
+    except (ImportError, RuntimeError) as exc:
+        print(f"fastattn: cannot run the CUDA benchmark: {exc}", file=sys.stderr)
+        return 2
+    results = _bench.cuda_results(rows)
+    present = {r["impl"] for r in results}
+    competitors = [c for c in ("torch-flash", "torch-cudnn") if c in present]
+    if not competitors:
+        print("note: no PyTorch competitor in this run (ratios need torch-flash / torch-cudnn)", file=sys.stderr)
+    if args.json != "-":
+        print(_bench.format_table(results, competitors, tera=True))
+    if args.json is not None:
+        _write_json({"results": results}, args.json)
+    if args.plot:
+        _bench.plot(results, args.plot, title="CUDA attention throughput")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    if args.device == "cuda":
+        return _cmd_bench_cuda(args)
+    compare_torch = args.compare == "torch"
+    if args.quick:
+        seqs, head_dims = _bench.QUICK_SEQS, _bench.QUICK_HEAD_DIMS
+    elif compare_torch:
+        seqs, head_dims = _bench.FULL_SEQS, _bench.FULL_HEAD_DIMS
+    else:
+        seqs, head_dims = _bench.DEFAULT_SEQS, _bench.DEFAULT_HEAD_DIMS
+    seqs = args.seqs or seqs
+    head_dims = args.head_dims or head_dims
+    workloads = _bench.grid(seqs, head_dims, batch=args.batch, heads=args.heads)
+    impls = _bench.implementations(compare_torch)
+    cpu_reason = _bench.unavailable(_bench.FASTATTN_CPU)
+    if cpu_reason:
+        print(f"note: fastattn's cpu backend is not available ({cpu_reason}); timing the float64 reference "
+              f"oracle instead, up to N={_bench.REFERENCE_MAX_SEQ}", file=sys.stderr)
+    torch_reason = _bench.torch_unavailable() if compare_torch else None
+    if torch_reason:
+        print(f"note: {torch_reason}; comparing against NumPy only", file=sys.stderr)
+        impls = [i for i in impls if i != _bench.TORCH]
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick or not compare_torch else 5)
+    run = _bench.run_cpu_bench(workloads, impls, threads=args.threads, repeat=repeat,
+                               progress=not args.no_progress, measure_matmul=compare_torch)
+    competitors = [_bench.TORCH] if _bench.TORCH in impls else []
+    competitors.append(_bench.NUMPY)
+    facts = _bench.machine_facts()
+    threads = args.threads if args.threads is not None else "default"
+    if args.json != "-":
+        print(f"CPU attention, fp32, threads={threads}, median of {repeat} after a warm-up; "
+              f"{facts.get('cpu', facts['machine'])}")
+        print(_bench.format_table(run["results"], competitors, matmul_gflops=run["matmul_gflops"]))
+    if args.json is not None:
+        _write_json({"machine": facts, "repeat": repeat, **run}, args.json)
+    if args.plot:
+        _bench.plot(run["results"], args.plot, title=f"CPU attention, fp32, threads={threads}")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastattn", description="fastattn: exact memory-efficient attention")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,memory,bench}")
+
+    p = sub.add_parser("info", help="version, backends, SIMD, threads, caches")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("memory", help="estimated and measured memory of the flash and materialized paths")
+    p.add_argument("--seq-lens", type=_positive_int, nargs="+", default=[512, 1024, 2048, 4096], metavar="N")
+    p.add_argument("--head-dim", type=_positive_int, default=64)
+    p.add_argument("--heads", type=_positive_int, default=8)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference"])
+    p.add_argument("--no-measure", action="store_true", help="estimates only, run nothing")
+    p.add_argument("--limit-mib", type=_positive_int, default=4096,
+                   help="skip a measurement whose estimated need exceeds this (MiB, default 4096)")
+    p.add_argument("--plot", metavar="OUT.png", help="write a PNG (needs fastattn[plot])")
+    p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
+                   help="write the report as JSON to a file, or to stdout without a name")
+    p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("bench", help="time fastattn against NumPy materialized and PyTorch")
+    p.add_argument("--compare", choices=["torch"], help="the full grid, with PyTorch's SDPA beside")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="a small grid")
+    p.add_argument("--seqs", type=_positive_int, nargs="+", metavar="N", help="sequence lengths")
+    p.add_argument("--head-dims", type=_positive_int, nargs="+", metavar="D", help="head dims")
+    p.add_argument("--heads", type=_positive_int, default=8)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--threads", type=_positive_int, help="threads for every implementation")
+    p.add_argument("--repeat", type=_positive_int, help="timed calls per measurement (median)")
+    p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
+                   help="write the results as JSON to a file, or to stdout without a name")
+    p.add_argument("--plot", metavar="OUT.png", help="GFLOP/s against N per implementation (needs fastattn[plot])")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (argparse errors exit with status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ImportError as exc:  # an optional extra (matplotlib, torch) that is missing
+        print(f"fastattn: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
