@@ -1,10 +1,122 @@
-"""CPU backend (placeholder while the kernel is written)."""
+"""The CPU backend: Cython + OpenMP driver over SIMD micro-kernels (kernels/).
+
+SIMD path: the best one this CPU supports, unless forced by the environment variable
+``FASTATTN_SIMD`` (``avx512``, ``avx2`` or ``generic``; read at each call) or by the
+context manager :func:`set_simd`.  Threads: ``num_threads`` when given, else OpenMP's
+default, which honours ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..._dropout import dropout_threshold
+from ..._validate import AttentionSpec
+from .. import BackendStats, ForwardOutput
+from ._tiles import cache_sizes, choose_tiles, working_set_bytes
+
 NAME = "cpu"
 
+try:
+    from . import _flash_cpu
+except ImportError as exc:  # pragma: no cover - only without the compiled extension
+    _flash_cpu = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
 
-def availability():
-    return "the compiled extension is not built yet"
+_forced = threading.local()
 
 
-def describe():
-    return {}
+def availability() -> str | None:
+    if _flash_cpu is None:
+        return f"the compiled extension fastattn.backends.cpu._flash_cpu is missing ({_IMPORT_ERROR})"
+    return None
+
+
+def simd_paths() -> list[str]:
+    """The SIMD paths this CPU can run, slowest first (``generic`` always)."""
+    return _flash_cpu.supported_isas()
+
+
+def simd_in_use() -> str:
+    """The path the next call on this thread will take."""
+    forced = getattr(_forced, "name", None) or os.environ.get("FASTATTN_SIMD", "").strip().lower()
+    if not forced:
+        return _flash_cpu.best_isa()
+    if forced not in ("avx512", "avx2", "generic"):
+        raise ValueError(f"FASTATTN_SIMD={forced!r} is not a SIMD path; use avx512, avx2 or generic")
+    if forced not in simd_paths():
+        raise RuntimeError(f"SIMD path {forced!r} is not supported by this CPU; supported: {simd_paths()}")
+    return forced
+
+
+@contextlib.contextmanager
+def set_simd(name: str) -> Iterator[None]:
+    """Forces a SIMD path for calls made on this thread inside the ``with`` block."""
+    if name not in ("avx512", "avx2", "generic"):
+        raise ValueError(f"{name!r} is not a SIMD path; use avx512, avx2 or generic")
+    if name not in simd_paths():
+        raise RuntimeError(f"SIMD path {name!r} is not supported by this CPU; supported: {simd_paths()}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def prepare(x: Any) -> np.ndarray:
+    return np.asarray(x)
+
+
+def restore(y: Any, like: Any) -> Any:
+    return y
+
+
+def describe() -> dict:
+    return {
+        "simd": simd_in_use(),
+        "simd_available": simd_paths(),
+        "threads": _flash_cpu.default_threads(),
+        "openmp": _flash_cpu.openmp_enabled(),
+        "cache_bytes": cache_sizes(),
+    }
+
+
+def _kernel_view(x: np.ndarray) -> np.ndarray:
+    """The array itself when its byte strides are usable; a copy only for odd cases."""
+    if x.dtype.byteorder not in ("=", "|") or any(s % x.itemsize for s in x.strides):
+        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+    return x
+
+
+def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
+    compute = np.float64 if spec.dtype == np.float64 else np.float32
+    itemsize = np.dtype(compute).itemsize
+    block_q, block_kv = choose_tiles(spec.head_dim, itemsize, spec.block_q, spec.block_kv)
+    out = np.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=compute)
+    lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
+    threads = spec.num_threads or _flash_cpu.default_threads()
+    drop = spec.dropout_p > 0.0
+    used = _flash_cpu.forward(
+        _kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse,
+        block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=spec.causal,
+        drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
+        drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
+        isa=simd_in_use(), num_threads=threads,
+    )
+    stats = BackendStats(
+        block_q=block_q, block_kv=block_kv,
+        peak_sram_bytes=working_set_bytes(block_q, block_kv, spec.head_dim, itemsize),
+        num_threads=max(used, 1), simd=simd_in_use(),
+    )
+    if out.dtype != spec.dtype:
+        out = out.astype(spec.dtype)
+    return ForwardOutput(out, lse, stats)

@@ -1,0 +1,40 @@
+"""Build of the compiled CPU backend (Cython + OpenMP, one kernel per ISA inside).
+
+The shipped build targets baseline x86-64: the AVX2 and AVX-512 kernels are compiled
+through `#pragma GCC target` in kernels/flash_cpu.cpp and chosen at run time, so the
+wheel runs on any x86-64 CPU.  Never add -march=native here.
+-ffast-math stays off: the kernel masks with -inf and must see NaN.
+"""
+
+import os
+import sys
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CPU = "src/fastattn/backends/cpu"
+
+compile_args = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
+link_args = ["-fopenmp"]
+if sys.platform == "darwin":  # Apple clang: OpenMP through libomp, if present
+    compile_args = ["-O3", "-std=c++17", "-ffp-contract=fast", "-Xpreprocessor", "-fopenmp"]
+    link_args = ["-lomp"]
+if os.environ.get("FASTATTN_NO_OPENMP"):
+    compile_args = [a for a in compile_args if "openmp" not in a and a != "-Xpreprocessor"]
+    link_args = []
+
+extensions = [
+    Extension(
+        "fastattn.backends.cpu._flash_cpu",
+        sources=[f"{CPU}/_flash_cpu.pyx", f"{CPU}/kernels/flash_cpu.cpp"],
+        include_dirs=[np.get_include(), CPU],
+        depends=[f"{CPU}/kernels/{name}" for name in ("flash_cpu.h", "flash_tile.h", "philox.h", "convert.h")],
+        language="c++",
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

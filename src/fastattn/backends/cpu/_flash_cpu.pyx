@@ -1,0 +1,140 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Cython driver of the CPU flash-attention kernel.
+
+One parallel skeleton: the work items (batch x head x query tile) are shared out by an
+OpenMP `prange` with a dynamic schedule, heaviest causal tile of each head first, so
+both the causal imbalance and uneven heads even out.  Each thread allocates its scratch
+once (tiles + the packed K/V of the head it is working on), and the GIL is released for
+the whole computation.  Invariants (checked by the Python caller, trusted here): q, k, v
+are 4-D NumPy arrays of one supported dtype with matching shapes; out and lse are
+C-contiguous, float64 for float64 input and float32 otherwise; block sizes are >= 1.
+"""
+
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+cimport numpy as cnp
+
+from ._openmp cimport FA_OPENMP, omp_get_max_threads
+
+cnp.import_array()
+
+
+cdef extern from "kernels/flash_cpu.h" nogil:
+    enum:
+        FA_DTYPE_F32
+        FA_DTYPE_F64
+        FA_DTYPE_F16
+        FA_DTYPE_BF16
+        FA_ISA_GENERIC
+        FA_ISA_AVX2
+        FA_ISA_AVX512
+        FA_ISA_COUNT
+    ctypedef struct fa_params:
+        const char *q
+        const char *k
+        const char *v
+        int64_t q_strides[4]
+        int64_t k_strides[4]
+        int64_t v_strides[4]
+        void *out
+        void *lse
+        int in_dtype
+        int causal
+        int64_t batch, heads, seq_q, seq_kv, head_dim
+        int64_t block_q, block_kv
+        double scale
+        uint32_t drop_threshold
+        double drop_scale
+        uint64_t seed
+    int fa_isa_supported(int isa)
+    int fa_best_isa()
+    const char *fa_isa_name(int isa)
+    int64_t fa_num_items(const fa_params *p)
+    void *fa_scratch_new(const fa_params *p, int isa)
+    void fa_scratch_free(void *scratch)
+    void fa_run_item(const fa_params *p, int isa, int64_t item, void *scratch)
+
+
+ISA_NAMES = {FA_ISA_GENERIC: "generic", FA_ISA_AVX2: "avx2", FA_ISA_AVX512: "avx512"}
+_DTYPES = {"float32": FA_DTYPE_F32, "float64": FA_DTYPE_F64, "float16": FA_DTYPE_F16, "bfloat16": FA_DTYPE_BF16}
+
+
+def isa_code(str name):
+    for code, isa_name in ISA_NAMES.items():
+        if isa_name == name:
+            return code
+    raise ValueError(f"unknown SIMD path {name!r}; choose one of {', '.join(ISA_NAMES.values())}")
+
+
+def supported_isas():
+    """Names of the SIMD paths this CPU can run, best last."""
+    return [ISA_NAMES[i] for i in range(FA_ISA_COUNT) if fa_isa_supported(i)]
+
+
+def best_isa():
+    return ISA_NAMES[fa_best_isa()]
+
+
+def openmp_enabled():
+    return bool(FA_OPENMP)
+
+
+def default_threads():
+    """OpenMP's current default (OMP_NUM_THREADS, threadpoolctl limits)."""
+    return omp_get_max_threads()
+
+
+cdef void _fill_strides(int64_t *dst, cnp.ndarray arr):
+    cdef int axis
+    for axis in range(4):
+        dst[axis] = arr.strides[axis]
+
+
+def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
+            int64_t block_q, int64_t block_kv, double scale, bint causal,
+            uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa, int num_threads):
+    """Runs the kernel; returns the number of threads that took part."""
+    cdef fa_params p
+    cdef int isa_id = isa_code(isa)
+    cdef int64_t n_items, item
+    cdef void *scratch = NULL
+    cdef int failed = 0
+    cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
+    if not fa_isa_supported(isa_id):
+        raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
+    p.q = <const char *> cnp.PyArray_DATA(q)
+    p.k = <const char *> cnp.PyArray_DATA(k)
+    p.v = <const char *> cnp.PyArray_DATA(v)
+    _fill_strides(p.q_strides, q)
+    _fill_strides(p.k_strides, k)
+    _fill_strides(p.v_strides, v)
+    p.out = cnp.PyArray_DATA(out)
+    p.lse = cnp.PyArray_DATA(lse)
+    p.in_dtype = _DTYPES[q.dtype.name]
+    p.causal = causal
+    p.batch, p.heads, p.seq_q, p.head_dim = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    p.seq_kv = k.shape[2]
+    p.block_q = block_q
+    p.block_kv = block_kv
+    p.scale = scale
+    p.drop_threshold = drop_threshold
+    p.drop_scale = drop_scale
+    p.seed = seed
+    n_items = fa_num_items(&p)
+    if n_items == 0:
+        return 0
+    if num_threads > n_items:
+        num_threads = <int> n_items
+    with nogil, parallel(num_threads=num_threads):
+        scratch = fa_scratch_new(&p, isa_id)
+        if scratch == NULL:
+            failed_flag[0] = 1
+        for item in prange(n_items, schedule="dynamic"):
+            if scratch != NULL:
+                fa_run_item(&p, isa_id, item, scratch)
+        # end: prange
+        fa_scratch_free(scratch)
+    if failed:
+        raise MemoryError("fastattn: could not allocate the per-thread tile scratch")
+    return num_threads

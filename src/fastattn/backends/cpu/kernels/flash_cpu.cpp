@@ -1,0 +1,144 @@
+/* The flash-attention CPU kernel, compiled once per ISA and dispatched at run time.
+ *
+ * flash_tile.h holds the ISA-neutral code (GCC vector extensions); it is included
+ * three times below, each under its own `#pragma GCC target` and namespace, with the
+ * vector width and register-block shapes that fit that ISA's register file:
+ *   avx512  (32 zmm): S block 8 rows x 3 vectors, O block 6 rows x 4 vectors
+ *   avx2    (16 ymm): S block 4 x 3,               O block 4 x 3
+ *   generic (16 xmm, SSE2, every x86-64): same shapes as avx2
+ * The shipped build never uses -march=native; fa_isa_supported asks the CPU (and,
+ * through libgcc, the OS) which paths may run.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "flash_cpu.h"
+#include "convert.h"
+#include "philox.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+namespace isa_avx512 {
+#define FA_VBYTES 64
+#define FA_S_MR 8
+#define FA_S_NR 3
+#define FA_O_MR 6
+#define FA_O_ND 4
+#include "flash_tile.h"
+#undef FA_VBYTES
+#undef FA_S_MR
+#undef FA_S_NR
+#undef FA_O_MR
+#undef FA_O_ND
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+#define FA_VBYTES 32
+#define FA_S_MR 4
+#define FA_S_NR 3
+#define FA_O_MR 4
+#define FA_O_ND 3
+#include "flash_tile.h"
+#undef FA_VBYTES
+#undef FA_S_MR
+#undef FA_S_NR
+#undef FA_O_MR
+#undef FA_O_ND
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+namespace isa_generic {
+#define FA_VBYTES 16
+#define FA_S_MR 4
+#define FA_S_NR 3
+#define FA_O_MR 4
+#define FA_O_ND 3
+#include "flash_tile.h"
+#undef FA_VBYTES
+#undef FA_S_MR
+#undef FA_S_NR
+#undef FA_O_MR
+#undef FA_O_ND
+}  // namespace isa_generic
+
+struct fa_scratch_box {
+    int isa;
+    const fa_params *params;
+    void *ws;
+};
+
+extern "C" {
+
+int fa_isa_supported(int isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+    case FA_ISA_GENERIC: return 1;
+    case FA_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case FA_ISA_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma");
+    default: return 0;
+    }
+}
+
+int fa_best_isa(void) {
+    for (int isa = FA_ISA_COUNT - 1; isa > 0; --isa)
+        if (fa_isa_supported(isa)) return isa;
+    return FA_ISA_GENERIC;
+}
+
+const char *fa_isa_name(int isa) {
+    switch (isa) {
+    case FA_ISA_AVX512: return "avx512";
+    case FA_ISA_AVX2: return "avx2";
+    case FA_ISA_GENERIC: return "generic";
+    default: return "unknown";
+    }
+}
+
+int64_t fa_num_items(const fa_params *p) {
+    if (p->seq_q == 0) return 0;
+    return p->batch * p->heads * ((p->seq_q + p->block_q - 1) / p->block_q);
+}
+
+void *fa_scratch_new(const fa_params *p, int isa) {
+    fa_scratch_box *box = (fa_scratch_box *)malloc(sizeof(fa_scratch_box));
+    if (!box) return NULL;
+    box->isa = isa;
+    box->params = p;
+    switch (isa) {
+    case FA_ISA_AVX512: box->ws = isa_avx512::scratch_new(p); break;
+    case FA_ISA_AVX2: box->ws = isa_avx2::scratch_new(p); break;
+    default: box->ws = isa_generic::scratch_new(p); break;
+    }
+    if (!box->ws) { free(box); return NULL; }
+    return box;
+}
+
+void fa_scratch_free(void *scratch) {
+    fa_scratch_box *box = (fa_scratch_box *)scratch;
+    if (!box) return;
+    switch (box->isa) {
+    case FA_ISA_AVX512: isa_avx512::scratch_free(box->params, box->ws); break;
+    case FA_ISA_AVX2: isa_avx2::scratch_free(box->params, box->ws); break;
+    default: isa_generic::scratch_free(box->params, box->ws); break;
+    }
+    free(box);
+}
+
+void fa_run_item(const fa_params *p, int isa, int64_t item, void *scratch) {
+    void *ws = ((fa_scratch_box *)scratch)->ws;
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::run_item(p, item, ws); break;
+    case FA_ISA_AVX2: isa_avx2::run_item(p, item, ws); break;
+    default: isa_generic::run_item(p, item, ws); break;
+    }
+}
+
+}  // extern "C"

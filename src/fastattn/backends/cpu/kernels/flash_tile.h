@@ -1,0 +1,368 @@
+/* The flash-attention forward for one work item, written once and compiled once per ISA.
+ *
+ * Included by flash_cpu.cpp inside `namespace isa_<name>` under `#pragma GCC target(...)`,
+ * with FA_VBYTES (vector width in bytes) and the register-block shape defined:
+ *   FA_S_MR x FA_S_NR  rows x vectors of the S = Q.K^T micro-kernel,
+ *   FA_O_MR x FA_O_ND  rows x vectors of the O += P.V micro-kernel.
+ *
+ * Math (base 2: Q is pre-scaled by scale*log2(e), so exp2 stands for exp):
+ *   for each key tile t, for each query row i of the item's query tile:
+ *     S_ij  = q_i . k_j                              (masked to -inf outside the causal prefix)
+ *     m'_i  = max(m_i, max_j S_ij)
+ *     P_ij  = 2^(S_ij - m'_i)
+ *     l'_i  = 2^(m_i - m'_i) l_i + sum_j P_ij        (undropped: lse is the undropped one)
+ *     O'_i  = 2^(m_i - m'_i) O_i + sum_j D_ij P_ij v_j  (D: dropout keep / (1-p), else 1)
+ *   out_i = O_i / l_i,  lse_i = ln2 (m_i + log2 l_i)    (l_i = 0: out 0, lse -inf)
+ *
+ * Ownership: the item owns its query rows for all key tiles (no reduction across
+ * threads, so results are independent of the thread count).  K^T and V of the current
+ * head are packed once per thread into panels the width of a key tile, and reused by
+ * every query tile of that head the thread runs.
+ */
+
+template <typename T> struct vec_traits;
+template <> struct vec_traits<float> {
+    typedef float V __attribute__((vector_size(FA_VBYTES)));
+    typedef int32_t VI __attribute__((vector_size(FA_VBYTES)));
+    typedef int32_t I;
+    enum { MANT = 23, TAYLOR = 7 };
+    static inline float inv_fact(int k) {
+        static const float c[] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+        return c[k];
+    }
+};
+template <> struct vec_traits<double> {
+    typedef double V __attribute__((vector_size(FA_VBYTES)));
+    typedef int64_t VI __attribute__((vector_size(FA_VBYTES)));
+    typedef int64_t I;
+    enum { MANT = 52, TAYLOR = 13 };
+    static inline double inv_fact(int k) {
+        static const double c[] = {1., 1., 1. / 2, 1. / 6, 1. / 24, 1. / 120, 1. / 720, 1. / 5040, 1. / 40320,
+                                   1. / 362880, 1. / 3628800, 1. / 39916800, 1. / 479001600, 1. / 6227020800.};
+        return c[k];
+    }
+};
+
+template <typename T> struct kern {
+    typedef typename vec_traits<T>::V V;
+    typedef typename vec_traits<T>::VI VI;
+    typedef typename vec_traits<T>::I I;
+    static const int W = FA_VBYTES / (int)sizeof(T);
+
+    static inline V load(const T *p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
+    static inline void store(T *p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+    static inline V splat(T x) { return V{} + x; }
+    static inline V select(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
+
+    /* 2^x for x <= 0 (or NaN): x = n + f, |f| <= 1/2, 2^f by its Taylor series in f*ln2,
+     * 2^n by adding n to the exponent.  Below -126 the result is 0 (-inf -> 0 exactly);
+     * NaN stays NaN.  Relative error ~1e-8 (float) / ~1e-16 (double). */
+    static inline V exp2v(V x) {
+        const T magic = (T)1.5 * (T)((I)1 << vec_traits<T>::MANT);
+        V xc = select(x < (T)-126, splat((T)-126), x);
+        V t = xc + magic;                 /* rounds xc to an integer in t's low mantissa bits */
+        V n = t - magic;
+        V f = (xc - n) * (T)0.6931471805599453094;
+        V p = splat(vec_traits<T>::inv_fact(vec_traits<T>::TAYLOR));
+        for (int k = vec_traits<T>::TAYLOR - 1; k >= 0; --k) p = p * f + vec_traits<T>::inv_fact(k);
+        VI ni = (VI)t - (VI)splat(magic);
+        V r = (V)((VI)p + (ni << (int)vec_traits<T>::MANT));
+        r = select(x < (T)-126, splat((T)0), r);
+        return select(x == x, r, x);
+    }
+
+    /* S[r][0..NR*W) = sum_d Qp[r][d] * Kt[d][0..NR*W) for MR rows (broadcast FMA). */
+    template <int MR, int NR>
+    static inline void s_block(const T *qp, int64_t ldq, const T *kt, int64_t ldk, int64_t d,
+                               T *s, int64_t lds) {
+        V acc[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) acc[i][j] = V{};
+        for (int64_t dd = 0; dd < d; ++dd) {
+            V b[NR];
+            for (int j = 0; j < NR; ++j) b[j] = load(kt + dd * ldk + j * W);
+            for (int i = 0; i < MR; ++i) {
+                V a = splat(qp[i * ldq + dd]);
+                for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+            }
+        }
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) store(s + i * lds + j * W, acc[i][j]);
+    }
+
+    template <int NR>
+    static void s_rows(int mr, const T *qp, int64_t ldq, const T *kt, int64_t ldk, int64_t d, T *s, int64_t lds) {
+        switch (mr) {
+#define FA_CASE(M) case M: s_block<(M <= FA_S_MR ? M : 1), NR>(qp, ldq, kt, ldk, d, s, lds); break;
+            FA_CASE(1) FA_CASE(2) FA_CASE(3) FA_CASE(4) FA_CASE(5) FA_CASE(6) FA_CASE(7) FA_CASE(8)
+#undef FA_CASE
+        }
+    }
+
+    /* O[r][0..ND*W) = alpha[r] * O[r] + sum_{c < nc} P[r][c] * Vp[c][0..ND*W) for MR rows. */
+    template <int MR, int ND>
+    static inline void o_block(const T *p, int64_t ldp, const T *vp, int64_t ldv, int64_t nc,
+                               const T *alpha, T *o, int64_t ldo) {
+        V acc[MR][ND];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < ND; ++j) acc[i][j] = load(o + i * ldo + j * W) * alpha[i];
+        for (int64_t c = 0; c < nc; ++c) {
+            V b[ND];
+            for (int j = 0; j < ND; ++j) b[j] = load(vp + c * ldv + j * W);
+            for (int i = 0; i < MR; ++i) {
+                V a = splat(p[i * ldp + c]);
+                for (int j = 0; j < ND; ++j) acc[i][j] += a * b[j];
+            }
+        }
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < ND; ++j) store(o + i * ldo + j * W, acc[i][j]);
+    }
+
+    template <int ND>
+    static void o_rows(int mr, const T *p, int64_t ldp, const T *vp, int64_t ldv, int64_t nc,
+                       const T *alpha, T *o, int64_t ldo) {
+        switch (mr) {
+#define FA_CASE(M) case M: o_block<(M <= FA_O_MR ? M : 1), ND>(p, ldp, vp, ldv, nc, alpha, o, ldo); break;
+            FA_CASE(1) FA_CASE(2) FA_CASE(3) FA_CASE(4) FA_CASE(5) FA_CASE(6) FA_CASE(7) FA_CASE(8)
+#undef FA_CASE
+        }
+    }
+
+    static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+    /* Per-thread scratch.  Kt panels: [tile][d][bkvp]; V panels: [tile][bkvp][dp]. */
+    struct scratch {
+        int64_t dp, bkvp, n_kv_tiles;
+        T *qp, *s, *o, *m, *l, *alpha, *kt, *vp;
+        int64_t cached_bh, packed_tiles;
+        void *block;
+    };
+
+    static scratch *scratch_new(const fa_params *p) {
+        scratch *ws = (scratch *)calloc(1, sizeof(scratch));
+        if (!ws) return NULL;
+        const int64_t d = p->head_dim, bq = p->block_q;
+        ws->dp = round_up(d, W);
+        ws->bkvp = round_up(p->block_kv, W);
+        ws->n_kv_tiles = (p->seq_kv + p->block_kv - 1) / p->block_kv;
+        const int64_t pad = 64 / sizeof(T);
+        int64_t sizes[8] = {bq * d, bq * ws->bkvp, bq * ws->dp, bq, bq, bq,
+                            ws->n_kv_tiles * d * ws->bkvp, ws->n_kv_tiles * ws->bkvp * ws->dp};
+        int64_t total = 0;
+        for (int i = 0; i < 8; ++i) total += round_up(sizes[i], pad) + pad;
+        ws->block = aligned_alloc(64, (size_t)round_up(total * (int64_t)sizeof(T), 64));
+        if (!ws->block) { free(ws); return NULL; }
+        T *cur = (T *)ws->block;
+        T **slots[8] = {&ws->qp, &ws->s, &ws->o, &ws->m, &ws->l, &ws->alpha, &ws->kt, &ws->vp};
+        for (int i = 0; i < 8; ++i) { *slots[i] = cur; cur += round_up(sizes[i], pad) + pad; }
+        ws->cached_bh = -1;
+        ws->packed_tiles = 0;
+        return ws;
+    }
+
+    static void scratch_free(scratch *ws) {
+        if (ws) { free(ws->block); free(ws); }
+    }
+
+    /* Packs key/value tiles [from, to) of head (b, h) into the thread's panels. */
+    template <T (*LOAD)(const char *)>
+    static void pack_kv(const fa_params *p, scratch *ws, int64_t b, int64_t h, int64_t from, int64_t to) {
+        const int64_t d = p->head_dim, dp = ws->dp, bkvp = ws->bkvp;
+        const char *kbase = p->k + b * p->k_strides[0] + h * p->k_strides[1];
+        const char *vbase = p->v + b * p->v_strides[0] + h * p->v_strides[1];
+        for (int64_t t = from; t < to; ++t) {
+            const int64_t k0 = t * p->block_kv;
+            const int64_t ncols = (p->seq_kv - k0 < p->block_kv) ? p->seq_kv - k0 : p->block_kv;
+            T *kt = ws->kt + t * d * bkvp;
+            T *vp = ws->vp + t * bkvp * dp;
+            for (int64_t dd = 0; dd < d; ++dd)
+                for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
+            for (int64_t c = 0; c < ncols; ++c) {
+                const char *krow = kbase + (k0 + c) * p->k_strides[2];
+                const char *vrow = vbase + (k0 + c) * p->v_strides[2];
+                for (int64_t dd = 0; dd < d; ++dd) {
+                    kt[dd * bkvp + c] = LOAD(krow + dd * p->k_strides[3]);
+                    vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
+                }
+                for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
+            }
+            for (int64_t c = ncols; c < bkvp; ++c)
+                for (int64_t dd = 0; dd < dp; ++dd) vp[c * dp + dd] = 0;
+        }
+    }
+
+    /* Number of keys of tile starting at k0 (ncols wide) that query i may see. */
+    static inline int64_t visible(const fa_params *p, int64_t i, int64_t k0, int64_t ncols) {
+        if (!p->causal) return ncols;
+        int64_t v = i - k0 + 1;
+        return v < 0 ? 0 : (v > ncols ? ncols : v);
+    }
+
+    /* Multiplies row i's probabilities P[0..nvis) of the tile at k0 by keep/(1-p) or 0. */
+    static void apply_dropout(const fa_params *p, int64_t b, int64_t h, int64_t i, int64_t k0,
+                              int64_t nvis, T *prow) {
+        const T keep_scale = (T)p->drop_scale;
+        uint32_t words[4];
+        int64_t group = -1;
+        for (int64_t c = 0; c < nvis; ++c) {
+            const int64_t j = k0 + c;
+            if ((j >> 2) != group) {
+                group = j >> 2;
+                words[0] = (uint32_t)group; words[1] = (uint32_t)i;
+                words[2] = (uint32_t)h; words[3] = (uint32_t)b;
+                philox4x32_10(words, p->seed);
+            }
+            prow[c] = words[j & 3] >= p->drop_threshold ? prow[c] * keep_scale : (T)0;
+        }
+    }
+
+    /* The online-softmax step for one row: turns S into P in place, updates m, l, alpha. */
+    static void softmax_row(T *srow, int64_t nvis, int64_t nzero, T *m, T *l, T *alpha) {
+        if (nvis == 0) {
+            for (int64_t c = 0; c < nzero; c += W) store(srow + c, V{});
+            *alpha = 1;
+            return;
+        }
+        const int64_t nv = round_up(nvis, W);
+        for (int64_t c = nvis; c < nv; ++c) srow[c] = -__builtin_inf();
+        V vmax = splat(-__builtin_inf());
+        for (int64_t c = 0; c < nv; c += W) {
+            V x = load(srow + c);
+            vmax = select(x > vmax, x, vmax);
+            vmax = select(x == x, vmax, x);   /* a NaN score makes the row NaN */
+        }
+        T row_max = vmax[0];
+        for (int j = 1; j < W; ++j) row_max = (vmax[j] > row_max || vmax[j] != vmax[j]) ? vmax[j] : row_max;
+        /* a NaN score makes the row NaN; all -inf scores (infinite inputs) see nothing */
+        const T m_use = (row_max != row_max) ? row_max : (row_max > *m ? row_max : *m);
+        if (m_use == -__builtin_inf()) {
+            for (int64_t c = 0; c < nzero; c += W) store(srow + c, V{});
+            *alpha = 1;
+            return;
+        }
+        V vsum = V{};
+        const V vm = splat(m_use);
+        for (int64_t c = 0; c < nv; c += W) {
+            V e = exp2v(load(srow + c) - vm);
+            store(srow + c, e);
+            vsum += e;
+        }
+        for (int64_t c = nv; c < nzero; c += W) store(srow + c, V{});
+        T row_sum = 0;
+        for (int j = 0; j < W; ++j) row_sum += vsum[j];
+        const T a = exp2v(splat(*m - m_use))[0];
+        *alpha = a;
+        *l = a * *l + row_sum;
+        *m = m_use;
+    }
+
+    template <T (*LOAD)(const char *)>
+    static void run_item(const fa_params *p, int64_t item, scratch *ws) {
+        const int64_t d = p->head_dim, dp = ws->dp, bkvp = ws->bkvp;
+        const int64_t bq = p->block_q, bkv = p->block_kv;
+        const int64_t n_q_tiles = (p->seq_q + bq - 1) / bq;
+        const int64_t bh = item / n_q_tiles;
+        const int64_t qt = n_q_tiles - 1 - item % n_q_tiles;   /* heaviest causal tile first */
+        const int64_t b = bh / p->heads, h = bh % p->heads;
+        const int64_t q0 = qt * bq;
+        const int64_t rows = (p->seq_q - q0 < bq) ? p->seq_q - q0 : bq;
+
+        /* key tiles this query tile needs */
+        int64_t kv_end = p->seq_kv;
+        if (p->causal && q0 + rows < kv_end) kv_end = q0 + rows;
+        const int64_t n_tiles = (kv_end + bkv - 1) / bkv;
+
+        if (ws->cached_bh != bh) { ws->cached_bh = bh; ws->packed_tiles = 0; }
+        if (ws->packed_tiles < n_tiles) {
+            pack_kv<LOAD>(p, ws, b, h, ws->packed_tiles, n_tiles);
+            ws->packed_tiles = n_tiles;
+        }
+
+        const T qscale = (T)(p->scale * 1.4426950408889634074);   /* log2(e) */
+        const char *qbase = p->q + b * p->q_strides[0] + h * p->q_strides[1];
+        for (int64_t r = 0; r < rows; ++r) {
+            const char *qrow = qbase + (q0 + r) * p->q_strides[2];
+            for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * d + dd] = LOAD(qrow + dd * p->q_strides[3]) * qscale;
+            ws->m[r] = -__builtin_inf();
+            ws->l[r] = 0;
+            for (int64_t dd = 0; dd < dp; ++dd) ws->o[r * dp + dd] = 0;
+        }
+
+        for (int64_t t = 0; t < n_tiles; ++t) {
+            const int64_t k0 = t * bkv;
+            const int64_t ncols = (p->seq_kv - k0 < bkv) ? p->seq_kv - k0 : bkv;
+            const T *kt = ws->kt + t * d * bkvp;
+            const T *vp = ws->vp + t * bkvp * dp;
+            const int64_t tile_vis = round_up(visible(p, q0 + rows - 1, k0, ncols), W);
+
+            /* S = Q.K^T over the visible prefix of each row block */
+            for (int64_t r0 = 0; r0 < rows; r0 += FA_S_MR) {
+                const int mr = (int)((rows - r0 < FA_S_MR) ? rows - r0 : FA_S_MR);
+                const int64_t ncomp = round_up(visible(p, q0 + r0 + mr - 1, k0, ncols), W);
+                int64_t c = 0;
+                for (; c + FA_S_NR * W <= ncomp; c += FA_S_NR * W)
+                    s_rows<FA_S_NR>(mr, ws->qp + r0 * d, d, kt + c, bkvp, d, ws->s + r0 * bkvp + c, bkvp);
+                for (; c < ncomp; c += W)
+                    s_rows<1>(mr, ws->qp + r0 * d, d, kt + c, bkvp, d, ws->s + r0 * bkvp + c, bkvp);
+            }
+
+            /* P = 2^(S - m'), running max / sum, dropout */
+            for (int64_t r = 0; r < rows; ++r) {
+                const int64_t nvis = visible(p, q0 + r, k0, ncols);
+                T *srow = ws->s + r * bkvp;
+                softmax_row(srow, nvis, tile_vis, ws->m + r, ws->l + r, ws->alpha + r);
+                if (p->drop_threshold && nvis > 0) apply_dropout(p, b, h, q0 + r, k0, nvis, srow);
+            }
+
+            /* O = alpha O + P.V over the visible prefix of each row block */
+            for (int64_t r0 = 0; r0 < rows; r0 += FA_O_MR) {
+                const int mr = (int)((rows - r0 < FA_O_MR) ? rows - r0 : FA_O_MR);
+                const int64_t nc = visible(p, q0 + r0 + mr - 1, k0, ncols);
+                if (nc == 0) continue;           /* all rows of the block see nothing: alpha = 1 */
+                const T *prow = ws->s + r0 * bkvp;
+                T *orow = ws->o + r0 * dp;
+                int64_t c = 0;
+                for (; c + FA_O_ND * W <= dp; c += FA_O_ND * W)
+                    o_rows<FA_O_ND>(mr, prow, bkvp, vp + c, dp, nc, ws->alpha + r0, orow + c, dp);
+                for (; c < dp; c += W)
+                    o_rows<1>(mr, prow, bkvp, vp + c, dp, nc, ws->alpha + r0, orow + c, dp);
+            }
+        }
+
+        /* out = O / l, lse = ln2 (m + log2 l) */
+        T *out = (T *)p->out + ((bh * p->seq_q) + q0) * d;
+        T *lse = (T *)p->lse + bh * p->seq_q + q0;
+        for (int64_t r = 0; r < rows; ++r) {
+            const T l = ws->l[r];
+            const T inv = l > 0 ? (T)1 / l : (l == 0 ? (T)0 : l);   /* l NaN stays NaN */
+            for (int64_t dd = 0; dd < d; ++dd) out[r * d + dd] = ws->o[r * dp + dd] * inv;
+            lse[r] = l > 0 ? (T)0.6931471805599453094 * (ws->m[r] + (T)log2((double)l))
+                           : (l == 0 ? -(T)__builtin_inf() : l);
+        }
+    }
+};
+
+/* The entry points of this ISA: one scratch type per compute type, one loader per input dtype. */
+static inline float ld_f32(const char *p) { return load_as<float>::f32(p); }
+static inline float ld_f16(const char *p) { return load_as<float>::f16(p); }
+static inline float ld_bf16(const char *p) { return load_as<float>::bf16(p); }
+static inline double ld_f64(const char *p) { return load_as<double>::f64(p); }
+
+static void *scratch_new(const fa_params *p) {
+    if (p->in_dtype == FA_DTYPE_F64) return kern<double>::scratch_new(p);
+    return kern<float>::scratch_new(p);
+}
+
+static void scratch_free(const fa_params *p, void *ws) {
+    if (p->in_dtype == FA_DTYPE_F64) kern<double>::scratch_free((kern<double>::scratch *)ws);
+    else kern<float>::scratch_free((kern<float>::scratch *)ws);
+}
+
+static void run_item(const fa_params *p, int64_t item, void *ws) {
+    switch (p->in_dtype) {
+    case FA_DTYPE_F64: kern<double>::run_item<ld_f64>(p, item, (kern<double>::scratch *)ws); break;
+    case FA_DTYPE_F16: kern<float>::run_item<ld_f16>(p, item, (kern<float>::scratch *)ws); break;
+    case FA_DTYPE_BF16: kern<float>::run_item<ld_bf16>(p, item, (kern<float>::scratch *)ws); break;
+    default: kern<float>::run_item<ld_f32>(p, item, (kern<float>::scratch *)ws); break;
+    }
+}

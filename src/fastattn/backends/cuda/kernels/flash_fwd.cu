@@ -1,0 +1,474 @@
+// FlashAttention forward for fastattn's CUDA backend.
+//
+// Math (per query row i; scores s_ij = scale * q_i . k_j, masked entries -inf):
+//   m' = max(m, rowmax S)             running row max (kept in log2 units: S * scale * log2 e)
+//   l' = 2^(m - m') l + rowsum 2^(S - m')
+//   O' = 2^(m - m') O + 2^(S - m') V    (dropout zeroes entries of 2^(S - m') here, not in l)
+//   out = O / l * 1/(1 - p),  lse = (m + log2 l) * ln 2   (of the undropped softmax)
+// A row that sees no key ends with l = 0: out 0, lse -inf.
+//
+// Two kernels, one work split (FlashAttention-2): one block per (query tile, batch*head), the
+// block walks the key/value tiles of its head; each warp owns 16 query rows of the tile and
+// never shares a K/V split with another warp.
+//
+//   fa_fwd_mma  float16 / bfloat16: mma.sync m16n8k16 (fp32 accumulation), ldmatrix (.trans for V),
+//               K/V tiles double-buffered in shared memory through cp.async, P re-packed from the
+//               S accumulators as the A operand of P.V, exp2 with scale*log2(e) folded in.
+//   fa_fwd_simt float32 / float64: plain FMA in the input precision (exact float32, no TF32).
+//
+// Both take arbitrary element strides for q, k, v; out/lse are written contiguous by the caller's
+// allocation (their strides are passed anyway).  head_dim d is padded to the template D with zeros.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "philox.cuh"
+
+// ------------------------------------------------------------------------------------------------
+// small PTX helpers
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned smem_u32(const void* ptr) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte global->shared copy; src_bytes < 16 zero-fills the rest (0 = pure zero fill).
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+                                              unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Element-type traits: the mma instruction, packing two floats, conversions.
+template <typename T>
+struct elem;
+
+template <>
+struct elem<__half> {
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct elem<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&h);
+    }
+    static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// tile loads: ROWS x D elements of a (seq, d) matrix with element strides (ss, sd) into shared
+// memory rows of LDS elements; rows >= seq and columns >= d become zero.
+// VEC: d % 8 == 0, sd == 1 and every row start 16-byte aligned (checked by the launcher), so each
+// thread moves 16-byte chunks with cp.async.  Otherwise plain element loads (any strides).
+// ------------------------------------------------------------------------------------------------
+
+template <typename T, int ROWS, int D, int LDS, int NT, bool VEC>
+__device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long long ss, long long sd, int row0,
+                                          int seq, int d, int tid) {
+    if constexpr (VEC) {
+        constexpr int CHUNKS = D / 8;
+#pragma unroll
+        for (int c = tid; c < ROWS * CHUNKS; c += NT) {
+            const int r = c / CHUNKS, ch = c % CHUNKS;
+            const int gr = row0 + r;
+            const bool ok = gr < seq && ch * 8 < d;
+            const T* src = ok ? g + (long long)gr * ss + ch * 8 : g;
+            cp_async_16(smem_u32(smem + r * LDS + ch * 8), src, ok ? 16 : 0);
+        }
+    } else {
+        const T zero = elem<T>::from_float(0.0f);
+        for (int e = tid; e < ROWS * D; e += NT) {
+            const int r = e / D, c = e % D;
+            const int gr = row0 + r;
+            smem[r * LDS + c] = (gr < seq && c < d) ? g[(long long)gr * ss + (long long)c * sd] : zero;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// fa_fwd_mma: float16 / bfloat16 on tensor cores
+//   D       head_dim padded (multiple of 16: 32, 64, 96, 128, 192, 256)
+//   NWARPS  warps per block; block_q = 16 * NWARPS (each warp owns 16 query rows)
+//   BKV     block_kv (multiple of 16)
+// Shared memory (dynamic): Q tile block_q x (D+8), K and V tiles 2 stages x block_kv x (D+8);
+// the 8-element row pad makes the 8 row addresses of every ldmatrix fall in distinct banks.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T, int D, int NWARPS, int BKV, bool CAUSAL, bool DROPOUT, bool VEC>
+__global__ void __launch_bounds__(NWARPS * 32)
+    fa_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+               float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
+               long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
+               long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
+               long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh,
+               int num_q_blocks, float scale_log2, unsigned long long seed, unsigned threshold, float keep_scale) {
+    constexpr int BQ = 16 * NWARPS;
+    constexpr int NT = NWARPS * 32;
+    constexpr int LDS = D + 8;
+    constexpr int KT = D / 16;    // k-steps of Q.K^T
+    constexpr int NS = BKV / 8;   // n-tiles of S
+    constexpr int NO = D / 8;     // n-tiles of O
+    constexpr bool Q_IN_REGS = D <= 128;
+    static_assert(D % 16 == 0 && BKV % 16 == 0, "tile sizes");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + BQ * LDS;
+    T* sV = sK + 2 * BKV * LDS;
+
+    // heavy (causal) query tiles first: the slowest grid index walks the query tiles backwards
+    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x / (unsigned)batch_heads);
+    const int bh = (int)(blockIdx.x % (unsigned)batch_heads);
+    const int b = bh / heads, h = bh % heads;
+    const int q0 = q_block * BQ;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int row_w0 = q0 + warp * 16;
+
+    const T* qp = q + b * q_sb + h * q_sh;
+    const T* kp = k + b * k_sb + h * k_sh;
+    const T* vp = v + b * v_sb + h * v_sh;
+
+    const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
+    const int n_tiles = (kv_end + BKV - 1) / BKV;
+
+    load_tile<T, BQ, D, LDS, NT, VEC>(sQ, qp, q_ss, q_sd, q0, seq_q, d, tid);
+    if (n_tiles > 0) {
+        load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, 0, seq_kv, d, tid);
+        load_tile<T, BKV, D, LDS, NT, VEC>(sV, vp, v_ss, v_sd, 0, seq_kv, d, tid);
+    }
+    cp_async_commit();
+
+    unsigned qf[Q_IN_REGS ? KT : 1][4];
+    float acc_o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.0f;
+    float m_i[2] = {-INFINITY, -INFINITY};  // raw-score row max (scale > 0, so max commutes with it)
+    float l_i[2] = {0.0f, 0.0f};            // per-thread partial row sums (reduced over the quad at the end)
+
+    // per-lane ldmatrix offsets (elements) inside a 16x16 block
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;  // Q (A) and V (.trans B)
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;  // K (B)
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int kv0 = it * BKV;
+        const int stage = it & 1;
+        if (it + 1 < n_tiles) {
+            const int nxt = stage ^ 1;
+            load_tile<T, BKV, D, LDS, NT, VEC>(sK + nxt * BKV * LDS, kp, k_ss, k_sd, kv0 + BKV, seq_kv, d, tid);
+            load_tile<T, BKV, D, LDS, NT, VEC>(sV + nxt * BKV * LDS, vp, v_ss, v_sd, kv0 + BKV, seq_kv, d, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        if constexpr (Q_IN_REGS) {
+            if (it == 0) {
+#pragma unroll
+                for (int kt = 0; kt < KT; ++kt)
+                    ldsm_x4(qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3],
+                            smem_u32(sQ + (warp * 16 + a_row) * LDS + kt * 16 + a_col));
+            }
+        }
+
+        // a warp whose rows all precede this tile (causal) or lie past seq_q has nothing to add
+        const bool warp_active = row_w0 < seq_q && (!CAUSAL || kv0 <= row_w0 + 15);
+        if (warp_active) {
+            const T* sKs = sK + stage * BKV * LDS;
+            const T* sVs = sV + stage * BKV * LDS;
+
+            // S = Q K^T (16 x BKV per warp)
+            float s[NS][4];
+#pragma unroll
+            for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt) {
+                unsigned a[4];
+                if constexpr (Q_IN_REGS) {
+                    a[0] = qf[kt][0]; a[1] = qf[kt][1]; a[2] = qf[kt][2]; a[3] = qf[kt][3];
+                } else {
+                    ldsm_x4(a[0], a[1], a[2], a[3], smem_u32(sQ + (warp * 16 + a_row) * LDS + kt * 16 + a_col));
+                }
+#pragma unroll
+                for (int np = 0; np < NS / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3, smem_u32(sKs + (np * 16 + b_row) * LDS + kt * 16 + b_col));
+                    elem<T>::mma(s[2 * np], a, b0, b1);
+                    elem<T>::mma(s[2 * np + 1], a, b2, b3);
+                }
+            }
+
+            // mask: keys past seq_kv, and (causal, top-left) key j > query i
+            const bool need_mask = (kv0 + BKV > seq_kv) || (CAUSAL && kv0 + BKV - 1 > row_w0);
+            if (need_mask) {
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = kv0 + n * 8 + 2 * t4 + (e & 1);
+                        const int i = row_w0 + g + (e >> 1) * 8;
+                        if (j >= seq_kv || (CAUSAL && j > i)) s[n][e] = -INFINITY;
+                    }
+            }
+
+            // online softmax; rows g (e = 0, 1) and g + 8 (e = 2, 3)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = m_i[r];
+#pragma unroll
+                for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_scaled = (mx == -INFINITY) ? 0.0f : mx * scale_log2;
+                const float alpha = exp2_approx(m_i[r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+                m_i[r] = mx;
+                l_i[r] *= alpha;
+#pragma unroll
+                for (int n = 0; n < NO; ++n) {
+                    acc_o[n][2 * r] *= alpha;
+                    acc_o[n][2 * r + 1] *= alpha;
+                }
+                float row_sum = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NS; ++n) {
+                    const float p0 = exp2_approx(fmaf(s[n][2 * r], scale_log2, -m_scaled));
+                    const float p1 = exp2_approx(fmaf(s[n][2 * r + 1], scale_log2, -m_scaled));
+                    row_sum += p0 + p1;
+                    s[n][2 * r] = p0;
+                    s[n][2 * r + 1] = p1;
+                }
+                l_i[r] += row_sum;
+            }
+
+            if constexpr (DROPOUT) {
+                // this thread's columns 2*t4, 2*t4+1 of n-tile n share one Philox group (j >> 2)
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = row_w0 + g + r * 8;
+                        const int j = kv0 + n * 8 + 2 * t4;
+                        const uint4 w = dropout_words(seed, b, h, i, j);
+                        const unsigned w0 = (t4 & 1) ? w.z : w.x;
+                        const unsigned w1 = (t4 & 1) ? w.w : w.y;
+                        if (w0 < threshold) s[n][2 * r] = 0.0f;
+                        if (w1 < threshold) s[n][2 * r + 1] = 0.0f;
+                    }
+            }
+
+            // O += P V: the S accumulators of n-tiles (2kb, 2kb+1) are the A fragment of k-step kb
+#pragma unroll
+            for (int kb = 0; kb < BKV / 16; ++kb) {
+                unsigned a[4];
+                a[0] = elem<T>::pack2(s[2 * kb][0], s[2 * kb][1]);
+                a[1] = elem<T>::pack2(s[2 * kb][2], s[2 * kb][3]);
+                a[2] = elem<T>::pack2(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+                a[3] = elem<T>::pack2(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+#pragma unroll
+                for (int np = 0; np < NO / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
+                    elem<T>::mma(acc_o[2 * np], a, b0, b1);
+                    elem<T>::mma(acc_o[2 * np + 1], a, b2, b3);
+                }
+            }
+        }
+        __syncthreads();  // the stage read here is refilled by the next iteration's loads
+    }
+
+    // epilogue: finish the row sums over the quad, normalize, write out and lse
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_i[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int i = row_w0 + g + r * 8;
+        const float inv = l > 0.0f ? keep_scale / l : 0.0f;
+        if (i < seq_q) {
+            T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                const int c = n * 8 + 2 * t4;
+                const float o0 = acc_o[n][2 * r] * inv, o1 = acc_o[n][2 * r + 1] * inv;
+                if ((d & 1) == 0) {
+                    if (c < d) *reinterpret_cast<unsigned*>(op + c) = elem<T>::pack2(o0, o1);
+                } else {
+                    if (c < d) op[c] = elem<T>::from_float(o0);
+                    if (c + 1 < d) op[c + 1] = elem<T>::from_float(o1);
+                }
+            }
+            if (t4 == 0)
+                lse[b * lse_sb + h * lse_sh + i] =
+                    l > 0.0f ? (m_i[r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// fa_fwd_simt: float32 / float64, exact arithmetic in the input precision (no TF32).
+//   D   head_dim padded (32, 64, 128, 256); BQ query rows per block, 4 threads per row;
+//   BKV keys per tile.  Thread (row r, part) owns output columns part + 4u and scores j = part + 4u.
+// Shared memory (dynamic): Q BQ x (D+1), K and V BKV x (D+1), P BQ x (BKV+1).
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T exp_t(T x);
+template <>
+__device__ __forceinline__ float exp_t<float>(float x) { return expf(x); }
+template <>
+__device__ __forceinline__ double exp_t<double>(double x) { return exp(x); }
+
+template <typename T, int ROWS, int D, int LDS, int NT>
+__device__ __forceinline__ void load_tile_simt(T* smem, const T* __restrict__ g, long long ss, long long sd,
+                                               int row0, int seq, int d, int tid) {
+    for (int e = tid; e < ROWS * D; e += NT) {
+        const int r = e / D, c = e % D;
+        const int gr = row0 + r;
+        smem[r * LDS + c] = (gr < seq && c < d) ? g[(long long)gr * ss + (long long)c * sd] : T(0);
+    }
+}
+
+template <typename T, typename L, int D, int BQ, int BKV, bool CAUSAL, bool DROPOUT>
+__global__ void __launch_bounds__(BQ * 4)
+    fa_fwd_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+                L* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
+                long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
+                long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
+                long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh,
+                int num_q_blocks, double scale, unsigned long long seed, unsigned threshold, double keep_scale) {
+    constexpr int NT = BQ * 4;
+    constexpr int LDS = D + 1;
+    constexpr int LDP = BKV + 1;
+    constexpr int NU = D / 4;
+    constexpr int NJ = BKV / 4;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + BQ * LDS;
+    T* sV = sK + BKV * LDS;
+    T* sP = sV + BKV * LDS;
+
+    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x / (unsigned)batch_heads);
+    const int bh = (int)(blockIdx.x % (unsigned)batch_heads);
+    const int b = bh / heads, h = bh % heads;
+    const int q0 = q_block * BQ;
+    const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
+    const int i = q0 + r;
+
+    const T* qp = q + b * q_sb + h * q_sh;
+    const T* kp = k + b * k_sb + h * k_sh;
+    const T* vp = v + b * v_sb + h * v_sh;
+    const T sc = (T)scale;
+
+    load_tile_simt<T, BQ, D, LDS, NT>(sQ, qp, q_ss, q_sd, q0, seq_q, d, tid);
+
+    T acc_o[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) acc_o[u] = T(0);
+    T m_i = -INFINITY, l_i = T(0);
+
+    const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
+    for (int kv0 = 0; kv0 < kv_end; kv0 += BKV) {
+        __syncthreads();
+        load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, seq_kv, d, tid);
+        load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, seq_kv, d, tid);
+        __syncthreads();
+
+        T s[NJ];
+        T mx = m_i;
+#pragma unroll
+        for (int u = 0; u < NJ; ++u) {
+            const int jl = part + 4 * u, j = kv0 + jl;
+            T acc = T(0);
+            for (int c = 0; c < d; ++c) acc = fma(sQ[r * LDS + c], sK[jl * LDS + c], acc);
+            acc *= sc;
+            if (j >= seq_kv || (CAUSAL && j > i)) acc = -INFINITY;
+            s[u] = acc;
+            mx = fmax(mx, acc);
+        }
+        mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const T m_use = (mx == -INFINITY) ? T(0) : mx;
+        const T alpha = exp_t<T>(m_i - m_use);
+        m_i = mx;
+        T row_sum = T(0);
+#pragma unroll
+        for (int u = 0; u < NJ; ++u) {
+            T p = exp_t<T>(s[u] - m_use);
+            row_sum += p;
+            if constexpr (DROPOUT) {
+                const int j = kv0 + part + 4 * u;
+                if (!dropout_keep(seed, threshold, b, h, i, j)) p = T(0);
+            }
+            sP[r * LDP + part + 4 * u] = p;
+        }
+        row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+        row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+        l_i = l_i * alpha + row_sum;
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < NU; ++u) acc_o[u] *= alpha;
+        for (int jl = 0; jl < BKV; ++jl) {
+            const T p = sP[r * LDP + jl];
+#pragma unroll
+            for (int u = 0; u < NU; ++u) acc_o[u] = fma(p, sV[jl * LDS + part + 4 * u], acc_o[u]);
+        }
+    }
+
+    if (i < seq_q) {
+        const T inv = l_i > T(0) ? (T)keep_scale / l_i : T(0);
+        T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+            const int c = part + 4 * u;
+            if (c < d) op[c] = acc_o[u] * inv;
+        }
+        if (part == 0) lse[b * lse_sb + h * lse_sh + i] = l_i > T(0) ? (L)(m_i + log(l_i)) : (L)(-INFINITY);
+    }
+}
