@@ -74,7 +74,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(report)
     if args.plot:
-        report.plot(args.plot)
+        if _plot_or_explain(report.plot, args.plot):
+            return 1
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -101,8 +102,8 @@ def _cmd_bench_cuda(args: argparse.Namespace) -> int:
         print(_bench.format_table(results, competitors, tera=True))
     if args.json is not None:
         _write_json({"results": results}, args.json)
-    if args.plot:
-        _bench.plot(results, args.plot, title="CUDA attention throughput")
+    if args.plot and _plot_or_explain(_bench.plot, results, args.plot, title="CUDA attention throughput"):
+        return 1
     return 0
 
 
@@ -144,7 +145,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json is not None:
         _write_json({"machine": facts, "repeat": repeat, **run}, args.json)
     if args.plot:
-        _bench.plot(run["results"], args.plot, title=f"CPU attention, fp32, threads={threads}")
+        if _plot_or_explain(_bench.plot, run["results"], args.plot, title=f"CPU attention, fp32, threads={threads}"):
+            return 1
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -194,11 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (argparse errors exit with status 2)."""
     args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+def _plot_or_explain(plot: Any, *args: Any, **kwargs: Any) -> int:
+    """Runs a plot call; a missing matplotlib is a message and status 1, not a traceback."""
     try:
-        return int(args.func(args))
-    except ImportError as exc:  # an optional extra (matplotlib, torch) that is missing
+        plot(*args, **kwargs)
+    except ImportError as exc:
+        if "fastattn[plot]" not in str(exc):
+            raise
         print(f"fastattn: {exc}", file=sys.stderr)
         return 1
+    return 0
 
 
 if __name__ == "__main__":

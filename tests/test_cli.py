@@ -1,0 +1,228 @@
+"""The command line (python -m fastattn info / memory / bench) and the shared benchmark grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import fastattn
+from fastattn import _bench
+from fastattn.__main__ import main
+from fastattn._validate import attended_pairs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: a grid that runs in well under a second
+TINY_BENCH = ["bench", "--quick", "--seqs", "64", "128", "--head-dims", "32", "--heads", "2",
+              "--repeat", "1", "--no-progress"]
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    package_root = str(Path(fastattn.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "fastattn", *args], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)
+
+
+# --------------------------------------------------------------------------- info
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"version: {fastattn.__version__}" in out
+    assert "reference" in out
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["backends"] == fastattn.available_backends()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_memory_estimates_only(capsys):
+    assert main(["memory", "--seq-lens", "256", "4096", "--head-dim", "32", "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    assert "4096" in out and "naive/head" in out and "not measured" in out
+
+
+def test_memory_measured_json(capsys):
+    assert main(["memory", "--seq-lens", "256", "512", "--heads", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["seq_len"] for r in report["rows"]] == [256, 512]
+    assert all(r["materialized_peak_bytes"] > 0 for r in report["rows"])
+
+
+def test_memory_plot_and_json_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "mem.png", tmp_path / "mem.json"
+    args = ["memory", "--seq-lens", "128", "256", "--no-measure", "--plot", str(png), "--json", str(js)]
+    assert main(args) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert json.loads(js.read_text())["rows"][0]["seq_len"] == 128
+    assert "seq_len" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_quick(capsys):
+    assert main(TINY_BENCH) == 0
+    out = capsys.readouterr().out
+    assert "numpy-materialized" in out and "vs numpy-materialized" in out
+    assert "N128 D32" in out and "causal" in out
+    assert any(impl in out for impl in (_bench.FASTATTN_CPU, _bench.FASTATTN_REFERENCE))
+
+
+def test_bench_compare_torch_json_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "bench.png", tmp_path / "bench.json"
+    args = ["bench", "--compare", "torch", "--seqs", "64", "--head-dims", "16", "--heads", "1",
+            "--threads", "1", "--repeat", "1", "--no-progress", "--json", str(js), "--plot", str(png)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "of matmul" in captured.out
+    data = json.loads(js.read_text())
+    assert data["matmul_gflops"] > 0
+    impls = {r["impl"] for r in data["results"]}
+    assert _bench.NUMPY in impls
+    assert (_bench.TORCH in impls) == (_bench.torch_unavailable() is None)
+    if _bench.torch_unavailable():
+        assert "PyTorch is not installed" in captured.err
+    assert all(r["gflops"] > 0 and r["threads"] == 1 for r in data["results"] if r["ms"] is not None)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_cuda_without_module(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", None)
+    assert main(["bench", "--device", "cuda"]) != 0
+    assert "CUDA benchmark is not available" in capsys.readouterr().err
+
+
+def _fake_cuda_module(rows=None, error=None):
+    module = types.ModuleType("fastattn._bench_cuda")
+
+    def run_cuda_bench(compare_torch=False, progress=True):
+        if error is not None:
+            raise error
+        return rows
+
+    module.run_cuda_bench = run_cuda_bench  # type: ignore[attr-defined]
+    return module
+
+
+def test_bench_cuda_without_gpu(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", _fake_cuda_module(error=RuntimeError("no GPU")))
+    assert main(["bench", "--device", "cuda"]) != 0
+    assert "no GPU" in capsys.readouterr().err
+
+
+def test_bench_cuda_table(monkeypatch, capsys):
+    base = dict(device="NVIDIA H100", batch=1, heads=8, seq=4096, head_dim=128, causal=False, dtype="float16")
+    rows = [dict(base, impl="fastattn-cuda", ms=1.0, tflops=200.0),
+            dict(base, impl="torch-flash", ms=1.25, tflops=160.0),
+            dict(base, impl="torch-cudnn", ms=0.8, tflops=250.0)]
+    monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", _fake_cuda_module(rows=rows))
+    assert main(["bench", "--device", "cuda", "--compare", "torch", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "fastattn-cuda" in ln)
+    assert "TFLOP/s" in out and "vs torch-flash" in out and "vs torch-cudnn" in out
+    assert "200.00" in line and "1.25x" in line and "0.80x" in line
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["nope"],
+    ["bench", "--seqs", "0"],
+    ["bench", "--seqs", "abc"],
+    ["bench", "--threads", "-1"],
+    ["bench", "--compare", "jax"],
+    ["bench", "--device", "tpu"],
+    ["memory", "--head-dim", "x"],
+    ["memory", "--dtype", "int8"],
+    ["memory", "--backend", "cuda"],
+    ["info", "--bogus"],
+])
+def test_bad_arguments_exit_nonzero(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code != 0
+    assert "usage" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- python -m fastattn
+
+
+def test_module_info():
+    proc = run_module("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "version" in proc.stdout
+
+
+def test_module_bench_quick():
+    proc = run_module(*TINY_BENCH)
+    assert proc.returncode == 0, proc.stderr
+    assert "numpy-materialized" in proc.stdout
+
+
+def test_module_memory():
+    proc = run_module("memory", "--seq-lens", "128", "--no-measure")
+    assert proc.returncode == 0, proc.stderr
+    assert "128" in proc.stdout
+
+
+def test_module_bad_arguments():
+    proc = run_module("bench", "--seqs", "-5")
+    assert proc.returncode != 0
+    assert "positive integer" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the shared grid
+
+
+def test_grid_definitions():
+    full = _bench.full_grid()
+    assert len(full) == 5 * 2 * 2
+    assert {w.seq for w in full} == {512, 1024, 2048, 4096, 8192}
+    assert {w.head_dim for w in full} == {64, 128}
+    assert all(w.batch == 1 and w.heads == 8 and w.dtype == "float32" for w in full)
+    assert {(w.seq, w.head_dim) for w in _bench.default_grid()} == {(1024, 64)}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_workload_flops_use_attended_pairs(causal):
+    w = _bench.Workload(2, 3, 100, 16, causal)
+    assert w.flops == 4 * 2 * 3 * 16 * attended_pairs(100, 100, causal)
+    q, k, v = w.inputs()
+    assert q.shape == (2, 3, 100, 16) and q.dtype == "float32"
+    assert q.std() > 0.5 and not (q == k).all()
+
+
+def test_materialized_skipped_when_too_big():
+    w = _bench.Workload(1, 8, 8192, 64, False)
+    assert _bench.skip_reason(_bench.NUMPY, w).startswith("skipped: would need")
+    assert _bench.skip_reason(_bench.NUMPY, _bench.Workload(1, 8, 1024, 64, False)) is None
+
+
+def test_skipped_lines_in_table():
+    w = _bench.Workload(1, 8, 8192, 64, False)
+    results = _bench.run_cpu_bench([w], [_bench.NUMPY], repeat=1, progress=False)["results"]
+    assert results[0]["ms"] is None
+    table = _bench.format_table(results, [_bench.NUMPY])
+    assert "skipped: would need" in table
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["memory", "--seq-lens", "64", "--no-measure", "--plot", str(tmp_path / "m.png")]
+    assert main(argv) == 1
+    assert "pip install fastattn[plot]" in capsys.readouterr().err
