@@ -1,10 +1,134 @@
-"""CUDA backend (placeholder until its kernel lands)."""
+"""CUDA backend: FlashAttention-2 forward kernels compiled at run time by CuPy (NVRTC).
+
+    prepare(x)  CuPy array as is; torch CUDA tensors and other DLPack / __cuda_array_interface__
+                objects zero-copy; NumPy (host) arrays copied to the current device
+    forward     _launch.launch -> fa_fwd_mma  (float16, bfloat16: tensor cores, fp32 accumulation)
+                               -> fa_fwd_simt (float32, float64: exact FMA in the input precision)
+    restore     back to where the caller's q lives: NumPy -> host copy, torch -> torch (DLPack), CuPy as is
+
+The CUDA C++ source (``kernels/flash_fwd.cu``) ships inside the package; no toolkit or build step.
+Tile sizes come from ``_specs`` (the user's block_size_q / block_size_kv are ignored on this backend);
+``BackendStats`` reports the tiles actually used and the shared memory per block.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..._validate import AttentionSpec, dtype_name, is_gpu_array
+from .. import BackendStats, ForwardOutput
+from . import _specs
+
 NAME = "cuda"
 
-
-def availability():
-    return "the CUDA backend is not built yet"
+_MMA_MIN_CC = (8, 0)  # mma.sync m16n8k16 with f16/bf16 operands, ldmatrix, cp.async
 
 
-def describe():
-    return {}
+@functools.lru_cache(maxsize=1)
+def _availability() -> str | None:
+    try:
+        import cupy
+    except ImportError as exc:
+        return f"CuPy is not installed (pip install fastattn[cuda]): {exc}"
+    except Exception as exc:  # noqa: BLE001 - a broken CuPy install is "not available", never a crash
+        return f"CuPy failed to import: {exc}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001
+        return f"no CUDA device (CuPy could not query devices: {exc})"
+    if count < 1:
+        return "no CUDA device visible to CuPy"
+    return None
+
+
+def availability() -> str | None:
+    """None when CuPy and a CUDA device are present; otherwise what is missing."""
+    return _availability()
+
+
+def _cupy():
+    reason = availability()
+    if reason is not None:
+        raise RuntimeError(f"backend 'cuda' is not available: {reason}")
+    import cupy
+
+    return cupy
+
+
+def prepare(x: Any) -> Any:
+    cp = _cupy()
+    if isinstance(x, cp.ndarray):
+        return x
+    if is_gpu_array(x):
+        if hasattr(x, "__dlpack__"):
+            return cp.from_dlpack(x)
+        return cp.asarray(x)  # __cuda_array_interface__, zero-copy
+    return cp.asarray(np.asarray(x))
+
+
+def restore(y: Any, like: Any) -> Any:
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(like, cp.ndarray):
+        return y
+    if type(like).__module__.split(".")[0] == "torch":
+        import torch
+
+        return torch.from_dlpack(y)
+    if is_gpu_array(like):
+        return y
+    return y.get()
+
+
+def describe() -> dict:
+    cp = _cupy()
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"]
+    return {
+        "device": name.decode() if isinstance(name, bytes) else str(name),
+        "device_id": dev.id,
+        "compute_capability": dev.compute_capability,
+        "multiprocessors": int(props["multiProcessorCount"]),
+        "shared_memory_per_block_optin": int(props.get("sharedMemPerBlockOptin", 0)),
+        "cupy": cp.__version__,
+        "kernels": "float16/bfloat16: mma.sync m16n8k16 (fp32 accumulate); float32/float64: SIMT FMA",
+        "head_dims": list(_specs.MMA_HEAD_DIMS),
+    }
+
+
+def _check_device(dtype: str) -> None:
+    from ._launch import device_capability
+
+    if _specs.is_mma_dtype(dtype):
+        cc = device_capability()
+        if cc < _MMA_MIN_CC:
+            raise TypeError(
+                f"{dtype} on the cuda backend needs a GPU of compute capability 8.0 or newer "
+                f"(mma.sync m16n8k16); this device has {cc[0]}.{cc[1]}; use float32 or the cpu backend"
+            )
+
+
+def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
+    cp = _cupy()
+    from ._launch import launch
+
+    dtype = dtype_name(q)
+    if spec.head_dim > _specs.MAX_HEAD_DIM:
+        raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=spec.head_dim, max=_specs.MAX_HEAD_DIM))
+    with q.device:
+        _check_device(dtype)
+        out = cp.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=q.dtype)
+        lse = cp.empty((spec.batch, spec.heads, spec.seq_q), dtype=np.float64 if dtype == "float64" else np.float32)
+        if spec.seq_kv == 0:
+            out.fill(0)
+            lse.fill(-np.inf)
+            block_q, block_kv, threads, smem = 0, 0, 0, 0
+        else:
+            block_q, block_kv, threads, smem = launch(q, k, v, out, lse, spec, dtype)
+    stats = BackendStats(block_q=block_q, block_kv=block_kv, peak_sram_bytes=smem, num_threads=threads,
+                         simd="mma.sync" if _specs.is_mma_dtype(dtype) else "simt")
+    return ForwardOutput(out, lse, stats)

@@ -1,0 +1,139 @@
+"""Kernel specializations of the CUDA backend: which template instance serves which call.
+
+Pure Python (no CuPy): ``tools/compile_cuda_kernels.py`` and the tests read the same list.
+
+Tile choice is made here and only here.  ``head_dim`` d is padded up to the next supported
+``D`` (the kernel zero-fills columns ``d..D-1``), so every d in 1..256 has a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+KERNEL_SOURCE = "flash_fwd.cu"
+KERNEL_HEADERS = ("philox.cuh",)
+
+#: padded head_dim of the tensor-core kernel (float16 / bfloat16)
+MMA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+#: padded head_dim of the SIMT kernel (float32 / float64)
+SIMT_HEAD_DIMS = (32, 64, 128, 256)
+#: largest head_dim any kernel serves
+MAX_HEAD_DIM = 256
+
+MAX_HEAD_DIM_ERROR = "head_dim {d} is larger than the cuda backend supports ({max})"
+
+_CXX_TYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_LSE_TYPE = {"float32": "float", "float64": "double"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MmaConfig:
+    """Tiles of ``fa_fwd_mma``: block_q = 16 * warps, block_kv."""
+
+    warps: int
+    block_kv: int
+
+    @property
+    def block_q(self) -> int:
+        return 16 * self.warps
+
+
+@dataclasses.dataclass(frozen=True)
+class SimtConfig:
+    """Tiles of ``fa_fwd_simt``: block_q rows (4 threads each), block_kv keys."""
+
+    block_q: int
+    block_kv: int
+
+
+#: default tiles of the tensor-core kernel per padded head_dim (tuned on an H100, see docs/cuda.md)
+MMA_CONFIGS: dict[int, MmaConfig] = {
+    32: MmaConfig(4, 64),
+    64: MmaConfig(4, 64),
+    96: MmaConfig(4, 64),
+    128: MmaConfig(4, 64),
+    192: MmaConfig(4, 32),
+    256: MmaConfig(4, 32),
+}
+
+#: SIMT tiles per (dtype, padded head_dim); shared memory (BQ + 2 BKV) (D+1) + BQ (BKV+1) elements
+SIMT_CONFIGS: dict[tuple[str, int], SimtConfig] = {
+    ("float32", 32): SimtConfig(32, 32),
+    ("float32", 64): SimtConfig(32, 32),
+    ("float32", 128): SimtConfig(32, 32),
+    ("float32", 256): SimtConfig(32, 16),
+    ("float64", 32): SimtConfig(32, 32),
+    ("float64", 64): SimtConfig(32, 32),
+    ("float64", 128): SimtConfig(32, 16),
+    ("float64", 256): SimtConfig(16, 16),
+}
+
+#: extra tensor-core tiles the benchmark sweep may try (compiled in CI too)
+MMA_SWEEP: dict[int, tuple[MmaConfig, ...]] = {
+    64: (MmaConfig(4, 64), MmaConfig(4, 128), MmaConfig(8, 64), MmaConfig(8, 128)),
+    128: (MmaConfig(4, 64), MmaConfig(4, 32), MmaConfig(8, 64), MmaConfig(8, 32)),
+}
+
+
+def padded_head_dim(d: int, dtype: str) -> int:
+    dims = MMA_HEAD_DIMS if dtype in ("float16", "bfloat16") else SIMT_HEAD_DIMS
+    for dim in dims:
+        if d <= dim:
+            return dim
+    raise ValueError(MAX_HEAD_DIM_ERROR.format(d=d, max=MAX_HEAD_DIM))
+
+
+def is_mma_dtype(dtype: str) -> bool:
+    return dtype in ("float16", "bfloat16")
+
+
+def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: bool, vec: bool) -> str:
+    b = lambda x: "true" if x else "false"  # noqa: E731
+    return (f"fa_fwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warps}, {cfg.block_kv}, "
+            f"{b(causal)}, {b(dropout)}, {b(vec)}>")
+
+
+def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout: bool) -> str:
+    b = lambda x: "true" if x else "false"  # noqa: E731
+    return (f"fa_fwd_simt<{_CXX_TYPE[dtype]}, {_LSE_TYPE[dtype]}, {head_dim}, {cfg.block_q}, {cfg.block_kv}, "
+            f"{b(causal)}, {b(dropout)}>")
+
+
+def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2) -> int:
+    """Shared memory per block of ``fa_fwd_mma``: Q tile + 2 stages of K and V, rows padded by 8."""
+    return (cfg.block_q + 4 * cfg.block_kv) * (head_dim + 8) * itemsize
+
+
+def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:
+    return ((cfg.block_q + 2 * cfg.block_kv) * (head_dim + 1) + cfg.block_q * (cfg.block_kv + 1)) * itemsize
+
+
+def all_name_expressions() -> list[str]:
+    """Every specialization the backend can launch (CI compiles each one)."""
+    names: list[str] = []
+    flags = list(itertools.product((False, True), repeat=2))
+    for dtype in ("float16", "bfloat16"):
+        for dim in MMA_HEAD_DIMS:
+            cfgs = dict.fromkeys((MMA_CONFIGS[dim], *MMA_SWEEP.get(dim, ())))
+            for cfg in cfgs:
+                for causal, dropout in flags:
+                    for vec in (False, True):
+                        if cfg != MMA_CONFIGS[dim] and (dropout or not vec):
+                            continue  # sweep tiles: the benchmarked case only
+                        names.append(mma_name(dtype, dim, cfg, causal, dropout, vec))
+    for dtype in ("float32", "float64"):
+        for dim in SIMT_HEAD_DIMS:
+            for causal, dropout in flags:
+                names.append(simt_name(dtype, dim, SIMT_CONFIGS[(dtype, dim)], causal, dropout))
+    return names
+
+
+def kernel_source() -> str:
+    """The kernel source with its local headers inlined (one string, so caches key on all of it)."""
+    text = (KERNEL_DIR / KERNEL_SOURCE).read_text()
+    for header in KERNEL_HEADERS:
+        text = text.replace(f'#include "{header}"', (KERNEL_DIR / header).read_text())
+    return text

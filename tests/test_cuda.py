@@ -1,0 +1,348 @@
+"""The CUDA backend against the float64 reference (backends.reference).
+
+GPU tests carry the ``cuda`` marker and skip with the reason when CuPy or a device is missing;
+the tests at the top need neither (the kernel source and its specialization list).
+
+Half precision is judged fairly (FlashAttention's rule): the kernel's error against float64 must be
+at most twice that of a naive materialized implementation in the same precision (fp32 scores and
+softmax, P rounded to the input dtype, output rounded), plus a small floor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import FlashAttention, FlashAttentionConfig, flash_attention
+from fastattn._validate import numpy_dtype
+from fastattn.backends import get_backend
+from fastattn.backends.cuda import _specs
+from fastattn.backends.reference import materialized
+
+_REASON = get_backend("cuda").availability()
+gpu = pytest.mark.skipif(_REASON is not None, reason=f"cuda backend unavailable: {_REASON}")
+pytestmark = pytest.mark.cuda
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+# ---------------------------------------------------------------------------------------------
+# no GPU needed
+# ---------------------------------------------------------------------------------------------
+
+def test_kernel_source_ships():
+    src = _specs.kernel_source()
+    assert "fa_fwd_mma" in src and "fa_fwd_simt" in src
+    assert "philox4x32_10" in src  # header inlined
+    assert '#include "' not in src
+    for header in _specs.KERNEL_HEADERS:
+        assert (_specs.KERNEL_DIR / header).is_file()
+
+
+def test_specialization_list_covers_every_case():
+    names = _specs.all_name_expressions()
+    assert len(names) == len(set(names))
+    for dtype in DTYPES:
+        for d in range(1, _specs.MAX_HEAD_DIM + 1):
+            d_pad = _specs.padded_head_dim(d, dtype)
+            assert d <= d_pad
+            for causal in (False, True):
+                for dropout in (False, True):
+                    if _specs.is_mma_dtype(dtype):
+                        for vec in (False, True):
+                            assert _specs.mma_name(dtype, d_pad, _specs.MMA_CONFIGS[d_pad], causal, dropout,
+                                                   vec) in names
+                    else:
+                        cfg = _specs.SIMT_CONFIGS[(dtype, d_pad)]
+                        assert _specs.simt_name(dtype, d_pad, cfg, causal, dropout) in names
+    with pytest.raises(ValueError, match="head_dim 257"):
+        _specs.padded_head_dim(257, "float16")
+
+
+def test_shared_memory_fits_a_hopper_or_ampere_block():
+    for d, cfg in _specs.MMA_CONFIGS.items():
+        assert _specs.mma_smem_bytes(d, cfg) <= 163 * 1024  # A100 opt-in limit (H100: 227 KB)
+    for (dtype, d), cfg in _specs.SIMT_CONFIGS.items():
+        assert _specs.simt_smem_bytes(d, cfg, 8 if dtype == "float64" else 4) <= 163 * 1024
+
+
+@pytest.mark.skipif(_REASON is None, reason="a GPU is present")
+def test_unavailable_backend_names_what_is_missing():
+    q = np.zeros((4, 8), np.float32)
+    with pytest.raises(RuntimeError, match="cuda"):
+        flash_attention(q, q, q, backend="cuda")
+    assert "cuda" not in fastattn.available_backends()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _inputs(rng, b, h, sq, skv, d, dtype):
+    dt = numpy_dtype(dtype)
+    q = rng.standard_normal((b, h, sq, d)).astype(dt)
+    k = rng.standard_normal((b, h, skv, d)).astype(dt)
+    v = rng.standard_normal((b, h, skv, d)).astype(dt)
+    return q, k, v
+
+
+def _to_gpu(x):
+    import cupy
+
+    try:
+        return cupy.asarray(x)
+    except Exception:  # noqa: BLE001 - older CuPy without bfloat16 from NumPy: move the bits
+        return cupy.asarray(x.view(np.uint16)).view(x.dtype)
+
+
+def _to_host(x) -> np.ndarray:
+    import cupy
+
+    if isinstance(x, cupy.ndarray):
+        x = cupy.asnumpy(x)
+    return np.asarray(x).astype(np.float64)
+
+
+def _naive(q, k, v, *, causal, scale, dtype):
+    """Materialized attention in the input's own precision (the fair yardstick)."""
+    dt = numpy_dtype(dtype)
+    compute = np.float64 if dtype == "float64" else np.float32
+    s = np.einsum("bhid,bhjd->bhij", q.astype(compute), k.astype(compute)) * compute(scale)
+    if causal:
+        sq, skv = s.shape[-2:]
+        s = np.where(np.arange(skv)[None, :] <= np.arange(sq)[:, None], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - np.where(np.isneginf(m), 0, m))
+    p = p / p.sum(-1, keepdims=True)
+    p = p.astype(dt).astype(compute)
+    return np.einsum("bhij,bhjd->bhid", p, v.astype(compute)).astype(dt).astype(np.float64)
+
+
+def _rel(a, b):
+    den = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
+
+
+def assert_close_to_reference(out, lse, q, k, v, *, causal, scale=None, dtype, dropout_p=0.0, seed=None):
+    d = q.shape[-1]
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    ref, ref_lse = materialized(q64, k64, v64, causal=causal, scale=scale, compute_dtype=np.float64,
+                                dropout_p=dropout_p, seed=seed)
+    out = _to_host(out)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all()
+    err = _rel(out, ref)
+    if dtype in ("float16", "bfloat16"):
+        if dropout_p == 0.0:
+            bound = 2.0 * _rel(_naive(q, k, v, causal=causal, scale=scale, dtype=dtype), ref) + 1e-4
+        else:
+            bound = 1e-2 if dtype == "bfloat16" else 2e-3
+    else:
+        bound = 1e-5 if dtype == "float32" else 1e-12
+    assert err <= bound, f"relative error {err:.3g} > {bound:.3g}"
+    if lse is not None:
+        lse = _to_host(lse)
+        finite = np.isfinite(ref_lse)
+        assert (np.isfinite(lse) == finite).all()
+        tol = 1e-10 if dtype == "float64" else 1e-5 if dtype == "float32" else 1e-3
+        np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=tol, atol=tol)
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = [  # (batch, heads, seq_q, seq_kv, head_dim)
+    (1, 1, 1, 1, 1),
+    (2, 3, 7, 7, 3),
+    (1, 2, 63, 65, 59),
+    (1, 2, 65, 63, 64),
+    (2, 2, 113, 203, 80),
+    (1, 3, 128, 128, 96),
+    (1, 2, 200, 129, 128),
+    (1, 1, 1000, 1000, 64),
+    (1, 1, 65, 130, 256),
+]
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(dtype, shape, causal):
+    b, h, sq, skv, d = shape
+    q, k, v = _inputs(_rng(hash((dtype, shape, causal)) % 2**32), b, h, sq, skv, d, dtype)
+    out, lse = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=causal, return_lse=True)
+    assert str(out.dtype) == str(q.dtype)
+    assert lse.dtype == (np.float64 if dtype == "float64" else np.float32)
+    assert_close_to_reference(out, lse, q, k, v, causal=causal, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("d", [1, 3, 8, 16, 33, 59, 64, 72, 80, 96, 100, 128, 130, 160, 192, 200, 224, 255, 256])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_every_head_dim(dtype, d):
+    q, k, v = _inputs(_rng(d), 1, 2, 70, 90, d, dtype)
+    out, lse = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=d % 2 == 0, return_lse=True)
+    assert_close_to_reference(out, lse, q, k, v, causal=d % 2 == 0, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequence_many_tiles(dtype, causal):
+    q, k, v = _inputs(_rng(7), 1, 2, 1024 + 17, 1024 + 17, 128, dtype)
+    out = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=causal, scale=0.3)
+    assert_close_to_reference(out, None, q, k, v, causal=causal, scale=0.3, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_strided_views(dtype):
+    import cupy
+
+    rng = _rng(3)
+    b, s, h, d = 2, 77, 3, 64
+    dt = numpy_dtype(dtype)
+    bshd = [rng.standard_normal((b, s, h, d)).astype(dt) for _ in range(3)]
+    # (B, S, H, D) -> (B, H, S, D) views: 16-byte aligned rows (vector loads)
+    views = [_to_gpu(x).transpose(0, 2, 1, 3) for x in bshd]
+    assert not views[0].flags.c_contiguous
+    out, lse = flash_attention(*views, causal=True, return_lse=True)
+    host = [x.transpose(0, 2, 1, 3) for x in bshd]
+    assert_close_to_reference(out, lse, *host, causal=True, dtype=dtype)
+    # every other feature: non-unit stride along head_dim (element loads)
+    wide = [_to_gpu(np.concatenate([x, x], axis=-1)) for x in host]
+    odd = [x[..., ::2] for x in wide]
+    assert odd[0].strides[-1] == 2 * odd[0].itemsize
+    out = flash_attention(*odd)
+    assert_close_to_reference(out, None, *host, causal=False, dtype=dtype)
+    # a misaligned base pointer (offset by one element) also takes the element path
+    flat = [_to_gpu(np.concatenate([np.zeros(1, dt), x.ravel()])) for x in host]
+    shifted = [f[1:].reshape(x.shape) for f, x in zip(flat, host, strict=True)]
+    assert shifted[0].data.ptr % 16 != 0
+    out = flash_attention(*shifted, causal=True)
+    assert_close_to_reference(out, None, *host, causal=True, dtype=dtype)
+    del cupy
+
+
+@gpu
+def test_numpy_inputs_come_back_as_numpy():
+    q, k, v = _inputs(_rng(4), 1, 2, 33, 40, 64, "float16")
+    out, lse = flash_attention(q, k, v, backend="cuda", return_lse=True)
+    assert isinstance(out, np.ndarray) and isinstance(lse, np.ndarray)
+    assert out.dtype == np.float16
+    assert_close_to_reference(out, lse, q, k, v, causal=False, dtype="float16")
+
+
+@gpu
+def test_auto_picks_cuda_for_gpu_arrays():
+    q, k, v = _inputs(_rng(5), 1, 1, 16, 16, 32, "float32")
+    fa = FlashAttention(FlashAttentionConfig(num_heads=1, head_dim=32))
+    res = fa.forward_multi_head(_to_gpu(q[None, 0]), _to_gpu(k[None, 0]), _to_gpu(v[None, 0]))
+    assert res.backend == "cuda"
+    assert res.peak_sram_bytes > 0
+    assert res.block_size_q > 0 and res.block_size_kv > 0
+    assert res.flops == 4 * 32 * 16 * 16
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_torch_tensors_zero_copy(dtype):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    tdt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 50, 4, 64, device="cuda", dtype=tdt, generator=g).transpose(1, 2) for _ in range(3))
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == tdt
+    assert out.shape == q.shape
+    host = [x.float().cpu().numpy().astype(numpy_dtype(dtype)) for x in (q, k, v)]
+    assert_close_to_reference(out.float().cpu().numpy(), lse.cpu().numpy(), *host, causal=True, dtype=dtype)
+    # the same computation through torch itself
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert torch.allclose(out.float(), ref, atol=2e-2 if dtype == "bfloat16" else 5e-3)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_mask_matches_reference(dtype, causal):
+    q, k, v = _inputs(_rng(6), 2, 3, 67, 129, 64, dtype)
+    seed = 0x1234_5678_9ABC_DEF0
+    out = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=causal, dropout_p=0.3, seed=seed)
+    assert_close_to_reference(out, None, q, k, v, causal=causal, dtype=dtype, dropout_p=0.3, seed=seed)
+    # a different seed gives a clearly different result (the mask is really applied)
+    other = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=causal, dropout_p=0.3, seed=seed + 1)
+    assert _rel(_to_host(other), _to_host(out)) > 0.05
+
+
+@gpu
+def test_dropout_agrees_with_cpu_backend():
+    cpu = get_backend("cpu")
+    if cpu.availability() is not None:
+        pytest.skip(f"cpu backend unavailable: {cpu.availability()}")
+    q, k, v = _inputs(_rng(8), 1, 2, 100, 90, 32, "float32")
+    seed = 987654321
+    gpu_out = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), dropout_p=0.5, seed=seed)
+    cpu_out = flash_attention(q, k, v, dropout_p=0.5, seed=seed, backend="cpu")
+    assert _rel(_to_host(gpu_out), cpu_out.astype(np.float64)) < 1e-5
+
+
+@gpu
+def test_dropout_draws_a_seed_and_reports_it():
+    q, k, v = _inputs(_rng(9), 1, 1, 20, 20, 16, "float32")
+    fa = FlashAttention(FlashAttentionConfig(num_heads=1, head_dim=16, dropout_p=0.2))
+    res = fa.forward(_to_gpu(q[0, 0]), _to_gpu(k[0, 0]), _to_gpu(v[0, 0]))
+    assert res.seed is not None
+    assert_close_to_reference(res.output[None, None], None, q, k, v, causal=False, dtype="float32",
+                              dropout_p=0.2, seed=res.seed)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_no_keys_gives_zero_and_minus_inf(dtype):
+    q, k, v = _inputs(_rng(10), 1, 2, 5, 0, 8, dtype)
+    out, lse = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), return_lse=True)
+    assert (_to_host(out) == 0).all()
+    assert np.isneginf(_to_host(lse)).all()
+
+
+@gpu
+def test_result_does_not_depend_on_block_size_request():
+    q, k, v = _inputs(_rng(11), 1, 2, 90, 90, 64, "float16")
+    a = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=True)
+    b = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), causal=True, block_size_q=16, block_size_kv=16)
+    assert (_to_host(a) == _to_host(b)).all()
+
+
+@gpu
+def test_errors_name_the_problem():
+    q = _to_gpu(np.zeros((1, 4, 300), np.float16))
+    with pytest.raises(ValueError, match="head_dim 300"):
+        flash_attention(q, q, q)
+    with pytest.raises(ValueError, match="same device"):
+        flash_attention(q, np.zeros((1, 4, 300), np.float16), q)
+
+
+@gpu
+def test_describe_names_the_device():
+    facts = get_backend("cuda").describe()
+    assert facts["device"] and facts["compute_capability"]
+    assert fastattn.info()["details"]["cuda"]["available"]
+
+
+@gpu
+def test_sanity_large_scores_are_stable():
+    q, k, v = _inputs(_rng(12), 1, 1, 64, 300, 64, "float16")
+    q = (q.astype(np.float32) * 8).astype(np.float16)  # scores of tens: the running max must rescale
+    out, lse = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), return_lse=True)
+    assert_close_to_reference(out, lse, q, k, v, causal=False, dtype="float16")

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One GPU session for the CUDA backend: compile every specialization (NVRTC, parallel), tests,
+# compute-sanitizer memcheck on a representative small run, tile sweep, benchmark beside torch.
+#   STEPS="compile tests sanitize sweep bench" bash tools/gpu_session.sh     (logs under $OUT)
+set -u
+OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
+STEPS=${STEPS:-"compile tests sanitize sweep bench"}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
+nvidia-smi -L | tee "$OUT/device.txt"
+python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" | tee -a "$OUT/device.txt"
+
+for step in $STEPS; do
+  echo "=== $step $(date +%T)"
+  case $step in
+  compile)
+    timeout 300 python3 - <<'PY' 2>&1 | tee "$OUT/compile.log"
+import concurrent.futures as cf, time
+from fastattn.backends.cuda import _launch, _specs
+names = _specs.all_name_expressions()
+t0 = time.time()
+def one(n):
+    try:
+        _launch.get_kernel(n, 0); return None
+    except Exception as e:
+        return f"{n}: {e}"
+with cf.ThreadPoolExecutor(16) as pool:
+    errs = [e for e in pool.map(one, names) if e]
+print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} specializations in {time.time() - t0:.0f}s")
+for e in errs: print("FAILED", e[:3000])
+PY
+    ;;
+  tests)
+    timeout 420 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+    ;;
+  sanitize)
+    cat > /tmp/sanitize_run.py <<'PY'
+import numpy as np, cupy, ml_dtypes
+import fastattn
+rng = np.random.default_rng(0)
+for dt, d, causal, p, sq, skv in [("float16", 64, False, 0.0, 130, 77), ("bfloat16", 128, True, 0.0, 65, 200),
+                                  ("float16", 59, True, 0.2, 33, 47), ("float16", 256, False, 0.0, 70, 90),
+                                  ("float32", 80, True, 0.1, 40, 41), ("float64", 200, False, 0.0, 20, 33)]:
+    npdt = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
+    q, k, v = (cupy.asarray(rng.standard_normal((2, 2, s, d)).astype(npdt)) for s in (sq, skv, skv))
+    out, lse = fastattn.flash_attention(q, k, v, causal=causal, dropout_p=p, seed=1, return_lse=True)
+    cupy.cuda.Device().synchronize()
+    print(dt, d, causal, p, "ok", float(abs(out.astype(cupy.float32)).sum()))
+PY
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_run.py 2>&1 | tee "$OUT/sanitize.log" | tail -15
+    echo "sanitizer exit: ${PIPESTATUS[0]}"
+    ;;
+  sweep)
+    timeout 300 python3 - <<'PY' 2>&1 | tee "$OUT/sweep.log"
+import cupy, numpy as np, torch
+from fastattn import _bench_cuda as bc
+from fastattn._validate import make_spec
+from fastattn.backends.cuda import _launch, _specs
+from torch.nn.attention import SDPBackend, sdpa_kernel
+for dt in ("float16",):
+  for d in (64, 128):
+    for causal in (False, True):
+      for n in (1024, 4096):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (cupy.random.standard_normal((b, h, n, d), dtype=cupy.float32).astype(dt) for _ in range(3))
+        spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None, block_kv=None, num_threads=None)
+        out = cupy.empty_like(q); lse = cupy.empty((b, h, n), cupy.float32)
+        res = []
+        for cfg in _specs.MMA_SWEEP[d]:
+            ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, dt, mma_config=cfg))
+            res.append(f"{cfg.warps}w/{cfg.block_kv}: {bc.tflops(b, h, n, d, causal, ms):6.1f}")
+        tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+        def fl():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        ms = bc.time_ms(fl)
+        print(f"{dt} D={d} causal={causal!s:5} N={n:5}  " + "  ".join(res) + f"  | torch-flash {bc.tflops(b, h, n, d, causal, ms):6.1f}")
+PY
+    ;;
+  bench)
+    timeout 480 python3 - <<'PY' 2>&1 | tee "$OUT/bench.log"
+import json, os
+from fastattn._bench_cuda import run_cuda_bench, format_table
+rows = run_cuda_bench(progress=lambda r: print(r, flush=True))
+json.dump(rows, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent=1)
+print(format_table(rows))
+PY
+    ;;
+  esac
+done
+echo "=== done $(date +%T)"
