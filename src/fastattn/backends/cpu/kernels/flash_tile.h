@@ -23,6 +23,7 @@
 template <typename T> struct vec_traits;
 template <> struct vec_traits<float> {
     typedef float V __attribute__((vector_size(FA_VBYTES)));
+    typedef float VU __attribute__((vector_size(FA_VBYTES), aligned(4), may_alias));
     typedef int32_t VI __attribute__((vector_size(FA_VBYTES)));
     typedef int32_t I;
     enum { MANT = 23, TAYLOR = 7 };
@@ -33,6 +34,7 @@ template <> struct vec_traits<float> {
 };
 template <> struct vec_traits<double> {
     typedef double V __attribute__((vector_size(FA_VBYTES)));
+    typedef double VU __attribute__((vector_size(FA_VBYTES), aligned(8), may_alias));
     typedef int64_t VI __attribute__((vector_size(FA_VBYTES)));
     typedef int64_t I;
     enum { MANT = 52, TAYLOR = 13 };
@@ -45,30 +47,35 @@ template <> struct vec_traits<double> {
 
 template <typename T> struct kern {
     typedef typename vec_traits<T>::V V;
+    typedef typename vec_traits<T>::VU VU;   /* unaligned, aliasing view for loads/stores */
     typedef typename vec_traits<T>::VI VI;
     typedef typename vec_traits<T>::I I;
     static const int W = FA_VBYTES / (int)sizeof(T);
 
-    static inline V load(const T *p) { V v; __builtin_memcpy(&v, p, sizeof(V)); return v; }
-    static inline void store(T *p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
-    static inline V splat(T x) { return V{} + x; }
-    static inline V select(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
+    static inline V load(const T *p) { return *(const VU *)p; }
+    static inline void store(T *p, V v) { *(VU *)p = v; }
+    static inline V splat(T x) {   /* not V{} + x: adding +0 is not an identity (-0), so it would stay */
+        V v = {x};
+        return __builtin_shuffle(v, VI{});
+    }
 
     /* 2^x for x <= 0 (or NaN): x = n + f, |f| <= 1/2, 2^f by its Taylor series in f*ln2,
-     * 2^n by adding n to the exponent.  Below -126 the result is 0 (-inf -> 0 exactly);
-     * NaN stays NaN.  Relative error ~1e-8 (float) / ~1e-16 (double). */
+     * times 2^n built in the exponent field.  Below -126 the result is 0 (-inf -> 0
+     * exactly); NaN stays NaN (it flows through the multiply).  Relative error ~1e-8
+     * (float, degree 7) / ~1e-16 (double, degree 13). */
     static inline V exp2v(V x) {
         const T magic = (T)1.5 * (T)((I)1 << vec_traits<T>::MANT);
-        V xc = select(x < (T)-126, splat((T)-126), x);
+        const V lo = splat((T)-126);
+        V xc = x < lo ? lo : x;
         V t = xc + magic;                 /* rounds xc to an integer in t's low mantissa bits */
         V n = t - magic;
         V f = (xc - n) * (T)0.6931471805599453094;
         V p = splat(vec_traits<T>::inv_fact(vec_traits<T>::TAYLOR));
         for (int k = vec_traits<T>::TAYLOR - 1; k >= 0; --k) p = p * f + vec_traits<T>::inv_fact(k);
-        VI ni = (VI)t - (VI)splat(magic);
-        V r = (V)((VI)p + (ni << (int)vec_traits<T>::MANT));
-        r = select(x < (T)-126, splat((T)0), r);
-        return select(x == x, r, x);
+        const int bias = vec_traits<T>::MANT == 23 ? 127 : 1023;
+        VI ni = (VI)t - (VI)splat(magic) + bias;   /* n + bias, in 1 .. bias */
+        V r = p * (V)(ni << (int)vec_traits<T>::MANT);
+        return x < lo ? V{} : r;
     }
 
     /* S[r][0..NR*W) = sum_d Qp[r][d] * Kt[d][0..NR*W) for MR rows (broadcast FMA). */
@@ -216,44 +223,51 @@ template <typename T> struct kern {
         }
     }
 
-    /* The online-softmax step for one row: turns S into P in place, updates m, l, alpha. */
+    /* The online-softmax step for one row: turns S into P in place, updates m, l, alpha.
+     * NaN: the max ignores NaN scores (maxps), but 2^(NaN - m) is NaN, so a NaN score still
+     * makes the row sum, and so the output row and lse, NaN. */
     static void softmax_row(T *srow, int64_t nvis, int64_t nzero, T *m, T *l, T *alpha) {
-        if (nvis == 0) {
-            for (int64_t c = 0; c < nzero; c += W) store(srow + c, V{});
-            *alpha = 1;
-            return;
-        }
-        const int64_t nv = round_up(nvis, W);
+        const int64_t nv = nvis > 0 ? round_up(nvis, W) : 0;
         for (int64_t c = nvis; c < nv; ++c) srow[c] = -__builtin_inf();
-        V vmax = splat(-__builtin_inf());
-        for (int64_t c = 0; c < nv; c += W) {
-            V x = load(srow + c);
-            vmax = select(x > vmax, x, vmax);
-            vmax = select(x == x, vmax, x);   /* a NaN score makes the row NaN */
+        V vmax0 = splat(-__builtin_inf()), vmax1 = vmax0;   /* two chains: max latency, not throughput */
+        int64_t c = 0;
+        for (; c + 2 * W <= nv; c += 2 * W) {
+            V x0 = load(srow + c), x1 = load(srow + c + W);
+            vmax0 = x0 > vmax0 ? x0 : vmax0;
+            vmax1 = x1 > vmax1 ? x1 : vmax1;
         }
-        T row_max = vmax[0];
-        for (int j = 1; j < W; ++j) row_max = (vmax[j] > row_max || vmax[j] != vmax[j]) ? vmax[j] : row_max;
-        /* a NaN score makes the row NaN; all -inf scores (infinite inputs) see nothing */
-        const T m_use = (row_max != row_max) ? row_max : (row_max > *m ? row_max : *m);
-        if (m_use == -__builtin_inf()) {
-            for (int64_t c = 0; c < nzero; c += W) store(srow + c, V{});
+        if (c < nv) { V x0 = load(srow + c); vmax0 = x0 > vmax0 ? x0 : vmax0; }
+        vmax0 = vmax1 > vmax0 ? vmax1 : vmax0;
+        T row_max = vmax0[0];
+        for (int j = 1; j < W; ++j) row_max = vmax0[j] > row_max ? vmax0[j] : row_max;
+        const T m_new = row_max > *m ? row_max : *m;
+        if (m_new == -__builtin_inf()) {
+            /* nothing visible, or every visible score is -inf or NaN: P = 0 unless a NaN is there */
+            T fill = 0;
+            for (int64_t cc = 0; cc < nvis; ++cc) if (srow[cc] != srow[cc]) fill = srow[cc];
+            for (int64_t cc = 0; cc < nzero; cc += W) store(srow + cc, splat(fill));
+            if (fill != fill) *l = fill;
             *alpha = 1;
             return;
         }
-        V vsum = V{};
-        const V vm = splat(m_use);
-        for (int64_t c = 0; c < nv; c += W) {
-            V e = exp2v(load(srow + c) - vm);
-            store(srow + c, e);
-            vsum += e;
+        V vsum0 = V{}, vsum1 = V{};
+        const V vm = splat(m_new);
+        for (c = 0; c + 2 * W <= nv; c += 2 * W) {
+            V e0 = exp2v(load(srow + c) - vm), e1 = exp2v(load(srow + c + W) - vm);
+            store(srow + c, e0);
+            store(srow + c + W, e1);
+            vsum0 += e0;
+            vsum1 += e1;
         }
-        for (int64_t c = nv; c < nzero; c += W) store(srow + c, V{});
+        if (c < nv) { V e0 = exp2v(load(srow + c) - vm); store(srow + c, e0); vsum0 += e0; }
+        for (c = nv; c < nzero; c += W) store(srow + c, V{});
+        vsum0 += vsum1;
         T row_sum = 0;
-        for (int j = 0; j < W; ++j) row_sum += vsum[j];
-        const T a = exp2v(splat(*m - m_use))[0];
+        for (int j = 0; j < W; ++j) row_sum += vsum0[j];
+        const T a = exp2v(splat(*m - m_new))[0];
         *alpha = a;
         *l = a * *l + row_sum;
-        *m = m_use;
+        *m = m_new;
     }
 
     template <T (*LOAD)(const char *)>
