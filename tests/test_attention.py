@@ -220,6 +220,10 @@ def test_block_sizes_agree(backend, make_qkv, block_q, block_kv, causal):
     assert_close_to_reference(out, q, k, v, causal=causal, lse=lse, rtol=1e-5)
     default, _ = call(q, k, v, backend, causal=causal)
     assert rel_error(out, default) <= 2e-5
+    if backend == "cpu":  # explicit tile sizes are honoured exactly
+        cfg = fastattn.FlashAttentionConfig(head_dim=24, num_heads=2, block_size_q=block_q, block_size_kv=block_kv)
+        res = fastattn.FlashAttention(cfg, backend).forward_multi_head(q, k, v)
+        assert (res.block_size_q, res.block_size_kv) == (block_q, block_kv)
 
 
 @pytest.mark.parametrize("block_q,block_kv", [(1, 1), (3, 17), (16, 64), (17, 3)])
@@ -263,6 +267,8 @@ def test_peak_sram_is_the_tile_working_set(cpu_backend, make_qkv, dtype, blocks)
     assert res.peak_sram_bytes == _tiles.working_set_bytes(res.block_size_q, res.block_size_kv, 48, itemsize)
     if blocks[0] is not None:
         assert (res.block_size_q, res.block_size_kv) == blocks
+    else:  # one place picks tile sizes
+        assert (res.block_size_q, res.block_size_kv) == _tiles.choose_tiles(48, itemsize)
 
 
 def test_peak_sram_positive(backend, make_qkv):
@@ -482,3 +488,74 @@ def test_random_shapes(backend, batch, heads, seq_q, seq_kv, head_dim, causal, d
     v = random_array(rng, (batch, heads, seq_kv, head_dim), dtype)
     out, lse = call(q, k, v, backend, causal=causal, block_size_q=block_q, block_size_kv=block_kv)
     assert_close_to_reference(out, q, k, v, causal=causal, lse=lse, rtol=RTOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# unusual memory and sizes
+
+
+@pytest.mark.parametrize("head_dim", [257, 512, 1024])
+def test_head_dims_beyond_256(backend, make_qkv, head_dim):
+    # nothing in the contract caps head_dim; a kernel with a fixed-size buffer must still be right
+    q, k, v = make_qkv(1, 1, 33, 45, head_dim)
+    out, lse = call(q, k, v, backend, causal=True)
+    assert_close_to_reference(out, q, k, v, causal=True, lse=lse, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(0, 2), (2, 0), (0, 0)])
+def test_empty_batch_or_heads(backend, rng, lead):
+    q = random_array(rng, (*lead, 9, 8))
+    k = random_array(rng, (*lead, 11, 8))
+    out, lse = call(q, k, k, backend, causal=True, dropout_p=0.1, seed=1)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_unaligned_inputs(backend, rng, dtype):
+    """Arrays whose data pointer is not aligned to the item size (views into a byte buffer)."""
+    itemsize = np.dtype(dtype).itemsize
+    arrays = []
+    for _ in range(3):
+        x = random_array(rng, (2, 37, 24), dtype)
+        buf = np.zeros(x.nbytes + 1, dtype=np.uint8)
+        view = np.frombuffer(buf.data, dtype=np.uint8)[1:].view(dtype).reshape(x.shape)
+        view[...] = x
+        assert view.ctypes.data % itemsize != 0 and not view.flags.aligned
+        arrays.append(view)
+    q, k, v = arrays
+    out, lse = call(q, k, v, backend, causal=True)
+    assert_close_to_reference(out, q, k, v, causal=True, lse=lse, rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", "<f4"])
+def test_byte_order(backend, rng, dtype):
+    q, k, v = (random_array(rng, (2, 19, 8), np.dtype(dtype)) for _ in range(3))
+    out, lse = call(q, k, v, backend)
+    assert out.shape == q.shape
+    ref_out, ref_lse = reference(q, k, v)
+    rtol = 1e-12 if np.dtype(dtype).itemsize == 8 else 1e-5
+    assert rel_error(out, ref_out) <= rtol
+    np.testing.assert_allclose(lse, ref_lse, rtol=rtol, atol=rtol)
+
+
+def test_read_only_inputs(backend, make_qkv):
+    q, k, v = make_qkv(1, 2, 20, 20, 8)
+    for x in (q, k, v):
+        x.flags.writeable = False
+    out, lse = call(q, k, v, backend, causal=True)
+    assert_close_to_reference(out, q, k, v, causal=True, lse=lse, rtol=1e-5)
+    assert out.flags.writeable
+
+
+def test_simd_selection_errors(cpu_backend, make_qkv, monkeypatch):
+    import fastattn.backends.cpu as cpu
+    from conftest import require_cpu_feature
+
+    set_simd = require_cpu_feature(cpu, "set_simd")
+    with pytest.raises(ValueError, match="sse9"):
+        with set_simd("sse9"):
+            pass
+    q, k, v = make_qkv(1, 1, 8, 8, 8)
+    monkeypatch.setenv("FASTATTN_SIMD", "sse9")
+    with pytest.raises(ValueError, match="sse9"):
+        fastattn.flash_attention(q, k, v, backend=cpu_backend)
