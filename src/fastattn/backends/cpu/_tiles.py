@@ -10,8 +10,9 @@ float32/float16/bfloat16, 8 for float64)::
     O acc    block_q  x d
     m_i, l_i block_q  each
 
-The K and V tiles are read by every row block of the query tile, so they get half of
-L2; the S tile with the Q and O rows that stream through it gets a quarter.
+The K and V tiles are read by every row block of the query tile; together they take a
+quarter of L2 (at most 256 keys: longer tiles measured slower, see docs/design.md), and
+the S tile with the Q and O rows that stream through it another quarter.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None,
     """(block_q, block_kv): explicit values are kept, missing ones sized to the caches."""
     l2 = cache_sizes()["l2"]
     if block_kv is None:
-        block_kv = _round_down(l2 // (4 * head_dim * itemsize), 16, 16, 512)
+        block_kv = _round_down(l2 // (8 * head_dim * itemsize), 16, 16, 256)
     if block_q is None:
         block_q = _round_down(l2 // (4 * (block_kv + 2 * head_dim) * itemsize), 8, 8, 256)
     return block_q, block_kv

@@ -184,13 +184,18 @@ template <typename T> struct kern {
             T *vp = ws->vp + t * bkvp * dp;
             for (int64_t dd = 0; dd < d; ++dd)
                 for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
-            for (int64_t c = 0; c < ncols; ++c) {
-                const char *krow = kbase + (k0 + c) * p->k_strides[2];
-                const char *vrow = vbase + (k0 + c) * p->v_strides[2];
+            /* K^T: blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
+            for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+                const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
                 for (int64_t dd = 0; dd < d; ++dd) {
-                    kt[dd * bkvp + c] = LOAD(krow + dd * p->k_strides[3]);
-                    vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
+                    const char *src = kbase + (k0 + c0) * p->k_strides[2] + dd * p->k_strides[3];
+                    T *dst = kt + dd * bkvp;
+                    for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
                 }
+            }
+            for (int64_t c = 0; c < ncols; ++c) {
+                const char *vrow = vbase + (k0 + c) * p->v_strides[2];
+                for (int64_t dd = 0; dd < d; ++dd) vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
                 for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
             }
             for (int64_t c = ncols; c < bkvp; ++c)
@@ -309,15 +314,23 @@ template <typename T> struct kern {
             const T *vp = ws->vp + t * bkvp * dp;
             const int64_t tile_vis = round_up(visible(p, q0 + rows - 1, k0, ncols), W);
 
-            /* S = Q.K^T over the visible prefix of each row block */
-            for (int64_t r0 = 0; r0 < rows; r0 += FA_S_MR) {
-                const int mr = (int)((rows - r0 < FA_S_MR) ? rows - r0 : FA_S_MR);
-                const int64_t ncomp = round_up(visible(p, q0 + r0 + mr - 1, k0, ncols), W);
-                int64_t c = 0;
-                for (; c + FA_S_NR * W <= ncomp; c += FA_S_NR * W)
-                    s_rows<FA_S_NR>(mr, ws->qp + r0 * d, d, kt + c, bkvp, d, ws->s + r0 * bkvp + c, bkvp);
-                for (; c < ncomp; c += W)
-                    s_rows<1>(mr, ws->qp + r0 * d, d, kt + c, bkvp, d, ws->s + r0 * bkvp + c, bkvp);
+            /* S = Q.K^T over the visible prefix of each row block.  Column strips outside, row
+             * blocks inside: one strip of K^T (d x S_NR vectors) stays in L1 for the whole tile. */
+            for (int64_t c = 0; c < tile_vis; c += FA_S_NR * W) {
+                const bool full = c + FA_S_NR * W <= tile_vis;
+                for (int64_t r0 = 0; r0 < rows; r0 += FA_S_MR) {
+                    const int mr = (int)((rows - r0 < FA_S_MR) ? rows - r0 : FA_S_MR);
+                    const int64_t ncomp = round_up(visible(p, q0 + r0 + mr - 1, k0, ncols), W);
+                    if (c >= ncomp) continue;
+                    const T *qblk = ws->qp + r0 * d;
+                    T *sblk = ws->s + r0 * bkvp;
+                    if (full && c + FA_S_NR * W <= ncomp) {
+                        s_rows<FA_S_NR>(mr, qblk, d, kt + c, bkvp, d, sblk + c, bkvp);
+                    } else {
+                        for (int64_t cc = c; cc < ncomp && cc < c + FA_S_NR * W; cc += W)
+                            s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
+                    }
+                }
             }
 
             /* P = 2^(S - m'), running max / sum, dropout */
