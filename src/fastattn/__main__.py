@@ -88,8 +88,10 @@ def _cmd_bench_cuda(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"fastattn: the CUDA benchmark is not available here ({exc})", file=sys.stderr)
         return 2
+    # competitors beside us whenever PyTorch is there: a table of our numbers alone says little
+    compare_torch = args.compare == "torch" or _bench.torch_unavailable() is None
     try:
-        rows = _bench_cuda.run_cuda_bench(compare_torch=args.compare == "torch", progress=not args.no_progress)
+        rows = _bench_cuda.run_cuda_bench(compare_torch=compare_torch, progress=not args.no_progress)
     except (ImportError, RuntimeError) as exc:
         print(f"fastattn: cannot run the CUDA benchmark: {exc}", file=sys.stderr)
         return 2

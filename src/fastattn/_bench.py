@@ -156,7 +156,8 @@ def skip_reason(impl: str, w: Workload, materialized_limit_bytes: int = MATERIAL
     if impl == NUMPY:
         need = materialized_need_bytes(w)
         if need > materialized_limit_bytes:
-            return f"skipped: would need ~{format_bytes(need)} (limit {format_bytes(materialized_limit_bytes)})"
+            return (f"skipped: would need ~{format_bytes(need, 2)}, over the "
+                    f"{format_bytes(materialized_limit_bytes, 2)} limit")
     if impl == FASTATTN_REFERENCE and w.seq > REFERENCE_MAX_SEQ:
         return f"skipped: float64 oracle, timed only up to N={REFERENCE_MAX_SEQ}"
     return None
@@ -382,18 +383,25 @@ def plot(results: Sequence[dict], path: str | os.PathLike, title: str = "") -> N
     series: dict[tuple, list[tuple[int, float]]] = {}
     for r in results:
         if r.get("gflops"):
-            series.setdefault((r["impl"], r["head_dim"], r["causal"]), []).append((r["seq"], r["gflops"]))
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    for (impl, d, causal), points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-" if not causal else "--", marker="o",
-                label=f"{impl} D={d}{' causal' if causal else ''}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("GFLOP/s")
-    ax.set_title(title or "attention throughput")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+            series.setdefault((r["head_dim"], r["impl"], r["causal"]), []).append((r["seq"], r["gflops"]))
+    head_dims = sorted({key[0] for key in series}) or [0]
+    impls = sorted({key[1] for key in series})
+    colors = {impl: f"C{i % 10}" for i, impl in enumerate(impls)}
+    fig = Figure(figsize=(5.5 * len(head_dims), 4.5))
+    axes = fig.subplots(1, len(head_dims), squeeze=False, sharey=True)[0]
+    for ax, d in zip(axes, head_dims, strict=True):
+        for (dim, impl, causal), points in sorted(series.items()):
+            if dim != d:
+                continue
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "--" if causal else "-", marker="o",
+                    color=colors[impl], label=f"{impl}{' causal' if causal else ''}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N")
+        ax.set_title(f"head_dim={d}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("GFLOP/s")
+    fig.suptitle(title or "attention throughput")
     fig.tight_layout()
     fig.savefig(os.fspath(path), format="png", dpi=110)

@@ -47,11 +47,11 @@ _STATS_PER_ROW = 3
 _MATERIALIZED_SQUARES = 4
 
 
-def format_bytes(n: float) -> str:
-    """Binary units, one decimal: 16777216 -> "16.0MB", 50176 -> "49.0KB"."""
+def format_bytes(n: float, digits: int = 1) -> str:
+    """Binary units, ``digits`` decimals: 16777216 -> "16.0MB", 50176 -> "49.0KB"."""
     for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
         if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
+            return f"{n / size:.{digits}f}{unit}"
     return f"{int(n)}B"
 
 
