@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import backends
+from ._checks import check_bool
 from ._config import FlashAttentionConfig
 from ._validate import AttentionSpec, as_4d, check_arrays, make_spec
 
@@ -90,14 +91,13 @@ def flash_attention(
     float16 and bfloat16 inputs are computed in float32 and returned in their own dtype.
     ``backend``: "auto" (GPU arrays -> "cuda", else "cpu"), "cpu", "cuda" or "reference".
     """
+    return_lse = check_bool("return_lse", return_lse)
     res = _run(
         q, k, v,
         dict(causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, block_q=block_size_q,
              block_kv=block_size_kv, num_threads=num_threads),
         backend,
     )
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     return (res.output, res.logsumexp) if return_lse else res.output
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
@@ -47,6 +49,7 @@ def check_seed(value: object) -> int | None:
 
 
 def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, (bool,)) and not (hasattr(value, "dtype") and getattr(value, "dtype").kind == "b"):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
+    """A Python bool or a NumPy bool scalar; anything else (arrays included) is a TypeError."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
