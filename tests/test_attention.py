@@ -5,6 +5,11 @@ Backend × dtype × shape, awkward sizes on purpose (1, 7, 63, 65, 1000; head_di
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -220,10 +225,11 @@ def test_block_sizes_agree(backend, make_qkv, block_q, block_kv, causal):
     assert_close_to_reference(out, q, k, v, causal=causal, lse=lse, rtol=1e-5)
     default, _ = call(q, k, v, backend, causal=causal)
     assert rel_error(out, default) <= 2e-5
-    if backend == "cpu":  # explicit tile sizes are honoured exactly
+    if backend == "cpu":  # explicit tile sizes are honoured (a tile longer than the sequence may be clamped to it)
         cfg = fastattn.FlashAttentionConfig(head_dim=24, num_heads=2, block_size_q=block_q, block_size_kv=block_kv)
         res = fastattn.FlashAttention(cfg, backend).forward_multi_head(q, k, v)
-        assert (res.block_size_q, res.block_size_kv) == (block_q, block_kv)
+        assert res.block_size_q in (block_q, min(block_q, 65))
+        assert res.block_size_kv in (block_kv, min(block_kv, 70))
 
 
 @pytest.mark.parametrize("block_q,block_kv", [(1, 1), (3, 17), (16, 64), (17, 3)])
@@ -559,3 +565,48 @@ def test_simd_selection_errors(cpu_backend, make_qkv, monkeypatch):
     monkeypatch.setenv("FASTATTN_SIMD", "sse9")
     with pytest.raises(ValueError, match="sse9"):
         fastattn.flash_attention(q, k, v, backend=cpu_backend)
+
+
+_HUGE_BLOCKS_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import fastattn
+    from fastattn.backends.reference import materialized
+
+    backend, block_q, block_kv = sys.argv[1], eval(sys.argv[2]), eval(sys.argv[3])
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 65, 24)).astype(np.float32) for _ in range(3))
+    try:
+        out = fastattn.flash_attention(q, k, v, causal=True, backend=backend, block_size_q=block_q,
+                                       block_size_kv=block_kv)
+    except Exception as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        sys.exit(0)
+    ref, _ = materialized(*(x.astype(np.float64) for x in (q, k, v)), causal=True, scale=24 ** -0.5,
+                          compute_dtype=np.float64)
+    err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    print(json.dumps({"err": err if np.isfinite(err) else str(err)}))
+    """
+)
+
+
+@pytest.mark.parametrize("block_q,block_kv", [("2**20", "2**20"), ("10**7", "64"), ("64", "10**7"),
+                                              ("2**62", "1"), ("1", "2**62"), ("2**63 - 1", "None"),
+                                              ("None", "2**63 - 1")])
+def test_block_sizes_far_beyond_the_sequence(backend, block_q, block_kv):
+    """Any positive block size is accepted by validation, so a tile longer than the sequence must act
+    like the whole sequence (or be refused with a ValueError naming it): never a crash, a
+    MemoryError for a 65-token input, or silently wrong output.  Run in a child interpreter so
+    a crash fails this test instead of the whole session."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", _HUGE_BLOCKS_CHILD, backend, block_q, block_kv],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, f"child died with status {proc.returncode}:\n{proc.stderr[-2000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "error" in result:
+        assert result["error"] == "ValueError" and "block_size" in result["message"], result
+    else:
+        assert isinstance(result["err"], float) and result["err"] <= 1e-5, result

@@ -294,3 +294,12 @@ def test_dropout_with_empty_sequences(backend):
     assert np.array_equal(out, np.zeros_like(out)) and np.all(np.isneginf(lse))
     out = fastattn.flash_attention(z, q, q, backend=backend, dropout_p=0.5, seed=1)
     assert out.shape == (1, 1, 0, 8)
+
+
+@pytest.mark.parametrize("p", [1e-10, 2.0**-33, 1e-9, 1e-6])
+def test_tiny_dropout_still_rescales(backend, make_qkv, p):
+    """p below 2^-32 gives a drop threshold of 0 (nothing is dropped), but kept weights are still
+    scaled by 1/(1−p), as documented and as the reference does: visible at float64 precision."""
+    q, k, v = make_qkv(1, 2, 30, 30, 16, "float64")
+    out, lse = fastattn.flash_attention(q, k, v, backend=backend, dropout_p=p, seed=3, return_lse=True)
+    assert_close_to_reference(out, q, k, v, lse=lse, dropout_p=p, seed=3, rtol=1e-12)

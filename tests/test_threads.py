@@ -177,3 +177,18 @@ def test_gil_released_during_a_long_call(cpu_backend):
     lo, hi = t0 + 0.2 * (t1 - t0), t1 - 0.2 * (t1 - t0)
     middle = sum(lo <= t <= hi for t in ticks)
     assert middle >= 20, f"the counter thread ticked {middle} times during the middle of a {t1 - t0:.2f} s call"
+
+
+@pytest.mark.parametrize("n", [2**31, 2**63, 10**30])
+def test_huge_thread_counts(backend, make_qkv, n):
+    """Validation accepts any positive num_threads; more threads than work must simply be capped
+    (or refused by a ValueError naming num_threads), not leak a C-level OverflowError."""
+    q, k, v = make_qkv(2, 2, 40, 40, 16)
+    one = run(q, k, v, backend, num_threads=1, causal=True)
+    try:
+        many = run(q, k, v, backend, num_threads=n, causal=True)
+    except ValueError as exc:
+        assert "num_threads" in str(exc)
+        return
+    np.testing.assert_array_equal(many.output, one.output)
+    assert 1 <= many.num_threads <= n
