@@ -377,7 +377,8 @@ def plot(results: Sequence[dict], path: str | os.PathLike, title: str = "") -> N
         import matplotlib
     except ImportError as exc:
         raise ImportError("plotting needs matplotlib; install it with `pip install fastattn[plot]`") from exc
-    matplotlib.use("Agg", force=False)
+    if "matplotlib.pyplot" not in sys.modules:  # never switch (and so close) a user's pyplot figures
+        matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     series: dict[tuple, list[tuple[int, float]]] = {}

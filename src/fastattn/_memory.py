@@ -20,6 +20,11 @@ reports ``VmHWM − VmRSS_before``: the peak resident memory the call added, its
 included.  Where ``clear_refs`` cannot be written (not Linux) it falls back to the rise
 of ``ru_maxrss``, which can only under-report (the earlier high-water mark hides a
 smaller peak); the report names the method it used.
+
+Why not ``ru_maxrss`` alone on Linux: a child started through vfork/posix_spawn (as
+``subprocess`` does) inherits its parent's high-water mark at exec, so a child of a
+400 MB pytest process reports ~400 MB before it has done anything, and a smaller peak of
+its own never shows.  ``VmHWM`` belongs to the child's own address space.
 """
 
 from __future__ import annotations
@@ -273,7 +278,8 @@ class MemoryReport:
             raise ImportError(
                 "MemoryReport.plot needs matplotlib; install it with `pip install fastattn[plot]`"
             ) from exc
-        matplotlib.use("Agg", force=False)
+        if "matplotlib.pyplot" not in sys.modules:  # never switch (and so close) a user's pyplot figures
+            matplotlib.use("Agg")
         from matplotlib.figure import Figure
 
         heads = self.batch * self.num_heads
