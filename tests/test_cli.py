@@ -111,32 +111,59 @@ def test_bench_cuda_without_module(monkeypatch, capsys):
 def _fake_cuda_module(rows=None, error=None):
     module = types.ModuleType("fastattn._bench_cuda")
 
-    def run_cuda_bench(compare_torch=False, progress=True):
+    def run_cuda_bench(*, compare_torch=True, progress=None, **grid):
+        module.calls.append(dict(compare_torch=compare_torch, **grid))
         if error is not None:
             raise error
-        return rows
+        for row in rows:
+            progress(row)  # the CLI always passes a callback (its progress bar)
+        return [row for row in rows if "error" not in row]
+
+    module.calls = []  # type: ignore[attr-defined]
 
     module.run_cuda_bench = run_cuda_bench  # type: ignore[attr-defined]
     return module
 
 
-def test_bench_cuda_without_gpu(monkeypatch, capsys):
+@pytest.fixture
+def cuda_available(monkeypatch):
+    """The CUDA backend reports itself usable (the fake _bench_cuda modules do the rest)."""
+    from fastattn import backends
+
+    monkeypatch.setattr(backends.get_backend("cuda"), "availability", lambda: None)
+
+
+def test_bench_cuda_backend_unavailable(monkeypatch, capsys):
+    from fastattn import backends
+
+    monkeypatch.setattr(backends.get_backend("cuda"), "availability", lambda: "no CUDA device found")
+    monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", _fake_cuda_module(rows=[]))
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device found" in capsys.readouterr().err
+
+
+def test_bench_cuda_without_gpu(monkeypatch, capsys, cuda_available):
     monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", _fake_cuda_module(error=RuntimeError("no GPU")))
     assert main(["bench", "--device", "cuda"]) != 0
     assert "no GPU" in capsys.readouterr().err
 
 
-def test_bench_cuda_table(monkeypatch, capsys):
+def test_bench_cuda_table(monkeypatch, capsys, cuda_available):
     base = dict(device="NVIDIA H100", batch=1, heads=8, seq=4096, head_dim=128, causal=False, dtype="float16")
     rows = [dict(base, impl="fastattn-cuda", ms=1.0, tflops=200.0),
             dict(base, impl="torch-flash", ms=1.25, tflops=160.0),
-            dict(base, impl="torch-cudnn", ms=0.8, tflops=250.0)]
-    monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", _fake_cuda_module(rows=rows))
-    assert main(["bench", "--device", "cuda", "--compare", "torch", "--no-progress"]) == 0
+            dict(base, impl="torch-cudnn", ms=0.8, tflops=250.0),
+            dict(base, seq=512, impl="fastattn-cuda", ms=0.1, tflops=100.0),
+            dict(base, seq=512, impl="torch-cudnn", error="no kernel for this shape\nmore")]
+    fake = _fake_cuda_module(rows=rows)
+    monkeypatch.setitem(sys.modules, "fastattn._bench_cuda", fake)
+    assert main(["bench", "--device", "cuda", "--compare", "torch", "--seqs", "512", "4096", "--no-progress"]) == 0
+    assert fake.calls == [dict(compare_torch=True, seqs=(512, 4096))]
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "fastattn-cuda" in ln)
     assert "TFLOP/s" in out and "vs torch-flash" in out and "vs torch-cudnn" in out
     assert "200.00" in line and "1.25x" in line and "0.80x" in line
+    assert "not run: no kernel for this shape" in out
 
 
 @pytest.mark.parametrize("argv", [

@@ -88,13 +88,37 @@ def _cmd_bench_cuda(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"fastattn: the CUDA benchmark is not available here ({exc})", file=sys.stderr)
         return 2
-    # competitors beside us whenever PyTorch is there: a table of our numbers alone says little
-    compare_torch = args.compare == "torch" or _bench.torch_unavailable() is None
-    try:
-        rows = _bench_cuda.run_cuda_bench(compare_torch=compare_torch, progress=not args.no_progress)
-    except (ImportError, RuntimeError) as exc:
-        print(f"fastattn: cannot run the CUDA benchmark: {exc}", file=sys.stderr)
+    from . import backends
+
+    reason = backends.get_backend("cuda").availability()
+    if reason is not None:
+        print(f"fastattn: cannot run the CUDA benchmark: {reason}", file=sys.stderr)
         return 2
+    # competitors beside us whenever PyTorch is there: a table of our numbers alone says little
+    kwargs: dict[str, Any] = {"compare_torch": args.compare == "torch" or _bench.torch_unavailable() is None}
+    if args.quick:
+        kwargs.update(seqs=_bench.CUDA_QUICK_SEQS, head_dims=_bench.CUDA_QUICK_HEAD_DIMS)
+    if args.seqs:
+        kwargs["seqs"] = tuple(args.seqs)
+    if args.head_dims:
+        kwargs["head_dims"] = tuple(args.head_dims)
+    failed: list[dict] = []  # competitors that could not run a workload, shown as such
+
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="bench cuda", unit="run", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
+        def progress(row: dict) -> None:
+            if "error" in row:
+                failed.append({**row, "ms": None, "tflops": None, "note": f"not run: {row['error']}"})
+            bar.set_postfix_str(f"{row.get('impl')} N={row.get('seq')} D={row.get('head_dim')}")
+            bar.update()
+
+        try:
+            rows = _bench_cuda.run_cuda_bench(progress=progress, **kwargs)
+        except (ImportError, RuntimeError) as exc:
+            print(f"fastattn: cannot run the CUDA benchmark: {exc}", file=sys.stderr)
+            return 2
+    rows = list(rows) + failed
     results = _bench.cuda_results(rows)
     present = {r["impl"] for r in results}
     competitors = [c for c in ("torch-flash", "torch-cudnn") if c in present]

@@ -42,6 +42,9 @@ HEADS = 8
 MATERIALIZED_LIMIT_BYTES = 1024**3
 #: the float64 reference backend (the test oracle) is timed only up to this length
 REFERENCE_MAX_SEQ = 1024
+#: ``--device cuda --quick`` (the CUDA grid itself lives in ``fastattn._bench_cuda``)
+CUDA_QUICK_SEQS: tuple[int, ...] = (1024, 4096)
+CUDA_QUICK_HEAD_DIMS: tuple[int, ...] = (64, 128)
 #: the fp32 matmul that calibrates "fraction of peak": (n, n) @ (n, n)
 MATMUL_N = 2048
 
