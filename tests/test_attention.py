@@ -615,3 +615,23 @@ def test_block_sizes_far_beyond_the_sequence(backend, block_q, block_kv):
     else:
         assert isinstance(result["err"], float) and result["err"] <= 1e-5, result
         assert result["peak_mib"] < 150, f"a 65-token call peaked at {result['peak_mib']:.0f} MiB RSS"
+
+
+def test_set_simd_nests_and_restores(cpu_backend):
+    import fastattn.backends.cpu as cpu
+    from conftest import require_cpu_feature
+
+    set_simd = require_cpu_feature(cpu, "set_simd")
+    simd_in_use = require_cpu_feature(cpu, "simd_in_use")
+    paths = list(cpu.simd_paths())
+    outer = simd_in_use()
+    with set_simd("generic"):
+        assert simd_in_use() == "generic"
+        with set_simd(paths[-1]):
+            assert simd_in_use() == paths[-1]
+        assert simd_in_use() == "generic"
+        with pytest.raises(ZeroDivisionError):
+            with set_simd(paths[-1]):
+                1 / 0
+        assert simd_in_use() == "generic"
+    assert simd_in_use() == outer

@@ -159,3 +159,14 @@ def test_config_is_not_mutated_by_calls(backend, rng):
     before = dataclasses.asdict(cfg)
     FlashAttention(cfg, backend).forward(q, k, v)
     assert dataclasses.asdict(cfg) == before
+
+
+def test_result_seed_is_none_without_dropout(backend, rng):
+    """AttentionResult.seed is "the dropout seed actually used ... None without dropout"."""
+    q, k, v = (random_array(rng, (12, 8)) for _ in range(3))
+    att = FlashAttention(FlashAttentionConfig(head_dim=8), backend)
+    assert att.forward(q, k, v).seed is None
+    res = att.forward(q, k, v, seed=5)  # a seed is accepted (and validated) but no dropout uses it
+    assert res.seed is None, f"no dropout ran, yet the result reports seed={res.seed}"
+    with pytest.raises(ValueError, match="seed"):
+        att.forward(q, k, v, seed=-1)
