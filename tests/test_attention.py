@@ -14,11 +14,11 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import RTOL, assert_close_to_reference, cpu_required, dtype_of, random_array, reference, rel_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastattn
+from conftest import RTOL, assert_close_to_reference, cpu_required, dtype_of, random_array, reference, rel_error
 from fastattn._validate import attended_pairs
 
 SEQS = [1, 7, 63, 64, 65, 1000]
@@ -105,7 +105,7 @@ def test_inputs_not_modified(backend, make_qkv):
     q, k, v = make_qkv(2, 2, 30, 30, 16)
     copies = [x.copy() for x in (q, k, v)]
     call(q, k, v, backend, causal=True, dropout_p=0.3, seed=1)
-    for x, c in zip((q, k, v), copies):
+    for x, c in zip((q, k, v), copies, strict=True):
         np.testing.assert_array_equal(x, c)
 
 
@@ -632,6 +632,6 @@ def test_set_simd_nests_and_restores(cpu_backend):
         assert simd_in_use() == "generic"
         with pytest.raises(ZeroDivisionError):
             with set_simd(paths[-1]):
-                1 / 0
+                raise ZeroDivisionError
         assert simd_in_use() == "generic"
     assert simd_in_use() == outer

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import assert_close_to_reference, random_array
 
 import fastattn
+from conftest import assert_close_to_reference, random_array
 from fastattn import AttentionResult, FlashAttention, FlashAttentionConfig
 
 RESULT_FIELDS = {"output", "logsumexp", "flops", "peak_sram_bytes", "backend", "seed", "block_size_q",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close_to_reference, random_array, rel_error
 
 import fastattn
+from conftest import assert_close_to_reference, random_array, rel_error
 from fastattn import FlashAttention, FlashAttentionConfig
 from fastattn._dropout import dropout_threshold, keep_mask, philox4x32_10
 
@@ -127,7 +127,7 @@ def test_mask_has_no_structure(p):
 
 def _kept_weights(backend, q, k, *, seed, p, causal=False, **kw):
     """The dropped-and-rescaled attention weights, read off with v = identity (seq_kv ≤ head_dim)."""
-    seq_kv, head_dim = k.shape[-2], k.shape[-1]
+    seq_kv = k.shape[-2]
     eye = np.zeros(k.shape, dtype=k.dtype)
     eye[..., np.arange(seq_kv), np.arange(seq_kv)] = 1
     out = fastattn.flash_attention(q, k, eye, backend=backend, seed=seed, dropout_p=p, causal=causal, **kw)

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import random_array
 from threadpoolctl import threadpool_limits
 
 import fastattn
+from conftest import random_array
 from fastattn import FlashAttention, FlashAttentionConfig
 
 
@@ -108,7 +108,7 @@ def test_concurrent_calls_equal_sequential(backend):
     sequential = [_call(s, backend) for s in seeds]
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = list(pool.map(lambda s: _call(s, backend), seeds))
-    for s, (a, b) in zip(seeds, zip(sequential, concurrent)):
+    for s, a, b in zip(seeds, sequential, concurrent, strict=True):
         np.testing.assert_array_equal(a[0], b[0], err_msg=f"output of job {s}")
         np.testing.assert_array_equal(a[1], b[1], err_msg=f"lse of job {s}")
 
@@ -130,7 +130,7 @@ def test_concurrent_calls_with_forced_simd(cpu_backend):
     expected = [forced(job) for job in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(forced, jobs))
-    for job, a, b in zip(jobs, expected, got):
+    for job, a, b in zip(jobs, expected, got, strict=True):
         np.testing.assert_array_equal(a[0], b[0], err_msg=str(job))
 
 

@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import random_array
 
 import fastattn
+from conftest import random_array
 from fastattn import backends
 
 
