@@ -177,11 +177,22 @@ def _views(rng):
         "every_other_dim": wide[:, :, :37, ::2],
         "reversed_dim": wide[:, :, 5:42, ::-2],
         "fortran": np.asfortranarray(base.transpose(0, 2, 1, 3)),
+        "reversed_batch_heads": wide[::-1, ::-1, 3:40, 32:],
+        "packed_struct_field": _struct_field(rng, (2, 3, 37, 32)),
     }
 
 
+def _struct_field(rng, shape):
+    """A float32 field of a packed record array: byte strides (5 per element) not a multiple of 4."""
+    rec = np.zeros(shape, dtype=np.dtype([("x", "<f4"), ("tag", "u1")]))
+    rec["x"] = random_array(rng, shape)
+    view = rec["x"]
+    assert view.strides[-1] == 5
+    return view
+
+
 @pytest.mark.parametrize("kind", ["transposed", "every_other_seq", "reversed_seq", "every_other_dim",
-                                  "reversed_dim", "fortran"])
+                                  "reversed_dim", "fortran", "reversed_batch_heads", "packed_struct_field"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_non_contiguous_inputs(backend, rng, kind, causal):
     views = [_views(rng)[kind] for _ in range(3)]
@@ -200,6 +211,14 @@ def test_q_reversed_in_seq(backend, make_qkv):
     q, k, v = make_qkv(1, 2, 30, 30, 16)
     out, lse = call(q[:, :, ::-1], k, v, backend)
     assert_close_to_reference(out, q[:, :, ::-1], k, v, lse=lse, rtol=1e-5)
+
+
+def test_zero_stride_along_seq_and_dim(backend, rng):
+    q = random_array(rng, (1, 2, 15, 8))
+    k = np.broadcast_to(random_array(rng, (1, 2, 1, 8)), (1, 2, 21, 8))  # one key repeated
+    v = np.broadcast_to(random_array(rng, (1, 2, 21, 1)), (1, 2, 21, 8))  # constant along head_dim
+    out, lse = call(q, k, v, backend, causal=True)
+    assert_close_to_reference(out, q, k, v, causal=True, lse=lse, rtol=1e-5)
 
 
 def test_broadcast_zero_stride_inputs(backend, rng):
@@ -485,15 +504,19 @@ def test_every_simd_path(cpu_backend, make_qkv, monkeypatch):
     batch=st.integers(1, 2), heads=st.integers(1, 3), seq_q=st.integers(0, 40), seq_kv=st.integers(0, 40),
     head_dim=st.integers(1, 40), causal=st.booleans(), dtype=st.sampled_from(["float32", "float64"]),
     block_q=st.one_of(st.none(), st.integers(1, 50)), block_kv=st.one_of(st.none(), st.integers(1, 50)),
-    seed=st.integers(0, 2**32 - 1),
+    seed=st.integers(0, 2**64 - 1), dropout_p=st.sampled_from([0.0, 0.0, 0.2, 0.7]),
+    num_threads=st.sampled_from([None, 1, 2]),
 )
-def test_random_shapes(backend, batch, heads, seq_q, seq_kv, head_dim, causal, dtype, block_q, block_kv, seed):
+def test_random_shapes(backend, batch, heads, seq_q, seq_kv, head_dim, causal, dtype, block_q, block_kv, seed,
+                       dropout_p, num_threads):
     rng = np.random.default_rng(seed)
     q = random_array(rng, (batch, heads, seq_q, head_dim), dtype)
     k = random_array(rng, (batch, heads, seq_kv, head_dim), dtype)
     v = random_array(rng, (batch, heads, seq_kv, head_dim), dtype)
-    out, lse = call(q, k, v, backend, causal=causal, block_size_q=block_q, block_size_kv=block_kv)
-    assert_close_to_reference(out, q, k, v, causal=causal, lse=lse, rtol=RTOL[dtype])
+    out, lse = call(q, k, v, backend, causal=causal, block_size_q=block_q, block_size_kv=block_kv,
+                    dropout_p=dropout_p, seed=seed, num_threads=num_threads)
+    assert_close_to_reference(out, q, k, v, causal=causal, lse=lse, dropout_p=dropout_p, seed=seed,
+                              rtol=RTOL[dtype])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,15 +556,15 @@ def test_unaligned_inputs(backend, rng, dtype):
     assert_close_to_reference(out, q, k, v, causal=True, lse=lse, rtol=RTOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [">f4", ">f8", "<f4"])
+@pytest.mark.parametrize("dtype", [">f4", ">f8", "<f4", ">f2"])
 def test_byte_order(backend, rng, dtype):
     q, k, v = (random_array(rng, (2, 19, 8), np.dtype(dtype)) for _ in range(3))
     out, lse = call(q, k, v, backend)
     assert out.shape == q.shape
     ref_out, ref_lse = reference(q, k, v)
-    rtol = 1e-12 if np.dtype(dtype).itemsize == 8 else 1e-5
+    rtol = {8: 1e-12, 4: 1e-5, 2: 2 * 2.0**-11}[np.dtype(dtype).itemsize]  # float16: one output rounding
     assert rel_error(out, ref_out) <= rtol
-    np.testing.assert_allclose(lse, ref_lse, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(lse, ref_lse, rtol=min(rtol, 1e-5), atol=min(rtol, 2e-5))
 
 
 def test_read_only_inputs(backend, make_qkv):
