@@ -219,8 +219,8 @@ def test_strided_views(dtype):
     host = [x.transpose(0, 2, 1, 3) for x in bshd]
     assert_close_to_reference(out, lse, *host, causal=True, dtype=dtype)
     # every other feature: non-unit stride along head_dim (element loads)
-    wide = [_to_gpu(np.concatenate([x, x], axis=-1)) for x in host]
-    odd = [x[..., ::2] for x in wide]
+    wide = [_to_gpu(np.stack([x, -x], axis=-1).reshape(*x.shape[:-1], 2 * d)) for x in host]
+    odd = [x[..., ::2] for x in wide]  # the x entries, interleaved with -x
     assert odd[0].strides[-1] == 2 * odd[0].itemsize
     out = flash_attention(*odd)
     assert_close_to_reference(out, None, *host, causal=False, dtype=dtype)

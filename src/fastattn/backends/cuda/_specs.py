@@ -31,14 +31,16 @@ _LSE_TYPE = {"float32": "float", "float64": "double"}
 
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
-    """Tiles of ``fa_fwd_mma``: block_q = 16 * warps, block_kv."""
+    """Tiles of ``fa_fwd_mma``: block_q = 16 * m_tiles * warps, block_kv; Q fragments in registers?"""
 
     warps: int
+    m_tiles: int
     block_kv: int
+    q_in_regs: bool
 
     @property
     def block_q(self) -> int:
-        return 16 * self.warps
+        return 16 * self.m_tiles * self.warps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +53,12 @@ class SimtConfig:
 
 #: default tiles of the tensor-core kernel per padded head_dim (tuned on an H100, see docs/cuda.md)
 MMA_CONFIGS: dict[int, MmaConfig] = {
-    32: MmaConfig(4, 64),
-    64: MmaConfig(4, 64),
-    96: MmaConfig(4, 64),
-    128: MmaConfig(4, 64),
-    192: MmaConfig(4, 32),
-    256: MmaConfig(4, 32),
+    32: MmaConfig(4, 2, 64, True),
+    64: MmaConfig(4, 2, 64, True),
+    96: MmaConfig(4, 2, 64, False),
+    128: MmaConfig(4, 2, 64, False),
+    192: MmaConfig(4, 1, 64, False),
+    256: MmaConfig(4, 1, 32, False),
 }
 
 #: SIMT tiles per (dtype, padded head_dim); shared memory (BQ + 2 BKV) (D+1) + BQ (BKV+1) elements
@@ -73,8 +75,10 @@ SIMT_CONFIGS: dict[tuple[str, int], SimtConfig] = {
 
 #: extra tensor-core tiles the benchmark sweep may try (compiled in CI too)
 MMA_SWEEP: dict[int, tuple[MmaConfig, ...]] = {
-    64: (MmaConfig(4, 64), MmaConfig(4, 128), MmaConfig(8, 64), MmaConfig(8, 128)),
-    128: (MmaConfig(4, 64), MmaConfig(4, 32), MmaConfig(8, 64), MmaConfig(8, 32)),
+    64: (MmaConfig(4, 2, 64, True), MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 128, False),
+         MmaConfig(8, 1, 128, True), MmaConfig(8, 2, 64, True)),
+    128: (MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 32, False), MmaConfig(8, 1, 64, True),
+          MmaConfig(8, 2, 32, False), MmaConfig(8, 2, 64, False)),
 }
 
 
@@ -92,8 +96,8 @@ def is_mma_dtype(dtype: str) -> bool:
 
 def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: bool, vec: bool) -> str:
     b = lambda x: "true" if x else "false"  # noqa: E731
-    return (f"fa_fwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warps}, {cfg.block_kv}, "
-            f"{b(causal)}, {b(dropout)}, {b(vec)}>")
+    return (f"fa_fwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warps}, {cfg.m_tiles}, {cfg.block_kv}, "
+            f"{b(cfg.q_in_regs)}, {b(causal)}, {b(dropout)}, {b(vec)}>")
 
 
 def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout: bool) -> str:

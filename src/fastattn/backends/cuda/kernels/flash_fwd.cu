@@ -23,6 +23,9 @@
 
 #include "philox.cuh"
 
+// NVRTC has no <math.h>: its INFINITY macro is spelled out here
+#define FA_INF __int_as_float(0x7f800000)
+
 // ------------------------------------------------------------------------------------------------
 // small PTX helpers
 // ------------------------------------------------------------------------------------------------
@@ -110,13 +113,31 @@ __device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long
                                           int seq, int d, int tid) {
     if constexpr (VEC) {
         constexpr int CHUNKS = D / 8;
+        if constexpr (NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0) {
+            // each thread keeps one 16-byte column chunk and walks rows r0, r0 + RS, ...: one 64-bit
+            // pointer and one increment live instead of an address per unrolled chunk
+            constexpr int RS = NT / CHUNKS;
+            const int ch = tid % CHUNKS, r0 = tid / CHUNKS;
+            const bool col_ok = ch * 8 < d;
+            const T* src = g + (long long)(row0 + r0) * ss + ch * 8;
+            const long long step = (long long)RS * ss;
+            unsigned dst = smem_u32(smem + r0 * LDS + ch * 8);
 #pragma unroll
-        for (int c = tid; c < ROWS * CHUNKS; c += NT) {
-            const int r = c / CHUNKS, ch = c % CHUNKS;
-            const int gr = row0 + r;
-            const bool ok = gr < seq && ch * 8 < d;
-            const T* src = ok ? g + (long long)gr * ss + ch * 8 : g;
-            cp_async_16(smem_u32(smem + r * LDS + ch * 8), src, ok ? 16 : 0);
+            for (int i = 0; i < ROWS / RS; ++i) {
+                const bool ok = col_ok && row0 + r0 + i * RS < seq;
+                cp_async_16(dst, ok ? src : g, ok ? 16 : 0);
+                src += step;
+                dst += RS * LDS * (int)sizeof(T);
+            }
+        } else {
+#pragma unroll
+            for (int c = tid; c < ROWS * CHUNKS; c += NT) {
+                const int r = c / CHUNKS, ch = c % CHUNKS;
+                const int gr = row0 + r;
+                const bool ok = gr < seq && ch * 8 < d;
+                const T* src = ok ? g + (long long)gr * ss + ch * 8 : g;
+                cp_async_16(smem_u32(smem + r * LDS + ch * 8), src, ok ? 16 : 0);
+            }
         }
     } else {
         const T zero = elem<T>::from_float(0.0f);
@@ -131,13 +152,17 @@ __device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_mma: float16 / bfloat16 on tensor cores
 //   D       head_dim padded (multiple of 16: 32, 64, 96, 128, 192, 256)
-//   NWARPS  warps per block; block_q = 16 * NWARPS (each warp owns 16 query rows)
+//   NWARPS  warps per block
+//   MT      16-row m-tiles per warp: a warp owns 16*MT query rows, block_q = 16 * MT * NWARPS.
+//           MT = 2 reuses every K/V fragment read from shared memory for two mma (half the
+//           ldmatrix traffic per mma) and gives each warp two independent accumulator chains.
 //   BKV     block_kv (multiple of 16)
+//   QREG    keep the warp's Q fragments in registers for the whole kernel (else re-read per tile)
 // Shared memory (dynamic): Q tile block_q x (D+8), K and V tiles 2 stages x block_kv x (D+8);
 // the 8-element row pad makes the 8 row addresses of every ldmatrix fall in distinct banks.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NWARPS, int BKV, bool CAUSAL, bool DROPOUT, bool VEC>
+template <typename T, int D, int NWARPS, int MT, int BKV, bool QREG, bool CAUSAL, bool DROPOUT, bool VEC>
 __global__ void __launch_bounds__(NWARPS * 32)
     fa_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
                float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
@@ -145,13 +170,13 @@ __global__ void __launch_bounds__(NWARPS * 32)
                long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
                long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh,
                int num_q_blocks, float scale_log2, unsigned long long seed, unsigned threshold, float keep_scale) {
-    constexpr int BQ = 16 * NWARPS;
+    constexpr int WQ = 16 * MT;  // query rows per warp
+    constexpr int BQ = WQ * NWARPS;
     constexpr int NT = NWARPS * 32;
     constexpr int LDS = D + 8;
-    constexpr int KT = D / 16;    // k-steps of Q.K^T
-    constexpr int NS = BKV / 8;   // n-tiles of S
-    constexpr int NO = D / 8;     // n-tiles of O
-    constexpr bool Q_IN_REGS = D <= 128;
+    constexpr int KT = D / 16;   // k-steps of Q.K^T
+    constexpr int NS = BKV / 8;  // n-tiles of S
+    constexpr int NO = D / 8;    // n-tiles of O
     static_assert(D % 16 == 0 && BKV % 16 == 0, "tile sizes");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -167,7 +192,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int row_w0 = q0 + warp * 16;
+    const int row_w0 = q0 + warp * WQ;  // first query row of this warp
 
     const T* qp = q + b * q_sb + h * q_sh;
     const T* kp = k + b * k_sb + h * k_sh;
@@ -183,16 +208,20 @@ __global__ void __launch_bounds__(NWARPS * 32)
     }
     cp_async_commit();
 
-    unsigned qf[Q_IN_REGS ? KT : 1][4];
-    float acc_o[NO][4];
+    unsigned qf[QREG ? MT : 1][QREG ? KT : 1][4];
+    float acc_o[MT][NO][4];
 #pragma unroll
-    for (int n = 0; n < NO; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.0f;
-    float m_i[2] = {-INFINITY, -INFINITY};  // raw-score row max (scale > 0, so max commutes with it)
-    float l_i[2] = {0.0f, 0.0f};            // per-thread partial row sums (reduced over the quad at the end)
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NO; ++n) acc_o[mt][n][0] = acc_o[mt][n][1] = acc_o[mt][n][2] = acc_o[mt][n][3] = 0.0f;
+    float m_i[MT][2], l_i[MT][2];  // raw-score row max (scale > 0 commutes with max); per-thread partial sums
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m_i[mt][0] = m_i[mt][1] = -FA_INF, l_i[mt][0] = l_i[mt][1] = 0.0f;
 
     // per-lane ldmatrix offsets (elements) inside a 16x16 block
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;  // Q (A) and V (.trans B)
     const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;  // K (B)
+    const T* sQw = sQ + (warp * WQ + a_row) * LDS + a_col;
 
     for (int it = 0; it < n_tiles; ++it) {
         const int kv0 = it * BKV;
@@ -208,39 +237,50 @@ __global__ void __launch_bounds__(NWARPS * 32)
         }
         __syncthreads();
 
-        if constexpr (Q_IN_REGS) {
+        if constexpr (QREG) {
             if (it == 0) {
 #pragma unroll
-                for (int kt = 0; kt < KT; ++kt)
-                    ldsm_x4(qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3],
-                            smem_u32(sQ + (warp * 16 + a_row) * LDS + kt * 16 + a_col));
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int kt = 0; kt < KT; ++kt)
+                        ldsm_x4(qf[mt][kt][0], qf[mt][kt][1], qf[mt][kt][2], qf[mt][kt][3],
+                                smem_u32(sQw + mt * 16 * LDS + kt * 16));
             }
         }
 
         // a warp whose rows all precede this tile (causal) or lie past seq_q has nothing to add
-        const bool warp_active = row_w0 < seq_q && (!CAUSAL || kv0 <= row_w0 + 15);
+        const bool warp_active = row_w0 < seq_q && (!CAUSAL || kv0 <= row_w0 + WQ - 1);
         if (warp_active) {
             const T* sKs = sK + stage * BKV * LDS;
             const T* sVs = sV + stage * BKV * LDS;
 
-            // S = Q K^T (16 x BKV per warp)
-            float s[NS][4];
+            // S = Q K^T (WQ x BKV per warp)
+            float s[MT][NS][4];
 #pragma unroll
-            for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
 #pragma unroll
             for (int kt = 0; kt < KT; ++kt) {
-                unsigned a[4];
-                if constexpr (Q_IN_REGS) {
-                    a[0] = qf[kt][0]; a[1] = qf[kt][1]; a[2] = qf[kt][2]; a[3] = qf[kt][3];
-                } else {
-                    ldsm_x4(a[0], a[1], a[2], a[3], smem_u32(sQ + (warp * 16 + a_row) * LDS + kt * 16 + a_col));
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if constexpr (QREG) {
+                        a[mt][0] = qf[mt][kt][0]; a[mt][1] = qf[mt][kt][1];
+                        a[mt][2] = qf[mt][kt][2]; a[mt][3] = qf[mt][kt][3];
+                    } else {
+                        ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], smem_u32(sQw + mt * 16 * LDS + kt * 16));
+                    }
                 }
 #pragma unroll
                 for (int np = 0; np < NS / 2; ++np) {
                     unsigned b0, b1, b2, b3;
                     ldsm_x4(b0, b1, b2, b3, smem_u32(sKs + (np * 16 + b_row) * LDS + kt * 16 + b_col));
-                    elem<T>::mma(s[2 * np], a, b0, b1);
-                    elem<T>::mma(s[2 * np + 1], a, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        elem<T>::mma(s[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                    }
                 }
             }
 
@@ -248,74 +288,86 @@ __global__ void __launch_bounds__(NWARPS * 32)
             const bool need_mask = (kv0 + BKV > seq_kv) || (CAUSAL && kv0 + BKV - 1 > row_w0);
             if (need_mask) {
 #pragma unroll
-                for (int n = 0; n < NS; ++n)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int j = kv0 + n * 8 + 2 * t4 + (e & 1);
-                        const int i = row_w0 + g + (e >> 1) * 8;
-                        if (j >= seq_kv || (CAUSAL && j > i)) s[n][e] = -INFINITY;
-                    }
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int j = kv0 + n * 8 + 2 * t4 + (e & 1);
+                            const int i = row_w0 + mt * 16 + g + (e >> 1) * 8;
+                            if (j >= seq_kv || (CAUSAL && j > i)) s[mt][n][e] = -FA_INF;
+                        }
             }
 
-            // online softmax; rows g (e = 0, 1) and g + 8 (e = 2, 3)
+            // online softmax; per m-tile rows g (e = 0, 1) and g + 8 (e = 2, 3)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = m_i[r];
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_scaled = (mx == -INFINITY) ? 0.0f : mx * scale_log2;
-                const float alpha = exp2_approx(m_i[r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
-                m_i[r] = mx;
-                l_i[r] *= alpha;
+                for (int r = 0; r < 2; ++r) {
+                    float mx = m_i[mt][r];
 #pragma unroll
-                for (int n = 0; n < NO; ++n) {
-                    acc_o[n][2 * r] *= alpha;
-                    acc_o[n][2 * r + 1] *= alpha;
+                    for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_scaled = (mx == -FA_INF) ? 0.0f : mx * scale_log2;
+                    const float alpha = exp2_approx(m_i[mt][r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+                    m_i[mt][r] = mx;
+                    l_i[mt][r] *= alpha;
+#pragma unroll
+                    for (int n = 0; n < NO; ++n) {
+                        acc_o[mt][n][2 * r] *= alpha;
+                        acc_o[mt][n][2 * r + 1] *= alpha;
+                    }
+                    float row_sum = 0.0f;
+#pragma unroll
+                    for (int n = 0; n < NS; ++n) {
+                        const float p0 = exp2_approx(fmaf(s[mt][n][2 * r], scale_log2, -m_scaled));
+                        const float p1 = exp2_approx(fmaf(s[mt][n][2 * r + 1], scale_log2, -m_scaled));
+                        row_sum += p0 + p1;
+                        s[mt][n][2 * r] = p0;
+                        s[mt][n][2 * r + 1] = p1;
+                    }
+                    l_i[mt][r] += row_sum;
                 }
-                float row_sum = 0.0f;
-#pragma unroll
-                for (int n = 0; n < NS; ++n) {
-                    const float p0 = exp2_approx(fmaf(s[n][2 * r], scale_log2, -m_scaled));
-                    const float p1 = exp2_approx(fmaf(s[n][2 * r + 1], scale_log2, -m_scaled));
-                    row_sum += p0 + p1;
-                    s[n][2 * r] = p0;
-                    s[n][2 * r + 1] = p1;
-                }
-                l_i[r] += row_sum;
-            }
 
             if constexpr (DROPOUT) {
                 // this thread's columns 2*t4, 2*t4+1 of n-tile n share one Philox group (j >> 2)
 #pragma unroll
-                for (int n = 0; n < NS; ++n)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int i = row_w0 + g + r * 8;
-                        const int j = kv0 + n * 8 + 2 * t4;
-                        const uint4 w = dropout_words(seed, b, h, i, j);
-                        const unsigned w0 = (t4 & 1) ? w.z : w.x;
-                        const unsigned w1 = (t4 & 1) ? w.w : w.y;
-                        if (w0 < threshold) s[n][2 * r] = 0.0f;
-                        if (w1 < threshold) s[n][2 * r + 1] = 0.0f;
-                    }
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const int i = row_w0 + mt * 16 + g + r * 8;
+                            const int j = kv0 + n * 8 + 2 * t4;
+                            const uint4 w = dropout_words(seed, b, h, i, j);
+                            const unsigned w0 = (t4 & 1) ? w.z : w.x;
+                            const unsigned w1 = (t4 & 1) ? w.w : w.y;
+                            if (w0 < threshold) s[mt][n][2 * r] = 0.0f;
+                            if (w1 < threshold) s[mt][n][2 * r + 1] = 0.0f;
+                        }
             }
 
             // O += P V: the S accumulators of n-tiles (2kb, 2kb+1) are the A fragment of k-step kb
 #pragma unroll
             for (int kb = 0; kb < BKV / 16; ++kb) {
-                unsigned a[4];
-                a[0] = elem<T>::pack2(s[2 * kb][0], s[2 * kb][1]);
-                a[1] = elem<T>::pack2(s[2 * kb][2], s[2 * kb][3]);
-                a[2] = elem<T>::pack2(s[2 * kb + 1][0], s[2 * kb + 1][1]);
-                a[3] = elem<T>::pack2(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
+                    a[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
+                    a[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
+                    a[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
+                }
 #pragma unroll
                 for (int np = 0; np < NO / 2; ++np) {
                     unsigned b0, b1, b2, b3;
                     ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
-                    elem<T>::mma(acc_o[2 * np], a, b0, b1);
-                    elem<T>::mma(acc_o[2 * np + 1], a, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        elem<T>::mma(acc_o[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(acc_o[mt][2 * np + 1], a[mt], b2, b3);
+                    }
                 }
             }
         }
@@ -324,31 +376,34 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
     // epilogue: finish the row sums over the quad, normalize, write out and lse
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_i[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int i = row_w0 + g + r * 8;
-        const float inv = l > 0.0f ? keep_scale / l : 0.0f;
-        if (i < seq_q) {
-            T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int n = 0; n < NO; ++n) {
-                const int c = n * 8 + 2 * t4;
-                const float o0 = acc_o[n][2 * r] * inv, o1 = acc_o[n][2 * r + 1] * inv;
-                if ((d & 1) == 0) {
-                    if (c < d) *reinterpret_cast<unsigned*>(op + c) = elem<T>::pack2(o0, o1);
-                } else {
-                    if (c < d) op[c] = elem<T>::from_float(o0);
-                    if (c + 1 < d) op[c + 1] = elem<T>::from_float(o1);
+        for (int r = 0; r < 2; ++r) {
+            float l = l_i[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int i = row_w0 + mt * 16 + g + r * 8;
+            const float inv = l > 0.0f ? keep_scale / l : 0.0f;
+            if (i < seq_q) {
+                T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
+#pragma unroll
+                for (int n = 0; n < NO; ++n) {
+                    const int c = n * 8 + 2 * t4;
+                    const float o0 = acc_o[mt][n][2 * r] * inv, o1 = acc_o[mt][n][2 * r + 1] * inv;
+                    if ((d & 1) == 0) {
+                        if (c < d) *reinterpret_cast<unsigned*>(op + c) = elem<T>::pack2(o0, o1);
+                    } else {
+                        if (c < d) op[c] = elem<T>::from_float(o0);
+                        if (c + 1 < d) op[c + 1] = elem<T>::from_float(o1);
+                    }
                 }
+                if (t4 == 0)
+                    lse[b * lse_sb + h * lse_sh + i] =
+                        l > 0.0f ? (m_i[mt][r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
             }
-            if (t4 == 0)
-                lse[b * lse_sb + h * lse_sh + i] =
-                    l > 0.0f ? (m_i[r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -INFINITY;
         }
-    }
 }
+
 
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_simt: float32 / float64, exact arithmetic in the input precision (no TF32).
@@ -411,7 +466,7 @@ __global__ void __launch_bounds__(BQ * 4)
     T acc_o[NU];
 #pragma unroll
     for (int u = 0; u < NU; ++u) acc_o[u] = T(0);
-    T m_i = -INFINITY, l_i = T(0);
+    T m_i = -FA_INF, l_i = T(0);
 
     const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
     for (int kv0 = 0; kv0 < kv_end; kv0 += BKV) {
@@ -428,13 +483,13 @@ __global__ void __launch_bounds__(BQ * 4)
             T acc = T(0);
             for (int c = 0; c < d; ++c) acc = fma(sQ[r * LDS + c], sK[jl * LDS + c], acc);
             acc *= sc;
-            if (j >= seq_kv || (CAUSAL && j > i)) acc = -INFINITY;
+            if (j >= seq_kv || (CAUSAL && j > i)) acc = -FA_INF;
             s[u] = acc;
             mx = fmax(mx, acc);
         }
         mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const T m_use = (mx == -INFINITY) ? T(0) : mx;
+        const T m_use = (mx == -FA_INF) ? T(0) : mx;
         const T alpha = exp_t<T>(m_i - m_use);
         m_i = mx;
         T row_sum = T(0);
@@ -469,6 +524,6 @@ __global__ void __launch_bounds__(BQ * 4)
             const int c = part + 4 * u;
             if (c < d) op[c] = acc_o[u] * inv;
         }
-        if (part == 0) lse[b * lse_sb + h * lse_sh + i] = l_i > T(0) ? (L)(m_i + log(l_i)) : (L)(-INFINITY);
+        if (part == 0) lse[b * lse_sb + h * lse_sh + i] = l_i > T(0) ? (L)(m_i + log(l_i)) : (L)(-FA_INF);
     }
 }
