@@ -134,8 +134,7 @@ def memory_savings(
     assert seq_len_ is not None and head_dim_ is not None
     name = _check_dtype(dtype)
     itemsize, compute_itemsize = _itemsizes(name)
-    block_q, block_kv = choose_tiles(head_dim_, compute_itemsize, block_q, block_kv)
-    block_q, block_kv = min(block_q, seq_len_), min(block_kv, seq_len_)
+    block_q, block_kv = choose_tiles(head_dim_, compute_itemsize, block_q, block_kv, seq_len_, seq_len_)
     naive = seq_len_ * seq_len_ * itemsize
     flash = working_set_bytes(block_q, block_kv, head_dim_, compute_itemsize)
     flash += _STATS_PER_ROW * seq_len_ * compute_itemsize

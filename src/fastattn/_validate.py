@@ -164,7 +164,9 @@ def make_spec(
     dtype = check_arrays(q, k, v)
     q4, k4 = as_4d(q), as_4d(k)
     head_dim = int(q.shape[-1])
-    if dropout_ > 0.0 and seed_ is None:
+    if dropout_ == 0.0:
+        seed_ = None  # no dropout ran: no seed to report
+    elif seed_ is None:
         from ._dropout import draw_seed
 
         seed_ = draw_seed()

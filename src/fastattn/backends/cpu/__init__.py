@@ -100,15 +100,16 @@ def _kernel_view(x: np.ndarray) -> np.ndarray:
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
     compute = np.float64 if spec.dtype == np.float64 else np.float32
     itemsize = np.dtype(compute).itemsize
-    block_q, block_kv = choose_tiles(spec.head_dim, itemsize, spec.block_q, spec.block_kv)
+    block_q, block_kv = choose_tiles(spec.head_dim, itemsize, spec.block_q, spec.block_kv, spec.seq_q, spec.seq_kv)
     out = np.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=compute)
     lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
-    threads = spec.num_threads or _flash_cpu.default_threads()
+    n_items = spec.batch * spec.heads * -(-spec.seq_q // block_q)
+    threads = max(1, min(spec.num_threads or _flash_cpu.default_threads(), n_items))
     drop = spec.dropout_p > 0.0
     used = _flash_cpu.forward(
         _kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse,
         block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=spec.causal,
-        drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
+        dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
         drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
         isa=simd_in_use(), num_threads=threads,
     )

@@ -44,6 +44,7 @@ cdef extern from "kernels/flash_cpu.h" nogil:
         int64_t batch, heads, seq_q, seq_kv, head_dim
         int64_t block_q, block_kv
         double scale
+        int dropout
         uint32_t drop_threshold
         double drop_scale
         uint64_t seed
@@ -93,7 +94,8 @@ cdef void _fill_strides(int64_t *dst, cnp.ndarray arr):
 
 def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
             int64_t block_q, int64_t block_kv, double scale, bint causal,
-            uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa, int num_threads):
+            bint dropout, uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa,
+            int num_threads):
     """Runs the kernel; returns the number of threads that took part."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
@@ -118,6 +120,7 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     p.block_q = block_q
     p.block_kv = block_kv
     p.scale = scale
+    p.dropout = dropout
     p.drop_threshold = drop_threshold
     p.drop_scale = drop_scale
     p.seed = seed

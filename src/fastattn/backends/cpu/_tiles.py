@@ -66,14 +66,22 @@ def _round_down(value: int, multiple: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, (value // multiple) * multiple))
 
 
-def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None,
-                 block_kv: int | None = None) -> tuple[int, int]:
-    """(block_q, block_kv): explicit values are kept, missing ones sized to the caches."""
+def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None, block_kv: int | None = None,
+                 seq_q: int | None = None, seq_kv: int | None = None) -> tuple[int, int]:
+    """(block_q, block_kv): explicit values are kept, missing ones sized to the caches.
+
+    Given the sequence lengths, a tile never exceeds its sequence: a longer one would cover
+    the same rows while its scratch grew with the requested size.
+    """
     l2 = cache_sizes()["l2"]
     if block_kv is None:
         block_kv = _round_down(l2 // (8 * head_dim * itemsize), 16, 16, 256)
     if block_q is None:
         block_q = _round_down(l2 // (4 * (block_kv + 2 * head_dim) * itemsize), 8, 8, 256)
+    if seq_q is not None:
+        block_q = max(1, min(block_q, seq_q))
+    if seq_kv is not None:
+        block_kv = max(1, min(block_kv, seq_kv))
     return block_q, block_kv
 
 

@@ -31,7 +31,8 @@ typedef struct {
     int64_t batch, heads, seq_q, seq_kv, head_dim;
     int64_t block_q, block_kv;
     double scale;
-    uint32_t drop_threshold;        /* 0: no dropout; else drop iff philox word < threshold */
+    int dropout;                    /* 0: no dropout */
+    uint32_t drop_threshold;        /* drop iff philox word < threshold */
     double drop_scale;              /* 1 / (1 - p) */
     uint64_t seed;
 } fa_params;

@@ -338,7 +338,7 @@ template <typename T> struct kern {
                 const int64_t nvis = visible(p, q0 + r, k0, ncols);
                 T *srow = ws->s + r * bkvp;
                 softmax_row(srow, nvis, tile_vis, ws->m + r, ws->l + r, ws->alpha + r);
-                if (p->drop_threshold && nvis > 0) apply_dropout(p, b, h, q0 + r, k0, nvis, srow);
+                if (p->dropout && nvis > 0) apply_dropout(p, b, h, q0 + r, k0, nvis, srow);
             }
 
             /* O = alpha O + P.V over the visible prefix of each row block */
