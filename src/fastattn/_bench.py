@@ -211,8 +211,15 @@ def thread_limit(impl: str, threads: int | None) -> Iterator[None]:
         yield
 
 
+#: pause before timing an implementation: thread pools of the one timed before (OpenBLAS,
+#: PyTorch's or fastattn's OpenMP) keep spinning for a while after their last call and
+#: would steal the cores from the next one
+SETTLE_SECONDS = 0.3
+
+
 def time_call(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
     """Median wall time in seconds of ``repeat`` calls after ``warmup`` untimed ones."""
+    time.sleep(SETTLE_SECONDS)
     for _ in range(warmup):
         fn()
     times = []
