@@ -51,8 +51,8 @@ def test_specialization_list_covers_every_case():
                 for dropout in (False, True):
                     if _specs.is_mma_dtype(dtype):
                         for vec in (False, True):
-                            assert _specs.mma_name(dtype, d_pad, _specs.MMA_CONFIGS[d_pad], causal, dropout,
-                                                   vec) in names
+                            assert _specs.mma_name(dtype, d_pad, _specs.MMA_CONFIGS[(d_pad, causal)], causal,
+                                                   dropout, vec) in names
                     else:
                         cfg = _specs.SIMT_CONFIGS[(dtype, d_pad)]
                         assert _specs.simt_name(dtype, d_pad, cfg, causal, dropout) in names
@@ -61,7 +61,7 @@ def test_specialization_list_covers_every_case():
 
 
 def test_shared_memory_fits_a_hopper_or_ampere_block():
-    for d, cfg in _specs.MMA_CONFIGS.items():
+    for (d, _), cfg in _specs.MMA_CONFIGS.items():
         assert _specs.mma_smem_bytes(d, cfg) <= 163 * 1024  # A100 opt-in limit (H100: 227 KB)
     for (dtype, d), cfg in _specs.SIMT_CONFIGS.items():
         assert _specs.simt_smem_bytes(d, cfg, 8 if dtype == "float64" else 4) <= 163 * 1024

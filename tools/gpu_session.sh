@@ -69,7 +69,7 @@ for dt in ("float16",):
         res = []
         for cfg in _specs.MMA_SWEEP[d]:
             ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, dt, mma_config=cfg))
-            res.append(f"{cfg.warps}w/{cfg.block_kv}: {bc.tflops(b, h, n, d, causal, ms):6.1f}")
+            res.append(f"{cfg.warps}w{cfg.m_tiles}m/{cfg.block_kv}{'q' if cfg.q_in_regs else ''}: {bc.tflops(b, h, n, d, causal, ms):6.1f}")
         tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
         def fl():
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):

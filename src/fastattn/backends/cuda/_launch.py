@@ -75,7 +75,7 @@ def plan(spec: AttentionSpec, dtype: str, head_dim_pad: int | None = None,
     """(block_q, block_kv, threads, shared memory bytes) of the kernel that serves ``spec``."""
     d_pad = head_dim_pad or _specs.padded_head_dim(spec.head_dim, dtype)
     if _specs.is_mma_dtype(dtype):
-        cfg = mma_config or _specs.MMA_CONFIGS[d_pad]
+        cfg = mma_config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
         return cfg.block_q, cfg.block_kv, cfg.warps * 32, _specs.mma_smem_bytes(d_pad, cfg)
     scfg = _specs.SIMT_CONFIGS[(dtype, d_pad)]
     itemsize = 8 if dtype == "float64" else 4
@@ -96,7 +96,7 @@ def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtyp
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if _specs.is_mma_dtype(dtype):
-        cfg = mma_config or _specs.MMA_CONFIGS[d_pad]
+        cfg = mma_config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
         vec = all(_vec_ok(x, d) for x in (q, k, v))
         name = _specs.mma_name(dtype, d_pad, cfg, spec.causal, dropout, vec)
         tail = (np.float32(spec.scale * np.log2(np.e)), np.uint64(seed), np.uint32(threshold),

@@ -51,14 +51,21 @@ class SimtConfig:
     block_kv: int
 
 
-#: default tiles of the tensor-core kernel per padded head_dim (tuned on an H100, see docs/cuda.md)
-MMA_CONFIGS: dict[int, MmaConfig] = {
-    32: MmaConfig(4, 2, 64, True),
-    64: MmaConfig(4, 2, 64, True),
-    96: MmaConfig(4, 2, 64, False),
-    128: MmaConfig(4, 2, 64, False),
-    192: MmaConfig(4, 1, 64, False),
-    256: MmaConfig(4, 1, 32, False),
+#: default tiles of the tensor-core kernel per (padded head_dim, causal), from the sweep on an H100
+#: (docs/cuda.md): big tiles for full attention, smaller ones where causal leaves warps idle
+MMA_CONFIGS: dict[tuple[int, bool], MmaConfig] = {
+    (32, False): MmaConfig(4, 2, 64, True),
+    (32, True): MmaConfig(4, 2, 64, True),
+    (64, False): MmaConfig(8, 2, 64, True),
+    (64, True): MmaConfig(4, 2, 64, False),
+    (96, False): MmaConfig(4, 2, 64, False),
+    (96, True): MmaConfig(4, 2, 32, False),
+    (128, False): MmaConfig(8, 2, 64, False),
+    (128, True): MmaConfig(4, 2, 32, False),
+    (192, False): MmaConfig(4, 1, 64, False),
+    (192, True): MmaConfig(4, 1, 64, False),
+    (256, False): MmaConfig(4, 1, 32, False),
+    (256, True): MmaConfig(4, 1, 32, False),
 }
 
 #: SIMT tiles per (dtype, padded head_dim); shared memory (BQ + 2 BKV) (D+1) + BQ (BKV+1) elements
@@ -75,10 +82,10 @@ SIMT_CONFIGS: dict[tuple[str, int], SimtConfig] = {
 
 #: extra tensor-core tiles the benchmark sweep may try (compiled in CI too)
 MMA_SWEEP: dict[int, tuple[MmaConfig, ...]] = {
-    64: (MmaConfig(4, 2, 64, True), MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 128, False),
-         MmaConfig(8, 1, 128, True), MmaConfig(8, 2, 64, True)),
-    128: (MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 32, False), MmaConfig(8, 1, 64, True),
-          MmaConfig(8, 2, 32, False), MmaConfig(8, 2, 64, False)),
+    64: (MmaConfig(8, 2, 64, True), MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 64, True),
+         MmaConfig(8, 2, 32, True), MmaConfig(8, 2, 64, False)),
+    128: (MmaConfig(8, 2, 64, False), MmaConfig(4, 2, 32, False), MmaConfig(4, 2, 64, False),
+          MmaConfig(8, 2, 32, False), MmaConfig(8, 1, 64, True)),
 }
 
 
@@ -121,13 +128,13 @@ def all_name_expressions() -> list[str]:
     flags = list(itertools.product((False, True), repeat=2))
     for dtype in ("float16", "bfloat16"):
         for dim in MMA_HEAD_DIMS:
-            cfgs = dict.fromkeys((MMA_CONFIGS[dim], *MMA_SWEEP.get(dim, ())))
-            for cfg in cfgs:
-                for causal, dropout in flags:
-                    for vec in (False, True):
-                        if cfg != MMA_CONFIGS[dim] and (dropout or not vec):
-                            continue  # sweep tiles: the benchmarked case only
-                        names.append(mma_name(dtype, dim, cfg, causal, dropout, vec))
+            for causal, dropout in flags:
+                for vec in (False, True):
+                    names.append(mma_name(dtype, dim, MMA_CONFIGS[(dim, causal)], causal, dropout, vec))
+            for cfg in MMA_SWEEP.get(dim, ()):  # sweep tiles: the benchmarked case only
+                for causal in (False, True):
+                    if cfg != MMA_CONFIGS[(dim, causal)]:
+                        names.append(mma_name(dtype, dim, cfg, causal, False, True))
     for dtype in ("float32", "float64"):
         for dim in SIMT_HEAD_DIMS:
             for causal, dropout in flags:

@@ -300,6 +300,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
             }
 
             // online softmax; per m-tile rows g (e = 0, 1) and g + 8 (e = 2, 3)
+            float alpha[MT][2];
+            bool rescale = false;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -310,14 +312,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                     const float m_scaled = (mx == -FA_INF) ? 0.0f : mx * scale_log2;
-                    const float alpha = exp2_approx(m_i[mt][r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+                    alpha[mt][r] = exp2_approx(m_i[mt][r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+                    rescale |= mx != m_i[mt][r];
                     m_i[mt][r] = mx;
-                    l_i[mt][r] *= alpha;
-#pragma unroll
-                    for (int n = 0; n < NO; ++n) {
-                        acc_o[mt][n][2 * r] *= alpha;
-                        acc_o[mt][n][2 * r + 1] *= alpha;
-                    }
                     float row_sum = 0.0f;
 #pragma unroll
                     for (int n = 0; n < NS; ++n) {
@@ -327,8 +324,21 @@ __global__ void __launch_bounds__(NWARPS * 32)
                         s[mt][n][2 * r] = p0;
                         s[mt][n][2 * r + 1] = p1;
                     }
-                    l_i[mt][r] += row_sum;
+                    l_i[mt][r] = l_i[mt][r] * alpha[mt][r] + row_sum;
                 }
+            // once the running maxima settle, most tiles leave every row max unchanged (alpha = 1):
+            // the warp then skips rescaling its accumulators
+            if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NO; ++n) {
+                        acc_o[mt][n][0] *= alpha[mt][0];
+                        acc_o[mt][n][1] *= alpha[mt][0];
+                        acc_o[mt][n][2] *= alpha[mt][1];
+                        acc_o[mt][n][3] *= alpha[mt][1];
+                    }
+            }
 
             if constexpr (DROPOUT) {
                 // this thread's columns 2*t4, 2*t4+1 of n-tile n share one Philox group (j >> 2)
@@ -374,7 +384,10 @@ __global__ void __launch_bounds__(NWARPS * 32)
         __syncthreads();  // the stage read here is refilled by the next iteration's loads
     }
 
-    // epilogue: finish the row sums over the quad, normalize, write out and lse
+    // epilogue: finish the row sums over the quad, normalize, write out and lse.  With d % 8 == 0
+    // (VEC) the warp stages its rows in its own slice of sQ (only this warp ever read those rows, and
+    // the loop's last barrier is behind us) and stores whole 16-byte chunks, coalesced.
+    T* sO = sQ + warp * WQ * LDS;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -384,7 +397,12 @@ __global__ void __launch_bounds__(NWARPS * 32)
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const int i = row_w0 + mt * 16 + g + r * 8;
             const float inv = l > 0.0f ? keep_scale / l : 0.0f;
-            if (i < seq_q) {
+            if constexpr (VEC) {
+#pragma unroll
+                for (int n = 0; n < NO; ++n)
+                    *reinterpret_cast<unsigned*>(sO + (mt * 16 + g + r * 8) * LDS + n * 8 + 2 * t4) =
+                        elem<T>::pack2(acc_o[mt][n][2 * r] * inv, acc_o[mt][n][2 * r + 1] * inv);
+            } else if (i < seq_q) {
                 T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
 #pragma unroll
                 for (int n = 0; n < NO; ++n) {
@@ -397,13 +415,25 @@ __global__ void __launch_bounds__(NWARPS * 32)
                         if (c + 1 < d) op[c + 1] = elem<T>::from_float(o1);
                     }
                 }
-                if (t4 == 0)
-                    lse[b * lse_sb + h * lse_sh + i] =
-                        l > 0.0f ? (m_i[mt][r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
             }
+            if (t4 == 0 && i < seq_q)
+                lse[b * lse_sb + h * lse_sh + i] =
+                    l > 0.0f ? (m_i[mt][r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
         }
+    if constexpr (VEC) {
+        __syncwarp();
+        constexpr int CH = D / 8;
+        T* ob = out + b * o_sb + h * o_sh;
+#pragma unroll
+        for (int c = lane; c < WQ * CH; c += 32) {
+            const int rl = c / CH, ch = c % CH;
+            const int i = row_w0 + rl;
+            if (i < seq_q && ch * 8 < d)
+                *reinterpret_cast<uint4*>(ob + (long long)i * o_ss + ch * 8) =
+                    *reinterpret_cast<const uint4*>(sO + rl * LDS + ch * 8);
+        }
+    }
 }
-
 
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_simt: float32 / float64, exact arithmetic in the input precision (no TF32).
