@@ -3,6 +3,10 @@ several Python threads are safe, and the cpu kernel releases the GIL."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -192,3 +196,43 @@ def test_huge_thread_counts(backend, make_qkv, n):
         return
     np.testing.assert_array_equal(many.output, one.output)
     assert 1 <= many.num_threads <= n
+
+
+_FORK_CHILD = """
+import multiprocessing as mp, sys
+import numpy as np
+import fastattn
+
+def work(seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((2, 4, 300, 32)).astype(np.float32) for _ in range(3))
+    return fastattn.flash_attention(q, k, v, backend="cpu", causal=True, num_threads=2).tobytes()
+
+if __name__ == "__main__":
+    expected = [work(s) for s in range(4)]           # the parent runs parallel regions first
+    with mp.get_context("fork").Pool(2) as pool:
+        got = pool.map(work, range(4))               # then forked workers call the kernel
+    print("same" if got == expected else "different", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_workers_after_parallel_use(cpu_backend, tmp_path):
+    """multiprocessing's "fork" start method (Linux's default before 3.14, and what DataLoader-style
+    worker pools use): a child forked after the parent ran the kernel with several threads must not
+    hang in the OpenMP runtime, and must give the parent's results."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_CHILD)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and the pool workers it forked
+        proc.communicate()
+        pytest.fail("a worker forked after the parent used the kernel with 2 threads hung (20 s) in its first call")
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "same"
