@@ -310,3 +310,28 @@ def test_return_lse_checked_before_backend_work(qkv, monkeypatch):
     with pytest.raises(TypeError, match="return_lse"):
         fa(*qkv, return_lse="yes")
     assert calls == [], "flash_attention ran the backend before rejecting return_lse"
+
+
+class _FakeGpuArray(np.ndarray):
+    """A NumPy array that claims to live in CUDA memory (as CuPy arrays do), to exercise "auto"."""
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False), "version": 3}
+
+
+def test_auto_routes_gpu_arrays_to_cuda(qkv):
+    if backends.get_backend("cuda").availability() is None:
+        pytest.skip("a CUDA device and CuPy are present")
+    gpu = tuple(x.view(_FakeGpuArray) for x in qkv)
+    with pytest.raises(RuntimeError, match="cuda") as exc:
+        fa(*gpu, backend="auto")
+    assert re.search(r"cupy|gpu|device|driver|not built|not installed", str(exc.value), re.IGNORECASE)
+
+
+def test_auto_rejects_mixed_devices(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="same device"):
+        fa(q.view(_FakeGpuArray), k, v, backend="auto")
+    with pytest.raises(ValueError, match="same device"):
+        fa(q, k, v.view(_FakeGpuArray), backend="auto")
