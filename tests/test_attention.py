@@ -488,6 +488,11 @@ def test_every_simd_path(cpu_backend, make_qkv, monkeypatch):
                 for causal in (False, True):
                     out, lse = call(qq, kk, vv, cpu_backend, causal=causal, block_size_q=16, block_size_kv=17)
                     assert_close_to_reference(out, qq, kk, vv, causal=causal, lse=lse, rtol=rtol)
+            for half in ("float16", "bfloat16"):  # converted on load by every path
+                qh, kh, vh = (x.astype(dtype_of(half)) for x in (q, k, v))
+                out = call(qh, kh, vh, cpu_backend, causal=True)[0]
+                ref, _ = reference(qh, kh, vh, causal=True)
+                assert rel_error(out, ref) <= _UNIT_ROUNDOFF[half] + 2e-5, (path, half)
             results[path] = call(q, k, v, cpu_backend, causal=True)[0]
         monkeypatch.setenv("FASTATTN_SIMD", path)  # read at call time
         out, lse = call(q, k, v, cpu_backend, causal=True, dropout_p=0.2, seed=5)
