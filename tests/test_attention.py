@@ -665,3 +665,31 @@ def test_set_simd_nests_and_restores(cpu_backend):
                 raise ZeroDivisionError
         assert simd_in_use() == "generic"
     assert simd_in_use() == outer
+
+
+def _special_values(dtype: str) -> np.ndarray:
+    import ml_dtypes
+
+    dt = dtype_of(dtype)
+    info = ml_dtypes.finfo(dt)  # also knows bfloat16
+    tiny = float(info.smallest_subnormal)
+    vals = [0.0, -0.0, tiny, -tiny, 3 * tiny, float(info.tiny), float(info.tiny) - tiny, 1.0, -1.0, 0.1, 1 / 3,
+            float(info.max), -float(info.max), np.inf, -np.inf, np.nan]
+    return np.array(vals, dtype=np.float64).astype(dt)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_single_key_returns_its_value_exactly(backend, rng, dtype):
+    """With one key every weight is exactly 1, so each output row is v[0] itself: checks the loads
+    and stores of every dtype on subnormals, extremes, signed zeros, infinities and NaN."""
+    v = _special_values(dtype)[None, :]
+    q = random_array(rng, (5, v.shape[1]), dtype)
+    k = random_array(rng, (1, v.shape[1]), dtype)
+    for causal in (False, True):
+        out, lse = call(q, k, v, backend, causal=causal)
+        assert out.dtype == np.dtype(dtype_of(dtype))
+        want = np.broadcast_to(v, out.shape).astype(np.float64)
+        np.testing.assert_array_equal(out.astype(np.float64), want)
+        ref_lse = reference(q, k, v)[1]
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=1e-6)
