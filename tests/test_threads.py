@@ -236,3 +236,22 @@ def test_forked_workers_after_parallel_use(cpu_backend, tmp_path):
         pytest.fail("a worker forked after the parent used the kernel with 2 threads hung (20 s) in its first call")
     assert proc.returncode == 0, err[-2000:]
     assert out.strip().splitlines()[-1] == "same"
+
+
+def test_omp_num_threads_environment_honoured(cpu_backend):
+    """OMP_NUM_THREADS sets the default thread count (read by the OpenMP runtime at start-up)."""
+    code = (
+        "import numpy as np, fastattn\n"
+        "q = np.random.default_rng(0).standard_normal((2, 4, 300, 32)).astype(np.float32)\n"
+        "att = fastattn.FlashAttention(fastattn.FlashAttentionConfig(head_dim=32, num_heads=4), 'cpu')\n"
+        "print(att.forward_multi_head(q, q, q).num_threads,\n"
+        "      att.forward_multi_head(q, q, q, num_threads=2).num_threads)\n"
+    )
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default, explicit = proc.stdout.split()
+    assert default == "1", f"OMP_NUM_THREADS=1 gave {default} threads by default"
+    assert explicit == "2", "an explicit num_threads overrides OMP_NUM_THREADS"
