@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,20 @@ else:
     _IMPORT_ERROR = ""
 
 _forced = threading.local()
+
+# GNU OpenMP's thread pool does not survive fork(): a child forked after the parent ran a
+# parallel region would wait forever for threads that no longer exist.  A forked child
+# therefore runs the kernel on one thread (its own), and says so once.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def availability() -> str | None:
@@ -72,6 +87,20 @@ def set_simd(name: str) -> Iterator[None]:
         _forced.name = previous
 
 
+_warned_fork = False
+
+
+def _warn_forked_once() -> None:
+    global _warned_fork
+    if not _warned_fork:
+        _warned_fork = True
+        warnings.warn(
+            "fastattn: running on one thread in this forked process (OpenMP cannot be used after fork); "
+            "use the 'spawn' or 'forkserver' start method for multi-threaded workers",
+            RuntimeWarning, stacklevel=4,
+        )
+
+
 def prepare(x: Any) -> np.ndarray:
     return np.asarray(x)
 
@@ -81,8 +110,12 @@ def restore(y: Any, like: Any) -> Any:
 
 
 def describe() -> dict:
+    try:
+        simd = simd_in_use()
+    except (ValueError, RuntimeError) as exc:  # a bad FASTATTN_SIMD: report it, don't crash info()
+        simd = f"invalid: {exc}"
     return {
-        "simd": simd_in_use(),
+        "simd": simd,
         "simd_available": simd_paths(),
         "threads": _flash_cpu.default_threads(),
         "openmp": _flash_cpu.openmp_enabled(),
@@ -105,6 +138,9 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
     lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
     n_items = spec.batch * spec.heads * -(-spec.seq_q // block_q)
     threads = max(1, min(spec.num_threads or _flash_cpu.default_threads(), n_items))
+    if _forked_child and threads > 1:
+        _warn_forked_once()
+        threads = 1
     drop = spec.dropout_p > 0.0
     used = _flash_cpu.forward(
         _kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse,
