@@ -17,7 +17,7 @@ from ..._validate import AttentionSpec
 from . import _specs
 
 _OPTIONS = ("-std=c++17",)
-_KERNELS: dict[tuple[int, str], Any] = {}
+_KERNELS: dict[tuple[int, str, tuple[str, ...]], Any] = {}
 _LOCK = threading.Lock()
 _SOURCE: str | None = None
 
@@ -28,11 +28,14 @@ def _cupy():
     return cupy
 
 
-def get_kernel(name: str, smem_bytes: int) -> Any:
-    """The compiled kernel for one name expression on the current device (compiled on first use)."""
+def get_kernel(name: str, smem_bytes: int, extra_options: tuple[str, ...] = ()) -> Any:
+    """The compiled kernel for one name expression on the current device (compiled on first use).
+
+    ``extra_options`` (e.g. ``("-DFA_ALWAYS_RESCALE",)``) are for experiments only.
+    """
     global _SOURCE
     cp = _cupy()
-    key = (cp.cuda.Device().id, name)
+    key = (cp.cuda.Device().id, name, extra_options)
     kernel = _KERNELS.get(key)
     if kernel is None:
         with _LOCK:
@@ -40,7 +43,7 @@ def get_kernel(name: str, smem_bytes: int) -> Any:
             if kernel is None:
                 if _SOURCE is None:
                     _SOURCE = _specs.kernel_source()
-                module = cp.RawModule(code=_SOURCE, options=_OPTIONS, name_expressions=[name])
+                module = cp.RawModule(code=_SOURCE, options=_OPTIONS + extra_options, name_expressions=[name])
                 kernel = module.get_function(name)
                 _KERNELS[key] = kernel
     if smem_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem_bytes:
@@ -83,7 +86,8 @@ def plan(spec: AttentionSpec, dtype: str, head_dim_pad: int | None = None,
 
 
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
-           mma_config: _specs.MmaConfig | None = None) -> tuple[int, int, int, int]:
+           mma_config: _specs.MmaConfig | None = None,
+           extra_options: tuple[str, ...] = ()) -> tuple[int, int, int, int]:
     """Runs the forward kernel on the current stream; returns plan() of what ran."""
     batch, heads, seq_q, d = (int(s) for s in q.shape)
     seq_kv = int(k.shape[2])
@@ -105,7 +109,7 @@ def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtyp
         name = _specs.simt_name(dtype, d_pad, _specs.SIMT_CONFIGS[(dtype, d_pad)], spec.causal, dropout)
         tail = (np.float64(spec.scale), np.uint64(seed), np.uint32(threshold),
                 np.float64(1.0 / (1.0 - spec.dropout_p)))
-    kernel = get_kernel(name, smem)
+    kernel = get_kernel(name, smem, extra_options)
 
     num_q_blocks = -(-seq_q // block_q)
     batch_heads = batch * heads

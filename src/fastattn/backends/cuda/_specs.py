@@ -82,10 +82,10 @@ SIMT_CONFIGS: dict[tuple[str, int], SimtConfig] = {
 
 #: extra tensor-core tiles the benchmark sweep may try (compiled in CI too)
 MMA_SWEEP: dict[int, tuple[MmaConfig, ...]] = {
-    64: (MmaConfig(8, 2, 64, True), MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 64, True),
-         MmaConfig(8, 2, 32, True), MmaConfig(8, 2, 64, False)),
-    128: (MmaConfig(8, 2, 64, False), MmaConfig(4, 2, 32, False), MmaConfig(4, 2, 64, False),
-          MmaConfig(8, 2, 32, False), MmaConfig(8, 1, 64, True)),
+    64: (MmaConfig(8, 2, 64, True), MmaConfig(4, 2, 64, False), MmaConfig(8, 2, 96, False),
+         MmaConfig(8, 2, 64, False), MmaConfig(4, 2, 64, True)),
+    128: (MmaConfig(8, 2, 64, False), MmaConfig(4, 2, 32, False), MmaConfig(8, 2, 48, False),
+          MmaConfig(4, 2, 48, False), MmaConfig(8, 2, 32, False)),
 }
 
 

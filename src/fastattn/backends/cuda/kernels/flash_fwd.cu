@@ -184,9 +184,11 @@ __global__ void __launch_bounds__(NWARPS * 32)
     T* sK = sQ + BQ * LDS;
     T* sV = sK + 2 * BKV * LDS;
 
-    // heavy (causal) query tiles first: the slowest grid index walks the query tiles backwards
-    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x / (unsigned)batch_heads);
-    const int bh = (int)(blockIdx.x % (unsigned)batch_heads);
+    // the query tiles of one head are adjacent in the grid, so the blocks resident together share
+    // that head's K/V through L2 (each K/V byte comes from DRAM about once); within a head the
+    // heavy (causal) tiles go first
+    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
+    const int bh = (int)(blockIdx.x / (unsigned)num_q_blocks);
     const int b = bh / heads, h = bh % heads;
     const int q0 = q_block * BQ;
 
@@ -226,16 +228,16 @@ __global__ void __launch_bounds__(NWARPS * 32)
     for (int it = 0; it < n_tiles; ++it) {
         const int kv0 = it * BKV;
         const int stage = it & 1;
+        // one barrier per tile: after it, tile `it` is visible to every warp and every warp is done
+        // with tile it-1, whose stage the loads of tile it+1 then refill while this tile computes
+        cp_async_wait<0>();
+        __syncthreads();
         if (it + 1 < n_tiles) {
             const int nxt = stage ^ 1;
             load_tile<T, BKV, D, LDS, NT, VEC>(sK + nxt * BKV * LDS, kp, k_ss, k_sd, kv0 + BKV, seq_kv, d, tid);
             load_tile<T, BKV, D, LDS, NT, VEC>(sV + nxt * BKV * LDS, vp, v_ss, v_sd, kv0 + BKV, seq_kv, d, tid);
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        __syncthreads();
 
         if constexpr (QREG) {
             if (it == 0) {
@@ -328,6 +330,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 }
             // once the running maxima settle, most tiles leave every row max unchanged (alpha = 1):
             // the warp then skips rescaling its accumulators
+#ifdef FA_ALWAYS_RESCALE
+            rescale = true;
+#endif
             if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
@@ -381,8 +386,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 }
             }
         }
-        __syncthreads();  // the stage read here is refilled by the next iteration's loads
     }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is past its last read of sQ before the epilogue reuses it
 
     // epilogue: finish the row sums over the quad, normalize, write out and lse.  With d % 8 == 0
     // (VEC) the warp stages its rows in its own slice of sQ (only this warp ever read those rows, and
@@ -479,8 +485,8 @@ __global__ void __launch_bounds__(BQ * 4)
     T* sV = sK + BKV * LDS;
     T* sP = sV + BKV * LDS;
 
-    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x / (unsigned)batch_heads);
-    const int bh = (int)(blockIdx.x % (unsigned)batch_heads);
+    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
+    const int bh = (int)(blockIdx.x / (unsigned)num_q_blocks);
     const int b = bh / heads, h = bh % heads;
     const int q0 = q_block * BQ;
     const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
