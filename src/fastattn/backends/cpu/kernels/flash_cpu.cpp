@@ -6,6 +6,7 @@
  *   avx512  (32 zmm): S block 8 rows x 3 vectors, O block 6 rows x 4 vectors
  *   avx2    (16 ymm): S block 4 x 3,               O block 4 x 3
  *   generic (16 xmm, SSE2, every x86-64): same shapes as avx2
+ * flash_tile.h undefines the five shape macros at its end, ready for the next ISA.
  * The shipped build never uses -march=native; fa_isa_supported asks the CPU (and,
  * through libgcc, the OS) which paths may run.
  */
@@ -27,11 +28,6 @@ namespace isa_avx512 {
 #define FA_O_MR 6
 #define FA_O_ND 4
 #include "flash_tile.h"
-#undef FA_VBYTES
-#undef FA_S_MR
-#undef FA_S_NR
-#undef FA_O_MR
-#undef FA_O_ND
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
@@ -44,11 +40,6 @@ namespace isa_avx2 {
 #define FA_O_MR 4
 #define FA_O_ND 3
 #include "flash_tile.h"
-#undef FA_VBYTES
-#undef FA_S_MR
-#undef FA_S_NR
-#undef FA_O_MR
-#undef FA_O_ND
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
@@ -59,11 +50,6 @@ namespace isa_generic {
 #define FA_O_MR 4
 #define FA_O_ND 3
 #include "flash_tile.h"
-#undef FA_VBYTES
-#undef FA_S_MR
-#undef FA_S_NR
-#undef FA_O_MR
-#undef FA_O_ND
 }  // namespace isa_generic
 
 struct fa_scratch_box {

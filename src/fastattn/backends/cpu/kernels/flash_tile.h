@@ -398,3 +398,9 @@ static void run_item(const fa_params *p, int64_t item, void *ws) {
     default: kern<float>::run_item<ld_f32>(p, item, (kern<float>::scratch *)ws); break;
     }
 }
+
+#undef FA_VBYTES
+#undef FA_S_MR
+#undef FA_S_NR
+#undef FA_O_MR
+#undef FA_O_ND
