@@ -70,7 +70,7 @@ for dt in ("float16",):
         default = _specs.MMA_CONFIGS[(d, causal)]
         for cfg, opts in [(c, ()) for c in _specs.MMA_SWEEP[d]] + [(default, ("-DFA_ALWAYS_RESCALE",))]:
             ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, dt, mma_config=cfg, extra_options=opts))
-            res.append(f"{cfg.warps}w{cfg.m_tiles}m/{cfg.block_kv}{'q' if cfg.q_in_regs else ''}{'R' if opts else ''}: {bc.tflops(b, h, n, d, causal, ms):6.1f}")
+            res.append(f"{cfg.warps}w{cfg.m_tiles}m/{cfg.block_kv}s{cfg.stages}{'q' if cfg.q_in_regs else ''}{'R' if opts else ''}: {bc.tflops(b, h, n, d, causal, ms):6.1f}")
         tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
         def fl():
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):

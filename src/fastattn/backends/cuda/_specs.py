@@ -37,6 +37,7 @@ class MmaConfig:
     m_tiles: int
     block_kv: int
     q_in_regs: bool
+    stages: int = 2
 
     @property
     def block_q(self) -> int:
@@ -56,11 +57,11 @@ class SimtConfig:
 MMA_CONFIGS: dict[tuple[int, bool], MmaConfig] = {
     (32, False): MmaConfig(4, 2, 64, True),
     (32, True): MmaConfig(4, 2, 64, True),
-    (64, False): MmaConfig(8, 2, 64, True),
+    (64, False): MmaConfig(4, 2, 64, False),
     (64, True): MmaConfig(4, 2, 64, False),
-    (96, False): MmaConfig(4, 2, 64, False),
+    (96, False): MmaConfig(4, 2, 32, False),
     (96, True): MmaConfig(4, 2, 32, False),
-    (128, False): MmaConfig(8, 2, 64, False),
+    (128, False): MmaConfig(4, 2, 32, False),
     (128, True): MmaConfig(4, 2, 32, False),
     (192, False): MmaConfig(4, 1, 64, False),
     (192, True): MmaConfig(4, 1, 64, False),
@@ -82,10 +83,10 @@ SIMT_CONFIGS: dict[tuple[str, int], SimtConfig] = {
 
 #: extra tensor-core tiles the benchmark sweep may try (compiled in CI too)
 MMA_SWEEP: dict[int, tuple[MmaConfig, ...]] = {
-    64: (MmaConfig(8, 2, 64, True), MmaConfig(4, 2, 64, False), MmaConfig(8, 2, 96, False),
-         MmaConfig(8, 2, 64, False), MmaConfig(4, 2, 64, True)),
-    128: (MmaConfig(8, 2, 64, False), MmaConfig(4, 2, 32, False), MmaConfig(8, 2, 48, False),
-          MmaConfig(4, 2, 48, False), MmaConfig(8, 2, 32, False)),
+    64: (MmaConfig(4, 2, 64, False), MmaConfig(4, 2, 64, False, 3), MmaConfig(4, 2, 64, True),
+         MmaConfig(4, 2, 32, False, 3), MmaConfig(8, 2, 64, True)),
+    128: (MmaConfig(4, 2, 32, False), MmaConfig(4, 2, 32, False, 3), MmaConfig(4, 2, 48, False),
+          MmaConfig(4, 2, 48, False, 3), MmaConfig(8, 2, 48, False)),
 }
 
 
@@ -104,7 +105,7 @@ def is_mma_dtype(dtype: str) -> bool:
 def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: bool, vec: bool) -> str:
     b = lambda x: "true" if x else "false"  # noqa: E731
     return (f"fa_fwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warps}, {cfg.m_tiles}, {cfg.block_kv}, "
-            f"{b(cfg.q_in_regs)}, {b(causal)}, {b(dropout)}, {b(vec)}>")
+            f"{cfg.stages}, {b(cfg.q_in_regs)}, {b(causal)}, {b(dropout)}, {b(vec)}>")
 
 
 def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout: bool) -> str:
@@ -114,8 +115,8 @@ def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout:
 
 
 def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2) -> int:
-    """Shared memory per block of ``fa_fwd_mma``: Q tile + 2 stages of K and V, rows padded by 8."""
-    return (cfg.block_q + 4 * cfg.block_kv) * (head_dim + 8) * itemsize
+    """Shared memory per block of ``fa_fwd_mma``: Q tile + ``stages`` K and V tiles, rows padded by 8."""
+    return (cfg.block_q + 2 * cfg.stages * cfg.block_kv) * (head_dim + 8) * itemsize
 
 
 def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:

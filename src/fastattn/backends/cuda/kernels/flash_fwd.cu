@@ -158,11 +158,13 @@ __device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long
 //           ldmatrix traffic per mma) and gives each warp two independent accumulator chains.
 //   BKV     block_kv (multiple of 16)
 //   QREG    keep the warp's Q fragments in registers for the whole kernel (else re-read per tile)
-// Shared memory (dynamic): Q tile block_q x (D+8), K and V tiles 2 stages x block_kv x (D+8);
+//   STAGES  K/V tiles in flight (cp.async ring: tile it+STAGES-1 loads while tile it computes)
+// Shared memory (dynamic): Q tile block_q x (D+8), K and V tiles STAGES x block_kv x (D+8);
 // the 8-element row pad makes the 8 row addresses of every ldmatrix fall in distinct banks.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NWARPS, int MT, int BKV, bool QREG, bool CAUSAL, bool DROPOUT, bool VEC>
+template <typename T, int D, int NWARPS, int MT, int BKV, int STAGES, bool QREG, bool CAUSAL, bool DROPOUT,
+          bool VEC>
 __global__ void __launch_bounds__(NWARPS * 32)
     fa_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
                float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
@@ -177,12 +179,12 @@ __global__ void __launch_bounds__(NWARPS * 32)
     constexpr int KT = D / 16;   // k-steps of Q.K^T
     constexpr int NS = BKV / 8;  // n-tiles of S
     constexpr int NO = D / 8;    // n-tiles of O
-    static_assert(D % 16 == 0 && BKV % 16 == 0, "tile sizes");
+    static_assert(D % 16 == 0 && BKV % 16 == 0 && STAGES >= 2, "tile sizes");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
     T* sK = sQ + BQ * LDS;
-    T* sV = sK + 2 * BKV * LDS;
+    T* sV = sK + STAGES * BKV * LDS;
 
     // the query tiles of one head are adjacent in the grid, so the blocks resident together share
     // that head's K/V through L2 (each K/V byte comes from DRAM about once); within a head the
@@ -203,12 +205,16 @@ __global__ void __launch_bounds__(NWARPS * 32)
     const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
     const int n_tiles = (kv_end + BKV - 1) / BKV;
 
+    // prologue: Q and tiles 0 .. STAGES-2, one commit group per tile (empty groups keep the count)
     load_tile<T, BQ, D, LDS, NT, VEC>(sQ, qp, q_ss, q_sd, q0, seq_q, d, tid);
-    if (n_tiles > 0) {
-        load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, 0, seq_kv, d, tid);
-        load_tile<T, BKV, D, LDS, NT, VEC>(sV, vp, v_ss, v_sd, 0, seq_kv, d, tid);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < n_tiles) {
+            load_tile<T, BKV, D, LDS, NT, VEC>(sK + st * BKV * LDS, kp, k_ss, k_sd, st * BKV, seq_kv, d, tid);
+            load_tile<T, BKV, D, LDS, NT, VEC>(sV + st * BKV * LDS, vp, v_ss, v_sd, st * BKV, seq_kv, d, tid);
+        }
+        cp_async_commit();
     }
-    cp_async_commit();
 
     unsigned qf[QREG ? MT : 1][QREG ? KT : 1][4];
     float acc_o[MT][NO][4];
@@ -225,19 +231,20 @@ __global__ void __launch_bounds__(NWARPS * 32)
     const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;  // K (B)
     const T* sQw = sQ + (warp * WQ + a_row) * LDS + a_col;
 
+    int stage = 0;                // ring slot of tile it
+    int fill = STAGES - 1;        // ring slot that tile it + STAGES - 1 goes to (the slot of tile it-1)
     for (int it = 0; it < n_tiles; ++it) {
         const int kv0 = it * BKV;
-        const int stage = it & 1;
         // one barrier per tile: after it, tile `it` is visible to every warp and every warp is done
-        // with tile it-1, whose stage the loads of tile it+1 then refill while this tile computes
-        cp_async_wait<0>();
+        // with tile it-1, whose slot the loads of tile it+STAGES-1 then refill
+        cp_async_wait<STAGES - 2>();
         __syncthreads();
-        if (it + 1 < n_tiles) {
-            const int nxt = stage ^ 1;
-            load_tile<T, BKV, D, LDS, NT, VEC>(sK + nxt * BKV * LDS, kp, k_ss, k_sd, kv0 + BKV, seq_kv, d, tid);
-            load_tile<T, BKV, D, LDS, NT, VEC>(sV + nxt * BKV * LDS, vp, v_ss, v_sd, kv0 + BKV, seq_kv, d, tid);
-            cp_async_commit();
+        if (it + STAGES - 1 < n_tiles) {
+            const int row = kv0 + (STAGES - 1) * BKV;
+            load_tile<T, BKV, D, LDS, NT, VEC>(sK + fill * BKV * LDS, kp, k_ss, k_sd, row, seq_kv, d, tid);
+            load_tile<T, BKV, D, LDS, NT, VEC>(sV + fill * BKV * LDS, vp, v_ss, v_sd, row, seq_kv, d, tid);
         }
+        cp_async_commit();
 
         if constexpr (QREG) {
             if (it == 0) {
@@ -386,6 +393,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 }
             }
         }
+        stage = (stage + 1 == STAGES) ? 0 : stage + 1;
+        fill = (fill + 1 == STAGES) ? 0 : fill + 1;
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is past its last read of sQ before the epilogue reuses it
