@@ -234,12 +234,13 @@ def test_strided_views(dtype):
 
 
 @gpu
-def test_numpy_inputs_come_back_as_numpy():
-    q, k, v = _inputs(_rng(4), 1, 2, 33, 40, 64, "float16")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_inputs_come_back_as_numpy(dtype):
+    q, k, v = _inputs(_rng(4), 1, 2, 33, 40, 64, dtype)
     out, lse = flash_attention(q, k, v, backend="cuda", return_lse=True)
     assert isinstance(out, np.ndarray) and isinstance(lse, np.ndarray)
-    assert out.dtype == np.float16
-    assert_close_to_reference(out, lse, q, k, v, causal=False, dtype="float16")
+    assert out.dtype == q.dtype
+    assert_close_to_reference(out, lse, q, k, v, causal=False, dtype=dtype)
 
 
 @gpu

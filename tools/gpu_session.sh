@@ -88,6 +88,11 @@ json.dump(rows, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent
 print(format_table(rows))
 PY
     ;;
+  cli)
+    timeout 300 python3 -m fastattn bench --device cuda --compare torch --quick --no-progress 2>&1 | tee "$OUT/cli.log" | tail -30
+    timeout 200 python3 -m pytest bench/test_bench_cuda.py -o addopts="" -p no:cacheprovider --benchmark-enable -q \
+      -k "N1024-D64-full-float16 or N4096-D128-causal-bfloat16" 2>&1 | tee "$OUT/bench_pytest.log" | tail -25
+    ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -119,6 +119,8 @@ def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
     dtype = dtype_name(q)
     if spec.head_dim > _specs.MAX_HEAD_DIM:
         raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=spec.head_dim, max=_specs.MAX_HEAD_DIM))
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must live on one GPU; got devices {q.device.id}, {k.device.id}, {v.device.id}")
     with q.device:
         _check_device(dtype)
         out = cp.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=q.dtype)
