@@ -1,11 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Cython driver of the CPU flash-attention kernel.
 
-One parallel skeleton: the work items (batch x head x query tile) are shared out by an
-OpenMP `prange` with a dynamic schedule, heaviest causal tile of each head first, so
-both the causal imbalance and uneven heads even out.  Each thread allocates its scratch
-once (tiles + the packed K/V of the head it is working on), and the GIL is released for
-the whole computation.  Invariants (checked by the Python caller, trusted here): q, k, v
+One parallel skeleton, the GIL released throughout.  The (batch x head) heads are taken in
+groups; for each group, all threads first pack the group's K/V tiles into one shared panel
+per head (`prange`, static), then share out the work items (head x query tile) with a
+dynamic `prange`, heaviest causal tiles first so the tail of the schedule is light.  The
+group holds just enough heads to give every thread about four items, so long sequences
+keep one panel (O(seq_kv x d)) and short ones a few small ones.  Each thread allocates its
+tile scratch once.  Invariants (checked by the Python caller, trusted here): q, k, v
 are 4-D NumPy arrays of one supported dtype with matching shapes; out and lse are
 C-contiguous, float64 for float64 input and float32 otherwise; block sizes are >= 1.
 """
@@ -15,7 +17,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cimport numpy as cnp
 
-from ._openmp cimport FA_OPENMP, omp_get_max_threads
+from ._openmp cimport FA_OPENMP, fa_omp_barrier, omp_get_max_threads
 
 cnp.import_array()
 
@@ -51,10 +53,15 @@ cdef extern from "kernels/flash_cpu.h" nogil:
     int fa_isa_supported(int isa)
     int fa_best_isa()
     const char *fa_isa_name(int isa)
-    int64_t fa_num_items(const fa_params *p)
+    int64_t fa_num_q_tiles(const fa_params *p)
+    int64_t fa_num_kv_tiles(const fa_params *p)
+    int64_t fa_panel_bytes(const fa_params *p, int isa)
+    void *fa_aligned_alloc(int64_t nbytes)
+    void fa_aligned_free(void *ptr)
     void *fa_scratch_new(const fa_params *p, int isa)
     void fa_scratch_free(void *scratch)
-    void fa_run_item(const fa_params *p, int isa, int64_t item, void *scratch)
+    void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel)
+    void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch)
 
 
 ISA_NAMES = {FA_ISA_GENERIC: "generic", FA_ISA_AVX2: "avx2", FA_ISA_AVX512: "avx512"}
@@ -99,7 +106,8 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     """Runs the kernel; returns the number of threads that took part."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
-    cdef int64_t n_items, item
+    cdef int64_t n_heads, n_q, n_kv, group, n_groups, g, first, size, j, panel_bytes
+    cdef char *panels = NULL
     cdef void *scratch = NULL
     cdef int failed = 0
     cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
@@ -124,20 +132,40 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     p.drop_threshold = drop_threshold
     p.drop_scale = drop_scale
     p.seed = seed
-    n_items = fa_num_items(&p)
-    if n_items == 0:
+    n_heads = p.batch * p.heads
+    n_q = fa_num_q_tiles(&p)
+    n_kv = fa_num_kv_tiles(&p)
+    if n_heads == 0 or n_q == 0:
         return 0
-    if num_threads > n_items:
-        num_threads = <int> n_items
-    with nogil, parallel(num_threads=num_threads):
-        scratch = fa_scratch_new(&p, isa_id)
-        if scratch == NULL:
-            failed_flag[0] = 1
-        for item in prange(n_items, schedule="dynamic"):
-            if scratch != NULL:
-                fa_run_item(&p, isa_id, item, scratch)
-        # end: prange
-        fa_scratch_free(scratch)
+    if num_threads > n_heads * n_q:
+        num_threads = <int> (n_heads * n_q)
+    group = min(n_heads, max(1, (4 * num_threads + n_q - 1) // n_q))
+    n_groups = (n_heads + group - 1) // group
+    panel_bytes = fa_panel_bytes(&p, isa_id)
+    panels = <char *> fa_aligned_alloc(group * panel_bytes)
+    if panels == NULL:
+        raise MemoryError(f"fastattn: could not allocate {group * panel_bytes} bytes of packed K/V panels")
+    try:
+        with nogil, parallel(num_threads=num_threads):
+            scratch = fa_scratch_new(&p, isa_id)
+            if scratch == NULL:
+                failed_flag[0] = 1
+            for g in range(n_groups):
+                first = g * group
+                size = min(group, n_heads - first)
+                for j in prange(size * n_kv, schedule="static"):
+                    fa_pack_tile(&p, isa_id, first + j % size, j // size, panels + (j % size) * panel_bytes)
+                # end: prange
+                fa_omp_barrier()  # the panels are complete before any item reads them
+                for j in prange(size * n_q, schedule="dynamic"):
+                    if scratch != NULL:
+                        fa_run_item(&p, isa_id, first + j % size, n_q - 1 - j // size,
+                                    panels + (j % size) * panel_bytes, scratch)
+                # end: prange
+                fa_omp_barrier()  # every item of the group is done before its panels are reused
+            fa_scratch_free(scratch)
+    finally:
+        fa_aligned_free(panels)
     if failed:
         raise MemoryError("fastattn: could not allocate the per-thread tile scratch")
     return num_threads

@@ -88,10 +88,28 @@ const char *fa_isa_name(int isa) {
     }
 }
 
-int64_t fa_num_items(const fa_params *p) {
-    if (p->seq_q == 0) return 0;
-    return p->batch * p->heads * ((p->seq_q + p->block_q - 1) / p->block_q);
+int64_t fa_num_q_tiles(const fa_params *p) { return (p->seq_q + p->block_q - 1) / p->block_q; }
+
+int64_t fa_num_kv_tiles(const fa_params *p) {
+    int64_t kv_end = p->seq_kv;
+    if (p->causal && p->seq_q < kv_end) kv_end = p->seq_q;   /* no query sees a key past seq_q - 1 */
+    return (kv_end + p->block_kv - 1) / p->block_kv;
 }
+
+int64_t fa_panel_bytes(const fa_params *p, int isa) {
+    switch (isa) {
+    case FA_ISA_AVX512: return isa_avx512::panel_bytes(p);
+    case FA_ISA_AVX2: return isa_avx2::panel_bytes(p);
+    default: return isa_generic::panel_bytes(p);
+    }
+}
+
+void *fa_aligned_alloc(int64_t bytes) {
+    if (bytes < 64) bytes = 64;
+    return aligned_alloc(64, (size_t)((bytes + 63) / 64 * 64));
+}
+
+void fa_aligned_free(void *ptr) { free(ptr); }
 
 void *fa_scratch_new(const fa_params *p, int isa) {
     fa_scratch_box *box = (fa_scratch_box *)malloc(sizeof(fa_scratch_box));
@@ -118,12 +136,20 @@ void fa_scratch_free(void *scratch) {
     free(box);
 }
 
-void fa_run_item(const fa_params *p, int isa, int64_t item, void *scratch) {
+void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel) {
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::pack_tile(p, bh, tile, panel); break;
+    case FA_ISA_AVX2: isa_avx2::pack_tile(p, bh, tile, panel); break;
+    default: isa_generic::pack_tile(p, bh, tile, panel); break;
+    }
+}
+
+void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch) {
     void *ws = ((fa_scratch_box *)scratch)->ws;
     switch (isa) {
-    case FA_ISA_AVX512: isa_avx512::run_item(p, item, ws); break;
-    case FA_ISA_AVX2: isa_avx2::run_item(p, item, ws); break;
-    default: isa_generic::run_item(p, item, ws); break;
+    case FA_ISA_AVX512: isa_avx512::run_item(p, bh, qt, panel, ws); break;
+    case FA_ISA_AVX2: isa_avx2::run_item(p, bh, qt, panel, ws); break;
+    default: isa_generic::run_item(p, bh, qt, panel, ws); break;
     }
 }
 

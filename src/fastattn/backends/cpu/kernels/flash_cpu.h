@@ -1,10 +1,11 @@
 /* fastattn CPU kernel: the C interface the Cython driver calls.
  *
- * One work item is (batch b, head h, query tile qt).  fa_run_item computes the
- * attention output rows of that tile over every key/value tile it needs, with the
- * online softmax, and writes out[b, h, rows, :] and lse[b, h, rows].  Items are
- * independent, so any thread may run any item; a thread keeps its own scratch
- * (fa_scratch_new), including a packed copy of the K/V of the last head it saw.
+ * Heads are processed in groups.  For each group, fa_pack_tile packs every key/value
+ * tile of its heads into one panel per head (fa_panel_bytes each); then one work item
+ * per (head bh, query tile qt), fa_run_item, computes the output rows of that tile over
+ * every key tile it needs with the online softmax, and writes out[bh, rows, :] and
+ * lse[bh, rows].  Items only read the panels, so any thread may run any item; a thread
+ * keeps its own tile scratch (fa_scratch_new).  bh = b * heads + h.
  */
 #ifndef FASTATTN_FLASH_CPU_H
 #define FASTATTN_FLASH_CPU_H
@@ -40,10 +41,15 @@ typedef struct {
 int fa_isa_supported(int isa);
 int fa_best_isa(void);
 const char *fa_isa_name(int isa);
-int64_t fa_num_items(const fa_params *p);
+int64_t fa_num_q_tiles(const fa_params *p);
+int64_t fa_num_kv_tiles(const fa_params *p);        /* key tiles some query may see */
+int64_t fa_panel_bytes(const fa_params *p, int isa);
+void *fa_aligned_alloc(int64_t bytes);               /* NULL on failure; free with fa_aligned_free */
+void fa_aligned_free(void *ptr);
 void *fa_scratch_new(const fa_params *p, int isa);   /* NULL on allocation failure */
 void fa_scratch_free(void *scratch);
-void fa_run_item(const fa_params *p, int isa, int64_t item, void *scratch);
+void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel);
+void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch);
 
 #ifdef __cplusplus
 }

@@ -15,9 +15,9 @@
  *   out_i = O_i / l_i,  lse_i = ln2 (m_i + log2 l_i)    (l_i = 0: out 0, lse -inf)
  *
  * Ownership: the item owns its query rows for all key tiles (no reduction across
- * threads, so results are independent of the thread count).  K^T and V of the current
- * head are packed once per thread into panels the width of a key tile, and reused by
- * every query tile of that head the thread runs.
+ * threads, so results are independent of the thread count).  K^T and V of a head are
+ * packed once, tile by tile (pack_tile, any thread), into a panel that every query tile
+ * of that head then reads (run_item).
  */
 
 template <typename T> struct vec_traits;
@@ -26,11 +26,13 @@ template <> struct vec_traits<float> {
     typedef float VU __attribute__((vector_size(FA_VBYTES), aligned(4), may_alias));
     typedef int32_t VI __attribute__((vector_size(FA_VBYTES)));
     typedef int32_t I;
-    /* 2^f on [-1/2, 1/2]: a degree-5 near-minimax fit, relative error 1.5e-7 */
+    /* 2^f on [-1/2, 1/2]: a degree-5 near-minimax fit with p(0) = 1 exactly (so the row
+     * maximum gets weight exactly 1 and a single key returns its value bit for bit);
+     * relative error 1.8e-7 in float arithmetic */
     enum { MANT = 23, DEG = 5 };
     static inline float poly(int k) {
-        static const float c[] = {1.0000001192092896f, 0.6931469440460205f, 0.24022118747234344f,
-                                  0.055507101118564606f, 0.00967555120587349f, 0.0013277549296617508f};
+        static const float c[] = {1.0f, 0.6931470036506653f, 0.24022242426872253f,
+                                  0.055507268756628036f, 0.009671512991189957f, 0.0013266687747091055f};
         return c[k];
     }
 };
@@ -142,33 +144,40 @@ template <typename T> struct kern {
 
     static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-    /* Per-thread scratch.  Kt panels: [tile][d][bkvp]; V panels: [tile][bkvp][dp]. */
-    struct scratch {
+    /* The packed K/V of one head ("panel"), shared by the threads working on that head:
+     * K^T tiles [n_kv_tiles][d][bkvp], then V tiles [n_kv_tiles][bkvp][dp]. */
+    struct layout {
         int64_t dp, bkvp, n_kv_tiles;
-        T *qp, *s, *o, *m, *l, *alpha, *kt, *vp;
-        int64_t cached_bh, packed_tiles;
+        layout(const fa_params *p)
+            : dp(round_up(p->head_dim, W)), bkvp(round_up(p->block_kv, W)),
+              n_kv_tiles((p->seq_kv + p->block_kv - 1) / p->block_kv) {}
+    };
+
+    static int64_t panel_elems(const fa_params *p) {
+        const layout L(p);
+        return L.n_kv_tiles * L.bkvp * (p->head_dim + L.dp);
+    }
+
+    /* Per-thread scratch: the tiles of one work item. */
+    struct scratch {
+        T *qp, *s, *o, *m, *l, *alpha;
         void *block;
     };
 
     static scratch *scratch_new(const fa_params *p) {
         scratch *ws = (scratch *)calloc(1, sizeof(scratch));
         if (!ws) return NULL;
+        const layout L(p);
         const int64_t d = p->head_dim, bq = p->block_q;
-        ws->dp = round_up(d, W);
-        ws->bkvp = round_up(p->block_kv, W);
-        ws->n_kv_tiles = (p->seq_kv + p->block_kv - 1) / p->block_kv;
         const int64_t pad = 64 / sizeof(T);
-        int64_t sizes[8] = {bq * d, bq * ws->bkvp, bq * ws->dp, bq, bq, bq,
-                            ws->n_kv_tiles * d * ws->bkvp, ws->n_kv_tiles * ws->bkvp * ws->dp};
+        int64_t sizes[6] = {bq * d, bq * L.bkvp, bq * L.dp, bq, bq, bq};
         int64_t total = 0;
-        for (int i = 0; i < 8; ++i) total += round_up(sizes[i], pad) + pad;
+        for (int i = 0; i < 6; ++i) total += round_up(sizes[i], pad) + pad;
         ws->block = aligned_alloc(64, (size_t)round_up(total * (int64_t)sizeof(T), 64));
         if (!ws->block) { free(ws); return NULL; }
         T *cur = (T *)ws->block;
-        T **slots[8] = {&ws->qp, &ws->s, &ws->o, &ws->m, &ws->l, &ws->alpha, &ws->kt, &ws->vp};
-        for (int i = 0; i < 8; ++i) { *slots[i] = cur; cur += round_up(sizes[i], pad) + pad; }
-        ws->cached_bh = -1;
-        ws->packed_tiles = 0;
+        T **slots[6] = {&ws->qp, &ws->s, &ws->o, &ws->m, &ws->l, &ws->alpha};
+        for (int i = 0; i < 6; ++i) { *slots[i] = cur; cur += round_up(sizes[i], pad) + pad; }
         return ws;
     }
 
@@ -176,36 +185,36 @@ template <typename T> struct kern {
         if (ws) { free(ws->block); free(ws); }
     }
 
-    /* Packs key/value tiles [from, to) of head (b, h) into the thread's panels. */
+    /* Packs key/value tile t of head bh into that head's panel. */
     template <T (*LOAD)(const char *)>
-    static void pack_kv(const fa_params *p, scratch *ws, int64_t b, int64_t h, int64_t from, int64_t to) {
-        const int64_t d = p->head_dim, dp = ws->dp, bkvp = ws->bkvp;
+    static void pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
+        const layout L(p);
+        const int64_t d = p->head_dim, dp = L.dp, bkvp = L.bkvp;
+        const int64_t b = bh / p->heads, h = bh % p->heads;
         const char *kbase = p->k + b * p->k_strides[0] + h * p->k_strides[1];
         const char *vbase = p->v + b * p->v_strides[0] + h * p->v_strides[1];
-        for (int64_t t = from; t < to; ++t) {
-            const int64_t k0 = t * p->block_kv;
-            const int64_t ncols = (p->seq_kv - k0 < p->block_kv) ? p->seq_kv - k0 : p->block_kv;
-            T *kt = ws->kt + t * d * bkvp;
-            T *vp = ws->vp + t * bkvp * dp;
-            for (int64_t dd = 0; dd < d; ++dd)
-                for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
-            /* K^T: blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
-            for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
-                const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
-                for (int64_t dd = 0; dd < d; ++dd) {
-                    const char *src = kbase + (k0 + c0) * p->k_strides[2] + dd * p->k_strides[3];
-                    T *dst = kt + dd * bkvp;
-                    for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
-                }
+        const int64_t k0 = t * p->block_kv;
+        const int64_t ncols = (p->seq_kv - k0 < p->block_kv) ? p->seq_kv - k0 : p->block_kv;
+        T *kt = panel + t * d * bkvp;
+        T *vp = panel + L.n_kv_tiles * d * bkvp + t * bkvp * dp;
+        for (int64_t dd = 0; dd < d; ++dd)
+            for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
+        /* K^T: blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
+        for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+            const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
+            for (int64_t dd = 0; dd < d; ++dd) {
+                const char *src = kbase + (k0 + c0) * p->k_strides[2] + dd * p->k_strides[3];
+                T *dst = kt + dd * bkvp;
+                for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
             }
-            for (int64_t c = 0; c < ncols; ++c) {
-                const char *vrow = vbase + (k0 + c) * p->v_strides[2];
-                for (int64_t dd = 0; dd < d; ++dd) vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
-                for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
-            }
-            for (int64_t c = ncols; c < bkvp; ++c)
-                for (int64_t dd = 0; dd < dp; ++dd) vp[c * dp + dd] = 0;
         }
+        for (int64_t c = 0; c < ncols; ++c) {
+            const char *vrow = vbase + (k0 + c) * p->v_strides[2];
+            for (int64_t dd = 0; dd < d; ++dd) vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
+            for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
+        }
+        for (int64_t c = ncols; c < bkvp; ++c)
+            for (int64_t dd = 0; dd < dp; ++dd) vp[c * dp + dd] = 0;
     }
 
     /* Number of keys of tile starting at k0 (ncols wide) that query i may see. */
@@ -281,26 +290,18 @@ template <typename T> struct kern {
     }
 
     template <T (*LOAD)(const char *)>
-    static void run_item(const fa_params *p, int64_t item, scratch *ws) {
-        const int64_t d = p->head_dim, dp = ws->dp, bkvp = ws->bkvp;
+    static void run_item(const fa_params *p, int64_t bh, int64_t qt, const T *panel, scratch *ws) {
+        const layout L(p);
+        const int64_t d = p->head_dim, dp = L.dp, bkvp = L.bkvp;
         const int64_t bq = p->block_q, bkv = p->block_kv;
-        const int64_t n_q_tiles = (p->seq_q + bq - 1) / bq;
-        const int64_t bh = item / n_q_tiles;
-        const int64_t qt = n_q_tiles - 1 - item % n_q_tiles;   /* heaviest causal tile first */
         const int64_t b = bh / p->heads, h = bh % p->heads;
         const int64_t q0 = qt * bq;
         const int64_t rows = (p->seq_q - q0 < bq) ? p->seq_q - q0 : bq;
 
-        /* key tiles this query tile needs */
+        /* key tiles this query tile needs (causal: up to its last row) */
         int64_t kv_end = p->seq_kv;
         if (p->causal && q0 + rows < kv_end) kv_end = q0 + rows;
         const int64_t n_tiles = (kv_end + bkv - 1) / bkv;
-
-        if (ws->cached_bh != bh) { ws->cached_bh = bh; ws->packed_tiles = 0; }
-        if (ws->packed_tiles < n_tiles) {
-            pack_kv<LOAD>(p, ws, b, h, ws->packed_tiles, n_tiles);
-            ws->packed_tiles = n_tiles;
-        }
 
         const T qscale = (T)(p->scale * 1.4426950408889634074);   /* log2(e) */
         const char *qbase = p->q + b * p->q_strides[0] + h * p->q_strides[1];
@@ -315,8 +316,8 @@ template <typename T> struct kern {
         for (int64_t t = 0; t < n_tiles; ++t) {
             const int64_t k0 = t * bkv;
             const int64_t ncols = (p->seq_kv - k0 < bkv) ? p->seq_kv - k0 : bkv;
-            const T *kt = ws->kt + t * d * bkvp;
-            const T *vp = ws->vp + t * bkvp * dp;
+            const T *kt = panel + t * d * bkvp;
+            const T *vp = panel + L.n_kv_tiles * d * bkvp + t * bkvp * dp;
             const int64_t tile_vis = round_up(visible(p, q0 + rows - 1, k0, ncols), W);
 
             /* S = Q.K^T over the visible prefix of each row block.  Column strips outside, row
@@ -390,12 +391,34 @@ static void scratch_free(const fa_params *p, void *ws) {
     else kern<float>::scratch_free((kern<float>::scratch *)ws);
 }
 
-static void run_item(const fa_params *p, int64_t item, void *ws) {
+static int64_t panel_bytes(const fa_params *p) {
+    if (p->in_dtype == FA_DTYPE_F64) return kern<double>::panel_elems(p) * 8;
+    return kern<float>::panel_elems(p) * 4;
+}
+
+static void pack_tile(const fa_params *p, int64_t bh, int64_t t, void *panel) {
     switch (p->in_dtype) {
-    case FA_DTYPE_F64: kern<double>::run_item<ld_f64>(p, item, (kern<double>::scratch *)ws); break;
-    case FA_DTYPE_F16: kern<float>::run_item<ld_f16>(p, item, (kern<float>::scratch *)ws); break;
-    case FA_DTYPE_BF16: kern<float>::run_item<ld_bf16>(p, item, (kern<float>::scratch *)ws); break;
-    default: kern<float>::run_item<ld_f32>(p, item, (kern<float>::scratch *)ws); break;
+    case FA_DTYPE_F64: kern<double>::pack_tile<ld_f64>(p, bh, t, (double *)panel); break;
+    case FA_DTYPE_F16: kern<float>::pack_tile<ld_f16>(p, bh, t, (float *)panel); break;
+    case FA_DTYPE_BF16: kern<float>::pack_tile<ld_bf16>(p, bh, t, (float *)panel); break;
+    default: kern<float>::pack_tile<ld_f32>(p, bh, t, (float *)panel); break;
+    }
+}
+
+static void run_item(const fa_params *p, int64_t bh, int64_t qt, const void *panel, void *ws) {
+    switch (p->in_dtype) {
+    case FA_DTYPE_F64:
+        kern<double>::run_item<ld_f64>(p, bh, qt, (const double *)panel, (kern<double>::scratch *)ws);
+        break;
+    case FA_DTYPE_F16:
+        kern<float>::run_item<ld_f16>(p, bh, qt, (const float *)panel, (kern<float>::scratch *)ws);
+        break;
+    case FA_DTYPE_BF16:
+        kern<float>::run_item<ld_bf16>(p, bh, qt, (const float *)panel, (kern<float>::scratch *)ws);
+        break;
+    default:
+        kern<float>::run_item<ld_f32>(p, bh, qt, (const float *)panel, (kern<float>::scratch *)ws);
+        break;
     }
 }
 
