@@ -88,6 +88,21 @@ json.dump(rows, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent
 print(format_table(rows))
 PY
     ;;
+  overhead)
+    timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/overhead.log"
+import cProfile, pstats, time, cupy
+import fastattn
+q = cupy.random.standard_normal((1, 1, 16, 64), dtype=cupy.float32).astype(cupy.float16)
+for _ in range(20): fastattn.flash_attention(q, q, q)
+cupy.cuda.Device().synchronize()
+t = time.perf_counter(); n = 2000
+for _ in range(n): fastattn.flash_attention(q, q, q)
+cupy.cuda.Device().synchronize()
+print(f"host time per call (tiny problem): {(time.perf_counter() - t) / n * 1e6:.1f} us")
+cProfile.run("for _ in range(500): fastattn.flash_attention(q, q, q)", "/tmp/prof")
+pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(18)
+PY
+    ;;
   cli)
     timeout 300 python3 -m fastattn bench --device cuda --compare torch --quick --no-progress 2>&1 | tee "$OUT/cli.log" | tail -30
     timeout 200 python3 -m pytest bench/test_bench_cuda.py -o addopts="" -p no:cacheprovider --benchmark-enable -q \

@@ -7,6 +7,7 @@ process pays only a module load.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..._validate import AttentionSpec
 from . import _specs
 
 _OPTIONS = ("-std=c++17",)
-_KERNELS: dict[tuple[int, str, tuple[str, ...]], Any] = {}
+_KERNELS: dict[tuple[int, str, tuple[str, ...]], list] = {}  # key -> [kernel, smem limit set]
 _LOCK = threading.Lock()
 _SOURCE: str | None = None
 
@@ -35,20 +36,21 @@ def get_kernel(name: str, smem_bytes: int, extra_options: tuple[str, ...] = ()) 
     """
     global _SOURCE
     cp = _cupy()
-    key = (cp.cuda.Device().id, name, extra_options)
-    kernel = _KERNELS.get(key)
-    if kernel is None:
+    key = (cp.cuda.runtime.getDevice(), name, extra_options)
+    entry = _KERNELS.get(key)
+    if entry is None:
         with _LOCK:
-            kernel = _KERNELS.get(key)
-            if kernel is None:
+            entry = _KERNELS.get(key)
+            if entry is None:
                 if _SOURCE is None:
                     _SOURCE = _specs.kernel_source()
                 module = cp.RawModule(code=_SOURCE, options=_OPTIONS + extra_options, name_expressions=[name])
-                kernel = module.get_function(name)
-                _KERNELS[key] = kernel
-    if smem_bytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem_bytes:
-        kernel.max_dynamic_shared_size_bytes = smem_bytes
-    return kernel
+                entry = [module.get_function(name), 48 * 1024]
+                _KERNELS[key] = entry
+    if smem_bytes > entry[1]:  # raise the dynamic shared-memory limit once, not per launch
+        entry[0].max_dynamic_shared_size_bytes = smem_bytes
+        entry[1] = smem_bytes
+    return entry[0]
 
 
 def _elem_strides(x: Any) -> tuple[int, ...]:
@@ -68,8 +70,13 @@ def _vec_ok(x: Any, d: int) -> bool:
 
 
 def device_capability() -> tuple[int, int]:
-    cp = _cupy()
-    cc = cp.cuda.Device().compute_capability  # e.g. "90"
+    """(major, minor) of the current device."""
+    return _capability(_cupy().cuda.runtime.getDevice())
+
+
+@functools.cache
+def _capability(device_id: int) -> tuple[int, int]:
+    cc = _cupy().cuda.Device(device_id).compute_capability  # e.g. "90"
     return int(cc[:-1]), int(cc[-1])
 
 
