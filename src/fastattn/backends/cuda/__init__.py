@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._validate import AttentionSpec, dtype_name, is_gpu_array
+from ..._validate import AttentionSpec, is_gpu_array
 from .. import BackendStats, ForwardOutput
 from . import _specs
 
@@ -116,7 +116,7 @@ def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
     cp = _cupy()
     from ._launch import launch
 
-    dtype = dtype_name(q)
+    dtype = spec.dtype.name
     if spec.head_dim > _specs.MAX_HEAD_DIM:
         raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=spec.head_dim, max=_specs.MAX_HEAD_DIM))
     if not (q.device == k.device == v.device):
