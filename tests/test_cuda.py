@@ -206,8 +206,6 @@ def test_long_sequence_many_tiles(dtype, causal):
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_strided_views(dtype):
-    import cupy
-
     rng = _rng(3)
     b, s, h, d = 2, 77, 3, 64
     dt = numpy_dtype(dtype)
@@ -230,7 +228,6 @@ def test_strided_views(dtype):
     assert shifted[0].data.ptr % 16 != 0
     out = flash_attention(*shifted, causal=True)
     assert_close_to_reference(out, None, *host, causal=True, dtype=dtype)
-    del cupy
 
 
 @gpu
