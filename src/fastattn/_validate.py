@@ -96,28 +96,23 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _describe(arr: Any) -> str:
-    return f"shape {tuple(arr.shape)} dtype {dtype_name(arr)}"
-
-
 def check_arrays(q: Any, k: Any, v: Any) -> np.dtype:
     """Checks ranks, dtypes and shapes of q, k, v; returns the common dtype."""
+    names = {}
     for name, arr in (("q", q), ("k", k), ("v", v)):
         if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
+        names[name] = dtype_name(arr)  # once per array: numpy's dtype.name is not free
         if len(arr.shape) not in (2, 3, 4):
             raise ValueError(
                 f"{name} must be 2-D (seq, head_dim), 3-D (heads, seq, head_dim) or "
-                f"4-D (batch, heads, seq, head_dim); got {name} with {_describe(arr)}"
+                f"4-D (batch, heads, seq, head_dim); got {name} with shape {tuple(arr.shape)} dtype {names[name]}"
             )
-        if dtype_name(arr) not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} has unsupported dtype {dtype_name(arr)}; supported: {', '.join(SUPPORTED_DTYPES)}"
-            )
-    names = {dtype_name(q), dtype_name(k), dtype_name(v)}
-    if len(names) != 1:
+        if names[name] not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has unsupported dtype {names[name]}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    if len(set(names.values())) != 1:
         raise TypeError(
-            f"q, k and v must share one dtype; got q {dtype_name(q)}, k {dtype_name(k)}, v {dtype_name(v)}"
+            f"q, k and v must share one dtype; got q {names['q']}, k {names['k']}, v {names['v']}"
         )
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (len(q.shape) == len(k.shape) == len(v.shape)):
@@ -130,7 +125,7 @@ def check_arrays(q: Any, k: Any, v: Any) -> np.dtype:
         raise ValueError(f"q, k and v must share the leading (batch, heads) axes; got {shapes}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same sequence length; got {shapes}")
-    return numpy_dtype(dtype_name(q))
+    return numpy_dtype(names["q"])
 
 
 def as_4d(arr: Any) -> Any:

@@ -142,17 +142,18 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
         _warn_forked_once()
         threads = 1
     drop = spec.dropout_p > 0.0
+    simd = simd_in_use()
     used = _flash_cpu.forward(
         _kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse,
         block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=spec.causal,
         dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
         drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
-        isa=simd_in_use(), num_threads=threads,
+        isa=simd, num_threads=threads,
     )
     stats = BackendStats(
         block_q=block_q, block_kv=block_kv,
         peak_sram_bytes=working_set_bytes(block_q, block_kv, spec.head_dim, itemsize),
-        num_threads=max(used, 1), simd=simd_in_use(),
+        num_threads=max(used, 1), simd=simd,
     )
     if out.dtype != spec.dtype:
         out = out.astype(spec.dtype)
