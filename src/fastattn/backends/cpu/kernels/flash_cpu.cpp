@@ -3,7 +3,7 @@
  * flash_tile.h holds the ISA-neutral code (GCC vector extensions); it is included
  * three times below, each under its own `#pragma GCC target` and namespace, with the
  * vector width and register-block shapes that fit that ISA's register file:
- *   avx512  (32 zmm): S block 8 rows x 3 vectors, O block 6 rows x 4 vectors
+ *   avx512  (32 zmm): S block 6 rows x 4 vectors, O block 6 rows x 4 vectors
  *   avx2    (16 ymm): S block 4 x 3,               O block 4 x 3
  *   generic (16 xmm, SSE2, every x86-64): same shapes as avx2
  * flash_tile.h undefines the five shape macros at its end, ready for the next ISA.
@@ -23,8 +23,8 @@
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
 namespace isa_avx512 {
 #define FA_VBYTES 64
-#define FA_S_MR 8
-#define FA_S_NR 3
+#define FA_S_MR 6
+#define FA_S_NR 4
 #define FA_O_MR 6
 #define FA_O_ND 4
 #include "flash_tile.h"
