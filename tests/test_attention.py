@@ -292,9 +292,11 @@ def test_peak_sram_is_the_tile_working_set(cpu_backend, make_qkv, dtype, blocks)
     assert res.peak_sram_bytes == _tiles.working_set_bytes(res.block_size_q, res.block_size_kv, 48, itemsize)
     if blocks[0] is not None:
         assert (res.block_size_q, res.block_size_kv) == blocks
-    else:  # one place picks tile sizes (a tile is never longer than its sequence)
-        want_q, want_kv = _tiles.choose_tiles(48, itemsize)
-        assert (res.block_size_q, res.block_size_kv) == (min(want_q, 200), min(want_kv, 150))
+    else:  # one place picks tile sizes; a tile is never longer than its sequence nor the cache-sized one
+        assert (res.block_size_q, res.block_size_kv) == _tiles.choose_tiles(48, itemsize, seq_q=200, seq_kv=150)
+        cache_q, cache_kv = _tiles.choose_tiles(48, itemsize)
+        assert res.block_size_q <= min(cache_q, 200) and res.block_size_kv <= min(cache_kv, 150)
+        assert -(-200 // res.block_size_q) == -(-200 // min(cache_q, 200))  # evened out, not more tiles
 
 
 def test_peak_sram_positive(backend, make_qkv):

@@ -4,9 +4,10 @@
 One parallel skeleton, the GIL released throughout.  The (batch x head) heads are taken in
 groups; for each group, all threads first pack the group's K/V tiles into one shared panel
 per head (`prange`, static), then share out the work items (head x query tile) with a
-dynamic `prange`, heaviest causal tiles first so the tail of the schedule is light.  The
-group holds just enough heads to give every thread about four items, so long sequences
-keep one panel (O(seq_kv x d)) and short ones a few small ones.  Each thread allocates its
+dynamic `prange`, heaviest tiles first so the tail of the schedule is light.  The group
+holds just enough heads to give every thread about four items (and a multiple of the thread
+count in items where it can), so long sequences keep one panel (O(seq_kv x d)) and short
+ones a few small ones.  Each thread allocates its
 tile scratch once.  Invariants (checked by the Python caller, trusted here): q, k, v
 are 4-D NumPy arrays of one supported dtype with matching shapes; out and lse are
 C-contiguous, float64 for float64 input and float32 otherwise; block sizes are >= 1.
@@ -139,7 +140,13 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
         return 0
     if num_threads > n_heads * n_q:
         num_threads = <int> (n_heads * n_q)
+    # enough heads per group for ~4 items per thread, and, where the heads allow, a multiple of
+    # the thread count in items, so no thread waits alone at the group's barrier
     group = min(n_heads, max(1, (4 * num_threads + n_q - 1) // n_q))
+    for size in range(group, min(n_heads, 4 * group) + 1):
+        if (size * n_q) % num_threads == 0:
+            group = size
+            break
     n_groups = (n_heads + group - 1) // group
     panel_bytes = fa_panel_bytes(&p, isa_id)
     panels = <char *> fa_aligned_alloc(group * panel_bytes)
@@ -159,7 +166,10 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
                 fa_omp_barrier()  # the panels are complete before any item reads them
                 for j in prange(size * n_q, schedule="dynamic"):
                     if scratch != NULL:
-                        fa_run_item(&p, isa_id, first + j % size, n_q - 1 - j // size,
+                        # heaviest items first: causal, the last query tiles; otherwise the full
+                        # tiles before the short last one
+                        fa_run_item(&p, isa_id, first + j % size,
+                                    n_q - 1 - j // size if p.causal else j // size,
                                     panels + (j % size) * panel_bytes, scratch)
                 # end: prange
                 fa_omp_barrier()  # every item of the group is done before its panels are reused

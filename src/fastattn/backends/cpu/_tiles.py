@@ -74,11 +74,16 @@ def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None, block
     the same rows while its scratch grew with the requested size.
     """
     l2 = cache_sizes()["l2"]
+    chosen_q = block_q is None
     if block_kv is None:
         block_kv = _round_down(l2 // (8 * head_dim * itemsize), 16, 16, 256)
     if block_q is None:
         block_q = _round_down(l2 // (4 * (block_kv + 2 * head_dim) * itemsize), 8, 8, 256)
     if seq_q is not None:
+        if chosen_q and seq_q > block_q:
+            # the same number of tiles, as even as possible: no short tail item to wait for
+            n_tiles = -(-seq_q // block_q)
+            block_q = min(block_q, -(-(-(-seq_q // n_tiles)) // 8) * 8)
         block_q = max(1, min(block_q, seq_q))
     if seq_kv is not None:
         block_kv = max(1, min(block_kv, seq_kv))
