@@ -62,6 +62,10 @@ def cache_sizes() -> dict:
     return {key: sizes.get(key) or fallback for key, fallback in _FALLBACK.items()}
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _round_down(value: int, multiple: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, (value // multiple) * multiple))
 
@@ -82,8 +86,8 @@ def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None, block
     if seq_q is not None:
         if chosen_q and seq_q > block_q:
             # the same number of tiles, as even as possible: no short tail item to wait for
-            n_tiles = -(-seq_q // block_q)
-            block_q = min(block_q, -(-(-(-seq_q // n_tiles)) // 8) * 8)
+            n_tiles = _ceil_div(seq_q, block_q)
+            block_q = min(block_q, _ceil_div(_ceil_div(seq_q, n_tiles), 8) * 8)
         block_q = max(1, min(block_q, seq_q))
     if seq_kv is not None:
         block_kv = max(1, min(block_kv, seq_kv))
