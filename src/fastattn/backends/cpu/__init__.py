@@ -9,6 +9,7 @@ default, which honours ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 import warnings
@@ -24,13 +25,15 @@ from ._tiles import cache_sizes, choose_tiles, working_set_bytes
 
 NAME = "cpu"
 
-try:
-    from . import _flash_cpu
+try:  # import_module: a missing extension reads "No module named ...", not "circular import"
+    _flash_cpu = importlib.import_module(f"{__name__}._flash_cpu")
 except ImportError as exc:  # pragma: no cover - only without the compiled extension
     _flash_cpu = None
     _IMPORT_ERROR = str(exc)
 else:
     _IMPORT_ERROR = ""
+
+SIMD_NAMES = ("avx512", "avx2", "generic")
 
 _forced = threading.local()
 
@@ -62,23 +65,25 @@ def simd_paths() -> list[str]:
 
 def simd_in_use() -> str:
     """The path the next call on this thread will take."""
-    forced = getattr(_forced, "name", None) or os.environ.get("FASTATTN_SIMD", "").strip().lower()
-    if not forced:
-        return _flash_cpu.best_isa()
-    if forced not in ("avx512", "avx2", "generic"):
-        raise ValueError(f"FASTATTN_SIMD={forced!r} is not a SIMD path; use avx512, avx2 or generic")
-    if forced not in simd_paths():
-        raise RuntimeError(f"SIMD path {forced!r} is not supported by this CPU; supported: {simd_paths()}")
-    return forced
+    forced = getattr(_forced, "name", None)
+    if forced:
+        return forced
+    from_env = os.environ.get("FASTATTN_SIMD", "").strip().lower()
+    return _checked_simd(from_env, "FASTATTN_SIMD=") if from_env else _flash_cpu.best_isa()
+
+
+def _checked_simd(name: str, source: str = "") -> str:
+    if name not in SIMD_NAMES:
+        raise ValueError(f"{source}{name!r} is not a SIMD path; use {', '.join(SIMD_NAMES)}")
+    if name not in simd_paths():
+        raise RuntimeError(f"SIMD path {name!r} is not supported by this CPU; supported: {simd_paths()}")
+    return name
 
 
 @contextlib.contextmanager
 def set_simd(name: str) -> Iterator[None]:
     """Forces a SIMD path for calls made on this thread inside the ``with`` block."""
-    if name not in ("avx512", "avx2", "generic"):
-        raise ValueError(f"{name!r} is not a SIMD path; use avx512, avx2 or generic")
-    if name not in simd_paths():
-        raise RuntimeError(f"SIMD path {name!r} is not supported by this CPU; supported: {simd_paths()}")
+    _checked_simd(name)
     previous = getattr(_forced, "name", None)
     _forced.name = name
     try:
