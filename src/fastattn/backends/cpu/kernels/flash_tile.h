@@ -53,6 +53,59 @@ template <> struct vec_traits<double> {
     }
 };
 
+/* Philox4x32-10 (philox.h) on FA_VBYTES/4 independent counters at once, one per 32-bit lane.
+ * The 32x32 -> 64-bit products are taken in 64-bit lanes: even lanes as they are, odd lanes
+ * shifted down, then the low and high halves are put back in place. */
+typedef uint32_t philox_u32v __attribute__((vector_size(FA_VBYTES)));
+typedef uint64_t philox_u64v __attribute__((vector_size(FA_VBYTES)));
+
+static inline void philox_mulhilo(philox_u32v a, uint64_t m, philox_u32v *hi, philox_u32v *lo) {
+    const philox_u64v low32 = philox_u64v{} + 0xFFFFFFFFull;
+    const philox_u64v wide = (philox_u64v)a;
+    const philox_u64v even = (wide & low32) * m;
+    const philox_u64v odd = (wide >> 32) * m;
+    *lo = (philox_u32v)((even & low32) | (odd << 32));
+    *hi = (philox_u32v)((even >> 32) | (odd & ~low32));
+}
+
+static inline void philox4x32_10_vec(philox_u32v c[4], uint64_t seed) {
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+        philox_u32v hi0, lo0, hi1, lo1;
+        philox_mulhilo(c[0], 0xD2511F53u, &hi0, &lo0);
+        philox_mulhilo(c[2], 0xCD9E8D57u, &hi1, &lo1);
+        const philox_u32v n0 = hi1 ^ c[1] ^ k0;
+        const philox_u32v n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+}
+
+/* The four word vectors of L generators (c[r][g]: word r of column group g) in column
+ * order: out[4 g + r] = c[r][g], by two rounds of two-vector interleaves. */
+typedef int32_t philox_i32v __attribute__((vector_size(FA_VBYTES)));
+
+static inline void philox_columns(const philox_u32v c[4], uint32_t *out) {
+    const int L = FA_VBYTES / 4;
+    philox_i32v pair_lo, pair_hi, quad_lo, quad_hi;
+    for (int m = 0; m < L / 2; ++m) {
+        pair_lo[2 * m] = m;         pair_lo[2 * m + 1] = L + m;
+        pair_hi[2 * m] = L / 2 + m; pair_hi[2 * m + 1] = L + L / 2 + m;
+    }
+    for (int n = 0; n < L / 4; ++n)
+        for (int q = 0; q < 4; ++q) {
+            quad_lo[4 * n + q] = (q < 2 ? 0 : L) + 2 * n + (q & 1);
+            quad_hi[4 * n + q] = (q < 2 ? 0 : L) + L / 2 + 2 * n + (q & 1);
+        }
+    const philox_u32v w01_lo = __builtin_shuffle(c[0], c[1], pair_lo);
+    const philox_u32v w01_hi = __builtin_shuffle(c[0], c[1], pair_hi);
+    const philox_u32v w23_lo = __builtin_shuffle(c[2], c[3], pair_lo);
+    const philox_u32v w23_hi = __builtin_shuffle(c[2], c[3], pair_hi);
+    const philox_u32v cols[4] = {__builtin_shuffle(w01_lo, w23_lo, quad_lo), __builtin_shuffle(w01_lo, w23_lo, quad_hi),
+                                 __builtin_shuffle(w01_hi, w23_hi, quad_lo), __builtin_shuffle(w01_hi, w23_hi, quad_hi)};
+    __builtin_memcpy(out, cols, sizeof(cols));
+}
+
 template <typename T> struct kern {
     typedef typename vec_traits<T>::V V;
     typedef typename vec_traits<T>::VU VU;   /* unaligned, aliasing view for loads/stores */
@@ -224,21 +277,31 @@ template <typename T> struct kern {
         return v < 0 ? 0 : (v > ncols ? ncols : v);
     }
 
-    /* Multiplies row i's probabilities P[0..nvis) of the tile at k0 by keep/(1-p) or 0. */
+    /* Multiplies row i's probabilities P[0..nvis) of the tile at k0 by keep/(1-p) or 0.
+     * The Philox words of L = FA_VBYTES/4 consecutive column groups (4 columns each) are drawn
+     * at once, one generator per 32-bit lane (philox4x32_10_vec, the same bits as the scalar
+     * philox4x32_10), then put in column order (philox_columns) so that the keep test and
+     * the scaling run as plain vector loops. */
     static void apply_dropout(const fa_params *p, int64_t b, int64_t h, int64_t i, int64_t k0,
                               int64_t nvis, T *prow) {
+        const int L = FA_VBYTES / 4;
         const T keep_scale = (T)p->drop_scale;
-        uint32_t words[4];
-        int64_t group = -1;
-        for (int64_t c = 0; c < nvis; ++c) {
-            const int64_t j = k0 + c;
-            if ((j >> 2) != group) {
-                group = j >> 2;
-                words[0] = (uint32_t)group; words[1] = (uint32_t)i;
-                words[2] = (uint32_t)h; words[3] = (uint32_t)b;
-                philox4x32_10(words, p->seed);
-            }
-            prow[c] = words[j & 3] >= p->drop_threshold ? prow[c] * keep_scale : (T)0;
+        const uint32_t threshold = p->drop_threshold;
+        const int64_t g_first = k0 >> 2, g_last = (k0 + nvis - 1) >> 2;
+        uint32_t words[4 * L];
+        for (int64_t g0 = g_first; g0 <= g_last; g0 += L) {
+            philox_u32v c[4];
+            for (int l = 0; l < L; ++l) c[0][l] = (uint32_t)(g0 + l);
+            c[1] = philox_u32v{} + (uint32_t)i;
+            c[2] = philox_u32v{} + (uint32_t)h;
+            c[3] = philox_u32v{} + (uint32_t)b;
+            philox4x32_10_vec(c, p->seed);
+            philox_columns(c, words);                       /* words[t]: column 4 g0 + t */
+            const int64_t base = 4 * g0 - k0;               /* P index of words[0] */
+            const int64_t t_begin = base < 0 ? -base : 0;
+            const int64_t t_end = (nvis - base < 4 * L) ? nvis - base : 4 * L;
+            T *pw = prow + base;
+            for (int64_t t = t_begin; t < t_end; ++t) pw[t] = words[t] >= threshold ? pw[t] * keep_scale : (T)0;
         }
     }
 
