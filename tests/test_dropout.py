@@ -304,3 +304,23 @@ def test_tiny_dropout_still_rescales(backend, make_qkv, p):
     q, k, v = make_qkv(1, 2, 30, 30, 16, "float64")
     out, lse = fastattn.flash_attention(q, k, v, backend=backend, dropout_p=p, seed=3, return_lse=True)
     assert_close_to_reference(out, q, k, v, lse=lse, dropout_p=p, seed=3, rtol=1e-12)
+
+
+@pytest.mark.parametrize("block_kv", [None, 5, 17, 64, 150])
+def test_mask_on_every_simd_path(cpu_backend, rng, block_kv):
+    """The CPU kernel draws Philox words for many column groups at once per vector lane and reorders
+    them into columns; on every SIMD path (vector widths 4, 8 and 16 lanes), for key tiles that start
+    off a multiple of 4 and rows longer than one batch of generators (64 columns), the mask is
+    exactly the documented function."""
+    import fastattn.backends.cpu as cpu
+
+    seq_q, seq_kv, d = 9, 150, 160
+    q = random_array(rng, (1, 2, seq_q, d), "float32", 0.3)
+    k = random_array(rng, (1, 2, seq_kv, d), "float32", 0.3)
+    seed, p = 987654321987, 0.3
+    for path in cpu.simd_paths():
+        with cpu.set_simd(path):
+            weights = _kept_weights(cpu_backend, q, k, seed=seed, p=p, block_size_kv=block_kv)
+        for h in range(2):
+            np.testing.assert_array_equal(weights[0, h] != 0, keep_mask(seed, p, 0, h, seq_q, seq_kv),
+                                          err_msg=f"{path} path, head {h}, block_kv={block_kv}")
