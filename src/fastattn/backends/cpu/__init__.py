@@ -141,8 +141,7 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
     block_q, block_kv = choose_tiles(spec.head_dim, itemsize, spec.block_q, spec.block_kv, spec.seq_q, spec.seq_kv)
     out = np.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=compute)
     lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
-    n_items = spec.batch * spec.heads * -(-spec.seq_q // block_q)
-    threads = max(1, min(spec.num_threads or _flash_cpu.default_threads(), n_items))
+    threads = spec.num_threads or _flash_cpu.default_threads()  # the kernel caps it at its work items
     if _forked_child and threads > 1:
         _warn_forked_once()
         threads = 1
@@ -153,7 +152,7 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
         block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=spec.causal,
         dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
         drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
-        isa=simd, num_threads=threads,
+        isa=simd, requested_threads=threads,
     )
     stats = BackendStats(
         block_q=block_q, block_kv=block_kv,

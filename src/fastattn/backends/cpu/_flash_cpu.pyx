@@ -103,13 +103,15 @@ cdef void _fill_strides(int64_t *dst, cnp.ndarray arr):
 def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
             int64_t block_q, int64_t block_kv, double scale, bint causal,
             bint dropout, uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa,
-            int num_threads):
-    """Runs the kernel; returns the number of threads that took part."""
+            requested_threads):
+    """Runs the kernel; returns the number of threads that took part (the request, at most
+    one per work item; any positive Python int is accepted)."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
     cdef int64_t n_heads, n_q, n_kv, group, n_groups, g, first, size, j, panel_bytes
     cdef char *panels = NULL
     cdef void *scratch = NULL
+    cdef int num_threads
     cdef int failed = 0
     cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
     if not fa_isa_supported(isa_id):
@@ -138,8 +140,7 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     n_kv = fa_num_kv_tiles(&p)
     if n_heads == 0 or n_q == 0:
         return 0
-    if num_threads > n_heads * n_q:
-        num_threads = <int> (n_heads * n_q)
+    num_threads = <int> max(1, min(requested_threads, n_heads * n_q))
     # enough heads per group for ~4 items per thread, and, where the heads allow, a multiple of
     # the thread count in items, so no thread waits alone at the group's barrier
     group = min(n_heads, max(1, (4 * num_threads + n_q - 1) // n_q))
