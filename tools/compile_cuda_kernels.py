@@ -5,7 +5,9 @@
 
 Writes one translation unit per chunk of specializations that takes the address of each template
 instance (``all_name_expressions()``, the same list the backend launches from), compiles it to a
-cubin for every architecture, and exits non-zero if any compilation fails.  Without ``nvcc`` on the
+cubin for every architecture, and exits non-zero if any compilation fails.  The Hopper kernel
+(``all_sm90_name_expressions()``, ``wgmma``) is compiled for its own target, sm_90a, whenever the
+architectures asked for include sm_90.  Without ``nvcc`` on the
 PATH (or under $CUDA_HOME/bin, /usr/local/cuda/bin) it says so and exits 0.
 """
 
@@ -36,13 +38,18 @@ def find_nvcc() -> str | None:
     return None
 
 
-def translation_unit(names: list[str]) -> str:
+SM90A = "sm_90a"
+
+
+def translation_unit(names: list[str], source: str = _specs.KERNEL_SOURCE) -> str:
     refs = ",\n    ".join(f"reinterpret_cast<const void*>(&{name})" for name in names)
-    return f'#include "{_specs.KERNEL_SOURCE}"\n\nconst void* const fastattn_kernels[] = {{\n    {refs}\n}};\n'
+    return f'#include "{source}"\n\nconst void* const fastattn_kernels[] = {{\n    {refs}\n}};\n'
 
 
 def compile_one(nvcc: str, arch: str, src: Path, out: Path, resource_usage: bool) -> tuple[bool, str]:
-    cmd = [nvcc, "-std=c++17", "-cubin", f"-arch={arch}", "-I", str(_specs.KERNEL_DIR), "-o", str(out), str(src)]
+    # sm_90a through -gencode: the -arch shorthand also runs a plain sm_90 pass, which rejects wgmma
+    target = ["-gencode=arch=compute_90a,code=sm_90a"] if arch == SM90A else [f"-arch={arch}"]
+    cmd = [nvcc, "-std=c++17", "-cubin", *target, "-I", str(_specs.KERNEL_DIR), "-o", str(out), str(src)]
     if resource_usage:
         cmd.insert(1, "--resource-usage")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -61,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
     nvcc = find_nvcc()
     names = [n for n in _specs.all_name_expressions() if args.filter in n]
+    sm90_names = [n for n in _specs.all_sm90_name_expressions() if args.filter in n] if "sm_90" in archs else []
     if nvcc is None:
-        print(f"nvcc not found: skipping the compilation of {len(names)} CUDA kernel specializations")
+        print(f"nvcc not found: skipping the compilation of {len(names) + len(sm90_names)} CUDA kernel "
+              "specializations")
         return 0
-    print(f"compiling {len(names)} specializations for {', '.join(archs)} with {nvcc}", flush=True)
+    print(f"compiling {len(names)} specializations for {', '.join(archs)} and {len(sm90_names)} for "
+          f"{SM90A} with {nvcc}", flush=True)
 
     failures = 0
     with tempfile.TemporaryDirectory(prefix="fastattn-cuda-") as tmp:
@@ -74,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             src.write_text(translation_unit(names[start:start + args.chunk]))
             for arch in archs:
                 jobs.append((arch, src, Path(tmp) / f"chunk{c}_{arch}.cubin", names[start:start + args.chunk]))
+        for c, start in enumerate(range(0, len(sm90_names), args.chunk)):
+            chunk = sm90_names[start:start + args.chunk]
+            src = Path(tmp) / f"sm90_chunk{c}.cu"
+            src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_SM90))
+            jobs.append((SM90A, src, Path(tmp) / f"sm90_chunk{c}.cubin", chunk))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {pool.submit(compile_one, nvcc, arch, src, out, args.resource_usage): (arch, chunk)
                        for arch, src, out, chunk in jobs}
@@ -86,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif args.resource_usage:
                     print(log, flush=True)
     total = len(jobs)
-    print(f"{total - failures}/{total} translation units compiled ({len(names)} specializations x {len(archs)} archs)")
+    print(f"{total - failures}/{total} translation units compiled ({len(names)} specializations x {len(archs)} "
+          f"archs, {len(sm90_names)} for {SM90A})")
     return 1 if failures else 0
 
 

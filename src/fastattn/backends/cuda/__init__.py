@@ -2,11 +2,12 @@
 
     prepare(x)  CuPy array as is; torch CUDA tensors and other DLPack / __cuda_array_interface__
                 objects zero-copy; NumPy (host) arrays copied to the current device
-    forward     _launch.launch -> fa_fwd_mma  (float16, bfloat16: tensor cores, fp32 accumulation)
+    forward     _launch.launch -> fa_fwd_sm90 (float16, bfloat16 on compute capability 9.0: wgmma)
+                               -> fa_fwd_mma  (float16, bfloat16: mma.sync tensor cores, fp32 accumulation)
                                -> fa_fwd_simt (float32, float64: exact FMA in the input precision)
     restore     back to where the caller's q lives: NumPy -> host copy, torch -> torch (DLPack), CuPy as is
 
-The CUDA C++ source (``kernels/flash_fwd.cu``) ships inside the package; no toolkit or build step.
+The CUDA C++ sources (``kernels/flash_fwd.cu``, ``kernels/flash_fwd_sm90.cu``) ship inside the package; no toolkit or build step.
 Tile sizes come from ``_specs`` (the user's block_size_q / block_size_kv are ignored on this backend);
 ``BackendStats`` reports the tiles actually used and the shared memory per block.
 """
@@ -95,7 +96,8 @@ def describe() -> dict:
         "multiprocessors": int(props["multiProcessorCount"]),
         "shared_memory_per_block_optin": int(props.get("sharedMemPerBlockOptin", 0)),
         "cupy": cp.__version__,
-        "kernels": "float16/bfloat16: mma.sync m16n8k16 (fp32 accumulate); float32/float64: SIMT FMA",
+        "kernels": ("float16/bfloat16: wgmma on compute capability 9.0 (head_dim <= 128, no dropout), "
+                    "else mma.sync m16n8k16 (fp32 accumulate); float32/float64: SIMT FMA"),
         "head_dims": list(_specs.MMA_HEAD_DIMS),
     }
 
@@ -129,8 +131,9 @@ def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
             out.fill(0)
             lse.fill(-np.inf)
             block_q, block_kv, threads, smem = 0, 0, 0, 0
+            kernel = "none"
         else:
-            block_q, block_kv, threads, smem = launch(q, k, v, out, lse, spec, dtype)
+            block_q, block_kv, threads, smem, kernel = launch(q, k, v, out, lse, spec, dtype)
     stats = BackendStats(block_q=block_q, block_kv=block_kv, peak_sram_bytes=smem, num_threads=threads,
-                         simd="mma.sync" if _specs.is_mma_dtype(dtype) else "simt")
+                         simd=kernel)
     return ForwardOutput(out, lse, stats)

@@ -1,15 +1,26 @@
-"""CuPy side of the CUDA backend: RawModule compilation and caching, grid math, the launch.
+"""CuPy side of the CUDA backend: run-time compilation and caching, kernel choice, grid math, launch.
 
-Each template instance (a name expression of ``_specs``) is compiled once per device by NVRTC
-through ``cupy.RawModule`` and kept in a dict; CuPy also caches the binary on disk, so a new
-process pays only a module load.
+Kernels of ``flash_fwd.cu`` are compiled per device by NVRTC through ``cupy.RawModule`` (CuPy caches
+the binary on disk).  The Hopper kernel of ``flash_fwd_sm90.cu`` needs the architecture-specific
+target sm_90a (``wgmma``), which RawModule cannot ask for, so it goes through NVRTC directly and its
+cubin is cached on disk here, keyed by source, options and NVRTC version.
+
+Which kernel serves a call (``_make_plan``): on compute capability 9.0, float16/bfloat16 without
+dropout, head_dim padding to 64 or 128, unit stride along d and 16-byte aligned rows -> ``fa_fwd_sm90``;
+other float16/bfloat16 calls -> ``fa_fwd_mma``; float32/float64 -> ``fa_fwd_simt``.  The environment
+variable ``FASTATTN_CUDA_KERNEL=mma`` turns the Hopper kernel off (for comparisons).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import tempfile
 import threading
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,9 +29,21 @@ from ..._validate import AttentionSpec
 from . import _specs
 
 _OPTIONS = ("-std=c++17",)
-_KERNELS: dict[tuple[int, str, tuple[str, ...]], list] = {}  # key -> [kernel, smem limit set]
+_SM90_OPTIONS = ("-std=c++17", "-arch=sm_90a")
+_KERNELS: dict[tuple[int, str, tuple[str, ...]], list] = {}  # key -> [kernel, smem limit set, module]
 _LOCK = threading.Lock()
-_SOURCE: str | None = None
+_SOURCES: dict[str, str] = {}
+_MAX_DYNAMIC_SMEM_ATTRIBUTE = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
+class Plan(NamedTuple):
+    """What a launch ran: tiles, threads per block, shared memory per block, kernel family."""
+
+    block_q: int
+    block_kv: int
+    threads: int
+    smem: int
+    kernel: str  # "wgmma" (fa_fwd_sm90), "mma.sync" (fa_fwd_mma) or "simt" (fa_fwd_simt)
 
 
 def _cupy():
@@ -29,12 +52,64 @@ def _cupy():
     return cupy
 
 
+def _source(name: str) -> str:
+    file = _specs.KERNEL_SOURCE_SM90 if _specs.is_sm90_name(name) else _specs.KERNEL_SOURCE
+    if file not in _SOURCES:
+        _SOURCES[file] = _specs.kernel_source(file)
+    return _SOURCES[file]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("FASTATTN_CACHE_DIR")
+    if env:
+        return Path(env)
+    try:
+        return Path(_cupy().cuda.compiler.get_cache_dir()) / "fastattn"
+    except Exception:  # noqa: BLE001 - a CuPy without get_cache_dir: CuPy's documented default
+        return Path.home() / ".cupy" / "kernel_cache" / "fastattn"
+
+
+def _nvrtc_cubin(source: str, name: str, options: tuple[str, ...]) -> tuple[bytes, str]:
+    """(cubin, lowered name) of one name expression, compiled by NVRTC or read from the disk cache."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    version = nvrtc.getVersion()
+    key = hashlib.sha256("\0".join((source, name, *options, repr(version))).encode()).hexdigest()
+    path = _cache_dir() / f"{key}.cubin"
+    try:
+        blob = path.read_bytes()
+        lowered, _, cubin = blob.partition(b"\n")
+        if cubin and hashlib.sha256(cubin).hexdigest().encode() == lowered[:64]:
+            return cubin, lowered[64:].decode()
+    except OSError:
+        pass
+    prog = nvrtc.createProgram(source, _specs.KERNEL_SOURCE_SM90, (), ())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC could not compile {name} ({' '.join(options)}):\n"
+                               f"{nvrtc.getProgramLog(prog)}") from exc
+        lowered = nvrtc.getLoweredName(prog, name)
+        cubin = bytes(nvrtc.getCUBIN(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+    try:  # atomic replace: a concurrent writer or a torn file is never read as valid
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(hashlib.sha256(cubin).hexdigest().encode() + lowered.encode() + b"\n" + cubin)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass  # a read-only cache directory costs a recompile next time, nothing else
+    return cubin, lowered
+
+
 def get_kernel(name: str, smem_bytes: int, extra_options: tuple[str, ...] = ()) -> Any:
     """The compiled kernel for one name expression on the current device (compiled on first use).
 
     ``extra_options`` (e.g. ``("-DFA_ALWAYS_RESCALE",)``) are for experiments only.
     """
-    global _SOURCE
     cp = _cupy()
     key = (cp.cuda.runtime.getDevice(), name, extra_options)
     entry = _KERNELS.get(key)
@@ -42,13 +117,24 @@ def get_kernel(name: str, smem_bytes: int, extra_options: tuple[str, ...] = ()) 
         with _LOCK:
             entry = _KERNELS.get(key)
             if entry is None:
-                if _SOURCE is None:
-                    _SOURCE = _specs.kernel_source()
-                module = cp.RawModule(code=_SOURCE, options=_OPTIONS + extra_options, name_expressions=[name])
-                entry = [module.get_function(name), 48 * 1024]
+                if _specs.is_sm90_name(name):
+                    cubin, lowered = _nvrtc_cubin(_source(name), name, _SM90_OPTIONS + extra_options)
+                    module = cp.cuda.function.Module()
+                    module.load(cubin)
+                    entry = [module.get_function(lowered), 48 * 1024, module]
+                else:
+                    module = cp.RawModule(code=_source(name), options=_OPTIONS + extra_options,
+                                          name_expressions=[name])
+                    entry = [module.get_function(name), 48 * 1024, module]
                 _KERNELS[key] = entry
     if smem_bytes > entry[1]:  # raise the dynamic shared-memory limit once, not per launch
-        entry[0].max_dynamic_shared_size_bytes = smem_bytes
+        kernel = entry[0]
+        if hasattr(kernel, "max_dynamic_shared_size_bytes"):  # cupy.RawKernel
+            kernel.max_dynamic_shared_size_bytes = smem_bytes
+        else:  # cupy.cuda.function.Function of a loaded cubin
+            driver = cp.cuda.driver
+            attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", _MAX_DYNAMIC_SMEM_ATTRIBUTE)
+            driver.funcSetAttribute(kernel.ptr, attr, smem_bytes)
         entry[1] = smem_bytes
     return entry[0]
 
@@ -80,33 +166,53 @@ def _capability(device_id: int) -> tuple[int, int]:
     return int(cc[:-1]), int(cc[-1])
 
 
+def kernel_family() -> str:
+    """"auto" (the Hopper kernel where it applies) or "mma" (FASTATTN_CUDA_KERNEL=mma: never)."""
+    family = os.environ.get("FASTATTN_CUDA_KERNEL", "auto").strip().lower() or "auto"
+    if family not in ("auto", "mma"):
+        raise ValueError(f"FASTATTN_CUDA_KERNEL must be 'auto' or 'mma', got {family!r}")
+    return family
+
+
+def uses_sm90(spec: AttentionSpec, dtype: str, d_pad: int, vec: bool, capability: tuple[int, int],
+              family: str = "auto") -> bool:
+    """Does the Hopper kernel serve this call?"""
+    return (family == "auto" and capability == (9, 0) and _specs.is_mma_dtype(dtype) and spec.dropout_p == 0.0
+            and d_pad in _specs.SM90_HEAD_DIMS and vec)
+
+
 def plan(spec: AttentionSpec, dtype: str, head_dim_pad: int | None = None,
-         mma_config: _specs.MmaConfig | None = None) -> tuple[int, int, int, int]:
-    """(block_q, block_kv, threads, shared memory bytes) of the kernel that serves ``spec``."""
+         config: _specs.MmaConfig | _specs.Sm90Config | None = None, sm90: bool = False) -> Plan:
+    """The tiles, threads and shared memory of the kernel that serves ``spec``."""
     d_pad = head_dim_pad or _specs.padded_head_dim(spec.head_dim, dtype)
+    if isinstance(config, _specs.Sm90Config) or (config is None and sm90):
+        cfg = config or _specs.SM90_CONFIGS[(d_pad, spec.causal)]
+        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg), "wgmma")
     if _specs.is_mma_dtype(dtype):
-        cfg = mma_config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
-        return cfg.block_q, cfg.block_kv, cfg.warps * 32, _specs.mma_smem_bytes(d_pad, cfg)
+        cfg = config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
+        return Plan(cfg.block_q, cfg.block_kv, cfg.warps * 32, _specs.mma_smem_bytes(d_pad, cfg), "mma.sync")
     scfg = _specs.SIMT_CONFIGS[(dtype, d_pad)]
     itemsize = 8 if dtype == "float64" else 4
-    return scfg.block_q, scfg.block_kv, scfg.block_q * 4, _specs.simt_smem_bytes(d_pad, scfg, itemsize)
+    return Plan(scfg.block_q, scfg.block_kv, scfg.block_q * 4, _specs.simt_smem_bytes(d_pad, scfg, itemsize), "simt")
 
 
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
-           mma_config: _specs.MmaConfig | None = None,
-           extra_options: tuple[str, ...] = ()) -> tuple[int, int, int, int]:
-    """Runs the forward kernel on the current stream; returns plan() of what ran.
+           config: _specs.MmaConfig | _specs.Sm90Config | None = None,
+           extra_options: tuple[str, ...] = ()) -> Plan:
+    """Runs the forward kernel on the current stream; returns the Plan of what ran.
 
     Everything but the five array pointers is a pure function of the call's geometry, so it is
     worked out once per (device, dtype, shapes, strides, alignment, flags) and cached: a repeated
-    call costs a dict lookup and the launch itself.
+    call costs a dict lookup and the launch itself.  ``config`` forces a tile configuration (an
+    ``Sm90Config`` forces the Hopper kernel); it is for the benchmark sweep.
     """
+    family = kernel_family()
     key = (cp_device(), dtype, q.shape, k.shape, q.strides, k.strides, v.strides, out.strides, lse.strides,
            q.data.ptr % 16 == 0, k.data.ptr % 16 == 0, v.data.ptr % 16 == 0, spec.causal, spec.scale,
-           spec.dropout_p, spec.seed, mma_config, extra_options)
+           spec.dropout_p, spec.seed, config, extra_options, family)
     entry = _PLANS.get(key)
     if entry is None:
-        entry = _make_plan(q, k, v, out, lse, spec, dtype, mma_config, extra_options)
+        entry = _make_plan(q, k, v, out, lse, spec, dtype, config, extra_options, family)
         if len(_PLANS) > 256:
             _PLANS.clear()
         _PLANS[key] = entry
@@ -117,6 +223,7 @@ def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtyp
 
 
 _PLANS: dict[tuple, tuple] = {}
+_SM90_FAILED: dict[int, str] = {}  # device -> why the Hopper kernel could not be compiled there
 
 
 def cp_device() -> int:
@@ -124,30 +231,51 @@ def cp_device() -> int:
 
 
 def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
-               mma_config: _specs.MmaConfig | None, extra_options: tuple[str, ...]) -> tuple:
+               config: _specs.MmaConfig | _specs.Sm90Config | None, extra_options: tuple[str, ...],
+               family: str) -> tuple:
     batch, heads, seq_q, d = (int(s) for s in q.shape)
     seq_kv = int(k.shape[2])
     d_pad = _specs.padded_head_dim(d, dtype)
-    block_q, block_kv, threads, smem = used = plan(spec, dtype, d_pad, mma_config)
+    mma = _specs.is_mma_dtype(dtype)
+    vec = mma and all(_vec_ok(x, d) for x in (q, k, v))
+    sm90 = uses_sm90(spec, dtype, d_pad, vec, device_capability(), family) and cp_device() not in _SM90_FAILED
+    if isinstance(config, _specs.Sm90Config) and not (mma and vec and spec.dropout_p == 0.0
+                                                      and d_pad in _specs.SM90_HEAD_DIMS):
+        raise ValueError(f"the Hopper kernel cannot serve this call ({dtype}, head_dim {d}, "
+                         f"dropout {spec.dropout_p}, 16-byte rows {vec})")
+    used = plan(spec, dtype, d_pad, config, sm90)
     if batch * heads * seq_q == 0:
         return None, None, None, None, None, used
 
     dropout = spec.dropout_p > 0.0
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
-    if _specs.is_mma_dtype(dtype):
-        cfg = mma_config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
-        vec = all(_vec_ok(x, d) for x in (q, k, v))
+    if used.kernel == "wgmma":
+        cfg = config if isinstance(config, _specs.Sm90Config) else _specs.SM90_CONFIGS[(d_pad, spec.causal)]
+        name = _specs.sm90_name(dtype, d_pad, cfg, spec.causal)
+    elif mma:
+        cfg = config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
         name = _specs.mma_name(dtype, d_pad, cfg, spec.causal, dropout, vec)
+    else:
+        name = _specs.simt_name(dtype, d_pad, _specs.SIMT_CONFIGS[(dtype, d_pad)], spec.causal, dropout)
+    if mma:
         tail = (np.float32(spec.scale * np.log2(np.e)), np.uint64(seed), np.uint32(threshold),
                 np.float32(1.0 / (1.0 - spec.dropout_p)))
     else:
-        name = _specs.simt_name(dtype, d_pad, _specs.SIMT_CONFIGS[(dtype, d_pad)], spec.causal, dropout)
         tail = (np.float64(spec.scale), np.uint64(seed), np.uint32(threshold),
                 np.float64(1.0 / (1.0 - spec.dropout_p)))
-    kernel = get_kernel(name, smem, extra_options)
+    try:
+        kernel = get_kernel(name, used.smem, extra_options)
+    except RuntimeError as exc:
+        if used.kernel != "wgmma" or config is not None:
+            raise
+        # an NVRTC without sm_90a: say so once and serve the call (and later ones) with fa_fwd_mma
+        _SM90_FAILED[cp_device()] = str(exc)
+        warnings.warn(f"fastattn: the Hopper kernel did not compile, using the mma.sync kernel: {exc}",
+                      RuntimeWarning, stacklevel=4)
+        return _make_plan(q, k, v, out, lse, spec, dtype, config, extra_options, "mma")
 
-    num_q_blocks = -(-seq_q // block_q)
+    num_q_blocks = -(-seq_q // used.block_q)
     batch_heads = batch * heads
     grid = (num_q_blocks * batch_heads,)
     if grid[0] >= 2**31:
@@ -163,4 +291,4 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
         i64(l_s[0]), i64(l_s[1]),
         np.int32(num_q_blocks), *tail,
     )
-    return kernel, grid, (threads,), smem, static_args, used
+    return kernel, grid, (used.threads,), used.smem, static_args, used

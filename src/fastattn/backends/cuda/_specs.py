@@ -14,7 +14,9 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 KERNEL_SOURCE = "flash_fwd.cu"
-KERNEL_HEADERS = ("philox.cuh",)
+#: the Hopper kernel (wgmma): compiled for sm_90a only, launched on compute capability 9.0
+KERNEL_SOURCE_SM90 = "flash_fwd_sm90.cu"
+KERNEL_HEADERS = ("common.cuh", "philox.cuh", "wgmma.cuh")
 
 #: padded head_dim of the tensor-core kernel (float16 / bfloat16)
 MMA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -45,6 +47,22 @@ class MmaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sm90Config:
+    """Tiles of ``fa_fwd_sm90``: ``warpgroups`` x 64 query rows per block, block_kv keys per tile."""
+
+    warpgroups: int
+    block_kv: int
+
+    @property
+    def block_q(self) -> int:
+        return 64 * self.warpgroups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+
+@dataclasses.dataclass(frozen=True)
 class SimtConfig:
     """Tiles of ``fa_fwd_simt``: block_q rows (4 threads each), block_kv keys."""
 
@@ -67,6 +85,23 @@ MMA_CONFIGS: dict[tuple[int, bool], MmaConfig] = {
     (192, True): MmaConfig(4, 1, 64, False),
     (256, False): MmaConfig(4, 1, 32, False),
     (256, True): MmaConfig(4, 1, 32, False),
+}
+
+#: padded head_dim of the Hopper kernel (float16 / bfloat16, no dropout, d % 8 == 0, unit stride along d)
+SM90_HEAD_DIMS = (64, 128)
+
+#: default tiles of the Hopper kernel per (padded head_dim, causal)
+SM90_CONFIGS: dict[tuple[int, bool], Sm90Config] = {
+    (64, False): Sm90Config(3, 128),
+    (64, True): Sm90Config(2, 128),
+    (128, False): Sm90Config(2, 128),
+    (128, True): Sm90Config(2, 128),
+}
+
+#: extra Hopper tiles the benchmark sweep may try (compiled in CI too)
+SM90_SWEEP: dict[int, tuple[Sm90Config, ...]] = {
+    64: (Sm90Config(2, 128), Sm90Config(3, 128), Sm90Config(3, 64)),
+    128: (Sm90Config(2, 128), Sm90Config(2, 64), Sm90Config(3, 64)),
 }
 
 #: SIMT tiles per (dtype, padded head_dim); shared memory (BQ + 2 BKV) (D+1) + BQ (BKV+1) elements
@@ -108,6 +143,11 @@ def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: b
             f"{cfg.stages}, {b(cfg.q_in_regs)}, {b(causal)}, {b(dropout)}, {b(vec)}>")
 
 
+def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, causal: bool) -> str:
+    return (f"fa_fwd_sm90<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warpgroups}, {cfg.block_kv}, "
+            f"{'true' if causal else 'false'}>")
+
+
 def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout: bool) -> str:
     b = lambda x: "true" if x else "false"  # noqa: E731
     return (f"fa_fwd_simt<{_CXX_TYPE[dtype]}, {_LSE_TYPE[dtype]}, {head_dim}, {cfg.block_q}, {cfg.block_kv}, "
@@ -117,6 +157,11 @@ def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout:
 def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2) -> int:
     """Shared memory per block of ``fa_fwd_mma``: Q tile + ``stages`` K and V tiles, rows padded by 8."""
     return (cfg.block_q + 2 * cfg.stages * cfg.block_kv) * (head_dim + 8) * itemsize
+
+
+def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2) -> int:
+    """Shared memory per block of ``fa_fwd_sm90``: Q tile, two K and two V tiles, 1 KB for alignment."""
+    return (cfg.block_q + 4 * cfg.block_kv) * head_dim * itemsize + 1024
 
 
 def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:
@@ -143,9 +188,26 @@ def all_name_expressions() -> list[str]:
     return names
 
 
-def kernel_source() -> str:
-    """The kernel source with its local headers inlined (one string, so caches key on all of it)."""
-    text = (KERNEL_DIR / KERNEL_SOURCE).read_text()
+def all_sm90_name_expressions() -> list[str]:
+    """Every specialization of the Hopper kernel (compiled for sm_90a only)."""
+    names: list[str] = []
+    for dtype in ("float16", "bfloat16"):
+        for dim in SM90_HEAD_DIMS:
+            for causal in (False, True):
+                for cfg in (SM90_CONFIGS[(dim, causal)], *SM90_SWEEP.get(dim, ())):
+                    name = sm90_name(dtype, dim, cfg, causal)
+                    if name not in names:
+                        names.append(name)
+    return names
+
+
+def is_sm90_name(name: str) -> bool:
+    return name.startswith("fa_fwd_sm90<")
+
+
+def kernel_source(source: str = KERNEL_SOURCE) -> str:
+    """A kernel source with its local headers inlined (one string, so caches key on all of it)."""
+    text = (KERNEL_DIR / source).read_text()
     for header in KERNEL_HEADERS:
         text = text.replace(f'#include "{header}"', (KERNEL_DIR / header).read_text())
     return text

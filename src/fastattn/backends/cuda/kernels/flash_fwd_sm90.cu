@@ -1,0 +1,283 @@
+// FlashAttention forward for Hopper (sm_90a): warpgroup MMA (wgmma) on swizzled shared-memory tiles.
+//
+// Same math as fa_fwd_mma in flash_fwd.cu (online softmax in log2 units, see there), same
+// arguments, same results; float16 / bfloat16, no dropout, d % 8 == 0 with unit stride along d.
+//
+// Work split: one block per (query tile of 64 * NWG rows, batch*head); each of the NWG warpgroups
+// (4 warps, 128 threads) owns 64 query rows and walks every key/value tile of its head.
+//   S = Q K^T   wgmma m64nBKVk16, A = Q and B = K straight from shared memory (K-major)
+//   O += P V    wgmma m64nDk16, A = P from registers (the S accumulators re-packed to 16 bits),
+//               B = V from shared memory (MN-major: the instruction transposes it)
+// Tiles live in shared memory in the 128-byte-swizzle layout the tensor cores read without bank
+// conflicts: a tile of R rows x D columns is stored as D/64 panels of R rows x 64 columns (128
+// bytes a row); the 16-byte chunk c of row r sits at chunk position c ^ (r % 8).
+//
+// Pipeline (per warpgroup, tile j): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back,
+// wait for S_j only and run the softmax of tile j on the CUDA cores while the tensor cores finish
+// P_{j-1} V_{j-1}; then rescale O.  K runs one tile ahead of V, both through cp.async into two
+// buffers each: while tile j computes, K_{j+1} and V_j load into the buffers tile j-1 freed.
+#include "common.cuh"
+#include "wgmma.cuh"
+
+namespace fa_sm90 {
+
+// shared-memory matrix descriptor for wgmma: start address, leading / stride byte offsets (16-byte
+// units), 128-byte swizzle (mode 1 in bits 62-63); every swizzle atom (8 rows x 128 bytes) starts
+// 1024-byte aligned, so the base-offset field stays 0
+__device__ __forceinline__ unsigned long long desc_sw128(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// keeps the compiler from moving register reads/writes of an accumulator across wgmma issue/wait
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// byte offset of 16-byte chunk ch (of D/8) in row r of a swizzled R-row tile
+template <int R>
+__device__ __forceinline__ unsigned sw128_offset(int r, int ch) {
+    return (unsigned)((ch >> 3) * (R * 128) + r * 128 + (((ch & 7) ^ (r & 7)) << 4));
+}
+
+// R x D tile of a (seq, d) matrix (element row stride ss, unit column stride, 16-byte aligned rows)
+// into the swizzled layout at shared address sbase; rows >= seq and columns >= d become zero
+template <typename T, int R, int D, int NT>
+__device__ __forceinline__ void load_tile(unsigned sbase, const T* __restrict__ g, long long ss, int row0, int seq,
+                                          int d, int tid) {
+    constexpr int CPR = D / 8, TOTAL = R * CPR;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+        const int c = tid + i * NT;
+        if (TOTAL % NT == 0 || c < TOTAL) {
+            const int r = c / CPR, ch = c % CPR;
+            const bool ok = row0 + r < seq && ch * 8 < d;
+            cp_async_16(sbase + sw128_offset<R>(r, ch), ok ? g + (long long)(row0 + r) * ss + ch * 8 : g,
+                        ok ? 16 : 0);
+        }
+    }
+}
+
+}  // namespace fa_sm90
+
+// ------------------------------------------------------------------------------------------------
+// fa_fwd_sm90
+//   D    head_dim padded (64 or 128; multiple of 64: whole swizzle panels)
+//   NWG  warpgroups per block: block_q = 64 * NWG
+//   BKV  block_kv (64 or 128)
+// Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x D.
+// Registers per thread: S BKV/2 floats, P BKV/4 words, O D/2 floats.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T, int D, int NWG, int BKV, bool CAUSAL>
+__global__ void __launch_bounds__(NWG * 128, 1)
+    fa_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+                float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
+                long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
+                long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
+                long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh, int num_q_blocks,
+                float scale_log2, unsigned long long seed, unsigned threshold, float keep_scale) {
+    using namespace fa_sm90;
+    static_assert(D % 64 == 0 && BKV % 16 == 0, "D: whole 64-column panels; BKV: whole k-steps");
+    constexpr int BQ = 64 * NWG, NT = 128 * NWG;
+    constexpr unsigned Q_BYTES = BQ * D * 2, KV_BYTES = BKV * D * 2;
+    constexpr int NS = BKV / 2, NO = D / 2;  // accumulator registers per thread
+
+    extern __shared__ unsigned char smem_raw[];
+    const unsigned raw = smem_u32(smem_raw);
+    const unsigned sQ = (raw + 1023u) & ~1023u;
+    const unsigned sK = sQ + Q_BYTES, sV = sK + 2 * KV_BYTES;
+
+    // heaviest query tiles first (causal: the last ones)
+    const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
+    const int bh = (int)(blockIdx.x / (unsigned)num_q_blocks);
+    const int b = bh / heads, h = bh % heads;
+    const int q0 = q_block * BQ;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int row_w0 = q0 + wg * 64 + warp * 16;  // first of this warp's 16 rows; thread rows +g, +g+8
+
+    const T* qp = q + b * q_sb + h * q_sh;
+    const T* kp = k + b * k_sb + h * k_sh;
+    const T* vp = v + b * v_sb + h * v_sh;
+
+    const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
+    const int n_tiles = (kv_end + BKV - 1) / BKV;  // >= 1: the launcher never runs seq_kv == 0
+
+    // prologue: {Q, K_0}, then {K_1, V_0}
+    load_tile<T, BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
+    load_tile<T, BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
+    cp_async_commit();
+    if (n_tiles > 1) load_tile<T, BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
+    load_tile<T, BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
+    cp_async_commit();
+
+    float s[NS], o[NO];
+    unsigned p[BKV / 4];
+    float m_i[2] = {-FA_INF, -FA_INF}, l_i[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+
+    const unsigned q_warpgroup = sQ + wg * 64 * 128;
+    // S = Q K^T over D/16 k-steps: panel kk / 4, 32 bytes per k-step inside the 128-byte row
+    auto issue_s = [&](unsigned k_tile) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned a = q_warpgroup + (kk >> 2) * (BQ * 128) + (kk & 3) * 32;
+            const unsigned bb = k_tile + (kk >> 2) * (BKV * 128) + (kk & 3) * 32;
+            wgmma<T, BKV>::ss(s, desc_sw128(a, 16, 1024), desc_sw128(bb, 16, 1024), kk > 0);
+        }
+    };
+    // O += P V over BKV/16 k-steps of 16 keys (2048 bytes of every panel); panels BKV * 128 apart
+    auto issue_pv = [&](unsigned v_tile) {
+#pragma unroll
+        for (int kb = 0; kb < BKV / 16; ++kb)
+#ifdef FA_SM90_SWAP_V_OFFSETS  // experiment hook: the descriptor's two offsets exchanged
+            wgmma<T, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, 1024, BKV * 128));
+#else
+            wgmma<T, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, BKV * 128, 1024));
+#endif
+    };
+    // masks tile kv0 in s, turns s into 2^(s*scale_log2 - m) and updates m_i, l_i; returns alpha
+    auto softmax = [&](int kv0, float (&alpha)[2]) {
+        const bool need_mask = (kv0 + BKV > seq_kv) || (CAUSAL && kv0 + BKV - 1 > row_w0);
+        if (need_mask) {
+#pragma unroll
+            for (int e = 0; e < NS; ++e) {
+                const int j = kv0 + (e >> 2) * 8 + 2 * t4 + (e & 1);
+                const int i = row_w0 + g + ((e >> 1) & 1) * 8;
+                if (j >= seq_kv || (CAUSAL && j > i)) s[e] = -FA_INF;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = m_i[r];
+#pragma unroll
+            for (int n = 0; n < NS / 4; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_scaled = (mx == -FA_INF) ? 0.0f : mx * scale_log2;
+            alpha[r] = exp2_approx(m_i[r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+            m_i[r] = mx;
+            float row_sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NS / 4; ++n) {
+                const float p0 = exp2_approx(fmaf(s[4 * n + 2 * r], scale_log2, -m_scaled));
+                const float p1 = exp2_approx(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_scaled));
+                row_sum += p0 + p1;
+                s[4 * n + 2 * r] = p0;
+                s[4 * n + 2 * r + 1] = p1;
+            }
+            l_i[r] = l_i[r] * alpha[r] + row_sum;
+        }
+    };
+    // the S accumulators of n-blocks 2kb, 2kb+1 are the A fragment of k-step kb (rows g, g+8)
+    auto pack_p = [&]() {
+#pragma unroll
+        for (int w = 0; w < BKV / 4; ++w) p[w] = elem<T>::pack2(s[2 * w], s[2 * w + 1]);
+    };
+
+    // tile 0
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    float alpha[2];
+    reg_fence(s);
+    wgmma_fence();
+    issue_s(sK);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(s);
+    softmax(0, alpha);
+    pack_p();
+
+    for (int j = 1; j < n_tiles; ++j) {
+        cp_async_wait<0>();  // K_j and V_{j-1} landed (this thread's copies) ...
+        fence_proxy_async();
+        __syncthreads();  // ... everyone's; and every warpgroup is done with K_{j-1}, V_{j-2}
+        if (j + 1 < n_tiles)
+            load_tile<T, BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
+        load_tile<T, BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
+        cp_async_commit();
+
+        reg_fence(s);
+        reg_fence(o);
+        wgmma_fence();
+        issue_s(sK + (j & 1) * KV_BYTES);
+        wgmma_commit();
+        issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
+        wgmma_commit();
+        wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
+        reg_fence(s);
+        softmax(j * BKV, alpha);
+        wgmma_wait<0>();
+        reg_fence(o);
+        // once the running maxima settle, most tiles leave every row max unchanged (alpha = 1)
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+            for (int e = 0; e < NO; ++e) o[e] *= alpha[(e >> 1) & 1];
+        }
+        pack_p();
+    }
+
+    // last P V
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    reg_fence(o);
+    wgmma_fence();
+    issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(o);
+
+    // epilogue: this warpgroup's 64 Q rows (read by its own wgmma only, all finished) stage the
+    // normalized output in the swizzled layout; then 16-byte coalesced stores
+    const int rw = warp * 16 + g;  // row inside the warpgroup (and rw + 8)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_i[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.0f ? keep_scale / l : 0.0f;
+        const int row = rw + r * 8;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const unsigned addr = q_warpgroup + sw128_offset<BQ>(row, n) + t4 * 4;
+            const unsigned val = elem<T>::pack2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
+        }
+        const int i = row_w0 + g + r * 8;
+        if (t4 == 0 && i < seq_q)
+            lse[b * lse_sb + h * lse_sh + i] =
+                l > 0.0f ? (m_i[r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
+    }
+    named_barrier(1 + wg, 128);
+    T* ob = out + b * o_sb + h * o_sh;
+    const int wtid = tid & 127;
+#pragma unroll
+    for (int c = wtid; c < 64 * (D / 8); c += 128) {
+        const int row = c / (D / 8), ch = c % (D / 8);
+        const int i = q0 + wg * 64 + row;
+        if (i < seq_q && ch * 8 < d) {
+            uint4 val;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
+                         : "r"(q_warpgroup + sw128_offset<BQ>(row, ch))
+                         : "memory");
+            *reinterpret_cast<uint4*>(ob + (long long)i * o_ss + ch * 8) = val;
+        }
+    }
+}
