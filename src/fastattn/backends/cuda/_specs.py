@@ -144,7 +144,7 @@ def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: b
 
 
 def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, causal: bool) -> str:
-    return (f"fa_fwd_sm90<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warpgroups}, {cfg.block_kv}, "
+    return (f"fa_fwd_sm90<{'true' if dtype == 'bfloat16' else 'false'}, {head_dim}, {cfg.warpgroups}, {cfg.block_kv}, "
             f"{'true' if causal else 'false'}>")
 
 

@@ -2,6 +2,8 @@
 //
 // Same math as fa_fwd_mma in flash_fwd.cu (online softmax in log2 units, see there), same
 // arguments, same results; float16 / bfloat16, no dropout, d % 8 == 0 with unit stride along d.
+// The element type is a template flag (BF16) over 16-bit storage: the source needs no CUDA header,
+// so NVRTC compiles it wherever CuPy finds NVRTC.
 //
 // Work split: one block per (query tile of 64 * NWG rows, batch*head); each of the NWG warpgroups
 // (4 warps, 128 threads) owns 64 query rows and walks every key/value tile of its head.
@@ -42,6 +44,17 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+// two floats rounded to one 32-bit word of 16-bit values (lo in the low half)
+template <bool BF16>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    if constexpr (BF16)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -54,8 +67,8 @@ __device__ __forceinline__ unsigned sw128_offset(int r, int ch) {
 
 // R x D tile of a (seq, d) matrix (element row stride ss, unit column stride, 16-byte aligned rows)
 // into the swizzled layout at shared address sbase; rows >= seq and columns >= d become zero
-template <typename T, int R, int D, int NT>
-__device__ __forceinline__ void load_tile(unsigned sbase, const T* __restrict__ g, long long ss, int row0, int seq,
+template <int R, int D, int NT>
+__device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* __restrict__ g, long long ss, int row0, int seq,
                                           int d, int tid) {
     constexpr int CPR = D / 8, TOTAL = R * CPR;
 #pragma unroll
@@ -74,6 +87,7 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const T* __restrict__ 
 
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_sm90
+//   BF16 bfloat16 (true) or float16 (false) inputs and output
 //   D    head_dim padded (64 or 128; multiple of 64: whole swizzle panels)
 //   NWG  warpgroups per block: block_q = 64 * NWG
 //   BKV  block_kv (64 or 128)
@@ -81,9 +95,10 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const T* __restrict__ 
 // Registers per thread: S BKV/2 floats, P BKV/4 words, O D/2 floats.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NWG, int BKV, bool CAUSAL>
+template <bool BF16, int D, int NWG, int BKV, bool CAUSAL>
 __global__ void __launch_bounds__(NWG * 128, 1)
-    fa_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+    fa_fwd_sm90(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
                 float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
                 long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
                 long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
@@ -109,19 +124,19 @@ __global__ void __launch_bounds__(NWG * 128, 1)
     const int g = lane >> 2, t4 = lane & 3;
     const int row_w0 = q0 + wg * 64 + warp * 16;  // first of this warp's 16 rows; thread rows +g, +g+8
 
-    const T* qp = q + b * q_sb + h * q_sh;
-    const T* kp = k + b * k_sb + h * k_sh;
-    const T* vp = v + b * v_sb + h * v_sh;
+    const unsigned short* qp = q + b * q_sb + h * q_sh;
+    const unsigned short* kp = k + b * k_sb + h * k_sh;
+    const unsigned short* vp = v + b * v_sb + h * v_sh;
 
     const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
     const int n_tiles = (kv_end + BKV - 1) / BKV;  // >= 1: the launcher never runs seq_kv == 0
 
     // prologue: {Q, K_0}, then {K_1, V_0}
-    load_tile<T, BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
-    load_tile<T, BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
+    load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
+    load_tile<BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
     cp_async_commit();
-    if (n_tiles > 1) load_tile<T, BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
-    load_tile<T, BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
+    if (n_tiles > 1) load_tile<BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
+    load_tile<BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
     cp_async_commit();
 
     float s[NS], o[NO];
@@ -137,7 +152,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
         for (int kk = 0; kk < D / 16; ++kk) {
             const unsigned a = q_warpgroup + (kk >> 2) * (BQ * 128) + (kk & 3) * 32;
             const unsigned bb = k_tile + (kk >> 2) * (BKV * 128) + (kk & 3) * 32;
-            wgmma<T, BKV>::ss(s, desc_sw128(a, 16, 1024), desc_sw128(bb, 16, 1024), kk > 0);
+            wgmma<BF16, BKV>::ss(s, desc_sw128(a, 16, 1024), desc_sw128(bb, 16, 1024), kk > 0);
         }
     };
     // O += P V over BKV/16 k-steps of 16 keys (2048 bytes of every panel); panels BKV * 128 apart
@@ -145,9 +160,9 @@ __global__ void __launch_bounds__(NWG * 128, 1)
 #pragma unroll
         for (int kb = 0; kb < BKV / 16; ++kb)
 #ifdef FA_SM90_SWAP_V_OFFSETS  // experiment hook: the descriptor's two offsets exchanged
-            wgmma<T, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, 1024, BKV * 128));
+            wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, 1024, BKV * 128));
 #else
-            wgmma<T, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, BKV * 128, 1024));
+            wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, BKV * 128, 1024));
 #endif
     };
     // masks tile kv0 in s, turns s into 2^(s*scale_log2 - m) and updates m_i, l_i; returns alpha
@@ -186,7 +201,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
     // the S accumulators of n-blocks 2kb, 2kb+1 are the A fragment of k-step kb (rows g, g+8)
     auto pack_p = [&]() {
 #pragma unroll
-        for (int w = 0; w < BKV / 4; ++w) p[w] = elem<T>::pack2(s[2 * w], s[2 * w + 1]);
+        for (int w = 0; w < BKV / 4; ++w) p[w] = pack2<BF16>(s[2 * w], s[2 * w + 1]);
     };
 
     // tile 0
@@ -208,8 +223,8 @@ __global__ void __launch_bounds__(NWG * 128, 1)
         fence_proxy_async();
         __syncthreads();  // ... everyone's; and every warpgroup is done with K_{j-1}, V_{j-2}
         if (j + 1 < n_tiles)
-            load_tile<T, BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
-        load_tile<T, BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
+            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
+        load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
         cp_async_commit();
 
         reg_fence(s);
@@ -256,7 +271,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             const unsigned addr = q_warpgroup + sw128_offset<BQ>(row, n) + t4 * 4;
-            const unsigned val = elem<T>::pack2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+            const unsigned val = pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
         }
         const int i = row_w0 + g + r * 8;
@@ -265,7 +280,7 @@ __global__ void __launch_bounds__(NWG * 128, 1)
                 l > 0.0f ? (m_i[r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
     }
     named_barrier(1 + wg, 128);
-    T* ob = out + b * o_sb + h * o_sh;
+    unsigned short* ob = out + b * o_sb + h * o_sh;
     const int wtid = tid & 127;
 #pragma unroll
     for (int c = wtid; c < 64 * (D / 8); c += 128) {
