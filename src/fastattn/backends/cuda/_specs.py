@@ -48,10 +48,12 @@ class MmaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Sm90Config:
-    """Tiles of ``fa_fwd_sm90``: ``warpgroups`` x 64 query rows per block, block_kv keys per tile."""
+    """Tiles of ``fa_fwd_sm90``: ``warpgroups`` x 64 query rows per block, block_kv keys per tile,
+    and the blocks per SM its register budget is cut for."""
 
     warpgroups: int
     block_kv: int
+    min_blocks: int = 1
 
     @property
     def block_q(self) -> int:
@@ -100,7 +102,7 @@ SM90_CONFIGS: dict[tuple[int, bool], Sm90Config] = {
 
 #: extra Hopper tiles the benchmark sweep may try (compiled in CI too)
 SM90_SWEEP: dict[int, tuple[Sm90Config, ...]] = {
-    64: (Sm90Config(2, 128), Sm90Config(3, 128), Sm90Config(3, 64)),
+    64: (Sm90Config(2, 128), Sm90Config(3, 128), Sm90Config(2, 64, 2), Sm90Config(3, 64)),
     128: (Sm90Config(2, 128), Sm90Config(2, 64), Sm90Config(3, 64)),
 }
 
@@ -144,8 +146,8 @@ def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: b
 
 
 def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, causal: bool) -> str:
-    return (f"fa_fwd_sm90<{'true' if dtype == 'bfloat16' else 'false'}, {head_dim}, {cfg.warpgroups}, {cfg.block_kv}, "
-            f"{'true' if causal else 'false'}>")
+    return (f"fa_fwd_sm90<{'true' if dtype == 'bfloat16' else 'false'}, {head_dim}, {cfg.warpgroups}, "
+            f"{cfg.block_kv}, {cfg.min_blocks}, {'true' if causal else 'false'}>")
 
 
 def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout: bool) -> str:

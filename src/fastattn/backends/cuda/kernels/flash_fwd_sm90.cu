@@ -91,12 +91,14 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 //   D    head_dim padded (64 or 128; multiple of 64: whole swizzle panels)
 //   NWG  warpgroups per block: block_q = 64 * NWG
 //   BKV  block_kv (64 or 128)
+//   MINB blocks per SM the register budget must allow (2: at most 65536 / (2 * 128 * NWG) registers
+//        a thread, so two blocks share an SM and one's softmax overlaps the other's MMAs)
 // Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x D.
 // Registers per thread: S BKV/2 floats, P BKV/4 words, O D/2 floats.
 // ------------------------------------------------------------------------------------------------
 
-template <bool BF16, int D, int NWG, int BKV, bool CAUSAL>
-__global__ void __launch_bounds__(NWG * 128, 1)
+template <bool BF16, int D, int NWG, int BKV, int MINB, bool CAUSAL>
+__global__ void __launch_bounds__(NWG * 128, MINB)
     fa_fwd_sm90(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                 const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
                 float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
