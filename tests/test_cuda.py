@@ -38,6 +38,10 @@ def test_kernel_source_ships():
     assert '#include "' not in src
     for header in _specs.KERNEL_HEADERS:
         assert (_specs.KERNEL_DIR / header).is_file()
+    # the Hopper kernel is compiled by NVRTC without include paths: it must need no header at all
+    sm90 = _specs.kernel_source(_specs.KERNEL_SOURCE_SM90)
+    assert "fa_fwd_sm90" in sm90 and "wgmma.mma_async" in sm90
+    assert "#include" not in sm90
 
 
 def test_specialization_list_covers_every_case():
@@ -65,6 +69,10 @@ def test_shared_memory_fits_a_hopper_or_ampere_block():
         assert _specs.mma_smem_bytes(d, cfg) <= 163 * 1024  # A100 opt-in limit (H100: 227 KB)
     for (dtype, d), cfg in _specs.SIMT_CONFIGS.items():
         assert _specs.simt_smem_bytes(d, cfg, 8 if dtype == "float64" else 4) <= 163 * 1024
+    hopper = [c for rules in _specs.SM90_RULES.values() for _, c in rules]
+    for d in _specs.SM90_HEAD_DIMS:
+        for cfg in (*hopper, *_specs.SM90_SWEEP[d]):
+            assert _specs.sm90_smem_bytes(d, cfg) * cfg.min_blocks <= 227 * 1024  # H100 / H200 per SM
 
 
 @pytest.mark.skipif(_REASON is None, reason="a GPU is present")
@@ -344,3 +352,100 @@ def test_sanity_large_scores_are_stable():
     q = (q.astype(np.float32) * 8).astype(np.float16)  # scores of tens: the running max must rescale
     out, lse = flash_attention(_to_gpu(q), _to_gpu(k), _to_gpu(v), return_lse=True)
     assert_close_to_reference(out, lse, q, k, v, causal=False, dtype="float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# the Hopper kernel (compute capability 9.0)
+# ---------------------------------------------------------------------------------------------
+
+def _is_hopper() -> bool:
+    if _REASON is not None:
+        return False
+    from fastattn.backends.cuda import _launch
+
+    return _launch.device_capability() == (9, 0)
+
+
+hopper = pytest.mark.skipif(not _is_hopper(), reason="needs a GPU of compute capability 9.0")
+
+HOPPER_SHAPES = [  # (batch, heads, seq_q, seq_kv, head_dim): odd lengths, every tile rule's edges
+    (1, 1, 1, 1, 64),
+    (2, 3, 200, 333, 64),
+    (1, 2, 77, 513, 128),
+    (1, 2, 130, 65, 120),
+    (1, 1, 64, 64, 40),
+    (1, 2, 1025, 1025, 128),
+    (1, 1, 300, 2049, 64),
+    (1, 1, 129, 8193, 64),
+]
+
+
+@hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_hopper_kernel_matches_reference(dtype, shape, causal):
+    b, h, sq, skv, d = shape
+    q, k, v = _inputs(_rng(hash((dtype, shape, causal, 90)) % 2**32), b, h, sq, skv, d, dtype)
+    res = FlashAttention(FlashAttentionConfig(num_heads=h, head_dim=d, causal=causal)).forward_multi_head(
+        _to_gpu(q), _to_gpu(k), _to_gpu(v))
+    assert res.kernel == "wgmma"
+    assert res.block_size_q % 64 == 0 and res.peak_sram_bytes > 48 * 1024
+    assert_close_to_reference(res.output, res.logsumexp, q, k, v, causal=causal, dtype=dtype)
+
+
+@hopper
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_hopper_tile_configuration(dtype, d):
+    """The sweep's configurations too (forced through the launcher), on a shape with ragged tiles."""
+    from fastattn._validate import make_spec
+    from fastattn.backends.cuda import _launch
+
+    q, k, v = _inputs(_rng(d), 2, 2, 333, 517, d, dtype)
+    gq, gk, gv = (_to_gpu(x) for x in (q, k, v))
+    for causal in (False, True):
+        spec = make_spec(gq, gk, gv, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
+                         block_kv=None, num_threads=None)
+        for cfg in _specs.SM90_SWEEP[d]:
+            import cupy
+
+            out = cupy.full(gq.shape, np.nan, dtype=gq.dtype)  # poisoned: every element must be written
+            lse = cupy.full(gq.shape[:3], np.nan, dtype=cupy.float32)
+            used = _launch.launch(gq, gk, gv, out, lse, spec, dtype, config=cfg)
+            assert used.kernel == "wgmma" and used.block_kv == cfg.block_kv
+            assert_close_to_reference(out, lse, q, k, v, causal=causal, dtype=dtype)
+
+
+@hopper
+def test_hopper_kernel_can_be_turned_off(monkeypatch):
+    q, k, v = _inputs(_rng(21), 1, 2, 100, 100, 64, "float16")
+    fa = FlashAttention(FlashAttentionConfig(num_heads=2, head_dim=64, causal=True))
+    gpu_in = [_to_gpu(x) for x in (q, k, v)]
+    a = fa.forward_multi_head(*gpu_in)
+    monkeypatch.setenv("FASTATTN_CUDA_KERNEL", "mma")
+    b = fa.forward_multi_head(*gpu_in)
+    assert (a.kernel, b.kernel) == ("wgmma", "mma.sync")
+    np.testing.assert_allclose(_to_host(a.output), _to_host(b.output), atol=2e-3)
+    monkeypatch.setenv("FASTATTN_CUDA_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="FASTATTN_CUDA_KERNEL"):
+        fa.forward_multi_head(*gpu_in)
+
+
+@hopper
+def test_hopper_kernel_serves_strided_views_and_falls_back_where_it_cannot():
+    rng = _rng(22)
+    b, s, h, d = 2, 150, 3, 128
+    host = [rng.standard_normal((b, s, h, d)).astype(np.float16) for _ in range(3)]
+    views = [_to_gpu(x).transpose(0, 2, 1, 3) for x in host]  # (B, S, H, D) memory, 16-byte rows
+    fa = FlashAttention(FlashAttentionConfig(num_heads=h, head_dim=d, causal=True))
+    res = fa.forward_multi_head(*views)
+    assert res.kernel == "wgmma"
+    ref_in = [x.transpose(0, 2, 1, 3) for x in host]
+    assert_close_to_reference(res.output, res.logsumexp, *ref_in, causal=True, dtype="float16")
+    # dropout, head_dim 96 (no Hopper tile) and an odd head_dim take the mma.sync kernel
+    assert FlashAttention(FlashAttentionConfig(num_heads=h, head_dim=d, dropout_p=0.1)).forward_multi_head(
+        *views).kernel == "mma.sync"
+    for dd in (96, 59):
+        x = _to_gpu(rng.standard_normal((1, 1, 40, dd)).astype(np.float16))
+        assert FlashAttention(FlashAttentionConfig(head_dim=dd)).forward_multi_head(x, x, x).kernel == "mma.sync"

@@ -55,7 +55,7 @@ def check(opts, quick):
         for b, h, sq, skv, d in shapes[: 4 if quick else None]:
             d_pad = _specs.padded_head_dim(d, dtype)
             for causal in (False, True):
-                cfgs = list(dict.fromkeys((_specs.SM90_CONFIGS[(d_pad, causal)], *_specs.SM90_SWEEP[d_pad])))
+                cfgs = list(dict.fromkeys((_specs.sm90_config(d_pad, causal, skv), *_specs.SM90_SWEEP[d_pad])))
                 q, k, v = (rng.standard_normal((b, h, s, d), dtype=cupy.float32).astype(dtype)
                            for s in (sq, skv, skv))
                 ref, ref_lse = reference(q, k, v, causal, 1.0 / np.sqrt(d))
@@ -74,7 +74,7 @@ def check(opts, quick):
 
 
 def sass(opts):
-    name = _specs.sm90_name("float16", 128, _specs.SM90_CONFIGS[(128, False)], False)
+    name = _specs.sm90_name("float16", 128, _specs.sm90_config(128, False, 4096), False)
     cubin, _ = _launch._nvrtc_cubin(_launch._source(name), name, _launch._SM90_OPTIONS + tuple(opts))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -108,7 +108,7 @@ def timing(opts, seqs, dims):
                 out = cupy.empty_like(q)
                 lse = cupy.empty((b, h, n), cupy.float32)
                 res = []
-                for cfg in dict.fromkeys((_specs.SM90_CONFIGS[(d, causal)], *_specs.SM90_SWEEP[d])):
+                for cfg in dict.fromkeys((_specs.sm90_config(d, causal, n), *_specs.SM90_SWEEP[d])):
                     ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, "float16", config=cfg,
                                                            extra_options=opts))
                     res.append(f"{cfg.warpgroups}wg/{cfg.block_kv}{'x2' if cfg.min_blocks == 2 else ''}: "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the CUDA backend: compile every specialization (NVRTC, parallel), tests,
 # compute-sanitizer memcheck on a representative small run, tile sweep, benchmark beside torch.
-#   STEPS="compile tests sanitize sweep bench" bash tools/gpu_session.sh     (logs under $OUT)
+#   STEPS="build compile tests sanitize sweep bench" bash tools/gpu_session.sh     (logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
 STEPS=${STEPS:-"compile tests sanitize sweep bench"}
@@ -14,11 +14,14 @@ python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch._
 for step in $STEPS; do
   echo "=== $step $(date +%T)"
   case $step in
+  build)  # the CPU extension too, so the CPU-vs-GPU tests (dropout mask) run here
+    timeout 200 python3 setup.py build_ext --inplace -q 2>&1 | tail -3
+    ;;
   compile)
     timeout 300 python3 - <<'PY' 2>&1 | tee "$OUT/compile.log"
 import concurrent.futures as cf, time
 from fastattn.backends.cuda import _launch, _specs
-names = _specs.all_name_expressions()
+names = _specs.all_name_expressions() + _specs.all_sm90_name_expressions()
 t0 = time.time()
 def one(n):
     try:
@@ -41,43 +44,21 @@ import fastattn
 rng = np.random.default_rng(0)
 for dt, d, causal, p, sq, skv in [("float16", 64, False, 0.0, 130, 77), ("bfloat16", 128, True, 0.0, 65, 200),
                                   ("float16", 59, True, 0.2, 33, 47), ("float16", 256, False, 0.0, 70, 90),
-                                  ("float32", 80, True, 0.1, 40, 41), ("float64", 200, False, 0.0, 20, 33)]:
+                                  ("float32", 80, True, 0.1, 40, 41), ("float64", 200, False, 0.0, 20, 33),
+                                  ("float16", 128, False, 0.0, 1100, 1030), ("bfloat16", 64, True, 0.0, 300, 2100),
+                                  ("bfloat16", 120, True, 0.0, 333, 517)]:
     npdt = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
     q, k, v = (cupy.asarray(rng.standard_normal((2, 2, s, d)).astype(npdt)) for s in (sq, skv, skv))
-    out, lse = fastattn.flash_attention(q, k, v, causal=causal, dropout_p=p, seed=1, return_lse=True)
+    res = fastattn.FlashAttention(fastattn.FlashAttentionConfig(num_heads=2, head_dim=d, causal=causal,
+                                  dropout_p=p)).forward_multi_head(q, k, v, seed=1)
     cupy.cuda.Device().synchronize()
-    print(dt, d, causal, p, "ok", float(abs(out.astype(cupy.float32)).sum()))
+    print(dt, d, causal, p, res.kernel, "ok", float(abs(res.output.astype(cupy.float32)).sum()))
 PY
     timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_run.py 2>&1 | tee "$OUT/sanitize.log" | tail -15
     echo "sanitizer exit: ${PIPESTATUS[0]}"
     ;;
   sweep)
-    timeout 300 python3 - <<'PY' 2>&1 | tee "$OUT/sweep.log"
-import cupy, numpy as np, torch
-from fastattn import _bench_cuda as bc
-from fastattn._validate import make_spec
-from fastattn.backends.cuda import _launch, _specs
-from torch.nn.attention import SDPBackend, sdpa_kernel
-for dt in ("float16",):
-  for d in (64, 128):
-    for causal in (False, True):
-      for n in (1024, 4096):
-        b, h = 16384 // n, 2048 // d
-        q, k, v = (cupy.random.standard_normal((b, h, n, d), dtype=cupy.float32).astype(dt) for _ in range(3))
-        spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None, block_kv=None, num_threads=None)
-        out = cupy.empty_like(q); lse = cupy.empty((b, h, n), cupy.float32)
-        res = []
-        default = _specs.MMA_CONFIGS[(d, causal)]
-        for cfg, opts in [(c, ()) for c in _specs.MMA_SWEEP[d]] + [(default, ("-DFA_ALWAYS_RESCALE",))]:
-            ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, dt, mma_config=cfg, extra_options=opts))
-            res.append(f"{cfg.warps}w{cfg.m_tiles}m/{cfg.block_kv}s{cfg.stages}{'q' if cfg.q_in_regs else ''}{'R' if opts else ''}: {bc.tflops(b, h, n, d, causal, ms):6.1f}")
-        tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
-        def fl():
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-        ms = bc.time_ms(fl)
-        print(f"{dt} D={d} causal={causal!s:5} N={n:5}  " + "  ".join(res) + f"  | torch-flash {bc.tflops(b, h, n, d, causal, ms):6.1f}")
-PY
+    timeout 300 python3 tools/gpu_probe.py --quick 2>&1 | tee "$OUT/sweep.log" | grep -v " nan 0$"
     ;;
   bench)
     timeout 480 python3 - <<'PY' 2>&1 | tee "$OUT/bench.log"

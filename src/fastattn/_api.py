@@ -20,7 +20,9 @@ class AttentionResult:
     ``flops`` counts 4·head_dim per (query, key) pair inside the mask (so causal is about
     half).  ``peak_sram_bytes`` is the on-chip working set of the tiles actually used: per
     thread on the CPU, shared memory per block on CUDA.  ``seed`` is the dropout seed
-    actually used (drawn when none was given), None without dropout.
+    actually used (drawn when none was given), None without dropout.  ``kernel`` names the code
+    path that ran: the SIMD path on the CPU ("avx512", "avx2", "generic"), the kernel family on
+    CUDA ("wgmma", "mma.sync", "simt"), "numpy" for the reference.
     """
 
     output: Any
@@ -32,6 +34,7 @@ class AttentionResult:
     block_size_q: int
     block_size_kv: int
     num_threads: int
+    kernel: str = ""
 
 
 def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str) -> AttentionResult:
@@ -45,7 +48,7 @@ def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str) -> AttentionRe
     return AttentionResult(
         output=out, logsumexp=lse, flops=spec.flops, peak_sram_bytes=res.stats.peak_sram_bytes,
         backend=engine.NAME, seed=spec.seed, block_size_q=res.stats.block_q,
-        block_size_kv=res.stats.block_kv, num_threads=res.stats.num_threads,
+        block_size_kv=res.stats.block_kv, num_threads=res.stats.num_threads, kernel=res.stats.simd,
     )
 
 

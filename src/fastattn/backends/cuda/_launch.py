@@ -186,7 +186,7 @@ def plan(spec: AttentionSpec, dtype: str, head_dim_pad: int | None = None,
     """The tiles, threads and shared memory of the kernel that serves ``spec``."""
     d_pad = head_dim_pad or _specs.padded_head_dim(spec.head_dim, dtype)
     if isinstance(config, _specs.Sm90Config) or (config is None and sm90):
-        cfg = config or _specs.SM90_CONFIGS[(d_pad, spec.causal)]
+        cfg = config or _specs.sm90_config(d_pad, spec.causal, spec.seq_kv)
         return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg), "wgmma")
     if _specs.is_mma_dtype(dtype):
         cfg = config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
@@ -251,7 +251,7 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if used.kernel == "wgmma":
-        cfg = config if isinstance(config, _specs.Sm90Config) else _specs.SM90_CONFIGS[(d_pad, spec.causal)]
+        cfg = config if isinstance(config, _specs.Sm90Config) else _specs.sm90_config(d_pad, spec.causal, seq_kv)
         name = _specs.sm90_name(dtype, d_pad, cfg, spec.causal)
     elif mma:
         cfg = config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]

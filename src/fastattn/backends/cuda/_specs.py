@@ -92,12 +92,15 @@ MMA_CONFIGS: dict[tuple[int, bool], MmaConfig] = {
 #: padded head_dim of the Hopper kernel (float16 / bfloat16, no dropout, d % 8 == 0, unit stride along d)
 SM90_HEAD_DIMS = (64, 128)
 
-#: default tiles of the Hopper kernel per (padded head_dim, causal)
-SM90_CONFIGS: dict[tuple[int, bool], Sm90Config] = {
-    (64, False): Sm90Config(3, 128),
-    (64, True): Sm90Config(2, 128),
-    (128, False): Sm90Config(2, 128),
-    (128, True): Sm90Config(2, 128),
+#: tiles of the Hopper kernel per (padded head_dim, causal): (largest seq_kv, config) rules, first
+#: match wins.  From the sweep on an H100 (docs/cuda.md): short key sequences (few tiles a block)
+#: prefer two 128-thread warpgroups, at head_dim 64 with two blocks sharing an SM; long ones the
+#: larger 192-row (d=64) or 64-key (d=128) tiles.
+SM90_RULES: dict[tuple[int, bool], tuple[tuple[int, Sm90Config], ...]] = {
+    (64, False): ((2048, Sm90Config(2, 64, 2)), (2**31, Sm90Config(3, 128))),
+    (64, True): ((8192, Sm90Config(2, 64, 2)), (2**31, Sm90Config(3, 128))),
+    (128, False): ((1024, Sm90Config(2, 128)), (2**31, Sm90Config(3, 64))),
+    (128, True): ((2**31, Sm90Config(2, 128)),),
 }
 
 #: extra Hopper tiles the benchmark sweep may try (compiled in CI too)
@@ -105,6 +108,15 @@ SM90_SWEEP: dict[int, tuple[Sm90Config, ...]] = {
     64: (Sm90Config(2, 128), Sm90Config(3, 128), Sm90Config(2, 64, 2), Sm90Config(3, 64)),
     128: (Sm90Config(2, 128), Sm90Config(2, 64), Sm90Config(3, 64)),
 }
+
+
+def sm90_config(head_dim: int, causal: bool, seq_kv: int) -> Sm90Config:
+    """The Hopper kernel's tiles for a padded head_dim (64 or 128), causal flag and key length."""
+    for max_seq, cfg in SM90_RULES[(head_dim, causal)]:
+        if seq_kv <= max_seq:
+            return cfg
+    return SM90_RULES[(head_dim, causal)][-1][1]
+
 
 #: SIMT tiles per (dtype, padded head_dim); shared memory (BQ + 2 BKV) (D+1) + BQ (BKV+1) elements
 SIMT_CONFIGS: dict[tuple[str, int], SimtConfig] = {
@@ -196,7 +208,7 @@ def all_sm90_name_expressions() -> list[str]:
     for dtype in ("float16", "bfloat16"):
         for dim in SM90_HEAD_DIMS:
             for causal in (False, True):
-                for cfg in (SM90_CONFIGS[(dim, causal)], *SM90_SWEEP.get(dim, ())):
+                for cfg in (*(c for _, c in SM90_RULES[(dim, causal)]), *SM90_SWEEP.get(dim, ())):
                     name = sm90_name(dtype, dim, cfg, causal)
                     if name not in names:
                         names.append(name)
