@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the CUDA backend: compile every specialization (NVRTC, parallel), tests,
 # compute-sanitizer memcheck on a representative small run, tile sweep, benchmark beside torch.
-#   STEPS="build compile tests sanitize sweep bench" bash tools/gpu_session.sh     (logs under $OUT)
+#   STEPS="build compile tests sanitize racecheck sweep bench cli" bash tools/gpu_session.sh     (logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
 STEPS=${STEPS:-"compile tests sanitize sweep bench"}
@@ -56,6 +56,29 @@ for dt, d, causal, p, sq, skv in [("float16", 64, False, 0.0, 130, 77), ("bfloat
 PY
     timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_run.py 2>&1 | tee "$OUT/sanitize.log" | tail -15
     echo "sanitizer exit: ${PIPESTATUS[0]}"
+    ;;
+  racecheck)  # shared-memory hazards and barrier misuse in the Hopper kernel (every tile configuration)
+    cat > /tmp/race_run.py <<'PY'
+import cupy, numpy as np
+from fastattn._validate import make_spec
+from fastattn.backends.cuda import _launch, _specs
+rng = cupy.random.default_rng(0)
+for dt in ("float16", "bfloat16"):
+    for d, dd in ((64, 64), (128, 120)):
+        q, k, v = (rng.standard_normal((1, 1, s, dd), dtype=cupy.float32).astype(dt) for s in (200, 333, 333))
+        for causal in (False, True):
+            spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
+                             block_kv=None, num_threads=None)
+            for cfg in _specs.SM90_SWEEP[d]:
+                out = cupy.empty_like(q); lse = cupy.empty((1, 1, 200), cupy.float32)
+                _launch.launch(q, k, v, out, lse, spec, dt, config=cfg)
+cupy.cuda.Device().synchronize()
+print("ran every Hopper tile configuration")
+PY
+    for tool in racecheck synccheck; do
+      timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 /tmp/race_run.py 2>&1 | tee "$OUT/$tool.log" | tail -4
+      echo "$tool exit: ${PIPESTATUS[0]}"
+    done
     ;;
   sweep)
     timeout 300 python3 tools/gpu_probe.py --quick 2>&1 | tee "$OUT/sweep.log" | grep -v " nan 0$"
