@@ -13,7 +13,7 @@ from conftest import assert_close_to_reference, random_array
 from fastattn import AttentionResult, FlashAttention, FlashAttentionConfig
 
 RESULT_FIELDS = {"output", "logsumexp", "flops", "peak_sram_bytes", "backend", "seed", "block_size_q",
-                 "block_size_kv", "num_threads"}
+                 "block_size_kv", "num_threads", "kernel"}
 
 
 def test_defaults():
@@ -112,6 +112,8 @@ def test_forward_one_head(backend, rng):
     assert isinstance(res, AttentionResult)
     assert {f.name for f in dataclasses.fields(res)} == RESULT_FIELDS
     assert res.backend == backend and res.seed is None
+    # the code path that ran: a SIMD path on the cpu backend, NumPy for the reference
+    assert res.kernel == (fastattn.backends.cpu.simd_in_use() if backend == "cpu" else "numpy")
     assert_close_to_reference(res.output, q, k, v, causal=True, scale=0.4, lse=res.logsumexp, rtol=1e-12)
     assert res.flops == 4 * 16 * (37 * 38 // 2)
     with pytest.raises(dataclasses.FrozenInstanceError):
