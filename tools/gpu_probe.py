@@ -93,6 +93,36 @@ def sass(opts):
             f.write(text)
 
 
+def timing_variants(variants, seqs, dims):
+    """Default tiles per shape, each variant's options, beside FA2 (fp16)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for d in dims:
+        for causal in (False, True):
+            for n in seqs:
+                b, h = max(1, 16384 // n), 2048 // d
+                q, k, v = (cupy.random.standard_normal((b, h, n, d), dtype=cupy.float32).astype("float16")
+                           for _ in range(3))
+                spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
+                                 block_kv=None, num_threads=None)
+                out = cupy.empty_like(q)
+                lse = cupy.empty((b, h, n), cupy.float32)
+                cfg = _specs.sm90_config(d, causal, n)
+                res = []
+                for opts in variants:
+                    ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, "float16", config=cfg,
+                                                           extra_options=opts))
+                    res.append(f"{' '.join(opts) or 'base'}: {bc.tflops(b, h, n, d, causal, ms):4.0f}")
+                tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+
+                def fn():
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                        torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                res.append(f"FA2: {bc.tflops(b, h, n, d, causal, bc.time_ms(fn)):4.0f}")
+                print(f"D={d:3} causal={causal!s:5} N={n:5}  " + "  ".join(res), flush=True)
+
+
 def timing(opts, seqs, dims):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -133,9 +163,20 @@ def main():
     ap.add_argument("--seqs", default="1024,2048,4096,16384")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--variants", nargs="*", help="option sets to compare, e.g. '' '-DX'")
     args = ap.parse_args()
     opts = tuple(args.opts)
     t0 = time.time()
+    if args.variants is not None:
+        variants = [tuple(v.split()) for v in args.variants]
+        for v in variants:
+            print("--- check", v or "base", flush=True)
+            if check(v, True) > 0.05:
+                print("FAILED", v)
+                return
+        timing_variants(variants, [int(x) for x in args.seqs.split(",")], [int(x) for x in args.dims.split(",")])
+        print(f"probe done in {time.time() - t0:.0f}s")
+        return
     sass(opts)
     worst = check(opts, args.quick)
     if worst > 0.05:

@@ -59,6 +59,25 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// mbarriers (shared::cta): init by one thread; arrive; arrive when this thread's cp.asyncs land; wait
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra.uni WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
 // byte offset of 16-byte chunk ch (of D/8) in row r of a swizzled R-row tile
 template <int R>
 __device__ __forceinline__ unsigned sw128_offset(int r, int ch) {
@@ -133,6 +152,32 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
     const int n_tiles = (kv_end + BKV - 1) / BKV;  // >= 1: the launcher never runs seq_kv == 0
 
+#ifdef FA_SM90_MBAR
+    // K/V buffers handed over on mbarriers instead of one __syncthreads a tile, so the warpgroups
+    // may drift apart by up to a tile: full_{K,V}[b] complete when every thread's copies into buffer
+    // b landed (count NT), empty_{K,V}[b] when every warp's MMAs reading it finished (count 4 NWG)
+    __shared__ __align__(8) unsigned long long bars[8];
+    const unsigned full_k = smem_u32(bars), full_v = full_k + 16, empty_k = full_k + 32, empty_v = full_k + 48;
+    if (tid == 0) {
+        for (int i = 0; i < 2; ++i) {
+            mbar_init(full_k + 8 * i, NT);
+            mbar_init(full_v + 8 * i, NT);
+            mbar_init(empty_k + 8 * i, 4 * NWG);
+            mbar_init(empty_v + 8 * i, 4 * NWG);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
+    load_tile<BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
+    mbar_arrive_cp_async(full_k);
+    if (n_tiles > 1) {
+        load_tile<BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
+        mbar_arrive_cp_async(full_k + 8);
+    }
+    load_tile<BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
+    mbar_arrive_cp_async(full_v);
+#else
     // prologue: {Q, K_0}, then {K_1, V_0}
     load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
     load_tile<BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
@@ -140,6 +185,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     if (n_tiles > 1) load_tile<BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
     load_tile<BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
     cp_async_commit();
+#endif
 
     float s[NS], o[NO];
     unsigned p[BKV / 4];
@@ -206,6 +252,64 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         for (int w = 0; w < BKV / 4; ++w) p[w] = pack2<BF16>(s[2 * w], s[2 * w + 1]);
     };
 
+#ifdef FA_SM90_MBAR
+    float alpha[2];
+    mbar_wait(full_k, 0);
+    fence_proxy_async();
+    reg_fence(s);
+    wgmma_fence();
+    issue_s(sK);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(s);
+    if (lane == 0) mbar_arrive(empty_k);
+    softmax(0, alpha);
+    pack_p();
+
+    for (int j = 1; j < n_tiles; ++j) {
+        mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
+        mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
+        fence_proxy_async();
+        reg_fence(s);
+        reg_fence(o);
+        wgmma_fence();
+        issue_s(sK + (j & 1) * KV_BYTES);
+        wgmma_commit();
+        issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
+        wgmma_commit();
+        // while the tensor cores run: K_{j+1} into the buffer of K_{j-1}, V_j into that of V_{j-2}
+        if (j + 1 < n_tiles) {
+            mbar_wait(empty_k + 8 * ((j + 1) & 1), ((j - 1) >> 1) & 1);
+            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
+            mbar_arrive_cp_async(full_k + 8 * ((j + 1) & 1));
+        }
+        if (j >= 2) mbar_wait(empty_v + 8 * (j & 1), ((j - 2) >> 1) & 1);
+        load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
+        mbar_arrive_cp_async(full_v + 8 * (j & 1));
+        wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
+        reg_fence(s);
+        if (lane == 0) mbar_arrive(empty_k + 8 * (j & 1));
+        softmax(j * BKV, alpha);
+        wgmma_wait<0>();
+        reg_fence(o);
+        if (lane == 0) mbar_arrive(empty_v + 8 * ((j - 1) & 1));
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+            for (int e = 0; e < NO; ++e) o[e] *= alpha[(e >> 1) & 1];
+        }
+        pack_p();
+    }
+
+    // last P V
+    mbar_wait(full_v + 8 * ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
+    fence_proxy_async();
+    reg_fence(o);
+    wgmma_fence();
+    issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(o);
+#else
     // tile 0
     cp_async_wait<1>();
     fence_proxy_async();
@@ -224,10 +328,12 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         cp_async_wait<0>();  // K_j and V_{j-1} landed (this thread's copies) ...
         fence_proxy_async();
         __syncthreads();  // ... everyone's; and every warpgroup is done with K_{j-1}, V_{j-2}
+#ifndef FA_SM90_LOADS_AFTER
         if (j + 1 < n_tiles)
             load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
         load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
         cp_async_commit();
+#endif
 
         reg_fence(s);
         reg_fence(o);
@@ -236,6 +342,12 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         wgmma_commit();
         issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
         wgmma_commit();
+#ifdef FA_SM90_LOADS_AFTER
+        if (j + 1 < n_tiles)
+            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
+        load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
+        cp_async_commit();
+#endif
         wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
         reg_fence(s);
         softmax(j * BKV, alpha);
@@ -259,6 +371,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(o);
+#endif
 
     // epilogue: this warpgroup's 64 Q rows (read by its own wgmma only, all finished) stage the
     // normalized output in the swizzled layout; then 16-byte coalesced stores
