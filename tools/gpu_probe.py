@@ -163,12 +163,12 @@ def main():
     ap.add_argument("--seqs", default="1024,2048,4096,16384")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--no-timing", action="store_true")
-    ap.add_argument("--variants", nargs="*", help="option sets to compare, e.g. '' '-DX'")
+    ap.add_argument("--variants", help="macros to compare, comma separated ('base' = none), e.g. base,FA_X")
     args = ap.parse_args()
     opts = tuple(args.opts)
     t0 = time.time()
     if args.variants is not None:
-        variants = [tuple(v.split()) for v in args.variants]
+        variants = [() if v == "base" else tuple(f"-D{m}" for m in v.split("+")) for v in args.variants.split(",")]
         for v in variants:
             print("--- check", v or "base", flush=True)
             if check(v, True) > 0.05:
