@@ -58,6 +58,9 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // mbarriers (shared::cta): init by one thread; arrive; arrive when this thread's cp.asyncs land; wait
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
@@ -253,13 +256,30 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     };
 
 #ifdef FA_SM90_MBAR
+#ifdef FA_SM90_PINGPONG
+    // the warpgroups take turns issuing their MMAs (round robin on named barriers 4 + wg), so one
+    // warpgroup's softmax runs while the tensor cores work on the other's tiles
+    const int issues = n_tiles + 1;
+    int issued = 0;
+    auto my_turn = [&]() { named_barrier(4 + wg, 256); };
+    auto next_turn = [&]() {
+        ++issued;
+        if (wg < NWG - 1 || issued < issues) named_barrier_arrive(4 + (wg + 1) % NWG, 256);
+    };
+    if (NWG > 1 && wg == NWG - 1) named_barrier_arrive(4, 256);
+#else
+    auto my_turn = [&]() {};
+    auto next_turn = [&]() {};
+#endif
     float alpha[2];
     mbar_wait(full_k, 0);
     fence_proxy_async();
     reg_fence(s);
+    if (NWG > 1) my_turn();
     wgmma_fence();
     issue_s(sK);
     wgmma_commit();
+    if (NWG > 1) next_turn();
     wgmma_wait<0>();
     reg_fence(s);
     if (lane == 0) mbar_arrive(empty_k);
@@ -272,11 +292,13 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         fence_proxy_async();
         reg_fence(s);
         reg_fence(o);
+        if (NWG > 1) my_turn();
         wgmma_fence();
         issue_s(sK + (j & 1) * KV_BYTES);
         wgmma_commit();
         issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
         wgmma_commit();
+        if (NWG > 1) next_turn();
         // while the tensor cores run: K_{j+1} into the buffer of K_{j-1}, V_j into that of V_{j-2}
         if (j + 1 < n_tiles) {
             mbar_wait(empty_k + 8 * ((j + 1) & 1), ((j - 1) >> 1) & 1);
@@ -304,9 +326,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     mbar_wait(full_v + 8 * ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
     fence_proxy_async();
     reg_fence(o);
+    if (NWG > 1) my_turn();
     wgmma_fence();
     issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES);
     wgmma_commit();
+    if (NWG > 1) next_turn();
     wgmma_wait<0>();
     reg_fence(o);
 #else
