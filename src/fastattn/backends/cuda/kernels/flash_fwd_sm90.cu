@@ -15,9 +15,12 @@
 // bytes a row); the 16-byte chunk c of row r sits at chunk position c ^ (r % 8).
 //
 // Pipeline (per warpgroup, tile j): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back,
-// wait for S_j only and run the softmax of tile j on the CUDA cores while the tensor cores finish
-// P_{j-1} V_{j-1}; then rescale O.  K runs one tile ahead of V, both through cp.async into two
-// buffers each: while tile j computes, K_{j+1} and V_j load into the buffers tile j-1 freed.
+// then, while the tensor cores run, the cp.async copies of K_{j+1} and V_j (K runs one tile ahead
+// of V, two buffers each); wait for S_j only and run the softmax of tile j on the CUDA cores while
+// the tensor cores finish P_{j-1} V_{j-1}; then rescale O.  Buffers are handed over on mbarriers,
+// not a block barrier: "full" completes when every thread's copies into it landed
+// (cp.async.mbarrier.arrive), "empty" when every warp's MMAs reading it finished, so the warpgroups
+// of a block may drift up to a tile apart and one's softmax can overlap another's MMAs.
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -57,9 +60,6 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // mbarriers (shared::cta): init by one thread; arrive; arrive when this thread's cp.asyncs land; wait
@@ -115,7 +115,8 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 //   BKV  block_kv (64 or 128)
 //   MINB blocks per SM the register budget must allow (2: at most 65536 / (2 * 128 * NWG) registers
 //        a thread, so two blocks share an SM and one's softmax overlaps the other's MMAs)
-// Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x D.
+// Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x D;
+// static: 8 mbarriers.
 // Registers per thread: S BKV/2 floats, P BKV/4 words, O D/2 floats.
 // ------------------------------------------------------------------------------------------------
 
@@ -155,7 +156,6 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
     const int n_tiles = (kv_end + BKV - 1) / BKV;  // >= 1: the launcher never runs seq_kv == 0
 
-#ifdef FA_SM90_MBAR
     // K/V buffers handed over on mbarriers instead of one __syncthreads a tile, so the warpgroups
     // may drift apart by up to a tile: full_{K,V}[b] complete when every thread's copies into buffer
     // b landed (count NT), empty_{K,V}[b] when every warp's MMAs reading it finished (count 4 NWG)
@@ -180,15 +180,6 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     }
     load_tile<BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
     mbar_arrive_cp_async(full_v);
-#else
-    // prologue: {Q, K_0}, then {K_1, V_0}
-    load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
-    load_tile<BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
-    cp_async_commit();
-    if (n_tiles > 1) load_tile<BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
-    load_tile<BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
-    cp_async_commit();
-#endif
 
     float s[NS], o[NO];
     unsigned p[BKV / 4];
@@ -210,11 +201,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     auto issue_pv = [&](unsigned v_tile) {
 #pragma unroll
         for (int kb = 0; kb < BKV / 16; ++kb)
-#ifdef FA_SM90_SWAP_V_OFFSETS  // experiment hook: the descriptor's two offsets exchanged
-            wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, 1024, BKV * 128));
-#else
             wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, BKV * 128, 1024));
-#endif
     };
     // masks tile kv0 in s, turns s into 2^(s*scale_log2 - m) and updates m_i, l_i; returns alpha
     auto softmax = [&](int kv0, float (&alpha)[2]) {
@@ -255,31 +242,13 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         for (int w = 0; w < BKV / 4; ++w) p[w] = pack2<BF16>(s[2 * w], s[2 * w + 1]);
     };
 
-#ifdef FA_SM90_MBAR
-#ifdef FA_SM90_PINGPONG
-    // the warpgroups take turns issuing their MMAs (round robin on named barriers 4 + wg), so one
-    // warpgroup's softmax runs while the tensor cores work on the other's tiles
-    const int issues = n_tiles + 1;
-    int issued = 0;
-    auto my_turn = [&]() { named_barrier(4 + wg, 256); };
-    auto next_turn = [&]() {
-        ++issued;
-        if (wg < NWG - 1 || issued < issues) named_barrier_arrive(4 + (wg + 1) % NWG, 256);
-    };
-    if (NWG > 1 && wg == NWG - 1) named_barrier_arrive(4, 256);
-#else
-    auto my_turn = [&]() {};
-    auto next_turn = [&]() {};
-#endif
     float alpha[2];
     mbar_wait(full_k, 0);
     fence_proxy_async();
     reg_fence(s);
-    if (NWG > 1) my_turn();
     wgmma_fence();
     issue_s(sK);
     wgmma_commit();
-    if (NWG > 1) next_turn();
     wgmma_wait<0>();
     reg_fence(s);
     if (lane == 0) mbar_arrive(empty_k);
@@ -292,13 +261,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         fence_proxy_async();
         reg_fence(s);
         reg_fence(o);
-        if (NWG > 1) my_turn();
         wgmma_fence();
         issue_s(sK + (j & 1) * KV_BYTES);
         wgmma_commit();
         issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
         wgmma_commit();
-        if (NWG > 1) next_turn();
         // while the tensor cores run: K_{j+1} into the buffer of K_{j-1}, V_j into that of V_{j-2}
         if (j + 1 < n_tiles) {
             mbar_wait(empty_k + 8 * ((j + 1) & 1), ((j - 1) >> 1) & 1);
@@ -326,76 +293,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     mbar_wait(full_v + 8 * ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
     fence_proxy_async();
     reg_fence(o);
-    if (NWG > 1) my_turn();
-    wgmma_fence();
-    issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES);
-    wgmma_commit();
-    if (NWG > 1) next_turn();
-    wgmma_wait<0>();
-    reg_fence(o);
-#else
-    // tile 0
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    float alpha[2];
-    reg_fence(s);
-    wgmma_fence();
-    issue_s(sK);
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(s);
-    softmax(0, alpha);
-    pack_p();
-
-    for (int j = 1; j < n_tiles; ++j) {
-        cp_async_wait<0>();  // K_j and V_{j-1} landed (this thread's copies) ...
-        fence_proxy_async();
-        __syncthreads();  // ... everyone's; and every warpgroup is done with K_{j-1}, V_{j-2}
-#ifndef FA_SM90_LOADS_AFTER
-        if (j + 1 < n_tiles)
-            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
-        load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
-        cp_async_commit();
-#endif
-
-        reg_fence(s);
-        reg_fence(o);
-        wgmma_fence();
-        issue_s(sK + (j & 1) * KV_BYTES);
-        wgmma_commit();
-        issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
-        wgmma_commit();
-#ifdef FA_SM90_LOADS_AFTER
-        if (j + 1 < n_tiles)
-            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
-        load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
-        cp_async_commit();
-#endif
-        wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
-        reg_fence(s);
-        softmax(j * BKV, alpha);
-        wgmma_wait<0>();
-        reg_fence(o);
-        // once the running maxima settle, most tiles leave every row max unchanged (alpha = 1)
-        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-            for (int e = 0; e < NO; ++e) o[e] *= alpha[(e >> 1) & 1];
-        }
-        pack_p();
-    }
-
-    // last P V
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-    reg_fence(o);
     wgmma_fence();
     issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(o);
-#endif
 
     // epilogue: this warpgroup's 64 Q rows (read by its own wgmma only, all finished) stage the
     // normalized output in the swizzled layout; then 16-byte coalesced stores
