@@ -449,3 +449,43 @@ def test_hopper_kernel_serves_strided_views_and_falls_back_where_it_cannot():
     for dd in (96, 59):
         x = _to_gpu(rng.standard_normal((1, 1, 40, dd)).astype(np.float16))
         assert FlashAttention(FlashAttentionConfig(head_dim=dd)).forward_multi_head(x, x, x).kernel == "mma.sync"
+
+
+@hopper
+def test_hopper_cubin_disk_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
+    from fastattn.backends.cuda import _launch
+
+    monkeypatch.setenv("FASTATTN_CACHE_DIR", str(tmp_path))
+    name = _specs.sm90_name("float16", 64, _specs.sm90_config(64, True, 100), True)
+    cubin, lowered = _launch._nvrtc_cubin(_launch._source(name), name, _launch._SM90_OPTIONS)
+    files = list(tmp_path.glob("*.cubin"))
+    assert len(files) == 1 and lowered.startswith("_Z") and len(cubin) > 1000
+    assert _launch._nvrtc_cubin(_launch._source(name), name, _launch._SM90_OPTIONS) == (cubin, lowered)
+    files[0].write_bytes(files[0].read_bytes()[:-100])  # torn write: the hash no longer matches
+    assert _launch._nvrtc_cubin(_launch._source(name), name, _launch._SM90_OPTIONS) == (cubin, lowered)
+    monkeypatch.setattr(_launch, "_KERNELS", {})  # a fresh process: the kernel comes from the cache
+    monkeypatch.setattr(_launch, "_PLANS", {})
+    q, k, v = _inputs(_rng(23), 1, 2, 100, 100, 64, "float16")
+    res = FlashAttention(FlashAttentionConfig(num_heads=2, head_dim=64, causal=True)).forward_multi_head(
+        *(_to_gpu(x) for x in (q, k, v)))
+    assert res.kernel == "wgmma"
+    assert_close_to_reference(res.output, res.logsumexp, q, k, v, causal=True, dtype="float16")
+
+
+@hopper
+def test_hopper_kernel_build_failure_falls_back_with_a_warning(monkeypatch):
+    from fastattn.backends.cuda import _launch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NVRTC could not compile (simulated)")
+
+    monkeypatch.setattr(_launch, "_nvrtc_cubin", broken)
+    monkeypatch.setattr(_launch, "_KERNELS", {})
+    monkeypatch.setattr(_launch, "_PLANS", {})
+    monkeypatch.setattr(_launch, "_SM90_FAILED", {})
+    q, k, v = _inputs(_rng(24), 1, 1, 80, 80, 128, "bfloat16")
+    fa = FlashAttention(FlashAttentionConfig(head_dim=128))
+    with pytest.warns(RuntimeWarning, match="Hopper kernel"):
+        res = fa.forward_multi_head(*(_to_gpu(x) for x in (q, k, v)))
+    assert res.kernel == "mma.sync"
+    assert_close_to_reference(res.output, res.logsumexp, q, k, v, causal=False, dtype="bfloat16")

@@ -266,10 +266,11 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
                 np.float64(1.0 / (1.0 - spec.dropout_p)))
     try:
         kernel = get_kernel(name, used.smem, extra_options)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to build or load the Hopper kernel
         if used.kernel != "wgmma" or config is not None:
             raise
-        # an NVRTC without sm_90a: say so once and serve the call (and later ones) with fa_fwd_mma
+        # e.g. an NVRTC without sm_90a, or a CuPy without NVRTC's cubin calls: say so once and
+        # serve the call (and later ones on this device) with fa_fwd_mma
         _SM90_FAILED[cp_device()] = str(exc)
         warnings.warn(f"fastattn: the Hopper kernel did not compile, using the mma.sync kernel: {exc}",
                       RuntimeWarning, stacklevel=4)
