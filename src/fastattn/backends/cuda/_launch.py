@@ -174,26 +174,34 @@ def kernel_family() -> str:
     return family
 
 
+def sm90_can_serve(spec: AttentionSpec, dtype: str, d_pad: int, vec: bool) -> bool:
+    """Is the call one the Hopper kernel computes (dtype, dropout, padded head_dim, 16-byte rows)?"""
+    return _specs.is_mma_dtype(dtype) and spec.dropout_p == 0.0 and d_pad in _specs.SM90_HEAD_DIMS and vec
+
+
 def uses_sm90(spec: AttentionSpec, dtype: str, d_pad: int, vec: bool, capability: tuple[int, int],
               family: str = "auto") -> bool:
-    """Does the Hopper kernel serve this call?"""
-    return (family == "auto" and capability == (9, 0) and _specs.is_mma_dtype(dtype) and spec.dropout_p == 0.0
-            and d_pad in _specs.SM90_HEAD_DIMS and vec)
+    """Does the Hopper kernel serve this call (by default, on this device)?"""
+    return family == "auto" and capability == (9, 0) and sm90_can_serve(spec, dtype, d_pad, vec)
 
 
-def plan(spec: AttentionSpec, dtype: str, head_dim_pad: int | None = None,
-         config: _specs.MmaConfig | _specs.Sm90Config | None = None, sm90: bool = False) -> Plan:
-    """The tiles, threads and shared memory of the kernel that serves ``spec``."""
-    d_pad = head_dim_pad or _specs.padded_head_dim(spec.head_dim, dtype)
-    if isinstance(config, _specs.Sm90Config) or (config is None and sm90):
-        cfg = config or _specs.sm90_config(d_pad, spec.causal, spec.seq_kv)
-        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg), "wgmma")
+def tile_config(spec: AttentionSpec, dtype: str, d_pad: int, sm90: bool) -> Any:
+    """The tables' tile configuration for a call: Sm90Config, MmaConfig or SimtConfig."""
+    if sm90:
+        return _specs.sm90_config(d_pad, spec.causal, spec.seq_kv)
     if _specs.is_mma_dtype(dtype):
-        cfg = config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
+        return _specs.MMA_CONFIGS[(d_pad, spec.causal)]
+    return _specs.SIMT_CONFIGS[(dtype, d_pad)]
+
+
+def plan(dtype: str, d_pad: int, cfg: Any) -> Plan:
+    """The tiles, threads, shared memory and kernel family of one tile configuration."""
+    if isinstance(cfg, _specs.Sm90Config):
+        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg), "wgmma")
+    if isinstance(cfg, _specs.MmaConfig):
         return Plan(cfg.block_q, cfg.block_kv, cfg.warps * 32, _specs.mma_smem_bytes(d_pad, cfg), "mma.sync")
-    scfg = _specs.SIMT_CONFIGS[(dtype, d_pad)]
     itemsize = 8 if dtype == "float64" else 4
-    return Plan(scfg.block_q, scfg.block_kv, scfg.block_q * 4, _specs.simt_smem_bytes(d_pad, scfg, itemsize), "simt")
+    return Plan(cfg.block_q, cfg.block_kv, cfg.block_q * 4, _specs.simt_smem_bytes(d_pad, cfg, itemsize), "simt")
 
 
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
@@ -238,12 +246,13 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     d_pad = _specs.padded_head_dim(d, dtype)
     mma = _specs.is_mma_dtype(dtype)
     vec = mma and all(_vec_ok(x, d) for x in (q, k, v))
-    sm90 = uses_sm90(spec, dtype, d_pad, vec, device_capability(), family) and cp_device() not in _SM90_FAILED
-    if isinstance(config, _specs.Sm90Config) and not (mma and vec and spec.dropout_p == 0.0
-                                                      and d_pad in _specs.SM90_HEAD_DIMS):
+    if isinstance(config, _specs.Sm90Config) and not sm90_can_serve(spec, dtype, d_pad, vec):
         raise ValueError(f"the Hopper kernel cannot serve this call ({dtype}, head_dim {d}, "
                          f"dropout {spec.dropout_p}, 16-byte rows {vec})")
-    used = plan(spec, dtype, d_pad, config, sm90)
+    sm90 = uses_sm90(spec, dtype, d_pad, vec, device_capability(), family) and cp_device() not in _SM90_FAILED
+    forced = isinstance(config, _specs.Sm90Config) or (mma and config is not None)  # an MmaConfig: mma dtypes
+    cfg = config if forced else tile_config(spec, dtype, d_pad, sm90)
+    used = plan(dtype, d_pad, cfg)
     if batch * heads * seq_q == 0:
         return None, None, None, None, None, used
 
@@ -251,13 +260,11 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if used.kernel == "wgmma":
-        cfg = config if isinstance(config, _specs.Sm90Config) else _specs.sm90_config(d_pad, spec.causal, seq_kv)
         name = _specs.sm90_name(dtype, d_pad, cfg, spec.causal)
-    elif mma:
-        cfg = config or _specs.MMA_CONFIGS[(d_pad, spec.causal)]
+    elif used.kernel == "mma.sync":
         name = _specs.mma_name(dtype, d_pad, cfg, spec.causal, dropout, vec)
     else:
-        name = _specs.simt_name(dtype, d_pad, _specs.SIMT_CONFIGS[(dtype, d_pad)], spec.causal, dropout)
+        name = _specs.simt_name(dtype, d_pad, cfg, spec.causal, dropout)
     if mma:
         tail = (np.float32(spec.scale * np.log2(np.e)), np.uint64(seed), np.uint32(threshold),
                 np.float32(1.0 / (1.0 - spec.dropout_p)))
