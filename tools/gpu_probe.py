@@ -94,11 +94,8 @@ def sass(opts):
             f.write(text)
 
 
-def timing_variants(variants, seqs, dims):
-    """Default tiles per shape, each variant's options, beside FA2 (fp16)."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def _workloads(seqs, dims):
+    """FlashAttention's grid in fp16: (d, causal, n, q, k, v, spec, out, lse) per shape."""
     for d in dims:
         for causal in (False, True):
             for n in seqs:
@@ -107,54 +104,52 @@ def timing_variants(variants, seqs, dims):
                            for _ in range(3))
                 spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
                                  block_kv=None, num_threads=None)
-                out = cupy.empty_like(q)
-                lse = cupy.empty((b, h, n), cupy.float32)
-                cfg = _specs.sm90_config(d, causal, n)
-                res = []
-                for opts in variants:
-                    ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, "float16", config=cfg,
-                                                           extra_options=opts))
-                    res.append(f"{' '.join(opts) or 'base'}: {bc.tflops(b, h, n, d, causal, ms):4.0f}")
-                tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+                yield d, causal, n, q, k, v, spec, cupy.empty_like(q), cupy.empty((b, h, n), cupy.float32)
 
-                def fn():
-                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                        torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-                res.append(f"FA2: {bc.tflops(b, h, n, d, causal, bc.time_ms(fn)):4.0f}")
-                print(f"D={d:3} causal={causal!s:5} N={n:5}  " + "  ".join(res), flush=True)
+
+def _torch_tflops(q, k, v, causal, labels):
+    """TFLOP/s of torch's SDPA backends ("FA2", "cuDNN") on the same buffers."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    impls = bc._torch_impls(torch)
+    backends = {"FA2": impls["torch-flash"], "cuDNN": impls["torch-cudnn"]}
+    b, h, n, d = q.shape
+    tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+    res = []
+    for label in labels:
+        def fn(be=backends[label]):
+            with sdpa_kernel([be]):
+                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        res.append(f"{label}: {bc.tflops(b, h, n, d, causal, bc.time_ms(fn)):4.0f}")
+    return res
+
+
+def _ours(q, k, v, out, lse, spec, cfg, opts, causal):
+    b, h, n, d = q.shape
+    ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, "float16", config=cfg, extra_options=opts))
+    return bc.tflops(b, h, n, d, causal, ms)
+
+
+def timing_variants(variants, seqs, dims):
+    """Default tiles per shape, each variant's options, beside FA2 (fp16)."""
+    for d, causal, n, q, k, v, spec, out, lse in _workloads(seqs, dims):
+        cfg = _specs.sm90_config(d, causal, n)
+        res = [f"{' '.join(opts) or 'base'}: {_ours(q, k, v, out, lse, spec, cfg, opts, causal):4.0f}"
+               for opts in variants]
+        res += _torch_tflops(q, k, v, causal, ("FA2",))
+        print(f"D={d:3} causal={causal!s:5} N={n:5}  " + "  ".join(res), flush=True)
 
 
 def timing(opts, seqs, dims):
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    for d in dims:
-        for causal in (False, True):
-            for n in seqs:
-                b, h = max(1, 16384 // n), 2048 // d
-                q, k, v = (cupy.random.standard_normal((b, h, n, d), dtype=cupy.float32).astype("float16")
-                           for _ in range(3))
-                spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
-                                 block_kv=None, num_threads=None)
-                out = cupy.empty_like(q)
-                lse = cupy.empty((b, h, n), cupy.float32)
-                res = []
-                for cfg in dict.fromkeys((_specs.sm90_config(d, causal, n), *_specs.SM90_SWEEP[d])):
-                    ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, "float16", config=cfg,
-                                                           extra_options=opts))
-                    res.append(f"{cfg.warpgroups}wg/{cfg.block_kv}{'x2' if cfg.min_blocks == 2 else ''}: "
-                               f"{bc.tflops(b, h, n, d, causal, ms):4.0f}")
-                mma = _specs.MMA_CONFIGS[(d, causal)]
-                ms = bc.time_ms(lambda: _launch.launch(q, k, v, out, lse, spec, "float16", config=mma))
-                res.append(f"mma: {bc.tflops(b, h, n, d, causal, ms):4.0f}")
-                tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
-                for label, be in (("FA2", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
-                    def fn():
-                        with sdpa_kernel([be]):
-                            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-                    ms = bc.time_ms(fn)
-                    res.append(f"{label}: {bc.tflops(b, h, n, d, causal, ms):4.0f}")
-                print(f"D={d:3} causal={causal!s:5} N={n:5}  " + "  ".join(res), flush=True)
+    """Every Hopper tile configuration and the mma.sync kernel per shape, beside FA2 and cuDNN (fp16)."""
+    for d, causal, n, q, k, v, spec, out, lse in _workloads(seqs, dims):
+        res = [f"{cfg.warpgroups}wg/{cfg.block_kv}{'x2' if cfg.min_blocks == 2 else ''}: "
+               f"{_ours(q, k, v, out, lse, spec, cfg, opts, causal):4.0f}"
+               for cfg in dict.fromkeys((_specs.sm90_config(d, causal, n), *_specs.SM90_SWEEP[d]))]
+        res.append(f"mma: {_ours(q, k, v, out, lse, spec, _specs.MMA_CONFIGS[(d, causal)], (), causal):4.0f}")
+        res += _torch_tflops(q, k, v, causal, ("FA2", "cuDNN"))
+        print(f"D={d:3} causal={causal!s:5} N={n:5}  " + "  ".join(res), flush=True)
 
 
 def main():
