@@ -399,6 +399,8 @@ def test_hopper_kernel_matches_reference(dtype, shape, causal):
 @pytest.mark.parametrize("d", [64, 128])
 def test_every_hopper_tile_configuration(dtype, d):
     """The sweep's configurations too (forced through the launcher), on a shape with ragged tiles."""
+    import cupy
+
     from fastattn._validate import make_spec
     from fastattn.backends.cuda import _launch
 
@@ -408,8 +410,6 @@ def test_every_hopper_tile_configuration(dtype, d):
         spec = make_spec(gq, gk, gv, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
                          block_kv=None, num_threads=None)
         for cfg in _specs.SM90_SWEEP[d]:
-            import cupy
-
             out = cupy.full(gq.shape, np.nan, dtype=gq.dtype)  # poisoned: every element must be written
             lse = cupy.full(gq.shape[:3], np.nan, dtype=cupy.float32)
             used = _launch.launch(gq, gk, gv, out, lse, spec, dtype, config=cfg)
