@@ -108,7 +108,8 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     one per work item; any positive Python int is accepted)."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
-    cdef int64_t n_heads, n_q, n_kv, group, n_groups, g, first, size, j, panel_bytes
+    cdef int64_t n_heads, n_q, n_kv, group, n_groups, j, panel_bytes, panels_bytes
+    cdef int64_t g = 0, first = 0, size = 0   # set before the parallel block: firstprivate copies
     cdef char *panels = NULL
     cdef void *scratch = NULL
     cdef int num_threads
@@ -150,9 +151,18 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
             break
     n_groups = (n_heads + group - 1) // group
     panel_bytes = fa_panel_bytes(&p, isa_id)
-    panels = <char *> fa_aligned_alloc(group * panel_bytes)
+    panels_bytes = -1 if panel_bytes < 0 or panel_bytes > (2**63 - 1) // group else group * panel_bytes
+    if panels_bytes < 0:
+        raise MemoryError(
+            f"fastattn: the packed K/V panels for k/v of shape {tuple((<object> k).shape)} (seq_kv={p.seq_kv}, "
+            f"head_dim={p.head_dim}) need more than 2**63 bytes; this backend packs every key it attends to"
+        )
+    panels = <char *> fa_aligned_alloc(panels_bytes)
     if panels == NULL:
-        raise MemoryError(f"fastattn: could not allocate {group * panel_bytes} bytes of packed K/V panels")
+        raise MemoryError(
+            f"fastattn: could not allocate {panels_bytes} bytes of packed K/V panels for k/v of shape "
+            f"{tuple((<object> k).shape)} ({group} head(s) of seq_kv={p.seq_kv}, head_dim={p.head_dim})"
+        )
     try:
         with nogil, parallel(num_threads=num_threads):
             scratch = fa_scratch_new(&p, isa_id)
@@ -178,5 +188,8 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     finally:
         fa_aligned_free(panels)
     if failed:
-        raise MemoryError("fastattn: could not allocate the per-thread tile scratch")
+        raise MemoryError(
+            f"fastattn: could not allocate the per-thread tile scratch (block_q={block_q}, block_kv={block_kv}, "
+            f"head_dim={p.head_dim})"
+        )
     return num_threads

@@ -105,6 +105,7 @@ int64_t fa_panel_bytes(const fa_params *p, int isa) {
 }
 
 void *fa_aligned_alloc(int64_t bytes) {
+    if (bytes < 0 || bytes > INT64_MAX - 64) return NULL;
     if (bytes < 64) bytes = 64;
     return aligned_alloc(64, (size_t)((bytes + 63) / 64 * 64));
 }

@@ -43,10 +43,10 @@ int fa_best_isa(void);
 const char *fa_isa_name(int isa);
 int64_t fa_num_q_tiles(const fa_params *p);
 int64_t fa_num_kv_tiles(const fa_params *p);        /* key tiles some query may see */
-int64_t fa_panel_bytes(const fa_params *p, int isa);
+int64_t fa_panel_bytes(const fa_params *p, int isa);  /* -1: the size does not fit in int64 */
 void *fa_aligned_alloc(int64_t bytes);               /* NULL on failure; free with fa_aligned_free */
 void fa_aligned_free(void *ptr);
-void *fa_scratch_new(const fa_params *p, int isa);   /* NULL on allocation failure */
+void *fa_scratch_new(const fa_params *p, int isa);   /* NULL on allocation failure or size overflow */
 void fa_scratch_free(void *scratch);
 void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel);
 void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch);

@@ -5,14 +5,21 @@
  *   FA_S_MR x FA_S_NR  rows x vectors of the S = Q.K^T micro-kernel,
  *   FA_O_MR x FA_O_ND  rows x vectors of the O += P.V micro-kernel.
  *
- * Math (base 2: Q is pre-scaled by scale*log2(e), so exp2 stands for exp):
+ * Math (base 2, c = scale * log2(e) > 0; S is the raw product q.k, so the row max commutes with c):
  *   for each key tile t, for each query row i of the item's query tile:
- *     S_ij  = q_i . k_j                              (masked to -inf outside the causal prefix)
+ *     S_ij  = q_i . k_j                              (-inf outside the row's visible keys: the mask)
  *     m'_i  = max(m_i, max_j S_ij)
- *     P_ij  = 2^(S_ij - m'_i)
- *     l'_i  = 2^(m_i - m'_i) l_i + sum_j P_ij        (undropped: lse is the undropped one)
- *     O'_i  = 2^(m_i - m'_i) O_i + sum_j D_ij P_ij v_j  (D: dropout keep / (1-p), else 1)
- *   out_i = O_i / l_i,  lse_i = ln2 (m_i + log2 l_i)    (l_i = 0: out 0, lse -inf)
+ *     P_ij  = 2^((S_ij - m'_i) c)                    (the exponent is <= 0 by construction: never +inf)
+ *     A_i   = sum_j D_ij P_ij v_j                    (a fresh accumulator per tile: blocked summation)
+ *     l'_i  = 2^((m_i - m'_i) c) l_i + sum_j P_ij    (undropped, in double: lse is the undropped one)
+ *     O'_i  = 2^((m_i - m'_i) c) O_i + A_i           (D: dropout keep / (1-p), else 1)
+ *   out_i = O_i / l_i,  lse_i = scale m_i + ln l_i    (l_i = 0: out 0, lse -inf)
+ * If a raw product overflows to +inf while scale < 1 (|q.k| > FLT_MAX although scale.q.k fits),
+ * the item is recomputed with q pre-multiplied by scale (S = scale q.k, c = log2 e, lse = m + ln l).
+ *
+ * Masked keys never contribute: a key outside row i's visible range gets P_ij = 0 and is left out
+ * of row i's P.V product whenever its V holds a non-finite value (pack_tile flags such tiles), so a
+ * NaN or inf behind the mask never reaches the row, whatever the tile sizes.
  *
  * Ownership: the item owns its query rows for all key tiles (no reduction across
  * threads, so results are independent of the thread count).  K^T and V of a head are
@@ -121,20 +128,29 @@ template <typename T> struct kern {
     }
 
     /* 2^x for x <= 0 (or NaN): x = n + f, |f| <= 1/2, 2^f by a polynomial (vec_traits::poly),
-     * times 2^n built in the exponent field.  Below -126 the result is 0 (-inf -> 0
-     * exactly); NaN stays NaN (it flows through the multiply). */
+     * times 2^n built in the exponent field.  -inf -> 0 exactly; NaN stays NaN (it flows through
+     * the multiply).  float: results below 2^-126 are 0 (no subnormal weights, so no slow
+     * subnormal arithmetic in the products that follow).  double: the whole range down to the
+     * smallest subnormal, 2^-1074, with 2^n built as 2^(n - n/2) 2^(n/2) (both normal). */
     static inline V exp2v(V x) {
         const T magic = (T)1.5 * (T)((I)1 << vec_traits<T>::MANT);
-        const V lo = splat((T)-126);
+        const bool wide = vec_traits<T>::MANT == 52;
+        const V lo = splat(wide ? (T)-1075 : (T)-126);
         V xc = x < lo ? lo : x;
         V t = xc + magic;                 /* rounds xc to an integer in t's low mantissa bits */
         V n = t - magic;
         V f = xc - n;
         V p = splat(vec_traits<T>::poly(vec_traits<T>::DEG));
         for (int k = vec_traits<T>::DEG - 1; k >= 0; --k) p = p * f + vec_traits<T>::poly(k);
-        const int bias = vec_traits<T>::MANT == 23 ? 127 : 1023;
-        VI ni = (VI)t - (VI)splat(magic) + bias;   /* n + bias, in 1 .. bias */
-        V r = p * (V)(ni << (int)vec_traits<T>::MANT);
+        const int bias = wide ? 1023 : 127;
+        VI ni = (VI)t - (VI)splat(magic);           /* n, in lo .. 0 */
+        V r;
+        if (wide) {
+            VI half = ni >> 1;                        /* floor(n / 2) >= -538 */
+            r = p * (V)((ni - half + bias) << (int)vec_traits<T>::MANT) * (V)((half + bias) << (int)vec_traits<T>::MANT);
+        } else {
+            r = p * (V)((ni + bias) << (int)vec_traits<T>::MANT);
+        }
         return x < lo ? V{} : r;
     }
 
@@ -166,13 +182,15 @@ template <typename T> struct kern {
         }
     }
 
-    /* O[r][0..ND*W) = alpha[r] * O[r] + sum_{c < nc} P[r][c] * Vp[c][0..ND*W) for MR rows. */
+    /* O[r][0..ND*W) = alpha[r] * O[r] + sum_{c < nc} P[r][c] * Vp[c][0..ND*W) for MR rows.  The
+     * tile's sum starts from zero and joins O once at the end: the long sum over every key of the
+     * row is then a sum of per-tile sums (blocked summation), not one running chain. */
     template <int MR, int ND>
     static inline void o_block(const T *p, int64_t ldp, const T *vp, int64_t ldv, int64_t nc,
                                const T *alpha, T *o, int64_t ldo) {
         V acc[MR][ND];
         for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < ND; ++j) acc[i][j] = load(o + i * ldo + j * W) * alpha[i];
+            for (int j = 0; j < ND; ++j) acc[i][j] = V{};
         for (int64_t c = 0; c < nc; ++c) {
             V b[ND];
             for (int j = 0; j < ND; ++j) b[j] = load(vp + c * ldv + j * W);
@@ -182,7 +200,7 @@ template <typename T> struct kern {
             }
         }
         for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < ND; ++j) store(o + i * ldo + j * W, acc[i][j]);
+            for (int j = 0; j < ND; ++j) store(o + i * ldo + j * W, load(o + i * ldo + j * W) * alpha[i] + acc[i][j]);
     }
 
     template <int ND>
@@ -197,40 +215,64 @@ template <typename T> struct kern {
 
     static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+    /* a * b, or -1 when it does not fit in int64 (every size below goes through this) */
+    static inline int64_t mul_checked(int64_t a, int64_t b) {
+        int64_t r;
+        return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? -1 : r;
+    }
+    static inline int64_t add_checked(int64_t a, int64_t b) {
+        int64_t r;
+        return (a < 0 || b < 0 || __builtin_add_overflow(a, b, &r)) ? -1 : r;
+    }
+
     /* The packed K/V of one head ("panel"), shared by the threads working on that head:
-     * K^T tiles [n_kv_tiles][d][bkvp], then V tiles [n_kv_tiles][bkvp][dp]. */
+     * K^T tiles [n_kv_tiles][d][bkvp], then V tiles [n_kv_tiles][bkvp][dp], then one flag per
+     * tile (1: that V tile holds a non-finite value, see run_item's masked-key rule). */
     struct layout {
         int64_t dp, bkvp, n_kv_tiles;
         layout(const fa_params *p)
             : dp(round_up(p->head_dim, W)), bkvp(round_up(p->block_kv, W)),
-              n_kv_tiles((p->seq_kv + p->block_kv - 1) / p->block_kv) {}
+              n_kv_tiles(p->seq_kv / p->block_kv + (p->seq_kv % p->block_kv != 0)) {}
+        T *kt(T *panel, int64_t t, int64_t d) const { return panel + t * d * bkvp; }
+        T *v(T *panel, int64_t t, int64_t d) const { return panel + n_kv_tiles * d * bkvp + t * bkvp * dp; }
+        T *flags(T *panel, int64_t d) const { return panel + n_kv_tiles * bkvp * (d + dp); }
     };
 
+    /* elements of one panel, or -1 if that does not fit in int64 bytes */
     static int64_t panel_elems(const fa_params *p) {
         const layout L(p);
-        return L.n_kv_tiles * L.bkvp * (p->head_dim + L.dp);
+        const int64_t per_tile = mul_checked(L.bkvp, add_checked(p->head_dim, L.dp));
+        const int64_t elems = add_checked(mul_checked(L.n_kv_tiles, per_tile), L.n_kv_tiles);
+        return mul_checked(elems, (int64_t)sizeof(T)) < 0 ? -1 : elems;
     }
 
-    /* Per-thread scratch: the tiles of one work item. */
+    /* Per-thread scratch: the tiles of one work item (l in double: the running row sum). */
     struct scratch {
-        T *qp, *s, *o, *m, *l, *alpha;
+        T *qp, *s, *o, *m, *alpha;
+        double *l;
         void *block;
     };
 
     static scratch *scratch_new(const fa_params *p) {
-        scratch *ws = (scratch *)calloc(1, sizeof(scratch));
-        if (!ws) return NULL;
         const layout L(p);
         const int64_t d = p->head_dim, bq = p->block_q;
-        const int64_t pad = 64 / sizeof(T);
-        int64_t sizes[6] = {bq * d, bq * L.bkvp, bq * L.dp, bq, bq, bq};
+        const int64_t pad = 64 / (int64_t)sizeof(T);
+        /* qp, s, o, m, alpha in T; l in double (2 T-slots each for float) */
+        const int64_t sizes[6] = {mul_checked(bq, d), mul_checked(bq, L.bkvp), mul_checked(bq, L.dp), bq, bq,
+                                  mul_checked(bq, (int64_t)(sizeof(double) / sizeof(T)))};
         int64_t total = 0;
-        for (int i = 0; i < 6; ++i) total += round_up(sizes[i], pad) + pad;
-        ws->block = aligned_alloc(64, (size_t)round_up(total * (int64_t)sizeof(T), 64));
+        for (int i = 0; i < 6; ++i) total = add_checked(total, add_checked(round_up(sizes[i] < 0 ? -1 : sizes[i], pad), pad));
+        const int64_t bytes = mul_checked(total, (int64_t)sizeof(T));
+        if (total < 0 || bytes < 0 || bytes > INT64_MAX - 64) return NULL;
+        scratch *ws = (scratch *)calloc(1, sizeof(scratch));
+        if (!ws) return NULL;
+        ws->block = aligned_alloc(64, (size_t)round_up(bytes, 64));
         if (!ws->block) { free(ws); return NULL; }
         T *cur = (T *)ws->block;
-        T **slots[6] = {&ws->qp, &ws->s, &ws->o, &ws->m, &ws->l, &ws->alpha};
-        for (int i = 0; i < 6; ++i) { *slots[i] = cur; cur += round_up(sizes[i], pad) + pad; }
+        T *starts[6];
+        for (int i = 0; i < 6; ++i) { starts[i] = cur; cur += round_up(sizes[i], pad) + pad; }
+        ws->qp = starts[0]; ws->s = starts[1]; ws->o = starts[2]; ws->m = starts[3]; ws->alpha = starts[4];
+        ws->l = (double *)starts[5];
         return ws;
     }
 
@@ -238,7 +280,8 @@ template <typename T> struct kern {
         if (ws) { free(ws->block); free(ws); }
     }
 
-    /* Packs key/value tile t of head bh into that head's panel. */
+    /* Packs key/value tile t of head bh into that head's panel and flags a V tile that holds a
+     * non-finite value. */
     template <T (*LOAD)(const char *)>
     static void pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
         const layout L(p);
@@ -248,8 +291,8 @@ template <typename T> struct kern {
         const char *vbase = p->v + b * p->v_strides[0] + h * p->v_strides[1];
         const int64_t k0 = t * p->block_kv;
         const int64_t ncols = (p->seq_kv - k0 < p->block_kv) ? p->seq_kv - k0 : p->block_kv;
-        T *kt = panel + t * d * bkvp;
-        T *vp = panel + L.n_kv_tiles * d * bkvp + t * bkvp * dp;
+        T *kt = L.kt(panel, t, d);
+        T *vp = L.v(panel, t, d);
         for (int64_t dd = 0; dd < d; ++dd)
             for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
         /* K^T: blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
@@ -261,16 +304,23 @@ template <typename T> struct kern {
                 for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
             }
         }
+        T probe = 0;   /* 0 * x is NaN exactly when x is NaN or +-inf */
         for (int64_t c = 0; c < ncols; ++c) {
             const char *vrow = vbase + (k0 + c) * p->v_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
+            for (int64_t dd = 0; dd < d; ++dd) {
+                const T x = LOAD(vrow + dd * p->v_strides[3]);
+                vp[c * dp + dd] = x;
+                probe += x * (T)0;
+            }
             for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
         }
         for (int64_t c = ncols; c < bkvp; ++c)
             for (int64_t dd = 0; dd < dp; ++dd) vp[c * dp + dd] = 0;
+        L.flags(panel, d)[t] = probe != probe ? (T)1 : (T)0;
     }
 
-    /* Number of keys of tile starting at k0 (ncols wide) that query i may see. */
+    /* The mask, the one hook every row and tile goes through: the number of keys of the tile
+     * starting at k0 (ncols wide) that query i may see; they are the tile's first ones. */
     static inline int64_t visible(const fa_params *p, int64_t i, int64_t k0, int64_t ncols) {
         if (!p->causal) return ncols;
         int64_t v = i - k0 + 1;
@@ -290,11 +340,10 @@ template <typename T> struct kern {
         const int64_t g_first = k0 >> 2, g_last = (k0 + nvis - 1) >> 2;
         uint32_t words[4 * L];
         for (int64_t g0 = g_first; g0 <= g_last; g0 += L) {
-            philox_u32v c[4];
-            for (int l = 0; l < L; ++l) c[0][l] = (uint32_t)(g0 + l);
-            c[1] = philox_u32v{} + (uint32_t)i;
-            c[2] = philox_u32v{} + (uint32_t)h;
-            c[3] = philox_u32v{} + (uint32_t)b;
+            philox_u32v groups = philox_u32v{} + (uint32_t)g0;
+            for (int l = 0; l < L; ++l) groups[l] += (uint32_t)l;
+            philox_u32v c[4] = {groups, philox_u32v{} + (uint32_t)i, philox_u32v{} + (uint32_t)h,
+                                philox_u32v{} + (uint32_t)b};
             philox4x32_10_vec(c, p->seed);
             philox_columns(c, words);                       /* words[t]: column 4 g0 + t */
             const int64_t base = 4 * g0 - k0;               /* P index of words[0] */
@@ -306,19 +355,20 @@ template <typename T> struct kern {
     }
 
     /* The online-softmax step for one row: turns S into P in place, updates m, l, alpha.
-     * NaN: the max ignores NaN scores (maxps), but 2^(NaN - m) is NaN, so a NaN score still
-     * makes the row sum, and so the output row and lse, NaN. */
-    static void softmax_row(T *srow, int64_t nvis, int64_t nzero, T *m, T *l, T *alpha) {
+     * P = 2^((S - m') c): S - m' <= 0 and c > 0, so no weight can overflow, however large the
+     * scores.  NaN: the max ignores NaN scores, but 2^(NaN) is NaN, so a NaN score still makes
+     * the row sum, and so the output row and lse, NaN.  Returns 1 when the row max is +inf. */
+    static int softmax_row(T *srow, int64_t nvis, int64_t nzero, T c, T *m, double *l, T *alpha) {
         const int64_t nv = nvis > 0 ? round_up(nvis, W) : 0;
-        for (int64_t c = nvis; c < nv; ++c) srow[c] = -__builtin_inf();
+        for (int64_t cc = nvis; cc < nv; ++cc) srow[cc] = -__builtin_inf();
         V vmax0 = splat(-__builtin_inf()), vmax1 = vmax0;   /* two chains: max latency, not throughput */
-        int64_t c = 0;
-        for (; c + 2 * W <= nv; c += 2 * W) {
-            V x0 = load(srow + c), x1 = load(srow + c + W);
+        int64_t cc = 0;
+        for (; cc + 2 * W <= nv; cc += 2 * W) {
+            V x0 = load(srow + cc), x1 = load(srow + cc + W);
             vmax0 = x0 > vmax0 ? x0 : vmax0;
             vmax1 = x1 > vmax1 ? x1 : vmax1;
         }
-        if (c < nv) { V x0 = load(srow + c); vmax0 = x0 > vmax0 ? x0 : vmax0; }
+        if (cc < nv) { V x0 = load(srow + cc); vmax0 = x0 > vmax0 ? x0 : vmax0; }
         vmax0 = vmax1 > vmax0 ? vmax1 : vmax0;
         T row_max = vmax0[0];
         for (int j = 1; j < W; ++j) row_max = vmax0[j] > row_max ? vmax0[j] : row_max;
@@ -326,114 +376,144 @@ template <typename T> struct kern {
         if (m_new == -__builtin_inf()) {
             /* nothing visible, or every visible score is -inf or NaN: P = 0 unless a NaN is there */
             T fill = 0;
-            for (int64_t cc = 0; cc < nvis; ++cc) if (srow[cc] != srow[cc]) fill = srow[cc];
-            for (int64_t cc = 0; cc < nzero; cc += W) store(srow + cc, splat(fill));
-            if (fill != fill) *l = fill;
+            for (int64_t k = 0; k < nvis; ++k) if (srow[k] != srow[k]) fill = srow[k];
+            for (int64_t k = 0; k < nzero; k += W) store(srow + k, splat(fill));
+            if (fill != fill) *l = (double)fill;
             *alpha = 1;
-            return;
+            return 0;
         }
         V vsum0 = V{}, vsum1 = V{};
-        const V vm = splat(m_new);
-        for (c = 0; c + 2 * W <= nv; c += 2 * W) {
-            V e0 = exp2v(load(srow + c) - vm), e1 = exp2v(load(srow + c + W) - vm);
-            store(srow + c, e0);
-            store(srow + c + W, e1);
+        const V vm = splat(m_new), vc = splat(c);
+        for (cc = 0; cc + 2 * W <= nv; cc += 2 * W) {
+            V e0 = exp2v((load(srow + cc) - vm) * vc), e1 = exp2v((load(srow + cc + W) - vm) * vc);
+            store(srow + cc, e0);
+            store(srow + cc + W, e1);
             vsum0 += e0;
             vsum1 += e1;
         }
-        if (c < nv) { V e0 = exp2v(load(srow + c) - vm); store(srow + c, e0); vsum0 += e0; }
-        for (c = nv; c < nzero; c += W) store(srow + c, V{});
+        if (cc < nv) { V e0 = exp2v((load(srow + cc) - vm) * vc); store(srow + cc, e0); vsum0 += e0; }
+        for (cc = nv; cc < nzero; cc += W) store(srow + cc, V{});
         vsum0 += vsum1;
         T row_sum = 0;
         for (int j = 0; j < W; ++j) row_sum += vsum0[j];
-        const T a = exp2v(splat(*m - m_new))[0];
+        const T a = exp2v(splat((*m - m_new) * c))[0];
         *alpha = a;
-        *l = a * *l + row_sum;
+        *l = (double)a * *l + (double)row_sum;
         *m = m_new;
+        return m_new == __builtin_inf();
     }
 
+    /* One pass of the item with the query rows multiplied by qmul and exponents by c (see the
+     * header).  Returns 1 if some row max was +inf (a raw product overflowed, or an input is inf). */
     template <T (*LOAD)(const char *)>
-    static void run_item(const fa_params *p, int64_t bh, int64_t qt, const T *panel, scratch *ws) {
+    static int item_pass(const fa_params *p, int64_t bh, int64_t qt, const T *panel, scratch *ws, T qmul, T c) {
         const layout L(p);
         const int64_t d = p->head_dim, dp = L.dp, bkvp = L.bkvp;
         const int64_t bq = p->block_q, bkv = p->block_kv;
         const int64_t b = bh / p->heads, h = bh % p->heads;
         const int64_t q0 = qt * bq;
         const int64_t rows = (p->seq_q - q0 < bq) ? p->seq_q - q0 : bq;
+        const T *flags = L.flags((T *)panel, d);
 
         /* key tiles this query tile needs (causal: up to its last row) */
         int64_t kv_end = p->seq_kv;
         if (p->causal && q0 + rows < kv_end) kv_end = q0 + rows;
         const int64_t n_tiles = (kv_end + bkv - 1) / bkv;
 
-        const T qscale = (T)(p->scale * 1.4426950408889634074);   /* log2(e) */
         const char *qbase = p->q + b * p->q_strides[0] + h * p->q_strides[1];
         for (int64_t r = 0; r < rows; ++r) {
             const char *qrow = qbase + (q0 + r) * p->q_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * d + dd] = LOAD(qrow + dd * p->q_strides[3]) * qscale;
+            for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * d + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
             ws->m[r] = -__builtin_inf();
             ws->l[r] = 0;
             for (int64_t dd = 0; dd < dp; ++dd) ws->o[r * dp + dd] = 0;
         }
 
+        int overflow = 0;
         for (int64_t t = 0; t < n_tiles; ++t) {
             const int64_t k0 = t * bkv;
             const int64_t ncols = (p->seq_kv - k0 < bkv) ? p->seq_kv - k0 : bkv;
-            const T *kt = panel + t * d * bkvp;
-            const T *vp = panel + L.n_kv_tiles * d * bkvp + t * bkvp * dp;
+            const T *kt = L.kt((T *)panel, t, d);
+            const T *vp = L.v((T *)panel, t, d);
             const int64_t tile_vis = round_up(visible(p, q0 + rows - 1, k0, ncols), W);
 
             /* S = Q.K^T over the visible prefix of each row block.  Column strips outside, row
              * blocks inside: one strip of K^T (d x S_NR vectors) stays in L1 for the whole tile. */
-            for (int64_t c = 0; c < tile_vis; c += FA_S_NR * W) {
-                const bool full = c + FA_S_NR * W <= tile_vis;
+            for (int64_t c0 = 0; c0 < tile_vis; c0 += FA_S_NR * W) {
+                const bool full = c0 + FA_S_NR * W <= tile_vis;
                 for (int64_t r0 = 0; r0 < rows; r0 += FA_S_MR) {
                     const int mr = (int)((rows - r0 < FA_S_MR) ? rows - r0 : FA_S_MR);
                     const int64_t ncomp = round_up(visible(p, q0 + r0 + mr - 1, k0, ncols), W);
-                    if (c >= ncomp) continue;
+                    if (c0 >= ncomp) continue;
                     const T *qblk = ws->qp + r0 * d;
                     T *sblk = ws->s + r0 * bkvp;
-                    if (full && c + FA_S_NR * W <= ncomp) {
-                        s_rows<FA_S_NR>(mr, qblk, d, kt + c, bkvp, d, sblk + c, bkvp);
+                    if (full && c0 + FA_S_NR * W <= ncomp) {
+                        s_rows<FA_S_NR>(mr, qblk, d, kt + c0, bkvp, d, sblk + c0, bkvp);
                     } else {
-                        for (int64_t cc = c; cc < ncomp && cc < c + FA_S_NR * W; cc += W)
+                        for (int64_t cc = c0; cc < ncomp && cc < c0 + FA_S_NR * W; cc += W)
                             s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
                     }
                 }
             }
 
-            /* P = 2^(S - m'), running max / sum, dropout */
+            /* P = 2^((S - m') c), running max / sum, dropout */
             for (int64_t r = 0; r < rows; ++r) {
                 const int64_t nvis = visible(p, q0 + r, k0, ncols);
                 T *srow = ws->s + r * bkvp;
-                softmax_row(srow, nvis, tile_vis, ws->m + r, ws->l + r, ws->alpha + r);
+                overflow |= softmax_row(srow, nvis, tile_vis, c, ws->m + r, ws->l + r, ws->alpha + r);
                 if (p->dropout && nvis > 0) apply_dropout(p, b, h, q0 + r, k0, nvis, srow);
             }
 
-            /* O = alpha O + P.V over the visible prefix of each row block */
-            for (int64_t r0 = 0; r0 < rows; r0 += FA_O_MR) {
-                const int mr = (int)((rows - r0 < FA_O_MR) ? rows - r0 : FA_O_MR);
+            /* O = alpha O + P.V over the visible prefix of each row block; a V tile with a
+             * non-finite value goes row by row, each row over its own visible keys only */
+            const bool rowwise = flags[t] != (T)0;
+            const int mr_max = rowwise ? 1 : FA_O_MR;
+            for (int64_t r0 = 0; r0 < rows; r0 += mr_max) {
+                const int mr = (int)((rows - r0 < mr_max) ? rows - r0 : mr_max);
                 const int64_t nc = visible(p, q0 + r0 + mr - 1, k0, ncols);
                 if (nc == 0) continue;           /* all rows of the block see nothing: alpha = 1 */
                 const T *prow = ws->s + r0 * bkvp;
                 T *orow = ws->o + r0 * dp;
-                int64_t c = 0;
-                for (; c + FA_O_ND * W <= dp; c += FA_O_ND * W)
-                    o_rows<FA_O_ND>(mr, prow, bkvp, vp + c, dp, nc, ws->alpha + r0, orow + c, dp);
-                for (; c < dp; c += W)
-                    o_rows<1>(mr, prow, bkvp, vp + c, dp, nc, ws->alpha + r0, orow + c, dp);
+                int64_t cd = 0;
+                for (; cd + FA_O_ND * W <= dp; cd += FA_O_ND * W)
+                    o_rows<FA_O_ND>(mr, prow, bkvp, vp + cd, dp, nc, ws->alpha + r0, orow + cd, dp);
+                for (; cd < dp; cd += W)
+                    o_rows<1>(mr, prow, bkvp, vp + cd, dp, nc, ws->alpha + r0, orow + cd, dp);
+            }
+        }
+        return overflow;
+    }
+
+    template <T (*LOAD)(const char *)>
+    static void run_item(const fa_params *p, int64_t bh, int64_t qt, const T *panel, scratch *ws) {
+        /* c = scale log2(e), kept a positive finite number (a huge scale saturates: every weight
+         * but the row maximum's underflows, as in exact arithmetic) */
+        const double big = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
+        double c_raw = p->scale * 1.4426950408889634074;
+        if (!(c_raw <= big)) c_raw = big;
+        const double tiny = sizeof(T) == 8 ? __DBL_MIN__ : (double)__FLT_MIN__;
+        if (c_raw < tiny) c_raw = tiny;
+        double unit = p->scale;   /* lse = unit m + ln l */
+        if (item_pass<LOAD>(p, bh, qt, panel, ws, (T)1, (T)c_raw) && p->scale < 1.0) {
+            /* a raw product overflowed: scores in their own units (q scale, c = log2 e) */
+            const T qmul = (T)p->scale;
+            if (qmul > (T)0) {
+                item_pass<LOAD>(p, bh, qt, panel, ws, qmul, (T)1.4426950408889634074);
+                unit = 1.0;
             }
         }
 
-        /* out = O / l, lse = ln2 (m + log2 l) */
+        /* out = O / l, lse = unit m + ln l */
+        const int64_t d = p->head_dim, dp = layout(p).dp, bq = p->block_q;
+        const int64_t q0 = qt * bq;
+        const int64_t rows = (p->seq_q - q0 < bq) ? p->seq_q - q0 : bq;
         T *out = (T *)p->out + ((bh * p->seq_q) + q0) * d;
         T *lse = (T *)p->lse + bh * p->seq_q + q0;
         for (int64_t r = 0; r < rows; ++r) {
-            const T l = ws->l[r];
-            const T inv = l > 0 ? (T)1 / l : (l == 0 ? (T)0 : l);   /* l NaN stays NaN */
+            const double l = ws->l[r];
+            const T inv = l > 0 ? (T)(1.0 / l) : (l == 0 ? (T)0 : (T)l);   /* l NaN stays NaN */
             for (int64_t dd = 0; dd < d; ++dd) out[r * d + dd] = ws->o[r * dp + dd] * inv;
-            lse[r] = l > 0 ? (T)0.6931471805599453094 * (ws->m[r] + (T)log2((double)l))
-                           : (l == 0 ? -(T)__builtin_inf() : l);
+            lse[r] = l > 0 ? (T)(unit * (double)ws->m[r] + log(l)) : (l == 0 ? -(T)__builtin_inf() : (T)l);
         }
     }
 };
@@ -454,9 +534,10 @@ static void scratch_free(const fa_params *p, void *ws) {
     else kern<float>::scratch_free((kern<float>::scratch *)ws);
 }
 
+/* bytes of one head's panel, or -1 if that size does not fit in int64 */
 static int64_t panel_bytes(const fa_params *p) {
-    if (p->in_dtype == FA_DTYPE_F64) return kern<double>::panel_elems(p) * 8;
-    return kern<float>::panel_elems(p) * 4;
+    const int64_t elems = p->in_dtype == FA_DTYPE_F64 ? kern<double>::panel_elems(p) : kern<float>::panel_elems(p);
+    return elems < 0 ? -1 : elems * (p->in_dtype == FA_DTYPE_F64 ? 8 : 4);
 }
 
 static void pack_tile(const fa_params *p, int64_t bh, int64_t t, void *panel) {
