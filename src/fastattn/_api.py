@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import backends
+from ._arrays import input_array, like_input
 from ._checks import check_bool
 from ._config import FlashAttentionConfig
 from ._validate import AttentionSpec, as_4d, check_arrays, make_spec
@@ -37,10 +38,16 @@ class AttentionResult:
     kernel: str = ""
 
 
+def _inputs(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any]:
+    """q, k, v as arrays the backends read (host objects as NumPy views; see ``_arrays``)."""
+    return input_array("q", q), input_array("k", k), input_array("v", v)
+
+
 def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str) -> AttentionResult:
+    like = q  # outputs go back as the caller's kind (a torch tensor for torch input)
+    q, k, v = _inputs(q, k, v)
     engine = backends.resolve(backend, q, k, v)
     spec: AttentionSpec = make_spec(q, k, v, **spec_kwargs)  # every check before any work
-    like = q
     q, k, v = (engine.prepare(x) for x in (q, k, v))
     res = engine.forward(as_4d(q), as_4d(k), as_4d(v), spec)
     out = engine.restore(res.out.reshape(spec.q_shape), like)
@@ -112,13 +119,16 @@ def standard_attention(q: Any, k: Any, v: Any, *, causal: bool = False, scale: f
     """
     from .backends.reference import materialized
 
-    q, k, v = (np.asarray(x) for x in (q, k, v))
+    like = q
+    q, k, v = _inputs(q, k, v)
+    if any(not isinstance(x, np.ndarray) for x in (q, k, v)):
+        raise TypeError("standard_attention runs in NumPy: pass host arrays (NumPy, or torch CPU tensors)")
     spec = make_spec(q, k, v, causal=causal, scale=scale, dropout_p=0.0, seed=None,
                      block_q=None, block_kv=None, num_threads=None)
     compute = np.float64 if spec.dtype == np.float64 else np.float32
     out, _ = materialized(as_4d(q), as_4d(k), as_4d(v), causal=spec.causal, scale=spec.scale,
                           compute_dtype=compute)
-    return out.reshape(spec.q_shape).astype(spec.dtype)
+    return like_input(out.reshape(spec.q_shape).astype(spec.dtype), like)
 
 
 class FlashAttention:
@@ -145,7 +155,7 @@ class FlashAttention:
         )
 
     def _check_head_dim(self, q: Any, k: Any, v: Any) -> None:
-        check_arrays(q, k, v)
+        check_arrays(*_inputs(q, k, v))
         if q.shape[-1] != self.config.head_dim:
             raise ValueError(
                 f"head_dim of the inputs ({q.shape[-1]}, from q shape {tuple(q.shape)}) does not match "

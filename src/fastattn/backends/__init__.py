@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -91,4 +92,25 @@ def resolve(name: str, *arrays: Any) -> ModuleType:
             raise ValueError("q, k and v must all live on the same device (some are GPU arrays, some are not)")
         return require("cuda")
     cpu = get_backend("cpu")
-    return cpu if cpu.availability() is None else require("reference")
+    reason = cpu.availability()
+    if reason is None:
+        return cpu
+    _warn_fallback_once(reason)
+    return require("reference")
+
+
+_warned_fallback = False
+
+
+def _warn_fallback_once(reason: str) -> None:
+    """backend="auto" without the compiled cpu kernel: said once per process, never silently."""
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"fastattn: the compiled cpu backend is not available ({reason}); backend='auto' falls back "
+            f"to the 'reference' backend, which materializes every (seq_q x seq_kv) score matrix in "
+            f"float64: O(N^2) memory and far slower. Install fastattn with its compiled extension "
+            f"(pip install .) or pass backend='reference' to choose it knowingly.",
+            RuntimeWarning, stacklevel=4,
+        )

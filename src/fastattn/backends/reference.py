@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import like_input
 from .._dropout import keep_mask
 from .._validate import AttentionSpec
 from . import BackendStats, ForwardOutput
@@ -26,7 +27,7 @@ def prepare(x: Any) -> np.ndarray:
 
 
 def restore(y: Any, like: Any) -> Any:
-    return y
+    return like_input(y, like)
 
 
 def describe() -> dict:
@@ -47,7 +48,9 @@ def materialized(
     """Standard attention on 4-D arrays, one (b, h) score matrix at a time.
 
     Returns (out, lse) in ``compute_dtype``.  Top-left causal mask: query i sees keys
-    0..i.  Rows that see no key give output 0 and lse -inf.
+    0..i.  Rows that see no key give output 0 and lse -inf.  Masked keys never contribute: a NaN
+    or inf in the V row of a key that query i does not see leaves row i untouched (visible keys
+    follow the formula, so a non-finite visible value makes its output column non-finite).
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
@@ -77,13 +80,27 @@ def materialized(
                 if dropout_p > 0.0:
                     keep = keep_mask(seed, dropout_p, b, h, seq_q, seq_kv)
                     p = np.where(keep, p / compute_dtype(1.0 - dropout_p), 0.0)
-                out[b, h] = p @ vh
+                out[b, h] = _weights_times_values(p, vh, allowed)
             # NaN inputs: a row whose scores hold NaN gives NaN, as the formula says
             nan_rows = np.isnan(s).any(axis=1) | np.isnan(row_sum[:, 0])
             if nan_rows.any():
                 out[b, h][nan_rows] = np.nan
                 lse[b, h][nan_rows] = np.nan
     return out, lse
+
+
+def _weights_times_values(p: np.ndarray, v: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """``p @ v`` where a masked weight (``allowed`` False) never multiplies its value: 0 * NaN would
+    otherwise leak a non-finite value from behind the mask."""
+    out = p @ v
+    if allowed is None:
+        return out
+    bad = ~np.isfinite(v)
+    if bad.any():
+        with np.errstate(invalid="ignore", over="ignore"):
+            for c in np.flatnonzero(bad.any(axis=0)):
+                out[:, c] = np.where(allowed, p * v[:, c][None, :], 0.0).sum(axis=1)
+    return out
 
 
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
@@ -95,4 +112,5 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
         block_q=spec.seq_q, block_kv=spec.seq_kv,
         peak_sram_bytes=spec.seq_q * spec.seq_kv * 8, num_threads=1, simd="numpy",
     )
-    return ForwardOutput(out.astype(spec.dtype), lse.astype(spec.lse_dtype), stats)
+    with np.errstate(over="ignore"):  # a float64 result beyond the output dtype's range is +-inf there
+        return ForwardOutput(out.astype(spec.dtype), lse.astype(spec.lse_dtype), stats)

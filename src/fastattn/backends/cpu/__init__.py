@@ -2,8 +2,10 @@
 
 SIMD path: the best one this CPU supports, unless forced by the environment variable
 ``FASTATTN_SIMD`` (``avx512``, ``avx2`` or ``generic``; read at each call) or by the
-context manager :func:`set_simd`.  Threads: ``num_threads`` when given, else OpenMP's
-default, which honours ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits``.
+context manager :func:`set_simd`.  Threads: ``_threads.choose_threads`` (at most ``num_threads``
+when given, else OpenMP's default, which honours ``OMP_NUM_THREADS`` and
+``threadpoolctl.threadpool_limits``; never more than the CPUs this process may use or than the
+work can keep busy).
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from ..._arrays import like_input
 from ..._dropout import dropout_threshold
 from ..._validate import AttentionSpec
 from .. import BackendStats, ForwardOutput
+from . import _threads
 from ._tiles import cache_sizes, choose_tiles, working_set_bytes
 
 NAME = "cpu"
 
+_threads.configure_openmp_wait()  # read by libgomp when the extension loads it
 try:  # import_module: a missing extension reads "No module named ...", not "circular import"
     _flash_cpu = importlib.import_module(f"{__name__}._flash_cpu")
 except ImportError as exc:  # pragma: no cover - only without the compiled extension
@@ -32,6 +37,8 @@ except ImportError as exc:  # pragma: no cover - only without the compiled exten
     _IMPORT_ERROR = str(exc)
 else:
     _IMPORT_ERROR = ""
+finally:
+    _threads.restore_environment()
 
 SIMD_NAMES = ("avx512", "avx2", "generic")
 
@@ -111,7 +118,7 @@ def prepare(x: Any) -> np.ndarray:
 
 
 def restore(y: Any, like: Any) -> Any:
-    return y
+    return like_input(y, like)
 
 
 def describe() -> dict:
@@ -122,8 +129,9 @@ def describe() -> dict:
     return {
         "simd": simd,
         "simd_available": simd_paths(),
-        "threads": _flash_cpu.default_threads(),
+        "threads": min(_flash_cpu.default_threads(), _threads.cpu_limit()),
         "openmp": _flash_cpu.openmp_enabled(),
+        "openmp_spin_count": _threads.openmp_wait_policy(),
         "cache_bytes": cache_sizes(),
     }
 
@@ -141,7 +149,12 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
     block_q, block_kv = choose_tiles(spec.head_dim, itemsize, spec.block_q, spec.block_kv, spec.seq_q, spec.seq_kv)
     out = np.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=compute)
     lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
-    threads = spec.num_threads or _flash_cpu.default_threads()  # the kernel caps it at its work items
+    n_items = spec.batch * spec.heads * -(-spec.seq_q // block_q)
+    threads = _threads.choose_threads(
+        spec.num_threads or _flash_cpu.default_threads(), flops=spec.flops,
+        kv_elements=2 * spec.batch * spec.heads * spec.seq_kv * spec.head_dim, compute_itemsize=itemsize,
+        items=n_items,
+    )
     if _forked_child and threads > 1:
         _warn_forked_once()
         threads = 1

@@ -154,14 +154,14 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     panels_bytes = -1 if panel_bytes < 0 or panel_bytes > (2**63 - 1) // group else group * panel_bytes
     if panels_bytes < 0:
         raise MemoryError(
-            f"fastattn: the packed K/V panels for k/v of shape {tuple((<object> k).shape)} (seq_kv={p.seq_kv}, "
-            f"head_dim={p.head_dim}) need more than 2**63 bytes; this backend packs every key it attends to"
+            f"fastattn: k and v with seq_kv={p.seq_kv} keys of head_dim={p.head_dim} need more than 2**63 bytes "
+            f"of packed K/V panels; the cpu backend packs every key it attends to"
         )
     panels = <char *> fa_aligned_alloc(panels_bytes)
     if panels == NULL:
         raise MemoryError(
-            f"fastattn: could not allocate {panels_bytes} bytes of packed K/V panels for k/v of shape "
-            f"{tuple((<object> k).shape)} ({group} head(s) of seq_kv={p.seq_kv}, head_dim={p.head_dim})"
+            f"fastattn: could not allocate {panels_bytes} bytes of packed K/V panels for k and v with "
+            f"seq_kv={p.seq_kv} keys of head_dim={p.head_dim} ({group} head(s) at a time)"
         )
     try:
         with nogil, parallel(num_threads=num_threads):
