@@ -52,7 +52,7 @@ def test_info_json(capsys):
 def test_memory_estimates_only(capsys):
     assert main(["memory", "--seq-lens", "256", "4096", "--head-dim", "32", "--no-measure"]) == 0
     out = capsys.readouterr().out
-    assert "4096" in out and "naive/head" in out and "not measured" in out
+    assert "4096" in out and "materialized est." in out and "not measured" in out
 
 
 def test_memory_measured_json(capsys):
@@ -252,4 +252,4 @@ def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     argv = ["memory", "--seq-lens", "64", "--no-measure", "--plot", str(tmp_path / "m.png")]
     assert main(argv) == 1
-    assert "pip install fastattn[plot]" in capsys.readouterr().err
+    assert 'pip install ".[plot]"' in capsys.readouterr().err

@@ -235,7 +235,7 @@ def _plot_or_explain(plot: Any, *args: Any, **kwargs: Any) -> int:
     try:
         plot(*args, **kwargs)
     except ImportError as exc:
-        if "fastattn[plot]" not in str(exc):
+        if "needs matplotlib" not in str(exc):
             raise
         print(f"fastattn: {exc}", file=sys.stderr)
         return 1

@@ -386,7 +386,9 @@ def plot(results: Sequence[dict], path: str | os.PathLike, title: str = "") -> N
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("plotting needs matplotlib; install it with `pip install fastattn[plot]`") from exc
+        from ._memory import PLOT_HINT
+
+        raise ImportError(f"plotting needs matplotlib: {PLOT_HINT}") from exc
     if "matplotlib.pyplot" not in sys.modules:  # never switch (and so close) a user's pyplot figures
         matplotlib.use("Agg")
     from matplotlib.figure import Figure
