@@ -46,20 +46,55 @@ def test_info_json(capsys):
     assert facts["backends"] == fastattn.available_backends()
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastattn {fastattn.__version__}"
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from fastattn.__main__ import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {"fastattn": parser, **subparsers.choices}
+    missing = [f"{name} {'/'.join(action.option_strings)}"
+               for name, p in parsers.items() for action in p._actions
+               if action.option_strings and not (action.help and action.help != argparse.SUPPRESS)]
+    assert missing == []
+    for name in subparsers.choices:
+        assert any(c.dest == name and c.help for c in subparsers._choices_actions), name
+
+
 # --------------------------------------------------------------------------- memory
 
 
 def test_memory_estimates_only(capsys):
     assert main(["memory", "--seq-lens", "256", "4096", "--head-dim", "32", "--no-measure"]) == 0
     out = capsys.readouterr().out
-    assert "4096" in out and "naive/head" in out and "not measured" in out
+    assert "4096" in out and "materialized est." in out and "not measured" in out
 
 
 def test_memory_measured_json(capsys):
-    assert main(["memory", "--seq-lens", "256", "512", "--heads", "2", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    assert main(["memory", "--seq-lens", "256", "512", "--heads", "2", "--threads", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     assert [r["seq_len"] for r in report["rows"]] == [256, 512]
     assert all(r["materialized_peak_bytes"] > 0 for r in report["rows"])
+    if report["backend"] == "cpu":
+        assert report["num_threads"] == 1 and all(r["flash_threads"] == 1 for r in report["rows"])
+    # progress on stderr by default: one step per measured call
+    assert "memory:" in captured.err and "4/4" in captured.err
+
+
+def test_memory_no_progress(capsys):
+    assert main(["memory", "--seq-lens", "128", "--heads", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "memory:" not in captured.err
+    assert "flash peak" in captured.out
 
 
 def test_memory_plot_and_json_file(tmp_path, capsys):
@@ -75,12 +110,26 @@ def test_memory_plot_and_json_file(tmp_path, capsys):
 # --------------------------------------------------------------------------- bench
 
 
-def test_bench_quick(capsys):
-    assert main(TINY_BENCH) == 0
+def test_bench_quick(tmp_path, capsys):
+    js = tmp_path / "b.json"
+    assert main([*TINY_BENCH, "--json", str(js)]) == 0
     out = capsys.readouterr().out
     assert "numpy-materialized" in out and "vs numpy-materialized" in out
     assert "N128 D32" in out and "causal" in out
     assert any(impl in out for impl in (_bench.FASTATTN_CPU, _bench.FASTATTN_REFERENCE))
+    assert "of matmul" not in out  # only with --compare torch
+    # the header names the SIMD path, the threads each implementation ran on, and the labels
+    data = json.loads(js.read_text())
+    assert "threads=default" not in out
+    assert f"SIMD path {data['machine']['simd']}" in out
+    if _bench.unavailable(_bench.FASTATTN_CPU) is None:
+        assert data["machine"]["simd"] in fastattn.backends.cpu.simd_paths()
+    # the header gives the threads each implementation really ran on, as recorded in the JSON
+    used = {r["impl"]: r["threads"] for r in data["results"] if r["ms"] is not None}
+    assert all(isinstance(n, int) and n >= 1 for n in used.values())
+    assert "threads used (each library's default): " + ", ".join(f"{i} {n}" for i, n in used.items()) in out
+    # the workload labels are explained once, above the table
+    assert out.count("B<batch> H<heads> N<sequence length, queries = keys> D<head dim>") == 1
 
 
 def test_bench_compare_torch_json_plot(tmp_path, capsys):
@@ -98,8 +147,66 @@ def test_bench_compare_torch_json_plot(tmp_path, capsys):
     assert (_bench.TORCH in impls) == (_bench.torch_unavailable() is None)
     if _bench.torch_unavailable():
         assert "PyTorch is not installed" in captured.err
-    assert all(r["gflops"] > 0 and r["threads"] == 1 for r in data["results"] if r["ms"] is not None)
+    assert all(r["gflops"] > 0 and r["threads"] == 1 and r["threads_requested"] == 1
+               for r in data["results"] if r["ms"] is not None)
+    assert data["threads_requested"] == 1
+    assert "torch_threads" not in data["machine"]  # the default of a pool the run did not use
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_threads_in_use_is_measured_inside_the_limit():
+    before = _bench.threads_in_use(_bench.NUMPY)
+    with _bench.thread_limit(_bench.NUMPY, 1):
+        assert _bench.threads_in_use(_bench.NUMPY) in (1, None)  # None: no BLAS pool threadpoolctl sees
+    assert _bench.threads_in_use(_bench.NUMPY) == before
+    if _bench.torch_unavailable() is None:
+        import torch
+
+        default = torch.get_num_threads()
+        with _bench.thread_limit(_bench.TORCH, 1):
+            assert _bench.threads_in_use(_bench.TORCH) == 1
+        assert torch.get_num_threads() == default
+    w = _bench.Workload(1, 2, 64, 16, False)
+    call = _bench.make_call(_bench.FASTATTN_REFERENCE, w, *w.inputs(), threads=None)
+    assert _bench.threads_in_use(_bench.FASTATTN_REFERENCE, call) is None  # not run yet
+    call()
+    assert _bench.threads_in_use(_bench.FASTATTN_REFERENCE, call) == 1
+
+
+def test_compare_torch_without_torch_runs_the_short_grid(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(_bench, "DEFAULT_SEQS", (64,))  # the short grid, shrunk for the test
+    monkeypatch.setattr(_bench, "DEFAULT_HEAD_DIMS", (16,))
+    js = tmp_path / "b.json"
+    assert main(["bench", "--compare", "torch", "--heads", "1", "--repeat", "1", "--no-progress",
+                 "--json", str(js)]) == 0
+    err = capsys.readouterr().err
+    assert "PyTorch is not installed" in err and "running the short grid against NumPy only" in err
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in err
+    results = json.loads(js.read_text())["results"]
+    assert {(r["seq"], r["head_dim"]) for r in results} == {(64, 16)}
+    assert _bench.TORCH not in {r["impl"] for r in results}
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("ran before checking --plot")
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["memory", "--seq-lens", "64"], ["bench", "--compare", "torch"]])
+def test_plot_without_matplotlib_checked_before_running(argv, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(_bench, "run_cpu_bench", _fail)
+    monkeypatch.setattr(fastattn, "memory_report", _fail)
+    assert main([*argv, "--plot", str(tmp_path / "out.png")]) == 1
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and 'pip install ".[plot]"' in err
+
+
+def test_plot_into_a_missing_folder_checked_before_running(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(fastattn, "memory_report", _fail)
+    assert main(["memory", "--plot", str(tmp_path / "nowhere" / "m.png")]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_bench_cuda_without_module(monkeypatch, capsys):
@@ -177,6 +284,7 @@ def test_bench_cuda_table(monkeypatch, capsys, cuda_available):
     ["memory", "--head-dim", "x"],
     ["memory", "--dtype", "int8"],
     ["memory", "--backend", "cuda"],
+    ["memory", "--threads", "0"],
     ["info", "--bogus"],
 ])
 def test_bad_arguments_exit_nonzero(argv, capsys):
@@ -252,4 +360,10 @@ def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     argv = ["memory", "--seq-lens", "64", "--no-measure", "--plot", str(tmp_path / "m.png")]
     assert main(argv) == 1
-    assert "pip install fastattn[plot]" in capsys.readouterr().err
+    assert 'pip install ".[plot]"' in capsys.readouterr().err
+
+
+def test_bench_plot_helper_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="plotting needs matplotlib"):
+        _bench.plot([], tmp_path / "b.png")

@@ -5,6 +5,10 @@
     python -m fastattn bench                     a few seconds: fastattn vs NumPy materialized
     python -m fastattn bench --compare torch     the full grid against PyTorch's CPU SDPA
     python -m fastattn bench --device cuda       the CUDA backend against torch flash / cuDNN
+
+Whatever can be checked before a run (arguments, matplotlib and the output folder for
+``--plot``, PyTorch for ``--compare torch``) is checked first, so a long run never fails at
+its end.  Progress goes to stderr (``--no-progress`` turns it off); tables to stdout.
 """
 
 from __future__ import annotations
@@ -25,6 +29,30 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _plot_problem(dest: str | None) -> str | None:
+    """Why ``--plot dest`` could not be written (checked before any work), or None."""
+    if not dest:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from ._memory import PLOT_HINT
+
+        return f"--plot needs matplotlib: {PLOT_HINT}"
+    folder = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(folder):
+        return f"--plot {dest}: the folder {folder} does not exist"
+    return None
+
+
+def _check_plot_first(args: argparse.Namespace) -> bool:
+    """Prints the problem and returns True when ``--plot`` cannot work."""
+    problem = _plot_problem(getattr(args, "plot", None))
+    if problem:
+        print(f"fastattn: {problem}", file=sys.stderr)
+    return problem is not None
 
 
 def _write_json(data: Any, dest: str) -> None:
@@ -65,10 +93,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_memory(args: argparse.Namespace) -> int:
     import fastattn
 
+    if _check_plot_first(args):
+        return 1
     report = fastattn.memory_report(
         seq_lens=args.seq_lens, head_dim=args.head_dim, num_heads=args.heads, batch=args.batch,
-        dtype=args.dtype, causal=args.causal, backend=args.backend, measure=not args.no_measure,
-        materialized_limit_bytes=args.limit_mib * 1024**2,
+        dtype=args.dtype, causal=args.causal, backend=args.backend, num_threads=args.threads,
+        measure=not args.no_measure, materialized_limit_bytes=args.limit_mib * 1024**2,
+        progress=not args.no_progress,
     )
     if args.json is not None:
         _write_json(report.to_dict(), args.json)
@@ -95,6 +126,8 @@ def _cmd_bench_cuda(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"fastattn: cannot run the CUDA benchmark: {reason}", file=sys.stderr)
         return 2
+    if _check_plot_first(args):
+        return 1
     # competitors beside us whenever PyTorch is there: a table of our numbers alone says little
     kwargs: dict[str, Any] = {"compare_torch": args.compare == "torch" or _bench.torch_unavailable() is None}
     if args.quick:
@@ -139,83 +172,111 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.device == "cuda":
         return _cmd_bench_cuda(args)
+    if _check_plot_first(args):
+        return 1
     compare_torch = args.compare == "torch"
+    torch_reason = _bench.torch_unavailable() if compare_torch else None
     if args.quick:
         seqs, head_dims = _bench.QUICK_SEQS, _bench.QUICK_HEAD_DIMS
-    elif compare_torch:
+    elif compare_torch and torch_reason is None:
         seqs, head_dims = _bench.FULL_SEQS, _bench.FULL_HEAD_DIMS
     else:
         seqs, head_dims = _bench.DEFAULT_SEQS, _bench.DEFAULT_HEAD_DIMS
+    if torch_reason:
+        grid_name = "the grid asked for" if args.quick or args.seqs or args.head_dims else "the short grid"
+        print(f"note: {torch_reason}; running {grid_name} against NumPy only", file=sys.stderr)
     seqs = args.seqs or seqs
     head_dims = args.head_dims or head_dims
     workloads = _bench.grid(seqs, head_dims, batch=args.batch, heads=args.heads)
-    impls = _bench.implementations(compare_torch)
+    impls = _bench.implementations(compare_torch and torch_reason is None)
     cpu_reason = _bench.unavailable(_bench.FASTATTN_CPU)
     if cpu_reason:
         print(f"note: fastattn's cpu backend is not available ({cpu_reason}); timing the float64 reference "
               f"oracle instead, up to N={_bench.REFERENCE_MAX_SEQ}", file=sys.stderr)
-    torch_reason = _bench.torch_unavailable() if compare_torch else None
-    if torch_reason:
-        print(f"note: {torch_reason}; comparing against NumPy only", file=sys.stderr)
-        impls = [i for i in impls if i != _bench.TORCH]
-    repeat = args.repeat if args.repeat is not None else (3 if args.quick or not compare_torch else 5)
+    full = compare_torch and torch_reason is None and not args.quick
+    repeat = args.repeat if args.repeat is not None else (5 if full else 3)
     run = _bench.run_cpu_bench(workloads, impls, threads=args.threads, repeat=repeat,
                                progress=not args.no_progress, measure_matmul=compare_torch)
     competitors = [_bench.TORCH] if _bench.TORCH in impls else []
     competitors.append(_bench.NUMPY)
     facts = _bench.machine_facts()
-    threads = args.threads if args.threads is not None else "default"
     if args.json != "-":
-        print(f"CPU attention, fp32, threads={threads}, median of {repeat} after a warm-up; "
-              f"{facts.get('cpu', facts['machine'])}")
+        print(_bench.header(run["results"], requested=args.threads, repeat=repeat, facts=facts))
         print(_bench.format_table(run["results"], competitors, matmul_gflops=run["matmul_gflops"]))
     if args.json is not None:
-        _write_json({"machine": facts, "repeat": repeat, **run}, args.json)
+        _write_json({"machine": facts, "repeat": repeat, "threads_requested": args.threads, **run}, args.json)
     if args.plot:
-        if _plot_or_explain(_bench.plot, run["results"], args.plot, title=f"CPU attention, fp32, threads={threads}"):
+        title = f"CPU attention, fp32, {facts['simd']}; threads: {_bench.threads_summary(run['results'])}"
+        if _plot_or_explain(_bench.plot, run["results"], args.plot, title=title):
             return 1
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="fastattn", description="fastattn: exact memory-efficient attention")
+    parser.add_argument("--version", action="version", version=f"fastattn {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{info,memory,bench}")
 
-    p = sub.add_parser("info", help="version, backends, SIMD, threads, caches")
+    p = sub.add_parser("info", help="version, backends, SIMD, threads, caches",
+                       description="What this installation can do here: backends (and why one is missing), "
+                                   "the SIMD path, the default thread count, cache sizes.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("memory", help="estimated and measured memory of the flash and materialized paths")
-    p.add_argument("--seq-lens", type=_positive_int, nargs="+", default=[512, 1024, 2048, 4096], metavar="N")
-    p.add_argument("--head-dim", type=_positive_int, default=64)
-    p.add_argument("--heads", type=_positive_int, default=8)
-    p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference"])
+    p = sub.add_parser(
+        "memory", help="estimated and measured memory of the flash and materialized paths",
+        description="Peak memory of one call, estimated (fastattn.memory_savings) and measured (each call alone "
+                    "in a fresh process), for the flash path and the materialized path. Units: KiB, MiB, GiB.")
+    p.add_argument("--seq-lens", type=_positive_int, nargs="+", default=[512, 1024, 2048, 4096], metavar="N",
+                   help="sequence lengths (queries = keys) (default: 512 1024 2048 4096)")
+    p.add_argument("--head-dim", type=_positive_int, default=64, metavar="D", help="head dim (default: 64)")
+    p.add_argument("--heads", type=_positive_int, default=8, metavar="H", help="heads per batch entry (default: 8)")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default: 1)")
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"],
+                   help="input dtype; float16/bfloat16 are computed in float32 (default: float32)")
+    p.add_argument("--causal", action="store_true", help="top-left causal mask")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference"],
+                   help="backend of the flash path; auto: cpu where it is compiled (default: auto)")
+    p.add_argument("--threads", type=_positive_int, metavar="T",
+                   help="num_threads of the flash call (default: OpenMP's default)")
     p.add_argument("--no-measure", action="store_true", help="estimates only, run nothing")
-    p.add_argument("--limit-mib", type=_positive_int, default=4096,
-                   help="skip a measurement whose estimated need exceeds this (MiB, default 4096)")
-    p.add_argument("--plot", metavar="OUT.png", help="write a PNG (needs fastattn[plot])")
+    p.add_argument("--limit-mib", type=_positive_int, default=4096, metavar="MIB",
+                   help="skip a measurement whose estimated need exceeds this many MiB (default: 4096)")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="also write a PNG of estimate and measured peak against N (needs matplotlib)")
     p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
                    help="write the report as JSON to a file, or to stdout without a name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_memory)
 
-    p = sub.add_parser("bench", help="time fastattn against NumPy materialized and PyTorch")
-    p.add_argument("--compare", choices=["torch"], help="the full grid, with PyTorch's SDPA beside")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quick", action="store_true", help="a small grid")
-    p.add_argument("--seqs", type=_positive_int, nargs="+", metavar="N", help="sequence lengths")
-    p.add_argument("--head-dims", type=_positive_int, nargs="+", metavar="D", help="head dims")
-    p.add_argument("--heads", type=_positive_int, default=8)
-    p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--threads", type=_positive_int, help="threads for every implementation")
-    p.add_argument("--repeat", type=_positive_int, help="timed calls per measurement (median)")
+    p = sub.add_parser(
+        "bench", help="time fastattn against NumPy materialized and PyTorch",
+        description="Times fastattn beside the materialized NumPy path (and PyTorch's SDPA with --compare torch): "
+                    "fp32 self-attention, median of --repeat calls after a warm-up. Workloads are labelled "
+                    "B<batch> H<heads> N<sequence length> D<head dim>.")
+    p.add_argument("--compare", choices=["torch"],
+                   help="the full grid with PyTorch's CPU SDPA beside, and the fp32 matmul rate as a yardstick "
+                        "(without PyTorch: the short grid, NumPy only)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu, or cuda: the CUDA backend beside PyTorch's flash and cuDNN kernels (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="a small grid (a few seconds)")
+    p.add_argument("--seqs", type=_positive_int, nargs="+", metavar="N",
+                   help="sequence lengths (queries = keys), replacing the grid's")
+    p.add_argument("--head-dims", type=_positive_int, nargs="+", metavar="D", help="head dims, replacing the grid's")
+    p.add_argument("--heads", type=_positive_int, default=8, metavar="H", help="heads (CPU grid; default: 8)")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (CPU grid; default: 1)")
+    p.add_argument("--threads", type=_positive_int, metavar="T",
+                   help="hold every implementation to T threads (default: each library's own default)")
+    p.add_argument("--repeat", type=_positive_int, metavar="R",
+                   help="timed calls per measurement, the median is reported (default: 5 for the full grid, else 3)")
     p.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
                    help="write the results as JSON to a file, or to stdout without a name")
-    p.add_argument("--plot", metavar="OUT.png", help="GFLOP/s against N per implementation (needs fastattn[plot])")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plot", metavar="OUT.png", help="GFLOP/s against N per implementation (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_bench)
     return parser
 
@@ -235,7 +296,7 @@ def _plot_or_explain(plot: Any, *args: Any, **kwargs: Any) -> int:
     try:
         plot(*args, **kwargs)
     except ImportError as exc:
-        if "fastattn[plot]" not in str(exc):
+        if "needs matplotlib" not in str(exc):
             raise
         print(f"fastattn: {exc}", file=sys.stderr)
         return 1

@@ -116,11 +116,15 @@ def _fastattn_unavailable(name: str) -> str | None:
     return backends.get_backend(name).availability()
 
 
+#: PyTorch's own command for its CPU-only build (the plain package index resolves a CUDA build)
+TORCH_CPU_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
 def torch_unavailable() -> str | None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        return "PyTorch is not installed (pip install torch==2.13.0, the CPU build)"
+        return f"PyTorch is not installed (for its CPU build: {TORCH_CPU_INSTALL})"
     return None
 
 
@@ -168,12 +172,21 @@ def skip_reason(impl: str, w: Workload, materialized_limit_bytes: int = MATERIAL
 
 def make_call(impl: str, w: Workload, q: np.ndarray, k: np.ndarray, v: np.ndarray,
               threads: int | None) -> Callable[[], Any]:
-    """A zero-argument callable running ``impl`` once on these inputs."""
+    """A zero-argument callable running ``impl`` once on these inputs.  fastattn's callable
+    also keeps, as its ``threads_used`` attribute, the thread count its last call ran on."""
     import fastattn
 
     if impl in (FASTATTN_CPU, FASTATTN_REFERENCE):
-        name = "cpu" if impl == FASTATTN_CPU else "reference"
-        return lambda: fastattn.flash_attention(q, k, v, causal=w.causal, backend=name, num_threads=threads)
+        cfg = fastattn.FlashAttentionConfig(head_dim=w.head_dim, num_heads=w.heads, causal=w.causal)
+        fa = fastattn.FlashAttention(cfg, backend="cpu" if impl == FASTATTN_CPU else "reference")
+
+        def run_fastattn() -> Any:
+            res = fa.forward_multi_head(q, k, v, num_threads=threads)
+            run_fastattn.threads_used = res.num_threads  # type: ignore[attr-defined]
+            return res.output
+
+        run_fastattn.threads_used = None  # type: ignore[attr-defined]
+        return run_fastattn
     if impl == NUMPY:
         return lambda: fastattn.standard_attention(q, k, v, causal=w.causal)
     if impl == TORCH:
@@ -187,6 +200,23 @@ def make_call(impl: str, w: Workload, q: np.ndarray, k: np.ndarray, v: np.ndarra
 
         return run
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def threads_in_use(impl: str, call: Callable[[], Any] | None = None) -> int | None:
+    """Threads ``impl`` runs on now (call inside :func:`thread_limit`): fastattn's as its last
+    call reported, NumPy's BLAS pool as threadpoolctl sees it, PyTorch's intra-op pool."""
+    if impl in (FASTATTN_CPU, FASTATTN_REFERENCE):
+        return getattr(call, "threads_used", None)
+    if impl == TORCH:
+        import torch
+
+        return int(torch.get_num_threads())
+    if impl == NUMPY:
+        from threadpoolctl import threadpool_info
+
+        blas = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+        return max(blas) if blas else None
+    return None
 
 
 @contextlib.contextmanager
@@ -253,7 +283,8 @@ def run_cpu_bench(
     """Times every implementation on every workload; returns ``{"matmul_gflops", "results"}``.
 
     Each result is a dict: device, impl, batch, heads, seq, head_dim, causal, dtype,
-    threads, ms and gflops (None when not run) and note (why not).
+    threads_requested (``threads``), threads (what the implementation really ran on: None when
+    not run), ms and gflops (None when not run) and note (why not).
     """
     from tqdm.auto import tqdm
 
@@ -267,13 +298,14 @@ def run_cpu_bench(
             for impl in impls:
                 bar.set_postfix_str(f"{impl} {w.label}")
                 record = dict(device="cpu", impl=impl, batch=w.batch, heads=w.heads, seq=w.seq,
-                              head_dim=w.head_dim, causal=w.causal, dtype=w.dtype, threads=threads,
-                              ms=None, gflops=None, note="")
+                              head_dim=w.head_dim, causal=w.causal, dtype=w.dtype, threads_requested=threads,
+                              threads=None, ms=None, gflops=None, note="")
                 reason = unavailable(impl) or skip_reason(impl, w, materialized_limit_bytes)
                 if reason is None:
                     call = make_call(impl, w, q, k, v, threads)
                     with thread_limit(impl, threads):
                         seconds = time_call(call, repeat)
+                        record["threads"] = threads_in_use(impl, call)
                     record["ms"] = seconds * 1e3
                     record["gflops"] = w.flops / seconds / 1e9
                 else:
@@ -284,18 +316,17 @@ def run_cpu_bench(
 
 
 def machine_facts() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (the threads each result ran on are in the result)."""
     import platform
 
     import fastattn
 
     facts = {"python": platform.python_version(), "machine": platform.machine(), "numpy": np.__version__,
-             "fastattn": fastattn.__version__, "cpu_count": os.cpu_count()}
+             "fastattn": fastattn.__version__, "cpu_count": os.cpu_count(), "simd": fastattn_simd()}
     try:
         import torch
 
         facts["torch"] = torch.__version__
-        facts["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
     try:
@@ -308,7 +339,45 @@ def machine_facts() -> dict:
     return facts
 
 
+def fastattn_simd() -> str:
+    """The SIMD path fastattn's cpu backend runs here, or why there is none."""
+    from . import backends
+
+    cpu = backends.get_backend("cpu")
+    if cpu.availability() is not None:
+        return "none (compiled cpu backend missing)"
+    return str(cpu.describe()["simd"])
+
+
 # --------------------------------------------------------------------------- tables and plots
+
+#: how the tables name a workload, explained once above them
+LABEL_LEGEND = ("workload B<batch> H<heads> N<sequence length, queries = keys> D<head dim> <dtype>; "
+                "causal: top-left causal mask")
+
+
+def threads_summary(results: Sequence[dict]) -> str:
+    """The threads each implementation really ran on, e.g. "fastattn-cpu 2, numpy-materialized 2"."""
+    used: dict[str, set[int]] = {}
+    for r in results:
+        if r.get("threads") is not None:
+            used.setdefault(r["impl"], set()).add(int(r["threads"]))
+    parts = []
+    for impl, counts in used.items():
+        lo, hi = min(counts), max(counts)
+        parts.append(f"{impl} {lo}" if lo == hi else f"{impl} {lo}-{hi}")
+    return ", ".join(parts) or "none ran"
+
+
+def header(results: Sequence[dict], *, requested: int | None, repeat: int, facts: dict) -> str:
+    """The lines above a CPU table: what ran, on what, with how many threads, and the legend."""
+    asked = f"--threads {requested} for every implementation" if requested else "each library's default"
+    return "\n".join([
+        f"CPU attention, median of {repeat} after a warm-up; {facts.get('cpu', facts['machine'])}, "
+        f"{facts.get('cpu_count')} logical CPUs",
+        f"fastattn {facts['fastattn']}, SIMD path {facts['simd']}; threads used ({asked}): {threads_summary(results)}",
+        LABEL_LEGEND,
+    ])
 
 
 def _workload_key(r: dict) -> tuple:
@@ -386,7 +455,9 @@ def plot(results: Sequence[dict], path: str | os.PathLike, title: str = "") -> N
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("plotting needs matplotlib; install it with `pip install fastattn[plot]`") from exc
+        from ._memory import PLOT_HINT
+
+        raise ImportError(f"plotting needs matplotlib: {PLOT_HINT}") from exc
     if "matplotlib.pyplot" not in sys.modules:  # never switch (and so close) a user's pyplot figures
         matplotlib.use("Agg")
     from matplotlib.figure import Figure

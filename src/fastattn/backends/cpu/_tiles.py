@@ -97,3 +97,58 @@ def choose_tiles(head_dim: int, itemsize: int, block_q: int | None = None, block
 def working_set_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int) -> int:
     """Bytes of one thread's tile working set (see the module docstring)."""
     return itemsize * (2 * block_q * head_dim + 2 * block_kv * head_dim + block_q * block_kv + 2 * block_q)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the compiled kernel allocates, in Python: twins of the size arithmetic of kernels/flash_tile.h
+# (kern<T>::layout, panel_elems, scratch_new) and of the group and thread choice of _flash_cpu.pyx.
+# fastattn.memory_savings builds its estimate from these; tests/test_memory.py checks the total
+# against the peak resident memory measured around real calls.
+
+#: bytes of one SIMD vector on each CPU path (FA_VBYTES in kernels/flash_cpu.cpp)
+VECTOR_BYTES = {"avx512": 64, "avx2": 32, "generic": 16}
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return _ceil_div(value, multiple) * multiple
+
+
+def num_tiles(seq: int, block: int) -> int:
+    """Tiles of ``block`` rows covering ``seq`` rows (fa_num_q_tiles)."""
+    return _ceil_div(seq, block)
+
+
+def kernel_threads(requested: int, n_heads: int, n_q_tiles: int) -> int:
+    """Threads a call runs on: the request, at most one per work item (head x query tile)."""
+    return max(1, min(requested, n_heads * n_q_tiles))
+
+
+def panel_group(n_heads: int, n_q_tiles: int, threads: int) -> int:
+    """Heads whose packed K/V panels are alive at once: enough for ~4 work items per thread,
+    raised (up to 4x, where the heads allow) until the group's items are a multiple of the
+    thread count."""
+    group = min(n_heads, max(1, _ceil_div(4 * threads, n_q_tiles)))
+    for size in range(group, min(n_heads, 4 * group) + 1):
+        if (size * n_q_tiles) % threads == 0:
+            return size
+    return group
+
+
+def panel_bytes(seq_kv: int, head_dim: int, block_kv: int, itemsize: int, simd: str) -> int:
+    """Bytes of one head's packed K/V panel, in the compute type (``itemsize``): Kᵀ tiles
+    ``[n_kv_tiles][d][bkvp]`` then V tiles ``[n_kv_tiles][bkvp][dp]``, where ``bkvp`` and ``dp`` are
+    ``block_kv`` and ``d`` rounded up to the vector width of the SIMD path ``simd``."""
+    width = VECTOR_BYTES[simd] // itemsize
+    return num_tiles(seq_kv, block_kv) * _round_up(block_kv, width) * (head_dim + _round_up(head_dim, width)) \
+        * itemsize
+
+
+def scratch_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int, simd: str) -> int:
+    """Bytes of one thread's tile scratch: the scaled Q tile (block_q x d), the S/P tile
+    (block_q x bkvp), the O accumulator (block_q x dp) and m_i, l_i, alpha (block_q each), each
+    slot rounded up to a cache line plus one line of slack, in one 64-byte aligned block."""
+    width = VECTOR_BYTES[simd] // itemsize
+    line = 64 // itemsize
+    slots = (block_q * head_dim, block_q * _round_up(block_kv, width), block_q * _round_up(head_dim, width),
+             block_q, block_q, block_q)
+    return _round_up(sum(_round_up(n, line) + line for n in slots) * itemsize, 64)
