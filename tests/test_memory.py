@@ -9,12 +9,13 @@ import pytest
 
 import fastattn
 from fastattn._memory import ESTIMATE_MIN_BYTES, ESTIMATE_TOLERANCE, format_bytes
+from fastattn.backends.cpu._threads import cpu_limit
 from fastattn.backends.cpu._tiles import (
     choose_tiles,
-    kernel_threads,
     num_tiles,
     panel_bytes,
     panel_group,
+    plan_call,
     scratch_bytes,
 )
 
@@ -25,21 +26,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_panel_bytes_by_hand():
-    # 2048 keys in 16 tiles of 128; Kᵀ (64 x 128) + V (128 x 64) per tile, float32: 1 MiB
-    assert panel_bytes(2048, 64, 128, 4, "avx512") == 16 * 128 * (64 + 64) * 4 == 2**20
+    # 2048 keys in 16 tiles of 128; Kᵀ (64 x 128) + V (128 x 64) per tile, and a flag per tile, float32
+    assert panel_bytes(2048, 64, 128, 4, "avx512") == (16 * 128 * (64 + 64) + 16) * 4 == 2**20 + 64
     # d = 72, block_kv = 100: bkvp and dp rounded up to 16 floats (AVX-512), 8 (AVX2), 4 (SSE2)
-    assert panel_bytes(1000, 72, 100, 4, "avx512") == 10 * 112 * (72 + 80) * 4
-    assert panel_bytes(1000, 72, 100, 4, "avx2") == 10 * 104 * (72 + 72) * 4
-    assert panel_bytes(1000, 72, 100, 4, "generic") == 10 * 100 * (72 + 72) * 4
-    assert panel_bytes(1000, 72, 100, 8, "avx512") == 10 * 104 * (72 + 72) * 8  # 8 doubles a vector
+    assert panel_bytes(1000, 72, 100, 4, "avx512") == (10 * 112 * (72 + 80) + 10) * 4
+    assert panel_bytes(1000, 72, 100, 4, "avx2") == (10 * 104 * (72 + 72) + 10) * 4
+    assert panel_bytes(1000, 72, 100, 4, "generic") == (10 * 100 * (72 + 72) + 10) * 4
+    assert panel_bytes(1000, 72, 100, 8, "avx512") == (10 * 104 * (72 + 72) + 10) * 8  # 8 doubles a vector
 
 
 def test_scratch_bytes_by_hand():
-    # slots q (64x64), s (64x128), o (64x64), m, l, alpha (64): each rounded up to 16 floats + 16
-    floats = (4096 + 16) + (8192 + 16) + (4096 + 16) + 3 * (64 + 16)
-    assert scratch_bytes(64, 128, 64, 4, "avx512") == floats * 4 == 66688
-    # block_q = 5, d = 3, block_kv = 7, AVX2: q 15 floats, s and o 5 x 8 = 40 (padded to 8), m, l,
-    # alpha 5; each rounded up to a line of 16 floats, plus a line
+    # slots q (64x64), s (64x128), o (64x64), m, alpha (64), l (64 doubles = 128 floats): each
+    # rounded up to 16 floats + 16
+    floats = (4096 + 16) + (8192 + 16) + (4096 + 16) + 2 * (64 + 16) + (128 + 16)
+    assert scratch_bytes(64, 128, 64, 4, "avx512") == floats * 4 == 66944
+    # block_q = 5, d = 3, block_kv = 7, AVX2: q 15 floats, s and o 5 x 8 = 40 (padded to 8), m and
+    # alpha 5, l 10; each rounded up to a line of 16 floats, plus a line
     assert scratch_bytes(5, 7, 3, 4, "avx2") == ((16 + 16) + 2 * (48 + 16) + 3 * (16 + 16)) * 4 == 1024
 
 
@@ -54,9 +56,16 @@ def test_panel_group(n_heads, n_q, threads, group):
     assert panel_group(n_heads, n_q, threads) == group
 
 
-def test_kernel_threads_capped_at_work_items():
-    assert kernel_threads(8, 1, 3) == 3
-    assert kernel_threads(2, 8, 25) == 2
+def test_plan_threads_capped_at_work_items_cpus_and_work():
+    big = dict(seq_q=4096, seq_kv=4096, head_dim=64, compute_itemsize=4, causal=False)
+    # one head, one query tile: one work item, so one thread whatever was asked
+    assert plan_call(n_heads=1, threads=8, **{**big, "seq_q": 64}).threads == 1
+    # never more than the CPUs this process may use
+    assert plan_call(n_heads=8, threads=10_000, **big).threads == cpu_limit()
+    assert plan_call(n_heads=8, threads=1, **big).threads == 1
+    # a decode-sized call (8 heads x 1 query x 512 keys) is too little work for a thread team
+    assert plan_call(n_heads=8, seq_q=1, seq_kv=512, head_dim=64, compute_itemsize=4, causal=False,
+                     threads=64).threads == 1
     assert num_tiles(2048, 168) == 13
 
 
@@ -66,13 +75,13 @@ def test_kernel_threads_capped_at_work_items():
 def test_explicit_tiles_by_hand():
     s = fastattn.memory_savings(2048, head_dim=64, block_size_q=64, block_size_kv=128, num_threads=1,
                                 simd="avx512")
-    tiles = 66688                        # one thread's scratch (test_scratch_bytes_by_hand)
-    panels = 2**20                       # one head's packed K/V (test_panel_bytes_by_hand)
+    tiles = 66944                        # one thread's scratch (test_scratch_bytes_by_hand)
+    panels = 2**20 + 64                  # one head's packed K/V (test_panel_bytes_by_hand)
     stats = 2048 * 4                     # lse
     out = 2048 * 64 * 4                  # the float32 output
     squares = 4 * 2048 * 2048 * 4        # the materialized path's score-sized arrays
     head_copies = 3 * 2048 * 64 * 4
-    assert s.flash_bytes == stats + out + tiles + panels == 1647744
+    assert s.flash_bytes == stats + out + tiles + panels == 1648064
     assert s.naive_bytes == out + stats + squares + head_copies == 69214208
     assert (s.tiles_bytes, s.panel_bytes, s.stats_bytes, s.output_bytes) == (tiles, panels, stats, out)
     assert s.scores_bytes == 2048 * 2048 * 4
@@ -87,9 +96,11 @@ def test_every_thread_and_panel_counted():
     two = fastattn.memory_savings(4096, num_heads=8, num_threads=2, simd="avx512")
     per_thread = scratch_bytes(one.block_size_q, one.block_size_kv, 64, 4, "avx512")
     per_head = panel_bytes(4096, 64, one.block_size_kv, 4, "avx512")
-    assert two.tiles_bytes == 2 * one.tiles_bytes == 2 * per_thread
+    used = min(2, cpu_limit())
+    assert two.num_threads == used and one.num_threads == 1
+    assert two.tiles_bytes == used * one.tiles_bytes == used * per_thread
     n_q = num_tiles(4096, one.block_size_q)
-    assert two.panel_heads == panel_group(8, n_q, 2) and two.panel_bytes == two.panel_heads * per_head
+    assert two.panel_heads == panel_group(8, n_q, used) and two.panel_bytes == two.panel_heads * per_head
     assert two.stats_bytes == 8 * 4096 * 4 and two.output_bytes == 8 * 4096 * 64 * 4
     assert two.flash_bytes == two.tiles_bytes + two.panel_bytes + two.stats_bytes + two.output_bytes
 
@@ -115,7 +126,8 @@ def test_dtype_itemsizes(dtype, itemsize, compute):
     assert s.compute_dtype == ("float64" if dtype == "float64" else "float32")
     # a materialized path computes its scores in float32 even for half-precision inputs
     assert s.scores_bytes == n * n * compute
-    tiles = 2 * scratch_bytes(16, 32, d, compute, "avx2")
+    assert s.num_threads == min(2, cpu_limit())
+    tiles = s.num_threads * scratch_bytes(16, 32, d, compute, "avx2")
     panels = s.panel_heads * panel_bytes(n, d, 32, compute, "avx2")
     out, cast = heads * n * d * compute, heads * n * d * itemsize if itemsize != compute else 0
     assert (s.tiles_bytes, s.panel_bytes, s.output_bytes) == (tiles, panels, out + cast)

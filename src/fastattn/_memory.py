@@ -20,8 +20,9 @@ twins in ``backends.cpu._tiles``, beside ``choose_tiles``, the one place tiles a
                                                               (float16 / bfloat16 only)
 
 Tiles and panels are freed when the kernel returns, before the output is cast, hence the
-``max``.  ``threads`` is the number the call runs on (the request or OpenMP's default, at most
-one per work item), ``group`` the heads the driver packs together; ``c`` is the compute
+``max``.  ``threads`` is the number the call runs on (``backends.cpu._threads.choose_threads``:
+the request or OpenMP's default, capped by the usable CPUs and the work), ``group`` the heads the
+driver packs together (both from ``backends.cpu._tiles.plan_call``, as the backend does); ``c`` is the compute
 itemsize (8 for float64, else 4), ``i`` the input itemsize.
 
 Materialized path (``standard_attention``: one head's full score matrix at a time, computed in
@@ -239,11 +240,8 @@ B=1 H=8 D=64 float32, 2 threads)
     """
     from .backends.cpu._tiles import (
         VECTOR_BYTES,
-        choose_tiles,
-        kernel_threads,
-        num_tiles,
         panel_bytes,
-        panel_group,
+        plan_call,
         scratch_bytes,
     )
 
@@ -264,11 +262,10 @@ B=1 H=8 D=64 float32, 2 threads)
     simd = simd or default_simd
 
     itemsize, compute = _itemsizes(name)
-    block_q, block_kv = choose_tiles(head_dim_, compute, block_q, block_kv, seq_len_, seq_len_)
     n_heads = batch_ * heads_
-    n_q = num_tiles(seq_len_, block_q)
-    used = kernel_threads(threads, n_heads, n_q)
-    group = panel_group(n_heads, n_q, used)
+    plan = plan_call(n_heads=n_heads, seq_q=seq_len_, seq_kv=seq_len_, head_dim=head_dim_, compute_itemsize=compute,
+                     causal=causal_, threads=threads, block_q=block_q, block_kv=block_kv)
+    block_q, block_kv, used, group = plan.block_q, plan.block_kv, plan.threads, plan.group
     tiles = used * scratch_bytes(block_q, block_kv, head_dim_, compute, simd)
     panels = group * panel_bytes(seq_len_, head_dim_, block_kv, compute, simd)
     stats = n_heads * seq_len_ * compute

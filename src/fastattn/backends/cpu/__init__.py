@@ -25,7 +25,7 @@ from ..._dropout import dropout_threshold
 from ..._validate import AttentionSpec
 from .. import BackendStats, ForwardOutput
 from . import _threads
-from ._tiles import cache_sizes, choose_tiles, working_set_bytes
+from ._tiles import cache_sizes, panel_group, plan_call, working_set_bytes
 
 NAME = "cpu"
 
@@ -146,18 +146,17 @@ def _kernel_view(x: np.ndarray) -> np.ndarray:
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
     compute = np.float64 if spec.dtype == np.float64 else np.float32
     itemsize = np.dtype(compute).itemsize
-    block_q, block_kv = choose_tiles(spec.head_dim, itemsize, spec.block_q, spec.block_kv, spec.seq_q, spec.seq_kv)
+    plan = plan_call(n_heads=spec.batch * spec.heads, seq_q=spec.seq_q, seq_kv=spec.seq_kv, head_dim=spec.head_dim,
+                     compute_itemsize=itemsize, causal=spec.causal,
+                     threads=spec.num_threads or _flash_cpu.default_threads(),
+                     block_q=spec.block_q, block_kv=spec.block_kv)
+    block_q, block_kv, threads, group = plan.block_q, plan.block_kv, plan.threads, plan.group
     out = np.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=compute)
     lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
-    n_items = spec.batch * spec.heads * -(-spec.seq_q // block_q)
-    threads = _threads.choose_threads(
-        spec.num_threads or _flash_cpu.default_threads(), flops=spec.flops,
-        kv_elements=2 * spec.batch * spec.heads * spec.seq_kv * spec.head_dim, compute_itemsize=itemsize,
-        items=n_items,
-    )
     if _forked_child and threads > 1:
         _warn_forked_once()
         threads = 1
+        group = panel_group(spec.batch * spec.heads, plan.n_q_tiles, 1) if group else 0
     drop = spec.dropout_p > 0.0
     simd = simd_in_use()
     used = _flash_cpu.forward(
@@ -165,7 +164,7 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
         block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=spec.causal,
         dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
         drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
-        isa=simd, requested_threads=threads,
+        isa=simd, num_threads=threads, group=group,
     )
     stats = BackendStats(
         block_q=block_q, block_kv=block_kv,

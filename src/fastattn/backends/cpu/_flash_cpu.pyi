@@ -10,5 +10,5 @@ def default_threads() -> int: ...
 def forward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray, *,
     block_q: int, block_kv: int, scale: float, causal: bool, dropout: bool, drop_threshold: int,
-    drop_scale: float, seed: int, isa: str, requested_threads: int,
+    drop_scale: float, seed: int, isa: str, num_threads: int, group: int,
 ) -> int: ...

@@ -4,11 +4,10 @@
 One parallel skeleton, the GIL released throughout.  The (batch x head) heads are taken in
 groups; for each group, all threads first pack the group's K/V tiles into one shared panel
 per head (`prange`, static), then share out the work items (head x query tile) with a
-dynamic `prange`, heaviest tiles first so the tail of the schedule is light.  The group
-holds just enough heads to give every thread about four items (and a multiple of the thread
-count in items where it can), so long sequences keep one panel (O(seq_kv x d)) and short
-ones a few small ones.  Each thread allocates its
-tile scratch once.  Invariants (checked by the Python caller, trusted here): q, k, v
+dynamic `prange`, heaviest tiles first so the tail of the schedule is light.  The caller plans
+the thread count and the group (backends.cpu._tiles.plan_call: about four items per thread, a
+multiple of the thread count where it can), so long sequences keep one panel (O(seq_kv x d))
+and short ones a few small ones.  Each thread allocates its tile scratch once.  Invariants (checked by the Python caller, trusted here): q, k, v
 are 4-D NumPy arrays of one supported dtype with matching shapes; out and lse are
 C-contiguous, float64 for float64 input and float32 otherwise; block sizes are >= 1.
 """
@@ -103,16 +102,16 @@ cdef void _fill_strides(int64_t *dst, cnp.ndarray arr):
 def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
             int64_t block_q, int64_t block_kv, double scale, bint causal,
             bint dropout, uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa,
-            requested_threads):
-    """Runs the kernel; returns the number of threads that took part (the request, at most
-    one per work item; any positive Python int is accepted)."""
+            int num_threads, int64_t group):
+    """Runs the kernel with ``num_threads`` threads (>= 1, at most one per work item) and ``group``
+    heads packed at a time (both planned by the caller: backends.cpu._tiles.plan_call); returns
+    the number of threads that took part (0 for an empty call)."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
-    cdef int64_t n_heads, n_q, n_kv, group, n_groups, j, panel_bytes, panels_bytes
+    cdef int64_t n_heads, n_q, n_kv, n_groups, j, panel_bytes, panels_bytes
     cdef int64_t g = 0, first = 0, size = 0   # set before the parallel block: firstprivate copies
     cdef char *panels = NULL
     cdef void *scratch = NULL
-    cdef int num_threads
     cdef int failed = 0
     cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
     if not fa_isa_supported(isa_id):
@@ -141,14 +140,9 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     n_kv = fa_num_kv_tiles(&p)
     if n_heads == 0 or n_q == 0:
         return 0
-    num_threads = <int> max(1, min(requested_threads, n_heads * n_q))
-    # enough heads per group for ~4 items per thread, and, where the heads allow, a multiple of
-    # the thread count in items, so no thread waits alone at the group's barrier
-    group = min(n_heads, max(1, (4 * num_threads + n_q - 1) // n_q))
-    for size in range(group, min(n_heads, 4 * group) + 1):
-        if (size * n_q) % num_threads == 0:
-            group = size
-            break
+    if num_threads < 1 or num_threads > n_heads * n_q or group < 1 or group > n_heads:
+        raise ValueError(f"fastattn: bad plan (num_threads={num_threads}, group={group}) for "
+                         f"{n_heads} heads x {n_q} query tiles")
     n_groups = (n_heads + group - 1) // group
     panel_bytes = fa_panel_bytes(&p, isa_id)
     panels_bytes = -1 if panel_bytes < 0 or panel_bytes > (2**63 - 1) // group else group * panel_bytes

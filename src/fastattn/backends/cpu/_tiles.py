@@ -17,6 +17,7 @@ the S tile with the Q and O rows that stream through it another quarter.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -118,15 +119,10 @@ def num_tiles(seq: int, block: int) -> int:
     return _ceil_div(seq, block)
 
 
-def kernel_threads(requested: int, n_heads: int, n_q_tiles: int) -> int:
-    """Threads a call runs on: the request, at most one per work item (head x query tile)."""
-    return max(1, min(requested, n_heads * n_q_tiles))
-
-
 def panel_group(n_heads: int, n_q_tiles: int, threads: int) -> int:
-    """Heads whose packed K/V panels are alive at once: enough for ~4 work items per thread,
-    raised (up to 4x, where the heads allow) until the group's items are a multiple of the
-    thread count."""
+    """Heads whose packed K/V panels the driver keeps at once: enough for ~4 work items per
+    thread, raised (up to 4x, where the heads allow) until the group's items are a multiple of
+    the thread count, so no thread waits alone at the group's barrier."""
     group = min(n_heads, max(1, _ceil_div(4 * threads, n_q_tiles)))
     for size in range(group, min(n_heads, 4 * group) + 1):
         if (size * n_q_tiles) % threads == 0:
@@ -134,21 +130,50 @@ def panel_group(n_heads: int, n_q_tiles: int, threads: int) -> int:
     return group
 
 
+@dataclasses.dataclass(frozen=True)
+class CallPlan:
+    """How the driver runs one call: tiles, threads, heads packed at once."""
+
+    block_q: int
+    block_kv: int
+    n_q_tiles: int
+    threads: int
+    group: int
+
+
+def plan_call(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, compute_itemsize: int, causal: bool,
+              threads: int, block_q: int | None = None, block_kv: int | None = None) -> CallPlan:
+    """The one plan of a call (used by the backend and by ``fastattn.memory_savings``):
+    ``threads`` is the most the caller allows (see ``_threads.choose_threads``)."""
+    from ..._validate import attended_pairs
+    from ._threads import choose_threads
+
+    block_q, block_kv = choose_tiles(head_dim, compute_itemsize, block_q, block_kv, seq_q, seq_kv)
+    n_q = num_tiles(seq_q, block_q)
+    if n_heads * n_q == 0:
+        return CallPlan(block_q, block_kv, n_q, 1, 0)  # nothing to compute
+    used = choose_threads(
+        threads, flops=4 * head_dim * attended_pairs(seq_q, seq_kv, causal) * n_heads,
+        kv_elements=2 * n_heads * seq_kv * head_dim, compute_itemsize=compute_itemsize, items=n_heads * n_q,
+    )
+    return CallPlan(block_q, block_kv, n_q, used, panel_group(n_heads, n_q, used))
+
+
 def panel_bytes(seq_kv: int, head_dim: int, block_kv: int, itemsize: int, simd: str) -> int:
     """Bytes of one head's packed K/V panel, in the compute type (``itemsize``): Kᵀ tiles
-    ``[n_kv_tiles][d][bkvp]`` then V tiles ``[n_kv_tiles][bkvp][dp]``, where ``bkvp`` and ``dp`` are
-    ``block_kv`` and ``d`` rounded up to the vector width of the SIMD path ``simd``."""
+    ``[n_kv_tiles][d][bkvp]``, V tiles ``[n_kv_tiles][bkvp][dp]`` and one flag per tile, where
+    ``bkvp`` and ``dp`` are ``block_kv`` and ``d`` rounded up to the vector width of ``simd``."""
     width = VECTOR_BYTES[simd] // itemsize
-    return num_tiles(seq_kv, block_kv) * _round_up(block_kv, width) * (head_dim + _round_up(head_dim, width)) \
-        * itemsize
+    n_tiles = num_tiles(seq_kv, block_kv)
+    return (n_tiles * _round_up(block_kv, width) * (head_dim + _round_up(head_dim, width)) + n_tiles) * itemsize
 
 
 def scratch_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int, simd: str) -> int:
-    """Bytes of one thread's tile scratch: the scaled Q tile (block_q x d), the S/P tile
-    (block_q x bkvp), the O accumulator (block_q x dp) and m_i, l_i, alpha (block_q each), each
-    slot rounded up to a cache line plus one line of slack, in one 64-byte aligned block."""
+    """Bytes of one thread's tile scratch: the Q tile (block_q x d), the S/P tile (block_q x bkvp),
+    the O accumulator (block_q x dp), m_i and alpha (block_q each) and l_i (block_q doubles),
+    each slot rounded up to a cache line plus one line of slack, in one 64-byte aligned block."""
     width = VECTOR_BYTES[simd] // itemsize
     line = 64 // itemsize
     slots = (block_q * head_dim, block_q * _round_up(block_kv, width), block_q * _round_up(head_dim, width),
-             block_q, block_q, block_q)
+             block_q, block_q, block_q * (8 // itemsize))
     return _round_up(sum(_round_up(n, line) + line for n in slots) * itemsize, 64)
