@@ -8,6 +8,7 @@ installed distribution, they skip and say so.
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,9 @@ def dist() -> metadata.Distribution:
         pytest.skip("fastattn is imported from a source tree, not an installed distribution")
     if found.read_text("RECORD") is None:  # a build's egg-info in src/, not an installation
         pytest.skip("fastattn is imported from a source tree (its metadata is a build's egg-info)")
+    direct_url = json.loads(found.read_text("direct_url.json") or "{}")
+    if direct_url.get("dir_info", {}).get("editable"):
+        return found  # `pip install -e`: installed metadata, modules from the source tree
     init = Path(found.locate_file("fastattn/__init__.py"))
     if not init.exists() or init.resolve() != Path(fastattn.__file__).resolve():
         pytest.skip(f"the installed fastattn distribution ({init}) is not the imported one ({fastattn.__file__})")
