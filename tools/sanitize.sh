@@ -23,8 +23,8 @@ if [[ " $STEPS " == *" build "* ]]; then
   echo "== sanitizer build (FASTATTN_SANITIZE=1) into $SITE"
   rm -rf "$SITE"
   start=$SECONDS
-  # a local directory is never taken from pip's wheel cache; setup.py builds under build/sanitize/
-  if ! FASTATTN_SANITIZE=1 "$PY" -m pip install -q --no-deps --no-compile --target "$SITE" . ; then
+  # --no-cache-dir: never a cached wheel of a normal build; setup.py builds under build/sanitize/
+  if ! FASTATTN_SANITIZE=1 "$PY" -m pip install -q --no-deps --no-compile --no-cache-dir --target "$SITE" . ; then
     echo "sanitizer build failed"; exit 1
   fi
   echo "built in $((SECONDS - start)) s"
@@ -59,6 +59,9 @@ import fastattn
 from fastattn.backends.cpu import _flash_cpu
 assert os.path.realpath(_flash_cpu.__file__).startswith(os.path.realpath(sys.argv[1])), _flash_cpu.__file__
 assert "libasan" in open("/proc/self/maps").read(), "libasan is not loaded"
+with open(_flash_cpu.__file__, "rb") as f:
+    module = f.read()
+assert b"__asan_init" in module and b"__ubsan_handle_" in module, "the module is not instrumented"
 print("sanitized build:", _flash_cpu.__file__, "| simd:", fastattn.info()["simd"])
 PY
 then
