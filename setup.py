@@ -4,6 +4,11 @@ The shipped build targets baseline x86-64: the AVX2 and AVX-512 kernels are comp
 through `#pragma GCC target` in kernels/flash_cpu.cpp and chosen at run time, so the
 wheel runs on any x86-64 CPU.  Never add -march=native here.
 -ffast-math stays off: the kernel masks with -inf and must see NaN.
+
+FASTATTN_SANITIZE=1 builds the extension with AddressSanitizer and UndefinedBehaviorSanitizer
+(every report fatal) under build/sanitize/, apart from the normal build's objects; the module
+then needs libasan preloaded into the interpreter.  tools/sanitize.sh builds it and runs the
+tests under it (docs/development.md).
 """
 
 import os
@@ -24,6 +29,15 @@ if os.environ.get("FASTATTN_NO_OPENMP"):
     compile_args = [a for a in compile_args if "openmp" not in a and a != "-Xpreprocessor"]
     link_args = []
 
+build_options = {}
+if os.environ.get("FASTATTN_SANITIZE", "").strip() not in ("", "0"):
+    sanitize = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
+    compile_args = compile_args + sanitize + ["-fno-omit-frame-pointer", "-g"]
+    link_args = link_args + sanitize
+    # setuptools skips an extension whose module is newer than its sources, whatever the flags:
+    # a separate build tree keeps sanitized and normal objects from standing in for each other
+    build_options = {"build": {"build_base": "build/sanitize"}}
+
 extensions = [
     Extension(
         "fastattn.backends.cpu._flash_cpu",
@@ -37,4 +51,4 @@ extensions = [
     )
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))
+setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}), options=build_options)

@@ -642,6 +642,9 @@ def test_block_sizes_far_beyond_the_sequence(backend, block_q, block_kv):
         assert result["error"] == "ValueError" and "block_size" in result["message"], result
     else:
         assert isinstance(result["err"], float) and result["err"] <= 1e-5, result
+        if os.environ.get("FASTATTN_SANITIZER", "").strip() not in ("", "0"):
+            pytest.skip("result checked; peak RSS not checked under the sanitizer build (FASTATTN_SANITIZER): "
+                        "AddressSanitizer's shadow memory and quarantine inflate it")
         assert result["peak_mib"] < 150, f"a 65-token call peaked at {result['peak_mib']:.0f} MiB RSS"
 
 
