@@ -20,6 +20,13 @@ from fastattn.backends.reference import materialized
 BACKENDS = ["cpu", "reference"]
 
 
+#: under the AddressSanitizer build (tools/sanitize.sh) resident memory is the sanitizer's, not ours
+UNDER_SANITIZER = os.environ.get("FASTATTN_SANITIZER", "").strip() not in ("", "0")
+skip_rss_under_sanitizer = pytest.mark.skipif(
+    UNDER_SANITIZER, reason="peak resident memory is not measured under the sanitizer build (FASTATTN_SANITIZER): "
+                            "its shadow memory and quarantine change every figure")
+
+
 def cpu_required() -> bool:
     return os.environ.get("FASTATTN_REQUIRE_CPU", "").strip() not in ("", "0")
 

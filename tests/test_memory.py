@@ -8,6 +8,7 @@ import math
 import pytest
 
 import fastattn
+from conftest import skip_rss_under_sanitizer
 from fastattn._memory import ESTIMATE_MIN_BYTES, ESTIMATE_TOLERANCE, format_bytes
 from fastattn.backends.cpu._threads import cpu_limit
 from fastattn.backends.cpu._tiles import (
@@ -234,6 +235,7 @@ def _assert_estimates_match_peaks(report):
     assert checked >= 2
 
 
+@skip_rss_under_sanitizer
 def test_report_estimates_match_measured_peaks(measured_report):
     r = measured_report
     assert r.measured and r.backend in fastattn.available_backends()
@@ -252,6 +254,7 @@ def test_report_estimates_match_measured_peaks(measured_report):
         assert row.measured_reduction == pytest.approx(row.materialized_peak_bytes / row.flash_peak_bytes)
 
 
+@skip_rss_under_sanitizer
 @pytest.mark.parametrize(("dtype", "threads"), [("float16", 1), ("float64", 2)])
 def test_report_estimates_match_measured_peaks_other_dtypes(dtype, threads):
     r = fastattn.memory_report(seq_lens=(2048,), head_dim=64, num_heads=4, dtype=dtype, num_threads=threads)
