@@ -304,19 +304,22 @@ template <typename T> struct kern {
                 for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
             }
         }
-        T probe = 0;   /* 0 * x is NaN exactly when x is NaN or +-inf */
         for (int64_t c = 0; c < ncols; ++c) {
             const char *vrow = vbase + (k0 + c) * p->v_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) {
-                const T x = LOAD(vrow + dd * p->v_strides[3]);
-                vp[c * dp + dd] = x;
-                probe += x * (T)0;
-            }
+            for (int64_t dd = 0; dd < d; ++dd) vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
             for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
         }
         for (int64_t c = ncols; c < bkvp; ++c)
             for (int64_t dd = 0; dd < dp; ++dd) vp[c * dp + dd] = 0;
-        L.flags(panel, d)[t] = probe != probe ? (T)1 : (T)0;
+        /* x - x is NaN exactly when x is NaN or +-inf; one pass over the tile while it is in cache */
+        VI bad = VI{};
+        for (int64_t i = 0; i < ncols * dp; i += W) {
+            const V z = load(vp + i) - load(vp + i);
+            bad |= (VI)(z != z);
+        }
+        I any = 0;
+        for (int j = 0; j < W; ++j) any |= bad[j];
+        L.flags(panel, d)[t] = any ? (T)1 : (T)0;
     }
 
     /* The mask, the one hook every row and tile goes through: the number of keys of the tile
