@@ -222,7 +222,8 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     };
     // O += P V over BKV/16 k-steps of 16 keys (2048 bytes of every panel); panels BKV * 128 apart.
     // zero: the same instructions on the zero tile sZ (every k-step reads its 16 rows), adding 0.
-    // The wgmma are issued on every path (a wgmma under a branch serializes them all in ptxas).
+    // Issued on every path: ptxas serializes every wgmma of the kernel when one sits behind a branch
+    // it cannot prove uniform, and a P V that must add nothing costs no more than one that adds.
     auto issue_pv = [&](unsigned v_tile, bool zero) {
         const unsigned base = zero ? sZ : v_tile, step = zero ? 0u : 2048u, panel = zero ? 2048u : BKV * 128u;
 #pragma unroll
