@@ -10,6 +10,8 @@ softmax, P rounded to the input dtype, output rounded), plus a small floor.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -42,6 +44,9 @@ def test_kernel_source_ships():
     sm90 = _specs.kernel_source(_specs.KERNEL_SOURCE_SM90)
     assert "fa_fwd_sm90" in sm90 and "wgmma.mma_async" in sm90
     assert "#include" not in sm90
+    # one mask and one masked-V slow path serve both tensor-core kernels
+    for text in (_specs.kernel_source(_specs.KERNEL_SOURCE), sm90):
+        assert "key_mask<CAUSAL> mask" in text and "pv_tile_nonfinite_v<" in text
 
 
 def test_specialization_list_covers_every_case():
@@ -489,3 +494,314 @@ def test_hopper_kernel_build_failure_falls_back_with_a_warning(monkeypatch):
         res = fa.forward_multi_head(*(_to_gpu(x) for x in (q, k, v)))
     assert res.kernel == "mma.sync"
     assert_close_to_reference(res.output, res.logsumexp, q, k, v, causal=False, dtype="bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics: large magnitudes and scales, long key sequences, masked keys (every kernel family)
+# ---------------------------------------------------------------------------------------------
+
+def test_tensor_core_scale_arguments_stay_in_float32_range():
+    """No GPU: the float32 scale arguments of fa_fwd_mma / fa_fwd_sm90 (exponent and lse)."""
+    from fastattn.backends.cuda import _launch
+
+    f32 = np.finfo(np.float32)
+    scale_log2, scale = _launch._mma_scales(0.125)
+    assert scale_log2 == np.float32(0.125 * np.log2(np.e)) and scale == np.float32(0.125)
+    scale_log2, scale = _launch._mma_scales(1e39)  # beyond float32: the largest float, never inf
+    assert scale_log2 == f32.max and scale == f32.max
+    scale_log2, scale = _launch._mma_scales(1e-50)  # below float32: never 0 in the exponent (-inf * 0)
+    assert scale_log2 == f32.smallest_subnormal and scale == 0.0
+    for x in (1e-50, 1e-3, 1.0, 1e38, 1e39, 1e300):
+        assert all(np.isfinite(v) and v.dtype == np.float32 for v in _launch._mma_scales(x))
+
+
+def test_kernels_compile_with_nvcc(tmp_path):
+    """No GPU: the masking slow paths (causal) and the plain paths of every family build with nvcc."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("nvcc not found (tools/compile_cuda_kernels.py compiles every specialization in CI)")
+    names = _specs.all_name_expressions()
+    picks = [n for n in names if n.startswith("fa_fwd_mma<__half, 64,") and n.endswith("true, false, true>")][:1]
+    picks += [n for n in names if n.startswith("fa_fwd_mma<__nv_bfloat16, 64,") and n.endswith("true, false, false>")][:1]
+    picks += [n for n in names if n.startswith("fa_fwd_simt<float, float, 128,") and "true" in n][:2]
+    sm90 = [n for n in _specs.all_sm90_name_expressions() if n.startswith("fa_fwd_sm90<true, 64,") and n.endswith("true>")]
+    assert len(picks) == 4 and sm90
+    for source, chunk, arch in ((_specs.KERNEL_SOURCE, picks, ["-arch=sm_80"]),
+                                (_specs.KERNEL_SOURCE_SM90, sm90[:1], ["-gencode=arch=compute_90a,code=sm_90a"])):
+        refs = ", ".join(f"reinterpret_cast<const void*>(&{n})" for n in chunk)
+        unit = tmp_path / f"unit_{source}"
+        unit.write_text(f'#include "{source}"\nconst void* const kernels[] = {{{refs}}};\n')
+        proc = subprocess.run([nvcc, "-std=c++17", "-cubin", *arch, "-I", str(_specs.KERNEL_DIR), "-o",
+                               str(tmp_path / "out.cubin"), str(unit)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _run(q, k, v, *, causal, scale=None, family="auto", monkeypatch=None):
+    """(out, lse, kernel) of one call on the GPU, as float64 host arrays."""
+    if monkeypatch is not None:
+        monkeypatch.setenv("FASTATTN_CUDA_KERNEL", family)
+    b, h, _, d = q.shape
+    res = FlashAttention(FlashAttentionConfig(num_heads=h, head_dim=d, causal=causal, scale=scale)).forward_multi_head(
+        _to_gpu(q), _to_gpu(k), _to_gpu(v))
+    return _to_host(res.output), _to_host(res.logsumexp), res.kernel
+
+
+FAMILIES = [("float16", "auto"), ("float16", "mma"), ("bfloat16", "auto"), ("bfloat16", "mma"),
+            ("float32", "auto"), ("float64", "auto")]
+
+#: large magnitudes whose scores (scale q.k) still fit in float32 (float64 for float64)
+LARGE = {"float16": 30000.0, "bfloat16": 133120.0, "float32": 1e17, "float64": 1e150}
+
+
+@gpu
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=lambda x: str(x))
+def test_large_finite_values_give_finite_output(dtype, family, d, monkeypatch):
+    """PyTorch's large-bf16 case (q = k = v = 133120, one key) and its kind on every kernel family:
+    the exponent (s - max) * scale is 0 at the max whatever the magnitude, so no inf / inf."""
+    dt = numpy_dtype(dtype)
+    x = np.full((1, 1, 1, d), LARGE[dtype], dt)
+    out, lse, kernel = _run(x, x, x, causal=False, family=family, monkeypatch=monkeypatch)
+    assert np.isfinite(out).all() and np.isfinite(lse).all(), kernel
+    assert (out == float(x[0, 0, 0, 0])).all(), (kernel, out[0, 0, 0, :4])
+    expect_lse = d * float(x[0, 0, 0, 0]) ** 2 / np.sqrt(d)  # float32 q.k rounds d times: 1e-5
+    np.testing.assert_allclose(lse, expect_lse, rtol=1e-5 if dtype != "float64" else 1e-13)
+    # many keys of large, distinct magnitudes (some causal-masked): finite and as the reference says
+    rng = _rng(d)
+    mag = LARGE[dtype]
+    q, k, v = (((rng.uniform(0.5, 1.0, (1, 2, s, d)) * rng.choice([-1.0, 1.0], (1, 2, s, d))) * mag).astype(dt)
+               for s in (37, 70, 70))
+    for causal in (False, True):
+        out, lse, kernel = _run(q, k, v, causal=causal, family=family, monkeypatch=monkeypatch)
+        assert np.isfinite(out).all() and np.isfinite(lse).all(), kernel
+        assert_close_to_reference(out, lse, q, k, v, causal=causal, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=lambda x: str(x))
+def test_small_and_large_scales(dtype, family, monkeypatch):
+    """Scales far from 1/sqrt(d): the reference's answer wherever float32 (float64) holds it."""
+    rng = _rng(31)
+    d = 64
+    dt = numpy_dtype(dtype)
+    q, k, v = _inputs(rng, 1, 2, 40, 90, d, dtype)
+    # tiny scale: every weight ~1, the output is the mean of v
+    for scale in (1e-30, 1e-46):
+        out, lse, kernel = _run(q, k, v, causal=True, scale=scale, family=family, monkeypatch=monkeypatch)
+        assert_close_to_reference(out, None, q, k, v, causal=True, scale=scale, dtype=dtype)
+    # huge scale: one key (the arg max) per row; lse ~ max * scale, inf where float32 cannot hold it
+    scale = 1e38 if dtype in ("float16", "bfloat16") else 1e39
+    out, lse, kernel = _run(q, k, v, causal=True, scale=scale, family=family, monkeypatch=monkeypatch)
+    ref, ref_lse = materialized(*(x.astype(np.float64) for x in (q, k, v)), causal=True, scale=scale,
+                                compute_dtype=np.float64)
+    assert np.isfinite(out).all(), kernel
+    np.testing.assert_allclose(out, ref, rtol=1e-2 if dtype == "bfloat16" else 1e-3, atol=1e-3)
+    with np.errstate(over="ignore"):  # float32 cannot hold every lse here: inf, as the kernel's
+        ref_lse = ref_lse.astype(np.float64 if dtype == "float64" else np.float32).astype(np.float64)
+    finite = np.isfinite(ref_lse)
+    assert (np.isfinite(lse) == finite).all() and (lse[~finite] == ref_lse[~finite]).all(), kernel
+    # lse = max * scale: the raw max's float32 rounding (about 1e-6 of the raw scores), times scale
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-6, atol=1e-5 * scale)
+    if dtype in ("float32", "float64"):
+        # q.k tiny, scale beyond float32 (1.25e39; 1.25e299 for float64): logits of a few units that
+        # only the exact scale gets right (a scale clamped to float32's largest value gives weights
+        # far off).  float32 products of 1e-20 are subnormal (a few digits lost): a looser bound.
+        tiny = 1e-20 if dtype == "float32" else 1e-150
+        big = 1 / (tiny * tiny * np.sqrt(d))
+        qs, ks = ((x.astype(np.float64) * tiny).astype(dt) for x in (q, k))
+        out, lse, kernel = _run(qs, ks, v, causal=False, scale=big, family=family, monkeypatch=monkeypatch)
+        ref, ref_lse = materialized(*(x.astype(np.float64) for x in (qs, ks, v)), causal=False, scale=big,
+                                    compute_dtype=np.float64)
+        assert _rel(out, ref) < (1e-3 if dtype == "float32" else 1e-12), kernel
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-3 if dtype == "float32" else 1e-12,
+                                   atol=1e-3 if dtype == "float32" else 1e-12)
+        # the CPU backend's old failure: q = 3e38 against k = 1e-38 (logits of a few units)
+        qb, kb = np.full_like(q, 3e38), (k * dt.type(1e-38)).astype(dt)
+        out, lse, kernel = _run(qb, kb, v, causal=False, family=family, monkeypatch=monkeypatch)
+        assert_close_to_reference(out, lse, qb, kb, v, causal=False, dtype=dtype)
+
+
+def _plain_float32(q, k, v, scale):
+    """The plain float32 implementation (materialized, BLAS products): out and lse."""
+    f32 = np.float32
+    s = np.matmul(q.astype(f32), np.swapaxes(k.astype(f32), -1, -2)) * f32(scale)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    rowsum = p.sum(-1, keepdims=True)
+    out = np.matmul(p, v.astype(f32)) / rowsum
+    return out.astype(np.float64), (m + np.log(rowsum))[..., 0].astype(np.float64)
+
+
+def _reference(q, k, v, scale, causal=False):
+    return materialized(*(x.astype(np.float64) for x in (q, k, v)), causal=causal, scale=scale,
+                        compute_dtype=np.float64)
+
+
+def _lse_bound(err_plain, ref_lse):
+    """Two plain float32 logsumexp errors, plus two float32 ulps of the largest |lse|."""
+    return 2.0 * err_plain + 2.0 * float(np.spacing(np.float32(np.abs(ref_lse).max())))
+
+
+@gpu
+@pytest.mark.parametrize(("heads", "seq_q", "seq_kv", "d"), [(12, 16, 100_000, 128), (2, 16, 100_000, 32),
+                                                             (2, 33, 3000, 64)])
+def test_float32_long_keys_within_2x_of_plain_float32(heads, seq_q, seq_kv, d):
+    """float32 over many tiles: two-level P V and row sums keep the error within 2x that of a plain
+    float32 implementation (whose BLAS sums long products in blocks); lse as a float32 logsumexp."""
+    q, k, v = _inputs(_rng(seq_kv + d), 1, heads, seq_q, seq_kv, d, "float32")
+    scale = 1.0 / np.sqrt(d)
+    out, lse, kernel = _run(q, k, v, causal=False)
+    assert kernel == "simt"
+    ref, ref_lse = _reference(q, k, v, scale)
+    plain, plain_lse = _plain_float32(q, k, v, scale)
+    err, err_plain = _rel(out, ref), _rel(plain, ref)
+    assert err <= 2.0 * err_plain, f"error {err:.3g} vs plain float32 {err_plain:.3g} ({err / err_plain:.2f}x)"
+    err_lse, err_plain_lse = np.abs(lse - ref_lse).max(), np.abs(plain_lse - ref_lse).max()
+    assert err_lse <= _lse_bound(err_plain_lse, ref_lse), f"lse error {err_lse:.3g}, plain {err_plain_lse:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("d", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_lse_long_keys_as_float32_logsumexp(dtype, d):
+    """lse over 100k keys: within 2x the error of a plain float32 logsumexp (+2 float32 ulps); a rescale
+    factor that was not exactly 1 once the max settled made it drift by up to 2e-4."""
+    q, k, v = _inputs(_rng(d), 1, 2, 16, 100_000, d, dtype)
+    scale = 1.0 / np.sqrt(d)
+    out, lse, kernel = _run(q, k, v, causal=False)
+    ref, ref_lse = _reference(q, k, v, scale)
+    _, plain_lse = _plain_float32(q, k, v, scale)
+    err_lse, err_plain = np.abs(lse - ref_lse).max(), np.abs(plain_lse - ref_lse).max()
+    assert err_lse <= _lse_bound(err_plain, ref_lse), f"{kernel}: lse error {err_lse:.3g}, plain {err_plain:.3g}"
+    assert_close_to_reference(out, None, q, k, v, causal=False, dtype=dtype)
+
+
+def _poison(dtype):
+    """NaN, +inf, -inf in the input dtype."""
+    dt = numpy_dtype(dtype)
+    return [dt.type(np.nan), dt.type(np.inf), dt.type(-np.inf)]
+
+
+def _close_where(out, ref, naive, keep, dtype, what):
+    """‖out − ref‖/‖ref‖ over the entries `keep`, with assert_close_to_reference's bounds."""
+    err = _rel(out[keep], ref[keep])
+    if dtype in ("float16", "bfloat16"):
+        bound = 2.0 * _rel(naive[keep], ref[keep]) + 1e-4
+    else:
+        bound = 1e-5 if dtype == "float32" else 1e-12
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
+
+
+MASK_SHAPES = [  # (batch, heads, seq_q, seq_kv, head_dim): tile edges of every family
+    (1, 2, 200, 333, 64),
+    (1, 1, 65, 130, 128),
+    (2, 1, 129, 260, 40),
+    (1, 1, 300, 200, 64),
+    (1, 1, 70, 90, 59),
+    (1, 1, 1, 40, 64),
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=lambda x: str(x))
+def test_masked_keys_never_contribute(dtype, family, shape, monkeypatch):
+    """Causal: NaN / inf in K and V at keys a row does not see never reach that row, whatever the
+    tiles; a NaN in V at a key a row sees makes that column of the row NaN (as the formula says),
+    a NaN in K there makes the row NaN (out and lse)."""
+    b, h, sq, skv, d = shape
+    q, k, v = _inputs(_rng(sq * skv + d), b, h, sq, skv, d, dtype)
+    ref, ref_lse = _reference(q, k, v, 1.0 / np.sqrt(d), causal=True)
+    naive = _naive(q, k, v, causal=True, scale=1.0 / np.sqrt(d), dtype=dtype)
+    clean_out, clean_lse, kernel = _run(q, k, v, causal=True, family=family, monkeypatch=monkeypatch)
+    assert np.isfinite(clean_out).all()
+    poison = _poison(dtype)
+    # keys past the last query row: masked for every row
+    kp, vp = k.copy(), v.copy()
+    for j in range(sq, skv):
+        kp[:, :, j, :] = poison[j % 3]
+        vp[:, :, j, :] = poison[(j + 1) % 3]
+    out, lse, kernel = _run(q, kp, vp, causal=True, family=family, monkeypatch=monkeypatch)
+    assert np.isfinite(out).all() and np.isfinite(lse).all(), f"{kernel}: a masked key reached a row"
+    _close_where(out, ref, naive, np.ones(out.shape, bool), dtype, f"{kernel}, masked keys poisoned")
+    np.testing.assert_allclose(lse, clean_lse, rtol=1e-6, atol=1e-6)
+    # keys some rows see and others do not, at tile edges: one poisoned V column, then one K row
+    rows = np.arange(sq)[None, None, :, None]
+    for j0 in sorted({j for j in (1, 15, 16, 31, 32, 63, 64, 127, 128, 191, 192) if j < min(sq, skv)}):
+        c0 = j0 % d
+        vj = vp.copy()
+        vj[:, :, j0, c0] = poison[0]
+        out, lse, kernel = _run(q, kp, vj, causal=True, family=family, monkeypatch=monkeypatch)
+        expect_nan = np.zeros(out.shape, bool)
+        expect_nan[:, :, j0:, c0] = True  # rows j0.. see key j0
+        assert (np.isnan(out) == expect_nan).all(), (
+            f"{kernel}: NaN in v at key {j0}, column {c0}: rows with NaN "
+            f"{sorted(set(np.nonzero(np.isnan(out))[2].tolist()))[:12]}")
+        _close_where(out, ref, naive, ~expect_nan, dtype, f"{kernel}, v[{j0}, {c0}] = NaN")
+        np.testing.assert_allclose(lse, clean_lse, rtol=1e-6, atol=1e-6)
+        kj = kp.copy()
+        kj[:, :, j0, :] = poison[0]
+        out, lse, kernel = _run(q, kj, vp, causal=True, family=family, monkeypatch=monkeypatch)
+        row_nan = np.broadcast_to(rows >= j0, out.shape)
+        assert (np.isnan(out) == row_nan).all(), f"{kernel}: NaN in k at key {j0}"
+        assert (np.isnan(lse) == row_nan[..., 0]).all(), f"{kernel}: NaN in k at key {j0} (lse)"
+        _close_where(out, ref, naive, ~row_nan, dtype, f"{kernel}, k[{j0}] = NaN")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_keys_past_seq_kv_are_never_read(dtype):
+    """Views that end inside a larger buffer of NaN: the rows past seq_kv are never loaded."""
+    b, h, sq, skv, d = 1, 2, 77, 130, 64
+    q, k, v = _inputs(_rng(41), b, h, sq, skv, d, dtype)
+    dt = numpy_dtype(dtype)
+    views = []
+    for x in (k, v):
+        full = np.full((b, h, skv + 61, d), np.nan, dt)
+        full[:, :, :skv] = x
+        views.append(_to_gpu(full)[:, :, :skv])
+    for causal in (False, True):
+        out, lse = flash_attention(_to_gpu(q), views[0], views[1], causal=causal, return_lse=True)
+        assert_close_to_reference(out, lse, q, k, v, causal=causal, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_masked_nan_under_every_tile_configuration(dtype):
+    """Every Hopper tile configuration and every mma.sync tile the sweep may force: NaN / inf at
+    keys the causal mask hides leave the result as on clean inputs (forced through the launcher)."""
+    import cupy
+
+    from fastattn._validate import make_spec
+    from fastattn.backends.cuda import _launch
+
+    for d in (64, 128):
+        q, k, v = _inputs(_rng(d + 3), 1, 2, 211, 333, d, dtype)
+        kp, vp = k.copy(), v.copy()
+        poison = _poison(dtype)
+        expect_nan = np.zeros(q.shape, bool)
+        for j in range(1, 211):  # key j is hidden from rows 0 .. j-1 and seen by rows j ..
+            vp[:, :, j, j % d] = poison[0]
+            expect_nan[:, :, j:, j % d] = True
+        for j in range(211, 333):  # keys no row sees
+            kp[:, :, j, :] = poison[j % 3]
+            vp[:, :, j, :] = poison[(j + 1) % 3]
+        gq, gk, gv = (_to_gpu(x) for x in (q, kp, vp))
+        spec = make_spec(gq, gk, gv, causal=True, scale=None, dropout_p=0.0, seed=None, block_q=None,
+                         block_kv=None, num_threads=None)
+        configs = list(_specs.MMA_SWEEP[d]) + [_specs.MMA_CONFIGS[(d, True)]]
+        if _is_hopper():
+            configs += list(_specs.SM90_SWEEP[d])
+        ref, _ = _reference(q, k, v, 1.0 / np.sqrt(d), causal=True)
+        naive = _naive(q, k, v, causal=True, scale=1.0 / np.sqrt(d), dtype=dtype)
+        for cfg in configs:
+            out = cupy.full(gq.shape, np.nan, dtype=gq.dtype)
+            lse = cupy.full(gq.shape[:3], np.nan, dtype=cupy.float32)
+            used = _launch.launch(gq, gk, gv, out, lse, spec, dtype, config=cfg)
+            got = _to_host(out)
+            assert (np.isnan(got) == expect_nan).all(), (used, cfg)
+            assert np.isfinite(_to_host(lse)).all(), (used, cfg)
+            _close_where(got, ref, naive, ~expect_nan, dtype, f"{used.kernel} {cfg}")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session for the CUDA backend: compile every specialization (NVRTC, parallel), tests,
-# compute-sanitizer memcheck on a representative small run, tile sweep, benchmark beside torch.
-#   STEPS="build compile tests sanitize racecheck sweep bench cli" bash tools/gpu_session.sh     (logs under $OUT)
+# compute-sanitizer memcheck on a representative small run (and the numerical edge cases: large
+# values, inf / NaN at masked keys, 100k keys), racecheck / synccheck, numbers for the docs
+# (numerics), tile sweep, benchmark beside torch.
+#   STEPS="build compile tests sanitize racecheck numerics sweep bench cli" bash tools/gpu_session.sh  (logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
 STEPS=${STEPS:-"compile tests sanitize sweep bench"}
@@ -35,7 +37,7 @@ for e in errs: print("FAILED", e[:3000])
 PY
     ;;
   tests)
-    timeout 420 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+    timeout 540 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
     ;;
   sanitize)
     cat > /tmp/sanitize_run.py <<'PY'
@@ -54,10 +56,42 @@ for dt, d, causal, p, sq, skv in [("float16", 64, False, 0.0, 130, 77), ("bfloat
     cupy.cuda.Device().synchronize()
     print(dt, d, causal, p, res.kernel, "ok", float(abs(res.output.astype(cupy.float32)).sum()))
 PY
-    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_run.py 2>&1 | tee "$OUT/sanitize.log" | tail -15
+    cat >> /tmp/sanitize_run.py <<'PY'
+# numerical edge cases: every kernel family (FASTATTN_CUDA_KERNEL=mma for mma.sync on Hopper)
+import os
+def run(q, k, v, causal, family="auto"):
+    os.environ["FASTATTN_CUDA_KERNEL"] = family
+    res = fastattn.FlashAttention(fastattn.FlashAttentionConfig(num_heads=q.shape[1], head_dim=q.shape[3],
+                                  causal=causal)).forward_multi_head(q, k, v)
+    cupy.cuda.Device().synchronize()
+    os.environ["FASTATTN_CUDA_KERNEL"] = "auto"
+    return res
+for dt, val in (("bfloat16", 133120.0), ("float16", 30000.0), ("float32", 1e17)):  # large finite values
+    npdt = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
+    for family in ("auto", "mma"):
+        x = cupy.asarray(np.full((1, 1, 1, 64), val, npdt))
+        res = run(x, x, x, False, family)
+        print("large", dt, val, res.kernel, float(res.output.astype(cupy.float32)[0, 0, 0, 0]))
+for dt, d, family in (("float16", 64, "auto"), ("bfloat16", 128, "auto"), ("float16", 64, "mma"),
+                      ("bfloat16", 59, "auto"), ("float32", 80, "auto"), ("float64", 64, "auto")):
+    npdt = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
+    q, k, v = (rng.standard_normal((1, 2, s, d)).astype(npdt) for s in (200, 333, 333))
+    v[:, :, 100:, 3] = np.nan  # keys 100.. are hidden from rows 0..99: the masking slow paths
+    k[:, :, 200:] = np.inf     # keys no row sees
+    v[:, :, 250:] = -np.inf
+    res = run(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), True, family)
+    out = cupy.asnumpy(res.output.astype(cupy.float32))
+    print("masked NaN", dt, d, res.kernel, "NaN rows", sorted(set(np.nonzero(np.isnan(out))[2].tolist()))[:1],
+          "..", int(np.isnan(out).sum()), "NaN entries (expect", 2 * 100, ")")
+q, k, v = (cupy.asarray(rng.standard_normal((1, 2, s, 128)).astype(np.float32)) for s in (16, 100_000, 100_000))
+res = run(q, k, v, False)
+print("100k keys", res.kernel, float(abs(res.output).sum()))
+PY
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/sanitize_run.py 2>&1 | tee "$OUT/sanitize.log" | tail -30
     echo "sanitizer exit: ${PIPESTATUS[0]}"
     ;;
-  racecheck)  # shared-memory hazards and barrier misuse in the Hopper kernel (every tile configuration)
+  racecheck)  # shared-memory hazards and barrier misuse: every Hopper tile configuration, and the
+              # masking slow paths (V with NaN on causal diagonal tiles) of wgmma and mma.sync
     cat > /tmp/race_run.py <<'PY'
 import cupy, numpy as np
 from fastattn._validate import make_spec
@@ -66,19 +100,67 @@ rng = cupy.random.default_rng(0)
 for dt in ("float16", "bfloat16"):
     for d, dd in ((64, 64), (128, 120)):
         q, k, v = (rng.standard_normal((1, 1, s, dd), dtype=cupy.float32).astype(dt) for s in (200, 333, 333))
+        vn = v.copy(); vn[:, :, 70:, 5] = cupy.nan  # hidden from rows 0..69: slow paths
         for causal in (False, True):
             spec = make_spec(q, k, v, causal=causal, scale=None, dropout_p=0.0, seed=None, block_q=None,
                              block_kv=None, num_threads=None)
-            for cfg in _specs.SM90_SWEEP[d]:
-                out = cupy.empty_like(q); lse = cupy.empty((1, 1, 200), cupy.float32)
-                _launch.launch(q, k, v, out, lse, spec, dt, config=cfg)
+            configs = list(_specs.SM90_SWEEP[d]) + [_specs.MMA_CONFIGS[(d, causal)], _specs.MMA_SWEEP[d][-1]]
+            for cfg in configs:
+                for vv in ((v, vn) if causal else (v,)):
+                    out = cupy.empty_like(q); lse = cupy.empty((1, 1, 200), cupy.float32)
+                    _launch.launch(q, k, vv, out, lse, spec, dt, config=cfg)
 cupy.cuda.Device().synchronize()
-print("ran every Hopper tile configuration")
+print("ran every Hopper tile configuration and the mma.sync tiles, clean and with NaN at masked keys")
 PY
     for tool in racecheck synccheck; do
-      timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 /tmp/race_run.py 2>&1 | tee "$OUT/$tool.log" | tail -4
+      timeout 280 compute-sanitizer --tool $tool --error-exitcode 9 python3 /tmp/race_run.py 2>&1 | tee "$OUT/$tool.log" | tail -4
       echo "$tool exit: ${PIPESTATUS[0]}"
     done
+    ;;
+  numerics)  # the numbers docs/cuda.md quotes: errors at 100k keys beside a plain float32 implementation
+    timeout 400 python3 - <<'PY' 2>&1 | tee "$OUT/numerics.log"
+import os, numpy as np, cupy, ml_dtypes, fastattn
+from fastattn.backends.reference import materialized
+rng = np.random.default_rng(0)
+def run(q, k, v, family="auto", **kw):
+    os.environ["FASTATTN_CUDA_KERNEL"] = family
+    res = fastattn.FlashAttention(fastattn.FlashAttentionConfig(num_heads=q.shape[1], head_dim=q.shape[3],
+                                  **kw)).forward_multi_head(*(cupy.asarray(x) for x in (q, k, v)))
+    return (cupy.asnumpy(res.output.astype(cupy.float64)), cupy.asnumpy(res.logsumexp).astype(np.float64),
+            res.kernel)
+def plain32(q, k, v, scale):
+    s = np.matmul(q.astype(np.float32), np.swapaxes(k.astype(np.float32), -1, -2)) * np.float32(scale)
+    m = s.max(-1, keepdims=True); p = np.exp(s - m); r = p.sum(-1, keepdims=True)
+    return (np.matmul(p, v.astype(np.float32)) / r).astype(np.float64), (m + np.log(r))[..., 0].astype(np.float64)
+rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+print("float32: error against float64, kernel / plain float32 (materialized, BLAS)")
+for h, sq, skv, d in ((12, 16, 100_000, 128), (2, 16, 100_000, 32), (2, 16, 10_000, 128), (2, 64, 1000, 64)):
+    q, k, v = (rng.standard_normal((1, h, s, d)).astype(np.float32) for s in (sq, skv, skv))
+    out, lse, kern = run(q, k, v)
+    ref, rl = materialized(*(x.astype(np.float64) for x in (q, k, v)), causal=False, scale=d ** -0.5,
+                           compute_dtype=np.float64)
+    po, pl = plain32(q, k, v, d ** -0.5)
+    print(f"  H{h} q{sq} kv{skv} d{d} {kern}: out {rel(out, ref):.3g} / {rel(po, ref):.3g} = "
+          f"{rel(out, ref) / rel(po, ref):.2f}x; lse max err {abs(lse - rl).max():.3g} / {abs(pl - rl).max():.3g}")
+print("float16 / bfloat16, 100k keys: lse max error, kernel / plain float32 logsumexp; out error")
+for dt in ("float16", "bfloat16"):
+    npdt = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
+    for d in (32, 64, 128, 256):
+        q, k, v = (rng.standard_normal((1, 2, s, d)).astype(npdt) for s in (16, 100_000, 100_000))
+        out, lse, kern = run(q, k, v)
+        ref, rl = materialized(*(x.astype(np.float64) for x in (q, k, v)), causal=False, scale=d ** -0.5,
+                               compute_dtype=np.float64)
+        _, pl = plain32(q, k, v, d ** -0.5)
+        print(f"  {dt} d{d} {kern}: lse {abs(lse - rl).max():.3g} / {abs(pl - rl).max():.3g}; out {rel(out, ref):.3g}")
+print("large values (q = k = v, one key): output, lse")
+for dt, val in (("bfloat16", 133120.0), ("float16", 30000.0), ("float32", 1e17), ("float64", 1e150)):
+    npdt = ml_dtypes.bfloat16 if dt == "bfloat16" else np.dtype(dt)
+    for family in (("auto", "mma") if dt in ("float16", "bfloat16") else ("auto",)):
+        x = np.full((1, 1, 1, 64), val, npdt)
+        out, lse, kern = run(x, x, x, family)
+        print(f"  {dt} {val:g} {kern}: out {out[0, 0, 0, 0]:.6g} lse {lse[0, 0, 0]:.6g}")
+os.environ["FASTATTN_CUDA_KERNEL"] = "auto"
+PY
     ;;
   sweep)
     timeout 300 python3 tools/gpu_probe.py --quick 2>&1 | tee "$OUT/sweep.log" | grep -v " nan 0$"

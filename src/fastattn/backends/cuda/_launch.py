@@ -204,6 +204,25 @@ def plan(dtype: str, d_pad: int, cfg: Any) -> Plan:
     return Plan(cfg.block_q, cfg.block_kv, cfg.block_q * 4, _specs.simt_smem_bytes(d_pad, cfg, itemsize), "simt")
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINIEST = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def _mma_scales(scale: float) -> tuple[np.float32, np.float32]:
+    """(scale * log2(e), scale) as the float32 arguments of the tensor-core kernels.
+
+    The kernels form each exponent as (s - max) * scale_log2.  Kept inside float32's range so that
+    0 * it stays 0 (the row max) and -inf * it stays -inf (masked keys): a scale above float32's
+    range gives the same float16 weights as the largest float (every nonzero gap of float16 scores
+    is a multiple of 2^-48, so either factor drives it far below exp2's range); a scale below
+    2^-149 gives weights within 1e-6 of 1, as the exact one does.  ``scale`` itself serves
+    lse = max * scale + log l.
+    """
+    log2e = float(np.log2(np.e))
+    scale_log2 = min(max(scale * log2e, _F32_TINIEST), _F32_MAX)
+    return np.float32(scale_log2), np.float32(min(scale, _F32_MAX))
+
+
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
            config: _specs.MmaConfig | _specs.Sm90Config | None = None,
            extra_options: tuple[str, ...] = ()) -> Plan:
@@ -266,7 +285,7 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     else:
         name = _specs.simt_name(dtype, d_pad, cfg, spec.causal, dropout)
     if mma:
-        tail = (np.float32(spec.scale * np.log2(np.e)), np.uint64(seed), np.uint32(threshold),
+        tail = (*_mma_scales(spec.scale), np.uint64(seed), np.uint32(threshold),
                 np.float32(1.0 / (1.0 - spec.dropout_p)))
     else:
         tail = (np.float64(spec.scale), np.uint64(seed), np.uint32(threshold),

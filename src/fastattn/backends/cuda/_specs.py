@@ -174,8 +174,10 @@ def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2) -> int:
 
 
 def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2) -> int:
-    """Shared memory per block of ``fa_fwd_sm90``: Q tile, two K and two V tiles, 1 KB for alignment."""
-    return (cfg.block_q + 4 * cfg.block_kv) * head_dim * itemsize + 1024
+    """Shared memory per block of ``fa_fwd_sm90``: Q tile, two K and two V tiles, a 16-row tile of
+    zeros (the V operand of a P V that must add nothing: causal tiles no row of a warpgroup sees),
+    1 KB for alignment."""
+    return (cfg.block_q + 4 * cfg.block_kv + 16) * head_dim * itemsize + 1024
 
 
 def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:

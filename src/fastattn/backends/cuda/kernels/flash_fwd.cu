@@ -1,11 +1,15 @@
 // FlashAttention forward for fastattn's CUDA backend.
 //
-// Math (per query row i; scores s_ij = scale * q_i . k_j, masked entries -inf):
-//   m' = max(m, rowmax S)             running row max (kept in log2 units: S * scale * log2 e)
-//   l' = 2^(m - m') l + rowsum 2^(S - m')
-//   O' = 2^(m - m') O + 2^(S - m') V    (dropout zeroes entries of 2^(S - m') here, not in l)
-//   out = O / l * 1/(1 - p),  lse = (m + log2 l) * ln 2   (of the undropped softmax)
-// A row that sees no key ends with l = 0: out 0, lse -inf.
+// Math (per query row i; raw scores s_ij = q_i . k_j, masked entries -inf; c = scale * log2 e):
+//   m' = max(m, rowmax S)             running max of the raw scores (scale > 0 commutes with max)
+//   l' = 2^((m - m') c) l + rowsum 2^((S - m') c)
+//   O' = 2^((m - m') c) O + 2^((S - m') c) V    (dropout zeroes entries of 2^(...) here, not in l)
+//   out = O / l * 1/(1 - p),  lse = m * scale + ln l   (of the undropped softmax)
+// The exponent (s - m') c is <= 0 by construction and exactly 0 at the max, whatever the
+// magnitude of the scores, so p <= 1, l >= 1 for a row that sees a key, and the rescale factor is
+// exactly 1 while the max stays put.  A row that sees no key ends with l = 0: out 0, lse -inf.
+// Masked keys never contribute (common.cuh: key_mask, pv_tile_nonfinite_v): not even a NaN or
+// inf in K or V at such a key reaches the row.
 //
 // Two kernels, one work split (FlashAttention-2): one block per (query tile, batch*head), the
 // block walks the key/value tiles of its head; each warp owns 16 query rows of the tile and
@@ -13,8 +17,9 @@
 //
 //   fa_fwd_mma  float16 / bfloat16: mma.sync m16n8k16 (fp32 accumulation), ldmatrix (.trans for V),
 //               K/V tiles double-buffered in shared memory through cp.async, P re-packed from the
-//               S accumulators as the A operand of P.V, exp2 with scale*log2(e) folded in.
-//   fa_fwd_simt float32 / float64: plain FMA in the input precision (exact float32, no TF32).
+//               S accumulators as the A operand of P.V, exp2 of (s - m) * scale * log2(e).
+//   fa_fwd_simt float32 / float64: plain FMA in the input precision (exact float32, no TF32);
+//               float32 sums P V and l in two levels (see fa_fwd_simt).
 //
 // Both take arbitrary element strides for q, k, v; out/lse are written contiguous by the caller's
 // allocation (their strides are passed anyway).  head_dim d is padded to the template D with zeros.
@@ -31,12 +36,9 @@ struct elem;
 
 template <>
 struct elem<__half> {
+    static constexpr bool bf16 = false;
     static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_m16n8k16<false>(c, a, b0, b1);
     }
     static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
         __half2 h = __floats2half2_rn(lo, hi);
@@ -47,12 +49,9 @@ struct elem<__half> {
 
 template <>
 struct elem<__nv_bfloat16> {
+    static constexpr bool bf16 = true;
     static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_m16n8k16<true>(c, a, b0, b1);
     }
     static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
         __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -68,12 +67,18 @@ struct elem<__nv_bfloat16> {
 // thread moves 16-byte chunks with cp.async.  Otherwise plain element loads (any strides).
 // ------------------------------------------------------------------------------------------------
 
+// VEC loads where every thread keeps one column chunk and walks rows (see load_tile)
+template <int ROWS, int D, int NT>
+__device__ constexpr bool vec_load_walks_rows() {
+    return NT % (D / 8) == 0 && ROWS % (NT / (D / 8)) == 0;
+}
+
 template <typename T, int ROWS, int D, int LDS, int NT, bool VEC>
 __device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long long ss, long long sd, int row0,
                                           int seq, int d, int tid) {
     if constexpr (VEC) {
         constexpr int CHUNKS = D / 8;
-        if constexpr (NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0) {
+        if constexpr (vec_load_walks_rows<ROWS, D, NT>()) {
             // each thread keeps one 16-byte column chunk and walks rows r0, r0 + RS, ...: one 64-bit
             // pointer and one increment live instead of an address per unrolled chunk
             constexpr int RS = NT / CHUNKS;
@@ -109,6 +114,40 @@ __device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long
     }
 }
 
+// Does an element that thread tid wrote through load_tile<T, ROWS, D, LDS, NT, VEC> hold inf or NaN?
+// The loops visit exactly load_tile's elements for tid (keep the two in step): a thread's own
+// copies are complete and visible to it once cp_async_wait has returned for the tile, so each
+// thread checks its share with no barrier, and the tile's barrier ORs the answers.
+template <typename T, int ROWS, int D, int LDS, int NT, bool VEC>
+__device__ __forceinline__ bool own_elements_nonfinite(const T* smem, int tid) {
+    constexpr bool BF16 = elem<T>::bf16;
+    if constexpr (VEC) {
+        constexpr int CHUNKS = D / 8;
+        unsigned acc = 0u;
+        auto check = [&](int r, int ch) {
+            const uint4 w = *reinterpret_cast<const uint4*>(smem + r * LDS + ch * 8);
+            acc = nonfinite_or16x2<BF16>(acc, w.x);
+            acc = nonfinite_or16x2<BF16>(acc, w.y);
+            acc = nonfinite_or16x2<BF16>(acc, w.z);
+            acc = nonfinite_or16x2<BF16>(acc, w.w);
+        };
+        if constexpr (vec_load_walks_rows<ROWS, D, NT>()) {
+            constexpr int RS = NT / CHUNKS;
+#pragma unroll
+            for (int i = 0; i < ROWS / RS; ++i) check(tid / CHUNKS + i * RS, tid % CHUNKS);
+        } else {
+#pragma unroll
+            for (int c = tid; c < ROWS * CHUNKS; c += NT) check(c / CHUNKS, c % CHUNKS);
+        }
+        return nonfinite_seen(acc);
+    } else {
+        const unsigned short* bits = reinterpret_cast<const unsigned short*>(smem);
+        bool any = false;
+        for (int e = tid; e < ROWS * D; e += NT) any |= nonfinite16<BF16>(bits[(e / D) * LDS + e % D]);
+        return any;
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_mma: float16 / bfloat16 on tensor cores
 //   D       head_dim padded (multiple of 16: 32, 64, 96, 128, 192, 256)
@@ -131,7 +170,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
                long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
                long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
                long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh,
-               int num_q_blocks, float scale_log2, unsigned long long seed, unsigned threshold, float keep_scale) {
+               int num_q_blocks, float scale_log2, float scale, unsigned long long seed, unsigned threshold,
+               float keep_scale) {
     constexpr int WQ = 16 * MT;  // query rows per warp
     constexpr int BQ = WQ * NWARPS;
     constexpr int NT = NWARPS * 32;
@@ -139,6 +179,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
     constexpr int KT = D / 16;   // k-steps of Q.K^T
     constexpr int NS = BKV / 8;  // n-tiles of S
     constexpr int NO = D / 8;    // n-tiles of O
+    constexpr bool BF16 = elem<T>::bf16;
     static_assert(D % 16 == 0 && BKV % 16 == 0 && STAGES >= 2, "tile sizes");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -157,6 +198,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int row_w0 = q0 + warp * WQ;  // first query row of this warp
+    const key_mask<CAUSAL> mask{seq_kv};
 
     const T* qp = q + b * q_sb + h * q_sh;
     const T* kp = k + b * k_sb + h * k_sh;
@@ -182,7 +224,12 @@ __global__ void __launch_bounds__(NWARPS * 32)
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int n = 0; n < NO; ++n) acc_o[mt][n][0] = acc_o[mt][n][1] = acc_o[mt][n][2] = acc_o[mt][n][3] = 0.0f;
-    float m_i[MT][2], l_i[MT][2];  // raw-score row max (scale > 0 commutes with max); per-thread partial sums
+    // raw-score row max (scale > 0 commutes with max) and this thread's share of the row sums (its
+    // columns), one float chain each: l = alpha l + tile sum.  (The SIMT kernel's two-level row_sum
+    // costs a register a row; here the registers are spoken for, and with alpha exactly 1 while
+    // the max stays put, the chain keeps lse within about 2x a plain float32 logsumexp at 100k
+    // keys: docs/cuda.md.)
+    float m_i[MT][2], l_i[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) m_i[mt][0] = m_i[mt][1] = -FA_INF, l_i[mt][0] = l_i[mt][1] = 0.0f;
 
@@ -196,9 +243,16 @@ __global__ void __launch_bounds__(NWARPS * 32)
     for (int it = 0; it < n_tiles; ++it) {
         const int kv0 = it * BKV;
         // one barrier per tile: after it, tile `it` is visible to every warp and every warp is done
-        // with tile it-1, whose slot the loads of tile it+STAGES-1 then refill
+        // with tile it-1, whose slot the loads of tile it+STAGES-1 then refill.  On a tile whose keys
+        // some row of the block must not see (the causal diagonal), the barrier also tells every
+        // warp whether V holds inf or NaN (each thread checked what it copied itself).
         cp_async_wait<STAGES - 2>();
-        __syncthreads();
+        bool v_nonfinite = false;
+        if (key_mask<CAUSAL>::hides_keys && mask.tile_hides_keys(q0, kv0, BKV))
+            v_nonfinite =
+                __syncthreads_or(own_elements_nonfinite<T, BKV, D, LDS, NT, VEC>(sV + stage * BKV * LDS, tid)) != 0;
+        else
+            __syncthreads();
         if (it + STAGES - 1 < n_tiles) {
             const int row = kv0 + (STAGES - 1) * BKV;
             load_tile<T, BKV, D, LDS, NT, VEC>(sK + fill * BKV * LDS, kp, k_ss, k_sd, row, seq_kv, d, tid);
@@ -218,7 +272,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
         }
 
         // a warp whose rows all precede this tile (causal) or lie past seq_q has nothing to add
-        const bool warp_active = row_w0 < seq_q && (!CAUSAL || kv0 <= row_w0 + WQ - 1);
+        const bool warp_active = row_w0 < seq_q && !mask.tile_hidden(row_w0, WQ, kv0);
         if (warp_active) {
             const T* sKs = sK + stage * BKV * LDS;
             const T* sVs = sV + stage * BKV * LDS;
@@ -254,8 +308,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
             }
 
             // mask: keys past seq_kv, and (causal, top-left) key j > query i
-            const bool need_mask = (kv0 + BKV > seq_kv) || (CAUSAL && kv0 + BKV - 1 > row_w0);
-            if (need_mask) {
+            if (mask.tile_needs_mask(row_w0, kv0, BKV)) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -264,11 +317,13 @@ __global__ void __launch_bounds__(NWARPS * 32)
                         for (int e = 0; e < 4; ++e) {
                             const int j = kv0 + n * 8 + 2 * t4 + (e & 1);
                             const int i = row_w0 + mt * 16 + g + (e >> 1) * 8;
-                            if (j >= seq_kv || (CAUSAL && j > i)) s[mt][n][e] = -FA_INF;
+                            if (!mask.visible(i, j)) s[mt][n][e] = -FA_INF;
                         }
             }
 
-            // online softmax; per m-tile rows g (e = 0, 1) and g + 8 (e = 2, 3)
+            // online softmax; per m-tile rows g (e = 0, 1) and g + 8 (e = 2, 3).  The exponent
+            // (s - max) * scale_log2 is <= 0 by construction (0 at the max, whatever the magnitude),
+            // so p <= 1, l >= 1 and alpha is exactly 1 while the max stays put.
             float alpha[MT][2];
             bool rescale = false;
 #pragma unroll
@@ -280,20 +335,20 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float m_scaled = (mx == -FA_INF) ? 0.0f : mx * scale_log2;
-                    alpha[mt][r] = exp2_approx(m_i[mt][r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+                    const float m_use = (mx == -FA_INF) ? 0.0f : mx;  // no key seen yet: every p is 0
+                    alpha[mt][r] = exp2_approx((m_i[mt][r] - m_use) * scale_log2);  // m_i = -inf -> 0
                     rescale |= mx != m_i[mt][r];
                     m_i[mt][r] = mx;
-                    float row_sum = 0.0f;
+                    float tile_sum = 0.0f;
 #pragma unroll
                     for (int n = 0; n < NS; ++n) {
-                        const float p0 = exp2_approx(fmaf(s[mt][n][2 * r], scale_log2, -m_scaled));
-                        const float p1 = exp2_approx(fmaf(s[mt][n][2 * r + 1], scale_log2, -m_scaled));
-                        row_sum += p0 + p1;
+                        const float p0 = exp2_approx((s[mt][n][2 * r] - m_use) * scale_log2);
+                        const float p1 = exp2_approx((s[mt][n][2 * r + 1] - m_use) * scale_log2);
+                        tile_sum += p0 + p1;
                         s[mt][n][2 * r] = p0;
                         s[mt][n][2 * r + 1] = p1;
                     }
-                    l_i[mt][r] = l_i[mt][r] * alpha[mt][r] + row_sum;
+                    l_i[mt][r] = l_i[mt][r] * alpha[mt][r] + tile_sum;
                 }
             // once the running maxima settle, most tiles leave every row max unchanged (alpha = 1):
             // the warp then skips rescaling its accumulators
@@ -330,26 +385,48 @@ __global__ void __launch_bounds__(NWARPS * 32)
                         }
             }
 
-            // O += P V: the S accumulators of n-tiles (2kb, 2kb+1) are the A fragment of k-step kb
+            // O += P V: the S accumulators of n-tiles (2kb, 2kb+1) are the A fragment of k-step kb.
+            // A V tile with inf or NaN where this warp has masked entries takes the slow path
+            // (masked entries add nothing, visible ones follow the formula); the check rode on
+            // the tile's barrier, so the usual path pays nothing for it.
+            if (!(v_nonfinite && mask.tile_hides_keys(row_w0, kv0, BKV))) {
 #pragma unroll
-            for (int kb = 0; kb < BKV / 16; ++kb) {
-                unsigned a[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    a[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
-                    a[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
-                    a[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
-                    a[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
-                }
-#pragma unroll
-                for (int np = 0; np < NO / 2; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
+                for (int kb = 0; kb < BKV / 16; ++kb) {
+                    unsigned a[MT][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        elem<T>::mma(acc_o[mt][2 * np], a[mt], b0, b1);
-                        elem<T>::mma(acc_o[mt][2 * np + 1], a[mt], b2, b3);
+                        a[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
+                        a[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
+                        a[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
+                        a[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
                     }
+#pragma unroll
+                    for (int np = 0; np < NO / 2; ++np) {
+                        unsigned b0, b1, b2, b3;
+                        ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            elem<T>::mma(acc_o[mt][2 * np], a[mt], b0, b1);
+                            elem<T>::mma(acc_o[mt][2 * np + 1], a[mt], b2, b3);
+                        }
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    unsigned pw[2 * NS];  // P as 16-bit pairs, pw[2 n + r] (common.cuh)
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+                        pw[2 * n] = elem<T>::pack2(s[mt][n][0], s[mt][n][1]),
+                        pw[2 * n + 1] = elem<T>::pack2(s[mt][n][2], s[mt][n][3]);
+                    pv_tile_nonfinite_v<BF16, NO, BKV>(
+                        &acc_o[mt][0][0], pw,
+                        [&](int kb, int np) { return smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col); },
+                        [&](int key, int n) {
+                            return *reinterpret_cast<const unsigned*>(sVs + key * LDS + n * 8 + 2 * t4);
+                        },
+                        [&](int r, int key) { return mask.visible(row_w0 + mt * 16 + g + 8 * r, kv0 + key); },
+                        lane);
                 }
             }
         }
@@ -371,7 +448,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const int i = row_w0 + mt * 16 + g + r * 8;
-            const float inv = l > 0.0f ? keep_scale / l : 0.0f;
+            // l >= 1 for a row that saw a key, 0 for one that saw none, NaN for a NaN score
+            const float inv = l == 0.0f ? 0.0f : keep_scale / l;
             if constexpr (VEC) {
 #pragma unroll
                 for (int n = 0; n < NO; ++n)
@@ -392,8 +470,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 }
             }
             if (t4 == 0 && i < seq_q)
-                lse[b * lse_sb + h * lse_sh + i] =
-                    l > 0.0f ? (m_i[mt][r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
+                lse[b * lse_sb + h * lse_sh + i] = l == 0.0f ? -FA_INF : fmaf(m_i[mt][r], scale, logf(l));
         }
     if constexpr (VEC) {
         __syncwarp();
@@ -415,6 +492,11 @@ __global__ void __launch_bounds__(NWARPS * 32)
 //   D   head_dim padded (32, 64, 128, 256); BQ query rows per block, 4 threads per row;
 //   BKV keys per tile.  Thread (row r, part) owns output columns part + 4u and scores j = part + 4u.
 // Shared memory (dynamic): Q BQ x (D+1), K and V BKV x (D+1), P BQ x (BKV+1).
+// Scores stay raw (q . k) and the max is taken on them; the exponent is (s - max) * scale, 0 at
+// the max.  float32 sums P V in two levels: FOLD tiles accumulate (FMA) into acc_g from zero,
+// then TwoSum adds acc_g into acc_o with the rounding error kept in acc_c, so a long key sequence
+// loses no more than a blocked float32 matrix product does (one FMA chain over 100k keys was 12x
+// worse); the row sum likewise (row_sum).  float64 keeps the single chain.
 // ------------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -423,6 +505,36 @@ template <>
 __device__ __forceinline__ float exp_t<float>(float x) { return expf(x); }
 template <>
 __device__ __forceinline__ double exp_t<double>(double x) { return exp(x); }
+
+// x * scale in the input precision.  float: scale as the factors sc0 * sc1 (sc1 = 1 unless scale
+// lies outside [2^-100, 2^100], then a power of two), so every finite scale works; one beyond
+// 2^+-200 acts as 2^+-200, which gives the same float weights (each nonzero gap of float scores
+// times 2^200 is far below exp's range; any gap times 2^-200 rounds exp to exactly 1).
+template <typename T>
+struct simt_scale;
+template <>
+struct simt_scale<double> {
+    double sc;
+    __device__ __forceinline__ explicit simt_scale(double scale) : sc(scale) {}
+    __device__ __forceinline__ double operator()(double x) const { return x * sc; }
+};
+template <>
+struct simt_scale<float> {
+    float sc0, sc1;
+    __device__ __forceinline__ explicit simt_scale(double scale) {
+        const double s = fmin(fmax(scale, 0x1p-200), 0x1p200);
+        const double e = s > 0x1p100 ? 0x1p100 : (s < 0x1p-100 ? 0x1p-100 : 1.0);
+        sc0 = (float)(s / e);
+        sc1 = (float)e;
+    }
+    __device__ __forceinline__ float operator()(float x) const { return (x * sc0) * sc1; }
+};
+
+// lse = m * scale + log l, the product in double (a float scale may not hold the caller's scale)
+__device__ __forceinline__ float simt_lse(float m, double scale, float l) {
+    return (float)fma((double)m, scale, (double)logf(l));
+}
+__device__ __forceinline__ double simt_lse(double m, double scale, double l) { return fma(m, scale, log(l)); }
 
 template <typename T, int ROWS, int D, int LDS, int NT>
 __device__ __forceinline__ void load_tile_simt(T* smem, const T* __restrict__ g, long long ss, long long sd,
@@ -447,6 +559,8 @@ __global__ void __launch_bounds__(BQ * 4)
     constexpr int LDP = BKV + 1;
     constexpr int NU = D / 4;
     constexpr int NJ = BKV / 4;
+    constexpr bool TWO_LEVEL = sizeof(T) == 4;  // float32: P V in two levels (see above)
+    constexpr int FOLD = 4;                     // tiles per group (acc_g, row_sum::group)
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -460,21 +574,28 @@ __global__ void __launch_bounds__(BQ * 4)
     const int q0 = q_block * BQ;
     const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
     const int i = q0 + r;
+    const key_mask<CAUSAL> mask{seq_kv};
+    const simt_scale<T> scaled(scale);
 
     const T* qp = q + b * q_sb + h * q_sh;
     const T* kp = k + b * k_sb + h * k_sh;
     const T* vp = v + b * v_sb + h * v_sh;
-    const T sc = (T)scale;
 
     load_tile_simt<T, BQ, D, LDS, NT>(sQ, qp, q_ss, q_sd, q0, seq_q, d, tid);
 
-    T acc_o[NU];
+    T acc_o[NU], acc_c[TWO_LEVEL ? NU : 1], acc_g[TWO_LEVEL ? NU : 1];
 #pragma unroll
     for (int u = 0; u < NU; ++u) acc_o[u] = T(0);
-    T m_i = -FA_INF, l_i = T(0);
+    if constexpr (TWO_LEVEL) {
+#pragma unroll
+        for (int u = 0; u < NU; ++u) acc_c[u] = acc_g[u] = T(0);
+    }
+    T m_i = -FA_INF;  // raw-score row max
+    row_sum<T> l_i;
+    l_i.init();
 
     const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
-    for (int kv0 = 0; kv0 < kv_end; kv0 += BKV) {
+    for (int kv0 = 0, it = 0; kv0 < kv_end; kv0 += BKV, ++it) {
         __syncthreads();
         load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, seq_kv, d, tid);
         load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, seq_kv, d, tid);
@@ -487,48 +608,82 @@ __global__ void __launch_bounds__(BQ * 4)
             const int jl = part + 4 * u, j = kv0 + jl;
             T acc = T(0);
             for (int c = 0; c < d; ++c) acc = fma(sQ[r * LDS + c], sK[jl * LDS + c], acc);
-            acc *= sc;
-            if (j >= seq_kv || (CAUSAL && j > i)) acc = -FA_INF;
+            if (!mask.visible(i, j)) acc = -FA_INF;
             s[u] = acc;
             mx = fmax(mx, acc);
         }
         mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const T m_use = (mx == -FA_INF) ? T(0) : mx;
-        const T alpha = exp_t<T>(m_i - m_use);
+        const T m_use = (mx == -FA_INF) ? T(0) : mx;  // no key seen yet: every p is 0
+        const T alpha = exp_t<T>(scaled(m_i - m_use));  // exactly 1 while the max stays put
+        const bool moved = mx != m_i;
         m_i = mx;
-        T row_sum = T(0);
+        T tile_sum = T(0);
 #pragma unroll
         for (int u = 0; u < NJ; ++u) {
-            T p = exp_t<T>(s[u] - m_use);
-            row_sum += p;
+            T p = exp_t<T>(scaled(s[u] - m_use));
+            tile_sum += p;
             if constexpr (DROPOUT) {
                 const int j = kv0 + part + 4 * u;
                 if (!dropout_keep(seed, threshold, b, h, i, j)) p = T(0);
             }
             sP[r * LDP + part + 4 * u] = p;
         }
-        row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
-        row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
-        l_i = l_i * alpha + row_sum;
-        __syncwarp();
+        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
+        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 2);
+        l_i.group = fma(l_i.group, alpha, tile_sum);
+        if (moved) {  // the 4 threads of a row agree
+            l_i.rescale(alpha);
 #pragma unroll
-        for (int u = 0; u < NU; ++u) acc_o[u] *= alpha;
-        for (int jl = 0; jl < BKV; ++jl) {
+            for (int u = 0; u < NU; ++u) acc_o[u] *= alpha;
+            if constexpr (TWO_LEVEL) {
+#pragma unroll
+                for (int u = 0; u < NU; ++u) acc_c[u] *= alpha, acc_g[u] *= alpha;
+            }
+        }
+        __syncwarp();
+        // only the keys this row sees: a masked key's V (inf or NaN included) never reaches it
+        int lo, hi;
+        mask.visible_span(i, kv0, BKV, lo, hi);
+        for (int jl = lo; jl < hi; ++jl) {
             const T p = sP[r * LDP + jl];
 #pragma unroll
-            for (int u = 0; u < NU; ++u) acc_o[u] = fma(p, sV[jl * LDS + part + 4 * u], acc_o[u]);
+            for (int u = 0; u < NU; ++u) {
+                if constexpr (TWO_LEVEL)
+                    acc_g[u] = fma(p, sV[jl * LDS + part + 4 * u], acc_g[u]);
+                else
+                    acc_o[u] = fma(p, sV[jl * LDS + part + 4 * u], acc_o[u]);
+            }
+        }
+        if ((it & (FOLD - 1)) == FOLD - 1) {
+            l_i.fold();
+            if constexpr (TWO_LEVEL) {
+#pragma unroll
+                for (int u = 0; u < NU; ++u) {
+                    T err;
+                    two_sum(acc_o[u], acc_g[u], acc_o[u], err);
+                    acc_c[u] += err;
+                    acc_g[u] = T(0);
+                }
+            }
         }
     }
 
     if (i < seq_q) {
-        const T inv = l_i > T(0) ? (T)keep_scale / l_i : T(0);
+        const T l = l_i.value();  // >= 1 for a row that saw a key, 0 for none, NaN for a NaN score
+        const T inv = l == T(0) ? T(0) : (T)keep_scale / l;
         T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
 #pragma unroll
         for (int u = 0; u < NU; ++u) {
             const int c = part + 4 * u;
-            if (c < d) op[c] = acc_o[u] * inv;
+            T o = acc_o[u];
+            if constexpr (TWO_LEVEL) {
+                T err;
+                two_sum(acc_o[u], acc_g[u], o, err);
+                o += acc_c[u] + err;
+            }
+            if (c < d) op[c] = o * inv;
         }
-        if (part == 0) lse[b * lse_sb + h * lse_sh + i] = l_i > T(0) ? (L)(m_i + log(l_i)) : (L)(-FA_INF);
+        if (part == 0) lse[b * lse_sb + h * lse_sh + i] = l == T(0) ? (L)(-FA_INF) : (L)simt_lse(m_i, scale, l);
     }
 }

@@ -1,7 +1,8 @@
 // FlashAttention forward for Hopper (sm_90a): warpgroup MMA (wgmma) on swizzled shared-memory tiles.
 //
-// Same math as fa_fwd_mma in flash_fwd.cu (online softmax in log2 units, see there), same
-// arguments, same results; float16 / bfloat16, no dropout, d % 8 == 0 with unit stride along d.
+// Same math as fa_fwd_mma in flash_fwd.cu (online softmax on raw scores, exponent (s - m) * scale *
+// log2 e, masked keys never contribute: see there), same arguments, same results; float16 /
+// bfloat16, no dropout, d % 8 == 0 with unit stride along d.
 // The element type is a template flag (BF16) over 16-bit storage: the source needs no CUDA header,
 // so NVRTC compiles it wherever CuPy finds NVRTC.
 //
@@ -60,6 +61,16 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// named barrier that also ORs a predicate over the threads taking part
+__device__ __forceinline__ bool named_barrier_or(int id, int threads, bool pred) {
+    unsigned r;
+    asm volatile(
+        "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+        : "=r"(r)
+        : "r"((unsigned)pred), "r"(id), "r"(threads)
+        : "memory");
+    return r != 0u;
 }
 
 // mbarriers (shared::cta): init by one thread; arrive; arrive when this thread's cp.asyncs land; wait
@@ -128,17 +139,18 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
                 long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
                 long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
                 long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh, int num_q_blocks,
-                float scale_log2, unsigned long long seed, unsigned threshold, float keep_scale) {
+                float scale_log2, float scale, unsigned long long seed, unsigned threshold, float keep_scale) {
     using namespace fa_sm90;
     static_assert(D % 64 == 0 && BKV % 16 == 0, "D: whole 64-column panels; BKV: whole k-steps");
     constexpr int BQ = 64 * NWG, NT = 128 * NWG;
-    constexpr unsigned Q_BYTES = BQ * D * 2, KV_BYTES = BKV * D * 2;
+    constexpr unsigned Q_BYTES = BQ * D * 2, KV_BYTES = BKV * D * 2, Z_BYTES = 16 * D * 2;
     constexpr int NS = BKV / 2, NO = D / 2;  // accumulator registers per thread
 
     extern __shared__ unsigned char smem_raw[];
     const unsigned raw = smem_u32(smem_raw);
     const unsigned sQ = (raw + 1023u) & ~1023u;
     const unsigned sK = sQ + Q_BYTES, sV = sK + 2 * KV_BYTES;
+    const unsigned sZ = sV + 2 * KV_BYTES;  // 16 x D zeros: the V operand of a P V that must add nothing
 
     // heaviest query tiles first (causal: the last ones)
     const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
@@ -147,7 +159,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const int q0 = q_block * BQ;
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int row_w0 = q0 + wg * 64 + warp * 16;  // first of this warp's 16 rows; thread rows +g, +g+8
+    const int row_wg0 = q0 + wg * 64;        // first of this warpgroup's 64 rows
+    const int row_w0 = row_wg0 + warp * 16;  // first of this warp's 16 rows; thread rows +g, +g+8
+    const key_mask<CAUSAL> mask{seq_kv};
 
     const unsigned short* qp = q + b * q_sb + h * q_sh;
     const unsigned short* kp = k + b * k_sb + h * k_sh;
@@ -170,6 +184,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    if constexpr (CAUSAL) {
+        for (int c = tid; c < (int)(Z_BYTES / 16); c += NT)
+            asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sZ + c * 16), "r"(0u) : "memory");
+        fence_proxy_async();  // the zeros are read by the tensor cores (async proxy)
+    }
     __syncthreads();
     load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
     load_tile<BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
@@ -183,7 +202,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
 
     float s[NS], o[NO];
     unsigned p[BKV / 4];
-    float m_i[2] = {-FA_INF, -FA_INF}, l_i[2] = {0.0f, 0.0f};
+    float m_i[2] = {-FA_INF, -FA_INF};  // raw-score row max (scale > 0 commutes with max)
+    // this thread's share of the row sums (its columns): one float chain, l = alpha l + tile sum
+    // (as in fa_fwd_mma; the SIMT kernel's two-level row_sum would cost a register a row, and this
+    // kernel's tiles sit at their register limits)
+    float l_i[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] = 0.0f;
 
@@ -197,21 +220,25 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             wgmma<BF16, BKV>::ss(s, desc_sw128(a, 16, 1024), desc_sw128(bb, 16, 1024), kk > 0);
         }
     };
-    // O += P V over BKV/16 k-steps of 16 keys (2048 bytes of every panel); panels BKV * 128 apart
-    auto issue_pv = [&](unsigned v_tile) {
+    // O += P V over BKV/16 k-steps of 16 keys (2048 bytes of every panel); panels BKV * 128 apart.
+    // zero: the same instructions on the zero tile sZ (every k-step reads its 16 rows), adding 0.
+    // Issued on every path: ptxas serializes every wgmma of the kernel when one sits behind a branch
+    // it cannot prove uniform, and a P V that must add nothing costs no more than one that adds.
+    auto issue_pv = [&](unsigned v_tile, bool zero) {
+        const unsigned base = zero ? sZ : v_tile, step = zero ? 0u : 2048u, panel = zero ? 2048u : BKV * 128u;
 #pragma unroll
         for (int kb = 0; kb < BKV / 16; ++kb)
-            wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(v_tile + kb * 2048, BKV * 128, 1024));
+            wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(base + kb * step, panel, 1024));
     };
-    // masks tile kv0 in s, turns s into 2^(s*scale_log2 - m) and updates m_i, l_i; returns alpha
+    // masks tile kv0 in s, turns s into 2^((s - m) * scale_log2) and updates m_i, l_i; returns
+    // alpha (the exponent is <= 0 by construction: p <= 1, and alpha is exactly 1 while m stays put)
     auto softmax = [&](int kv0, float (&alpha)[2]) {
-        const bool need_mask = (kv0 + BKV > seq_kv) || (CAUSAL && kv0 + BKV - 1 > row_w0);
-        if (need_mask) {
+        if (mask.tile_needs_mask(row_w0, kv0, BKV)) {
 #pragma unroll
             for (int e = 0; e < NS; ++e) {
                 const int j = kv0 + (e >> 2) * 8 + 2 * t4 + (e & 1);
                 const int i = row_w0 + g + ((e >> 1) & 1) * 8;
-                if (j >= seq_kv || (CAUSAL && j > i)) s[e] = -FA_INF;
+                if (!mask.visible(i, j)) s[e] = -FA_INF;
             }
         }
 #pragma unroll
@@ -221,19 +248,19 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             for (int n = 0; n < NS / 4; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_scaled = (mx == -FA_INF) ? 0.0f : mx * scale_log2;
-            alpha[r] = exp2_approx(m_i[r] * scale_log2 - m_scaled);  // m_i = -inf -> 0
+            const float m_use = (mx == -FA_INF) ? 0.0f : mx;  // no key seen yet: every p is 0
+            alpha[r] = exp2_approx((m_i[r] - m_use) * scale_log2);  // m_i = -inf -> 0
             m_i[r] = mx;
-            float row_sum = 0.0f;
+            float tile_sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < NS / 4; ++n) {
-                const float p0 = exp2_approx(fmaf(s[4 * n + 2 * r], scale_log2, -m_scaled));
-                const float p1 = exp2_approx(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_scaled));
-                row_sum += p0 + p1;
+                const float p0 = exp2_approx((s[4 * n + 2 * r] - m_use) * scale_log2);
+                const float p1 = exp2_approx((s[4 * n + 2 * r + 1] - m_use) * scale_log2);
+                tile_sum += p0 + p1;
                 s[4 * n + 2 * r] = p0;
                 s[4 * n + 2 * r + 1] = p1;
             }
-            l_i[r] = l_i[r] * alpha[r] + row_sum;
+            l_i[r] = l_i[r] * alpha[r] + tile_sum;
         }
     };
     // the S accumulators of n-blocks 2kb, 2kb+1 are the A fragment of k-step kb (rows g, g+8)
@@ -242,6 +269,67 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         for (int w = 0; w < BKV / 4; ++w) p[w] = pack2<BF16>(s[2 * w], s[2 * w + 1]);
     };
 
+    // How the P V of the V tile at v_tile (keys kv0 ..) runs for this warpgroup:
+    //   PV_SKIP   no row of the warpgroup sees a key of the tile: nothing to add, whatever V holds
+    //             (the wgmma run on the zero tile);
+    //   PV_WGMMA  on the tensor cores (wgmma), the usual path;
+    //   PV_SLOW   the tile hides keys from some of the rows and V holds inf or NaN, which p = 0
+    //             would still turn into NaN on the tensor cores: the wgmma run on the zero tile,
+    //             then (pv_slow, once they are done) mma.sync on V with those entries zeroed and
+    //             their p * v added for the rows that see them (common.cuh).
+    // Only tiles that hide keys (the causal diagonal) are checked: the warpgroup's threads scan the
+    // tile together (one packed FMA per word) and OR the answer on a named barrier.  The answer is
+    // the same for the whole warpgroup; the kernel branches on it through warp votes, which the
+    // compiler knows to be uniform (a branch it cannot prove uniform between wgmma makes ptxas
+    // serialize every wgmma of the kernel).
+    enum { PV_SKIP, PV_WGMMA, PV_SLOW };
+    const int wtid = tid & 127;
+    constexpr bool HIDES = key_mask<CAUSAL>::hides_keys;  // else every P V is PV_WGMMA
+    auto pv_path = [&](int jt, unsigned v_tile) -> int {
+        const int kv0 = jt * BKV;
+        if (__all_sync(0xffffffffu, mask.tile_hidden(row_wg0, 64, kv0))) return PV_SKIP;
+        if (!__any_sync(0xffffffffu, mask.tile_hides_keys(row_wg0, kv0, BKV))) return PV_WGMMA;
+        mbar_wait(full_v + 8 * (jt & 1), (jt >> 1) & 1);  // V_jt landed (waited for again later)
+        unsigned acc = 0u;
+#pragma unroll
+        for (int i = 0; i < (int)(KV_BYTES / 16 / 128); ++i) {
+            uint4 w;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+                         : "r"(v_tile + (wtid + i * 128) * 16)
+                         : "memory");
+            acc = nonfinite_or16x2<BF16>(acc, w.x);
+            acc = nonfinite_or16x2<BF16>(acc, w.y);
+            acc = nonfinite_or16x2<BF16>(acc, w.z);
+            acc = nonfinite_or16x2<BF16>(acc, w.w);
+        }
+        const bool seen = named_barrier_or(1 + NWG + wg, 128, nonfinite_seen(acc));
+        return __any_sync(0xffffffffu, seen) ? PV_SLOW : PV_WGMMA;
+    };
+    auto pv_slow = [&](int kv0, unsigned v_tile) {
+        const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;  // ldmatrix.trans rows
+        pv_tile_nonfinite_v<BF16, D / 8, BKV>(
+            o, p,
+            [&](int kb, int np) { return v_tile + sw128_offset<BKV>(kb * 16 + a_row, 2 * np + a_chunk); },
+            [&](int key, int n) {
+                unsigned w;
+                asm volatile("ld.shared.b32 %0, [%1];\n"
+                             : "=r"(w)
+                             : "r"(v_tile + sw128_offset<BKV>(key, n) + t4 * 4)
+                             : "memory");
+                return w;
+            },
+            [&](int r, int key) { return mask.visible(row_w0 + g + 8 * r, kv0 + key); }, lane);
+    };
+    // once P_jt is packed (no wgmma in flight, S dead: the registers to spare): how its P V runs,
+    // and on the slow path the P V itself; the wgmma of the next iteration then add 0
+    auto settle_pv = [&](int jt) -> int {
+        if constexpr (!HIDES) return PV_WGMMA;
+        const unsigned v_tile = sV + (jt & 1) * KV_BYTES;
+        const int pv = pv_path(jt, v_tile);
+        if (__any_sync(0xffffffffu, pv == PV_SLOW)) pv_slow(jt * BKV, v_tile);
+        return pv;
+    };
     float alpha[2];
     mbar_wait(full_k, 0);
     fence_proxy_async();
@@ -254,17 +342,20 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     if (lane == 0) mbar_arrive(empty_k);
     softmax(0, alpha);
     pack_p();
+    int pv = settle_pv(0);
 
     for (int j = 1; j < n_tiles; ++j) {
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
+        const unsigned v_prev = sV + ((j - 1) & 1) * KV_BYTES;
+        const bool pv_zero = HIDES && !__all_sync(0xffffffffu, pv == PV_WGMMA);
         fence_proxy_async();
         reg_fence(s);
         reg_fence(o);
         wgmma_fence();
         issue_s(sK + (j & 1) * KV_BYTES);
         wgmma_commit();
-        issue_pv(sV + ((j - 1) & 1) * KV_BYTES);
+        issue_pv(v_prev, pv_zero);
         wgmma_commit();
         // while the tensor cores run: K_{j+1} into the buffer of K_{j-1}, V_j into that of V_{j-2}
         if (j + 1 < n_tiles) {
@@ -287,14 +378,16 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             for (int e = 0; e < NO; ++e) o[e] *= alpha[(e >> 1) & 1];
         }
         pack_p();
+        pv = settle_pv(j);
     }
 
     // last P V
     mbar_wait(full_v + 8 * ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
+    const bool pv_zero = HIDES && !__all_sync(0xffffffffu, pv == PV_WGMMA);
     fence_proxy_async();
     reg_fence(o);
     wgmma_fence();
-    issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES);
+    issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES, pv_zero);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(o);
@@ -307,7 +400,8 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         float l = l_i[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.0f ? keep_scale / l : 0.0f;
+        // l >= 1 for a row that saw a key, 0 for one that saw none, NaN for a NaN score
+        const float inv = l == 0.0f ? 0.0f : keep_scale / l;
         const int row = rw + r * 8;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
@@ -317,12 +411,10 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         }
         const int i = row_w0 + g + r * 8;
         if (t4 == 0 && i < seq_q)
-            lse[b * lse_sb + h * lse_sh + i] =
-                l > 0.0f ? (m_i[r] * scale_log2 + log2f(l)) * 0.6931471805599453f : -FA_INF;
+            lse[b * lse_sb + h * lse_sh + i] = l == 0.0f ? -FA_INF : fmaf(m_i[r], scale, logf(l));
     }
     named_barrier(1 + wg, 128);
     unsigned short* ob = out + b * o_sb + h * o_sh;
-    const int wtid = tid & 127;
 #pragma unroll
     for (int c = wtid; c < 64 * (D / 8); c += 128) {
         const int row = c / (D / 8), ch = c % (D / 8);
