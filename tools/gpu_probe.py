@@ -33,8 +33,8 @@ def reference(q, k, v, causal, scale):
         s = cupy.where(cupy.arange(skv)[None, :] <= cupy.arange(sq)[:, None], s, -cupy.inf)
     m = s.max(-1, keepdims=True)
     p = cupy.exp(s - m)
-    l = p.sum(-1, keepdims=True)
-    return cupy.einsum("bhij,bhjd->bhid", p / l, v.astype(cupy.float64)), (m + cupy.log(l))[..., 0]
+    den = p.sum(-1, keepdims=True)
+    return cupy.einsum("bhij,bhjd->bhid", p / den, v.astype(cupy.float64)), (m + cupy.log(den))[..., 0]
 
 
 def run(q, k, v, causal, cfg, opts, dtype):
@@ -67,9 +67,11 @@ def check(opts, quick):
                     lerr = float(cupy.abs(lse - ref_lse).max())
                     nan = int(cupy.isnan(o).sum())
                     worst = max(worst, err if nan == 0 else 1.0)
-                    flag = "" if err < (1e-2 if dtype == "bfloat16" else 2e-3) and nan == 0 and lerr < 1e-3 else "  <-- BAD"
+                    good = err < (1e-2 if dtype == "bfloat16" else 2e-3) and nan == 0 and lerr < 1e-3
+                    flag = "" if good else "  <-- BAD"
                     print(f"{dtype:8} {b}x{h}x{sq}x{skv}x{d:<3} causal={causal!s:5} {used.kernel} "
-                          f"{cfg.warpgroups}wg/{cfg.block_kv}/{cfg.min_blocks}: err {err:.2e} lse {lerr:.1e} nan {nan}{flag}", flush=True)
+                          f"{cfg.warpgroups}wg/{cfg.block_kv}/{cfg.min_blocks}: err {err:.2e} lse {lerr:.1e} "
+                          f"nan {nan}{flag}", flush=True)
     print(f"worst relative error {worst:.3g}")
     return worst
 

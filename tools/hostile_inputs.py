@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -184,7 +183,8 @@ def run_case(name: str, body: str, timeout: float) -> tuple[bool, str]:
     code = PRELUDE + textwrap.dedent(body)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"HANG: no result after {timeout:.0f} s"
     took = time.perf_counter() - start

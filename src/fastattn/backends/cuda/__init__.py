@@ -7,7 +7,8 @@
                                -> fa_fwd_simt (float32, float64: exact FMA in the input precision)
     restore     back to where the caller's q lives: NumPy -> host copy, torch -> torch (DLPack), CuPy as is
 
-The CUDA C++ sources (``kernels/flash_fwd.cu``, ``kernels/flash_fwd_sm90.cu``) ship inside the package; no toolkit or build step.
+The CUDA C++ sources (``kernels/flash_fwd.cu``, ``kernels/flash_fwd_sm90.cu``) ship inside the package: no build
+step (the ``cuda12`` / ``cuda13`` extras bring NVRTC and the runtime libraries from PyPI).
 Tile sizes come from ``_specs`` (the user's block_size_q / block_size_kv are ignored on this backend);
 ``BackendStats`` reports the tiles actually used and the shared memory per block.
 """
@@ -34,7 +35,7 @@ def _availability() -> str | None:
     try:
         import cupy
     except ImportError as exc:
-        return f"CuPy is not installed (pip install fastattn[cuda]): {exc}"
+        return f"CuPy is not installed (from a clone: pip install '.[cuda12]'; see docs/cuda.md): {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken CuPy install is "not available", never a crash
         return f"CuPy failed to import: {exc}"
     try:

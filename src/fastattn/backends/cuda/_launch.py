@@ -205,7 +205,7 @@ def plan(dtype: str, d_pad: int, cfg: Any) -> Plan:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
-_F32_TINIEST = float(np.finfo(np.float32).smallest_subnormal)
+_F32_TINIEST = float(np.finfo(np.float32).tiny)  # the smallest normal: never flushed to zero
 
 
 def _mma_scales(scale: float) -> tuple[np.float32, np.float32]:
@@ -215,7 +215,8 @@ def _mma_scales(scale: float) -> tuple[np.float32, np.float32]:
     0 * it stays 0 (the row max) and -inf * it stays -inf (masked keys): a scale above float32's
     range gives the same float16 weights as the largest float (every nonzero gap of float16 scores
     is a multiple of 2^-48, so either factor drives it far below exp2's range); a scale below
-    2^-149 gives weights within 1e-6 of 1, as the exact one does.  ``scale`` itself serves
+    2^-126 (float32's smallest normal, which no flush-to-zero arithmetic turns into 0, and 0 * -inf
+    is NaN) gives weights within 1e-6 of 1, as the exact one does.  ``scale`` itself serves
     lse = max * scale + log l.
     """
     log2e = float(np.log2(np.e))
