@@ -10,6 +10,7 @@ softmax, P rounded to the input dtype, output rounded), plus a small floor.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -536,8 +537,10 @@ def test_kernels_compile_with_nvcc(tmp_path):
         refs = ", ".join(f"reinterpret_cast<const void*>(&{n})" for n in chunk)
         unit = tmp_path / f"unit_{source}"
         unit.write_text(f'#include "{source}"\nconst void* const kernels[] = {{{refs}}};\n')
+        # nvcc must not inherit a sanitizer runtime preloaded into this interpreter (tools/sanitize.sh)
+        env = {key: val for key, val in os.environ.items() if key not in ("LD_PRELOAD", "ASAN_OPTIONS")}
         proc = subprocess.run([nvcc, "-std=c++17", "-cubin", *arch, "-I", str(_specs.KERNEL_DIR), "-o",
-                               str(tmp_path / "out.cubin"), str(unit)], capture_output=True, text=True)
+                               str(tmp_path / "out.cubin"), str(unit)], capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 
