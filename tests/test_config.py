@@ -62,8 +62,12 @@ def test_with_causal_returns_new_config():
     assert dataclasses.replace(on, causal=False) == cfg
     assert cfg.with_causal().causal is True  # default argument turns it on
     assert on.with_causal(False) == cfg
-    with pytest.raises(TypeError, match="causal"):
+    with pytest.raises(ValueError, match="causal"):
         cfg.with_causal("yes")
+    with pytest.raises(TypeError, match="causal"):
+        cfg.with_causal(1)
+    assert cfg.with_causal("bottom_right").causal == "bottom_right"
+    assert cfg.with_causal("top_left").causal is True
 
 
 def test_with_dropout_returns_new_config():

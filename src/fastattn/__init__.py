@@ -3,7 +3,7 @@
 Public names only; nothing is computed at import.
 """
 
-from ._api import AttentionResult, FlashAttention, flash_attention, standard_attention
+from ._api import AttentionResult, FlashAttention, flash_attention, flash_attention_varlen, standard_attention
 from ._config import FlashAttentionConfig
 from ._info import available_backends, info
 from ._memory import MemoryReport, MemorySavings, memory_report, memory_savings
@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "flash_attention",
+    "flash_attention_varlen",
     "info",
     "memory_report",
     "memory_savings",

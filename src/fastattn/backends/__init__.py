@@ -16,6 +16,7 @@ Every backend is a module with the same few names:
     restore(y, like) -> array  an output moved back to where the caller's input ``like`` lives
     forward(q, k, v, spec)     4-D (batch, heads, seq, head_dim) arrays + a validated spec
     describe() -> dict         facts for fastattn.info()
+    check_spec(spec)           raises (ValueError) for a validated call this backend cannot run
 
 Adding a backend is adding a module and a line in ``_MODULES``.  "auto" is resolved here
 and only here.
@@ -54,6 +55,39 @@ class ForwardOutput:
     out: Any  # (batch, heads, seq_q, head_dim), input dtype
     lse: Any  # (batch, heads, seq_q), float32 (float64 for float64 input)
     stats: BackendStats
+
+
+def features(spec: Any) -> list[str]:
+    """The variant features a call uses, by name (for a backend to say which it lacks)."""
+    rule = spec.rule
+    names = []
+    if spec.heads_kv != spec.heads:
+        names.append("grouped-query attention (fewer k/v heads than q heads)")
+    if spec.head_dim_v != spec.head_dim:
+        names.append("a v head_dim different from q/k's")
+    if rule.bottom_right:
+        names.append("causal='bottom_right'")
+    if rule.window_left >= 0 or rule.window_right >= 0:
+        names.append("window")
+    if rule.softcap > 0.0:
+        names.append("softcap")
+    if rule.alibi:
+        names.append("alibi_slopes")
+    if rule.mask != "none":
+        names.append("attn_mask")
+    if spec.ragged == "padded":
+        names.append("seqlens_q / seqlens_kv")
+    if spec.ragged == "packed":
+        names.append("packed sequences (flash_attention_varlen)")
+    return names
+
+
+def refuse_features(name: str, spec: Any, supported: tuple[str, ...] = ()) -> None:
+    """A clear error, before any work, for features backend ``name`` does not implement."""
+    missing = [f for f in features(spec) if f not in supported]
+    if missing:
+        raise ValueError(f"the {name!r} backend does not support {', '.join(missing)} yet; "
+                         f"use backend='reference' (materialized, for checking)")
 
 
 def backend_names() -> list[str]:

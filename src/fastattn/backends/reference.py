@@ -1,7 +1,8 @@
 """The materialized NumPy backend: the oracle for tests, never fast.
 
-It builds the full (seq_q, seq_kv) score matrix of each head in float64, so its memory is
-O(seq_q·seq_kv) per head; use it to check, not to run.
+It builds the full (seq_q, seq_kv) score matrix of each head in float64, with every variant written
+out explicitly (the visibility matrix and the additive terms of ``fastattn._masks``, tanh for the
+softcap, the ALiBi distances), so its memory is O(seq_q·seq_kv) per head; use it to check, not to run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 
 from .._arrays import like_input
 from .._dropout import keep_mask
-from .._validate import AttentionSpec
+from .._masks import MaskRule, allowed_and_bias
+from .._validate import AttentionSpec, MaskArrays, to_host
 from . import BackendStats, ForwardOutput
 
 NAME = "reference"
@@ -30,62 +32,33 @@ def restore(y: Any, like: Any) -> Any:
     return like_input(y, like)
 
 
+def check_spec(spec: AttentionSpec) -> None:
+    """The reference computes every variant."""
+
+
 def describe() -> dict:
     return {"compute": "float64, materialized"}
 
 
-def materialized(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    *,
-    causal: bool,
-    scale: float,
-    compute_dtype: Any,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standard attention on 4-D arrays, one (b, h) score matrix at a time.
-
-    Returns (out, lse) in ``compute_dtype``.  Top-left causal mask: query i sees keys
-    0..i.  Rows that see no key give output 0 and lse -inf.  Masked keys never contribute: a NaN
-    or inf in the V row of a key that query i does not see leaves row i untouched (visible keys
-    follow the formula, so a non-finite visible value makes its output column non-finite).
-    """
-    batch, heads, seq_q, head_dim = q.shape
-    seq_kv = k.shape[2]
-    out = np.zeros((batch, heads, seq_q, head_dim), dtype=compute_dtype)
-    lse = np.full((batch, heads, seq_q), -np.inf, dtype=compute_dtype)
-    if seq_q == 0 or seq_kv == 0:
-        return out, lse
-    allowed = None
-    if causal:
-        allowed = np.arange(seq_kv)[None, :] <= np.arange(seq_q)[:, None]
-    for b in range(batch):
-        for h in range(heads):
-            qh = q[b, h].astype(compute_dtype)
-            kh = k[b, h].astype(compute_dtype)
-            vh = v[b, h].astype(compute_dtype)
-            s = (qh @ kh.T) * compute_dtype(scale)
-            if allowed is not None:
-                s = np.where(allowed, s, -np.inf)
-            m = np.max(s, axis=1, keepdims=True)
-            m_safe = np.where(np.isneginf(m), 0.0, m)
-            with np.errstate(invalid="ignore", over="ignore"):
-                p = np.exp(s - m_safe)
-                row_sum = p.sum(axis=1, keepdims=True)
-                with np.errstate(divide="ignore"):
-                    lse[b, h] = (m_safe + np.log(row_sum))[:, 0]
-                p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum > 0)
-                if dropout_p > 0.0:
-                    keep = keep_mask(seed, dropout_p, b, h, seq_q, seq_kv)
-                    p = np.where(keep, p / compute_dtype(1.0 - dropout_p), 0.0)
-                out[b, h] = _weights_times_values(p, vh, allowed)
-            # NaN inputs: a row whose scores hold NaN gives NaN, as the formula says
-            nan_rows = np.isnan(s).any(axis=1) | np.isnan(row_sum[:, 0])
-            if nan_rows.any():
-                out[b, h][nan_rows] = np.nan
-                lse[b, h][nan_rows] = np.nan
+def _softmax_times_values(s: np.ndarray, allowed: np.ndarray, v: np.ndarray, *, dropout_p: float,
+                          keep: np.ndarray | None, compute_dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(out, lse) of one head: masked scores ``s`` (-inf where not allowed) against values ``v``."""
+    seq_q = s.shape[0]
+    m = np.max(s, axis=1, keepdims=True) if s.shape[1] else np.full((seq_q, 1), -np.inf)
+    m_safe = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        p = np.exp(s - m_safe)
+        row_sum = p.sum(axis=1, keepdims=True)
+        lse = (m_safe + np.log(row_sum))[:, 0]
+        p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum > 0)
+        if keep is not None:
+            p = np.where(keep, p / compute_dtype(1.0 - dropout_p), 0.0)
+        out = _weights_times_values(p, v, allowed)
+    lse = np.where(row_sum[:, 0] > 0, lse, -np.inf).astype(compute_dtype)
+    # NaN inputs: a row whose visible scores hold NaN gives NaN, as the formula says
+    nan_rows = np.isnan(s).any(axis=1) | np.isnan(row_sum[:, 0])
+    out[nan_rows] = np.nan
+    lse[nan_rows] = np.nan
     return out, lse
 
 
@@ -103,10 +76,80 @@ def _weights_times_values(p: np.ndarray, v: np.ndarray, allowed: np.ndarray | No
     return out
 
 
+def materialized(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    scale: float,
+    compute_dtype: Any,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    rule: MaskRule | None = None,
+    arrays: MaskArrays | None = None,
+    ragged: str = "none",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Standard attention on (batch, heads, seq, head_dim) views, one score matrix at a time.
+
+    Returns (out, lse) in ``compute_dtype``: out (batch, heads_q, seq_q, head_dim_v), lse
+    (batch, heads_q, seq_q).  k and v may have fewer heads (query head h reads k/v head
+    h // (heads_q // heads_kv)).  ``rule`` and ``arrays`` give the mask (``fastattn._masks``); without
+    them ``causal`` is the top-left causal mask.  ``ragged="padded"``: rows past ``lens_q[b]`` and keys
+    past ``lens_kv[b]`` do not exist; ``"packed"``: q/k/v hold one entry of all sequences end to end,
+    ``cu_seqlens`` say where each starts.  Rows that see no key give output 0 and lse -inf.
+    Masked keys never contribute: a NaN or inf in the V row of a key that query i does not see
+    leaves row i untouched (visible keys follow the formula).
+    """
+    rule = rule if rule is not None else MaskRule(causal=causal)
+    arrays = arrays if arrays is not None else MaskArrays()
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    group = heads_q // heads_kv if heads_kv else 1
+    head_dim_v = v.shape[3]
+    out = np.zeros((*q.shape[:3], head_dim_v), dtype=compute_dtype)
+    lse = np.full(q.shape[:3], -np.inf, dtype=compute_dtype)
+    if ragged == "packed":
+        cu_q, cu_kv = to_host(arrays.cu_seqlens_q).astype(np.int64), to_host(arrays.cu_seqlens_kv).astype(np.int64)
+        entries = [(0, int(cu_q[b]), int(cu_q[b + 1] - cu_q[b]), int(cu_kv[b]), int(cu_kv[b + 1] - cu_kv[b]))
+                   for b in range(cu_q.size - 1)]
+    else:
+        lens_q = arrays.lens_q if arrays.lens_q is not None else np.full(q.shape[0], q.shape[2])
+        lens_kv = arrays.lens_kv if arrays.lens_kv is not None else np.full(q.shape[0], k.shape[2])
+        entries = [(b, 0, int(lens_q[b]), 0, int(lens_kv[b])) for b in range(q.shape[0])]
+    slopes = to_host(arrays.alibi_slopes).astype(np.float64) if arrays.alibi_slopes is not None else None
+    mask = arrays.attn_mask
+    for b, (src, q0, lq, k0, lk) in enumerate(entries):
+        if lq == 0:
+            continue
+        for h in range(heads_q):
+            qh = q[src, h, q0:q0 + lq].astype(compute_dtype)
+            kh = k[src, h // group, k0:k0 + lk].astype(compute_dtype)
+            vh = v[src, h // group, k0:k0 + lk].astype(compute_dtype)
+            s = (qh @ kh.T) * compute_dtype(scale)
+            if rule.softcap > 0.0:
+                s = compute_dtype(rule.softcap) * np.tanh(s / compute_dtype(rule.softcap))
+            mask_bh = to_host(mask[b, h, :lq, :lk]) if mask is not None else None
+            allowed, add = allowed_and_bias(
+                rule, lq, lk, bool_mask=mask_bh if rule.mask == "bool" else None,
+                bias=mask_bh if rule.mask == "bias" else None,
+                slope=None if slopes is None else slopes[b if slopes.shape[0] > 1 else 0, h], dtype=compute_dtype,
+            )
+            if add is not None:
+                with np.errstate(invalid="ignore"):
+                    s = s + add
+            s = np.where(allowed, s, -np.inf)
+            keep = keep_mask(seed, dropout_p, b, h, lq, lk) if dropout_p > 0.0 else None
+            o, l_ = _softmax_times_values(s, allowed if (rule.has_interval or rule.mask == "bool") else None, vh,
+                                          dropout_p=dropout_p, keep=keep, compute_dtype=compute_dtype)
+            out[src, h, q0:q0 + lq] = o
+            lse[src, h, q0:q0 + lq] = l_
+    return out, lse
+
+
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
     out, lse = materialized(
-        q, k, v, causal=spec.causal, scale=spec.scale, compute_dtype=np.float64,
-        dropout_p=spec.dropout_p, seed=spec.seed,
+        q, k, v, scale=spec.scale, compute_dtype=np.float64, dropout_p=spec.dropout_p, seed=spec.seed,
+        rule=spec.rule, arrays=spec.arrays, ragged=spec.ragged,
     )
     stats = BackendStats(
         block_q=spec.seq_q, block_kv=spec.seq_kv,

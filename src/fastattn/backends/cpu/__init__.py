@@ -23,7 +23,7 @@ import numpy as np
 from ..._arrays import like_input
 from ..._dropout import dropout_threshold
 from ..._validate import AttentionSpec
-from .. import BackendStats, ForwardOutput
+from .. import BackendStats, ForwardOutput, refuse_features
 from . import _threads
 from ._tiles import cache_sizes, panel_group, plan_call, working_set_bytes
 
@@ -119,6 +119,10 @@ def prepare(x: Any) -> np.ndarray:
 
 def restore(y: Any, like: Any) -> Any:
     return like_input(y, like)
+
+
+def check_spec(spec: AttentionSpec) -> None:
+    refuse_features(NAME, spec)
 
 
 def describe() -> dict:

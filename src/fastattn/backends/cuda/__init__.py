@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..._validate import AttentionSpec, is_gpu_array
-from .. import BackendStats, ForwardOutput
+from .. import BackendStats, ForwardOutput, refuse_features
 from . import _specs
 
 NAME = "cuda"
@@ -83,6 +83,10 @@ def restore(y: Any, like: Any) -> Any:
     if is_gpu_array(like):
         return y
     return y.get()
+
+
+def check_spec(spec: AttentionSpec) -> None:
+    refuse_features(NAME, spec)
 
 
 def describe() -> dict:
