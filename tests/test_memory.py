@@ -37,13 +37,13 @@ def test_panel_bytes_by_hand():
 
 
 def test_scratch_bytes_by_hand():
-    # slots q (64x64), s (64x128), o (64x64), m, alpha (64), l (64 doubles = 128 floats): each
-    # rounded up to 16 floats + 16
-    floats = (4096 + 16) + (8192 + 16) + (4096 + 16) + 2 * (64 + 16) + (128 + 16)
-    assert scratch_bytes(64, 128, 64, 4, "avx512") == floats * 4 == 66944
+    # slots q (64x64), s (64x128), o (64x64), m, alpha (64), l, lo, hi, row_i, row_h (64 doubles or
+    # int64 = 128 floats each): each rounded up to 16 floats + 16
+    floats = (4096 + 16) + (8192 + 16) + (4096 + 16) + 2 * (64 + 16) + 5 * (128 + 16)
+    assert scratch_bytes(64, 128, 64, 4, "avx512") == floats * 4 == 69248
     # block_q = 5, d = 3, block_kv = 7, AVX2: q 15 floats, s and o 5 x 8 = 40 (padded to 8), m and
-    # alpha 5, l 10; each rounded up to a line of 16 floats, plus a line
-    assert scratch_bytes(5, 7, 3, 4, "avx2") == ((16 + 16) + 2 * (48 + 16) + 3 * (16 + 16)) * 4 == 1024
+    # alpha 5, the five 8-byte slots 10; each rounded up to a line of 16 floats, plus a line
+    assert scratch_bytes(5, 7, 3, 4, "avx2") == ((16 + 16) + 2 * (48 + 16) + 7 * (16 + 16)) * 4 == 1536
 
 
 @pytest.mark.parametrize(("n_heads", "n_q", "threads", "group"), [
@@ -58,15 +58,21 @@ def test_panel_group(n_heads, n_q, threads, group):
 
 
 def test_plan_threads_capped_at_work_items_cpus_and_work():
-    big = dict(seq_q=4096, seq_kv=4096, head_dim=64, compute_itemsize=4, causal=False)
+    def plan(n_heads, seq_q, seq_kv, threads, d=64):
+        return plan_call(n_heads=n_heads, seq_q=seq_q, seq_kv=seq_kv, head_dim=d, compute_itemsize=4,
+                         flops=4 * d * seq_q * seq_kv * n_heads, threads=threads)
+
     # one head, one query tile: one work item, so one thread whatever was asked
-    assert plan_call(n_heads=1, threads=8, **{**big, "seq_q": 64}).threads == 1
+    assert plan(1, 64, 4096, 8).threads == 1
     # never more than the CPUs this process may use
-    assert plan_call(n_heads=8, threads=10_000, **big).threads == cpu_limit()
-    assert plan_call(n_heads=8, threads=1, **big).threads == 1
+    assert plan(8, 4096, 4096, 10_000).threads == cpu_limit()
+    assert plan(8, 4096, 4096, 1).threads == 1
     # a decode-sized call (8 heads x 1 query x 512 keys) is too little work for a thread team
-    assert plan_call(n_heads=8, seq_q=1, seq_kv=512, head_dim=64, compute_itemsize=4, causal=False,
-                     threads=64).threads == 1
+    assert plan(8, 1, 512, 64).threads == 1
+    # grouped-query attention packs a group's query heads as rows of one panel's row tiles
+    gqa = plan_call(n_heads=2, seq_q=100, seq_kv=100, head_dim=64, compute_itemsize=4, flops=0, threads=1,
+                    block_q=64, group=4)
+    assert gqa.n_q_tiles == 7  # 400 rows in tiles of 64
     assert num_tiles(2048, 168) == 13
 
 
@@ -76,13 +82,13 @@ def test_plan_threads_capped_at_work_items_cpus_and_work():
 def test_explicit_tiles_by_hand():
     s = fastattn.memory_savings(2048, head_dim=64, block_size_q=64, block_size_kv=128, num_threads=1,
                                 simd="avx512")
-    tiles = 66944                        # one thread's scratch (test_scratch_bytes_by_hand)
+    tiles = 69248                        # one thread's scratch (test_scratch_bytes_by_hand)
     panels = 2**20 + 64                  # one head's packed K/V (test_panel_bytes_by_hand)
     stats = 2048 * 4                     # lse
     out = 2048 * 64 * 4                  # the float32 output
     squares = 4 * 2048 * 2048 * 4        # the materialized path's score-sized arrays
     head_copies = 3 * 2048 * 64 * 4
-    assert s.flash_bytes == stats + out + tiles + panels == 1648064
+    assert s.flash_bytes == stats + out + tiles + panels == 1650368
     assert s.naive_bytes == out + stats + squares + head_copies == 69214208
     assert (s.tiles_bytes, s.panel_bytes, s.stats_bytes, s.output_bytes) == (tiles, panels, stats, out)
     assert s.scores_bytes == 2048 * 2048 * 4

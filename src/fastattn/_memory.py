@@ -263,8 +263,11 @@ B=1 H=8 D=64 float32, 2 threads)
 
     itemsize, compute = _itemsizes(name)
     n_heads = batch_ * heads_
+    from ._validate import attended_pairs
+
+    flops = 4 * head_dim_ * attended_pairs(seq_len_, seq_len_, causal_) * n_heads
     plan = plan_call(n_heads=n_heads, seq_q=seq_len_, seq_kv=seq_len_, head_dim=head_dim_, compute_itemsize=compute,
-                     causal=causal_, threads=threads, block_q=block_q, block_kv=block_kv)
+                     flops=flops, threads=threads, block_q=block_q, block_kv=block_kv)
     block_q, block_kv, used, group = plan.block_q, plan.block_kv, plan.threads, plan.group
     tiles = used * scratch_bytes(block_q, block_kv, head_dim_, compute, simd)
     panels = group * panel_bytes(seq_len_, head_dim_, block_kv, compute, simd)

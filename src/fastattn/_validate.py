@@ -434,6 +434,8 @@ def check_attn_mask(mask: Any, full: tuple[int, int, int, int], q: Any) -> tuple
     if any(m not in (1, f) for m, f in zip(padded, full, strict=True)):
         raise ValueError(f"attn_mask of shape {shape} does not broadcast to (batch, heads, seq_q, seq_kv) = {full}")
     mask = mask.reshape(padded)
+    if not is_gpu_array(mask) and mask.dtype.byteorder not in ("=", "|"):
+        mask = mask.astype(mask.dtype.newbyteorder("="))  # the caller's (small) mask, before broadcasting
     if is_gpu_array(mask):
         import cupy
 

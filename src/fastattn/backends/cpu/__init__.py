@@ -23,7 +23,7 @@ import numpy as np
 from ..._arrays import like_input
 from ..._dropout import dropout_threshold
 from ..._validate import AttentionSpec
-from .. import BackendStats, ForwardOutput, refuse_features
+from .. import BackendStats, ForwardOutput
 from . import _threads
 from ._tiles import cache_sizes, panel_group, plan_call, working_set_bytes
 
@@ -122,7 +122,7 @@ def restore(y: Any, like: Any) -> Any:
 
 
 def check_spec(spec: AttentionSpec) -> None:
-    refuse_features(NAME, spec)
+    """The cpu kernel runs every variant."""
 
 
 def describe() -> dict:
@@ -147,25 +147,39 @@ def _kernel_view(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _host(x: Any) -> Any:
+    return None if x is None else np.ascontiguousarray(x)
+
+
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
     compute = np.float64 if spec.dtype == np.float64 else np.float32
     itemsize = np.dtype(compute).itemsize
-    plan = plan_call(n_heads=spec.batch * spec.heads, seq_q=spec.seq_q, seq_kv=spec.seq_kv, head_dim=spec.head_dim,
-                     compute_itemsize=itemsize, causal=spec.causal,
+    n_panels = spec.batch * spec.heads_kv
+    plan = plan_call(n_heads=n_panels, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
+                     head_dim=max(spec.head_dim, spec.head_dim_v), compute_itemsize=itemsize, flops=spec.flops,
                      threads=spec.num_threads or _flash_cpu.default_threads(),
-                     block_q=spec.block_q, block_kv=spec.block_kv)
+                     block_q=spec.block_q, block_kv=spec.block_kv, group=spec.group)
     block_q, block_kv, threads, group = plan.block_q, plan.block_kv, plan.threads, plan.group
-    out = np.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=compute)
-    lse = np.empty((spec.batch, spec.heads, spec.seq_q), dtype=compute)
+    b4, h4, s4 = q.shape[:3]
+    if spec.layout == "bshd" or spec.ragged == "packed":  # memory in the caller's (batch, seq, heads) order
+        out = np.empty((b4, s4, h4, spec.head_dim_v), dtype=compute).swapaxes(1, 2)
+    else:
+        out = np.empty((b4, h4, s4, spec.head_dim_v), dtype=compute)
+    lse = np.empty((b4, h4, s4), dtype=compute)
     if _forked_child and threads > 1:
         _warn_forked_once()
         threads = 1
-        group = panel_group(spec.batch * spec.heads, plan.n_q_tiles, 1) if group else 0
+        group = panel_group(n_panels, plan.n_q_tiles, 1) if group else 0
     drop = spec.dropout_p > 0.0
     simd = simd_in_use()
+    rule, arrays = spec.rule, spec.arrays
     used = _flash_cpu.forward(
         _kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse,
-        block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=spec.causal,
+        batch=spec.batch, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
+        block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=rule.causal, bottom_right=rule.bottom_right,
+        window_left=rule.window_left, window_right=rule.window_right, softcap=rule.softcap,
+        alibi=_host(arrays.alibi_slopes), mask=arrays.attn_mask, lens_q=_host(arrays.seqlens_q),
+        lens_kv=_host(arrays.seqlens_kv), cu_q=_host(arrays.cu_seqlens_q), cu_kv=_host(arrays.cu_seqlens_kv),
         dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
         drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
         isa=simd, num_threads=threads, group=group,

@@ -13,7 +13,7 @@ C-contiguous, float64 for float64 input and float32 otherwise; block sizes are >
 """
 
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
 cimport numpy as cnp
 
@@ -32,6 +32,11 @@ cdef extern from "kernels/flash_cpu.h" nogil:
         FA_ISA_AVX2
         FA_ISA_AVX512
         FA_ISA_COUNT
+        FA_MASK_BOOL
+        FA_MASK_F16
+        FA_MASK_BF16
+        FA_MASK_F32
+        FA_MASK_F64
     ctypedef struct fa_params:
         const char *q
         const char *k
@@ -40,12 +45,25 @@ cdef extern from "kernels/flash_cpu.h" nogil:
         int64_t k_strides[4]
         int64_t v_strides[4]
         void *out
+        int64_t out_strides[3]
         void *lse
+        int64_t lse_rows
         int in_dtype
-        int causal
-        int64_t batch, heads, seq_q, seq_kv, head_dim
+        int64_t batch, heads, heads_kv, group, seq_q, seq_kv, head_dim, head_dim_v
         int64_t block_q, block_kv
         double scale
+        int causal, bottom_right
+        int64_t window_left, window_right
+        double softcap
+        const float *alibi
+        int64_t alibi_sb
+        const char *mask
+        int mask_dtype
+        int64_t mask_strides[4]
+        const int32_t *lens_q
+        const int32_t *lens_kv
+        const int32_t *cu_q
+        const int32_t *cu_kv
         int dropout
         uint32_t drop_threshold
         double drop_scale
@@ -99,13 +117,32 @@ cdef void _fill_strides(int64_t *dst, cnp.ndarray arr):
         dst[axis] = arr.strides[axis]
 
 
+_MASK_DTYPES = {"bool": FA_MASK_BOOL, "float16": FA_MASK_F16, "bfloat16": FA_MASK_BF16, "float32": FA_MASK_F32,
+                "float64": FA_MASK_F64}
+
+
+cdef const int32_t *_ints(object arr):
+    cdef cnp.ndarray a
+    if arr is None:
+        return NULL
+    a = arr
+    return <const int32_t *> cnp.PyArray_DATA(a)
+
+
 def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
-            int64_t block_q, int64_t block_kv, double scale, bint causal,
+            int64_t batch, int64_t seq_q, int64_t seq_kv,
+            int64_t block_q, int64_t block_kv, double scale, bint causal, bint bottom_right,
+            int64_t window_left, int64_t window_right, double softcap, object alibi, object mask,
+            object lens_q, object lens_kv, object cu_q, object cu_kv,
             bint dropout, uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa,
             int num_threads, int64_t group):
     """Runs the kernel with ``num_threads`` threads (>= 1, at most one per work item) and ``group``
-    heads packed at a time (both planned by the caller: backends.cpu._tiles.plan_call); returns
-    the number of threads that took part (0 for an empty call)."""
+    (batch entry, k/v head) panels packed at a time (both planned by the caller:
+    backends.cpu._tiles.plan_call); returns the number of threads that took part (0 for an empty
+    call).  q (b, h, s, d) and k, v (b, h_kv, s, d) views; out (b, h, s, d_v) of the compute type,
+    unit stride along d; lse contiguous (b, h, s).  ``batch``, ``seq_q``, ``seq_kv``: the entries and
+    their padded (or longest) lengths (a packed call's views hold one entry).  ``alibi``: (b or 1, h)
+    float32 or None; ``mask``: a (batch, h, seq_q, seq_kv) view or None; lens_* / cu_*: int32 or None."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
     cdef int64_t n_heads, n_q, n_kv, n_groups, j, panel_bytes, panels_bytes
@@ -114,6 +151,8 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     cdef void *scratch = NULL
     cdef int failed = 0
     cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
+    cdef cnp.ndarray mask_arr, alibi_arr
+    cdef int axis
     if not fa_isa_supported(isa_id):
         raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
     p.q = <const char *> cnp.PyArray_DATA(q)
@@ -123,19 +162,45 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     _fill_strides(p.k_strides, k)
     _fill_strides(p.v_strides, v)
     p.out = cnp.PyArray_DATA(out)
+    for axis in range(3):
+        p.out_strides[axis] = out.strides[axis] // out.itemsize
     p.lse = cnp.PyArray_DATA(lse)
+    p.lse_rows = q.shape[2]
     p.in_dtype = _DTYPES[q.dtype.name]
-    p.causal = causal
-    p.batch, p.heads, p.seq_q, p.head_dim = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
-    p.seq_kv = k.shape[2]
+    p.batch, p.heads, p.heads_kv = batch, q.shape[1], k.shape[1]
+    p.group = p.heads // p.heads_kv if p.heads_kv else 1
+    p.seq_q, p.seq_kv = seq_q, seq_kv
+    p.head_dim, p.head_dim_v = q.shape[3], v.shape[3]
     p.block_q = block_q
     p.block_kv = block_kv
     p.scale = scale
+    p.causal = causal
+    p.bottom_right = bottom_right
+    p.window_left = window_left
+    p.window_right = window_right
+    p.softcap = softcap
+    p.alibi = NULL
+    p.alibi_sb = 0
+    if alibi is not None:
+        alibi_arr = alibi
+        p.alibi = <const float *> cnp.PyArray_DATA(alibi_arr)
+        p.alibi_sb = p.heads if alibi_arr.shape[0] > 1 else 0
+    p.mask = NULL
+    p.mask_dtype = 0
+    if mask is not None:
+        mask_arr = mask
+        p.mask = <const char *> cnp.PyArray_DATA(mask_arr)
+        p.mask_dtype = _MASK_DTYPES[mask_arr.dtype.name]
+        _fill_strides(p.mask_strides, mask_arr)
+    p.lens_q = _ints(lens_q)
+    p.lens_kv = _ints(lens_kv)
+    p.cu_q = _ints(cu_q)
+    p.cu_kv = _ints(cu_kv)
     p.dropout = dropout
     p.drop_threshold = drop_threshold
     p.drop_scale = drop_scale
     p.seed = seed
-    n_heads = p.batch * p.heads
+    n_heads = p.batch * p.heads_kv   # panels: one per (batch entry, k/v head)
     n_q = fa_num_q_tiles(&p)
     n_kv = fa_num_kv_tiles(&p)
     if n_heads == 0 or n_q == 0:

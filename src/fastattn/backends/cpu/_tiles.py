@@ -141,20 +141,24 @@ class CallPlan:
     group: int
 
 
-def plan_call(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, compute_itemsize: int, causal: bool,
-              threads: int, block_q: int | None = None, block_kv: int | None = None) -> CallPlan:
-    """The one plan of a call (used by the backend and by ``fastattn.memory_savings``):
-    ``threads`` is the most the caller allows (see ``_threads.choose_threads``)."""
-    from ..._validate import attended_pairs
+def plan_call(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, compute_itemsize: int, flops: int,
+              threads: int, block_q: int | None = None, block_kv: int | None = None, group: int = 1) -> CallPlan:
+    """The one plan of a call (used by the backend and by ``fastattn.memory_savings``).
+
+    ``n_heads`` counts the packed K/V panels (batch entries x k/v heads); each has ``seq_q · group``
+    query rows (the ``group`` query heads of a k/v head are packed as rows) against ``seq_kv`` keys.
+    ``flops`` is the call's work (``AttentionSpec.flops``); ``threads`` is the most the caller allows
+    (see ``_threads.choose_threads``)."""
     from ._threads import choose_threads
 
-    block_q, block_kv = choose_tiles(head_dim, compute_itemsize, block_q, block_kv, seq_q, seq_kv)
-    n_q = num_tiles(seq_q, block_q)
+    rows = seq_q * group
+    block_q, block_kv = choose_tiles(head_dim, compute_itemsize, block_q, block_kv, rows, seq_kv)
+    n_q = num_tiles(rows, block_q)
     if n_heads * n_q == 0:
         return CallPlan(block_q, block_kv, n_q, 1, 0)  # nothing to compute
     used = choose_threads(
-        threads, flops=4 * head_dim * attended_pairs(seq_q, seq_kv, causal) * n_heads,
-        kv_elements=2 * n_heads * seq_kv * head_dim, compute_itemsize=compute_itemsize, items=n_heads * n_q,
+        threads, flops=flops, kv_elements=2 * n_heads * seq_kv * head_dim, compute_itemsize=compute_itemsize,
+        items=n_heads * n_q,
     )
     return CallPlan(block_q, block_kv, n_q, used, panel_group(n_heads, n_q, used))
 
@@ -170,10 +174,12 @@ def panel_bytes(seq_kv: int, head_dim: int, block_kv: int, itemsize: int, simd: 
 
 def scratch_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int, simd: str) -> int:
     """Bytes of one thread's tile scratch: the Q tile (block_q x d), the S/P tile (block_q x bkvp),
-    the O accumulator (block_q x dp), m_i and alpha (block_q each) and l_i (block_q doubles),
-    each slot rounded up to a cache line plus one line of slack, in one 64-byte aligned block."""
+    the O accumulator (block_q x dp), m_i and alpha (block_q each), l_i (block_q doubles) and four
+    int64 per row (its visible keys' ends, its position and head), each slot rounded up to a cache
+    line plus one line of slack, in one 64-byte aligned block."""
     width = VECTOR_BYTES[simd] // itemsize
     line = 64 // itemsize
+    wide = block_q * (8 // itemsize)
     slots = (block_q * head_dim, block_q * _round_up(block_kv, width), block_q * _round_up(head_dim, width),
-             block_q, block_q, block_q * (8 // itemsize))
+             block_q, block_q, wide, wide, wide, wide, wide)
     return _round_up(sum(_round_up(n, line) + line for n in slots) * itemsize, 64)

@@ -88,11 +88,15 @@ const char *fa_isa_name(int isa) {
     }
 }
 
-int64_t fa_num_q_tiles(const fa_params *p) { return (p->seq_q + p->block_q - 1) / p->block_q; }
+int64_t fa_num_q_tiles(const fa_params *p) {
+    const int64_t rows = p->seq_q * p->group;
+    return (rows + p->block_q - 1) / p->block_q;
+}
 
 int64_t fa_num_kv_tiles(const fa_params *p) {
     int64_t kv_end = p->seq_kv;
-    if (p->causal && p->seq_q < kv_end) kv_end = p->seq_q;   /* no query sees a key past seq_q - 1 */
+    /* top-left causal, no ragged lengths: no query sees a key past seq_q - 1 */
+    if (p->causal && !p->bottom_right && !p->lens_q && !p->cu_q && p->seq_q < kv_end) kv_end = p->seq_q;
     return (kv_end + p->block_kv - 1) / p->block_kv;
 }
 
@@ -145,12 +149,12 @@ void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *p
     }
 }
 
-void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch) {
+void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t rt, const void *panel, void *scratch) {
     void *ws = ((fa_scratch_box *)scratch)->ws;
     switch (isa) {
-    case FA_ISA_AVX512: isa_avx512::run_item(p, bh, qt, panel, ws); break;
-    case FA_ISA_AVX2: isa_avx2::run_item(p, bh, qt, panel, ws); break;
-    default: isa_generic::run_item(p, bh, qt, panel, ws); break;
+    case FA_ISA_AVX512: isa_avx512::run_item(p, bh, rt, panel, ws); break;
+    case FA_ISA_AVX2: isa_avx2::run_item(p, bh, rt, panel, ws); break;
+    default: isa_generic::run_item(p, bh, rt, panel, ws); break;
     }
 }
 

@@ -1,11 +1,19 @@
 /* fastattn CPU kernel: the C interface the Cython driver calls.
  *
- * Heads are processed in groups.  For each group, fa_pack_tile packs every key/value
- * tile of its heads into one panel per head (fa_panel_bytes each); then one work item
- * per (head bh, query tile qt), fa_run_item, computes the output rows of that tile over
- * every key tile it needs with the online softmax, and writes out[bh, rows, :] and
- * lse[bh, rows].  Items only read the panels, so any thread may run any item; a thread
- * keeps its own tile scratch (fa_scratch_new).  bh = b * heads + h.
+ * The (batch entry, k/v head) pairs are processed in groups.  For each group, fa_pack_tile packs
+ * every key/value tile of its pairs into one panel per pair (fa_panel_bytes each); then one work
+ * item per (pair bh, row tile rt), fa_run_item, computes the output rows of that tile over every
+ * key tile its mask lets it see, with the online softmax, and writes out and lse.  A row tile
+ * holds block_q "packed rows" r = i * group + g: query position i of query head
+ * h = h_kv * group + g (grouped-query attention: the group's heads share the k/v panel).  Items
+ * only read the panels, so any thread may run any item; a thread keeps its own tile scratch
+ * (fa_scratch_new).  bh = b * heads_kv + h_kv.
+ *
+ * The mask (fastattn/_masks.py): per batch entry b with len_q queries and len_kv keys and
+ * off = len_kv - len_q (bottom_right) or 0, query i sees keys j with
+ *   (!causal || j <= i + off) && (window_left < 0 || j >= i + off - window_left)
+ *   && (window_right < 0 || j <= i + off + window_right) && (no bool mask || mask[b, h, i, j]);
+ * logits: scale q.k, then softcap tanh, minus alibi[b, h] |i + len_kv - len_q - j|, plus a float mask.
  */
 #ifndef FASTATTN_FLASH_CPU_H
 #define FASTATTN_FLASH_CPU_H
@@ -19,29 +27,69 @@ extern "C" {
 
 enum { FA_DTYPE_F32 = 0, FA_DTYPE_F64 = 1, FA_DTYPE_F16 = 2, FA_DTYPE_BF16 = 3 };
 enum { FA_ISA_GENERIC = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_COUNT = 3 };
+enum { FA_MASK_BOOL = 1, FA_MASK_F16 = 2, FA_MASK_BF16 = 3, FA_MASK_F32 = 4, FA_MASK_F64 = 5 };
 
 typedef struct {
-    const char *q, *k, *v;          /* base pointers of the 4-D (b, h, s, d) inputs */
+    const char *q, *k, *v;          /* base pointers of the 4-D (b, h, s, d) views (k/v: h_kv heads) */
     int64_t q_strides[4];           /* byte strides (any sign) */
     int64_t k_strides[4];
     int64_t v_strides[4];
-    void *out;                      /* contiguous (b, h, seq_q, d): double for f64 input, else float */
-    void *lse;                      /* contiguous (b, h, seq_q): double for f64 input, else float */
+    void *out;                      /* (b, h, s, d_v) of the compute type, unit stride along d */
+    int64_t out_strides[3];         /* element strides of b, h, s (any layout) */
+    void *lse;                      /* contiguous (b, h, lse_rows) of the compute type */
+    int64_t lse_rows;
     int in_dtype;                   /* FA_DTYPE_* */
-    int causal;                     /* top-left aligned: query i sees keys 0..i */
-    int64_t batch, heads, seq_q, seq_kv, head_dim;
-    int64_t block_q, block_kv;
+    int64_t batch;                  /* batch entries (sequences of a packed call) */
+    int64_t heads, heads_kv, group; /* query heads, k/v heads, heads / heads_kv */
+    int64_t seq_q, seq_kv;          /* padded (or longest) lengths */
+    int64_t head_dim, head_dim_v;
+    int64_t block_q, block_kv;      /* block_q counts packed rows (positions x group) */
     double scale;
+    /* the mask */
+    int causal, bottom_right;
+    int64_t window_left, window_right;  /* -1: unbounded */
+    double softcap;                     /* 0: off */
+    const float *alibi;                 /* slopes: alibi[b * alibi_sb + h], or NULL */
+    int64_t alibi_sb;
+    const char *mask;                   /* attn_mask (b, h, s_q, s_kv) through mask_strides (bytes), or NULL */
+    int mask_dtype;                     /* FA_MASK_* */
+    int64_t mask_strides[4];
+    const int32_t *lens_q, *lens_kv;    /* padded ragged batch: each entry's lengths, or NULL */
+    const int32_t *cu_q, *cu_kv;        /* packed batch: where each sequence starts, or NULL */
+    /* dropout */
     int dropout;                    /* 0: no dropout */
     uint32_t drop_threshold;        /* drop iff philox word < threshold */
     double drop_scale;              /* 1 / (1 - p) */
     uint64_t seed;
 } fa_params;
 
+/* One batch entry: which view entry holds it (src), the view row its queries / keys start at, its
+ * lengths, and the query rows the output has for it (the padded length, or len_q when packed). */
+typedef struct {
+    int64_t src, row_q, row_kv, len_q, len_kv, rows;
+} fa_entry;
+
+static inline void fa_get_entry(const fa_params *p, int64_t b, fa_entry *e) {
+    if (p->cu_q) {
+        e->src = 0;
+        e->row_q = p->cu_q[b];
+        e->row_kv = p->cu_kv[b];
+        e->len_q = (int64_t)p->cu_q[b + 1] - p->cu_q[b];
+        e->len_kv = (int64_t)p->cu_kv[b + 1] - p->cu_kv[b];
+        e->rows = e->len_q;
+    } else {
+        e->src = b;
+        e->row_q = e->row_kv = 0;
+        e->len_q = p->lens_q ? p->lens_q[b] : p->seq_q;
+        e->len_kv = p->lens_kv ? p->lens_kv[b] : p->seq_kv;
+        e->rows = p->seq_q;
+    }
+}
+
 int fa_isa_supported(int isa);
 int fa_best_isa(void);
 const char *fa_isa_name(int isa);
-int64_t fa_num_q_tiles(const fa_params *p);
+int64_t fa_num_q_tiles(const fa_params *p);         /* row tiles (packed rows) of one k/v head */
 int64_t fa_num_kv_tiles(const fa_params *p);        /* key tiles some query may see */
 int64_t fa_panel_bytes(const fa_params *p, int isa);  /* -1: the size does not fit in int64 */
 void *fa_aligned_alloc(int64_t bytes);               /* NULL on failure; free with fa_aligned_free */
@@ -49,7 +97,7 @@ void fa_aligned_free(void *ptr);
 void *fa_scratch_new(const fa_params *p, int isa);   /* NULL on allocation failure or size overflow */
 void fa_scratch_free(void *scratch);
 void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel);
-void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch);
+void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t rt, const void *panel, void *scratch);
 
 #ifdef __cplusplus
 }

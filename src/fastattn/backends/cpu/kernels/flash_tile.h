@@ -214,6 +214,8 @@ template <typename T> struct kern {
     }
 
     static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+    static inline int64_t round_down(int64_t x, int64_t m) { return x / m * m; }
+    static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
     /* a * b, or -1 when it does not fit in int64 (every size below goes through this) */
     static inline int64_t mul_checked(int64_t a, int64_t b) {
@@ -225,31 +227,33 @@ template <typename T> struct kern {
         return (a < 0 || b < 0 || __builtin_add_overflow(a, b, &r)) ? -1 : r;
     }
 
-    /* The packed K/V of one head ("panel"), shared by the threads working on that head:
-     * K^T tiles [n_kv_tiles][d][bkvp], then V tiles [n_kv_tiles][bkvp][dp], then one flag per
-     * tile (1: that V tile holds a non-finite value, see run_item's masked-key rule). */
+    /* The packed K/V of one k/v head of one batch entry ("panel"), shared by the threads working
+     * on the query heads of its group: K^T tiles [n_kv_tiles][d][bkvp], then V tiles
+     * [n_kv_tiles][bkvp][dvp], then one flag per tile (1: that V tile holds a non-finite value). */
     struct layout {
-        int64_t dp, bkvp, n_kv_tiles;
+        int64_t dvp, bkvp, n_kv_tiles;
         layout(const fa_params *p)
-            : dp(round_up(p->head_dim, W)), bkvp(round_up(p->block_kv, W)),
+            : dvp(round_up(p->head_dim_v, W)), bkvp(round_up(p->block_kv, W)),
               n_kv_tiles(p->seq_kv / p->block_kv + (p->seq_kv % p->block_kv != 0)) {}
         T *kt(T *panel, int64_t t, int64_t d) const { return panel + t * d * bkvp; }
-        T *v(T *panel, int64_t t, int64_t d) const { return panel + n_kv_tiles * d * bkvp + t * bkvp * dp; }
-        T *flags(T *panel, int64_t d) const { return panel + n_kv_tiles * bkvp * (d + dp); }
+        T *v(T *panel, int64_t t, int64_t d) const { return panel + n_kv_tiles * d * bkvp + t * bkvp * dvp; }
+        T *flags(T *panel, int64_t d) const { return panel + n_kv_tiles * bkvp * (d + dvp); }
     };
 
     /* elements of one panel, or -1 if that does not fit in int64 bytes */
     static int64_t panel_elems(const fa_params *p) {
         const layout L(p);
-        const int64_t per_tile = mul_checked(L.bkvp, add_checked(p->head_dim, L.dp));
+        const int64_t per_tile = mul_checked(L.bkvp, add_checked(p->head_dim, L.dvp));
         const int64_t elems = add_checked(mul_checked(L.n_kv_tiles, per_tile), L.n_kv_tiles);
         return mul_checked(elems, (int64_t)sizeof(T)) < 0 ? -1 : elems;
     }
 
-    /* Per-thread scratch: the tiles of one work item (l in double: the running row sum). */
+    /* Per-thread scratch: the tiles of one work item (l in double: the running row sum) and each
+     * row's visible key interval [lo, hi). */
     struct scratch {
         T *qp, *s, *o, *m, *alpha;
         double *l;
+        int64_t *lo, *hi, *row_i, *row_h;   /* per packed row: visible keys [lo, hi), position, head */
         void *block;
     };
 
@@ -257,11 +261,12 @@ template <typename T> struct kern {
         const layout L(p);
         const int64_t d = p->head_dim, bq = p->block_q;
         const int64_t pad = 64 / (int64_t)sizeof(T);
-        /* qp, s, o, m, alpha in T; l in double (2 T-slots each for float) */
-        const int64_t sizes[6] = {mul_checked(bq, d), mul_checked(bq, L.bkvp), mul_checked(bq, L.dp), bq, bq,
-                                  mul_checked(bq, (int64_t)(sizeof(double) / sizeof(T)))};
+        const int64_t wide = (int64_t)(sizeof(double) / sizeof(T));  /* T slots per double / int64 */
+        const int64_t sizes[10] = {mul_checked(bq, d), mul_checked(bq, L.bkvp), mul_checked(bq, L.dvp), bq, bq,
+                                   mul_checked(bq, wide), mul_checked(bq, wide), mul_checked(bq, wide),
+                                   mul_checked(bq, wide), mul_checked(bq, wide)};
         int64_t total = 0;
-        for (int i = 0; i < 6; ++i) total = add_checked(total, add_checked(round_up(sizes[i] < 0 ? -1 : sizes[i], pad), pad));
+        for (int i = 0; i < 10; ++i) total = add_checked(total, add_checked(round_up(sizes[i] < 0 ? -1 : sizes[i], pad), pad));
         const int64_t bytes = mul_checked(total, (int64_t)sizeof(T));
         if (total < 0 || bytes < 0 || bytes > INT64_MAX - 64) return NULL;
         scratch *ws = (scratch *)calloc(1, sizeof(scratch));
@@ -269,10 +274,14 @@ template <typename T> struct kern {
         ws->block = aligned_alloc(64, (size_t)round_up(bytes, 64));
         if (!ws->block) { free(ws); return NULL; }
         T *cur = (T *)ws->block;
-        T *starts[6];
-        for (int i = 0; i < 6; ++i) { starts[i] = cur; cur += round_up(sizes[i], pad) + pad; }
+        T *starts[10];
+        for (int i = 0; i < 10; ++i) { starts[i] = cur; cur += round_up(sizes[i], pad) + pad; }
         ws->qp = starts[0]; ws->s = starts[1]; ws->o = starts[2]; ws->m = starts[3]; ws->alpha = starts[4];
         ws->l = (double *)starts[5];
+        ws->lo = (int64_t *)starts[6];
+        ws->hi = (int64_t *)starts[7];
+        ws->row_i = (int64_t *)starts[8];
+        ws->row_h = (int64_t *)starts[9];
         return ws;
     }
 
@@ -280,17 +289,26 @@ template <typename T> struct kern {
         if (ws) { free(ws->block); free(ws); }
     }
 
-    /* Packs key/value tile t of head bh into that head's panel and flags a V tile that holds a
-     * non-finite value. */
+    /* Batch entry b: its query/key lengths and where its rows start (see fa_entry). */
+    static inline fa_entry entry(const fa_params *p, int64_t b) {
+        fa_entry e;
+        fa_get_entry(p, b, &e);
+        return e;
+    }
+
+    /* Packs key/value tile t of (batch entry, k/v head) bh into its panel and flags a V tile that
+     * holds a non-finite value.  Tiles past the entry's keys are left alone (never read). */
     template <T (*LOAD)(const char *)>
     static void pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
         const layout L(p);
-        const int64_t d = p->head_dim, dp = L.dp, bkvp = L.bkvp;
-        const int64_t b = bh / p->heads, h = bh % p->heads;
-        const char *kbase = p->k + b * p->k_strides[0] + h * p->k_strides[1];
-        const char *vbase = p->v + b * p->v_strides[0] + h * p->v_strides[1];
+        const int64_t d = p->head_dim, dv = p->head_dim_v, dvp = L.dvp, bkvp = L.bkvp;
+        const int64_t b = bh / p->heads_kv, h = bh % p->heads_kv;
+        const fa_entry e = entry(p, b);
         const int64_t k0 = t * p->block_kv;
-        const int64_t ncols = (p->seq_kv - k0 < p->block_kv) ? p->seq_kv - k0 : p->block_kv;
+        if (k0 >= e.len_kv) return;
+        const int64_t ncols = (e.len_kv - k0 < p->block_kv) ? e.len_kv - k0 : p->block_kv;
+        const char *kbase = p->k + e.src * p->k_strides[0] + h * p->k_strides[1] + (e.row_kv + k0) * p->k_strides[2];
+        const char *vbase = p->v + e.src * p->v_strides[0] + h * p->v_strides[1] + (e.row_kv + k0) * p->v_strides[2];
         T *kt = L.kt(panel, t, d);
         T *vp = L.v(panel, t, d);
         for (int64_t dd = 0; dd < d; ++dd)
@@ -299,21 +317,24 @@ template <typename T> struct kern {
         for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
             const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
             for (int64_t dd = 0; dd < d; ++dd) {
-                const char *src = kbase + (k0 + c0) * p->k_strides[2] + dd * p->k_strides[3];
+                const char *src = kbase + c0 * p->k_strides[2] + dd * p->k_strides[3];
                 T *dst = kt + dd * bkvp;
                 for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
             }
         }
         for (int64_t c = 0; c < ncols; ++c) {
-            const char *vrow = vbase + (k0 + c) * p->v_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) vp[c * dp + dd] = LOAD(vrow + dd * p->v_strides[3]);
-            for (int64_t dd = d; dd < dp; ++dd) vp[c * dp + dd] = 0;
+            const char *vrow = vbase + c * p->v_strides[2];
+            for (int64_t dd = 0; dd < dv; ++dd) vp[c * dvp + dd] = LOAD(vrow + dd * p->v_strides[3]);
+            for (int64_t dd = dv; dd < dvp; ++dd) vp[c * dvp + dd] = 0;
         }
         for (int64_t c = ncols; c < bkvp; ++c)
-            for (int64_t dd = 0; dd < dp; ++dd) vp[c * dp + dd] = 0;
-        /* x - x is NaN exactly when x is NaN or +-inf; one pass over the tile while it is in cache */
+            for (int64_t dd = 0; dd < dvp; ++dd) vp[c * dvp + dd] = 0;
+        /* x - x is NaN exactly when x is NaN or +-inf; one pass over the tile while it is in cache.
+         * Only a mask that hides some keys of a tile from some rows needs to know. */
+        const bool hides = p->causal || p->window_left >= 0 || p->window_right >= 0
+                           || (p->mask && p->mask_dtype == FA_MASK_BOOL);
         VI bad = VI{};
-        for (int64_t i = 0; i < ncols * dp; i += W) {
+        for (int64_t i = 0; hides && i < ncols * dvp; i += W) {
             const V z = load(vp + i) - load(vp + i);
             bad |= (VI)(z != z);
         }
@@ -322,25 +343,17 @@ template <typename T> struct kern {
         L.flags(panel, d)[t] = any ? (T)1 : (T)0;
     }
 
-    /* The mask, the one hook every row and tile goes through: the number of keys of the tile
-     * starting at k0 (ncols wide) that query i may see; they are the tile's first ones. */
-    static inline int64_t visible(const fa_params *p, int64_t i, int64_t k0, int64_t ncols) {
-        if (!p->causal) return ncols;
-        int64_t v = i - k0 + 1;
-        return v < 0 ? 0 : (v > ncols ? ncols : v);
-    }
-
-    /* Multiplies row i's probabilities P[0..nvis) of the tile at k0 by keep/(1-p) or 0.
+    /* Multiplies P[c] for c in [c0, c1) (keys k0 + c of query i, head h) by keep/(1-p) or 0.
      * The Philox words of L = FA_VBYTES/4 consecutive column groups (4 columns each) are drawn
      * at once, one generator per 32-bit lane (philox4x32_10_vec, the same bits as the scalar
      * philox4x32_10), then put in column order (philox_columns) so that the keep test and
      * the scaling run as plain vector loops. */
     static void apply_dropout(const fa_params *p, int64_t b, int64_t h, int64_t i, int64_t k0,
-                              int64_t nvis, T *prow) {
+                              int64_t c0, int64_t c1, T *prow) {
         const int L = FA_VBYTES / 4;
         const T keep_scale = (T)p->drop_scale;
         const uint32_t threshold = p->drop_threshold;
-        const int64_t g_first = k0 >> 2, g_last = (k0 + nvis - 1) >> 2;
+        const int64_t g_first = (k0 + c0) >> 2, g_last = (k0 + c1 - 1) >> 2;
         uint32_t words[4 * L];
         for (int64_t g0 = g_first; g0 <= g_last; g0 += L) {
             philox_u32v groups = philox_u32v{} + (uint32_t)g0;
@@ -350,28 +363,92 @@ template <typename T> struct kern {
             philox4x32_10_vec(c, p->seed);
             philox_columns(c, words);                       /* words[t]: column 4 g0 + t */
             const int64_t base = 4 * g0 - k0;               /* P index of words[0] */
-            const int64_t t_begin = base < 0 ? -base : 0;
-            const int64_t t_end = (nvis - base < 4 * L) ? nvis - base : 4 * L;
+            const int64_t t_begin = base < c0 ? c0 - base : 0;
+            const int64_t t_end = (c1 - base < 4 * L) ? c1 - base : 4 * L;
             T *pw = prow + base;
             for (int64_t t = t_begin; t < t_end; ++t) pw[t] = words[t] >= threshold ? pw[t] * keep_scale : (T)0;
         }
     }
 
-    /* The online-softmax step for one row: turns S into P in place, updates m, l, alpha.
-     * P = 2^((S - m') c): S - m' <= 0 and c > 0, so no weight can overflow, however large the
-     * scores.  NaN: the max ignores NaN scores, but 2^(NaN) is NaN, so a NaN score still makes
-     * the row sum, and so the output row and lse, NaN.  Returns 1 when the row max is +inf. */
-    static int softmax_row(T *srow, int64_t nvis, int64_t nzero, T c, T *m, double *l, T *alpha) {
-        const int64_t nv = nvis > 0 ? round_up(nvis, W) : 0;
-        for (int64_t cc = nvis; cc < nv; ++cc) srow[cc] = -__builtin_inf();
+    /* The logit hook, one row of a tile: S[c] for the row's visible columns [c0, c1) (keys k0 + c)
+     * becomes the logit of fastattn._masks: smul.S (smul = scale, or 1 when q was pre-scaled), then
+     * softcap.tanh(./softcap), minus the ALiBi distance term, plus the float bias; a boolean mask
+     * sends its False entries to -inf.  Only called when the call has one of these. */
+    static void logit_row(const fa_params *p, const fa_entry &e, int64_t b, int64_t h, int64_t i, int64_t k0,
+                          int64_t c0, int64_t c1, T smul, T *srow) {
+        for (int64_t c = c0; c < c1; ++c) srow[c] *= smul;
+        if (p->softcap > 0) {
+            const T cap = (T)p->softcap, inv = (T)(1.0 / p->softcap);
+            int64_t c = c0;
+            if (sizeof(T) == 4) {
+                /* tanh in float, to about an ulp: |y| < 1/2 its Taylor series to y^15 (truncation
+                 * below 1e-8 relative), else sign(y) (1 - t) / (1 + t) with t = e^(-2|y|) <= e^-1 */
+                const V two_log2e = splat((T)(2.0 * 1.4426950408889634074)), half = splat((T)0.5);
+                for (; c + W <= c1; c += W) {
+                    const V y = load(srow + c) * inv;
+                    const V ay = y < V{} ? -y : y;
+                    const V t = exp2v(-(ay < half ? half : ay) * two_log2e);
+                    const V far = (splat((T)1) - t) / (splat((T)1) + t);
+                    const V y2 = y * y;
+                    V poly = splat((T)(-929569.0 / 638512875.0));
+                    poly = poly * y2 + (T)(21844.0 / 6081075.0);
+                    poly = poly * y2 + (T)(-1382.0 / 155925.0);
+                    poly = poly * y2 + (T)(62.0 / 2835.0);
+                    poly = poly * y2 + (T)(-17.0 / 315.0);
+                    poly = poly * y2 + (T)(2.0 / 15.0);
+                    poly = poly * y2 + (T)(-1.0 / 3.0);
+                    const V near = y + y * y2 * poly;
+                    const V th = ay < half ? near : (y < V{} ? -far : far);
+                    store(srow + c, th * cap);
+                }
+            }
+            for (; c < c1; ++c) srow[c] = cap * (T)tanh((double)(srow[c] * inv));
+        }
+        if (p->alibi) {
+            const T slope = (T)p->alibi[b * p->alibi_sb + h];
+            const int64_t rel0 = i + e.len_kv - e.len_q - k0;   /* distance term: |rel0 - c| */
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t dist = rel0 - c;
+                srow[c] -= slope * (T)(dist < 0 ? -dist : dist);
+            }
+        }
+        if (p->mask) {
+            const char *mrow = p->mask + b * p->mask_strides[0] + h * p->mask_strides[1] + i * p->mask_strides[2]
+                               + k0 * p->mask_strides[3];
+            const int64_t sj = p->mask_strides[3];
+            switch (p->mask_dtype) {
+            case FA_MASK_BOOL:
+                for (int64_t c = c0; c < c1; ++c)
+                    if (!mrow[c * sj]) srow[c] = -__builtin_inf();
+                break;
+            case FA_MASK_F16: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::f16(mrow + c * sj); break;
+            case FA_MASK_BF16: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::bf16(mrow + c * sj); break;
+            case FA_MASK_F32: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::f32(mrow + c * sj); break;
+            default: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::f64(mrow + c * sj); break;
+            }
+        }
+    }
+
+    /* The online-softmax step for one row over the tile's columns [a0, a1) (W-aligned): P = 0
+     * outside the row's visible [c0, c1), P = 2^((S - m') c) inside (in place); updates m, l,
+     * alpha.  S - m' <= 0 and c > 0, so no weight can overflow, however large the scores.  NaN:
+     * the max ignores NaN scores, but 2^(NaN) is NaN, so a NaN score still makes the row sum,
+     * and so the output row and lse, NaN.  Returns 1 when the row max is +inf. */
+    static int softmax_row(T *srow, int64_t a0, int64_t a1, int64_t c0, int64_t c1, T c, T *m, double *l,
+                           T *alpha) {
+        const int64_t e0 = c0 < c1 ? round_down(c0, W) : a0, e1 = c0 < c1 ? round_up(c1, W) : a0;
+        for (int64_t k = e0; k < c0; ++k) srow[k] = -__builtin_inf();
+        for (int64_t k = c1 > e0 ? c1 : e0; k < e1; ++k) srow[k] = -__builtin_inf();
+        for (int64_t k = a0; k < e0; k += W) store(srow + k, V{});
+        for (int64_t k = e1; k < a1; k += W) store(srow + k, V{});
         V vmax0 = splat(-__builtin_inf()), vmax1 = vmax0;   /* two chains: max latency, not throughput */
-        int64_t cc = 0;
-        for (; cc + 2 * W <= nv; cc += 2 * W) {
+        int64_t cc = e0;
+        for (; cc + 2 * W <= e1; cc += 2 * W) {
             V x0 = load(srow + cc), x1 = load(srow + cc + W);
             vmax0 = x0 > vmax0 ? x0 : vmax0;
             vmax1 = x1 > vmax1 ? x1 : vmax1;
         }
-        if (cc < nv) { V x0 = load(srow + cc); vmax0 = x0 > vmax0 ? x0 : vmax0; }
+        if (cc < e1) { V x0 = load(srow + cc); vmax0 = x0 > vmax0 ? x0 : vmax0; }
         vmax0 = vmax1 > vmax0 ? vmax1 : vmax0;
         T row_max = vmax0[0];
         for (int j = 1; j < W; ++j) row_max = vmax0[j] > row_max ? vmax0[j] : row_max;
@@ -379,23 +456,22 @@ template <typename T> struct kern {
         if (m_new == -__builtin_inf()) {
             /* nothing visible, or every visible score is -inf or NaN: P = 0 unless a NaN is there */
             T fill = 0;
-            for (int64_t k = 0; k < nvis; ++k) if (srow[k] != srow[k]) fill = srow[k];
-            for (int64_t k = 0; k < nzero; k += W) store(srow + k, splat(fill));
+            for (int64_t k = c0; k < c1; ++k) if (srow[k] != srow[k]) fill = srow[k];
+            for (int64_t k = e0; k < e1; k += W) store(srow + k, splat(fill));
             if (fill != fill) *l = (double)fill;
             *alpha = 1;
             return 0;
         }
         V vsum0 = V{}, vsum1 = V{};
         const V vm = splat(m_new), vc = splat(c);
-        for (cc = 0; cc + 2 * W <= nv; cc += 2 * W) {
-            V e0 = exp2v((load(srow + cc) - vm) * vc), e1 = exp2v((load(srow + cc + W) - vm) * vc);
-            store(srow + cc, e0);
-            store(srow + cc + W, e1);
-            vsum0 += e0;
-            vsum1 += e1;
+        for (cc = e0; cc + 2 * W <= e1; cc += 2 * W) {
+            V x0 = exp2v((load(srow + cc) - vm) * vc), x1 = exp2v((load(srow + cc + W) - vm) * vc);
+            store(srow + cc, x0);
+            store(srow + cc + W, x1);
+            vsum0 += x0;
+            vsum1 += x1;
         }
-        if (cc < nv) { V e0 = exp2v((load(srow + cc) - vm) * vc); store(srow + cc, e0); vsum0 += e0; }
-        for (cc = nv; cc < nzero; cc += W) store(srow + cc, V{});
+        if (cc < e1) { V x0 = exp2v((load(srow + cc) - vm) * vc); store(srow + cc, x0); vsum0 += x0; }
         vsum0 += vsum1;
         T row_sum = 0;
         for (int j = 0; j < W; ++j) row_sum += vsum0[j];
@@ -406,117 +482,176 @@ template <typename T> struct kern {
         return m_new == __builtin_inf();
     }
 
-    /* One pass of the item with the query rows multiplied by qmul and exponents by c (see the
-     * header).  Returns 1 if some row max was +inf (a raw product overflowed, or an input is inf). */
+    /* O_r = alpha O_r + sum of P[c] V[c] over one row's own visible keys that its mask lets
+     * through: the slow path of a V tile with a non-finite value (never multiply a masked key). */
+    static void o_row_exact(const fa_params *p, const T *prow, const T *vp, int64_t ldv, int64_t c0, int64_t c1,
+                            const char *mrow, int64_t mask_sj, T alpha, T *orow, int64_t dvp) {
+        for (int64_t dd = 0; dd < dvp; dd += W) store(orow + dd, load(orow + dd) * alpha);
+        for (int64_t c = c0; c < c1; ++c) {
+            if (mrow && p->mask_dtype == FA_MASK_BOOL && !mrow[c * mask_sj]) continue;
+            const V a = splat(prow[c]);
+            for (int64_t dd = 0; dd < dvp; dd += W) store(orow + dd, load(orow + dd) + a * load(vp + c * ldv + dd));
+        }
+    }
+
+    /* One pass of the item with the query rows multiplied by qmul, exponents by c and (with a logit
+     * hook) the scores by smul (see the header).  Returns 1 if some row max was +inf. */
     template <T (*LOAD)(const char *)>
-    static int item_pass(const fa_params *p, int64_t bh, int64_t qt, const T *panel, scratch *ws, T qmul, T c) {
+    static int item_pass(const fa_params *p, int64_t bh, int64_t rt, const T *panel, scratch *ws, T qmul, T c,
+                         T smul) {
         const layout L(p);
-        const int64_t d = p->head_dim, dp = L.dp, bkvp = L.bkvp;
-        const int64_t bq = p->block_q, bkv = p->block_kv;
-        const int64_t b = bh / p->heads, h = bh % p->heads;
-        const int64_t q0 = qt * bq;
-        const int64_t rows = (p->seq_q - q0 < bq) ? p->seq_q - q0 : bq;
+        const int64_t d = p->head_dim, dvp = L.dvp, bkvp = L.bkvp;
+        const int64_t bq = p->block_q, bkv = p->block_kv, G = p->group;
+        const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+        const fa_entry e = entry(p, b);
+        const int64_t r0 = rt * bq;                       /* packed rows: r = i * G + g */
+        const int64_t rows = (e.rows * G - r0 < bq) ? e.rows * G - r0 : bq;
         const T *flags = L.flags((T *)panel, d);
+        const bool hook = p->softcap > 0 || p->alibi || p->mask;
+        const bool bool_mask = p->mask && p->mask_dtype == FA_MASK_BOOL;
+        /* rows of the entry's queries; the rest (padding of a padded batch) see no key */
+        const int64_t live = clamp64(e.len_q * G - r0, 0, rows > 0 ? rows : 0);
 
-        /* key tiles this query tile needs (causal: up to its last row) */
-        int64_t kv_end = p->seq_kv;
-        if (p->causal && q0 + rows < kv_end) kv_end = q0 + rows;
-        const int64_t n_tiles = (kv_end + bkv - 1) / bkv;
+        /* each row's position, head and visible keys [lo, hi): the ends never decrease with r */
+        const int64_t off = p->bottom_right ? e.len_kv - e.len_q : 0;
+        for (int64_t r = 0; r < live; ++r) {
+            const int64_t i = G == 1 ? r0 + r : (r0 + r) / G;
+            ws->row_i[r] = i;
+            ws->row_h[r] = G == 1 ? hkv : hkv * G + (r0 + r) % G;
+            const int64_t pos = i + off;
+            int64_t lo = 0, hi = e.len_kv;
+            if (p->causal && pos + 1 < hi) hi = pos + 1;
+            if (p->window_right >= 0 && pos + p->window_right + 1 < hi) hi = pos + p->window_right + 1;
+            if (p->window_left >= 0 && pos - p->window_left > lo) lo = pos - p->window_left;
+            lo = clamp64(lo, 0, e.len_kv);
+            ws->lo[r] = lo;
+            ws->hi[r] = clamp64(hi, lo, e.len_kv);
+        }
+        /* the item's key tiles: the union of its rows' intervals */
+        const int64_t kv_lo = live > 0 ? ws->lo[0] : 0, kv_hi = live > 0 ? ws->hi[live - 1] : 0;
 
-        const char *qbase = p->q + b * p->q_strides[0] + h * p->q_strides[1];
-        for (int64_t r = 0; r < rows; ++r) {
-            const char *qrow = qbase + (q0 + r) * p->q_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * d + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
+        for (int64_t r = 0; r < (rows > 0 ? rows : 0); ++r) {
+            if (r < live) {
+                const char *qrow = p->q + e.src * p->q_strides[0] + ws->row_h[r] * p->q_strides[1]
+                                   + (e.row_q + ws->row_i[r]) * p->q_strides[2];
+                for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * d + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
+            }
             ws->m[r] = -__builtin_inf();
             ws->l[r] = 0;
-            for (int64_t dd = 0; dd < dp; ++dd) ws->o[r * dp + dd] = 0;
+            for (int64_t dd = 0; dd < dvp; ++dd) ws->o[r * dvp + dd] = 0;
         }
 
         int overflow = 0;
-        for (int64_t t = 0; t < n_tiles; ++t) {
+        for (int64_t t = kv_lo / bkv; t * bkv < kv_hi; ++t) {
             const int64_t k0 = t * bkv;
-            const int64_t ncols = (p->seq_kv - k0 < bkv) ? p->seq_kv - k0 : bkv;
+            const int64_t ncols = (e.len_kv - k0 < bkv) ? e.len_kv - k0 : bkv;
             const T *kt = L.kt((T *)panel, t, d);
             const T *vp = L.v((T *)panel, t, d);
-            const int64_t tile_vis = round_up(visible(p, q0 + rows - 1, k0, ncols), W);
+            /* the tile's columns any row needs, W-aligned: [a0, a1) */
+            const int64_t u0 = clamp64(kv_lo - k0, 0, ncols), u1 = clamp64(kv_hi - k0, 0, ncols);
+            if (u0 >= u1) continue;
+            const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
 
-            /* S = Q.K^T over the visible prefix of each row block.  Column strips outside, row
-             * blocks inside: one strip of K^T (d x S_NR vectors) stays in L1 for the whole tile. */
-            for (int64_t c0 = 0; c0 < tile_vis; c0 += FA_S_NR * W) {
-                const bool full = c0 + FA_S_NR * W <= tile_vis;
-                for (int64_t r0 = 0; r0 < rows; r0 += FA_S_MR) {
-                    const int mr = (int)((rows - r0 < FA_S_MR) ? rows - r0 : FA_S_MR);
-                    const int64_t ncomp = round_up(visible(p, q0 + r0 + mr - 1, k0, ncols), W);
-                    if (c0 >= ncomp) continue;
-                    const T *qblk = ws->qp + r0 * d;
-                    T *sblk = ws->s + r0 * bkvp;
-                    if (full && c0 + FA_S_NR * W <= ncomp) {
-                        s_rows<FA_S_NR>(mr, qblk, d, kt + c0, bkvp, d, sblk + c0, bkvp);
+            /* S = Q.K^T over each row block's columns.  Column strips outside, row blocks inside:
+             * one strip of K^T (d x S_NR vectors) stays in L1 for the whole tile. */
+            for (int64_t cs = a0; cs < a1; cs += FA_S_NR * W) {
+                const bool full = cs + FA_S_NR * W <= a1;
+                for (int64_t rb = 0; rb < live; rb += FA_S_MR) {
+                    const int mr = (int)((live - rb < FA_S_MR) ? live - rb : FA_S_MR);
+                    const int64_t b0 = round_down(clamp64(ws->lo[rb] - k0, 0, ncols), W);
+                    const int64_t b1 = round_up(clamp64(ws->hi[rb + mr - 1] - k0, 0, ncols), W);
+                    if (cs + FA_S_NR * W <= b0 || cs >= b1) continue;
+                    const T *qblk = ws->qp + rb * d;
+                    T *sblk = ws->s + rb * bkvp;
+                    if (full && cs >= b0 && cs + FA_S_NR * W <= b1) {
+                        s_rows<FA_S_NR>(mr, qblk, d, kt + cs, bkvp, d, sblk + cs, bkvp);
                     } else {
-                        for (int64_t cc = c0; cc < ncomp && cc < c0 + FA_S_NR * W; cc += W)
-                            s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
+                        for (int64_t cc = cs; cc < cs + FA_S_NR * W && cc < a1; cc += W)
+                            if (cc >= b0 && cc < b1) s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
                     }
                 }
             }
 
-            /* P = 2^((S - m') c), running max / sum, dropout */
-            for (int64_t r = 0; r < rows; ++r) {
-                const int64_t nvis = visible(p, q0 + r, k0, ncols);
+            /* logits (the hook), P = 2^((S - m') c), running max / sum, dropout */
+            for (int64_t r = 0; r < live; ++r) {
+                const int64_t c0 = clamp64(ws->lo[r] - k0, 0, ncols), c1 = clamp64(ws->hi[r] - k0, 0, ncols);
+                const int64_t i = ws->row_i[r], h = ws->row_h[r];
                 T *srow = ws->s + r * bkvp;
-                overflow |= softmax_row(srow, nvis, tile_vis, c, ws->m + r, ws->l + r, ws->alpha + r);
-                if (p->dropout && nvis > 0) apply_dropout(p, b, h, q0 + r, k0, nvis, srow);
+                if (hook && c0 < c1) logit_row(p, e, b, h, i, k0, c0, c1, smul, srow);
+                overflow |= softmax_row(srow, a0, a1, c0, c1, c, ws->m + r, ws->l + r, ws->alpha + r);
+                if (p->dropout && c0 < c1) apply_dropout(p, b, h, i, k0, c0, c1, srow);
             }
 
-            /* O = alpha O + P.V over the visible prefix of each row block; a V tile with a
-             * non-finite value goes row by row, each row over its own visible keys only */
-            const bool rowwise = flags[t] != (T)0;
-            const int mr_max = rowwise ? 1 : FA_O_MR;
-            for (int64_t r0 = 0; r0 < rows; r0 += mr_max) {
-                const int mr = (int)((rows - r0 < mr_max) ? rows - r0 : mr_max);
-                const int64_t nc = visible(p, q0 + r0 + mr - 1, k0, ncols);
-                if (nc == 0) continue;           /* all rows of the block see nothing: alpha = 1 */
-                const T *prow = ws->s + r0 * bkvp;
-                T *orow = ws->o + r0 * dp;
+            /* O = alpha O + P.V over each row block's columns (P is 0 outside a row's own keys); a
+             * V tile with a non-finite value goes row by row over each row's own keys only */
+            if (flags[t] != (T)0) {
+                for (int64_t r = 0; r < live; ++r) {
+                    const int64_t c0 = clamp64(ws->lo[r] - k0, 0, ncols), c1 = clamp64(ws->hi[r] - k0, 0, ncols);
+                    const int64_t i = ws->row_i[r], h = ws->row_h[r];
+                    const char *mrow = bool_mask ? p->mask + b * p->mask_strides[0] + h * p->mask_strides[1]
+                                                   + i * p->mask_strides[2] + k0 * p->mask_strides[3] : NULL;
+                    o_row_exact(p, ws->s + r * bkvp, vp, dvp, c0, c1 > c0 ? c1 : c0, mrow, p->mask_strides[3],
+                                ws->alpha[r], ws->o + r * dvp, dvp);
+                }
+                continue;
+            }
+            for (int64_t rb = 0; rb < live; rb += FA_O_MR) {
+                const int mr = (int)((live - rb < FA_O_MR) ? live - rb : FA_O_MR);
+                const int64_t p0 = clamp64(ws->lo[rb] - k0, 0, ncols);
+                const int64_t p1 = clamp64(ws->hi[rb + mr - 1] - k0, 0, ncols);
+                if (p0 >= p1) {                /* no row of the block sees this tile: alpha = 1 */
+                    continue;
+                }
+                const T *prow = ws->s + rb * bkvp + p0;
+                T *orow = ws->o + rb * dvp;
                 int64_t cd = 0;
-                for (; cd + FA_O_ND * W <= dp; cd += FA_O_ND * W)
-                    o_rows<FA_O_ND>(mr, prow, bkvp, vp + cd, dp, nc, ws->alpha + r0, orow + cd, dp);
-                for (; cd < dp; cd += W)
-                    o_rows<1>(mr, prow, bkvp, vp + cd, dp, nc, ws->alpha + r0, orow + cd, dp);
+                for (; cd + FA_O_ND * W <= dvp; cd += FA_O_ND * W)
+                    o_rows<FA_O_ND>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
+                for (; cd < dvp; cd += W)
+                    o_rows<1>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
             }
         }
         return overflow;
     }
 
     template <T (*LOAD)(const char *)>
-    static void run_item(const fa_params *p, int64_t bh, int64_t qt, const T *panel, scratch *ws) {
-        /* c = scale log2(e), kept a positive finite number (a huge scale saturates: every weight
-         * but the row maximum's underflows, as in exact arithmetic) */
+    static void run_item(const fa_params *p, int64_t bh, int64_t rt, const T *panel, scratch *ws) {
+        /* c = scale log2(e) (raw scores) or log2(e) (logits in their own units, the hook's); kept a
+         * positive finite number (a huge scale saturates: every weight but the row maximum's
+         * underflows, as in exact arithmetic) */
         const double big = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
-        double c_raw = p->scale * 1.4426950408889634074;
-        if (!(c_raw <= big)) c_raw = big;
         const double tiny = sizeof(T) == 8 ? __DBL_MIN__ : (double)__FLT_MIN__;
+        const double log2e = 1.4426950408889634074;
+        const bool hook = p->softcap > 0 || p->alibi || p->mask;
+        double c_raw = hook ? log2e : p->scale * log2e;
+        if (!(c_raw <= big)) c_raw = big;
         if (c_raw < tiny) c_raw = tiny;
-        double unit = p->scale;   /* lse = unit m + ln l */
-        if (item_pass<LOAD>(p, bh, qt, panel, ws, (T)1, (T)c_raw) && p->scale < 1.0) {
+        const T smul = (T)(p->scale <= big ? p->scale : big);
+        double unit = hook ? 1.0 : p->scale;   /* lse = unit m + ln l */
+        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, (T)c_raw, smul) && p->scale < 1.0) {
             /* a raw product overflowed: scores in their own units (q scale, c = log2 e) */
             const T qmul = (T)p->scale;
             if (qmul > (T)0) {
-                item_pass<LOAD>(p, bh, qt, panel, ws, qmul, (T)1.4426950408889634074);
+                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)log2e, (T)1);
                 unit = 1.0;
             }
         }
 
-        /* out = O / l, lse = unit m + ln l */
-        const int64_t d = p->head_dim, dp = layout(p).dp, bq = p->block_q;
-        const int64_t q0 = qt * bq;
-        const int64_t rows = (p->seq_q - q0 < bq) ? p->seq_q - q0 : bq;
-        T *out = (T *)p->out + ((bh * p->seq_q) + q0) * d;
-        T *lse = (T *)p->lse + bh * p->seq_q + q0;
+        /* out = O / l, lse = unit m + ln l, for the rows of the entry's queries (the padding rows of
+         * a padded batch get 0 and -inf: they see no key) */
+        const int64_t dv = p->head_dim_v, dvp = layout(p).dvp, bq = p->block_q, G = p->group;
+        const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+        const fa_entry e = entry(p, b);
+        const int64_t r0 = rt * bq;
+        const int64_t rows = (e.rows * G - r0 < bq) ? e.rows * G - r0 : bq;
         for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
+            T *out = (T *)p->out + e.src * p->out_strides[0] + h * p->out_strides[1] + (e.row_q + i) * p->out_strides[2];
+            T *lse = (T *)p->lse + (e.src * p->heads + h) * p->lse_rows + e.row_q + i;
             const double l = ws->l[r];
             const T inv = l > 0 ? (T)(1.0 / l) : (l == 0 ? (T)0 : (T)l);   /* l NaN stays NaN */
-            for (int64_t dd = 0; dd < d; ++dd) out[r * d + dd] = ws->o[r * dp + dd] * inv;
-            lse[r] = l > 0 ? (T)(unit * (double)ws->m[r] + log(l)) : (l == 0 ? -(T)__builtin_inf() : (T)l);
+            for (int64_t dd = 0; dd < dv; ++dd) out[dd] = ws->o[r * dvp + dd] * inv;
+            *lse = l > 0 ? (T)(unit * (double)ws->m[r] + log(l)) : (l == 0 ? -(T)__builtin_inf() : (T)l);
         }
     }
 };
