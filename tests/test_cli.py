@@ -367,3 +367,21 @@ def test_bench_plot_helper_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="plotting needs matplotlib"):
         _bench.plot([], tmp_path / "b.png")
+
+
+def test_bench_variant_prints_plain_and_competitor_beside(cpu_backend, capsys, tmp_path):
+    out_json = tmp_path / "v.json"
+    assert main(["bench", "--variant", "softcap", "--repeat", "1", "--threads", "1", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "| softcap |" in text and "vs plain" in text and "vs torch" in text
+    rows = json.loads(out_json.read_text())["rows"]
+    impls = {r["impl"] for r in rows}
+    assert {"fastattn", "fastattn plain", "torch-sdpa"} <= impls or {"fastattn", "fastattn plain"} == impls
+    fa = next(r for r in rows if r["impl"] == "fastattn")
+    assert fa["gflops"] > 0 and fa["threads"] == 1
+
+
+def test_bench_variant_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--variant", "nope"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -382,3 +382,11 @@ def test_against_pytorch_sdpa(rng):
     # top-left causal = PyTorch's is_causal
     want = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True).numpy()
     assert rel_error(fastattn.flash_attention(q, k, v, causal=True), want) < 2e-5
+
+
+@pytest.mark.parametrize("d,dv", [(576, 512), (1024, 1024), (1000, 7), (7, 1000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_head_dims(backend, rng, d, dv, causal):
+    """Latent-attention decode shapes (576 / 512) and the rest up to 1024."""
+    q, k, v = _qkv(rng, 1, 4, 1, 5, 300, d, dv, "float32")
+    check(backend, q, k, v, dtype="float32", causal="bottom_right" if causal else False)

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._bench_variants import VARIANTS
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -167,9 +169,49 @@ def _cmd_bench_cuda(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_variant(args: argparse.Namespace) -> int:
+    """``bench --variant NAME``: the variant beside the plain kernel and PyTorch's SDPA."""
+    from . import _bench
+
+    if args.device == "cuda":
+        try:
+            from . import _bench_cuda
+        except ImportError as exc:
+            print(f"fastattn: the CUDA benchmark is not available here ({exc})", file=sys.stderr)
+            return 2
+        runner = getattr(_bench_cuda, "run_variant_bench", None)
+        if runner is None:
+            print(f"fastattn: no CUDA benchmark of the {args.variant!r} variant in this version", file=sys.stderr)
+            return 2
+        rows = runner(args.variant)
+        print(_bench_cuda.format_variant_table(rows))
+    else:
+        from ._bench_variants import format_variant_table, run_variant_bench
+
+        reason = _bench.unavailable(_bench.FASTATTN_CPU)
+        if reason:
+            print(f"fastattn: the cpu backend is not available ({reason})", file=sys.stderr)
+            return 2
+        torch_reason = _bench.torch_unavailable()
+        if torch_reason:
+            print(f"note: {torch_reason}; timing fastattn alone", file=sys.stderr)
+        rows = run_variant_bench(args.variant, threads=args.threads, repeat=args.repeat or 3,
+                                 compare_torch=torch_reason is None)
+        facts = _bench.machine_facts()
+        if args.json != "-":
+            print(f"CPU attention, {args.variant}, fp32, SIMD {_bench.fastattn_simd()}; "
+                  f"{facts.get('cpu', facts['machine'])}")
+            print(format_variant_table(rows))
+    if args.json is not None:
+        _write_json({"variant": args.variant, "rows": rows}, args.json)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
+    if args.variant:
+        return _cmd_bench_variant(args)
     if args.device == "cuda":
         return _cmd_bench_cuda(args)
     if _check_plot_first(args):
@@ -263,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(without PyTorch: the short grid, NumPy only)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu, or cuda: the CUDA backend beside PyTorch's flash and cuDNN kernels (default: cpu)")
+    p.add_argument("--variant", choices=list(VARIANTS),
+                   help="time one variant (GQA, sliding window, softcap, ALiBi, attn_mask, packed varlen, the "
+                        "(batch, seq, heads, dim) layout) beside fastattn's plain kernel and PyTorch's SDPA given the "
+                        "same call")
     p.add_argument("--quick", action="store_true", help="a small grid (a few seconds)")
     p.add_argument("--seqs", type=_positive_int, nargs="+", metavar="N",
                    help="sequence lengths (queries = keys), replacing the grid's")

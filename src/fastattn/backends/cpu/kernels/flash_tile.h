@@ -376,55 +376,102 @@ template <typename T> struct kern {
      * sends its False entries to -inf.  Only called when the call has one of these. */
     static void logit_row(const fa_params *p, const fa_entry &e, int64_t b, int64_t h, int64_t i, int64_t k0,
                           int64_t c0, int64_t c1, T smul, T *srow) {
-        for (int64_t c = c0; c < c1; ++c) srow[c] *= smul;
+        int64_t c;
+        const V vsmul = splat(smul);
+        for (c = c0; c + W <= c1; c += W) store(srow + c, load(srow + c) * vsmul);
+        for (; c < c1; ++c) srow[c] *= smul;
         if (p->softcap > 0) {
             const T cap = (T)p->softcap, inv = (T)(1.0 / p->softcap);
-            int64_t c = c0;
+            c = c0;
             if (sizeof(T) == 4) {
                 /* tanh in float, to about an ulp: |y| < 1/2 its Taylor series to y^15 (truncation
-                 * below 1e-8 relative), else sign(y) (1 - t) / (1 + t) with t = e^(-2|y|) <= e^-1 */
+                 * below 1e-8 relative), else sign(y) (1 - t) / (1 + t) with t = e^(-2|y|) <= e^-1;
+                 * each branch only where some lane needs it */
                 const V two_log2e = splat((T)(2.0 * 1.4426950408889634074)), half = splat((T)0.5);
+                const V vinv = splat(inv), vcap = splat(cap);
                 for (; c + W <= c1; c += W) {
-                    const V y = load(srow + c) * inv;
+                    const V y = load(srow + c) * vinv;
                     const V ay = y < V{} ? -y : y;
-                    const V t = exp2v(-(ay < half ? half : ay) * two_log2e);
-                    const V far = (splat((T)1) - t) / (splat((T)1) + t);
-                    const V y2 = y * y;
-                    V poly = splat((T)(-929569.0 / 638512875.0));
-                    poly = poly * y2 + (T)(21844.0 / 6081075.0);
-                    poly = poly * y2 + (T)(-1382.0 / 155925.0);
-                    poly = poly * y2 + (T)(62.0 / 2835.0);
-                    poly = poly * y2 + (T)(-17.0 / 315.0);
-                    poly = poly * y2 + (T)(2.0 / 15.0);
-                    poly = poly * y2 + (T)(-1.0 / 3.0);
-                    const V near = y + y * y2 * poly;
-                    const V th = ay < half ? near : (y < V{} ? -far : far);
-                    store(srow + c, th * cap);
+                    const VI small = (VI)(ay < half);
+                    I n_small = 0;
+                    for (int j = 0; j < W; ++j) n_small -= small[j];   /* lanes are 0 or -1 */
+                    V th = V{};
+                    if (n_small > 0) {
+                        const V y2 = y * y;
+                        V poly = splat((T)(-929569.0 / 638512875.0));
+                        poly = poly * y2 + (T)(21844.0 / 6081075.0);
+                        poly = poly * y2 + (T)(-1382.0 / 155925.0);
+                        poly = poly * y2 + (T)(62.0 / 2835.0);
+                        poly = poly * y2 + (T)(-17.0 / 315.0);
+                        poly = poly * y2 + (T)(2.0 / 15.0);
+                        poly = poly * y2 + (T)(-1.0 / 3.0);
+                        th = y + y * y2 * poly;
+                    }
+                    if (n_small < W) {
+                        const V t = exp2v(-(ay < half ? half : ay) * two_log2e);
+                        const V far = (splat((T)1) - t) / (splat((T)1) + t);
+                        th = small ? th : (y < V{} ? -far : far);
+                    }
+                    store(srow + c, th * vcap);
                 }
             }
             for (; c < c1; ++c) srow[c] = cap * (T)tanh((double)(srow[c] * inv));
         }
         if (p->alibi) {
+            /* - slope |j - (i + len_kv - len_q)| for key j = k0 + c: exact in T (distances < 2^24) */
             const T slope = (T)p->alibi[b * p->alibi_sb + h];
-            const int64_t rel0 = i + e.len_kv - e.len_q - k0;   /* distance term: |rel0 - c| */
-            for (int64_t c = c0; c < c1; ++c) {
-                const int64_t dist = rel0 - c;
-                srow[c] -= slope * (T)(dist < 0 ? -dist : dist);
+            const T rel0 = (T)(i + e.len_kv - e.len_q - k0);
+            V iota;
+            for (int j = 0; j < W; ++j) iota[j] = (T)j;
+            const V vslope = splat(slope), vrel0 = splat(rel0);
+            for (c = c0; c + W <= c1; c += W) {
+                const V dist = vrel0 - (iota + (T)c);
+                store(srow + c, load(srow + c) - vslope * (dist < V{} ? -dist : dist));
+            }
+            for (; c < c1; ++c) {
+                const T dist = rel0 - (T)c;
+                srow[c] -= slope * (dist < 0 ? -dist : dist);
             }
         }
         if (p->mask) {
             const char *mrow = p->mask + b * p->mask_strides[0] + h * p->mask_strides[1] + i * p->mask_strides[2]
                                + k0 * p->mask_strides[3];
             const int64_t sj = p->mask_strides[3];
+            c = c0;
             switch (p->mask_dtype) {
             case FA_MASK_BOOL:
-                for (int64_t c = c0; c < c1; ++c)
+                if (sj == 0) {                       /* one value for the whole row */
+                    if (!mrow[0]) for (; c < c1; ++c) srow[c] = -__builtin_inf();
+                    break;
+                }
+                if (sj == 1) {
+                    typedef uint8_t VB __attribute__((vector_size(W), aligned(1), may_alias));
+                    const V ninf = splat(-__builtin_inf());
+                    for (; c + W <= c1; c += W) {
+                        const VI keep = __builtin_convertvector(*(const VB *)(mrow + c), VI) != 0;
+                        store(srow + c, keep ? load(srow + c) : ninf);
+                    }
+                }
+                for (; c < c1; ++c)
                     if (!mrow[c * sj]) srow[c] = -__builtin_inf();
                 break;
-            case FA_MASK_F16: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::f16(mrow + c * sj); break;
-            case FA_MASK_BF16: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::bf16(mrow + c * sj); break;
-            case FA_MASK_F32: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::f32(mrow + c * sj); break;
-            default: for (int64_t c = c0; c < c1; ++c) srow[c] += load_as<T>::f64(mrow + c * sj); break;
+            case FA_MASK_F32:
+                if (sj == 4 && sizeof(T) == 4)
+                    for (; c + W <= c1; c += W) store(srow + c, load(srow + c) + load((const T *)(mrow + 4 * c)));
+                for (; c < c1; ++c) srow[c] += load_as<T>::f32(mrow + c * sj);
+                break;
+            case FA_MASK_BF16:
+                if (sj == 2 && sizeof(T) == 4) {
+                    typedef uint16_t VH __attribute__((vector_size(W * 2), aligned(2), may_alias));
+                    for (; c + W <= c1; c += W) {
+                        const VI bits = __builtin_convertvector(*(const VH *)(mrow + 2 * c), VI) << 16;
+                        store(srow + c, load(srow + c) + (V)bits);
+                    }
+                }
+                for (; c < c1; ++c) srow[c] += load_as<T>::bf16(mrow + c * sj);
+                break;
+            case FA_MASK_F16: for (; c < c1; ++c) srow[c] += load_as<T>::f16(mrow + c * sj); break;
+            default: for (; c < c1; ++c) srow[c] += load_as<T>::f64(mrow + c * sj); break;
             }
         }
     }
