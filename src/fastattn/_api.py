@@ -18,8 +18,8 @@ from ._validate import AttentionSpec, as_4d, check_arrays, make_spec, packed_4d
 class AttentionResult:
     """What :meth:`FlashAttention.forward` returns.
 
-    ``flops`` counts 4·head_dim per (query, key) pair inside the mask (so causal is about
-    half).  ``peak_sram_bytes`` is the on-chip working set of the tiles actually used: per
+    ``flops`` counts 2·(head_dim + head_dim_v) per (query, key) pair the mask lets through (so
+    causal is about half; a boolean mask is counted on the mask).  ``peak_sram_bytes`` is the on-chip working set of the tiles actually used: per
     thread on the CPU, shared memory per block on CUDA.  ``seed`` is the dropout seed
     actually used (drawn when none was given), None without dropout.  ``kernel`` names the code
     path that ran: the SIMD path on the CPU ("avx512", "avx2", "generic"), the kernel family on
@@ -51,7 +51,7 @@ def _to_caller(out4: Any, spec: AttentionSpec) -> Any:
     return out4.reshape(spec.out_shape)
 
 
-def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str) -> AttentionResult:
+def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str, *, count_flops: bool = True) -> AttentionResult:
     like = q  # outputs go back as the caller's kind (a torch tensor for torch input)
     q, k, v = _inputs(q, k, v)
     engine = backends.resolve(backend, q, k, v)
@@ -66,7 +66,8 @@ def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str) -> AttentionRe
     out = engine.restore(_to_caller(res.out, spec), like)
     lse = engine.restore(res.lse.reshape(spec.lse_shape), like)
     return AttentionResult(
-        output=out, logsumexp=lse, flops=spec.flops, peak_sram_bytes=res.stats.peak_sram_bytes,
+        output=out, logsumexp=lse, flops=spec.flops if count_flops else 0,
+        peak_sram_bytes=res.stats.peak_sram_bytes,
         backend=engine.NAME, seed=spec.seed, block_size_q=res.stats.block_q,
         block_size_kv=res.stats.block_kv, num_threads=res.stats.num_threads, kernel=res.stats.simd,
     )
@@ -145,7 +146,7 @@ def flash_attention(
         dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
              seqlens_q=seqlens_q, seqlens_kv=seqlens_kv, layout=layout, scale=scale, dropout_p=dropout_p,
              seed=seed, block_q=block_size_q, block_kv=block_size_kv, num_threads=num_threads),
-        backend,
+        backend, count_flops=False,  # nobody reads them here (a boolean mask's count is not free)
     )
     return (res.output, res.logsumexp) if return_lse else res.output
 
@@ -193,7 +194,7 @@ def flash_attention_varlen(
              cu_seqlens_kv=cu_seqlens_kv, max_seqlen_q=max_seqlen_q, max_seqlen_kv=max_seqlen_kv, layout="bshd",
              scale=scale, dropout_p=dropout_p, seed=seed, block_q=block_size_q, block_kv=block_size_kv,
              num_threads=num_threads),
-        backend,
+        backend, count_flops=False,
     )
     return (res.output, res.logsumexp) if return_lse else res.output
 

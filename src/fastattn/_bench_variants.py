@@ -169,9 +169,16 @@ def _time_case(case: Case, rng: np.random.Generator, threads: int | None, repeat
 
         def variant_call() -> Any:
             return fa.forward_multi_head(q, k, v, num_threads=threads, **extra)
-    res = variant_call()
+    res = variant_call()  # the object API: its result counts the attended pairs
+    if case.varlen:
+        def timed() -> Any:
+            return fastattn.flash_attention_varlen(*packed, cu, cu, causal=case.causal, num_threads=threads)
+    else:
+        def timed() -> Any:
+            return fastattn.flash_attention(q, k, v, causal=case.causal, window=case.window, softcap=case.softcap,
+                                            layout=case.layout, num_threads=threads, **extra)
     with thread_limit("fastattn-cpu", threads):
-        seconds = time_call(variant_call, repeat)
+        seconds = time_call(timed, repeat)
     # the plain kernel on the same shapes: as many k/v heads as q heads, no mask, contiguous (packed
     # sequences: one plain call per sequence, what a caller without varlen would do)
     plain = fastattn.FlashAttention(fastattn.FlashAttentionConfig(head_dim=case.head_dim, num_heads=case.heads,
@@ -181,10 +188,11 @@ def _time_case(case: Case, rng: np.random.Generator, threads: int | None, repeat
     if not case.varlen:
         singles = [np.concatenate(singles)]
 
-    def plain_call() -> Any:
-        return [plain.forward_multi_head(x, x, x, num_threads=threads) for x in singles]
+    plain_flops = sum(plain.forward_multi_head(x, x, x, num_threads=threads).flops for x in singles)
 
-    plain_flops = sum(r.flops for r in plain_call())
+    def plain_call() -> Any:
+        return [fastattn.flash_attention(x, x, x, causal=bool(case.causal), num_threads=threads) for x in singles]
+
     with thread_limit("fastattn-cpu", threads):
         plain_s = time_call(plain_call, repeat)
     base = dict(variant=case.variant, case=case.label, threads=res.num_threads, flops=res.flops)

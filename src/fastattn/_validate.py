@@ -135,11 +135,14 @@ def attended_pairs(seq_q: int, seq_kv: int, causal: bool) -> int:
 
 def mask_pairs(spec: AttentionSpec) -> int:
     """Visible pairs over every (batch, query head) with a boolean mask: counted on the mask itself,
-    once per distinct slice (a broadcast axis of the mask is counted once)."""
+    once per distinct slice (a broadcast axis of the mask is counted once).  A mask that does not
+    vary along the queries is counted row by row through its prefix sums (O(seq_kv) a slice)."""
     from ._masks import allowed_and_bias
 
     mask = spec.arrays.attn_mask
-    on_gpu = is_gpu_array(mask)
+    xp = np
+    if is_gpu_array(mask):
+        import cupy as xp  # type: ignore[no-redef]
     lens_q, lens_kv = spec.lengths()
     counts: dict[tuple[int, int, int, int], int] = {}
     total = 0
@@ -150,12 +153,16 @@ def mask_pairs(spec: AttentionSpec) -> int:
         for h in range(spec.heads):
             key = (b if mask.strides[0] else 0, h if mask.strides[1] else 0, lq, lk)
             if key not in counts:
-                interval, _ = allowed_and_bias(spec.rule, lq, lk)
-                if on_gpu:
-                    import cupy
-
-                    interval = cupy.asarray(interval)
-                counts[key] = int((mask[b, h, :lq, :lk] & interval).sum())
+                if mask.strides[2] == 0:
+                    row = xp.asarray(mask[b, h, 0, :lk])
+                    prefix = np.concatenate([[0], np.cumsum(to_host(row).astype(np.int64))])
+                    lo, hi = spec.rule.key_range(np.arange(lq), lq, lk)
+                    counts[key] = int((prefix[hi] - prefix[lo]).sum())
+                elif not spec.rule.has_interval:
+                    counts[key] = int(xp.count_nonzero(mask[b, h, :lq, :lk]))
+                else:
+                    interval, _ = allowed_and_bias(spec.rule, lq, lk)
+                    counts[key] = int(xp.count_nonzero(mask[b, h, :lq, :lk] & xp.asarray(interval)))
             total += counts[key]
     return total
 

@@ -378,10 +378,13 @@ template <typename T> struct kern {
                           int64_t c0, int64_t c1, T smul, T *srow) {
         int64_t c;
         const V vsmul = splat(smul);
-        for (c = c0; c + W <= c1; c += W) store(srow + c, load(srow + c) * vsmul);
-        for (; c < c1; ++c) srow[c] *= smul;
+        /* scale first: fused into the softcap or ALiBi pass when there is one */
+        if (!(p->softcap > 0) && !p->alibi) {
+            for (c = c0; c + W <= c1; c += W) store(srow + c, load(srow + c) * vsmul);
+            for (; c < c1; ++c) srow[c] *= smul;
+        }
         if (p->softcap > 0) {
-            const T cap = (T)p->softcap, inv = (T)(1.0 / p->softcap);
+            const T cap = (T)p->softcap, inv = (T)(smul / p->softcap);
             c = c0;
             if (sizeof(T) == 4) {
                 /* tanh in float, to about an ulp: |y| < 1/2 its Taylor series to y^15 (truncation
@@ -417,6 +420,7 @@ template <typename T> struct kern {
             }
             for (; c < c1; ++c) srow[c] = cap * (T)tanh((double)(srow[c] * inv));
         }
+        const V vmul = p->softcap > 0 ? splat((T)1) : vsmul;   /* the scale, if not applied yet */
         if (p->alibi) {
             /* - slope |j - (i + len_kv - len_q)| for key j = k0 + c: exact in T (distances < 2^24) */
             const T slope = (T)p->alibi[b * p->alibi_sb + h];
@@ -424,13 +428,14 @@ template <typename T> struct kern {
             V iota;
             for (int j = 0; j < W; ++j) iota[j] = (T)j;
             const V vslope = splat(slope), vrel0 = splat(rel0);
+            const T mul = vmul[0];
             for (c = c0; c + W <= c1; c += W) {
                 const V dist = vrel0 - (iota + (T)c);
-                store(srow + c, load(srow + c) - vslope * (dist < V{} ? -dist : dist));
+                store(srow + c, load(srow + c) * vmul - vslope * (dist < V{} ? -dist : dist));
             }
             for (; c < c1; ++c) {
                 const T dist = rel0 - (T)c;
-                srow[c] -= slope * (dist < 0 ? -dist : dist);
+                srow[c] = srow[c] * mul - slope * (dist < 0 ? -dist : dist);
             }
         }
         if (p->mask) {
@@ -529,6 +534,21 @@ template <typename T> struct kern {
         return m_new == __builtin_inf();
     }
 
+    /* The tile-skipping rule's mask part: a boolean mask that does not vary along the queries
+     * (a key-padding mask) and hides the tile's columns [u0, u1) from every query head of the
+     * group lets the item skip the tile (as if it were outside the rows' intervals). */
+    static bool tile_hidden(const fa_params *p, int64_t b, int64_t hkv, int64_t k0, int64_t u0, int64_t u1) {
+        if (!p->mask || p->mask_dtype != FA_MASK_BOOL || p->mask_strides[2] != 0) return false;
+        const int64_t heads = p->mask_strides[1] == 0 ? 1 : p->group;
+        for (int64_t g = 0; g < heads; ++g) {
+            const char *mrow = p->mask + b * p->mask_strides[0] + (hkv * p->group + g) * p->mask_strides[1]
+                               + (k0 + u0) * p->mask_strides[3];
+            for (int64_t c = 0; c < u1 - u0; ++c)
+                if (mrow[c * p->mask_strides[3]]) return false;
+        }
+        return true;
+    }
+
     /* O_r = alpha O_r + sum of P[c] V[c] over one row's own visible keys that its mask lets
      * through: the slow path of a V tile with a non-finite value (never multiply a masked key). */
     static void o_row_exact(const fa_params *p, const T *prow, const T *vp, int64_t ldv, int64_t c0, int64_t c1,
@@ -559,6 +579,23 @@ template <typename T> struct kern {
         /* rows of the entry's queries; the rest (padding of a padded batch) see no key */
         const int64_t live = clamp64(e.len_q * G - r0, 0, rows > 0 ? rows : 0);
 
+        /* a boolean mask that does not vary along the queries (a key-padding mask) bounds every
+         * row's keys by its first and last True (over the group's heads) */
+        int64_t mask_lo = 0, mask_hi = e.len_kv;
+        if (p->mask && p->mask_dtype == FA_MASK_BOOL && p->mask_strides[2] == 0) {
+            mask_lo = e.len_kv;
+            mask_hi = 0;
+            const int64_t heads = p->mask_strides[1] == 0 ? 1 : G;
+            for (int64_t g = 0; g < heads; ++g) {
+                const char *mrow = p->mask + b * p->mask_strides[0] + (hkv * G + g) * p->mask_strides[1];
+                for (int64_t j = 0; j < mask_lo; ++j)
+                    if (mrow[j * p->mask_strides[3]]) { mask_lo = j; break; }
+                for (int64_t j = e.len_kv - 1; j >= mask_hi; --j)
+                    if (mrow[j * p->mask_strides[3]]) { mask_hi = j + 1; break; }
+            }
+            if (mask_hi < mask_lo) mask_hi = mask_lo;
+        }
+
         /* each row's position, head and visible keys [lo, hi): the ends never decrease with r */
         const int64_t off = p->bottom_right ? e.len_kv - e.len_q : 0;
         for (int64_t r = 0; r < live; ++r) {
@@ -566,7 +603,7 @@ template <typename T> struct kern {
             ws->row_i[r] = i;
             ws->row_h[r] = G == 1 ? hkv : hkv * G + (r0 + r) % G;
             const int64_t pos = i + off;
-            int64_t lo = 0, hi = e.len_kv;
+            int64_t lo = mask_lo, hi = mask_hi;
             if (p->causal && pos + 1 < hi) hi = pos + 1;
             if (p->window_right >= 0 && pos + p->window_right + 1 < hi) hi = pos + p->window_right + 1;
             if (p->window_left >= 0 && pos - p->window_left > lo) lo = pos - p->window_left;
@@ -596,7 +633,7 @@ template <typename T> struct kern {
             const T *vp = L.v((T *)panel, t, d);
             /* the tile's columns any row needs, W-aligned: [a0, a1) */
             const int64_t u0 = clamp64(kv_lo - k0, 0, ncols), u1 = clamp64(kv_hi - k0, 0, ncols);
-            if (u0 >= u1) continue;
+            if (u0 >= u1 || tile_hidden(p, b, hkv, k0, u0, u1)) continue;
             const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
 
             /* S = Q.K^T over each row block's columns.  Column strips outside, row blocks inside:
