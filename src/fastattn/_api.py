@@ -19,8 +19,9 @@ class AttentionResult:
     """What :meth:`FlashAttention.forward` returns.
 
     ``flops`` counts 2·(head_dim + head_dim_v) per (query, key) pair the mask lets through (so
-    causal is about half; a boolean mask is counted on the mask).  ``peak_sram_bytes`` is the on-chip working set of the tiles actually used: per
-    thread on the CPU, shared memory per block on CUDA.  ``seed`` is the dropout seed
+    causal is about half; a boolean mask is counted on the mask).  ``peak_sram_bytes`` is the
+    on-chip working set of the tiles actually used: per thread on the CPU, shared memory per block
+    on CUDA.  ``seed`` is the dropout seed
     actually used (drawn when none was given), None without dropout.  ``kernel`` names the code
     path that ran: the SIMD path on the CPU ("avx512", "avx2", "generic"), the kernel family on
     CUDA ("wgmma", "mma.sync", "simt"), "numpy" for the reference.
