@@ -461,14 +461,21 @@ template <typename T> struct kern {
                     if (!mrow[c * sj]) srow[c] = -__builtin_inf();
                 break;
             case FA_MASK_F32:
-                if (sj == 4 && sizeof(T) == 4)
-                    for (; c + W <= c1; c += W) store(srow + c, load(srow + c) + load((const T *)(mrow + 4 * c)));
+                if (sj == 4 && sizeof(T) == 4) {
+                    const char *next = mrow + p->mask_strides[2];   /* the next row's bias, ahead of use */
+                    for (; c + W <= c1; c += W) {
+                        __builtin_prefetch(next + 4 * c, 0, 0);
+                        store(srow + c, load(srow + c) + load((const T *)(mrow + 4 * c)));
+                    }
+                }
                 for (; c < c1; ++c) srow[c] += load_as<T>::f32(mrow + c * sj);
                 break;
             case FA_MASK_BF16:
                 if (sj == 2 && sizeof(T) == 4) {
                     typedef uint16_t VH __attribute__((vector_size(W * 2), aligned(2), may_alias));
+                    const char *next = mrow + p->mask_strides[2];
                     for (; c + W <= c1; c += W) {
+                        __builtin_prefetch(next + 2 * c, 0, 0);
                         const VI bits = __builtin_convertvector(*(const VH *)(mrow + 2 * c), VI) << 16;
                         store(srow + c, load(srow + c) + (V)bits);
                     }
