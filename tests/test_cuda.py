@@ -47,7 +47,7 @@ def test_kernel_source_ships():
     assert "#include" not in sm90
     # one mask and one masked-V slow path serve both tensor-core kernels
     for text in (_specs.kernel_source(_specs.KERNEL_SOURCE), sm90):
-        assert "key_mask<CAUSAL> mask" in text and "pv_tile_nonfinite_v<" in text
+        assert "fa_mask<INTERVAL, MODS> mask" in text and "pv_tile_nonfinite_v<" in text
 
 
 def test_specialization_list_covers_every_case():
@@ -75,10 +75,10 @@ def test_shared_memory_fits_a_hopper_or_ampere_block():
         assert _specs.mma_smem_bytes(d, cfg) <= 163 * 1024  # A100 opt-in limit (H100: 227 KB)
     for (dtype, d), cfg in _specs.SIMT_CONFIGS.items():
         assert _specs.simt_smem_bytes(d, cfg, 8 if dtype == "float64" else 4) <= 163 * 1024
-    hopper = [c for rules in _specs.SM90_RULES.values() for _, c in rules]
-    for d in _specs.SM90_HEAD_DIMS:
-        for cfg in (*hopper, *_specs.SM90_SWEEP[d]):
-            assert _specs.sm90_smem_bytes(d, cfg) * cfg.min_blocks <= 227 * 1024  # H100 / H200 per SM
+    for d, dv in _specs.sm90_dim_pairs():
+        rules = [c for (dd, _), r in _specs.SM90_RULES.items() if dd == d for _, c in r]
+        for cfg in (*rules, *_specs.SM90_SWEEP.get(d, ()), _specs.SM90_MODS_CONFIGS[d]):
+            assert _specs.sm90_smem_bytes(d, cfg, head_dim_v=dv) * cfg.min_blocks <= 227 * 1024  # H100 / H200
 
 
 @pytest.mark.skipif(_REASON is None, reason="a GPU is present")
@@ -449,12 +449,12 @@ def test_hopper_kernel_serves_strided_views_and_falls_back_where_it_cannot():
     assert res.kernel == "wgmma"
     ref_in = [x.transpose(0, 2, 1, 3) for x in host]
     assert_close_to_reference(res.output, res.logsumexp, *ref_in, causal=True, dtype="float16")
-    # dropout, head_dim 96 (no Hopper tile) and an odd head_dim take the mma.sync kernel
+    # dropout and an odd head_dim take the mma.sync kernel; head_dim 96 is padded to 128 on the Hopper kernel
     assert FlashAttention(FlashAttentionConfig(num_heads=h, head_dim=d, dropout_p=0.1)).forward_multi_head(
         *views).kernel == "mma.sync"
-    for dd in (96, 59):
+    for dd, kernel in ((96, "wgmma"), (59, "mma.sync")):
         x = _to_gpu(rng.standard_normal((1, 1, 40, dd)).astype(np.float16))
-        assert FlashAttention(FlashAttentionConfig(head_dim=dd)).forward_multi_head(x, x, x).kernel == "mma.sync"
+        assert FlashAttention(FlashAttentionConfig(head_dim=dd)).forward_multi_head(x, x, x).kernel == kernel
 
 
 @hopper
@@ -525,12 +525,12 @@ def test_kernels_compile_with_nvcc(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (tools/compile_cuda_kernels.py compiles every specialization in CI)")
     names = _specs.all_name_expressions()
-    picks = [n for n in names if n.startswith("fa_fwd_mma<__half, 64,") and n.endswith("true, false, true>")][:1]
+    picks = [n for n in names if n.startswith("fa_fwd_mma<__half, 64,") and n.endswith("true, false, false, true>")][:1]
     picks += [n for n in names
-              if n.startswith("fa_fwd_mma<__nv_bfloat16, 64,") and n.endswith("true, false, false>")][:1]
+              if n.startswith("fa_fwd_mma<__nv_bfloat16, 64,") and n.endswith("true, true, true, false>")][:1]
     picks += [n for n in names if n.startswith("fa_fwd_simt<float, float, 128,") and "true" in n][:2]
     sm90 = [n for n in _specs.all_sm90_name_expressions()
-            if n.startswith("fa_fwd_sm90<true, 64,") and n.endswith("true>")]
+            if n.startswith("fa_fwd_sm90<true, 64,") and n.endswith("true, true>")]
     assert len(picks) == 4 and sm90
     for source, chunk, arch in ((_specs.KERNEL_SOURCE, picks, ["-arch=sm_80"]),
                                 (_specs.KERNEL_SOURCE_SM90, sm90[:1], ["-gencode=arch=compute_90a,code=sm_90a"])):

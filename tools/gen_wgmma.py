@@ -15,7 +15,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "src/fastattn/backends/cuda/kernels/wgmma.cuh"
 TYPES = {"false": "f16", "true": "bf16"}  # template argument BF16 -> PTX type
-NS = (64, 128)
+NS = (32, 64, 128, 192, 256)
 
 
 def regs(first: int, count: int) -> str:

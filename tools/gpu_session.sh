@@ -3,7 +3,8 @@
 # compute-sanitizer memcheck on a representative small run (and the numerical edge cases: large
 # values, inf / NaN at masked keys, 100k keys), racecheck / synccheck, numbers for the docs
 # (numerics), tile sweep, benchmark beside torch.
-#   STEPS="build compile tests sanitize racecheck numerics sweep bench cli" bash tools/gpu_session.sh  (logs under $OUT)
+#   STEPS="build compile tests variants vsanitize vbench sanitize racecheck numerics sweep bench cli" \
+#     bash tools/gpu_session.sh  (logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
 STEPS=${STEPS:-"compile tests sanitize sweep bench"}
@@ -19,22 +20,63 @@ for step in $STEPS; do
   build)  # the CPU extension too, so the CPU-vs-GPU tests (dropout mask) run here
     timeout 200 python3 setup.py build_ext --inplace -q 2>&1 | tail -3
     ;;
-  compile)
-    timeout 300 python3 - <<'PY' 2>&1 | tee "$OUT/compile.log"
-import concurrent.futures as cf, time
-from fastattn.backends.cuda import _launch, _specs
+  compile)  # every specialization, NVRTC in 16 processes (CuPy's and fastattn's disk caches are shared)
+    timeout 400 python3 - <<'PY' 2>&1 | tee "$OUT/compile.log"
+import concurrent.futures as cf, os, time
+from fastattn.backends.cuda import _specs
 names = _specs.all_name_expressions() + _specs.all_sm90_name_expressions()
-t0 = time.time()
 def one(n):
+    from fastattn.backends.cuda import _launch
+    t = time.time()
     try:
-        _launch.get_kernel(n, 0); return None
+        _launch.get_kernel(n, 0); return None, time.time() - t
     except Exception as e:
-        return f"{n}: {e}"
-with cf.ThreadPoolExecutor(16) as pool:
-    errs = [e for e in pool.map(one, names) if e]
-print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} specializations in {time.time() - t0:.0f}s")
+        return f"{n}: {e}", time.time() - t
+t0 = time.time()
+with cf.ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    res = list(pool.map(one, sorted(names, key=lambda n: not n.startswith("fa_fwd_sm90"))))
+errs = [e for e, _ in res if e]
+print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} specializations in {time.time() - t0:.0f}s "
+      f"(longest {max(s for _, s in res):.1f}s, sum {sum(s for _, s in res):.0f}s)")
 for e in errs: print("FAILED", e[:3000])
 PY
+    ;;
+  variants)  # every variant on every kernel family against the float64 reference
+    timeout 400 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -x --maxfail=30 tests/test_cuda_variants.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/variants.log" | tail -40
+    ;;
+  vsanitize)  # compute-sanitizer memcheck on a representative call of each variant, each family
+    cat > /tmp/vsan.py <<'PY'
+import os, numpy as np, cupy, fastattn
+rng = np.random.default_rng(0)
+def g(*s, dt="float16"): return cupy.asarray(rng.standard_normal(s).astype(dt))
+cu = cupy.asarray(np.array([0, 5, 5, 140, 203], np.int32))
+for fam in ("auto", "mma"):
+    os.environ["FASTATTN_CUDA_KERNEL"] = fam
+    for dt in (("float16", "bfloat16") if fam == "auto" else ("float16",)) + (("float32",) if fam == "auto" else ()):
+        q, k, v = g(2, 6, 77, 64, dt=dt), g(2, 2, 130, 64, dt=dt), g(2, 2, 130, 64, dt=dt)
+        calls = dict(gqa=dict(causal=True), br=dict(causal="bottom_right", window=(20, 3)),
+                     softcap=dict(softcap=5.0, alibi_slopes=cupy.full((6,), 0.1, cupy.float32)),
+                     bias=dict(attn_mask=g(1, 6, 77, 130, dt="float32")),
+                     bool=dict(attn_mask=cupy.asarray(rng.random((2, 1, 77, 130)) < 0.5)),
+                     ragged=dict(seqlens_q=np.array([77, 3]), seqlens_kv=np.array([0, 100]), causal=True),
+                     drop=dict(dropout_p=0.2, window=(10, 10)))
+        for name, kw in calls.items():
+            out = fastattn.flash_attention(q, k, v, **kw)
+            print(fam, dt, name, float(abs(out.astype(cupy.float32)).sum()))
+        out = fastattn.flash_attention_varlen(g(203, 4, 128, dt=dt), g(203, 2, 128, dt=dt), g(203, 2, 128, dt=dt),
+                                              cu, cu, causal=True)
+        out = fastattn.flash_attention(g(1, 2, 65, 192, dt=dt), g(1, 2, 90, 192, dt=dt), g(1, 2, 90, 128, dt=dt),
+                                       causal=True)
+        out = fastattn.flash_attention(g(1, 70, 4, 256, dt=dt), g(1, 90, 4, 256, dt=dt), g(1, 90, 4, 256, dt=dt),
+                                       layout="bshd", window=(30, 30))
+        cupy.cuda.Device().synchronize()
+        print(fam, dt, "varlen / dims / bshd ok")
+PY
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/vsan.py 2>&1 | tee "$OUT/vsanitize.log" | tail -12
+    echo "sanitizer exit: ${PIPESTATUS[0]}"
+    ;;
+  vbench)  # every variant beside torch, and the (batch, seq, heads, dim) layout on the full grid
+    timeout 400 python3 -m fastattn._bench_cuda --variant ${VARIANT:-all} --json "$OUT/vbench.json" 2>&1 | tee "$OUT/vbench.log" | tail -80
     ;;
   tests)
     timeout 540 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40

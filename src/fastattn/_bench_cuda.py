@@ -179,3 +179,259 @@ def _fmt(row: dict | None) -> str:
 
 def _ratio(ours: dict | None, other: dict | None) -> str:
     return f"{ours['tflops'] / other['tflops']:.2f}x" if (ours and other) else "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# variants: fastattn with the variant, fastattn's plain kernel on the same shape (the >= 90 %-per-
+# attended-pair yardstick) and PyTorch's SDPA given the equivalent call, side by side
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS = ("gqa", "window", "softcap", "alibi", "mask", "varlen", "bshd")
+VARIANT_SEQS = (1024, 4096)
+
+
+def _pairs_tflops(pairs: int, d: int, dv: int, ms: float) -> float:
+    """TFLOP/s counting 2 (d + dv) flops per attended (query, key) pair and head."""
+    return 2.0 * (d + dv) * pairs / (ms * 1e-3) / 1e12
+
+
+def _variant_cases(variant: str, seqs: Iterable[int], dtype: str) -> list[dict]:
+    """One dict per workload: shapes, the fastattn keyword arguments, the plain baseline's."""
+    cases = []
+    for n in seqs:
+        b = max(1, TOKENS // n)
+        if variant == "gqa":
+            for causal in (False, True):
+                cases.append(dict(batch=b, heads=32, heads_kv=8, seq=n, head_dim=128, causal=causal, kw={}))
+        elif variant == "window":
+            for w in (256, 1024):
+                if w < n:
+                    cases.append(dict(batch=b, heads=16, heads_kv=16, seq=n, head_dim=128, causal=True,
+                                      kw={"window": (w, 0)}, label=f"window ({w}, 0)"))
+        elif variant == "softcap":
+            cases.append(dict(batch=b, heads=16, heads_kv=16, seq=n, head_dim=128, causal=True,
+                              kw={"softcap": 30.0}, label="softcap 30"))
+        elif variant == "alibi":
+            cases.append(dict(batch=b, heads=16, heads_kv=16, seq=n, head_dim=128, causal=True, kw={"alibi": True}))
+        elif variant == "mask":
+            bb = max(1, b // 4)  # a (batch, heads, N, N) bias is large
+            for kind in ("bias", "bool"):
+                cases.append(dict(batch=bb, heads=16, heads_kv=16, seq=n, head_dim=128, causal=False,
+                                  kw={"mask": kind}, label=f"{kind} (B, H, N, N)"))
+        elif variant == "varlen":
+            for causal in (False, True):
+                cases.append(dict(batch=b, heads=16, heads_kv=16, seq=n, head_dim=128, causal=causal,
+                                  kw={"varlen": True}, label="packed, lengths N/4 .. N"))
+        elif variant == "bshd":
+            for d in (64, 128):
+                for causal in (False, True):
+                    cases.append(dict(batch=b, heads=HIDDEN // d, heads_kv=HIDDEN // d, seq=n, head_dim=d,
+                                      causal=causal, kw={"bshd": True}))
+        else:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    for c in cases:
+        c["dtype"] = dtype
+        c.setdefault("label", variant)
+    return cases
+
+
+def run_variant_bench(variant: str, *, compare_torch: bool = True, dtype: str = "float16",
+                      seqs: Iterable[int] = VARIANT_SEQS,
+                      progress: Callable[[dict], Any] | None = None) -> list[dict]:
+    """Rows of one variant: impl "fastattn-cuda" (the variant), "fastattn-plain" (the same shape with
+    no variant: MHA, contiguous, no mask; causal as the variant), and torch SDPA backends given the
+    equivalent call; ``tflops`` counts attended (query, key) pairs only."""
+    from .backends import require
+
+    require("cuda")
+    import cupy
+    import numpy as np
+
+    import fastattn
+    from ._masks import MaskRule, attended_pairs
+
+    torch = None
+    if compare_torch:
+        try:
+            import torch as _torch
+
+            if _torch.cuda.is_available():
+                torch = _torch
+        except ImportError:
+            torch = None
+    device = _device_name()
+    rows: list[dict] = []
+    rng = cupy.random.default_rng(0)
+
+    def rand(shape):
+        x = rng.standard_normal(shape, dtype=cupy.float32)
+        return _to_bf16(x, torch) if dtype == "bfloat16" else x.astype(dtype)
+
+    for c in _variant_cases(variant, seqs, dtype):
+        b, h, hk, n, d, causal, kw = c["batch"], c["heads"], c["heads_kv"], c["seq"], c["head_dim"], c["causal"], c["kw"]
+        q, k, v = rand((b, h, n, d)), rand((b, hk, n, d)), rand((b, hk, n, d))
+        call: dict[str, Any] = {"causal": causal}
+        torch_kw: dict[str, Any] = {"is_causal": causal}
+        torch_backends = ("torch-flash", "torch-cudnn")
+        rule = MaskRule(causal=causal)
+        pairs = b * h * attended_pairs(rule, n, n)
+        tq = tk = tv = None
+        args = (q, k, v)
+        if torch is not None:
+            tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+        if "window" in kw:
+            call["window"] = kw["window"]
+            rule = MaskRule(causal=causal, window_left=kw["window"][0], window_right=kw["window"][1])
+            pairs = b * h * attended_pairs(rule, n, n)
+            if torch is not None:  # the band as an explicit boolean mask (no window in SDPA)
+                i = torch.arange(n, device="cuda")
+                band = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - kw["window"][0])
+                torch_kw = {"attn_mask": band}
+                torch_backends = ("torch-efficient", "torch-cudnn")
+        if "softcap" in kw:
+            call["softcap"] = kw["softcap"]  # no softcap in SDPA: its plain causal kernels stand beside
+        if "alibi" in kw:
+            slopes = cupy.asarray((2.0 ** -np.arange(1, h + 1) * (8.0 / h)).astype(np.float32))
+            call["alibi_slopes"] = slopes
+            if torch is not None:
+                i = torch.arange(n, device="cuda", dtype=torch.float32)
+                dist = (i[None, :] - i[:, None]).abs()
+                bias = (-torch.from_dlpack(slopes)[:, None, None] * dist[None]).to(tq.dtype)
+                bias = bias.masked_fill(i[None, None, :] > i[None, :, None], float("-inf"))
+                torch_kw = {"attn_mask": bias[None]}
+                torch_backends = ("torch-efficient", "torch-cudnn")
+        if "mask" in kw:
+            if kw["mask"] == "bias":
+                m = rand((b, h, n, n))
+            else:
+                m = rng.random((b, h, n, n)) < 0.9
+            call["attn_mask"] = m
+            if torch is not None:
+                torch_kw = {"attn_mask": torch.from_dlpack(m)}
+                torch_backends = ("torch-efficient", "torch-cudnn")
+        if "varlen" in kw:
+            lens = np.random.default_rng(n).integers(n // 4, n + 1, b)
+            cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+            total = int(cu[-1])
+            qp, kp, vp = rand((total, h, d)), rand((total, hk, d)), rand((total, hk, d))
+            cu_gpu = cupy.asarray(cu)
+            pairs = h * sum(attended_pairs(rule, int(x), int(x)) for x in lens)
+            torch_backends = ()
+        if "bshd" in kw:
+            qs, ks, vs = rand((b, n, h, d)), rand((b, n, hk, d)), rand((b, n, hk, d))
+            args = (qs, ks, vs)
+            call["layout"] = "bshd"
+            if torch is not None:
+                tq, tk, tv = (torch.from_dlpack(x).transpose(1, 2) for x in (qs, ks, vs))
+        if hk != h and torch is not None:
+            torch_kw["enable_gqa"] = True
+
+        impls: dict[str, Callable[[], Any]] = {}
+        if "varlen" in kw:
+            impls["fastattn-cuda"] = lambda: fastattn.flash_attention_varlen(qp, kp, vp, cu_gpu, cu_gpu,
+                                                                             causal=causal, backend="cuda")
+        else:
+            impls["fastattn-cuda"] = lambda a=args, ck=dict(call): fastattn.flash_attention(*a, backend="cuda", **ck)
+        # the plain kernel on the same shape (MHA heads, contiguous, no mask): pairs counted alike
+        qm, km, vm = (q, rand((b, h, n, d)), rand((b, h, n, d))) if hk != h else (q, k, v)
+        plain_pairs = b * h * attended_pairs(MaskRule(causal=causal), n, n)
+        impls["fastattn-plain"] = lambda: fastattn.flash_attention(qm, km, vm, causal=causal, backend="cuda")
+        if torch is not None:
+            names = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
+                     "torch-efficient": "EFFICIENT_ATTENTION"}
+            from torch.nn.attention import SDPBackend
+
+            for name in torch_backends:
+                be = getattr(SDPBackend, names[name])
+
+                def run(be=be, tq=tq, tk=tk, tv=tv, tkw=dict(torch_kw)):
+                    with torch.nn.attention.sdpa_kernel([be]):
+                        return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, **tkw)
+                impls[name] = run
+        for name, fn in impls.items():
+            base = {"device": device, "variant": variant, "label": c["label"], "dtype": dtype, "batch": b,
+                    "heads": h, "heads_kv": hk, "seq": n, "head_dim": d, "causal": causal, "impl": name}
+            try:
+                ms = time_ms(fn)
+            except Exception as exc:  # noqa: BLE001 - a competitor that cannot run this call is skipped
+                if name.startswith("fastattn"):
+                    raise
+                if progress is not None:
+                    progress({**base, "error": str(exc).splitlines()[0][:200]})
+                continue
+            # torch's plain causal kernels beside a softcap / window call count their own pairs
+            p = plain_pairs if name == "fastattn-plain" or ("softcap" in kw and name.startswith("torch")) else pairs
+            row = {**base, "ms": ms, "pairs": p, "tflops": _pairs_tflops(p, d, d, ms)}
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+        cupy.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def format_variant_table(rows: list[dict]) -> str:
+    """One line per workload: TFLOP/s per attended pair of each impl, ours over our plain kernel and
+    over the best torch backend present."""
+    impls = [i for i in ("fastattn-cuda", "fastattn-plain", "torch-flash", "torch-cudnn", "torch-efficient")
+             if any(r["impl"] == i for r in rows)]
+    keys = list(dict.fromkeys((r["variant"], r["label"], r["dtype"], r["head_dim"], r["causal"], r["seq"],
+                               r["heads"], r["heads_kv"]) for r in rows))
+    by = {(r["variant"], r["label"], r["dtype"], r["head_dim"], r["causal"], r["seq"], r["heads"], r["heads_kv"],
+           r["impl"]): r for r in rows}
+    short = {"fastattn-cuda": "fastattn", "fastattn-plain": "plain", "torch-flash": "flash", "torch-cudnn": "cudnn",
+             "torch-efficient": "mem-eff"}
+    head = (f"{'variant':22} {'dtype':8} {'D':>4} {'causal':>6} {'N':>6} {'H/Hkv':>6} "
+            + " ".join(f"{short[i]:>9}" for i in impls) + f" {'/plain':>7} {'/torch':>7}")
+    lines = [head]
+    for key in keys:
+        cells = [by.get((*key, i)) for i in impls]
+        ours, plain = by.get((*key, "fastattn-cuda")), by.get((*key, "fastattn-plain"))
+        torch_rows = [by.get((*key, i)) for i in ("torch-flash", "torch-cudnn", "torch-efficient")]
+        best = max((r for r in torch_rows if r), key=lambda r: r["tflops"], default=None)
+        lines.append(f"{key[1][:22]:22} {key[2]:8} {key[3]:>4} {str(key[4]):>6} {key[5]:>6} {key[6]:>3}/{key[7]:<2} "
+                     + " ".join(f"{_fmt(r):>9}" for r in cells) + f" {_ratio(ours, plain):>7} {_ratio(ours, best):>7}")
+    return "\n".join(lines)
+
+
+def cli_variant(variant: str, *, compare_torch: bool = True, dtype: str = "float16",
+                seqs: Iterable[int] | None = None, json_path: str | None = None) -> int:
+    """What ``bench --device cuda --variant V`` runs: the table of one variant (or "all")."""
+    import json
+    import sys
+
+    chosen = VARIANTS if variant == "all" else (variant,)
+    rows: list[dict] = []
+    failed: list[dict] = []
+    for name in chosen:
+        if name not in VARIANTS:
+            print(f"fastattn: unknown variant {name!r}; choose one of {', '.join(VARIANTS)} or all", file=sys.stderr)
+            return 2
+        grid = tuple(seqs) if seqs else ((512, 1024, 2048, 4096, 8192, 16384) if name == "bshd" else VARIANT_SEQS)
+        rows += run_variant_bench(name, compare_torch=compare_torch, dtype=dtype, seqs=grid,
+                                  progress=lambda r: failed.append(r) if "error" in r else None)
+    print(format_variant_table(rows))
+    for r in failed:
+        print(f"not run: {r['impl']} {r['label']} N={r['seq']}: {r['error']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"results": rows, "not_run": failed}, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastattn._bench_cuda --variant gqa`` (the CUDA half of ``bench --variant``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="fastattn's CUDA backend on one attention variant beside PyTorch SDPA")
+    p.add_argument("--variant", default="all", help=f"one of {', '.join(VARIANTS)}, or all (default)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--seqs", type=int, nargs="+", help="sequence lengths (default: 1024 4096; bshd: the full grid)")
+    p.add_argument("--no-torch", action="store_true", help="fastattn alone")
+    p.add_argument("--json", metavar="OUT.json")
+    args = p.parse_args(argv)
+    return cli_variant(args.variant, compare_torch=not args.no_torch, dtype=args.dtype, seqs=args.seqs,
+                       json_path=args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,8 +85,26 @@ def restore(y: Any, like: Any) -> Any:
     return y.get()
 
 
+#: the variant features this backend computes (tests/test_cuda_variants.py checks each one on a GPU)
+SUPPORTED = (
+    "grouped-query attention (fewer k/v heads than q heads)",
+    "a v head_dim different from q/k's",
+    "causal='bottom_right'",
+    "window",
+    "seqlens_q / seqlens_kv",
+    "packed sequences (flash_attention_varlen)",
+    "softcap",
+    "alibi_slopes",
+    "attn_mask",
+)
+
+
 def check_spec(spec: AttentionSpec) -> None:
-    refuse_features(NAME, spec)
+    refuse_features(NAME, spec, SUPPORTED)
+    for name, dim in (("q/k", spec.head_dim), ("v", spec.head_dim_v)):
+        if dim > _specs.MAX_HEAD_DIM:
+            raise ValueError(f"{name} head_dim {dim} is larger than the cuda backend supports "
+                             f"({_specs.MAX_HEAD_DIM}); use the cpu backend")
 
 
 def describe() -> dict:
@@ -101,7 +119,7 @@ def describe() -> dict:
         "multiprocessors": int(props["multiProcessorCount"]),
         "shared_memory_per_block_optin": int(props.get("sharedMemPerBlockOptin", 0)),
         "cupy": cp.__version__,
-        "kernels": ("float16/bfloat16: wgmma on compute capability 9.0 (head_dim <= 128, no dropout), "
+        "kernels": ("float16/bfloat16: wgmma on compute capability 9.0 (head_dim % 8 == 0, no dropout), "
                     "else mma.sync m16n8k16 (fp32 accumulate); float32/float64: SIMT FMA"),
         "head_dims": list(_specs.MMA_HEAD_DIMS),
     }
@@ -124,15 +142,22 @@ def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
     from ._launch import launch
 
     dtype = spec.dtype.name
-    if spec.head_dim > _specs.MAX_HEAD_DIM:
-        raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=spec.head_dim, max=_specs.MAX_HEAD_DIM))
+    if max(spec.head_dim, spec.head_dim_v) > _specs.MAX_HEAD_DIM:
+        raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=max(spec.head_dim, spec.head_dim_v),
+                                                          max=_specs.MAX_HEAD_DIM))
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must live on one GPU; got devices {q.device.id}, {k.device.id}, {v.device.id}")
     with q.device:
         _check_device(dtype)
-        out = cp.empty((spec.batch, spec.heads, spec.seq_q, spec.head_dim), dtype=q.dtype)
-        lse = cp.empty((spec.batch, spec.heads, spec.seq_q), dtype=np.float64 if dtype == "float64" else np.float32)
-        if spec.seq_kv == 0:
+        vb, _, vs, _ = (int(s) for s in q.shape)  # the views' batch and rows (a packed call: 1, total)
+        # out in the caller's memory order: (batch, seq, heads, dv) for "bshd" and packed calls,
+        # handed back as its (batch, heads, seq, dv) view
+        if spec.layout == "bshd" or spec.ragged == "packed":
+            out = cp.empty((vb, vs, spec.heads, spec.head_dim_v), dtype=q.dtype).swapaxes(1, 2)
+        else:
+            out = cp.empty((vb, spec.heads, vs, spec.head_dim_v), dtype=q.dtype)
+        lse = cp.empty((vb, spec.heads, vs), dtype=np.float64 if dtype == "float64" else np.float32)
+        if int(k.shape[2]) == 0 or vs == 0:
             out.fill(0)
             lse.fill(-np.inf)
             block_q, block_kv, threads, smem = 0, 0, 0, 0

@@ -174,32 +174,48 @@ def kernel_family() -> str:
     return family
 
 
-def sm90_can_serve(spec: AttentionSpec, dtype: str, d_pad: int, vec: bool) -> bool:
-    """Is the call one the Hopper kernel computes (dtype, dropout, padded head_dim, 16-byte rows)?"""
-    return _specs.is_mma_dtype(dtype) and spec.dropout_p == 0.0 and d_pad in _specs.SM90_HEAD_DIMS and vec
+def sm90_can_serve(spec: AttentionSpec, dtype: str, vec: bool) -> bool:
+    """Is the call one the Hopper kernel computes (dtype, dropout, 16-byte rows: d and dv multiples of 8)?"""
+    return _specs.is_mma_dtype(dtype) and spec.dropout_p == 0.0 and vec
 
 
-def uses_sm90(spec: AttentionSpec, dtype: str, d_pad: int, vec: bool, capability: tuple[int, int],
-              family: str = "auto") -> bool:
+def uses_sm90(spec: AttentionSpec, dtype: str, vec: bool, capability: tuple[int, int], family: str = "auto") -> bool:
     """Does the Hopper kernel serve this call (by default, on this device)?"""
-    return family == "auto" and capability == (9, 0) and sm90_can_serve(spec, dtype, d_pad, vec)
+    return family == "auto" and capability == (9, 0) and sm90_can_serve(spec, dtype, vec)
+
+
+def mask_flags(spec: AttentionSpec) -> tuple[bool, bool]:
+    """(interval, mods) of a call: causal / a window; softcap / ALiBi / attn_mask."""
+    rule = spec.rule
+    return rule.has_interval, rule.modifies_logits or rule.mask != "none"
+
+
+def dims(spec: AttentionSpec, dtype: str, sm90: bool) -> tuple[int, int]:
+    """(D, DV): the padded head dims of the kernel that serves the call."""
+    if sm90:
+        return _specs.sm90_padded_dims(spec.head_dim, spec.head_dim_v)
+    return _specs.padded_dims(spec.head_dim, spec.head_dim_v, dtype)
 
 
 def tile_config(spec: AttentionSpec, dtype: str, d_pad: int, sm90: bool) -> Any:
     """The tables' tile configuration for a call: Sm90Config, MmaConfig or SimtConfig."""
+    interval, mods = mask_flags(spec)
+    interval = interval or mods  # a mods kernel has the interval flag on (_specs.kernel_flags)
     if sm90:
-        return _specs.sm90_config(d_pad, spec.causal, spec.seq_kv)
+        return _specs.sm90_config(d_pad, interval, spec.seq_kv, mods)
     if _specs.is_mma_dtype(dtype):
-        return _specs.MMA_CONFIGS[(d_pad, spec.causal)]
+        return _specs.MMA_CONFIGS[(d_pad, interval)]
     return _specs.SIMT_CONFIGS[(dtype, d_pad)]
 
 
-def plan(dtype: str, d_pad: int, cfg: Any) -> Plan:
+def plan(dtype: str, d_pad: int, cfg: Any, dv_pad: int | None = None) -> Plan:
     """The tiles, threads, shared memory and kernel family of one tile configuration."""
     if isinstance(cfg, _specs.Sm90Config):
-        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg), "wgmma")
+        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg, head_dim_v=dv_pad),
+                    "wgmma")
     if isinstance(cfg, _specs.MmaConfig):
-        return Plan(cfg.block_q, cfg.block_kv, cfg.warps * 32, _specs.mma_smem_bytes(d_pad, cfg), "mma.sync")
+        return Plan(cfg.block_q, cfg.block_kv, cfg.warps * 32,
+                    _specs.mma_smem_bytes(d_pad, cfg, head_dim_v=dv_pad), "mma.sync")
     itemsize = 8 if dtype == "float64" else 4
     return Plan(cfg.block_q, cfg.block_kv, cfg.block_q * 4, _specs.simt_smem_bytes(d_pad, cfg, itemsize), "simt")
 
@@ -224,20 +240,58 @@ def _mma_scales(scale: float) -> tuple[np.float32, np.float32]:
     return np.float32(scale_log2), np.float32(min(scale, _F32_MAX))
 
 
+#: a window side without bound (the kernels' FA_UNBOUNDED); lengths must stay below it
+UNBOUNDED = 1 << 29
+_MASK_KINDS = {"bool": 1, "float16": 2, "bfloat16": 3, "float32": 4, "float64": 5}
+_NULL = np.uint64(0)
+
+
+def _window(spec: AttentionSpec) -> tuple[int, int]:
+    """(left, right) of the key interval around i + off (common.cuh: fa_mask), causal folded in."""
+    rule = spec.rule
+    left = rule.window_left if rule.window_left >= 0 else UNBOUNDED
+    right = rule.window_right if rule.window_right >= 0 else UNBOUNDED
+    if rule.causal:
+        right = min(right, 0)
+    return left, right
+
+
+def _mask_geometry(spec: AttentionSpec) -> tuple:
+    """What of the mask arrays the launch plan depends on (dtype, strides, slopes' batch axis)."""
+    arr = spec.arrays
+    m = arr.attn_mask
+    mask = (str(m.dtype), _elem_strides(m)) if m is not None else None
+    slopes = int(arr.alibi_slopes.shape[0]) if arr.alibi_slopes is not None else None
+    return mask, slopes
+
+
+def _dynamic_args(spec: AttentionSpec) -> tuple:
+    """The per-call pointers: attn_mask, alibi_slopes, the ragged lengths / offsets (NULL when absent)."""
+    arr = spec.arrays
+    if spec.ragged == "packed":
+        rag_q, rag_kv = arr.cu_seqlens_q, arr.cu_seqlens_kv
+    elif spec.ragged == "padded":
+        rag_q, rag_kv = arr.seqlens_q, arr.seqlens_kv
+    else:
+        rag_q = rag_kv = None
+    return tuple(_NULL if x is None else x for x in (arr.attn_mask, arr.alibi_slopes, rag_q, rag_kv))
+
+
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
            config: _specs.MmaConfig | _specs.Sm90Config | None = None,
            extra_options: tuple[str, ...] = ()) -> Plan:
     """Runs the forward kernel on the current stream; returns the Plan of what ran.
 
-    Everything but the five array pointers is a pure function of the call's geometry, so it is
-    worked out once per (device, dtype, shapes, strides, alignment, flags) and cached: a repeated
-    call costs a dict lookup and the launch itself.  ``config`` forces a tile configuration (an
-    ``Sm90Config`` forces the Hopper kernel); it is for the benchmark sweep.
+    Everything but the array pointers is a pure function of the call's geometry, so it is
+    worked out once per (device, dtype, shapes, strides, alignment, mask geometry, flags) and cached:
+    a repeated call costs a dict lookup and the launch itself.  ``config`` forces a tile configuration
+    (an ``Sm90Config`` forces the Hopper kernel); it is for the benchmark sweep.
     """
     family = kernel_family()
-    key = (cp_device(), dtype, q.shape, k.shape, q.strides, k.strides, v.strides, out.strides, lse.strides,
-           q.data.ptr % 16 == 0, k.data.ptr % 16 == 0, v.data.ptr % 16 == 0, spec.causal, spec.scale,
-           spec.dropout_p, spec.seed, config, extra_options, family)
+    key = (cp_device(), dtype, q.shape, k.shape, v.shape, q.strides, k.strides, v.strides, out.strides,
+           lse.strides, q.data.ptr % 16 == 0, k.data.ptr % 16 == 0, v.data.ptr % 16 == 0, spec.scale,
+           spec.dropout_p, spec.seed, spec.rule, spec.ragged, spec.batch, spec.seq_q, spec.seq_kv,
+           _mask_geometry(spec), config, extra_options, family)
     entry = _PLANS.get(key)
     if entry is None:
         entry = _make_plan(q, k, v, out, lse, spec, dtype, config, extra_options, family)
@@ -246,7 +300,7 @@ def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtyp
         _PLANS[key] = entry
     kernel, grid, threads, smem, static_args, used = entry
     if kernel is not None:
-        kernel(grid, threads, (q, k, v, out, lse, *static_args), shared_mem=smem)
+        kernel(grid, threads, (q, k, v, out, lse, *_dynamic_args(spec), *static_args), shared_mem=smem)
     return used
 
 
@@ -261,35 +315,41 @@ def cp_device() -> int:
 def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
                config: _specs.MmaConfig | _specs.Sm90Config | None, extra_options: tuple[str, ...],
                family: str) -> tuple:
-    batch, heads, seq_q, d = (int(s) for s in q.shape)
-    seq_kv = int(k.shape[2])
-    d_pad = _specs.padded_head_dim(d, dtype)
+    batch, heads, seq_q = spec.batch, spec.heads, spec.seq_q
+    d, dv = spec.head_dim, spec.head_dim_v
+    if max(spec.seq_q, spec.seq_kv, int(q.shape[2]), int(k.shape[2])) >= UNBOUNDED:
+        raise ValueError(f"sequences of {UNBOUNDED} or more rows are beyond the cuda backend; got seq_q "
+                         f"{int(q.shape[2])}, seq_kv {int(k.shape[2])}")
     mma = _specs.is_mma_dtype(dtype)
-    vec = mma and all(_vec_ok(x, d) for x in (q, k, v))
-    if isinstance(config, _specs.Sm90Config) and not sm90_can_serve(spec, dtype, d_pad, vec):
-        raise ValueError(f"the Hopper kernel cannot serve this call ({dtype}, head_dim {d}, "
+    vec = mma and _vec_ok(q, d) and _vec_ok(k, d) and _vec_ok(v, dv) and _vec_ok(out, dv)
+    if isinstance(config, _specs.Sm90Config) and not sm90_can_serve(spec, dtype, vec):
+        raise ValueError(f"the Hopper kernel cannot serve this call ({dtype}, head_dim {d}/{dv}, "
                          f"dropout {spec.dropout_p}, 16-byte rows {vec})")
-    sm90 = uses_sm90(spec, dtype, d_pad, vec, device_capability(), family) and cp_device() not in _SM90_FAILED
+    sm90 = (isinstance(config, _specs.Sm90Config)
+            or (config is None and uses_sm90(spec, dtype, vec, device_capability(), family)
+                and cp_device() not in _SM90_FAILED))
+    d_pad, dv_pad = dims(spec, dtype, sm90)
     forced = isinstance(config, _specs.Sm90Config) or (mma and config is not None)  # an MmaConfig: mma dtypes
     cfg = config if forced else tile_config(spec, dtype, d_pad, sm90)
-    used = plan(dtype, d_pad, cfg)
+    used = plan(dtype, d_pad, cfg, dv_pad)
     if batch * heads * seq_q == 0:
         return None, None, None, None, None, used
 
+    interval, mods = mask_flags(spec)
     dropout = spec.dropout_p > 0.0
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if used.kernel == "wgmma":
-        name = _specs.sm90_name(dtype, d_pad, cfg, spec.causal)
+        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods)
     elif used.kernel == "mma.sync":
-        name = _specs.mma_name(dtype, d_pad, cfg, spec.causal, dropout, vec)
+        name = _specs.mma_name(dtype, d_pad, cfg, interval, dropout, vec, dv_pad, mods)
     else:
-        name = _specs.simt_name(dtype, d_pad, cfg, spec.causal, dropout)
+        name = _specs.simt_name(dtype, d_pad, cfg, interval, dropout, mods)
     if mma:
-        tail = (*_mma_scales(spec.scale), np.uint64(seed), np.uint32(threshold),
+        tail = (np.float32(spec.rule.softcap), *_mma_scales(spec.scale), np.uint64(seed), np.uint32(threshold),
                 np.float32(1.0 / (1.0 - spec.dropout_p)))
     else:
-        tail = (np.float64(spec.scale), np.uint64(seed), np.uint32(threshold),
+        tail = (np.float64(spec.rule.softcap), np.float64(spec.scale), np.uint64(seed), np.uint32(threshold),
                 np.float64(1.0 / (1.0 - spec.dropout_p)))
     try:
         kernel = get_kernel(name, used.smem, extra_options)
@@ -304,19 +364,26 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
         return _make_plan(q, k, v, out, lse, spec, dtype, config, extra_options, "mma")
 
     num_q_blocks = -(-seq_q // used.block_q)
-    batch_heads = batch * heads
-    grid = (num_q_blocks * batch_heads,)
+    grid = (num_q_blocks * batch * heads,)
     if grid[0] >= 2**31:
         raise ValueError(f"too many blocks for one launch ({grid[0]}); split the batch")
-    i64 = np.int64
+    i64, i32 = np.int64, np.int32
     o_s, l_s = _elem_strides(out), _elem_strides(lse)
+    arr = spec.arrays
+    m_s = _elem_strides(arr.attn_mask) if arr.attn_mask is not None else (0, 0, 0, 0)
+    mask_kind = _MASK_KINDS[str(arr.attn_mask.dtype)] if arr.attn_mask is not None else 0
+    slopes_sb = heads if (arr.alibi_slopes is not None and arr.alibi_slopes.shape[0] > 1) else 0
+    left, right = _window(spec)
+    ragged = {"none": 0, "padded": 1, "packed": 2}[spec.ragged]
     static_args = (
-        np.int32(batch_heads), np.int32(heads), np.int32(seq_q), np.int32(seq_kv), np.int32(d),
+        i32(heads), i32(spec.group), i32(seq_q), i32(spec.seq_kv), i32(d), i32(dv),
         *(i64(s) for s in _elem_strides(q)),
         *(i64(s) for s in _elem_strides(k)),
         *(i64(s) for s in _elem_strides(v)),
         i64(o_s[0]), i64(o_s[1]), i64(o_s[2]),
         i64(l_s[0]), i64(l_s[1]),
-        np.int32(num_q_blocks), *tail,
+        *(i64(s) for s in m_s), i32(slopes_sb),
+        i32(num_q_blocks), i32(ragged), i32(mask_kind), i32(spec.rule.bottom_right), i32(left), i32(right),
+        *tail,
     )
     return kernel, grid, (used.threads,), used.smem, static_args, used

@@ -3,13 +3,19 @@
 Pure Python (no CuPy): ``tools/compile_cuda_kernels.py`` and the tests read the same list.
 
 Tile choice is made here and only here.  ``head_dim`` d is padded up to the next supported
-``D`` (the kernel zero-fills columns ``d..D-1``), so every d in 1..256 has a kernel.
+``D`` (the kernel zero-fills columns ``d..D-1``), so every d in 1..256 has a kernel; v's head_dim
+likewise (``DV``), with ``DV == D`` or one of the listed pairs (``MMA_PAIRS``, ``SM90_PAIRS``), else
+both are padded to the larger.
+
+Mask flags of every kernel: ``interval`` (causal and/or a window: tile skipping, masked-V checks)
+and ``mods`` (softcap / ALiBi / attn_mask, switched at run time inside one specialization; a mods
+kernel always has ``interval`` on, and on the tensor cores its dropout is switched at run time).
+Ragged batches, GQA, the causal alignment and strides are run-time arguments of every kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
@@ -20,8 +26,13 @@ KERNEL_HEADERS = ("common.cuh", "philox.cuh", "wgmma.cuh")
 
 #: padded head_dim of the tensor-core kernel (float16 / bfloat16)
 MMA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-#: padded head_dim of the SIMT kernel (float32 / float64)
+#: (D, DV) pairs of padded head dims with DV != D that have their own tensor-core kernels
+#: (q/k 192 with v 128: latent attention's shapes); any other pair is padded to the larger
+MMA_PAIRS = ((192, 128),)
+#: padded head_dim of the SIMT kernel (float32 / float64): one D for q/k and v (the larger)
 SIMT_HEAD_DIMS = (32, 64, 128, 256)
+#: the mask flags a kernel is compiled with: (interval, mods)
+MASK_FLAGS = ((False, False), (True, False), (True, True))
 #: largest head_dim any kernel serves
 MAX_HEAD_DIM = 256
 
@@ -89,8 +100,10 @@ MMA_CONFIGS: dict[tuple[int, bool], MmaConfig] = {
     (256, True): MmaConfig(4, 1, 32, False),
 }
 
-#: padded head_dim of the Hopper kernel (float16 / bfloat16, no dropout, d % 8 == 0, unit stride along d)
-SM90_HEAD_DIMS = (64, 128)
+#: padded head_dim of the Hopper kernel (float16 / bfloat16, no dropout, d % 8 == 0, unit stride along d):
+#: whole 64-column swizzle panels
+SM90_HEAD_DIMS = (64, 128, 192, 256)
+SM90_PAIRS = ((192, 128),)
 
 #: tiles of the Hopper kernel per (padded head_dim, causal): (largest seq_kv, config) rules, first
 #: match wins.  From the sweep on an H100 (docs/cuda.md): short key sequences (few tiles a block)
@@ -101,21 +114,38 @@ SM90_RULES: dict[tuple[int, bool], tuple[tuple[int, Sm90Config], ...]] = {
     (64, True): ((8192, Sm90Config(2, 64, 2)), (2**31, Sm90Config(3, 128))),
     (128, False): ((1024, Sm90Config(2, 128)), (2**31, Sm90Config(3, 64))),
     (128, True): ((2**31, Sm90Config(2, 128)),),
+    (192, False): ((2**31, Sm90Config(2, 64)),),
+    (192, True): ((2**31, Sm90Config(2, 64)),),
+    (256, False): ((2**31, Sm90Config(2, 32)),),  # 128 O accumulators a thread: the 32-key tile keeps
+    (256, True): ((2**31, Sm90Config(2, 32)),),   # S and P small enough not to spill (ptxas, sm_90a)
+}
+
+#: tiles of the Hopper kernel with mods (softcap / ALiBi / attn_mask): the logit hook needs registers,
+#: so one block per SM with room for it (ptxas: no spills at these tiles, spills at the plain ones)
+SM90_MODS_CONFIGS: dict[int, Sm90Config] = {
+    64: Sm90Config(2, 128),
+    128: Sm90Config(2, 64),
+    192: Sm90Config(2, 64),
+    256: Sm90Config(2, 32),
 }
 
 #: extra Hopper tiles the benchmark sweep may try (compiled in CI too)
 SM90_SWEEP: dict[int, tuple[Sm90Config, ...]] = {
     64: (Sm90Config(2, 128), Sm90Config(3, 128), Sm90Config(2, 64, 2), Sm90Config(3, 64)),
     128: (Sm90Config(2, 128), Sm90Config(2, 64), Sm90Config(3, 64)),
+    256: (Sm90Config(2, 64),),
 }
 
 
-def sm90_config(head_dim: int, causal: bool, seq_kv: int) -> Sm90Config:
-    """The Hopper kernel's tiles for a padded head_dim (64 or 128), causal flag and key length."""
-    for max_seq, cfg in SM90_RULES[(head_dim, causal)]:
+def sm90_config(head_dim: int, interval: bool, seq_kv: int, mods: bool = False) -> Sm90Config:
+    """The Hopper kernel's tiles for a padded q/k head_dim, interval flag (causal / window), key length
+    and mods flag (softcap / ALiBi / attn_mask)."""
+    if mods:
+        return SM90_MODS_CONFIGS[head_dim]
+    for max_seq, cfg in SM90_RULES[(head_dim, interval)]:
         if seq_kv <= max_seq:
             return cfg
-    return SM90_RULES[(head_dim, causal)][-1][1]
+    return SM90_RULES[(head_dim, interval)][-1][1]
 
 
 #: SIMT tiles per (dtype, padded head_dim); shared memory (BQ + 2 BKV) (D+1) + BQ (BKV+1) elements
@@ -147,74 +177,134 @@ def padded_head_dim(d: int, dtype: str) -> int:
     raise ValueError(MAX_HEAD_DIM_ERROR.format(d=d, max=MAX_HEAD_DIM))
 
 
+def _pair(dp: int, dvp: int, pairs: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    if dp == dvp or (dp, dvp) in pairs:
+        return dp, dvp
+    top = max(dp, dvp)
+    return top, top
+
+
+def padded_dims(d: int, dv: int, dtype: str) -> tuple[int, int]:
+    """(D, DV) of the mma.sync / SIMT kernels for q/k head_dim d and v head_dim dv."""
+    dp, dvp = padded_head_dim(d, dtype), padded_head_dim(dv, dtype)
+    if not is_mma_dtype(dtype):
+        top = max(dp, dvp)
+        return top, top
+    return _pair(dp, dvp, MMA_PAIRS)
+
+
+def sm90_padded_dims(d: int, dv: int) -> tuple[int, int]:
+    """(D, DV) of the Hopper kernel: multiples of 64 (whole swizzle panels)."""
+    for x in (d, dv):
+        if x > MAX_HEAD_DIM:
+            raise ValueError(MAX_HEAD_DIM_ERROR.format(d=x, max=MAX_HEAD_DIM))
+    return _pair(max(64, -(-d // 64) * 64), max(64, -(-dv // 64) * 64), SM90_PAIRS)
+
+
 def is_mma_dtype(dtype: str) -> bool:
     return dtype in ("float16", "bfloat16")
 
 
-def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, causal: bool, dropout: bool, vec: bool) -> str:
-    b = lambda x: "true" if x else "false"  # noqa: E731
-    return (f"fa_fwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {cfg.warps}, {cfg.m_tiles}, {cfg.block_kv}, "
-            f"{cfg.stages}, {b(cfg.q_in_regs)}, {b(causal)}, {b(dropout)}, {b(vec)}>")
+def _b(x: bool) -> str:
+    return "true" if x else "false"
 
 
-def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, causal: bool) -> str:
-    return (f"fa_fwd_sm90<{'true' if dtype == 'bfloat16' else 'false'}, {head_dim}, {cfg.warpgroups}, "
-            f"{cfg.block_kv}, {cfg.min_blocks}, {'true' if causal else 'false'}>")
+def kernel_flags(interval: bool, mods: bool, dropout: bool) -> tuple[bool, bool, bool]:
+    """The (interval, mods, dropout) template flags a call's kernel is compiled with: a mods kernel
+    has interval on and (tensor cores) dropout switched at run time."""
+    if mods:
+        return True, True, True
+    return interval, False, dropout
 
 
-def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, causal: bool, dropout: bool) -> str:
-    b = lambda x: "true" if x else "false"  # noqa: E731
+def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, interval: bool, dropout: bool, vec: bool,
+             head_dim_v: int | None = None, mods: bool = False) -> str:
+    dv = head_dim if head_dim_v is None else head_dim_v
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
+    return (f"fa_fwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {dv}, {cfg.warps}, {cfg.m_tiles}, {cfg.block_kv}, "
+            f"{cfg.stages}, {_b(cfg.q_in_regs)}, {_b(interval)}, {_b(mods)}, {_b(dropout)}, {_b(vec)}>")
+
+
+def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, interval: bool, head_dim_v: int | None = None,
+              mods: bool = False) -> str:
+    dv = head_dim if head_dim_v is None else head_dim_v
+    interval, mods, _ = kernel_flags(interval, mods, False)
+    return (f"fa_fwd_sm90<{_b(dtype == 'bfloat16')}, {head_dim}, {dv}, {cfg.warpgroups}, "
+            f"{cfg.block_kv}, {cfg.min_blocks}, {_b(interval)}, {_b(mods)}>")
+
+
+def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, interval: bool, dropout: bool, mods: bool = False) -> str:
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
     return (f"fa_fwd_simt<{_CXX_TYPE[dtype]}, {_LSE_TYPE[dtype]}, {head_dim}, {cfg.block_q}, {cfg.block_kv}, "
-            f"{b(causal)}, {b(dropout)}>")
+            f"{_b(interval)}, {_b(mods)}, {_b(dropout)}>")
 
 
-def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2) -> int:
+def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2, head_dim_v: int | None = None) -> int:
     """Shared memory per block of ``fa_fwd_mma``: Q tile + ``stages`` K and V tiles, rows padded by 8."""
-    return (cfg.block_q + 2 * cfg.stages * cfg.block_kv) * (head_dim + 8) * itemsize
+    dv = head_dim if head_dim_v is None else head_dim_v
+    return ((cfg.block_q + cfg.stages * cfg.block_kv) * (head_dim + 8) + cfg.stages * cfg.block_kv * (dv + 8)) * itemsize
 
 
-def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2) -> int:
+def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2, head_dim_v: int | None = None) -> int:
     """Shared memory per block of ``fa_fwd_sm90``: Q tile, two K and two V tiles, a 16-row tile of
-    zeros (the V operand of a P V that must add nothing: causal tiles no row of a warpgroup sees),
+    zeros (the V operand of a P V that must add nothing: tiles no row of a warpgroup sees),
     1 KB for alignment."""
-    return (cfg.block_q + 4 * cfg.block_kv + 16) * head_dim * itemsize + 1024
+    dv = head_dim if head_dim_v is None else head_dim_v
+    return ((cfg.block_q + 2 * cfg.block_kv) * head_dim + (2 * cfg.block_kv + 16) * dv) * itemsize + 1024
 
 
 def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:
     return ((cfg.block_q + 2 * cfg.block_kv) * (head_dim + 1) + cfg.block_q * (cfg.block_kv + 1)) * itemsize
 
 
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def mma_dim_pairs() -> list[tuple[int, int]]:
+    return [(d, d) for d in MMA_HEAD_DIMS] + list(MMA_PAIRS)
+
+
+def sm90_dim_pairs() -> list[tuple[int, int]]:
+    return [(d, d) for d in SM90_HEAD_DIMS] + list(SM90_PAIRS)
+
+
 def all_name_expressions() -> list[str]:
     """Every specialization the backend can launch (CI compiles each one)."""
     names: list[str] = []
-    flags = list(itertools.product((False, True), repeat=2))
     for dtype in ("float16", "bfloat16"):
-        for dim in MMA_HEAD_DIMS:
-            for causal, dropout in flags:
-                for vec in (False, True):
-                    names.append(mma_name(dtype, dim, MMA_CONFIGS[(dim, causal)], causal, dropout, vec))
+        for dim, dv in mma_dim_pairs():
+            for interval, mods in MASK_FLAGS:
+                for dropout in (False, True):
+                    for vec in (False, True):
+                        names.append(mma_name(dtype, dim, MMA_CONFIGS[(dim, interval)], interval, dropout, vec,
+                                              dv, mods))
+            if dim != dv:
+                continue
             for cfg in MMA_SWEEP.get(dim, ()):  # sweep tiles: the benchmarked case only
-                for causal in (False, True):
-                    if cfg != MMA_CONFIGS[(dim, causal)]:
-                        names.append(mma_name(dtype, dim, cfg, causal, False, True))
+                for interval in (False, True):
+                    if cfg != MMA_CONFIGS[(dim, interval)]:
+                        names.append(mma_name(dtype, dim, cfg, interval, False, True))
     for dtype in ("float32", "float64"):
         for dim in SIMT_HEAD_DIMS:
-            for causal, dropout in flags:
-                names.append(simt_name(dtype, dim, SIMT_CONFIGS[(dtype, dim)], causal, dropout))
-    return names
+            for interval, mods in MASK_FLAGS:
+                for dropout in (False, True):
+                    names.append(simt_name(dtype, dim, SIMT_CONFIGS[(dtype, dim)], interval, dropout, mods))
+    return _unique(names)
 
 
 def all_sm90_name_expressions() -> list[str]:
     """Every specialization of the Hopper kernel (compiled for sm_90a only)."""
     names: list[str] = []
     for dtype in ("float16", "bfloat16"):
-        for dim in SM90_HEAD_DIMS:
-            for causal in (False, True):
-                for cfg in (*(c for _, c in SM90_RULES[(dim, causal)]), *SM90_SWEEP.get(dim, ())):
-                    name = sm90_name(dtype, dim, cfg, causal)
-                    if name not in names:
-                        names.append(name)
-    return names
+        for dim, dv in sm90_dim_pairs():
+            for interval, mods in MASK_FLAGS:
+                configs = [SM90_MODS_CONFIGS[dim]] if mods else [c for _, c in SM90_RULES[(dim, interval)]]
+                if not mods and dim == dv:
+                    configs += list(SM90_SWEEP.get(dim, ()))
+                for cfg in configs:
+                    names.append(sm90_name(dtype, dim, cfg, interval, dv, mods))
+    return _unique(names)
 
 
 def is_sm90_name(name: str) -> bool:

@@ -106,39 +106,221 @@ __device__ __forceinline__ float float_of16(unsigned short x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Masks.  Masked keys never contribute: a key a query row does not see cannot change that row,
-// whatever K and V hold there (inf and NaN included).  Scores of masked entries become -inf before
-// the softmax (so K never reaches the row); V needs care only in the tensor-core P V, where a
-// masked entry's p = 0 still multiplies V (0 * inf = 0 * NaN = NaN): see add_nonfinite_v.
+// The mask, one hook for every kernel (fastattn._masks states the rules).  For batch entry b with
+// Lq query rows and Lk keys (padded lengths, seqlens, or a packed sequence's lengths), query row i
+// sees the keys of ONE interval [lo(i), hi(i)):
+//     lo(i) = max(0, i + off - left),   hi(i) = min(Lk, i + off + right + 1)     (i < Lq; else none)
+// with off = Lk - Lq under bottom-right alignment (else 0), right = 0 for causal (min with the
+// window's right), left / right = FA_UNBOUNDED where unbounded.  lo and hi never decrease with i,
+// so a query tile needs the key tiles of [lo(first row), hi(last row)) and no other: that is the
+// one tile-skipping rule (fa_mask::key_range).  A boolean attn_mask only thins the interval.
+// With MODS the scores also become logits: scale * s -> softcap * tanh(. / softcap) -> - ALiBi ->
+// + bias, kept in log2 units (times log2 e) so the softmax runs with scale_log2 = 1.
+// Masked keys never contribute: a key a query row does not see cannot change that row, whatever
+// K and V hold there (inf and NaN included).  Masked scores become -inf before the softmax (so K
+// never reaches the row); V needs care only in the tensor-core P V, where a masked entry's p = 0
+// still multiplies V (0 * inf = 0 * NaN = NaN): see pv_tile_nonfinite_v.  Key rows past Lk are
+// loaded as zeros, so only keys < Lk that the interval or the boolean mask hides need that care.
 // ------------------------------------------------------------------------------------------------
 
-// Which keys a query row sees: keys < seq_kv and, with CAUSAL, keys j <= i (top-left).
-template <bool CAUSAL>
-struct key_mask {
-    // can a loaded tile hold keys that some of the rows must not see (keys past seq_kv aside)?
-    static constexpr bool hides_keys = CAUSAL;
-    int seq_kv;
-    __device__ __forceinline__ bool visible(int i, int j) const { return j < seq_kv && (!CAUSAL || j <= i); }
-    // the keys of [kv0, kv0 + n) that row i sees are kv0 + lo .. kv0 + hi - 1 (none if hi <= lo)
-    __device__ __forceinline__ void visible_span(int i, int kv0, int n, int& lo, int& hi) const {
-        lo = 0;
-        hi = min(n, seq_kv - kv0);
-        if (CAUSAL) hi = min(hi, i - kv0 + 1);
+#define FA_UNBOUNDED (1 << 29)  // window side without bound (the launcher keeps lengths < 2^29)
+#define FA_LOG2E 1.4426950408889634f
+
+// Where one (batch entry, query head) lives in the (batch, heads, seq, dim) views.
+// ragged: 0 none (lengths seq_q / seq_kv), 1 padded (rag_q / rag_kv hold seqlens), 2 packed
+// (rag_q / rag_kv hold cu_seqlens; the views have one batch entry, entry b's rows start at cu[b]).
+struct fa_entry {
+    int b, h, lq, lk, view_b;
+    long long q_row, kv_row;  // first row of the entry in the views
+};
+
+__device__ __forceinline__ fa_entry fa_entry_of(int bh, int heads, int ragged, const int* rag_q, const int* rag_kv,
+                                                int seq_q, int seq_kv) {
+    fa_entry e;
+    e.b = bh / heads;
+    e.h = bh - e.b * heads;
+    e.view_b = e.b;
+    e.q_row = e.kv_row = 0;
+    e.lq = seq_q;
+    e.lk = seq_kv;
+    if (ragged == 1) {
+        e.lq = rag_q[e.b];
+        e.lk = rag_kv[e.b];
+    } else if (ragged == 2) {
+        const int q0 = rag_q[e.b], k0 = rag_kv[e.b];
+        e.lq = rag_q[e.b + 1] - q0;
+        e.lk = rag_kv[e.b + 1] - k0;
+        e.q_row = q0;
+        e.kv_row = k0;
+        e.view_b = 0;
     }
-    // does some row >= r0 need masking in key tile [kv0, kv0 + n) (keys past seq_kv count)
-    __device__ __forceinline__ bool tile_needs_mask(int r0, int kv0, int n) const {
-        return kv0 + n > seq_kv || (CAUSAL && kv0 + n - 1 > r0);
+    return e;
+}
+
+// float of a 16-bit value by its bits, with the type chosen at run time (attn_mask's dtype)
+__device__ __forceinline__ float float_of_f16_bits(unsigned short x) {
+    float f;
+    asm("{\n.reg .b16 h;\nmov.b16 h, %1;\ncvt.f32.f16 %0, h;\n}\n" : "=f"(f) : "h"(x));
+    return f;
+}
+
+// mask_kind: 0 none, 1 bool (True = may attend), 2 float16, 3 bfloat16, 4 float32, 5 float64 bias
+enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F16 = 2, FA_MASK_BF16 = 3, FA_MASK_F32 = 4, FA_MASK_F64 = 5 };
+
+// tanh in fp32 as 1 - 2 / (1 + 2^(2 y log2 e)): two MUFU ops, absolute error ~1e-7 (the softcap's
+// logits c tanh(s / c) then err by c * 1e-7), inf -> 1, -inf -> -1, NaN -> NaN
+__device__ __forceinline__ float tanh_f32(float y) {
+    float e, r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(y * 2.8853900817779268f));
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
+    return fmaf(-2.0f, r, 1.0f);
+}
+__device__ __forceinline__ double tanh_t(double y) { return tanh(y); }
+__device__ __forceinline__ float tanh_t(float y) { return tanhf(y); }
+
+// INTERVAL: causal and/or a window (else every key < Lk is in the interval);
+// MODS: softcap / ALiBi / attn_mask, switched at run time (one specialization serves them all)
+template <bool INTERVAL, bool MODS>
+struct fa_mask {
+    static constexpr bool hides_keys_ever = INTERVAL || MODS;  // can a key < Lk be hidden from a row?
+    int lq, lk, lo_off, hi_off;  // lo(i) = i + lo_off, hi(i) = i + hi_off (then clamped)
+    // MODS
+    float scale, softcap, inv_softcap, slope;
+    int alibi_off, mask_kind;
+    bool alibi;
+    const unsigned char* m;
+    long long m_si, m_sj;
+
+    __device__ __forceinline__ int lo(int i) const { return INTERVAL ? max(0, i + lo_off) : 0; }
+    __device__ __forceinline__ int hi(int i) const { return INTERVAL ? min(lk, i + hi_off) : lk; }
+    __device__ __forceinline__ bool bool_mask() const { return MODS && mask_kind == FA_MASK_BOOL; }
+    __device__ __forceinline__ bool mask_bit(int i, int j) const {
+        return m[(long long)i * m_si + (long long)j * m_sj] != 0;
     }
-    // does the tile hold a key < seq_kv that some row >= r0 does not see?  Only those entries can
-    // carry a non-finite V into a row that must not see it: the tile loads write zeros past seq_kv.
-    __device__ __forceinline__ bool tile_hides_keys(int r0, int kv0, int n) const {
-        return hides_keys && min(kv0 + n, seq_kv) - 1 > r0;
+    __device__ __forceinline__ bool visible(int i, int j) const {
+        return i < lq && j >= lo(i) && j < hi(i) && (!bool_mask() || mask_bit(i, j));
     }
-    // does no row of [r0, r0 + rows) see any key of the tile (kv0 < seq_kv: the kernels' tiles)?
-    __device__ __forceinline__ bool tile_hidden(int r0, int rows, int kv0) const {
-        return hides_keys && kv0 > r0 + rows - 1;
+    // keys the rows [r0, r1) (r1 <= Lq) need: [kv_lo, kv_hi), empty if kv_hi <= kv_lo
+    __device__ __forceinline__ void key_range(int r0, int r1, int& kv_lo, int& kv_hi) const {
+        kv_lo = lo(r0);
+        kv_hi = hi(r1 - 1);
+    }
+    // does some element of rows [r0, r0 + rows) x keys [kv0, kv0 + n) need masking (rows past Lq,
+    // keys past Lk or outside the interval, or a boolean mask)?
+    __device__ __forceinline__ bool tile_needs_mask(int r0, int rows, int kv0, int n) const {
+        const int r1 = r0 + rows - 1;
+        return r1 >= lq || kv0 + n > hi(r0) || kv0 < lo(r1) || bool_mask();
+    }
+    // does the tile hold a key < Lk that some row of [r0, r0 + rows) (< Lq) does not see?  Only those
+    // can carry a non-finite V into a row that must not see it (loads write zeros past Lk).
+    __device__ __forceinline__ bool tile_hides_keys(int r0, int rows, int kv0, int n) const {
+        if (!hides_keys_ever) return false;
+        const int r1 = min(r0 + rows, lq) - 1;
+        if (r1 < r0) return false;
+        return kv0 < lo(r1) || min(kv0 + n, lk) > hi(r0) || bool_mask();
+    }
+    // does no row of [r0, r0 + rows) see any key of [kv0, kv0 + n)?
+    __device__ __forceinline__ bool tile_hidden(int r0, int rows, int kv0, int n) const {
+        if (r0 >= lq) return true;
+        if (!INTERVAL) return false;
+        const int r1 = min(r0 + rows, lq) - 1;
+        return kv0 >= hi(r1) || kv0 + n <= lo(r0);
+    }
+    // the keys of [kv0, kv0 + n) that row i sees (before a boolean mask): kv0 + lo .. kv0 + hi - 1
+    __device__ __forceinline__ void visible_span(int i, int kv0, int n, int& a, int& b) const {
+        if (i >= lq) {
+            a = b = 0;
+            return;
+        }
+        a = max(0, lo(i) - kv0);
+        b = min(n, hi(i) - kv0);
+    }
+    __device__ __forceinline__ float bias(int i, int j) const {
+        const long long o = (long long)i * m_si + (long long)j * m_sj;
+        switch (mask_kind) {
+            case FA_MASK_F16: return float_of_f16_bits(reinterpret_cast<const unsigned short*>(m)[o]);
+            case FA_MASK_BF16: return __uint_as_float((unsigned)reinterpret_cast<const unsigned short*>(m)[o] << 16);
+            case FA_MASK_F32: return reinterpret_cast<const float*>(m)[o];
+            case FA_MASK_F64: return (float)reinterpret_cast<const double*>(m)[o];
+            default: return 0.0f;
+        }
+    }
+    __device__ __forceinline__ double bias_f64(int i, int j) const {
+        const long long o = (long long)i * m_si + (long long)j * m_sj;
+        if (mask_kind == FA_MASK_F64) return reinterpret_cast<const double*>(m)[o];
+        return (double)bias(i, j);
+    }
+    // MODS (tensor-core kernels): the logit of raw score s at (i, j), in log2 units
+    __device__ __forceinline__ float logit2(float s, int i, int j) const {
+        float x = s * scale;
+        if (softcap > 0.0f) x = softcap * tanh_f32(x * inv_softcap);
+        if (alibi) x -= slope * fabsf((float)(i + alibi_off - j));
+        if (mask_kind >= FA_MASK_F16) x += bias(i, j);
+        return x * FA_LOG2E;
+    }
+    // MODS (SIMT kernel): the logit in natural units, in the input precision
+    template <typename F>
+    __device__ __forceinline__ F logit(F s, double scale_, double softcap_, int i, int j) const {
+        F x = s * (F)scale_;
+        if (softcap_ > 0.0) x = (F)softcap_ * tanh_t(x / (F)softcap_);
+        if (alibi) x -= (F)slope * (F)fabs((double)(i + alibi_off - j));
+        if (mask_kind >= FA_MASK_F16) x += (F)bias_f64(i, j);
+        return x;
     }
 };
+
+// The launch arguments every kernel takes, in this order (the launcher packs them once per call
+// geometry): arrays, then where rows live, then the mask.
+#define FA_COMMON_PARAMS(T, L)                                                                              \
+    const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,          \
+        L *__restrict__ lse, const unsigned char *__restrict__ attn_mask, const float *__restrict__ slopes,   \
+        const int *__restrict__ rag_q, const int *__restrict__ rag_kv, int heads, int group, int seq_q,      \
+        int seq_kv, int d, int dv, long long q_sb, long long q_sh, long long q_ss, long long q_sd,            \
+        long long k_sb, long long k_sh, long long k_ss, long long k_sd, long long v_sb, long long v_sh,       \
+        long long v_ss, long long v_sd, long long o_sb, long long o_sh, long long o_ss, long long lse_sb,     \
+        long long lse_sh, long long m_sb, long long m_sh, long long m_si, long long m_sj, int slopes_sb,      \
+        int num_q_blocks, int ragged, int mask_kind, int bottom_right, int win_left, int win_right
+
+// the mask of entry e (rows and keys local to the entry); scale / softcap used by MODS only
+template <bool INTERVAL, bool MODS>
+__device__ __forceinline__ fa_mask<INTERVAL, MODS> fa_mask_of(const fa_entry& e, int bottom_right, int win_left,
+                                                              int win_right, const unsigned char* attn_mask,
+                                                              long long m_sb, long long m_sh, long long m_si,
+                                                              long long m_sj, int mask_kind, const float* slopes,
+                                                              int slopes_sb, float scale, float softcap) {
+    fa_mask<INTERVAL, MODS> mk;
+    mk.lq = e.lq;
+    mk.lk = e.lk;
+    const int off = bottom_right ? e.lk - e.lq : 0;
+    mk.lo_off = off - win_left;
+    mk.hi_off = off + win_right + 1;
+    mk.scale = scale;
+    mk.softcap = softcap;
+    mk.inv_softcap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+    mk.alibi = MODS && slopes != nullptr;
+    mk.slope = mk.alibi ? slopes[(long long)e.b * slopes_sb + e.h] : 0.0f;
+    mk.alibi_off = e.lk - e.lq;
+    mk.mask_kind = MODS ? mask_kind : 0;
+    mk.m_si = m_si;
+    mk.m_sj = m_sj;
+    const int esize = mask_kind == FA_MASK_BOOL ? 1 : (mask_kind <= FA_MASK_BF16 ? 2 : (mask_kind == FA_MASK_F32 ? 4 : 8));
+    mk.m = (MODS && attn_mask != nullptr) ? attn_mask + ((long long)e.b * m_sb + (long long)e.h * m_sh) * esize : nullptr;
+    return mk;
+}
+
+// out / lse of rows [r0, r1) of one (entry, head) that see no key: 0 and -inf (out, lse at row 0)
+template <typename T, typename L>
+__device__ __forceinline__ void write_empty_rows(T* out, L* lse, long long o_ss, int r0, int r1, int dv, int tid,
+                                                 int nt) {
+    for (int e = tid; e < (r1 - r0) * dv; e += nt) {
+        const int r = r0 + e / dv, c = e % dv;
+        T* p = out + (long long)r * o_ss + c;
+        if constexpr (sizeof(T) == 2) *reinterpret_cast<unsigned short*>(p) = 0;
+        else if constexpr (sizeof(T) == 4) *reinterpret_cast<unsigned*>(p) = 0u;
+        else *reinterpret_cast<unsigned long long*>(p) = 0ull;
+    }
+    for (int r = r0 + tid; r < r1; r += nt) lse[r] = (L)(-FA_INF);
+}
 
 // ------------------------------------------------------------------------------------------------
 // P V of one key tile on tensor cores when V holds inf or NaN and some of its keys are masked for

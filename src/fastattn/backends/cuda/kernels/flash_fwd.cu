@@ -8,7 +8,7 @@
 // The exponent (s - m') c is <= 0 by construction and exactly 0 at the max, whatever the
 // magnitude of the scores, so p <= 1, l >= 1 for a row that sees a key, and the rescale factor is
 // exactly 1 while the max stays put.  A row that sees no key ends with l = 0: out 0, lse -inf.
-// Masked keys never contribute (common.cuh: key_mask, pv_tile_nonfinite_v): not even a NaN or
+// Masked keys never contribute (common.cuh: fa_mask, pv_tile_nonfinite_v): not even a NaN or
 // inf in K or V at such a key reaches the row.
 //
 // Two kernels, one work split (FlashAttention-2): one block per (query tile, batch*head), the
@@ -158,29 +158,28 @@ __device__ __forceinline__ bool own_elements_nonfinite(const T* smem, int tid) {
 //   BKV     block_kv (multiple of 16)
 //   QREG    keep the warp's Q fragments in registers for the whole kernel (else re-read per tile)
 //   STAGES  K/V tiles in flight (cp.async ring: tile it+STAGES-1 loads while tile it computes)
-// Shared memory (dynamic): Q tile block_q x (D+8), K and V tiles STAGES x block_kv x (D+8);
-// the 8-element row pad makes the 8 row addresses of every ldmatrix fall in distinct banks.
+//   DV      head_dim of v (and out) padded (DV <= D)
+//   INTERVAL causal and/or a window; MODS softcap / ALiBi / attn_mask (common.cuh: fa_mask)
+// Shared memory (dynamic): Q tile block_q x (D+8), K tiles STAGES x block_kv x (D+8), V tiles
+// STAGES x block_kv x (DV+8); the 8-element row pad makes the 8 row addresses of every ldmatrix
+// fall in distinct banks.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NWARPS, int MT, int BKV, int STAGES, bool QREG, bool CAUSAL, bool DROPOUT,
-          bool VEC>
+template <typename T, int D, int DV, int NWARPS, int MT, int BKV, int STAGES, bool QREG, bool INTERVAL, bool MODS,
+          bool DROPOUT, bool VEC>
 __global__ void __launch_bounds__(NWARPS * 32)
-    fa_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-               float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
-               long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
-               long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
-               long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh,
-               int num_q_blocks, float scale_log2, float scale, unsigned long long seed, unsigned threshold,
-               float keep_scale) {
+    fa_fwd_mma(FA_COMMON_PARAMS(T, float), float softcap, float scale_log2, float scale, unsigned long long seed,
+               unsigned threshold, float keep_scale) {
     constexpr int WQ = 16 * MT;  // query rows per warp
     constexpr int BQ = WQ * NWARPS;
     constexpr int NT = NWARPS * 32;
     constexpr int LDS = D + 8;
+    constexpr int LDV = DV + 8;
     constexpr int KT = D / 16;   // k-steps of Q.K^T
     constexpr int NS = BKV / 8;  // n-tiles of S
-    constexpr int NO = D / 8;    // n-tiles of O
+    constexpr int NO = DV / 8;   // n-tiles of O
     constexpr bool BF16 = elem<T>::bf16;
-    static_assert(D % 16 == 0 && BKV % 16 == 0 && STAGES >= 2, "tile sizes");
+    static_assert(D % 16 == 0 && DV % 16 == 0 && DV <= D && BKV % 16 == 0 && STAGES >= 2, "tile sizes");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -191,29 +190,46 @@ __global__ void __launch_bounds__(NWARPS * 32)
     // that head's K/V through L2 (each K/V byte comes from DRAM about once); within a head the
     // heavy (causal) tiles go first
     const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
-    const int bh = (int)(blockIdx.x / (unsigned)num_q_blocks);
-    const int b = bh / heads, h = bh % heads;
+    const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_q_blocks), heads, ragged, rag_q, rag_kv,
+                                   seq_q, seq_kv);
+    const int b = e.b, h = e.h;  // the entry (dropout counts rows and keys inside it)
     const int q0 = q_block * BQ;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int row_w0 = q0 + warp * WQ;  // first query row of this warp
-    const key_mask<CAUSAL> mask{seq_kv};
+    const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(
+        e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb,
+        scale, softcap);
+    // with MODS the hook hands the softmax logits in log2 units: exponent (s - m), lse m ln 2 + ln l
+    const float sl2 = MODS ? 1.0f : scale_log2, lse_scale = MODS ? 0.6931471805599453f : scale;
 
-    const T* qp = q + b * q_sb + h * q_sh;
-    const T* kp = k + b * k_sb + h * k_sh;
-    const T* vp = v + b * v_sb + h * v_sh;
+    const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
+    const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
+    const int lq = e.lq, lk = e.lk;
 
-    const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
-    const int n_tiles = (kv_end + BKV - 1) / BKV;
+    // the key tiles this block needs (the one tile-skipping rule); none: every row sees no key
+    int kv_lo = 0, kv_hi = 0;
+    if (q0 < lq) mask.key_range(q0, min(q0 + BQ, lq), kv_lo, kv_hi);
+    if (kv_hi <= kv_lo) {
+        T* ob = out + e.view_b * o_sb + h * o_sh + e.q_row * o_ss;
+        float* lb = lse + e.view_b * lse_sb + h * lse_sh + e.q_row;
+        const int rows_out = ragged == 2 ? e.lq : seq_q;  // padded batches: rows past Lq get 0 / -inf
+        write_empty_rows(ob, lb, o_ss, min(q0, rows_out), min(q0 + BQ, rows_out), dv, tid, NT);
+        return;
+    }
+    const int kv_begin = (kv_lo / BKV) * BKV;
+    const int n_tiles = (kv_hi - kv_begin + BKV - 1) / BKV;
 
     // prologue: Q and tiles 0 .. STAGES-2, one commit group per tile (empty groups keep the count)
-    load_tile<T, BQ, D, LDS, NT, VEC>(sQ, qp, q_ss, q_sd, q0, seq_q, d, tid);
+    load_tile<T, BQ, D, LDS, NT, VEC>(sQ, qp, q_ss, q_sd, q0, lq, d, tid);
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < n_tiles) {
-            load_tile<T, BKV, D, LDS, NT, VEC>(sK + st * BKV * LDS, kp, k_ss, k_sd, st * BKV, seq_kv, d, tid);
-            load_tile<T, BKV, D, LDS, NT, VEC>(sV + st * BKV * LDS, vp, v_ss, v_sd, st * BKV, seq_kv, d, tid);
+            const int row = kv_begin + st * BKV;
+            load_tile<T, BKV, D, LDS, NT, VEC>(sK + st * BKV * LDS, kp, k_ss, k_sd, row, lk, d, tid);
+            load_tile<T, BKV, DV, LDV, NT, VEC>(sV + st * BKV * LDV, vp, v_ss, v_sd, row, lk, dv, tid);
         }
         cp_async_commit();
     }
@@ -241,22 +257,22 @@ __global__ void __launch_bounds__(NWARPS * 32)
     int stage = 0;                // ring slot of tile it
     int fill = STAGES - 1;        // ring slot that tile it + STAGES - 1 goes to (the slot of tile it-1)
     for (int it = 0; it < n_tiles; ++it) {
-        const int kv0 = it * BKV;
+        const int kv0 = kv_begin + it * BKV;
         // one barrier per tile: after it, tile `it` is visible to every warp and every warp is done
         // with tile it-1, whose slot the loads of tile it+STAGES-1 then refill.  On a tile whose keys
         // some row of the block must not see (the causal diagonal), the barrier also tells every
         // warp whether V holds inf or NaN (each thread checked what it copied itself).
         cp_async_wait<STAGES - 2>();
         bool v_nonfinite = false;
-        if (key_mask<CAUSAL>::hides_keys && mask.tile_hides_keys(q0, kv0, BKV))
+        if (fa_mask<INTERVAL, MODS>::hides_keys_ever && mask.tile_hides_keys(q0, BQ, kv0, BKV))
             v_nonfinite =
-                __syncthreads_or(own_elements_nonfinite<T, BKV, D, LDS, NT, VEC>(sV + stage * BKV * LDS, tid)) != 0;
+                __syncthreads_or(own_elements_nonfinite<T, BKV, DV, LDV, NT, VEC>(sV + stage * BKV * LDV, tid)) != 0;
         else
             __syncthreads();
         if (it + STAGES - 1 < n_tiles) {
             const int row = kv0 + (STAGES - 1) * BKV;
-            load_tile<T, BKV, D, LDS, NT, VEC>(sK + fill * BKV * LDS, kp, k_ss, k_sd, row, seq_kv, d, tid);
-            load_tile<T, BKV, D, LDS, NT, VEC>(sV + fill * BKV * LDS, vp, v_ss, v_sd, row, seq_kv, d, tid);
+            load_tile<T, BKV, D, LDS, NT, VEC>(sK + fill * BKV * LDS, kp, k_ss, k_sd, row, lk, d, tid);
+            load_tile<T, BKV, DV, LDV, NT, VEC>(sV + fill * BKV * LDV, vp, v_ss, v_sd, row, lk, dv, tid);
         }
         cp_async_commit();
 
@@ -272,10 +288,10 @@ __global__ void __launch_bounds__(NWARPS * 32)
         }
 
         // a warp whose rows all precede this tile (causal) or lie past seq_q has nothing to add
-        const bool warp_active = row_w0 < seq_q && !mask.tile_hidden(row_w0, WQ, kv0);
+        const bool warp_active = !mask.tile_hidden(row_w0, WQ, kv0, BKV);
         if (warp_active) {
             const T* sKs = sK + stage * BKV * LDS;
-            const T* sVs = sV + stage * BKV * LDS;
+            const T* sVs = sV + stage * BKV * LDV;
 
             // S = Q K^T (WQ x BKV per warp)
             float s[MT][NS][4];
@@ -307,17 +323,19 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 }
             }
 
-            // mask: keys past seq_kv, and (causal, top-left) key j > query i
-            if (mask.tile_needs_mask(row_w0, kv0, BKV)) {
+            // the mask hook (common.cuh: fa_mask): logits (MODS), -inf where the row does not see the key
+            const bool needs = mask.tile_needs_mask(row_w0, WQ, kv0, BKV);
+            if (MODS || needs) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int n = 0; n < NS; ++n)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int j = kv0 + n * 8 + 2 * t4 + (e & 1);
-                            const int i = row_w0 + mt * 16 + g + (e >> 1) * 8;
-                            if (!mask.visible(i, j)) s[mt][n][e] = -FA_INF;
+                        for (int e2 = 0; e2 < 4; ++e2) {
+                            const int j = kv0 + n * 8 + 2 * t4 + (e2 & 1);
+                            const int i = row_w0 + mt * 16 + g + (e2 >> 1) * 8;
+                            if constexpr (MODS) s[mt][n][e2] = mask.logit2(s[mt][n][e2], i, j);
+                            if (needs && !mask.visible(i, j)) s[mt][n][e2] = -FA_INF;
                         }
             }
 
@@ -336,14 +354,14 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                     const float m_use = (mx == -FA_INF) ? 0.0f : mx;  // no key seen yet: every p is 0
-                    alpha[mt][r] = exp2_approx((m_i[mt][r] - m_use) * scale_log2);  // m_i = -inf -> 0
+                    alpha[mt][r] = exp2_approx((m_i[mt][r] - m_use) * sl2);  // m_i = -inf -> 0
                     rescale |= mx != m_i[mt][r];
                     m_i[mt][r] = mx;
                     float tile_sum = 0.0f;
 #pragma unroll
                     for (int n = 0; n < NS; ++n) {
-                        const float p0 = exp2_approx((s[mt][n][2 * r] - m_use) * scale_log2);
-                        const float p1 = exp2_approx((s[mt][n][2 * r + 1] - m_use) * scale_log2);
+                        const float p0 = exp2_approx((s[mt][n][2 * r] - m_use) * sl2);
+                        const float p1 = exp2_approx((s[mt][n][2 * r + 1] - m_use) * sl2);
                         tile_sum += p0 + p1;
                         s[mt][n][2 * r] = p0;
                         s[mt][n][2 * r + 1] = p1;
@@ -367,7 +385,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     }
             }
 
-            if constexpr (DROPOUT) {
+            if (DROPOUT && threshold != 0u) {  // mods kernels: dropout switched at run time
                 // this thread's columns 2*t4, 2*t4+1 of n-tile n share one Philox group (j >> 2)
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
@@ -389,7 +407,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
             // A V tile with inf or NaN where this warp has masked entries takes the slow path
             // (masked entries add nothing, visible ones follow the formula); the check rode on
             // the tile's barrier, so the usual path pays nothing for it.
-            if (!(v_nonfinite && mask.tile_hides_keys(row_w0, kv0, BKV))) {
+            if (!(v_nonfinite && mask.tile_hides_keys(row_w0, WQ, kv0, BKV))) {
 #pragma unroll
                 for (int kb = 0; kb < BKV / 16; ++kb) {
                     unsigned a[MT][4];
@@ -403,7 +421,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
 #pragma unroll
                     for (int np = 0; np < NO / 2; ++np) {
                         unsigned b0, b1, b2, b3;
-                        ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
+                        ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sVs + (kb * 16 + a_row) * LDV + np * 16 + a_col));
 #pragma unroll
                         for (int mt = 0; mt < MT; ++mt) {
                             elem<T>::mma(acc_o[mt][2 * np], a[mt], b0, b1);
@@ -421,9 +439,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
                         pw[2 * n + 1] = elem<T>::pack2(s[mt][n][2], s[mt][n][3]);
                     pv_tile_nonfinite_v<BF16, NO, BKV>(
                         &acc_o[mt][0][0], pw,
-                        [&](int kb, int np) { return smem_u32(sVs + (kb * 16 + a_row) * LDS + np * 16 + a_col); },
+                        [&](int kb, int np) { return smem_u32(sVs + (kb * 16 + a_row) * LDV + np * 16 + a_col); },
                         [&](int key, int n) {
-                            return *reinterpret_cast<const unsigned*>(sVs + key * LDS + n * 8 + 2 * t4);
+                            return *reinterpret_cast<const unsigned*>(sVs + key * LDV + n * 8 + 2 * t4);
                         },
                         [&](int r, int key) { return mask.visible(row_w0 + mt * 16 + g + 8 * r, kv0 + key); },
                         lane);
@@ -440,6 +458,12 @@ __global__ void __launch_bounds__(NWARPS * 32)
     // (VEC) the warp stages its rows in its own slice of sQ (only this warp ever read those rows, and
     // the loop's last barrier is behind us) and stores whole 16-byte chunks, coalesced.
     T* sO = sQ + warp * WQ * LDS;
+    // where the rows go (worked out again here: nothing of it stays live through the loop)
+    const fa_entry eo = fa_entry_of((int)(blockIdx.x / (unsigned)num_q_blocks), heads, ragged, rag_q, rag_kv,
+                                    seq_q, seq_kv);
+    T* ob = out + eo.view_b * o_sb + eo.h * o_sh + eo.q_row * o_ss;
+    float* lb = lse + eo.view_b * lse_sb + eo.h * lse_sh + eo.q_row;
+    const int rows_out = ragged == 2 ? eo.lq : seq_q;  // padded batches: rows past Lq get 0 / -inf
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -448,39 +472,40 @@ __global__ void __launch_bounds__(NWARPS * 32)
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const int i = row_w0 + mt * 16 + g + r * 8;
-            // l >= 1 for a row that saw a key, 0 for one that saw none, NaN for a NaN score
-            const float inv = l == 0.0f ? 0.0f : keep_scale / l;
+            // l >= 1 for a row that saw a key, 0 for one that saw none (output exactly 0: no V value,
+            // inf or NaN, reaches it), NaN for a NaN score
+            const bool empty = l == 0.0f;
+            const float inv = empty ? 0.0f : keep_scale / l;
             if constexpr (VEC) {
 #pragma unroll
                 for (int n = 0; n < NO; ++n)
                     *reinterpret_cast<unsigned*>(sO + (mt * 16 + g + r * 8) * LDS + n * 8 + 2 * t4) =
-                        elem<T>::pack2(acc_o[mt][n][2 * r] * inv, acc_o[mt][n][2 * r + 1] * inv);
-            } else if (i < seq_q) {
-                T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
+                        empty ? 0u : elem<T>::pack2(acc_o[mt][n][2 * r] * inv, acc_o[mt][n][2 * r + 1] * inv);
+            } else if (i < rows_out) {
+                T* op = ob + (long long)i * o_ss;
 #pragma unroll
                 for (int n = 0; n < NO; ++n) {
                     const int c = n * 8 + 2 * t4;
-                    const float o0 = acc_o[mt][n][2 * r] * inv, o1 = acc_o[mt][n][2 * r + 1] * inv;
-                    if ((d & 1) == 0) {
-                        if (c < d) *reinterpret_cast<unsigned*>(op + c) = elem<T>::pack2(o0, o1);
+                    const float o0 = empty ? 0.0f : acc_o[mt][n][2 * r] * inv;
+                    const float o1 = empty ? 0.0f : acc_o[mt][n][2 * r + 1] * inv;
+                    if ((dv & 1) == 0) {
+                        if (c < dv) *reinterpret_cast<unsigned*>(op + c) = elem<T>::pack2(o0, o1);
                     } else {
-                        if (c < d) op[c] = elem<T>::from_float(o0);
-                        if (c + 1 < d) op[c + 1] = elem<T>::from_float(o1);
+                        if (c < dv) op[c] = elem<T>::from_float(o0);
+                        if (c + 1 < dv) op[c + 1] = elem<T>::from_float(o1);
                     }
                 }
             }
-            if (t4 == 0 && i < seq_q)
-                lse[b * lse_sb + h * lse_sh + i] = l == 0.0f ? -FA_INF : fmaf(m_i[mt][r], scale, logf(l));
+            if (t4 == 0 && i < rows_out) lb[i] = empty ? -FA_INF : fmaf(m_i[mt][r], lse_scale, logf(l));
         }
     if constexpr (VEC) {
         __syncwarp();
-        constexpr int CH = D / 8;
-        T* ob = out + b * o_sb + h * o_sh;
+        constexpr int CH = DV / 8;
 #pragma unroll
         for (int c = lane; c < WQ * CH; c += 32) {
             const int rl = c / CH, ch = c % CH;
             const int i = row_w0 + rl;
-            if (i < seq_q && ch * 8 < d)
+            if (i < rows_out && ch * 8 < dv)
                 *reinterpret_cast<uint4*>(ob + (long long)i * o_ss + ch * 8) =
                     *reinterpret_cast<const uint4*>(sO + rl * LDS + ch * 8);
         }
@@ -546,14 +571,10 @@ __device__ __forceinline__ void load_tile_simt(T* smem, const T* __restrict__ g,
     }
 }
 
-template <typename T, typename L, int D, int BQ, int BKV, bool CAUSAL, bool DROPOUT>
+template <typename T, typename L, int D, int BQ, int BKV, bool INTERVAL, bool MODS, bool DROPOUT>
 __global__ void __launch_bounds__(BQ * 4)
-    fa_fwd_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-                L* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
-                long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
-                long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
-                long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh,
-                int num_q_blocks, double scale, unsigned long long seed, unsigned threshold, double keep_scale) {
+    fa_fwd_simt(FA_COMMON_PARAMS(T, L), double softcap, double scale, unsigned long long seed, unsigned threshold,
+                double keep_scale) {
     constexpr int NT = BQ * 4;
     constexpr int LDS = D + 1;
     constexpr int LDP = BKV + 1;
@@ -569,19 +590,37 @@ __global__ void __launch_bounds__(BQ * 4)
     T* sP = sV + BKV * LDS;
 
     const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
-    const int bh = (int)(blockIdx.x / (unsigned)num_q_blocks);
-    const int b = bh / heads, h = bh % heads;
+    const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_q_blocks), heads, ragged, rag_q, rag_kv,
+                                   seq_q, seq_kv);
+    const int b = e.b, h = e.h;
     const int q0 = q_block * BQ;
     const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
     const int i = q0 + r;
-    const key_mask<CAUSAL> mask{seq_kv};
-    const simt_scale<T> scaled(scale);
+    const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(
+        e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb,
+        (float)scale, (float)softcap);
+    // with MODS the hook hands the softmax logits in natural units (the scale is applied there)
+    const simt_scale<T> scaled(MODS ? 1.0 : scale);
+    const double lse_scale = MODS ? 1.0 : scale;
 
-    const T* qp = q + b * q_sb + h * q_sh;
-    const T* kp = k + b * k_sb + h * k_sh;
-    const T* vp = v + b * v_sb + h * v_sh;
+    const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
+    const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
+    T* ob = out + e.view_b * o_sb + h * o_sh + e.q_row * o_ss;
+    L* lb = lse + e.view_b * lse_sb + h * lse_sh + e.q_row;
+    const int rows_out = ragged == 2 ? e.lq : seq_q;  // padded batches: rows past Lq get 0 / -inf
+    const int lq = e.lq, lk = e.lk;
 
-    load_tile_simt<T, BQ, D, LDS, NT>(sQ, qp, q_ss, q_sd, q0, seq_q, d, tid);
+    // the key tiles this block needs (the one tile-skipping rule); none: every row sees no key
+    int kv_lo = 0, kv_hi = 0;
+    if (q0 < lq) mask.key_range(q0, min(q0 + BQ, lq), kv_lo, kv_hi);
+    if (kv_hi <= kv_lo) {
+        write_empty_rows(ob, lb, o_ss, min(q0, rows_out), min(q0 + BQ, rows_out), dv, tid, NT);
+        return;
+    }
+    const int kv_begin = (kv_lo / BKV) * BKV;
+
+    load_tile_simt<T, BQ, D, LDS, NT>(sQ, qp, q_ss, q_sd, q0, lq, d, tid);
 
     T acc_o[NU], acc_c[TWO_LEVEL ? NU : 1], acc_g[TWO_LEVEL ? NU : 1];
 #pragma unroll
@@ -590,15 +629,14 @@ __global__ void __launch_bounds__(BQ * 4)
 #pragma unroll
         for (int u = 0; u < NU; ++u) acc_c[u] = acc_g[u] = T(0);
     }
-    T m_i = -FA_INF;  // raw-score row max
+    T m_i = -FA_INF;  // row max of the softmax's input (raw scores, or logits with MODS)
     row_sum<T> l_i;
     l_i.init();
 
-    const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
-    for (int kv0 = 0, it = 0; kv0 < kv_end; kv0 += BKV, ++it) {
+    for (int kv0 = kv_begin, it = 0; kv0 < kv_hi; kv0 += BKV, ++it) {
         __syncthreads();
-        load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, seq_kv, d, tid);
-        load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, seq_kv, d, tid);
+        load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
+        load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
         __syncthreads();
 
         T s[NJ];
@@ -608,6 +646,8 @@ __global__ void __launch_bounds__(BQ * 4)
             const int jl = part + 4 * u, j = kv0 + jl;
             T acc = T(0);
             for (int c = 0; c < d; ++c) acc = fma(sQ[r * LDS + c], sK[jl * LDS + c], acc);
+            // the mask hook (common.cuh: fa_mask): logits (MODS), -inf where the row does not see the key
+            if constexpr (MODS) acc = mask.template logit<T>(acc, scale, softcap, i, j);
             if (!mask.visible(i, j)) acc = -FA_INF;
             s[u] = acc;
             mx = fmax(mx, acc);
@@ -623,7 +663,7 @@ __global__ void __launch_bounds__(BQ * 4)
         for (int u = 0; u < NJ; ++u) {
             T p = exp_t<T>(scaled(s[u] - m_use));
             tile_sum += p;
-            if constexpr (DROPOUT) {
+            if (DROPOUT && threshold != 0u) {  // mods kernels: dropout switched at run time
                 const int j = kv0 + part + 4 * u;
                 if (!dropout_keep(seed, threshold, b, h, i, j)) p = T(0);
             }
@@ -647,6 +687,7 @@ __global__ void __launch_bounds__(BQ * 4)
         mask.visible_span(i, kv0, BKV, lo, hi);
         for (int jl = lo; jl < hi; ++jl) {
             const T p = sP[r * LDP + jl];
+            if (mask.bool_mask() && p == T(0) && !mask.visible(i, kv0 + jl)) continue;
 #pragma unroll
             for (int u = 0; u < NU; ++u) {
                 if constexpr (TWO_LEVEL)
@@ -669,10 +710,10 @@ __global__ void __launch_bounds__(BQ * 4)
         }
     }
 
-    if (i < seq_q) {
+    if (i < rows_out) {
         const T l = l_i.value();  // >= 1 for a row that saw a key, 0 for none, NaN for a NaN score
         const T inv = l == T(0) ? T(0) : (T)keep_scale / l;
-        T* op = out + b * o_sb + h * o_sh + (long long)i * o_ss;
+        T* op = ob + (long long)i * o_ss;
 #pragma unroll
         for (int u = 0; u < NU; ++u) {
             const int c = part + 4 * u;
@@ -682,8 +723,8 @@ __global__ void __launch_bounds__(BQ * 4)
                 two_sum(acc_o[u], acc_g[u], o, err);
                 o += acc_c[u] + err;
             }
-            if (c < d) op[c] = o * inv;
+            if (c < dv) op[c] = l == T(0) ? T(0) : o * inv;  // a row that saw no key: exactly 0
         }
-        if (part == 0) lse[b * lse_sb + h * lse_sh + i] = l == T(0) ? (L)(-FA_INF) : (L)simt_lse(m_i, scale, l);
+        if (part == 0) lb[i] = l == T(0) ? (L)(-FA_INF) : (L)simt_lse(m_i, lse_scale, l);
     }
 }

@@ -121,54 +121,69 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_sm90
 //   BF16 bfloat16 (true) or float16 (false) inputs and output
-//   D    head_dim padded (64 or 128; multiple of 64: whole swizzle panels)
+//   D    head_dim of q / k padded (64, 128, 192, 256: whole swizzle panels)
+//   DV   head_dim of v (and out) padded, likewise
 //   NWG  warpgroups per block: block_q = 64 * NWG
 //   BKV  block_kv (64 or 128)
 //   MINB blocks per SM the register budget must allow (2: at most 65536 / (2 * 128 * NWG) registers
 //        a thread, so two blocks share an SM and one's softmax overlaps the other's MMAs)
-// Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x D;
-// static: 8 mbarriers.
-// Registers per thread: S BKV/2 floats, P BKV/4 words, O D/2 floats.
+//   INTERVAL causal and/or a window: key tiles outside the block's interval are skipped, tiles
+//        that hide keys from some rows take the masked-V checks (common.cuh: fa_mask)
+//   MODS softcap / ALiBi / attn_mask (run-time switches, one hook in the softmax)
+// Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x DV,
+// a 16 x DV tile of zeros; static: 8 mbarriers.
+// Registers per thread: S BKV/2 floats, P BKV/4 words, O DV/2 floats.
 // ------------------------------------------------------------------------------------------------
 
-template <bool BF16, int D, int NWG, int BKV, int MINB, bool CAUSAL>
+template <bool BF16, int D, int DV, int NWG, int BKV, int MINB, bool INTERVAL, bool MODS>
 __global__ void __launch_bounds__(NWG * 128, MINB)
-    fa_fwd_sm90(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
-                const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
-                float* __restrict__ lse, int batch_heads, int heads, int seq_q, int seq_kv, int d,
-                long long q_sb, long long q_sh, long long q_ss, long long q_sd, long long k_sb, long long k_sh,
-                long long k_ss, long long k_sd, long long v_sb, long long v_sh, long long v_ss, long long v_sd,
-                long long o_sb, long long o_sh, long long o_ss, long long lse_sb, long long lse_sh, int num_q_blocks,
-                float scale_log2, float scale, unsigned long long seed, unsigned threshold, float keep_scale) {
+    fa_fwd_sm90(FA_COMMON_PARAMS(unsigned short, float), float softcap, float scale_log2, float scale,
+                unsigned long long seed, unsigned threshold, float keep_scale) {
     using namespace fa_sm90;
-    static_assert(D % 64 == 0 && BKV % 16 == 0, "D: whole 64-column panels; BKV: whole k-steps");
+    static_assert(D % 64 == 0 && DV % 64 == 0 && BKV % 16 == 0, "D, DV: whole 64-column panels; BKV: whole k-steps");
     constexpr int BQ = 64 * NWG, NT = 128 * NWG;
-    constexpr unsigned Q_BYTES = BQ * D * 2, KV_BYTES = BKV * D * 2, Z_BYTES = 16 * D * 2;
-    constexpr int NS = BKV / 2, NO = D / 2;  // accumulator registers per thread
+    constexpr unsigned Q_BYTES = BQ * D * 2, K_BYTES = BKV * D * 2, V_BYTES = BKV * DV * 2, Z_BYTES = 16 * DV * 2;
+    constexpr int NS = BKV / 2, NO = DV / 2;  // accumulator registers per thread
+    constexpr bool HIDES = fa_mask<INTERVAL, MODS>::hides_keys_ever;  // else every P V is PV_WGMMA
 
     extern __shared__ unsigned char smem_raw[];
     const unsigned raw = smem_u32(smem_raw);
     const unsigned sQ = (raw + 1023u) & ~1023u;
-    const unsigned sK = sQ + Q_BYTES, sV = sK + 2 * KV_BYTES;
-    const unsigned sZ = sV + 2 * KV_BYTES;  // 16 x D zeros: the V operand of a P V that must add nothing
+    const unsigned sK = sQ + Q_BYTES, sV = sK + 2 * K_BYTES;
+    const unsigned sZ = sV + 2 * V_BYTES;  // 16 x DV zeros: the V operand of a P V that must add nothing
 
     // heaviest query tiles first (causal: the last ones)
     const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
-    const int bh = (int)(blockIdx.x / (unsigned)num_q_blocks);
-    const int b = bh / heads, h = bh % heads;
+    const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_q_blocks), heads, ragged, rag_q, rag_kv,
+                                   seq_q, seq_kv);
     const int q0 = q_block * BQ;
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int row_wg0 = q0 + wg * 64;        // first of this warpgroup's 64 rows
     const int row_w0 = row_wg0 + warp * 16;  // first of this warp's 16 rows; thread rows +g, +g+8
-    const key_mask<CAUSAL> mask{seq_kv};
+    const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(
+        e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb,
+        scale, softcap);
+    // with MODS the hook hands the softmax logits in log2 units: exponent (s - m), lse m ln 2 + ln l
+    const float sl2 = MODS ? 1.0f : scale_log2, lse_scale = MODS ? 0.6931471805599453f : scale;
 
-    const unsigned short* qp = q + b * q_sb + h * q_sh;
-    const unsigned short* kp = k + b * k_sb + h * k_sh;
-    const unsigned short* vp = v + b * v_sb + h * v_sh;
+    const unsigned short* qp = q + e.view_b * q_sb + e.h * q_sh + e.q_row * q_ss;
+    const unsigned short* kp = k + e.view_b * k_sb + (e.h / group) * k_sh + e.kv_row * k_ss;
+    const unsigned short* vp = v + e.view_b * v_sb + (e.h / group) * v_sh + e.kv_row * v_ss;
 
-    const int kv_end = CAUSAL ? min(seq_kv, q0 + BQ) : seq_kv;
-    const int n_tiles = (kv_end + BKV - 1) / BKV;  // >= 1: the launcher never runs seq_kv == 0
+    // the key tiles this block needs (the one tile-skipping rule); none: every row sees no key
+    int kv_lo = 0, kv_hi = 0;
+    if (q0 < e.lq) mask.key_range(q0, min(q0 + BQ, e.lq), kv_lo, kv_hi);
+    if (kv_hi <= kv_lo) {
+        unsigned short* ob = out + e.view_b * o_sb + e.h * o_sh + e.q_row * o_ss;
+        float* lb = lse + e.view_b * lse_sb + e.h * lse_sh + e.q_row;
+        const int rows_out = ragged == 2 ? e.lq : seq_q;  // padded batches: rows past Lq get 0 / -inf
+        write_empty_rows(ob, lb, o_ss, min(q0, rows_out), min(q0 + BQ, rows_out), dv, tid, NT);
+        return;
+    }
+    const int kv_begin = (kv_lo / BKV) * BKV;
+    const int n_tiles = (kv_hi - kv_begin + BKV - 1) / BKV;  // >= 1
+    const int lk = e.lk;
 
     // K/V buffers handed over on mbarriers instead of one __syncthreads a tile, so the warpgroups
     // may drift apart by up to a tile: full_{K,V}[b] complete when every thread's copies into buffer
@@ -184,25 +199,25 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if constexpr (CAUSAL) {
+    if constexpr (HIDES) {
         for (int c = tid; c < (int)(Z_BYTES / 16); c += NT)
             asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sZ + c * 16), "r"(0u) : "memory");
         fence_proxy_async();  // the zeros are read by the tensor cores (async proxy)
     }
     __syncthreads();
-    load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, seq_q, d, tid);
-    load_tile<BKV, D, NT>(sK, kp, k_ss, 0, seq_kv, d, tid);
+    load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, e.lq, d, tid);
+    load_tile<BKV, D, NT>(sK, kp, k_ss, kv_begin, lk, d, tid);
     mbar_arrive_cp_async(full_k);
     if (n_tiles > 1) {
-        load_tile<BKV, D, NT>(sK + KV_BYTES, kp, k_ss, BKV, seq_kv, d, tid);
+        load_tile<BKV, D, NT>(sK + K_BYTES, kp, k_ss, kv_begin + BKV, lk, d, tid);
         mbar_arrive_cp_async(full_k + 8);
     }
-    load_tile<BKV, D, NT>(sV, vp, v_ss, 0, seq_kv, d, tid);
+    load_tile<BKV, DV, NT>(sV, vp, v_ss, kv_begin, lk, dv, tid);
     mbar_arrive_cp_async(full_v);
 
     float s[NS], o[NO];
     unsigned p[BKV / 4];
-    float m_i[2] = {-FA_INF, -FA_INF};  // raw-score row max (scale > 0 commutes with max)
+    float m_i[2] = {-FA_INF, -FA_INF};  // row max of the softmax's input (raw scores, or log2 logits)
     // this thread's share of the row sums (its columns): one float chain, l = alpha l + tile sum
     // (as in fa_fwd_mma; the SIMT kernel's two-level row_sum would cost a register a row, and this
     // kernel's tiles sit at their register limits)
@@ -228,17 +243,20 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         const unsigned base = zero ? sZ : v_tile, step = zero ? 0u : 2048u, panel = zero ? 2048u : BKV * 128u;
 #pragma unroll
         for (int kb = 0; kb < BKV / 16; ++kb)
-            wgmma<BF16, D>::rs(o, p + 4 * kb, desc_sw128(base + kb * step, panel, 1024));
+            wgmma<BF16, DV>::rs(o, p + 4 * kb, desc_sw128(base + kb * step, panel, 1024));
     };
-    // masks tile kv0 in s, turns s into 2^((s - m) * scale_log2) and updates m_i, l_i; returns
-    // alpha (the exponent is <= 0 by construction: p <= 1, and alpha is exactly 1 while m stays put)
+    // masks tile kv0 in s (the one hook: fa_mask), turns s into 2^((s - m) * sl2) and updates m_i,
+    // l_i; returns alpha (the exponent is <= 0 by construction: p <= 1, alpha exactly 1 while m
+    // stays put)
     auto softmax = [&](int kv0, float (&alpha)[2]) {
-        if (mask.tile_needs_mask(row_w0, kv0, BKV)) {
+        const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
+        if (MODS || needs) {
 #pragma unroll
-            for (int e = 0; e < NS; ++e) {
-                const int j = kv0 + (e >> 2) * 8 + 2 * t4 + (e & 1);
-                const int i = row_w0 + g + ((e >> 1) & 1) * 8;
-                if (!mask.visible(i, j)) s[e] = -FA_INF;
+            for (int e2 = 0; e2 < NS; ++e2) {
+                const int j = kv0 + (e2 >> 2) * 8 + 2 * t4 + (e2 & 1);
+                const int i = row_w0 + g + ((e2 >> 1) & 1) * 8;
+                if constexpr (MODS) s[e2] = mask.logit2(s[e2], i, j);
+                if (needs && !mask.visible(i, j)) s[e2] = -FA_INF;
             }
         }
 #pragma unroll
@@ -249,13 +267,13 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_use = (mx == -FA_INF) ? 0.0f : mx;  // no key seen yet: every p is 0
-            alpha[r] = exp2_approx((m_i[r] - m_use) * scale_log2);  // m_i = -inf -> 0
+            alpha[r] = exp2_approx((m_i[r] - m_use) * sl2);   // m_i = -inf -> 0
             m_i[r] = mx;
             float tile_sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < NS / 4; ++n) {
-                const float p0 = exp2_approx((s[4 * n + 2 * r] - m_use) * scale_log2);
-                const float p1 = exp2_approx((s[4 * n + 2 * r + 1] - m_use) * scale_log2);
+                const float p0 = exp2_approx((s[4 * n + 2 * r] - m_use) * sl2);
+                const float p1 = exp2_approx((s[4 * n + 2 * r + 1] - m_use) * sl2);
                 tile_sum += p0 + p1;
                 s[4 * n + 2 * r] = p0;
                 s[4 * n + 2 * r + 1] = p1;
@@ -277,22 +295,21 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     //             would still turn into NaN on the tensor cores: the wgmma run on the zero tile,
     //             then (pv_slow, once they are done) mma.sync on V with those entries zeroed and
     //             their p * v added for the rows that see them (common.cuh).
-    // Only tiles that hide keys (the causal diagonal) are checked: the warpgroup's threads scan the
-    // tile together (one packed FMA per word) and OR the answer on a named barrier.  The answer is
-    // the same for the whole warpgroup; the kernel branches on it through warp votes, which the
-    // compiler knows to be uniform (a branch it cannot prove uniform between wgmma makes ptxas
-    // serialize every wgmma of the kernel).
+    // Only tiles that hide keys (interval edges, a boolean mask) are checked: the warpgroup's
+    // threads scan the tile together (one packed FMA per word) and OR the answer on a named
+    // barrier.  The answer is the same for the whole warpgroup; the kernel branches on it through
+    // warp votes, which the compiler knows to be uniform (a branch it cannot prove uniform between
+    // wgmma makes ptxas serialize every wgmma of the kernel).
     enum { PV_SKIP, PV_WGMMA, PV_SLOW };
     const int wtid = tid & 127;
-    constexpr bool HIDES = key_mask<CAUSAL>::hides_keys;  // else every P V is PV_WGMMA
     auto pv_path = [&](int jt, unsigned v_tile) -> int {
-        const int kv0 = jt * BKV;
-        if (__all_sync(0xffffffffu, mask.tile_hidden(row_wg0, 64, kv0))) return PV_SKIP;
-        if (!__any_sync(0xffffffffu, mask.tile_hides_keys(row_wg0, kv0, BKV))) return PV_WGMMA;
+        const int kv0 = kv_begin + jt * BKV;
+        if (__all_sync(0xffffffffu, mask.tile_hidden(row_wg0, 64, kv0, BKV))) return PV_SKIP;
+        if (!__any_sync(0xffffffffu, mask.tile_hides_keys(row_wg0, 64, kv0, BKV))) return PV_WGMMA;
         mbar_wait(full_v + 8 * (jt & 1), (jt >> 1) & 1);  // V_jt landed (waited for again later)
         unsigned acc = 0u;
 #pragma unroll
-        for (int i = 0; i < (int)(KV_BYTES / 16 / 128); ++i) {
+        for (int i = 0; i < (int)(V_BYTES / 16 / 128); ++i) {
             uint4 w;
             asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                          : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
@@ -308,7 +325,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     };
     auto pv_slow = [&](int kv0, unsigned v_tile) {
         const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;  // ldmatrix.trans rows
-        pv_tile_nonfinite_v<BF16, D / 8, BKV>(
+        pv_tile_nonfinite_v<BF16, DV / 8, BKV>(
             o, p,
             [&](int kb, int np) { return v_tile + sw128_offset<BKV>(kb * 16 + a_row, 2 * np + a_chunk); },
             [&](int key, int n) {
@@ -325,9 +342,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     // and on the slow path the P V itself; the wgmma of the next iteration then add 0
     auto settle_pv = [&](int jt) -> int {
         if constexpr (!HIDES) return PV_WGMMA;
-        const unsigned v_tile = sV + (jt & 1) * KV_BYTES;
+        const unsigned v_tile = sV + (jt & 1) * V_BYTES;
         const int pv = pv_path(jt, v_tile);
-        if (__any_sync(0xffffffffu, pv == PV_SLOW)) pv_slow(jt * BKV, v_tile);
+        if (__any_sync(0xffffffffu, pv == PV_SLOW)) pv_slow(kv_begin + jt * BKV, v_tile);
         return pv;
     };
     float alpha[2];
@@ -340,42 +357,42 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     wgmma_wait<0>();
     reg_fence(s);
     if (lane == 0) mbar_arrive(empty_k);
-    softmax(0, alpha);
+    softmax(kv_begin, alpha);
     pack_p();
     int pv = settle_pv(0);
 
     for (int j = 1; j < n_tiles; ++j) {
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
-        const unsigned v_prev = sV + ((j - 1) & 1) * KV_BYTES;
+        const unsigned v_prev = sV + ((j - 1) & 1) * V_BYTES;
         const bool pv_zero = HIDES && !__all_sync(0xffffffffu, pv == PV_WGMMA);
         fence_proxy_async();
         reg_fence(s);
         reg_fence(o);
         wgmma_fence();
-        issue_s(sK + (j & 1) * KV_BYTES);
+        issue_s(sK + (j & 1) * K_BYTES);
         wgmma_commit();
         issue_pv(v_prev, pv_zero);
         wgmma_commit();
         // while the tensor cores run: K_{j+1} into the buffer of K_{j-1}, V_j into that of V_{j-2}
         if (j + 1 < n_tiles) {
             mbar_wait(empty_k + 8 * ((j + 1) & 1), ((j - 1) >> 1) & 1);
-            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * KV_BYTES, kp, k_ss, (j + 1) * BKV, seq_kv, d, tid);
+            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * K_BYTES, kp, k_ss, kv_begin + (j + 1) * BKV, lk, d, tid);
             mbar_arrive_cp_async(full_k + 8 * ((j + 1) & 1));
         }
         if (j >= 2) mbar_wait(empty_v + 8 * (j & 1), ((j - 2) >> 1) & 1);
-        load_tile<BKV, D, NT>(sV + (j & 1) * KV_BYTES, vp, v_ss, j * BKV, seq_kv, d, tid);
+        load_tile<BKV, DV, NT>(sV + (j & 1) * V_BYTES, vp, v_ss, kv_begin + j * BKV, lk, dv, tid);
         mbar_arrive_cp_async(full_v + 8 * (j & 1));
         wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
         reg_fence(s);
         if (lane == 0) mbar_arrive(empty_k + 8 * (j & 1));
-        softmax(j * BKV, alpha);
+        softmax(kv_begin + j * BKV, alpha);
         wgmma_wait<0>();
         reg_fence(o);
         if (lane == 0) mbar_arrive(empty_v + 8 * ((j - 1) & 1));
         if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-            for (int e = 0; e < NO; ++e) o[e] *= alpha[(e >> 1) & 1];
+            for (int e2 = 0; e2 < NO; ++e2) o[e2] *= alpha[(e2 >> 1) & 1];
         }
         pack_p();
         pv = settle_pv(j);
@@ -387,43 +404,51 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     fence_proxy_async();
     reg_fence(o);
     wgmma_fence();
-    issue_pv(sV + ((n_tiles - 1) & 1) * KV_BYTES, pv_zero);
+    issue_pv(sV + ((n_tiles - 1) & 1) * V_BYTES, pv_zero);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(o);
 
     // epilogue: this warpgroup's 64 Q rows (read by its own wgmma only, all finished) stage the
-    // normalized output in the swizzled layout; then 16-byte coalesced stores
+    // normalized output in the swizzled layout (DV <= D columns); then 16-byte coalesced stores
+    static_assert(DV <= D, "the output is staged in the Q tile");
+    const unsigned o_stage = q_warpgroup;
+    // where the rows go (worked out again here: nothing of it stays live through the loop)
+    const fa_entry eo = fa_entry_of((int)(blockIdx.x / (unsigned)num_q_blocks), heads, ragged, rag_q, rag_kv,
+                                    seq_q, seq_kv);
+    unsigned short* ob = out + eo.view_b * o_sb + eo.h * o_sh + eo.q_row * o_ss;
+    float* lb = lse + eo.view_b * lse_sb + eo.h * lse_sh + eo.q_row;
+    const int rows_out = ragged == 2 ? eo.lq : seq_q;  // padded batches: rows past Lq get 0 / -inf
     const int rw = warp * 16 + g;  // row inside the warpgroup (and rw + 8)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float l = l_i[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        // l >= 1 for a row that saw a key, 0 for one that saw none, NaN for a NaN score
-        const float inv = l == 0.0f ? 0.0f : keep_scale / l;
+        // l >= 1 for a row that saw a key, 0 for one that saw none (output exactly 0: no V value,
+        // inf or NaN, reaches it), NaN for a NaN score
+        const bool empty = l == 0.0f;
+        const float inv = empty ? 0.0f : keep_scale / l;
         const int row = rw + r * 8;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            const unsigned addr = q_warpgroup + sw128_offset<BQ>(row, n) + t4 * 4;
-            const unsigned val = pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+        for (int n = 0; n < DV / 8; ++n) {
+            const unsigned addr = o_stage + sw128_offset<BQ>(row, n) + t4 * 4;
+            const unsigned val = empty ? 0u : pack2<BF16>(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
         }
         const int i = row_w0 + g + r * 8;
-        if (t4 == 0 && i < seq_q)
-            lse[b * lse_sb + h * lse_sh + i] = l == 0.0f ? -FA_INF : fmaf(m_i[r], scale, logf(l));
+        if (t4 == 0 && i < rows_out) lb[i] = empty ? -FA_INF : fmaf(m_i[r], lse_scale, logf(l));
     }
     named_barrier(1 + wg, 128);
-    unsigned short* ob = out + b * o_sb + h * o_sh;
 #pragma unroll
-    for (int c = wtid; c < 64 * (D / 8); c += 128) {
-        const int row = c / (D / 8), ch = c % (D / 8);
+    for (int c = wtid; c < 64 * (DV / 8); c += 128) {
+        const int row = c / (DV / 8), ch = c % (DV / 8);
         const int i = q0 + wg * 64 + row;
-        if (i < seq_q && ch * 8 < d) {
+        if (i < rows_out && ch * 8 < dv) {
             uint4 val;
             asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                          : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
-                         : "r"(q_warpgroup + sw128_offset<BQ>(row, ch))
+                         : "r"(o_stage + sw128_offset<BQ>(row, ch))
                          : "memory");
             *reinterpret_cast<uint4*>(ob + (long long)i * o_ss + ch * 8) = val;
         }
