@@ -42,7 +42,7 @@ for e in errs: print("FAILED", e[:3000])
 PY
     ;;
   variants)  # every variant on every kernel family against the float64 reference
-    timeout 400 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -x --maxfail=30 tests/test_cuda_variants.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/variants.log" | tail -40
+    timeout 400 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --maxfail=60 tests/test_cuda_variants.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/variants.log" | tail -40
     ;;
   vsanitize)  # compute-sanitizer memcheck on a representative call of each variant, each family
     cat > /tmp/vsan.py <<'PY'
