@@ -167,7 +167,8 @@ def test_every_variant_has_its_specializations():
 
 @gpu
 @pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=FAMILY_IDS)
-@pytest.mark.parametrize(("hq", "hkv", "causal"), [(6, 2, True), (4, 1, False), (8, 8, False)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize(("hq", "hkv", "causal"), [(6, 2, True), (4, 1, False), (8, 8, False)],
+                         ids=["gqa", "mqa", "mha"])
 def test_gqa(dtype, family, hq, hkv, causal, monkeypatch):
     rng = np.random.default_rng(hq * 10 + hkv)
     q, k, v = _qkv(rng, dtype, 2, hq, hkv, 70, 133, 64)
@@ -395,7 +396,8 @@ def test_random_combinations(dtype, family, monkeypatch):
             check(dtype, family, monkeypatch, q, k, v, **kw)
         except AssertionError as exc:
             shapes = [x.shape for x in (q, k, v)]
-            raise AssertionError(f"draw {draw}: {shapes} {sorted(kw)} {kw.get('causal')} {kw.get('window')}: {exc}")
+            raise AssertionError(f"draw {draw}: {shapes} {sorted(kw)} {kw.get('causal')} {kw.get('window')}: "
+                                 f"{exc}") from exc
 
 
 @gpu

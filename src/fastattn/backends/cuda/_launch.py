@@ -265,8 +265,9 @@ def _mask_geometry(spec: AttentionSpec) -> tuple:
     return mask, slopes
 
 
-def _dynamic_args(spec: AttentionSpec) -> tuple:
-    """The per-call pointers: attn_mask, alibi_slopes, the ragged lengths / offsets (NULL when absent)."""
+def _dynamic_args(spec: AttentionSpec, v_flag: Any = None) -> tuple:
+    """The per-call pointers: attn_mask, alibi_slopes, the ragged lengths / offsets, the V scan's
+    flag (NULL when absent)."""
     arr = spec.arrays
     if spec.ragged == "packed":
         rag_q, rag_kv = arr.cu_seqlens_q, arr.cu_seqlens_kv
@@ -274,7 +275,15 @@ def _dynamic_args(spec: AttentionSpec) -> tuple:
         rag_q, rag_kv = arr.seqlens_q, arr.seqlens_kv
     else:
         rag_q = rag_kv = None
-    return tuple(_NULL if x is None else x for x in (arr.attn_mask, arr.alibi_slopes, rag_q, rag_kv))
+    return tuple(_NULL if x is None else x for x in (arr.attn_mask, arr.alibi_slopes, rag_q, rag_kv, v_flag))
+
+
+def _wants_v_scan(spec: AttentionSpec) -> bool:
+    """Do many tiles of the call hide keys from some rows (a window, a boolean mask)?  Then the Hopper
+    kernel's per-tile masked-V checks are worth replacing by one scan of V (fa_v_nonfinite) first;
+    plain causal calls hide keys on the diagonal tiles only and keep the per-tile checks."""
+    rule = spec.rule
+    return rule.window_left >= 0 or rule.window_right >= 0 or rule.mask == "bool"
 
 
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
@@ -298,9 +307,14 @@ def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtyp
         if len(_PLANS) > 256:
             _PLANS.clear()
         _PLANS[key] = entry
-    kernel, grid, threads, smem, static_args, used = entry
+    kernel, grid, threads, smem, static_args, used, scan = entry
     if kernel is not None:
-        kernel(grid, threads, (q, k, v, out, lse, *_dynamic_args(spec), *static_args), shared_mem=smem)
+        flag = None
+        if scan is not None:  # does V hold inf / NaN?  (the Hopper kernel then checks tiles, else not)
+            scan_kernel, scan_grid, scan_args = scan
+            flag = _cupy().zeros((1,), dtype=np.int32)
+            scan_kernel(scan_grid, (256,), (v, *scan_args, flag))
+        kernel(grid, threads, (q, k, v, out, lse, *_dynamic_args(spec, flag), *static_args), shared_mem=smem)
     return used
 
 
@@ -333,7 +347,7 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     cfg = config if forced else tile_config(spec, dtype, d_pad, sm90)
     used = plan(dtype, d_pad, cfg, dv_pad)
     if batch * heads * seq_q == 0:
-        return None, None, None, None, None, used
+        return None, None, None, None, None, used, None
 
     interval, mods = mask_flags(spec)
     dropout = spec.dropout_p > 0.0
@@ -386,4 +400,11 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
         i32(num_q_blocks), i32(ragged), i32(mask_kind), i32(spec.rule.bottom_right), i32(left), i32(right),
         *tail,
     )
-    return kernel, grid, (used.threads,), used.smem, static_args, used
+    scan = None
+    if used.kernel == "wgmma" and _wants_v_scan(spec):
+        vb, vh, vs, _ = (int(x) for x in v.shape)
+        rows = vb * vh * vs
+        vs_b, vs_h, vs_s, _ = _elem_strides(v)
+        scan = (get_kernel(_specs.v_scan_name(dtype), 0), (max(1, min(-(-rows // 8), 132 * 16)),),
+                (i32(vh), i32(max(vs, 1)), i32(dv), i64(vs_b), i64(vs_h), i64(vs_s), i64(rows)))
+    return kernel, grid, (used.threads,), used.smem, static_args, used, scan

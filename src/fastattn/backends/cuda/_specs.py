@@ -242,7 +242,8 @@ def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, interval: bool, dropou
 def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2, head_dim_v: int | None = None) -> int:
     """Shared memory per block of ``fa_fwd_mma``: Q tile + ``stages`` K and V tiles, rows padded by 8."""
     dv = head_dim if head_dim_v is None else head_dim_v
-    return ((cfg.block_q + cfg.stages * cfg.block_kv) * (head_dim + 8) + cfg.stages * cfg.block_kv * (dv + 8)) * itemsize
+    rows_qk = cfg.block_q + cfg.stages * cfg.block_kv
+    return (rows_qk * (head_dim + 8) + cfg.stages * cfg.block_kv * (dv + 8)) * itemsize
 
 
 def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2, head_dim_v: int | None = None) -> int:
@@ -304,11 +305,17 @@ def all_sm90_name_expressions() -> list[str]:
                     configs += list(SM90_SWEEP.get(dim, ()))
                 for cfg in configs:
                     names.append(sm90_name(dtype, dim, cfg, interval, dv, mods))
+        names.append(v_scan_name(dtype))
     return _unique(names)
 
 
+def v_scan_name(dtype: str) -> str:
+    """The V pre-scan of the Hopper kernel (does V hold inf / NaN?)."""
+    return f"fa_v_nonfinite<{_b(dtype == 'bfloat16')}>"
+
+
 def is_sm90_name(name: str) -> bool:
-    return name.startswith("fa_fwd_sm90<")
+    return name.startswith(("fa_fwd_sm90<", "fa_v_nonfinite<"))
 
 
 def kernel_source(source: str = KERNEL_SOURCE) -> str:

@@ -167,14 +167,6 @@ __device__ __forceinline__ float float_of_f16_bits(unsigned short x) {
 // mask_kind: 0 none, 1 bool (True = may attend), 2 float16, 3 bfloat16, 4 float32, 5 float64 bias
 enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F16 = 2, FA_MASK_BF16 = 3, FA_MASK_F32 = 4, FA_MASK_F64 = 5 };
 
-// tanh in fp32 as 1 - 2 / (1 + 2^(2 y log2 e)): two MUFU ops, absolute error ~1e-7 (the softcap's
-// logits c tanh(s / c) then err by c * 1e-7), inf -> 1, -inf -> -1, NaN -> NaN
-__device__ __forceinline__ float tanh_f32(float y) {
-    float e, r;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(y * 2.8853900817779268f));
-    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
-    return fmaf(-2.0f, r, 1.0f);
-}
 __device__ __forceinline__ double tanh_t(double y) { return tanh(y); }
 __device__ __forceinline__ float tanh_t(float y) { return tanhf(y); }
 
@@ -184,10 +176,10 @@ template <bool INTERVAL, bool MODS>
 struct fa_mask {
     static constexpr bool hides_keys_ever = INTERVAL || MODS;  // can a key < Lk be hidden from a row?
     int lq, lk, lo_off, hi_off;  // lo(i) = i + lo_off, hi(i) = i + hi_off (then clamped)
-    // MODS
-    float scale, softcap, inv_softcap, slope;
+    // MODS (the *_l2 factors are the natural-unit ones times log2 e)
+    float scale_l2, sc_k, sc_c2, slope, slope_l2;
     int alibi_off, mask_kind;
-    bool alibi;
+    bool alibi, softcap;
     const unsigned char* m;
     long long m_si, m_sj;
 
@@ -250,13 +242,51 @@ struct fa_mask {
         if (mask_kind == FA_MASK_F64) return reinterpret_cast<const double*>(m)[o];
         return (double)bias(i, j);
     }
-    // MODS (tensor-core kernels): the logit of raw score s at (i, j), in log2 units
+    // MODS (tensor-core kernels): the logit of raw score s at (i, j), in log2 units, with the
+    // run-time switches as template flags (SC softcap, AL ALiBi, BI a float bias): the kernels pick
+    // one of the eight forms once per tile (logit2_any), not per element.  Softcap c: with
+    // y = scale s / c, c tanh(y) log2 e = c log2 e (1 - 2 / (1 + 2^(2 y log2 e))): one FMUL, two
+    // MUFU (ex2, rcp), one FADD, one FFMA (absolute error ~1e-7 c: ex2.approx and
+    // rcp.approx err by ~2^-22 relative; inf -> c, -inf -> -c, NaN -> NaN).
+    template <bool SC, bool AL, bool BI>
+    __device__ __forceinline__ float logit2_t(float s, int i, int j) const {
+        float x;
+        if constexpr (SC) {
+            float e, r;
+            asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(s * sc_k));
+            asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
+            x = fmaf(-2.0f * sc_c2, r, sc_c2);
+        } else {
+            x = s * scale_l2;
+        }
+        if constexpr (AL) x = fmaf(-slope_l2, fabsf((float)(i + alibi_off - j)), x);
+        if constexpr (BI) x = fmaf(bias(i, j), FA_LOG2E, x);
+        return x;
+    }
     __device__ __forceinline__ float logit2(float s, int i, int j) const {
-        float x = s * scale;
-        if (softcap > 0.0f) x = softcap * tanh_f32(x * inv_softcap);
-        if (alibi) x -= slope * fabsf((float)(i + alibi_off - j));
-        if (mask_kind >= FA_MASK_F16) x += bias(i, j);
-        return x * FA_LOG2E;
+        if (softcap) {
+            if (alibi) return mask_kind >= FA_MASK_F16 ? logit2_t<true, true, true>(s, i, j) : logit2_t<true, true, false>(s, i, j);
+            return mask_kind >= FA_MASK_F16 ? logit2_t<true, false, true>(s, i, j) : logit2_t<true, false, false>(s, i, j);
+        }
+        if (alibi) return mask_kind >= FA_MASK_F16 ? logit2_t<false, true, true>(s, i, j) : logit2_t<false, true, false>(s, i, j);
+        return mask_kind >= FA_MASK_F16 ? logit2_t<false, false, true>(s, i, j) : logit2_t<false, false, false>(s, i, j);
+    }
+    // which of the eight forms: bit 0 softcap, bit 1 ALiBi, bit 2 a float bias
+    __device__ __forceinline__ int mods_form() const {
+        return (softcap ? 1 : 0) | (alibi ? 2 : 0) | (mask_kind >= FA_MASK_F16 ? 4 : 0);
+    }
+    // hint the L1 cache with this warp's rows [r0, r0 + 16) of attn_mask at keys [kv0, kv0 + n):
+    // the hook's loads of the tile then hit L1 (issued a tile's MMAs ahead of them).  Rows with a
+    // unit key stride only; rows and keys past the entry are left alone.
+    __device__ __forceinline__ void prefetch_rows(int r0, int kv0, int n, int lane) const {
+        if (m == nullptr || m_sj != 1) return;
+        const int row = r0 + (lane & 15);
+        if (row >= lq || kv0 >= lk) return;
+        const int es = mask_kind == FA_MASK_BOOL ? 1 : (mask_kind <= FA_MASK_BF16 ? 2 : (mask_kind == FA_MASK_F32 ? 4 : 8));
+        const int keys = min(n, lk - kv0);
+        const int half = (keys * es + 1) / 2;
+        const unsigned char* base = m + ((long long)row * m_si + kv0) * es + (lane >> 4) * half;
+        for (int off = 0; off < half; off += 128) asm volatile("prefetch.global.L1 [%0];\n" ::"l"(base + off));
     }
     // MODS (SIMT kernel): the logit in natural units, in the input precision
     template <typename F>
@@ -274,7 +304,8 @@ struct fa_mask {
 #define FA_COMMON_PARAMS(T, L)                                                                              \
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,          \
         L *__restrict__ lse, const unsigned char *__restrict__ attn_mask, const float *__restrict__ slopes,   \
-        const int *__restrict__ rag_q, const int *__restrict__ rag_kv, int heads, int group, int seq_q,      \
+        const int *__restrict__ rag_q, const int *__restrict__ rag_kv, const int *__restrict__ v_flag,      \
+        int heads, int group, int seq_q,                                                                     \
         int seq_kv, int d, int dv, long long q_sb, long long q_sh, long long q_ss, long long q_sd,            \
         long long k_sb, long long k_sh, long long k_ss, long long k_sd, long long v_sb, long long v_sh,       \
         long long v_ss, long long v_sd, long long o_sb, long long o_sh, long long o_ss, long long lse_sb,     \
@@ -294,11 +325,13 @@ __device__ __forceinline__ fa_mask<INTERVAL, MODS> fa_mask_of(const fa_entry& e,
     const int off = bottom_right ? e.lk - e.lq : 0;
     mk.lo_off = off - win_left;
     mk.hi_off = off + win_right + 1;
-    mk.scale = scale;
-    mk.softcap = softcap;
-    mk.inv_softcap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+    mk.scale_l2 = scale * FA_LOG2E;
+    mk.softcap = softcap > 0.0f;
+    mk.sc_k = mk.softcap ? scale * (2.0f * FA_LOG2E) / softcap : 0.0f;
+    mk.sc_c2 = softcap * FA_LOG2E;
     mk.alibi = MODS && slopes != nullptr;
     mk.slope = mk.alibi ? slopes[(long long)e.b * slopes_sb + e.h] : 0.0f;
+    mk.slope_l2 = mk.slope * FA_LOG2E;
     mk.alibi_off = e.lk - e.lq;
     mk.mask_kind = MODS ? mask_kind : 0;
     mk.m_si = m_si;

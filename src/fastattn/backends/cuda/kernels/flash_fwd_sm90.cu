@@ -118,6 +118,38 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 
 }  // namespace fa_sm90
 
+template <int N>
+struct fa_int {
+    static constexpr int value = N;
+};
+
+// ------------------------------------------------------------------------------------------------
+// fa_v_nonfinite: sets *flag when v (heads x seq rows per batch entry, dv columns, unit stride
+// along dv, 16-byte aligned rows: what fa_fwd_sm90 reads) holds inf or NaN.  Run before a call
+// whose tiles often hide keys from some rows (a window, a boolean mask): when V is finite, as it
+// nearly always is, fa_fwd_sm90 then skips the per-tile masked-V checks (v_flag).  One warp a row.
+// ------------------------------------------------------------------------------------------------
+template <bool BF16>
+__global__ void __launch_bounds__(256)
+    fa_v_nonfinite(const unsigned short* __restrict__ v, int heads, int seq, int dv, long long sb, long long sh,
+                   long long ss, long long rows, int* __restrict__ flag) {
+    const int lane = threadIdx.x & 31, cpr = dv / 8;
+    unsigned acc = 0u;
+    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
+         r += ((long long)gridDim.x * blockDim.x) >> 5) {
+        const long long bh = r / seq, s = r - bh * seq;
+        const unsigned short* row = v + (bh / heads) * sb + (bh % heads) * sh + s * ss;
+        for (int ch = lane; ch < cpr; ch += 32) {
+            uint4 w = *reinterpret_cast<const uint4*>(row + ch * 8);
+            acc = nonfinite_or16x2<BF16>(acc, w.x);
+            acc = nonfinite_or16x2<BF16>(acc, w.y);
+            acc = nonfinite_or16x2<BF16>(acc, w.z);
+            acc = nonfinite_or16x2<BF16>(acc, w.w);
+        }
+    }
+    if (nonfinite_seen(acc)) *flag = 1;
+}
+
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_sm90
 //   BF16 bfloat16 (true) or float16 (false) inputs and output
@@ -248,16 +280,32 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     // masks tile kv0 in s (the one hook: fa_mask), turns s into 2^((s - m) * sl2) and updates m_i,
     // l_i; returns alpha (the exponent is <= 0 by construction: p <= 1, alpha exactly 1 while m
     // stays put)
+    // the hook on one tile: logits of the form F (MODS), -inf where a row does not see a key
+    auto hook = [&](int kv0, bool needs, auto form) {
+        constexpr int F = decltype(form)::value;
+#pragma unroll
+        for (int e2 = 0; e2 < NS; ++e2) {
+            const int j = kv0 + (e2 >> 2) * 8 + 2 * t4 + (e2 & 1);
+            const int i = row_w0 + g + ((e2 >> 1) & 1) * 8;
+            if constexpr (F >= 0) s[e2] = mask.template logit2_t<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s[e2], i, j);
+            if (needs && !mask.visible(i, j)) s[e2] = -FA_INF;
+        }
+    };
     auto softmax = [&](int kv0, float (&alpha)[2]) {
         const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
-        if (MODS || needs) {
-#pragma unroll
-            for (int e2 = 0; e2 < NS; ++e2) {
-                const int j = kv0 + (e2 >> 2) * 8 + 2 * t4 + (e2 & 1);
-                const int i = row_w0 + g + ((e2 >> 1) & 1) * 8;
-                if constexpr (MODS) s[e2] = mask.logit2(s[e2], i, j);
-                if (needs && !mask.visible(i, j)) s[e2] = -FA_INF;
+        if constexpr (MODS) {
+            switch (mask.mods_form()) {  // uniform: one of eight loops per tile, no branch per element
+                case 0: hook(kv0, needs, fa_int<0>{}); break;
+                case 1: hook(kv0, needs, fa_int<1>{}); break;
+                case 2: hook(kv0, needs, fa_int<2>{}); break;
+                case 3: hook(kv0, needs, fa_int<3>{}); break;
+                case 4: hook(kv0, needs, fa_int<4>{}); break;
+                case 5: hook(kv0, needs, fa_int<5>{}); break;
+                case 6: hook(kv0, needs, fa_int<6>{}); break;
+                default: hook(kv0, needs, fa_int<7>{}); break;
             }
+        } else if (needs) {
+            hook(kv0, needs, fa_int<-1>{});
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -302,10 +350,12 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     // wgmma makes ptxas serialize every wgmma of the kernel).
     enum { PV_SKIP, PV_WGMMA, PV_SLOW };
     const int wtid = tid & 127;
+    // v_flag (when the launcher scanned V first): 0 = V holds no inf / NaN, so no tile needs the check
+    const bool v_check = HIDES && (v_flag == nullptr || *v_flag != 0);
     auto pv_path = [&](int jt, unsigned v_tile) -> int {
         const int kv0 = kv_begin + jt * BKV;
         if (__all_sync(0xffffffffu, mask.tile_hidden(row_wg0, 64, kv0, BKV))) return PV_SKIP;
-        if (!__any_sync(0xffffffffu, mask.tile_hides_keys(row_wg0, 64, kv0, BKV))) return PV_WGMMA;
+        if (!__any_sync(0xffffffffu, v_check && mask.tile_hides_keys(row_wg0, 64, kv0, BKV))) return PV_WGMMA;
         mbar_wait(full_v + 8 * (jt & 1), (jt >> 1) & 1);  // V_jt landed (waited for again later)
         unsigned acc = 0u;
 #pragma unroll
@@ -348,6 +398,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         return pv;
     };
     float alpha[2];
+    if constexpr (MODS) mask.prefetch_rows(row_w0, kv_begin, BKV, lane);
     mbar_wait(full_k, 0);
     fence_proxy_async();
     reg_fence(s);
@@ -362,6 +413,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     int pv = settle_pv(0);
 
     for (int j = 1; j < n_tiles; ++j) {
+        if constexpr (MODS) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
         const unsigned v_prev = sV + ((j - 1) & 1) * V_BYTES;
