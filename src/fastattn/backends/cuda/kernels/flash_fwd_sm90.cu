@@ -118,10 +118,19 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 
 }  // namespace fa_sm90
 
-template <int N>
-struct fa_int {
-    static constexpr int value = N;
-};
+// The mask hook on one tile of wgmma accumulators (thread rows r0, r0 + 8; keys kv0 + 8 n + 2 t4 +
+// {0, 1}): logits of the form F (MODS: bit 0 softcap, bit 1 ALiBi, bit 2 bias; -1 none), -inf where
+// the row does not see the key (needs: the tile has such entries)
+template <int F, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
+#pragma unroll
+    for (int e2 = 0; e2 < NS; ++e2) {
+        const int j = kv0 + (e2 >> 2) * 8 + 2 * t4 + (e2 & 1);
+        const int i = r0 + ((e2 >> 1) & 1) * 8;
+        if constexpr (F >= 0) s[e2] = mask.template logit2_t<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s[e2], i, j);
+        if (needs && !mask.visible(i, j)) s[e2] = -FA_INF;
+    }
+}
 
 // ------------------------------------------------------------------------------------------------
 // fa_v_nonfinite: sets *flag when v (heads x seq rows per batch entry, dv columns, unit stride
@@ -280,32 +289,22 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     // masks tile kv0 in s (the one hook: fa_mask), turns s into 2^((s - m) * sl2) and updates m_i,
     // l_i; returns alpha (the exponent is <= 0 by construction: p <= 1, alpha exactly 1 while m
     // stays put)
-    // the hook on one tile: logits of the form F (MODS), -inf where a row does not see a key
-    auto hook = [&](int kv0, bool needs, auto form) {
-        constexpr int F = decltype(form)::value;
-#pragma unroll
-        for (int e2 = 0; e2 < NS; ++e2) {
-            const int j = kv0 + (e2 >> 2) * 8 + 2 * t4 + (e2 & 1);
-            const int i = row_w0 + g + ((e2 >> 1) & 1) * 8;
-            if constexpr (F >= 0) s[e2] = mask.template logit2_t<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s[e2], i, j);
-            if (needs && !mask.visible(i, j)) s[e2] = -FA_INF;
-        }
-    };
     auto softmax = [&](int kv0, float (&alpha)[2]) {
         const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
+        const int r0 = row_w0 + g;
         if constexpr (MODS) {
             switch (mask.mods_form()) {  // uniform: one of eight loops per tile, no branch per element
-                case 0: hook(kv0, needs, fa_int<0>{}); break;
-                case 1: hook(kv0, needs, fa_int<1>{}); break;
-                case 2: hook(kv0, needs, fa_int<2>{}); break;
-                case 3: hook(kv0, needs, fa_int<3>{}); break;
-                case 4: hook(kv0, needs, fa_int<4>{}); break;
-                case 5: hook(kv0, needs, fa_int<5>{}); break;
-                case 6: hook(kv0, needs, fa_int<6>{}); break;
-                default: hook(kv0, needs, fa_int<7>{}); break;
+                case 0: fa_hook_tile<0>(s, mask, kv0, r0, t4, needs); break;
+                case 1: fa_hook_tile<1>(s, mask, kv0, r0, t4, needs); break;
+                case 2: fa_hook_tile<2>(s, mask, kv0, r0, t4, needs); break;
+                case 3: fa_hook_tile<3>(s, mask, kv0, r0, t4, needs); break;
+                case 4: fa_hook_tile<4>(s, mask, kv0, r0, t4, needs); break;
+                case 5: fa_hook_tile<5>(s, mask, kv0, r0, t4, needs); break;
+                case 6: fa_hook_tile<6>(s, mask, kv0, r0, t4, needs); break;
+                default: fa_hook_tile<7>(s, mask, kv0, r0, t4, needs); break;
             }
         } else if (needs) {
-            hook(kv0, needs, fa_int<-1>{});
+            fa_hook_tile<-1>(s, mask, kv0, r0, t4, needs);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
