@@ -259,6 +259,9 @@ def test_bias_mask(dtype, family, mask_dtype, monkeypatch):
     # a transposed (non-contiguous) bias view is read through its strides
     biasT = np.ascontiguousarray(bias[0, 0].T).T
     res, _, _ = check(dtype, family, monkeypatch, q, k, v, attn_mask=biasT)
+    # a ragged batch with a window: rows and keys past the entry are never read (nor the bias there)
+    res, _, _ = check(dtype, family, monkeypatch, q, k, v, attn_mask=bias, window=(20, 3),
+                      seqlens_q=np.array([65, 30]), seqlens_kv=np.array([100, 129]))
 
 
 @gpu

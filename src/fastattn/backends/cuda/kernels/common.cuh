@@ -189,8 +189,10 @@ struct fa_mask {
     __device__ __forceinline__ bool mask_bit(int i, int j) const {
         return m[(long long)i * m_si + (long long)j * m_sj] != 0;
     }
+    // inside the interval (rows < Lq, keys < Lk): before a boolean mask
+    __device__ __forceinline__ bool in_interval(int i, int j) const { return i < lq && j >= lo(i) && j < hi(i); }
     __device__ __forceinline__ bool visible(int i, int j) const {
-        return i < lq && j >= lo(i) && j < hi(i) && (!bool_mask() || mask_bit(i, j));
+        return in_interval(i, j) && (!bool_mask() || mask_bit(i, j));
     }
     // keys the rows [r0, r1) (r1 <= Lq) need: [kv_lo, kv_hi), empty if kv_hi <= kv_lo
     __device__ __forceinline__ void key_range(int r0, int r1, int& kv_lo, int& kv_hi) const {
@@ -248,8 +250,9 @@ struct fa_mask {
     // y = scale s / c, c tanh(y) log2 e = c log2 e (1 - 2 / (1 + 2^(2 y log2 e))): one FMUL, two
     // MUFU (ex2, rcp), one FADD, one FFMA (absolute error ~1e-7 c: ex2.approx and
     // rcp.approx err by ~2^-22 relative; inf -> c, -inf -> -c, NaN -> NaN).
+    // bias: attn_mask's value at (i, j) when it is a float bias (BI), read by the caller
     template <bool SC, bool AL, bool BI>
-    __device__ __forceinline__ float logit2_t(float s, int i, int j) const {
+    __device__ __forceinline__ float logit2_t(float s, int i, int j, float bias_ij = 0.0f) const {
         float x;
         if constexpr (SC) {
             float e, r;
@@ -260,21 +263,21 @@ struct fa_mask {
             x = s * scale_l2;
         }
         if constexpr (AL) x = fmaf(-slope_l2, fabsf((float)(i + alibi_off - j)), x);
-        if constexpr (BI) x = fmaf(bias(i, j), FA_LOG2E, x);
+        if constexpr (BI) x = fmaf(bias_ij, FA_LOG2E, x);
         return x;
     }
+    // a float bias at (i, j); 0 outside the entry (rows >= Lq, keys >= Lk: never read past the mask)
+    __device__ __forceinline__ float bias_at(int i, int j) const {
+        return (mask_kind >= FA_MASK_F16 && i < lq && j < lk) ? bias(i, j) : 0.0f;
+    }
+    // the generic form (fa_fwd_mma): switches per element
     __device__ __forceinline__ float logit2(float s, int i, int j) const {
-        if (softcap) {
-            if (alibi) return mask_kind >= FA_MASK_F16 ? logit2_t<true, true, true>(s, i, j) : logit2_t<true, true, false>(s, i, j);
-            return mask_kind >= FA_MASK_F16 ? logit2_t<true, false, true>(s, i, j) : logit2_t<true, false, false>(s, i, j);
-        }
-        if (alibi) return mask_kind >= FA_MASK_F16 ? logit2_t<false, true, true>(s, i, j) : logit2_t<false, true, false>(s, i, j);
-        return mask_kind >= FA_MASK_F16 ? logit2_t<false, false, true>(s, i, j) : logit2_t<false, false, false>(s, i, j);
+        const float bij = bias_at(i, j);
+        if (softcap) return alibi ? logit2_t<true, true, true>(s, i, j, bij) : logit2_t<true, false, true>(s, i, j, bij);
+        return alibi ? logit2_t<false, true, true>(s, i, j, bij) : logit2_t<false, false, true>(s, i, j, bij);
     }
-    // which of the eight forms: bit 0 softcap, bit 1 ALiBi, bit 2 a float bias
-    __device__ __forceinline__ int mods_form() const {
-        return (softcap ? 1 : 0) | (alibi ? 2 : 0) | (mask_kind >= FA_MASK_F16 ? 4 : 0);
-    }
+    // which form of the logit: bit 0 softcap, bit 1 ALiBi (attn_mask's kind apart)
+    __device__ __forceinline__ int mods_form() const { return (softcap ? 1 : 0) | (alibi ? 2 : 0); }
     // hint the L1 cache with this warp's rows [r0, r0 + 16) of attn_mask at keys [kv0, kv0 + n):
     // the hook's loads of the tile then hit L1 (issued a tile's MMAs ahead of them).  Rows with a
     // unit key stride only; rows and keys past the entry are left alone.
@@ -294,7 +297,7 @@ struct fa_mask {
         F x = s * (F)scale_;
         if (softcap_ > 0.0) x = (F)softcap_ * tanh_t(x / (F)softcap_);
         if (alibi) x -= (F)slope * (F)fabs((double)(i + alibi_off - j));
-        if (mask_kind >= FA_MASK_F16) x += (F)bias_f64(i, j);
+        if (mask_kind >= FA_MASK_F16 && i < lq && j < lk) x += (F)bias_f64(i, j);
         return x;
     }
 };

@@ -118,17 +118,103 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 
 }  // namespace fa_sm90
 
+// attn_mask elements (i, j) and (i, j + 1) of kind MK as floats (a bias) or 0 / 1 (a boolean mask),
+// from row pointer row (bytes); pair: one aligned load of both (unit key stride); ok0 / ok1: the
+// element lies inside the entry (else it is not read: 0)
+template <int MK>
+__device__ __forceinline__ void fa_mask_pair(const unsigned char* row, long long m_sj, int j, bool pair, bool ok0,
+                                             bool ok1, float& a, float& b) {
+    constexpr int ES = MK == FA_MASK_BOOL ? 1 : (MK <= FA_MASK_BF16 ? 2 : (MK == FA_MASK_F32 ? 4 : 8));
+    auto one = [&](long long off) -> float {
+        const unsigned char* p = row + off * ES;
+        if constexpr (MK == FA_MASK_BOOL) return *p != 0 ? 1.0f : 0.0f;
+        else if constexpr (MK == FA_MASK_F16) return float_of_f16_bits(*reinterpret_cast<const unsigned short*>(p));
+        else if constexpr (MK == FA_MASK_BF16)
+            return __uint_as_float((unsigned)*reinterpret_cast<const unsigned short*>(p) << 16);
+        else if constexpr (MK == FA_MASK_F32) return *reinterpret_cast<const float*>(p);
+        else return (float)*reinterpret_cast<const double*>(p);
+    };
+    if (pair && ok1) {
+        const unsigned char* p = row + (long long)j * ES;
+        if constexpr (MK == FA_MASK_BOOL) {
+            const unsigned short w = *reinterpret_cast<const unsigned short*>(p);
+            a = (w & 0xffu) ? 1.0f : 0.0f;
+            b = (w >> 8) ? 1.0f : 0.0f;
+        } else if constexpr (MK == FA_MASK_F16) {
+            const unsigned w = *reinterpret_cast<const unsigned*>(p);
+            a = float_of_f16_bits((unsigned short)(w & 0xffffu));
+            b = float_of_f16_bits((unsigned short)(w >> 16));
+        } else if constexpr (MK == FA_MASK_BF16) {
+            const unsigned w = *reinterpret_cast<const unsigned*>(p);
+            a = __uint_as_float(w << 16);
+            b = __uint_as_float(w & 0xffff0000u);
+        } else if constexpr (MK == FA_MASK_F32) {
+            const float2 w = *reinterpret_cast<const float2*>(p);
+            a = w.x;
+            b = w.y;
+        } else {
+            const double2 w = *reinterpret_cast<const double2*>(p);
+            a = (float)w.x;
+            b = (float)w.y;
+        }
+    } else {
+        a = ok0 ? one((long long)j * m_sj) : 0.0f;
+        b = ok1 ? one((long long)(j + 1) * m_sj) : 0.0f;
+    }
+}
+
 // The mask hook on one tile of wgmma accumulators (thread rows r0, r0 + 8; keys kv0 + 8 n + 2 t4 +
-// {0, 1}): logits of the form F (MODS: bit 0 softcap, bit 1 ALiBi, bit 2 bias; -1 none), -inf where
-// the row does not see the key (needs: the tile has such entries)
-template <int F, int NS, class Mask>
+// {0, 1}): logits of the form F (MODS: bit 0 softcap, bit 1 ALiBi; -1: raw scores), attn_mask of
+// kind MK (0 none, FA_MASK_BOOL, or a float bias's dtype) read through two row pointers, pairs of
+// keys at once where the key stride is 1 and rows are aligned; -inf where the row does not see the
+// key (needs: the tile has such entries; always with a boolean mask)
+template <int F, int MK, int NS, class Mask>
 __device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
+    constexpr bool SC = F >= 0 && (F & 1) != 0, AL = F >= 0 && (F & 2) != 0;
+    constexpr bool BO = MK == FA_MASK_BOOL, BI = MK >= FA_MASK_F16;
+    constexpr int ES = MK == FA_MASK_BOOL ? 1 : (MK <= FA_MASK_BF16 ? 2 : (MK == FA_MASK_F32 ? 4 : 8));
+    const unsigned char* rows[2] = {nullptr, nullptr};
+    bool pair = false;
+    if constexpr (BO || BI) {
 #pragma unroll
-    for (int e2 = 0; e2 < NS; ++e2) {
-        const int j = kv0 + (e2 >> 2) * 8 + 2 * t4 + (e2 & 1);
-        const int i = r0 + ((e2 >> 1) & 1) * 8;
-        if constexpr (F >= 0) s[e2] = mask.template logit2_t<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s[e2], i, j);
-        if (needs && !mask.visible(i, j)) s[e2] = -FA_INF;
+        for (int r = 0; r < 2; ++r) rows[r] = mask.m + (long long)min(r0 + 8 * r, mask.lq - 1) * mask.m_si * ES;
+        pair = mask.m_sj == 1 &&
+               ((reinterpret_cast<unsigned long long>(rows[0]) | reinterpret_cast<unsigned long long>(rows[1])) %
+                (2 * ES)) == 0;
+    }
+#pragma unroll
+    for (int e2 = 0; e2 < NS; e2 += 2) {
+        const int j = kv0 + (e2 >> 2) * 8 + 2 * t4;
+        const int rr = (e2 >> 1) & 1;
+        const int i = r0 + rr * 8;
+        float m0 = 0.0f, m1 = 0.0f;
+        if constexpr (BO || BI) {
+            const bool row_ok = i < mask.lq;
+            fa_mask_pair<MK>(rows[rr], mask.m_sj, j, pair, row_ok && j < mask.lk, row_ok && j + 1 < mask.lk, m0, m1);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float x = s[e2 + h];
+            if constexpr (F >= 0) x = mask.template logit2_t<SC, AL, BI>(x, i, j + h, h ? m1 : m0);
+            if constexpr (BO) {
+                if (!(mask.in_interval(i, j + h) && (h ? m1 : m0) != 0.0f)) x = -FA_INF;
+            } else {
+                if (needs && !mask.in_interval(i, j + h)) x = -FA_INF;
+            }
+            s[e2 + h] = x;
+        }
+    }
+}
+
+template <int F, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_kind(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
+    switch (mask.mask_kind) {  // uniform: one loop per tile, no branch per element
+        case FA_MASK_BOOL: fa_hook_tile<F, FA_MASK_BOOL>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_F16: fa_hook_tile<F, FA_MASK_F16>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_BF16: fa_hook_tile<F, FA_MASK_BF16>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_F32: fa_hook_tile<F, FA_MASK_F32>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_F64: fa_hook_tile<F, FA_MASK_F64>(s, mask, kv0, r0, t4, needs); break;
+        default: fa_hook_tile<F, 0>(s, mask, kv0, r0, t4, needs); break;
     }
 }
 
@@ -293,18 +379,14 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
         const int r0 = row_w0 + g;
         if constexpr (MODS) {
-            switch (mask.mods_form()) {  // uniform: one of eight loops per tile, no branch per element
-                case 0: fa_hook_tile<0>(s, mask, kv0, r0, t4, needs); break;
-                case 1: fa_hook_tile<1>(s, mask, kv0, r0, t4, needs); break;
-                case 2: fa_hook_tile<2>(s, mask, kv0, r0, t4, needs); break;
-                case 3: fa_hook_tile<3>(s, mask, kv0, r0, t4, needs); break;
-                case 4: fa_hook_tile<4>(s, mask, kv0, r0, t4, needs); break;
-                case 5: fa_hook_tile<5>(s, mask, kv0, r0, t4, needs); break;
-                case 6: fa_hook_tile<6>(s, mask, kv0, r0, t4, needs); break;
-                default: fa_hook_tile<7>(s, mask, kv0, r0, t4, needs); break;
+            switch (mask.mods_form()) {  // uniform: one of 4 x 6 loops per tile, no branch per element
+                case 0: fa_hook_kind<0>(s, mask, kv0, r0, t4, needs); break;
+                case 1: fa_hook_kind<1>(s, mask, kv0, r0, t4, needs); break;
+                case 2: fa_hook_kind<2>(s, mask, kv0, r0, t4, needs); break;
+                default: fa_hook_kind<3>(s, mask, kv0, r0, t4, needs); break;
             }
         } else if (needs) {
-            fa_hook_tile<-1>(s, mask, kv0, r0, t4, needs);
+            fa_hook_tile<-1, 0>(s, mask, kv0, r0, t4, needs);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
