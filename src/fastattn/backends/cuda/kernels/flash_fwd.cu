@@ -21,8 +21,9 @@
 //   fa_fwd_simt float32 / float64: plain FMA in the input precision (exact float32, no TF32);
 //               float32 sums P V and l in two levels (see fa_fwd_simt).
 //
-// Both take arbitrary element strides for q, k, v; out/lse are written contiguous by the caller's
-// allocation (their strides are passed anyway).  head_dim d is padded to the template D with zeros.
+// Both take arbitrary element strides for q, k, v and out (the caller's layout), lse is contiguous
+// along the rows; head_dims d (q, k) and dv (v, out) are padded to the template D (DV) with zeros.
+// Every variant (GQA, ragged / packed batches, intervals, logit hook): common.cuh, fa_entry / fa_mask.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
