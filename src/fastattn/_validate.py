@@ -113,7 +113,10 @@ class AttentionSpec:
         """(query, key) pairs inside the mask, summed over batch entries, per query head (the interval
         part; a boolean mask is counted by :func:`mask_pairs`)."""
         lens_q, lens_kv = self.lengths()
-        return int(sum(_rule_pairs(self.rule, int(a), int(b)) for a, b in zip(lens_q, lens_kv, strict=True)))
+        # once per distinct (lq, lk): a batch of equal lengths costs one count
+        pairs, counts = np.unique(np.stack([lens_q, lens_kv], axis=1), axis=0, return_counts=True)
+        return int(sum(int(n) * _rule_pairs(self.rule, int(a), int(b))
+                       for (a, b), n in zip(pairs, counts, strict=True)))
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(lens_q, lens_kv): every batch entry's query and key lengths (host int64)."""
