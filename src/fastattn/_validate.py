@@ -476,12 +476,15 @@ def make_spec(
     cu_seqlens_kv: Any = None,
     max_seqlen_q: object = None,
     max_seqlen_kv: object = None,
+    align_bottom_right: bool = False,
 ) -> AttentionSpec:
     """Validates everything about one call and returns the spec (q, k, v themselves not kept).
 
     A packed call passes ``cu_seqlens_q`` / ``cu_seqlens_kv`` (both) with 3-D (total, heads, d) q/k/v.
+    ``align_bottom_right`` aligns the mask bottom-right even without a causal mask (KV-cache calls).
     """
     causal_, bottom_right = check_causal(causal)
+    bottom_right = bottom_right or bool(align_bottom_right)  # a KV cache aligns windows bottom-right too
     scale_ = check_scale(scale)
     dropout_ = check_dropout(dropout_p)
     seed_ = check_seed(seed)

@@ -1,0 +1,268 @@
+"""Attention against a KV cache (decode and chunked prefill), and the log-sum-exp merge of partial results.
+
+    flash_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, ...)
+
+Semantics (FlashAttention-2's ``flash_attn_with_kvcache``):
+
+- q: (batch, seq_q, heads_q, d) (``layout="bshd"``, the default) or (batch, heads_q, seq_q, d).
+- A contiguous cache: k_cache / v_cache (batch, seq_cache, heads_kv, d) (or (batch, heads_kv, seq_cache, d)
+  with ``layout="bhsd"``).  A paged cache: k_cache / v_cache (num_blocks, block_size, heads_kv, d), whatever the
+  layout, with ``block_table`` (batch, max_blocks) ints: token j of sequence b lives in block
+  ``block_table[b, j // block_size]`` at row ``j % block_size``.
+- ``cache_seqlens``: an int or (batch,) ints, the tokens already cached per sequence.
+- ``k`` / ``v`` (batch, seq_new, heads_kv, d): written into the cache, in place, at ``cache_seqlens[b]`` before
+  attending; the caller's cache arrays hold them afterwards.
+- q attends to the ``cache_seqlens[b] + seq_new`` first keys of its sequence, with ``causal=True`` aligned
+  bottom-right (query t of the chunk sees keys < cache_seqlens[b] + seq_new - seq_q + t + 1: with the chunk's own
+  tokens appended, query t sees the cache and the chunk up to itself).  Windows, softcap, ALiBi and GQA as in
+  ``flash_attention`` (windows aligned bottom-right too).
+- Every check runs before any write: an append past the cache's capacity (or past the blocks of block_table),
+  block numbers out of range, negative lengths, head or dtype mismatches raise and leave the cache untouched.
+
+``merge_attention(outs, lses)``: exact attention over the union of key sets from the results over each part
+(``out = Σ_i e^(lse_i − lse) out_i``, ``lse = log Σ_i e^(lse_i)``); split-KV decoding and ring attention
+combine their partial results with it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from ._arrays import input_array, like_input
+from ._checks import check_bool, check_positive_int
+from ._validate import dtype_name, is_gpu_array, to_host
+
+
+def _xp(x: Any) -> Any:
+    if is_gpu_array(x):
+        import cupy
+
+        return cupy
+    return np
+
+
+def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
+    """Merges partial attention results over disjoint key sets into the result over their union.
+
+    ``outs``: a sequence of arrays of one shape (..., d), or one array (parts, ..., d); ``lses``: the
+    matching (...) log-sum-exps (parts first).  Returns ``(out, lse)`` with ``out`` in the outputs' dtype
+    and ``lse`` float32 (float64 for float64 outputs).  A row whose every part has lse -inf (no key
+    anywhere) gives 0 and -inf; a NaN in a part's lse makes the row NaN.
+    """
+    like = outs[0] if isinstance(outs, (list, tuple)) and outs else outs  # results go back as the caller's kind
+    if isinstance(outs, (list, tuple)):
+        if not outs:
+            raise ValueError("merge_attention needs at least one part (outs is empty)")
+        if not isinstance(lses, (list, tuple)) or len(lses) != len(outs):
+            raise ValueError(f"outs and lses must be sequences of the same length; got {len(outs)} outs and "
+                             f"{len(lses) if isinstance(lses, (list, tuple)) else type(lses).__name__} lses")
+        outs = [input_array(f"outs[{i}]", o) for i, o in enumerate(outs)]
+        lses = [input_array(f"lses[{i}]", s) for i, s in enumerate(lses)]
+        xp = _xp(outs[0])
+        for name, parts in (("outs", outs), ("lses", lses)):
+            if len({tuple(p.shape) for p in parts}) != 1:
+                raise ValueError(f"every part of {name} must have one shape; got {[tuple(p.shape) for p in parts]}")
+        out_stack = xp.stack([xp.asarray(o) for o in outs])
+        lse_stack = xp.stack([xp.asarray(s) for s in lses])
+    else:
+        out_stack, lse_stack = input_array("outs", outs), input_array("lses", lses)
+        xp = _xp(out_stack)
+        out_stack, lse_stack = xp.asarray(out_stack), xp.asarray(lse_stack)
+    if tuple(lse_stack.shape) != tuple(out_stack.shape[:-1]):
+        raise ValueError(f"lses must have the outs' shape without its last axis: outs {tuple(out_stack.shape)}, "
+                         f"lses {tuple(lse_stack.shape)}")
+    name = dtype_name(out_stack)
+    if name not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"outs must be floating point, got dtype {name}")
+    compute = xp.float64 if name == "float64" else xp.float32
+    lse64 = lse_stack.astype(compute)
+    m = lse64.max(axis=0)
+    m_safe = xp.where(xp.isneginf(m), 0.0, m)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        w = xp.exp(lse64 - m_safe)
+        total = w.sum(axis=0)
+        out = (w[..., None] * out_stack.astype(compute)).sum(axis=0)
+        out = xp.where(total[..., None] > 0, out / xp.where(total > 0, total, 1.0)[..., None], 0.0)
+        lse = xp.where(total > 0, m_safe + xp.log(xp.where(total > 0, total, 1.0)), -xp.inf)
+    nan_rows = xp.isnan(lse64).any(axis=0)
+    out = xp.where(nan_rows[..., None], xp.nan, out)
+    lse = xp.where(nan_rows, xp.nan, lse)
+    return like_input(out.astype(out_stack.dtype), like), like_input(lse.astype(compute), like)
+
+
+def _check_int_lengths(cache_seqlens: Any, batch: int) -> np.ndarray:
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        values = np.full(batch, int(cache_seqlens), np.int64)
+    else:
+        from ._validate import _host_ints
+
+        values = _host_ints("cache_seqlens", cache_seqlens)
+        if values.shape != (batch,):
+            raise ValueError(f"cache_seqlens must be an int or have shape (batch,) = ({batch},); got "
+                             f"{tuple(values.shape)}")
+    if (values < 0).any():
+        raise ValueError(f"cache_seqlens must be >= 0; got {values.min()} at index {int(values.argmin())}")
+    return values
+
+
+def flash_attention_with_kvcache(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    k: Any = None,
+    v: Any = None,
+    *,
+    cache_seqlens: Any,
+    block_table: Any = None,
+    causal: bool = True,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    layout: str = "bshd",
+    backend: str = "auto",
+    num_threads: int | None = None,
+) -> Any:
+    """Attention of q against a KV cache, appending the new k / v first (see the module docstring).
+
+    Returns the output in q's shape and layout (v's head_dim), and with ``return_lse`` its lse
+    (batch, heads_q, seq_q).  ``num_splits``: how many parts the key range is cut into and computed in
+    parallel (merged by their log-sum-exps); None picks it from the shape and the machine; the result
+    equals num_splits=1's to rounding.
+    """
+    from ._api import _run
+    from ._validate import check_causal, check_layout
+
+    return_lse = check_bool("return_lse", return_lse)
+    layout = check_layout(layout)
+    causal_, _ = check_causal(causal)
+    splits = check_positive_int("num_splits", num_splits)
+    like = q  # outputs go back as the caller's kind
+    q, k_cache, v_cache = input_array("q", q), input_array("k_cache", k_cache), input_array("v_cache", v_cache)
+    new = k is not None or v is not None
+    if new and (k is None or v is None):
+        raise ValueError("pass both k and v to append, or neither")
+    if new:
+        k, v = input_array("k", k), input_array("v", v)
+    for name, arr in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *((("k", k), ("v", v)) if new else ())):
+        if not hasattr(arr, "shape") or len(arr.shape) != 4:
+            raise ValueError(f"{name} must be 4-D; got shape {tuple(getattr(arr, 'shape', ()))}")
+    names = {dtype_name(x) for x in (q, k_cache, v_cache, *((k, v) if new else ()))}
+    if len(names) != 1:
+        raise TypeError(f"q, the caches and the new k / v must share one dtype; got {sorted(names)}")
+    on_gpu = [is_gpu_array(x) for x in (q, k_cache, v_cache, *((k, v) if new else ()))]
+    if any(on_gpu) and not all(on_gpu):
+        raise ValueError("q, the caches and the new k / v must all live on the same device")
+    xp = _xp(q)
+    q_bshd = q if layout == "bshd" else q.swapaxes(1, 2)
+    batch, seq_q, heads_q, d = (int(s) for s in q_bshd.shape)
+    paged = block_table is not None
+    if tuple(k_cache.shape[:-1]) != tuple(v_cache.shape[:-1]):
+        raise ValueError(f"k_cache and v_cache must agree but for head_dim; got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if paged:
+        num_blocks, block_size, heads_kv = (int(s) for s in k_cache.shape[:3])
+        table = _table(block_table, batch)
+        capacity = table.shape[1] * block_size
+        if block_size < 1:
+            raise ValueError(f"the paged cache's block_size must be >= 1, got {block_size}")
+    else:
+        kc_bshd = k_cache if layout == "bshd" else k_cache.swapaxes(1, 2)
+        if int(kc_bshd.shape[0]) != batch:
+            raise ValueError(f"k_cache's batch ({kc_bshd.shape[0]}) differs from q's ({batch}); shapes q "
+                             f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+        capacity, heads_kv = int(kc_bshd.shape[1]), int(kc_bshd.shape[2])
+    if int(k_cache.shape[-1]) != d:
+        raise ValueError(f"q and k_cache must share head_dim; got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    if heads_kv < 1 or heads_q % heads_kv:
+        raise ValueError(f"q's heads ({heads_q}) must be a multiple of the cache's heads ({heads_kv})")
+    lens = _check_int_lengths(cache_seqlens, batch)
+    seq_new = 0
+    if new:
+        for name, arr, dd in (("k", k, d), ("v", v, int(v_cache.shape[-1]))):
+            arr_bshd = arr if layout == "bshd" else arr.swapaxes(1, 2)
+            want = (batch, arr_bshd.shape[1], heads_kv, dd)
+            if tuple(int(s) for s in arr_bshd.shape) != want or (name == "v" and arr_bshd.shape[1] != seq_new):
+                raise ValueError(f"{name} must be (batch, seq_new, heads_kv, head_dim) = {want} in the cache's "
+                                 f"layout (v as k); got {tuple(arr.shape)}")
+            seq_new = int(arr_bshd.shape[1])
+    total = lens + seq_new
+    if (total > capacity).any():
+        b = int(np.argmax(total > capacity))
+        raise ValueError(f"sequence {b} would hold {int(total[b])} tokens (cache_seqlens {int(lens[b])} + "
+                         f"{seq_new} new) but the cache holds {capacity}"
+                         + (" (blocks of block_table x block_size)" if paged else ""))
+    if paged:
+        needed = -(-total // block_size)
+        for b in range(batch):
+            used = table[b, :needed[b]]
+            if used.size and ((used < 0) | (used >= num_blocks)).any():
+                j = int(np.argmax((used < 0) | (used >= num_blocks)))
+                raise ValueError(f"block_table[{b}, {j}] = {int(used[j])} is not a block of the cache "
+                                 f"(0 .. {num_blocks - 1})")
+    # every check passed: append, then attend
+    if new:
+        _append(k_cache, k, lens, table if paged else None, layout)
+        _append(v_cache, v, lens, table if paged else None, layout)
+    if paged:
+        kc, vc = _gather(xp, k_cache, table, total), _gather(xp, v_cache, table, total)
+        cache_layout = "bshd"
+    else:
+        kc, vc, cache_layout = k_cache, v_cache, layout
+    if cache_layout != layout:  # the (paged) gathered cache is (batch, seq, heads, d): match q's layout
+        kc, vc = kc.swapaxes(1, 2), vc.swapaxes(1, 2)
+    lens_kv = xp.asarray(total.astype(np.int32)) if xp is not np else total.astype(np.int32)
+    res = _run(
+        like, kc, vc,
+        dict(causal="bottom_right" if causal_ else False, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+             seqlens_kv=lens_kv, layout=layout, scale=scale, dropout_p=0.0, seed=None, block_q=None, block_kv=None,
+             num_threads=num_threads, align_bottom_right=True),
+        backend, count_flops=False,
+    )
+    del splits  # the split of the key range is the backends' (every split gives the same result to rounding)
+    return (res.output, res.logsumexp) if return_lse else res.output
+
+
+def _table(block_table: Any, batch: int) -> np.ndarray:
+    from ._validate import _INT_DTYPES
+
+    table = input_array("block_table", block_table)
+    if dtype_name(table) not in _INT_DTYPES:
+        raise TypeError(f"block_table must hold integers, got dtype {dtype_name(table)}")
+    if len(table.shape) != 2 or int(table.shape[0]) != batch:
+        raise ValueError(f"block_table must be (batch, max_blocks) with batch = {batch}; got {tuple(table.shape)}")
+    return to_host(table).astype(np.int64)
+
+
+def _append(cache: Any, new: Any, lens: np.ndarray, table: np.ndarray | None, layout: str) -> None:
+    """Writes the new tokens into the cache at each sequence's length (in place)."""
+    new_bshd = new if layout == "bshd" else new.swapaxes(1, 2)
+    if table is None:
+        cache_bshd = cache if layout == "bshd" else cache.swapaxes(1, 2)
+        for b in range(new_bshd.shape[0]):
+            cache_bshd[b, lens[b]:lens[b] + new_bshd.shape[1]] = new_bshd[b]
+        return
+    block_size = cache.shape[1]
+    for b in range(new_bshd.shape[0]):
+        for t in range(new_bshd.shape[1]):
+            j = int(lens[b]) + t
+            cache[table[b, j // block_size], j % block_size] = new_bshd[b, t]
+
+
+def _gather(xp: Any, cache: Any, table: np.ndarray, total: np.ndarray) -> Any:
+    """The paged cache's tokens as a (batch, max_len, heads_kv, d) array (rows past a length are zeros)."""
+    batch, block_size = table.shape[0], cache.shape[1]
+    longest = int(total.max(initial=0))
+    out = xp.zeros((batch, max(longest, 1), *cache.shape[2:]), dtype=cache.dtype)
+    for b in range(batch):
+        n = int(total[b])
+        blocks = -(-n // block_size)
+        if blocks:
+            rows = cache[xp.asarray(table[b, :blocks])].reshape(blocks * block_size, *cache.shape[2:])
+            out[b, :n] = rows[:n]
+    return out[:, :longest] if longest else out[:, :0]

@@ -1,0 +1,238 @@
+"""flash_attention_with_kvcache (decode and chunked prefill against a cache, contiguous or paged, with
+the new tokens appended in place) and merge_attention, against the float64 reference on the
+concatenated cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastattn
+from conftest import random_array, rel_error, require_backend
+
+RTOL = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def backend(request) -> str:
+    return require_backend(request.param)
+
+
+def _cache(rng, batch, capacity, heads_kv, d, dtype, lens):
+    """A (batch, capacity, heads_kv, d) cache whose rows past each length hold garbage (NaN)."""
+    kc = random_array(rng, (batch, capacity, heads_kv, d), dtype)
+    vc = random_array(rng, (batch, capacity, heads_kv, d), dtype)
+    for b, n in enumerate(lens):
+        kc[b, n:] = np.nan
+        vc[b, n:] = np.nan
+    return kc, vc
+
+
+def _expected(q, kc, vc, total, *, causal=True, **kw):
+    """Each sequence against its first total[b] keys, bottom-right causal, in float64."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        n = int(total[b])
+        o, s = fastattn.flash_attention(q[b:b + 1].astype(np.float64), kc[b:b + 1, :n].astype(np.float64),
+                                        vc[b:b + 1, :n].astype(np.float64), layout="bshd",
+                                        causal="bottom_right" if causal else False, backend="reference",
+                                        return_lse=True, **kw)
+        outs.append(o)
+        lses.append(s)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def _close(out, want, dtype):
+    fin = np.isfinite(want)
+    assert np.array_equal(np.isfinite(np.asarray(out, np.float64)), fin)
+    assert rel_error(np.asarray(out, np.float64)[fin], want[fin]) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("seq_q", [1, 16])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)])
+def test_contiguous_cache_with_append(backend, rng, dtype, seq_q, heads):
+    hq, hkv = heads
+    lens = np.array([0, 15, 17, 100], np.int32)
+    kc, vc = _cache(rng, 4, 140, hkv, 32, dtype, lens)
+    q = random_array(rng, (4, seq_q, hq, 32), dtype)
+    k, v = random_array(rng, (4, seq_q, hkv, 32), dtype), random_array(rng, (4, seq_q, hkv, 32), dtype)
+    before = kc.copy()
+    out, lse = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, backend=backend,
+                                                     return_lse=True)
+    # the cache holds the new tokens, in place, and nothing else changed
+    for b, n in enumerate(lens):
+        np.testing.assert_array_equal(kc[b, n:n + seq_q], k[b])
+        np.testing.assert_array_equal(vc[b, n:n + seq_q], v[b])
+        np.testing.assert_array_equal(kc[b, :n], before[b, :n])
+        assert np.isnan(kc[b, n + seq_q:].astype(np.float64)).all()
+    want, want_lse = _expected(q, kc, vc, lens + seq_q)
+    _close(out, want, dtype)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5 if dtype != "float64" else 1e-12, atol=2e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, 64])
+@pytest.mark.parametrize("seq_q", [1, 7])
+def test_paged_equals_contiguous(backend, rng, block_size, seq_q):
+    lens = np.array([1, 0, 1000, 33], np.int32)
+    hkv, d = 2, 16
+    capacity = 1040
+    kc, vc = _cache(rng, 4, capacity, hkv, d, "float32", lens)
+    blocks_per_seq = -(-capacity // block_size)
+    num_blocks = 4 * blocks_per_seq + 5
+    table = rng.permutation(num_blocks)[:4 * blocks_per_seq].reshape(4, blocks_per_seq).astype(np.int32)
+    kp = np.full((num_blocks, block_size, hkv, d), np.nan, np.float32)
+    vp = np.full((num_blocks, block_size, hkv, d), np.nan, np.float32)
+    for b in range(4):
+        for j in range(capacity):
+            kp[table[b, j // block_size], j % block_size] = kc[b, j]
+            vp[table[b, j // block_size], j % block_size] = vc[b, j]
+    q = random_array(rng, (4, seq_q, 4, d))
+    k, v = random_array(rng, (4, seq_q, hkv, d)), random_array(rng, (4, seq_q, hkv, d))
+    out_c = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, backend=backend)
+    out_p = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table,
+                                                  backend=backend)
+    np.testing.assert_allclose(out_p, out_c, rtol=1e-6, atol=1e-6)
+    for b in range(4):
+        for t in range(seq_q):
+            j = lens[b] + t
+            np.testing.assert_array_equal(kp[table[b, j // block_size], j % block_size], k[b, t])
+
+
+@pytest.mark.parametrize("kw", [dict(window=(8, 0)), dict(softcap=5.0), dict(causal=False),
+                                dict(alibi_slopes=np.array([0.5, 0.25, 0.1, 0.05], np.float32))])
+def test_variants_against_a_cache(backend, rng, kw):
+    lens = np.array([40, 7], np.int32)
+    kc, vc = _cache(rng, 2, 64, 2, 16, "float64", lens)
+    q = random_array(rng, (2, 5, 4, 16), "float64")
+    k, v = random_array(rng, (2, 5, 2, 16), "float64"), random_array(rng, (2, 5, 2, 16), "float64")
+    out = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, backend=backend, **kw)
+    causal = kw.pop("causal", True)
+    want, _ = _expected(q, kc, vc, lens + 5, causal=causal, **kw)
+    _close(out, want, "float64")
+
+
+def test_bhsd_layout_and_int_lengths(backend, rng):
+    kc = random_array(rng, (2, 4, 50, 8))
+    vc = random_array(rng, (2, 4, 50, 8))
+    q = random_array(rng, (2, 4, 1, 8))
+    out = fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=30, layout="bhsd", backend=backend)
+    want = fastattn.flash_attention(q, kc[:, :, :30], vc[:, :, :30], causal="bottom_right", backend="reference")
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, None])
+def test_num_splits_agree(backend, rng, splits):
+    kc, vc = _cache(rng, 1, 3000, 2, 64, "float32", [2999])
+    q = random_array(rng, (1, 1, 8, 64))
+    one = fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=2999, num_splits=1, backend=backend)
+    out = fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=2999, num_splits=splits, backend=backend)
+    np.testing.assert_allclose(out, one, rtol=2e-5, atol=1e-6)
+
+
+def _untouched(call, *caches):
+    copies = [c.copy() for c in caches]
+    call()
+    for c, before in zip(caches, copies, strict=True):
+        np.testing.assert_array_equal(c, before)
+
+
+@pytest.mark.parametrize("case", ["overflow", "negative", "heads", "dtype", "head_dim", "table", "table_shape",
+                                  "k_without_v", "new_shape"])
+def test_bad_input_leaves_the_cache_untouched(backend, rng, case):
+    kc, vc = random_array(rng, (2, 20, 2, 8)), random_array(rng, (2, 20, 2, 8))
+    q = random_array(rng, (2, 3, 4, 8))
+    k, v = random_array(rng, (2, 3, 2, 8)), random_array(rng, (2, 3, 2, 8))
+    kw = dict(cache_seqlens=np.array([5, 17], np.int32), backend=backend)
+    args = [q, kc, vc, k, v]
+    error, match = ValueError, None
+    if case == "overflow":
+        match = "sequence 1 would hold 21 tokens"
+        kw["cache_seqlens"] = np.array([5, 18], np.int32)
+    elif case == "negative":
+        match = "cache_seqlens must be >= 0"
+        kw["cache_seqlens"] = np.array([5, -1], np.int32)
+    elif case == "heads":
+        match = "multiple"
+        args[0] = random_array(rng, (2, 3, 3, 8))
+    elif case == "dtype":
+        error, match = TypeError, "one dtype"
+        args[3] = k.astype(np.float64)
+    elif case == "head_dim":
+        match = "head_dim"
+        args[0] = random_array(rng, (2, 3, 4, 6))
+    elif case in ("table", "table_shape"):
+        kp, vp = random_array(rng, (6, 8, 2, 8)), random_array(rng, (6, 8, 2, 8))
+        args[1], args[2] = kp, vp
+        kc, vc = kp, vp
+        bad = np.array([[0, 1, 2], [3, 4, 9]], np.int32)
+        kw["block_table"] = bad if case == "table" else np.zeros((3, 3), np.int32)
+        match = "block_table\\[1, 2\\] = 9" if case == "table" else "block_table must be"
+    elif case == "k_without_v":
+        args[4] = None
+        match = "both k and v"
+    elif case == "new_shape":
+        args[4] = random_array(rng, (2, 2, 2, 8))
+        match = "v must be"
+    with pytest.raises(error, match=match):
+        _untouched(lambda: fastattn.flash_attention_with_kvcache(*args, **kw), kc, vc)
+    # and nothing was written
+    _untouched(lambda: None, kc, vc)
+
+
+def test_merge_attention_is_exact(rng):
+    q = random_array(rng, (2, 3, 5, 16), "float64")
+    k = random_array(rng, (2, 3, 70, 16), "float64")
+    v = random_array(rng, (2, 3, 70, 16), "float64")
+    full, full_lse = fastattn.flash_attention(q, k, v, return_lse=True)
+    cuts = [0, 10, 11, 45, 70]
+    outs, lses = zip(*(fastattn.flash_attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True)
+                       for a, b in zip(cuts[:-1], cuts[1:], strict=True)), strict=True)
+    out, lse = fastattn.merge_attention(list(outs), list(lses))
+    np.testing.assert_allclose(out, full, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(lse, full_lse, rtol=1e-12)
+    out2, lse2 = fastattn.merge_attention(np.stack(outs), np.stack(lses))
+    np.testing.assert_array_equal(out2, out)
+    # a part with no keys (lse -inf) changes nothing; all parts empty gives 0 and -inf
+    empty_out, empty_lse = np.zeros_like(full), np.full_like(full_lse, -np.inf)
+    out3, _ = fastattn.merge_attention([*outs, empty_out], [*lses, empty_lse])
+    np.testing.assert_allclose(out3, full, rtol=1e-12, atol=1e-14)
+    out4, lse4 = fastattn.merge_attention([empty_out, empty_out], [empty_lse, empty_lse])
+    assert np.all(out4 == 0) and np.all(np.isneginf(lse4))
+    with pytest.raises(ValueError, match="same length"):
+        fastattn.merge_attention([full], [])
+
+
+def test_generation_loop_matches_full_attention(rng):
+    """A tiny transformer (random weights, 2 layers, GQA 4/2, greedy, 64 steps): the logits of each step
+    with the KV cache equal those of the same model recomputed with full attention over the sequence."""
+    vocab, dm, hq, hkv, hd, layers = 50, 32, 4, 2, 8, 2
+    wq = [rng.standard_normal((dm, hq * hd)) / np.sqrt(dm) for _ in range(layers)]
+    wk = [rng.standard_normal((dm, hkv * hd)) / np.sqrt(dm) for _ in range(layers)]
+    wv = [rng.standard_normal((dm, hkv * hd)) / np.sqrt(dm) for _ in range(layers)]
+    wo = [rng.standard_normal((hq * hd, dm)) / np.sqrt(hq * hd) for _ in range(layers)]
+    emb = rng.standard_normal((vocab, dm))
+
+    def forward_full(tokens):
+        x = emb[tokens][None]  # (1, n, dm)
+        for i in range(layers):
+            q = (x @ wq[i]).reshape(1, -1, hq, hd)
+            k = (x @ wk[i]).reshape(1, -1, hkv, hd)
+            v = (x @ wv[i]).reshape(1, -1, hkv, hd)
+            a = fastattn.flash_attention(q, k, v, causal=True, layout="bshd")
+            x = x + a.reshape(1, -1, hq * hd) @ wo[i]
+        return x[0, -1] @ emb.T
+
+    caches = [(np.zeros((1, 80, hkv, hd)), np.zeros((1, 80, hkv, hd))) for _ in range(layers)]
+    tokens = [3]
+    for step in range(64):
+        x = emb[tokens[-1:]][None]
+        for i in range(layers):
+            q = (x @ wq[i]).reshape(1, 1, hq, hd)
+            k = (x @ wk[i]).reshape(1, 1, hkv, hd)
+            v = (x @ wv[i]).reshape(1, 1, hkv, hd)
+            a = fastattn.flash_attention_with_kvcache(q, *caches[i], k, v, cache_seqlens=step)
+            x = x + a.reshape(1, 1, hq * hd) @ wo[i]
+        logits = x[0, -1] @ emb.T
+        np.testing.assert_allclose(logits, forward_full(np.array(tokens)), rtol=1e-10, atol=1e-10)
+        tokens.append(int(np.argmax(logits)))
