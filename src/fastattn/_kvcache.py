@@ -26,6 +26,7 @@ combine their partial results with it.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any
 
@@ -93,19 +94,186 @@ def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
     return like_input(out.astype(out_stack.dtype), like), like_input(lse.astype(compute), like)
 
 
-def _check_int_lengths(cache_seqlens: Any, batch: int) -> np.ndarray:
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
-        values = np.full(batch, int(cache_seqlens), np.int64)
-    else:
-        from ._validate import _host_ints
+@dataclasses.dataclass
+class CacheCall:
+    """One validated ``flash_attention_with_kvcache`` call (shapes, dtypes and options; no device values read).
 
-        values = _host_ints("cache_seqlens", cache_seqlens)
-        if values.shape != (batch,):
+    The arrays are the caller's (host arrays as NumPy views, GPU arrays as given), in the call's layout;
+    ``cache_seqlens`` and ``block_table`` are as given too (an int, or an integer array on the host or
+    the device): their values are checked by :func:`check_values` once a backend has them on the host.
+    """
+
+    q: Any
+    k_cache: Any
+    v_cache: Any
+    k: Any  # None: nothing to append
+    v: Any
+    layout: str  # of q, k, v and a contiguous cache ("bshd" or "bhsd"); a paged cache is always bshd-blocked
+    dtype: str
+    on_gpu: bool
+    batch: int
+    seq_q: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+    seq_new: int  # tokens appended per sequence (0 without k / v)
+    paged: bool
+    capacity: int  # tokens one sequence may hold: seq_cache, or max_blocks * block_size
+    num_blocks: int  # paged only (0 otherwise)
+    block_size: int  # paged only (0 otherwise)
+    cache_seqlens: Any
+    block_table: Any
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    alibi_slopes: Any  # validated (batch or 1, heads_q) float32, or None
+    scale: float
+    num_splits: int | None
+    return_lse: bool
+    num_threads: int | None
+    like: Any  # the caller's q: results go back as its kind
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    def bshd(self, x: Any) -> Any:
+        """A q / new k / v / contiguous-cache array as its (batch, seq, heads, d) view."""
+        return x if self.layout == "bshd" else x.swapaxes(1, 2)
+
+
+def check_call(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, *, cache_seqlens: Any, block_table: Any,
+               causal: object, window: object, softcap: object, alibi_slopes: Any, scale: object,
+               num_splits: object, return_lse: object, layout: object, num_threads: object) -> CacheCall:
+    """Every check of a call that needs no device value (see :func:`check_values` for the rest)."""
+    from ._checks import check_scale
+    from ._validate import check_alibi, check_causal, check_layout, check_softcap, check_window
+
+    return_lse = check_bool("return_lse", return_lse)
+    layout = check_layout(layout)
+    causal_, _ = check_causal(causal)
+    splits = check_positive_int("num_splits", num_splits)
+    threads = check_positive_int("num_threads", num_threads)
+    window_ = check_window(window)
+    softcap_ = check_softcap(softcap)
+    scale_ = check_scale(scale)
+    like = q
+    q, k_cache, v_cache = input_array("q", q), input_array("k_cache", k_cache), input_array("v_cache", v_cache)
+    new = k is not None or v is not None
+    if new and (k is None or v is None):
+        raise ValueError("pass both k and v to append, or neither")
+    if new:
+        k, v = input_array("k", k), input_array("v", v)
+    for name, arr in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *((("k", k), ("v", v)) if new else ())):
+        if not hasattr(arr, "shape") or len(arr.shape) != 4:
+            raise ValueError(f"{name} must be 4-D; got shape {tuple(getattr(arr, 'shape', ()))}")
+    names = {dtype_name(x) for x in (q, k_cache, v_cache, *((k, v) if new else ()))}
+    if len(names) != 1:
+        raise TypeError(f"q, the caches and the new k / v must share one dtype; got {sorted(names)}")
+    dtype = names.pop()
+    if dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"q and the caches must be float16, bfloat16, float32 or float64; got {dtype}")
+    on_gpu = [is_gpu_array(x) for x in (q, k_cache, v_cache, *((k, v) if new else ()))]
+    if any(on_gpu) and not all(on_gpu):
+        raise ValueError("q, the caches and the new k / v must all live on the same device")
+    q_bshd = q if layout == "bshd" else q.swapaxes(1, 2)
+    batch, seq_q, heads_q, d = (int(s) for s in q_bshd.shape)
+    paged = block_table is not None
+    if tuple(k_cache.shape[:-1]) != tuple(v_cache.shape[:-1]):
+        raise ValueError(f"k_cache and v_cache must agree but for head_dim; got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    num_blocks = block_size = 0
+    if paged:
+        num_blocks, block_size, heads_kv = (int(s) for s in k_cache.shape[:3])
+        table_shape = _check_table(block_table, batch, all(on_gpu))
+        capacity = table_shape[1] * block_size
+        if block_size < 1:
+            raise ValueError(f"the paged cache's block_size must be >= 1, got {block_size}")
+    else:
+        kc_bshd = k_cache if layout == "bshd" else k_cache.swapaxes(1, 2)
+        if int(kc_bshd.shape[0]) != batch:
+            raise ValueError(f"k_cache's batch ({kc_bshd.shape[0]}) differs from q's ({batch}); shapes q "
+                             f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+        capacity, heads_kv = int(kc_bshd.shape[1]), int(kc_bshd.shape[2])
+    if int(k_cache.shape[-1]) != d:
+        raise ValueError(f"q and k_cache must share head_dim; got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    if d < 1 or int(v_cache.shape[-1]) < 1:
+        raise ValueError(f"head_dim must be >= 1; got q {tuple(q.shape)}, v_cache {tuple(v_cache.shape)}")
+    if heads_kv < 1 or heads_q % heads_kv:
+        raise ValueError(f"q's heads ({heads_q}) must be a multiple of the cache's heads ({heads_kv})")
+    seq_new = 0
+    if new:
+        for name, arr, dd in (("k", k, d), ("v", v, int(v_cache.shape[-1]))):
+            arr_bshd = arr if layout == "bshd" else arr.swapaxes(1, 2)
+            want = (batch, arr_bshd.shape[1], heads_kv, dd)
+            if tuple(int(s) for s in arr_bshd.shape) != want or (name == "v" and arr_bshd.shape[1] != seq_new):
+                raise ValueError(f"{name} must be (batch, seq_new, heads_kv, head_dim) = {want} in the cache's "
+                                 f"layout (v as k); got {tuple(arr.shape)}")
+            seq_new = int(arr_bshd.shape[1])
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        if cache_seqlens < 0:
+            raise ValueError(f"cache_seqlens must be >= 0; got {cache_seqlens}")
+        cache_seqlens = int(cache_seqlens)
+    else:
+        cache_seqlens = input_array("cache_seqlens", cache_seqlens)
+        from ._validate import _INT_DTYPES
+
+        if dtype_name(cache_seqlens) not in _INT_DTYPES:
+            raise TypeError(f"cache_seqlens must be an int or hold integers, got dtype {dtype_name(cache_seqlens)}")
+        if tuple(cache_seqlens.shape) != (batch,):
             raise ValueError(f"cache_seqlens must be an int or have shape (batch,) = ({batch},); got "
-                             f"{tuple(values.shape)}")
-    if (values < 0).any():
-        raise ValueError(f"cache_seqlens must be >= 0; got {values.min()} at index {int(values.argmin())}")
-    return values
+                             f"{tuple(cache_seqlens.shape)}")
+        if is_gpu_array(cache_seqlens) != all(on_gpu) and is_gpu_array(cache_seqlens):
+            raise ValueError("cache_seqlens is a GPU array but q and the caches are on the host")
+    slopes = check_alibi(alibi_slopes, batch, heads_q, q)
+    return CacheCall(
+        q=q, k_cache=k_cache, v_cache=v_cache, k=k if new else None, v=v if new else None, layout=layout,
+        dtype=dtype, on_gpu=all(on_gpu), batch=batch, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv, head_dim=d,
+        head_dim_v=int(v_cache.shape[-1]), seq_new=seq_new, paged=paged, capacity=capacity, num_blocks=num_blocks,
+        block_size=block_size, cache_seqlens=cache_seqlens, block_table=block_table if paged else None,
+        causal=causal_, window=window_, softcap=softcap_, alibi_slopes=slopes,
+        scale=scale_ if scale_ is not None else 1.0 / float(np.sqrt(d)), num_splits=splits, return_lse=return_lse,
+        num_threads=threads, like=like,
+    )
+
+
+def host_values(call: CacheCall) -> tuple[np.ndarray, np.ndarray | None]:
+    """cache_seqlens as (batch,) int64 and block_table as int64 on the host (a device array is copied: a sync)."""
+    if isinstance(call.cache_seqlens, int):
+        lens = np.full(call.batch, call.cache_seqlens, np.int64)
+    else:
+        lens = to_host(call.cache_seqlens)
+        if lens.dtype == np.uint64 and lens.size and lens.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"cache_seqlens holds a value beyond int64: {lens.max()}")
+        lens = lens.astype(np.int64)
+    table = None
+    if call.paged:
+        table = to_host(input_array("block_table", call.block_table))
+        if table.dtype == np.uint64 and table.size and table.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"block_table holds a value beyond int64: {table.max()}")
+        table = table.astype(np.int64)
+    return lens, table
+
+
+def check_values(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) -> None:
+    """The checks on cache_seqlens' and block_table's values (run before any write to the cache)."""
+    if (lens < 0).any():
+        raise ValueError(f"cache_seqlens must be >= 0; got {lens.min()} at index {int(lens.argmin())}")
+    total = lens + call.seq_new
+    if (total > call.capacity).any():
+        b = int(np.argmax(total > call.capacity))
+        raise ValueError(f"sequence {b} would hold {int(total[b])} tokens (cache_seqlens {int(lens[b])} + "
+                         f"{call.seq_new} new) but the cache holds {call.capacity}"
+                         + (" (blocks of block_table x block_size)" if call.paged else ""))
+    if table is not None:
+        needed = -(-total // call.block_size)
+        used = np.arange(table.shape[1])[None, :] < needed[:, None]
+        bad = used & ((table < 0) | (table >= call.num_blocks))
+        if bad.any():
+            b, j = (int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is not a block of the cache "
+                             f"(0 .. {call.num_blocks - 1})")
 
 
 def flash_attention_with_kvcache(
@@ -135,100 +303,55 @@ def flash_attention_with_kvcache(
     parallel (merged by their log-sum-exps); None picks it from the shape and the machine; the result
     equals num_splits=1's to rounding.
     """
-    from ._api import _run
-    from ._validate import check_causal, check_layout
+    from . import backends
 
-    return_lse = check_bool("return_lse", return_lse)
-    layout = check_layout(layout)
-    causal_, _ = check_causal(causal)
-    splits = check_positive_int("num_splits", num_splits)
-    like = q  # outputs go back as the caller's kind
-    q, k_cache, v_cache = input_array("q", q), input_array("k_cache", k_cache), input_array("v_cache", v_cache)
-    new = k is not None or v is not None
-    if new and (k is None or v is None):
-        raise ValueError("pass both k and v to append, or neither")
-    if new:
-        k, v = input_array("k", k), input_array("v", v)
-    for name, arr in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *((("k", k), ("v", v)) if new else ())):
-        if not hasattr(arr, "shape") or len(arr.shape) != 4:
-            raise ValueError(f"{name} must be 4-D; got shape {tuple(getattr(arr, 'shape', ()))}")
-    names = {dtype_name(x) for x in (q, k_cache, v_cache, *((k, v) if new else ()))}
-    if len(names) != 1:
-        raise TypeError(f"q, the caches and the new k / v must share one dtype; got {sorted(names)}")
-    on_gpu = [is_gpu_array(x) for x in (q, k_cache, v_cache, *((k, v) if new else ()))]
-    if any(on_gpu) and not all(on_gpu):
-        raise ValueError("q, the caches and the new k / v must all live on the same device")
-    xp = _xp(q)
-    q_bshd = q if layout == "bshd" else q.swapaxes(1, 2)
-    batch, seq_q, heads_q, d = (int(s) for s in q_bshd.shape)
-    paged = block_table is not None
-    if tuple(k_cache.shape[:-1]) != tuple(v_cache.shape[:-1]):
-        raise ValueError(f"k_cache and v_cache must agree but for head_dim; got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    if paged:
-        num_blocks, block_size, heads_kv = (int(s) for s in k_cache.shape[:3])
-        table = _table(block_table, batch)
-        capacity = table.shape[1] * block_size
-        if block_size < 1:
-            raise ValueError(f"the paged cache's block_size must be >= 1, got {block_size}")
+    call = check_call(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                      causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, scale=scale,
+                      num_splits=num_splits, return_lse=return_lse, layout=layout, num_threads=num_threads)
+    arrays = (call.q, call.k_cache, call.v_cache)
+    engine = backends.resolve(backend, *arrays)
+    runner = getattr(engine, "kvcache", None)
+    if runner is not None:
+        out, lse = runner(call)  # the backend reads (and checks) the values, appends, attends
     else:
-        kc_bshd = k_cache if layout == "bshd" else k_cache.swapaxes(1, 2)
-        if int(kc_bshd.shape[0]) != batch:
-            raise ValueError(f"k_cache's batch ({kc_bshd.shape[0]}) differs from q's ({batch}); shapes q "
-                             f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-        capacity, heads_kv = int(kc_bshd.shape[1]), int(kc_bshd.shape[2])
-    if int(k_cache.shape[-1]) != d:
-        raise ValueError(f"q and k_cache must share head_dim; got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-    if heads_kv < 1 or heads_q % heads_kv:
-        raise ValueError(f"q's heads ({heads_q}) must be a multiple of the cache's heads ({heads_kv})")
-    lens = _check_int_lengths(cache_seqlens, batch)
-    seq_new = 0
-    if new:
-        for name, arr, dd in (("k", k, d), ("v", v, int(v_cache.shape[-1]))):
-            arr_bshd = arr if layout == "bshd" else arr.swapaxes(1, 2)
-            want = (batch, arr_bshd.shape[1], heads_kv, dd)
-            if tuple(int(s) for s in arr_bshd.shape) != want or (name == "v" and arr_bshd.shape[1] != seq_new):
-                raise ValueError(f"{name} must be (batch, seq_new, heads_kv, head_dim) = {want} in the cache's "
-                                 f"layout (v as k); got {tuple(arr.shape)}")
-            seq_new = int(arr_bshd.shape[1])
-    total = lens + seq_new
-    if (total > capacity).any():
-        b = int(np.argmax(total > capacity))
-        raise ValueError(f"sequence {b} would hold {int(total[b])} tokens (cache_seqlens {int(lens[b])} + "
-                         f"{seq_new} new) but the cache holds {capacity}"
-                         + (" (blocks of block_table x block_size)" if paged else ""))
-    if paged:
-        needed = -(-total // block_size)
-        for b in range(batch):
-            used = table[b, :needed[b]]
-            if used.size and ((used < 0) | (used >= num_blocks)).any():
-                j = int(np.argmax((used < 0) | (used >= num_blocks)))
-                raise ValueError(f"block_table[{b}, {j}] = {int(used[j])} is not a block of the cache "
-                                 f"(0 .. {num_blocks - 1})")
+        out, lse = _gathered(call, engine.NAME)
+    return (out, lse) if call.return_lse else out
+
+
+def _gathered(call: CacheCall, backend: str) -> tuple[Any, Any]:
+    """Any backend through ``flash_attention``: append, gather a paged cache into a contiguous one, attend
+    to each sequence's ``cache_seqlens + seq_new`` keys with bottom-right alignment."""
+    from ._api import _run
+
+    lens, table = host_values(call)
+    check_values(call, lens, table)
     # every check passed: append, then attend
-    if new:
-        _append(k_cache, k, lens, table if paged else None, layout)
-        _append(v_cache, v, lens, table if paged else None, layout)
-    if paged:
-        kc, vc = _gather(xp, k_cache, table, total), _gather(xp, v_cache, table, total)
-        cache_layout = "bshd"
+    if call.k is not None:
+        append(call, lens, table)
+    total = lens + call.seq_new
+    xp = _xp(call.q)
+    if call.paged:
+        kc, vc = _gather(xp, call.k_cache, table, total), _gather(xp, call.v_cache, table, total)
+        if call.layout != "bshd":  # the gathered cache is (batch, seq, heads, d): match q's layout
+            kc, vc = kc.swapaxes(1, 2), vc.swapaxes(1, 2)
     else:
-        kc, vc, cache_layout = k_cache, v_cache, layout
-    if cache_layout != layout:  # the (paged) gathered cache is (batch, seq, heads, d): match q's layout
-        kc, vc = kc.swapaxes(1, 2), vc.swapaxes(1, 2)
+        kc, vc = call.k_cache, call.v_cache
     lens_kv = xp.asarray(total.astype(np.int32)) if xp is not np else total.astype(np.int32)
+    slopes = call.alibi_slopes
+    if slopes is not None and slopes.shape[0] == 1:  # validated as (1, heads): flash_attention takes (heads,)
+        slopes = slopes[0]
     res = _run(
-        like, kc, vc,
-        dict(causal="bottom_right" if causal_ else False, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-             seqlens_kv=lens_kv, layout=layout, scale=scale, dropout_p=0.0, seed=None, block_q=None, block_kv=None,
-             num_threads=num_threads, align_bottom_right=True),
+        call.like, kc, vc,
+        dict(causal="bottom_right" if call.causal else False, window=call.window, softcap=call.softcap,
+             alibi_slopes=slopes, seqlens_kv=lens_kv, layout=call.layout, scale=call.scale,
+             dropout_p=0.0, seed=None, block_q=None, block_kv=None, num_threads=call.num_threads,
+             align_bottom_right=True),
         backend, count_flops=False,
     )
-    del splits  # the split of the key range is the backends' (every split gives the same result to rounding)
-    return (res.output, res.logsumexp) if return_lse else res.output
+    return res.output, res.logsumexp
 
 
-def _table(block_table: Any, batch: int) -> np.ndarray:
+def _check_table(block_table: Any, batch: int, on_gpu: bool) -> tuple[int, int]:
     from ._validate import _INT_DTYPES
 
     table = input_array("block_table", block_table)
@@ -236,22 +359,28 @@ def _table(block_table: Any, batch: int) -> np.ndarray:
         raise TypeError(f"block_table must hold integers, got dtype {dtype_name(table)}")
     if len(table.shape) != 2 or int(table.shape[0]) != batch:
         raise ValueError(f"block_table must be (batch, max_blocks) with batch = {batch}; got {tuple(table.shape)}")
-    return to_host(table).astype(np.int64)
+    if is_gpu_array(table) and not on_gpu:
+        raise ValueError("block_table is a GPU array but q and the caches are on the host")
+    return int(table.shape[0]), int(table.shape[1])
 
 
-def _append(cache: Any, new: Any, lens: np.ndarray, table: np.ndarray | None, layout: str) -> None:
-    """Writes the new tokens into the cache at each sequence's length (in place)."""
-    new_bshd = new if layout == "bshd" else new.swapaxes(1, 2)
-    if table is None:
-        cache_bshd = cache if layout == "bshd" else cache.swapaxes(1, 2)
-        for b in range(new_bshd.shape[0]):
-            cache_bshd[b, lens[b]:lens[b] + new_bshd.shape[1]] = new_bshd[b]
-        return
-    block_size = cache.shape[1]
-    for b in range(new_bshd.shape[0]):
-        for t in range(new_bshd.shape[1]):
-            j = int(lens[b]) + t
-            cache[table[b, j // block_size], j % block_size] = new_bshd[b, t]
+def append(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) -> None:
+    """Writes the new tokens into the cache at each sequence's length (in place; values checked)."""
+    for cache, new in ((call.k_cache, call.k), (call.v_cache, call.v)):
+        new_bshd = call.bshd(new)
+        if table is None:
+            cache_bshd = call.bshd(cache)
+            for b in range(call.batch):
+                cache_bshd[b, lens[b]:lens[b] + call.seq_new] = new_bshd[b]
+            continue
+        bs = call.block_size
+        for b in range(call.batch):
+            j0, j1 = int(lens[b]), int(lens[b]) + call.seq_new
+            start = j0
+            while start < j1:
+                stop = min(j1, (start // bs + 1) * bs)  # the run of new tokens inside one block
+                cache[table[b, start // bs], start % bs:start % bs + stop - start] = new_bshd[b, start - j0:stop - j0]
+                start = stop
 
 
 def _gather(xp: Any, cache: Any, table: np.ndarray, total: np.ndarray) -> Any:
