@@ -236,3 +236,128 @@ def test_generation_loop_matches_full_attention(rng):
         logits = x[0, -1] @ emb.T
         np.testing.assert_allclose(logits, forward_full(np.array(tokens)), rtol=1e-10, atol=1e-10)
         tokens.append(int(np.argmax(logits)))
+
+
+# ---- the CPU kernels: decode (cache read in place, split across threads) and the forward path for long chunks
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def simd(request):
+    cpu = pytest.importorskip("fastattn.backends.cpu")
+    if cpu.availability() is not None:
+        pytest.skip(cpu.availability())
+    if request.param not in cpu.simd_paths():
+        pytest.skip(f"this CPU cannot run {request.param}")
+    with cpu.set_simd(request.param):
+        yield request.param
+
+
+def _paged(rng, kc, vc, block_size, extra_blocks=3):
+    """The same tokens in a shuffled paged cache; the blocks no table entry names hold NaN."""
+    batch, capacity = kc.shape[:2]
+    per = -(-capacity // block_size)
+    num_blocks = batch * per + extra_blocks
+    table = rng.permutation(num_blocks)[:batch * per].reshape(batch, per).astype(np.int32)
+    kp = np.full((num_blocks, block_size, *kc.shape[2:]), np.nan, kc.dtype)
+    vp = np.full((num_blocks, block_size, *vc.shape[2:]), np.nan, vc.dtype)
+    for b in range(batch):
+        for blk in range(per):
+            rows = slice(blk * block_size, min(capacity, (blk + 1) * block_size))
+            n = rows.stop - rows.start
+            kp[table[b, blk], :n] = kc[b, rows]
+            vp[table[b, blk], :n] = vc[b, rows]
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("heads,seq_q", [((8, 8), 1), ((32, 8), 1), ((8, 1), 2), ((4, 2), 8), ((4, 2), 9),
+                                         ((8, 2), 16)])
+@pytest.mark.parametrize("d", [128, 40, 3])
+def test_cpu_decode_paths(simd, rng, dtype, heads, seq_q, d):
+    """Every SIMD path, rows per k/v head on either side of the decode kernel's limit, head dims that are
+    and are not a multiple of the vector width (read in place, or converted), contiguous and paged."""
+    hq, hkv = heads
+    lens = np.array([1, 15, 17, 300], np.int32)
+    kc, vc = _cache(rng, 4, 320, hkv, d, dtype, lens)
+    q = random_array(rng, (4, seq_q, hq, d), dtype)
+    want, want_lse = _expected(q, kc, vc, lens)
+    for paged in (False, True):
+        args = (q, *_paged(rng, kc, vc, 16)[:2]) if paged else (q, kc, vc)
+        table = _paged(rng, kc, vc, 16)[2] if paged else None
+        if paged:
+            kp, vp, table = _paged(rng, kc, vc, 16)
+            args = (q, kp, vp)
+        out, lse = fastattn.flash_attention_with_kvcache(*args, cache_seqlens=lens, block_table=table,
+                                                         backend="cpu", return_lse=True)
+        _close(out, want, dtype)
+        np.testing.assert_allclose(lse, want_lse, rtol=1e-5 if dtype != "float64" else 1e-12, atol=2e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, None])
+@pytest.mark.parametrize("kw", [{}, dict(window=(100, 0)), dict(softcap=3.0),
+                                dict(alibi_slopes=np.array([0.3, 0.1, 0.05, 0.01], np.float32))])
+def test_cpu_splits_agree_with_the_reference(simd, rng, splits, kw):
+    lens = np.array([0, 1, 999, 2000], np.int32)
+    kc, vc = _cache(rng, 4, 2003, 2, 64, "float32", lens)
+    q = random_array(rng, (4, 3, 4, 64))
+    k, v = random_array(rng, (4, 3, 2, 64)), random_array(rng, (4, 3, 2, 64))
+    out, lse = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, num_splits=splits,
+                                                     backend="cpu", return_lse=True, **kw)
+    want, want_lse = _expected(q, kc, vc, lens + 3, **kw)
+    _close(out, want, "float32")
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=2e-5)
+    for threads in (1, 2):
+        again = fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=lens + 3, num_splits=splits,
+                                                      backend="cpu", num_threads=threads, **kw)
+        np.testing.assert_array_equal(again, out)  # same splits: the thread count changes nothing
+
+
+def test_cpu_masked_non_finite_values_never_reach_a_row(simd, rng):
+    """A chunk of 5 queries (bottom-right causal) whose later keys hold inf in K and NaN in V: the queries
+    that cannot see them stay finite, the others are NaN, as in the reference; 10 rows per k/v head (the
+    decode kernel) and 20 (the forward kernel)."""
+    for hq in (2, 4):
+        lens = np.array([37], np.int32)
+        kc, vc = _cache(rng, 1, 48, 1, 16, "float32", lens + 5)
+        kc[0, 40], vc[0, 39] = np.inf, np.nan  # seen by queries 2.. and 3.. of the chunk
+        q = random_array(rng, (1, 5, hq, 16))
+        out = fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=lens + 5, backend="cpu")
+        want, _ = _expected(q, kc, vc, lens + 5)
+        assert np.isfinite(out[0, :2]).all() and np.isnan(out[0, 3:]).all()
+        _close(out, want, "float32")
+
+
+def test_cpu_decode_strided_views_and_huge_scores(simd, rng):
+    """q and the cache as strided views of larger arrays (every axis), scores whose raw products overflow
+    float32 (the kernel's rescaled retry), and a scale that makes them finite."""
+    base_k = random_array(rng, (3, 70, 5, 2, 48))
+    base_v = random_array(rng, (3, 70, 5, 2, 48))
+    kc, vc = base_k[:, :, 1:4:2, 0, ::2], base_v[:, :, ::3, 1, 1::2]  # (3, 70, 2, 24), odd strides
+    base_q = random_array(rng, (3, 2, 8, 50))
+    q = base_q[:, :, ::2, 1::2][..., :24]  # (3, 2, 4, 24)
+    lens = np.array([10, 69, 33], np.int32)
+    out = fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=lens, backend="cpu")
+    want, _ = _expected(np.ascontiguousarray(q), np.ascontiguousarray(kc), np.ascontiguousarray(vc), lens)
+    _close(out, want, "float32")
+    big_q = (q * 3e19).astype(np.float32)
+    big_k = (np.ascontiguousarray(kc) * 3e19).astype(np.float32)
+    out = fastattn.flash_attention_with_kvcache(big_q, big_k, vc, cache_seqlens=lens, scale=1e-38, backend="cpu")
+    want, _ = _expected(big_q.astype(np.float64), big_k.astype(np.float64), vc, lens, scale=1e-38)
+    _close(out, want, "float32")
+
+
+def test_cpu_decode_from_many_threads(rng):
+    """Concurrent calls from Python threads, each on its own cache, give each its own right answer."""
+    require_backend("cpu")
+    import concurrent.futures
+
+    jobs = []
+    for _ in range(8):
+        lens = rng.integers(0, 500, 2).astype(np.int32)
+        kc, vc = _cache(rng, 2, 512, 2, 32, "float32", lens)
+        q = random_array(rng, (2, 1, 8, 32))
+        jobs.append((q, kc, vc, lens))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda j: fastattn.flash_attention_with_kvcache(j[0], j[1], j[2], cache_seqlens=j[3],
+                                                                            backend="cpu", num_splits=3), jobs))
+    for (q, kc, vc, lens), out in zip(jobs, outs, strict=True):
+        _close(out, _expected(q, kc, vc, lens)[0], "float32")

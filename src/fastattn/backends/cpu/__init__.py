@@ -192,3 +192,93 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
     if out.dtype != spec.dtype:
         out = out.astype(spec.dtype)
     return ForwardOutput(out, lse, stats)
+
+
+#: the decode kernel runs when a k/v head's query rows (seq_q x heads_q / heads_kv) are at most this many;
+#: longer chunks go through the forward kernel, whose packed panels pay off over many rows
+DECODE_MAX_ROWS = 16
+#: keys per decode tile (decode_tile.h DEC_TK): a split is a whole number of tiles
+_DECODE_TILE = 32
+#: the fewest keys worth a split of their own (a split also costs its merge)
+_MIN_KEYS_PER_SPLIT = 512
+
+
+def decode_splits(items: int, threads: int, longest: int, asked: int | None) -> int:
+    """How many parts each (batch entry, k/v head) cuts its keys into: ``asked`` when given (at most one
+    per tile); else 1 when the items already share out evenly over the threads, or the fewest splits that
+    bring the last round of the schedule to within 85% of full, keeping every split >= 512 keys."""
+    tiles = max(1, -(-longest // _DECODE_TILE))
+    if asked is not None:
+        return max(1, min(asked, tiles))
+    most = max(1, min(tiles, longest // _MIN_KEYS_PER_SPLIT, 64))
+    for splits in range(1, most + 1):
+        work = items * splits
+        if work / (threads * -(-work // threads)) >= 0.85:
+            return splits
+    return most
+
+
+def kvcache(call: Any) -> tuple[Any, Any]:
+    """``flash_attention_with_kvcache`` on the CPU: values checked, the new tokens appended in place, then
+    the decode kernel (the cache read where it lies, paged blocks through the table, the keys split across
+    threads when the heads alone cannot keep them busy) or, for long chunks, the forward kernel reading the
+    cache (paged too) through the same row addressing."""
+    from ..._kvcache import append, check_values, host_values
+
+    lens, table = host_values(call)
+    check_values(call, lens, table)  # before any write
+    if call.k is not None:
+        append(call, lens, table)
+    total = (lens + call.seq_new).astype(np.int32)
+    compute = np.float64 if call.dtype == "float64" else np.float32
+    q4 = _kernel_view(call.bshd(call.q).swapaxes(1, 2))  # (b, h, s, d)
+    if call.paged:  # (num_blocks, h_kv, block_size, d)
+        k4, v4 = (_kernel_view(x.swapaxes(1, 2)) for x in (call.k_cache, call.v_cache))
+        table32 = np.ascontiguousarray(table, dtype=np.int32)
+    else:
+        k4, v4 = (_kernel_view(call.bshd(x).swapaxes(1, 2)) for x in (call.k_cache, call.v_cache))
+        table32 = None
+    b, h, s, dv = call.batch, call.heads_q, call.seq_q, call.head_dim_v
+    if call.layout == "bshd":
+        out = np.empty((b, s, h, dv), dtype=compute).swapaxes(1, 2)
+    else:
+        out = np.empty((b, h, s, dv), dtype=compute)
+    lse = np.empty((b, h, s), dtype=compute)
+    left, right = call.window
+    slopes = _host(call.alibi_slopes)
+    simd = simd_in_use()
+    itemsize = np.dtype(compute).itemsize
+    keys = int(total.sum()) * call.heads_kv
+    flops = 2 * keys * call.seq_q * call.group * (call.head_dim + dv)
+    items = b * call.heads_kv
+    threads = _threads.choose_threads(call.num_threads or _flash_cpu.default_threads(), flops=flops,
+                                      kv_elements=keys * (call.head_dim + dv) // 2, compute_itemsize=itemsize,
+                                      items=items * max(1, -(-int(total.max(initial=0)) // _MIN_KEYS_PER_SPLIT)))
+    if _forked_child and threads > 1:
+        _warn_forked_once()
+        threads = 1
+    if s * call.group <= DECODE_MAX_ROWS:
+        splits = decode_splits(items, threads, int(total.max(initial=0)), call.num_splits)
+        _flash_cpu.decode(q4, k4, v4, out, lse, lens_kv=total, block_table=table32, scale=call.scale,
+                          causal=call.causal, window_left=left, window_right=right, softcap=call.softcap,
+                          alibi=slopes, isa=simd, num_threads=max(1, min(threads, items * splits)), nsplit=splits)
+    else:
+        longest = int(total.max(initial=0))
+        if not call.paged:
+            k4, v4 = k4[:, :, :longest], v4[:, :, :longest]
+        plan = plan_call(n_heads=items, seq_q=s, seq_kv=longest, head_dim=max(call.head_dim, dv),
+                         compute_itemsize=itemsize, flops=flops, threads=threads, block_q=None, block_kv=None,
+                         group=call.group)
+        _flash_cpu.forward(
+            q4, k4, v4, out, lse, batch=b, seq_q=s, seq_kv=longest, block_q=plan.block_q, block_kv=plan.block_kv,
+            scale=call.scale, causal=call.causal, bottom_right=True, window_left=left, window_right=right,
+            softcap=call.softcap, alibi=slopes, mask=None, lens_q=None, lens_kv=total, cu_q=None, cu_kv=None,
+            dropout=False, drop_threshold=0, drop_scale=1.0, seed=0, isa=simd,
+            num_threads=plan.threads if not _forked_child else 1,
+            group=plan.group if not _forked_child else panel_group(items, plan.n_q_tiles, 1),
+            block_table=table32,
+        )
+    if out.dtype != np.dtype(call.dtype):
+        out = out.astype(call.dtype)
+    out = out.swapaxes(1, 2) if call.layout == "bshd" else out
+    return like_input(out, call.like), like_input(lse, call.like)

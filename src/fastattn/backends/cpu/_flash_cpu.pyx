@@ -64,6 +64,8 @@ cdef extern from "kernels/flash_cpu.h" nogil:
         const int32_t *lens_kv
         const int32_t *cu_q
         const int32_t *cu_kv
+        const int32_t *block_table
+        int64_t table_stride, block_size
         int dropout
         uint32_t drop_threshold
         double drop_scale
@@ -80,6 +82,11 @@ cdef extern from "kernels/flash_cpu.h" nogil:
     void fa_scratch_free(void *scratch)
     void fa_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel)
     void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t qt, const void *panel, void *scratch)
+    int64_t fa_decode_parts_bytes(const fa_params *p, int isa, int64_t nsplit)
+    void *fa_decode_scratch_new(const fa_params *p, int isa)
+    void fa_decode_item(const fa_params *p, int isa, int64_t bh, int64_t split, int64_t nsplit, void *parts,
+                        void *scratch)
+    void fa_decode_merge(const fa_params *p, int isa, int64_t row, int64_t nsplit, const void *parts)
 
 
 ISA_NAMES = {FA_ISA_GENERIC: "generic", FA_ISA_AVX2: "avx2", FA_ISA_AVX512: "avx512"}
@@ -135,14 +142,16 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
             int64_t window_left, int64_t window_right, double softcap, object alibi, object mask,
             object lens_q, object lens_kv, object cu_q, object cu_kv,
             bint dropout, uint32_t drop_threshold, double drop_scale, uint64_t seed, str isa,
-            int num_threads, int64_t group):
+            int num_threads, int64_t group, object block_table=None):
     """Runs the kernel with ``num_threads`` threads (>= 1, at most one per work item) and ``group``
     (batch entry, k/v head) panels packed at a time (both planned by the caller:
     backends.cpu._tiles.plan_call); returns the number of threads that took part (0 for an empty
     call).  q (b, h, s, d) and k, v (b, h_kv, s, d) views; out (b, h, s, d_v) of the compute type,
     unit stride along d; lse contiguous (b, h, s).  ``batch``, ``seq_q``, ``seq_kv``: the entries and
     their padded (or longest) lengths (a packed call's views hold one entry).  ``alibi``: (b or 1, h)
-    float32 or None; ``mask``: a (batch, h, seq_q, seq_kv) view or None; lens_* / cu_*: int32 or None."""
+    float32 or None; ``mask``: a (batch, h, seq_q, seq_kv) view or None; lens_* / cu_*: int32 or None.
+    ``block_table``: a paged cache's (batch, max_blocks) int32 table (k, v then are (num_blocks, h_kv,
+    block_size, d) views, every entry a valid block for the keys lens_kv asks for), or None."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
     cdef int64_t n_heads, n_q, n_kv, n_groups, j, panel_bytes, panels_bytes
@@ -196,6 +205,7 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     p.lens_kv = _ints(lens_kv)
     p.cu_q = _ints(cu_q)
     p.cu_kv = _ints(cu_kv)
+    _set_table(&p, block_table, k.shape[2])
     p.dropout = dropout
     p.drop_threshold = drop_threshold
     p.drop_scale = drop_scale
@@ -251,4 +261,112 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
             f"fastattn: could not allocate the per-thread tile scratch (block_q={block_q}, block_kv={block_kv}, "
             f"head_dim={p.head_dim})"
         )
+    return num_threads
+
+
+cdef void _set_table(fa_params *p, object block_table, int64_t block_size):
+    cdef cnp.ndarray table
+    p.block_table = NULL
+    p.table_stride = 0
+    p.block_size = 0
+    if block_table is not None:
+        table = block_table
+        p.block_table = <const int32_t *> cnp.PyArray_DATA(table)
+        p.table_stride = table.shape[1]
+        p.block_size = block_size
+
+
+def decode(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
+           cnp.ndarray lens_kv, object block_table, double scale, bint causal, int64_t window_left,
+           int64_t window_right, double softcap, object alibi, str isa, int num_threads, int64_t nsplit):
+    """Decode: every query row of a (batch entry, k/v head) against its lens_kv[b] keys, read in place
+    (fa_decode_item), the keys cut into ``nsplit`` splits merged by their lse (fa_decode_merge); the mask
+    aligned bottom-right.  q (b, h, s, d), out (b, h, s, d_v) of the compute type with unit stride along d,
+    lse contiguous (b, h, s); k, v (b, h_kv, s_cache, d) views, or with ``block_table`` (batch, max_blocks)
+    int32 a paged cache's (num_blocks, h_kv, block_size, d) views.  Invariants (checked by the caller):
+    lens_kv int32 (b,) within the cache (and its blocks valid), nsplit >= 1, num_threads >= 1.
+    Returns the threads that took part."""
+    cdef fa_params p
+    cdef int isa_id = isa_code(isa)
+    cdef int64_t n_items, n_rows, j, parts_bytes
+    cdef void *parts = NULL
+    cdef void *scratch = NULL
+    cdef int failed = 0
+    cdef int *failed_flag = &failed
+    cdef cnp.ndarray alibi_arr
+    cdef int axis
+    if not fa_isa_supported(isa_id):
+        raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
+    p.q = <const char *> cnp.PyArray_DATA(q)
+    p.k = <const char *> cnp.PyArray_DATA(k)
+    p.v = <const char *> cnp.PyArray_DATA(v)
+    _fill_strides(p.q_strides, q)
+    _fill_strides(p.k_strides, k)
+    _fill_strides(p.v_strides, v)
+    p.out = cnp.PyArray_DATA(out)
+    for axis in range(3):
+        p.out_strides[axis] = out.strides[axis] // out.itemsize
+    p.lse = cnp.PyArray_DATA(lse)
+    p.lse_rows = q.shape[2]
+    p.in_dtype = _DTYPES[q.dtype.name]
+    p.batch, p.heads, p.heads_kv = q.shape[0], q.shape[1], k.shape[1]
+    p.group = p.heads // p.heads_kv
+    p.seq_q, p.seq_kv = q.shape[2], k.shape[2]
+    p.head_dim, p.head_dim_v = q.shape[3], v.shape[3]
+    p.block_q = p.seq_q * p.group
+    p.block_kv = 32
+    p.scale = scale
+    p.causal = causal
+    p.bottom_right = 1
+    p.window_left = window_left
+    p.window_right = window_right
+    p.softcap = softcap
+    p.alibi = NULL
+    p.alibi_sb = 0
+    if alibi is not None:
+        alibi_arr = alibi
+        p.alibi = <const float *> cnp.PyArray_DATA(alibi_arr)
+        p.alibi_sb = p.heads if alibi_arr.shape[0] > 1 else 0
+    p.mask = NULL
+    p.mask_dtype = 0
+    p.lens_q = NULL
+    p.lens_kv = <const int32_t *> cnp.PyArray_DATA(lens_kv)
+    p.cu_q = NULL
+    p.cu_kv = NULL
+    _set_table(&p, block_table, k.shape[2])
+    p.dropout = 0
+    p.drop_threshold = 0
+    p.drop_scale = 1.0
+    p.seed = 0
+    n_items = p.batch * p.heads_kv
+    n_rows = p.batch * p.heads * p.seq_q
+    if n_items == 0 or p.seq_q == 0:
+        return 0
+    if num_threads < 1 or nsplit < 1:
+        raise ValueError(f"fastattn: bad decode plan (num_threads={num_threads}, nsplit={nsplit})")
+    if nsplit > 1:
+        parts_bytes = fa_decode_parts_bytes(&p, isa_id, nsplit)
+        if parts_bytes < 0:
+            raise MemoryError(f"fastattn: {nsplit} splits of {n_rows} rows do not fit in memory")
+        parts = fa_aligned_alloc(parts_bytes)
+        if parts == NULL:
+            raise MemoryError(f"fastattn: could not allocate {parts_bytes} bytes for {nsplit} decode splits")
+    try:
+        with nogil, parallel(num_threads=num_threads):
+            scratch = fa_decode_scratch_new(&p, isa_id)
+            if scratch == NULL:
+                failed_flag[0] = 1
+            for j in prange(n_items * nsplit, schedule="dynamic"):
+                if scratch != NULL:
+                    fa_decode_item(&p, isa_id, j // nsplit, j % nsplit, nsplit, parts, scratch)
+            fa_scratch_free(scratch)
+        if nsplit > 1 and not failed:
+            with nogil:
+                for j in prange(n_rows, schedule="static", num_threads=num_threads):
+                    fa_decode_merge(&p, isa_id, j, nsplit, parts)
+    finally:
+        fa_aligned_free(parts)
+    if failed:
+        raise MemoryError(f"fastattn: could not allocate the per-thread decode scratch ({p.block_q} rows, "
+                          f"head_dim={p.head_dim})")
     return num_threads

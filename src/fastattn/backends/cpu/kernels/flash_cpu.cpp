@@ -6,7 +6,8 @@
  *   avx512  (32 zmm): S block 6 rows x 4 vectors, O block 6 rows x 4 vectors
  *   avx2    (16 ymm): S block 4 x 3,               O block 4 x 3
  *   generic (16 xmm, SSE2, every x86-64): same shapes as avx2
- * flash_tile.h undefines the five shape macros at its end, ready for the next ISA.
+ * and the decode dot products (decode_tile.h) in blocks of FA_D_MR rows x 4 keys (avx512 4, else 2).
+ * flash_tile.h undefines the shape macros at its end, ready for the next ISA.
  * The shipped build never uses -march=native; fa_isa_supported asks the CPU (and,
  * through libgcc, the OS) which paths may run.
  */
@@ -27,6 +28,7 @@ namespace isa_avx512 {
 #define FA_S_NR 4
 #define FA_O_MR 6
 #define FA_O_ND 4
+#define FA_D_MR 4
 #include "flash_tile.h"
 }  // namespace isa_avx512
 #pragma GCC pop_options
@@ -39,6 +41,7 @@ namespace isa_avx2 {
 #define FA_S_NR 3
 #define FA_O_MR 4
 #define FA_O_ND 3
+#define FA_D_MR 2
 #include "flash_tile.h"
 }  // namespace isa_avx2
 #pragma GCC pop_options
@@ -49,11 +52,12 @@ namespace isa_generic {
 #define FA_S_NR 3
 #define FA_O_MR 4
 #define FA_O_ND 3
+#define FA_D_MR 2
 #include "flash_tile.h"
 }  // namespace isa_generic
 
 struct fa_scratch_box {
-    int isa;
+    int isa, decode;
     const fa_params *params;
     void *ws;
 };
@@ -120,6 +124,7 @@ void *fa_scratch_new(const fa_params *p, int isa) {
     fa_scratch_box *box = (fa_scratch_box *)malloc(sizeof(fa_scratch_box));
     if (!box) return NULL;
     box->isa = isa;
+    box->decode = 0;
     box->params = p;
     switch (isa) {
     case FA_ISA_AVX512: box->ws = isa_avx512::scratch_new(p); break;
@@ -133,6 +138,15 @@ void *fa_scratch_new(const fa_params *p, int isa) {
 void fa_scratch_free(void *scratch) {
     fa_scratch_box *box = (fa_scratch_box *)scratch;
     if (!box) return;
+    if (box->decode) {
+        switch (box->isa) {
+        case FA_ISA_AVX512: isa_avx512::decode_scratch_free(box->params, box->ws); break;
+        case FA_ISA_AVX2: isa_avx2::decode_scratch_free(box->params, box->ws); break;
+        default: isa_generic::decode_scratch_free(box->params, box->ws); break;
+        }
+        free(box);
+        return;
+    }
     switch (box->isa) {
     case FA_ISA_AVX512: isa_avx512::scratch_free(box->params, box->ws); break;
     case FA_ISA_AVX2: isa_avx2::scratch_free(box->params, box->ws); break;
@@ -155,6 +169,47 @@ void fa_run_item(const fa_params *p, int isa, int64_t bh, int64_t rt, const void
     case FA_ISA_AVX512: isa_avx512::run_item(p, bh, rt, panel, ws); break;
     case FA_ISA_AVX2: isa_avx2::run_item(p, bh, rt, panel, ws); break;
     default: isa_generic::run_item(p, bh, rt, panel, ws); break;
+    }
+}
+
+void *fa_decode_scratch_new(const fa_params *p, int isa) {
+    fa_scratch_box *box = (fa_scratch_box *)malloc(sizeof(fa_scratch_box));
+    if (!box) return NULL;
+    box->isa = isa;
+    box->decode = 1;
+    box->params = p;
+    switch (isa) {
+    case FA_ISA_AVX512: box->ws = isa_avx512::decode_scratch_new(p); break;
+    case FA_ISA_AVX2: box->ws = isa_avx2::decode_scratch_new(p); break;
+    default: box->ws = isa_generic::decode_scratch_new(p); break;
+    }
+    if (!box->ws) { free(box); return NULL; }
+    return box;
+}
+
+int64_t fa_decode_parts_bytes(const fa_params *p, int isa, int64_t nsplit) {
+    switch (isa) {   /* rows padded to the ISA's vector width */
+    case FA_ISA_AVX512: return isa_avx512::decode_parts_bytes(p, nsplit);
+    case FA_ISA_AVX2: return isa_avx2::decode_parts_bytes(p, nsplit);
+    default: return isa_generic::decode_parts_bytes(p, nsplit);
+    }
+}
+
+void fa_decode_item(const fa_params *p, int isa, int64_t bh, int64_t split, int64_t nsplit, void *parts,
+                    void *scratch) {
+    void *ws = ((fa_scratch_box *)scratch)->ws;
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::decode_item(p, bh, split, nsplit, parts, ws); break;
+    case FA_ISA_AVX2: isa_avx2::decode_item(p, bh, split, nsplit, parts, ws); break;
+    default: isa_generic::decode_item(p, bh, split, nsplit, parts, ws); break;
+    }
+}
+
+void fa_decode_merge(const fa_params *p, int isa, int64_t row, int64_t nsplit, const void *parts) {
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::decode_merge(p, row, nsplit, parts); break;
+    case FA_ISA_AVX2: isa_avx2::decode_merge(p, row, nsplit, parts); break;
+    default: isa_generic::decode_merge(p, row, nsplit, parts); break;
     }
 }
 

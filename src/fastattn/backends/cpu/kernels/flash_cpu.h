@@ -56,6 +56,10 @@ typedef struct {
     int64_t mask_strides[4];
     const int32_t *lens_q, *lens_kv;    /* padded ragged batch: each entry's lengths, or NULL */
     const int32_t *cu_q, *cu_kv;        /* packed batch: where each sequence starts, or NULL */
+    /* a paged k/v cache: the k/v views are (num_blocks, h_kv, block_size, d); key j of batch entry b is
+     * row j % block_size of block block_table[b * table_stride + j / block_size] (fa_kv_row) */
+    const int32_t *block_table;         /* NULL: k/v are (b, h_kv, s, d) views */
+    int64_t table_stride, block_size;
     /* dropout */
     int dropout;                    /* 0: no dropout */
     uint32_t drop_threshold;        /* drop iff philox word < threshold */
@@ -85,6 +89,27 @@ static inline void fa_get_entry(const fa_params *p, int64_t b, fa_entry *e) {
         e->rows = p->seq_q;
     }
 }
+
+/* The address of key (or value) row j of batch entry e, k/v head h: through the block table of a paged
+ * cache, else the view's own row (j counts from the entry's first key). */
+static inline const char *fa_kv_row(const fa_params *p, const char *base, const int64_t *strides, const fa_entry *e,
+                                    int64_t h, int64_t j) {
+    if (p->block_table) {
+        const int64_t blk = p->block_table[e->src * p->table_stride + j / p->block_size];
+        return base + blk * strides[0] + h * strides[1] + (j % p->block_size) * strides[2];
+    }
+    return base + e->src * strides[0] + h * strides[1] + (e->row_kv + j) * strides[2];
+}
+
+/* Decode (a few query rows per k/v head against a long cache, read in place): one work item per
+ * (batch entry, k/v head, split of its keys); its rows are every query position x query head of the
+ * group.  With nsplit > 1 an item writes its rows' normalized partial output and lse into parts
+ * (fa_decode_parts_bytes), and fa_decode_merge combines the splits of one output row by their lse. */
+int64_t fa_decode_parts_bytes(const fa_params *p, int isa, int64_t nsplit);   /* -1: too large */
+void *fa_decode_scratch_new(const fa_params *p, int isa);
+void fa_decode_item(const fa_params *p, int isa, int64_t bh, int64_t split, int64_t nsplit, void *parts,
+                    void *scratch);
+void fa_decode_merge(const fa_params *p, int isa, int64_t row, int64_t nsplit, const void *parts);
 
 int fa_isa_supported(int isa);
 int fa_best_isa(void);

@@ -14,8 +14,9 @@
  *     l'_i  = 2^((m_i - m'_i) c) l_i + sum_j P_ij    (undropped, in double: lse is the undropped one)
  *     O'_i  = 2^((m_i - m'_i) c) O_i + A_i           (D: dropout keep / (1-p), else 1)
  *   out_i = O_i / l_i,  lse_i = scale m_i + ln l_i    (l_i = 0: out 0, lse -inf)
- * If a raw product overflows to +inf while scale < 1 (|q.k| > FLT_MAX although scale.q.k fits),
- * the item is recomputed with q pre-multiplied by scale (S = scale q.k, c = log2 e, lse = m + ln l).
+ * If a raw product overflows while scale < 1 (|q.k| > FLT_MAX although scale.q.k fits: a row max of
+ * +inf, or a NaN row sum from inf - inf), the item is recomputed with q pre-multiplied by scale
+ * (S = scale q.k, c = log2 e, lse = m + ln l).
  *
  * Masked keys never contribute: a key outside row i's visible range gets P_ij = 0 and is left out
  * of row i's P.V product whenever its V holds a non-finite value (pack_tile flags such tiles), so a
@@ -307,8 +308,6 @@ template <typename T> struct kern {
         const int64_t k0 = t * p->block_kv;
         if (k0 >= e.len_kv) return;
         const int64_t ncols = (e.len_kv - k0 < p->block_kv) ? e.len_kv - k0 : p->block_kv;
-        const char *kbase = p->k + e.src * p->k_strides[0] + h * p->k_strides[1] + (e.row_kv + k0) * p->k_strides[2];
-        const char *vbase = p->v + e.src * p->v_strides[0] + h * p->v_strides[1] + (e.row_kv + k0) * p->v_strides[2];
         T *kt = L.kt(panel, t, d);
         T *vp = L.v(panel, t, d);
         for (int64_t dd = 0; dd < d; ++dd)
@@ -316,14 +315,15 @@ template <typename T> struct kern {
         /* K^T: blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
         for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
             const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
+            const char *krow[16];
+            for (int64_t c = c0; c < c1; ++c) krow[c - c0] = fa_kv_row(p, p->k, p->k_strides, &e, h, k0 + c);
             for (int64_t dd = 0; dd < d; ++dd) {
-                const char *src = kbase + c0 * p->k_strides[2] + dd * p->k_strides[3];
                 T *dst = kt + dd * bkvp;
-                for (int64_t c = c0; c < c1; ++c, src += p->k_strides[2]) dst[c] = LOAD(src);
+                for (int64_t c = c0; c < c1; ++c) dst[c] = LOAD(krow[c - c0] + dd * p->k_strides[3]);
             }
         }
         for (int64_t c = 0; c < ncols; ++c) {
-            const char *vrow = vbase + c * p->v_strides[2];
+            const char *vrow = fa_kv_row(p, p->v, p->v_strides, &e, h, k0 + c);
             for (int64_t dd = 0; dd < dv; ++dd) vp[c * dvp + dd] = LOAD(vrow + dd * p->v_strides[3]);
             for (int64_t dd = dv; dd < dvp; ++dd) vp[c * dvp + dd] = 0;
         }
@@ -541,6 +541,21 @@ template <typename T> struct kern {
         return m_new == __builtin_inf();
     }
 
+    /* The tile-skipping rule: the keys [lo, hi) query i of entry e may see (causal, window, and the
+     * bounds [mask_lo, mask_hi) of a key-padding mask: 0 and len_kv without one).  Every kernel (the
+     * forward items, decode) skips the keys outside; the logit hook handles the rest of the mask. */
+    static inline void visible_keys(const fa_params *p, const fa_entry &e, int64_t i, int64_t mask_lo,
+                                    int64_t mask_hi, int64_t *lo_out, int64_t *hi_out) {
+        const int64_t pos = i + (p->bottom_right ? e.len_kv - e.len_q : 0);
+        int64_t lo = mask_lo, hi = mask_hi;
+        if (p->causal && pos + 1 < hi) hi = pos + 1;
+        if (p->window_right >= 0 && pos + p->window_right + 1 < hi) hi = pos + p->window_right + 1;
+        if (p->window_left >= 0 && pos - p->window_left > lo) lo = pos - p->window_left;
+        lo = clamp64(lo, 0, e.len_kv);
+        *lo_out = lo;
+        *hi_out = clamp64(hi, lo, e.len_kv);
+    }
+
     /* The tile-skipping rule's mask part: a boolean mask that does not vary along the queries
      * (a key-padding mask) and hides the tile's columns [u0, u1) from every query head of the
      * group lets the item skip the tile (as if it were outside the rows' intervals). */
@@ -569,7 +584,8 @@ template <typename T> struct kern {
     }
 
     /* One pass of the item with the query rows multiplied by qmul, exponents by c and (with a logit
-     * hook) the scores by smul (see the header).  Returns 1 if some row max was +inf. */
+     * hook) the scores by smul (see the header).  Returns 1 if some row max was +inf or some row sum
+     * NaN (a product that overflowed; NaN input gives NaN again on the retry). */
     template <T (*LOAD)(const char *)>
     static int item_pass(const fa_params *p, int64_t bh, int64_t rt, const T *panel, scratch *ws, T qmul, T c,
                          T smul) {
@@ -604,19 +620,11 @@ template <typename T> struct kern {
         }
 
         /* each row's position, head and visible keys [lo, hi): the ends never decrease with r */
-        const int64_t off = p->bottom_right ? e.len_kv - e.len_q : 0;
         for (int64_t r = 0; r < live; ++r) {
             const int64_t i = G == 1 ? r0 + r : (r0 + r) / G;
             ws->row_i[r] = i;
             ws->row_h[r] = G == 1 ? hkv : hkv * G + (r0 + r) % G;
-            const int64_t pos = i + off;
-            int64_t lo = mask_lo, hi = mask_hi;
-            if (p->causal && pos + 1 < hi) hi = pos + 1;
-            if (p->window_right >= 0 && pos + p->window_right + 1 < hi) hi = pos + p->window_right + 1;
-            if (p->window_left >= 0 && pos - p->window_left > lo) lo = pos - p->window_left;
-            lo = clamp64(lo, 0, e.len_kv);
-            ws->lo[r] = lo;
-            ws->hi[r] = clamp64(hi, lo, e.len_kv);
+            visible_keys(p, e, i, mask_lo, mask_hi, ws->lo + r, ws->hi + r);
         }
         /* the item's key tiles: the union of its rows' intervals */
         const int64_t kv_lo = live > 0 ? ws->lo[0] : 0, kv_hi = live > 0 ? ws->hi[live - 1] : 0;
@@ -702,6 +710,7 @@ template <typename T> struct kern {
                     o_rows<1>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
             }
         }
+        for (int64_t r = 0; r < live; ++r) overflow |= ws->l[r] != ws->l[r];
         return overflow;
     }
 
@@ -710,20 +719,13 @@ template <typename T> struct kern {
         /* c = scale log2(e) (raw scores) or log2(e) (logits in their own units, the hook's); kept a
          * positive finite number (a huge scale saturates: every weight but the row maximum's
          * underflows, as in exact arithmetic) */
-        const double big = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
-        const double tiny = sizeof(T) == 8 ? __DBL_MIN__ : (double)__FLT_MIN__;
-        const double log2e = 1.4426950408889634074;
-        const bool hook = p->softcap > 0 || p->alibi || p->mask;
-        double c_raw = hook ? log2e : p->scale * log2e;
-        if (!(c_raw <= big)) c_raw = big;
-        if (c_raw < tiny) c_raw = tiny;
-        const T smul = (T)(p->scale <= big ? p->scale : big);
-        double unit = hook ? 1.0 : p->scale;   /* lse = unit m + ln l */
-        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, (T)c_raw, smul) && p->scale < 1.0) {
+        const units u(p);
+        double unit = u.unit;
+        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul) && p->scale < 1.0) {
             /* a raw product overflowed: scores in their own units (q scale, c = log2 e) */
             const T qmul = (T)p->scale;
             if (qmul > (T)0) {
-                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)log2e, (T)1);
+                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)units::log2e, (T)1);
                 unit = 1.0;
             }
         }
@@ -739,12 +741,40 @@ template <typename T> struct kern {
             const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
             T *out = (T *)p->out + e.src * p->out_strides[0] + h * p->out_strides[1] + (e.row_q + i) * p->out_strides[2];
             T *lse = (T *)p->lse + (e.src * p->heads + h) * p->lse_rows + e.row_q + i;
-            const double l = ws->l[r];
-            const T inv = l > 0 ? (T)(1.0 / l) : (l == 0 ? (T)0 : (T)l);   /* l NaN stays NaN */
-            for (int64_t dd = 0; dd < dv; ++dd) out[dd] = ws->o[r * dvp + dd] * inv;
-            *lse = l > 0 ? (T)(unit * (double)ws->m[r] + log(l)) : (l == 0 ? -(T)__builtin_inf() : (T)l);
+            double row_lse;
+            finish_row(ws->o + r * dvp, dv, ws->l[r], ws->m[r], unit, out, &row_lse);
+            *lse = (T)row_lse;
         }
     }
+
+    /* The constants of the online softmax (see the header): c = scale log2(e) for raw scores, or log2(e)
+     * for logits in their own units (the hook's); a positive finite number (a huge scale saturates: every
+     * weight but the row maximum's underflows, as in exact arithmetic).  lse = unit m + ln l. */
+    struct units {
+        static constexpr double log2e = 1.4426950408889634074;
+        T c_raw, smul;
+        double unit;
+        units(const fa_params *p) {
+            const double big = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
+            const double tiny = sizeof(T) == 8 ? __DBL_MIN__ : (double)__FLT_MIN__;
+            const bool hook = p->softcap > 0 || p->alibi || p->mask;
+            double c = hook ? log2e : p->scale * log2e;
+            if (!(c <= big)) c = big;
+            if (c < tiny) c = tiny;
+            c_raw = (T)c;
+            smul = (T)(p->scale <= big ? p->scale : big);
+            unit = hook ? 1.0 : p->scale;
+        }
+    };
+
+    /* out = O / l and lse = unit m + ln l of one row (l = 0: no key, out 0 and lse -inf; l NaN: NaN) */
+    static inline void finish_row(const T *o, int64_t dv, double l, T m, double unit, T *out, double *lse) {
+        const T inv = l > 0 ? (T)(1.0 / l) : (l == 0 ? (T)0 : (T)l);   /* l NaN stays NaN */
+        for (int64_t dd = 0; dd < dv; ++dd) out[dd] = o[dd] * inv;
+        *lse = l > 0 ? unit * (double)m + log(l) : (l == 0 ? -__builtin_inf() : l);
+    }
+
+#include "decode_tile.h"
 };
 
 /* The entry points of this ISA: one scratch type per compute type, one loader per input dtype. */
@@ -795,8 +825,49 @@ static void run_item(const fa_params *p, int64_t bh, int64_t qt, const void *pan
     }
 }
 
+static void *decode_scratch_new(const fa_params *p) {
+    if (p->in_dtype == FA_DTYPE_F64) return kern<double>::decode_scratch_new(p);
+    return kern<float>::decode_scratch_new(p);
+}
+
+static void decode_scratch_free(const fa_params *p, void *ws) {
+    if (p->in_dtype == FA_DTYPE_F64) kern<double>::decode_scratch_free((kern<double>::dscratch *)ws);
+    else kern<float>::decode_scratch_free((kern<float>::dscratch *)ws);
+}
+
+static int64_t decode_parts_bytes(const fa_params *p, int64_t nsplit) {
+    const bool f64 = p->in_dtype == FA_DTYPE_F64;
+    const int64_t elems = f64 ? kern<double>::decode_parts_elems(p, nsplit) : kern<float>::decode_parts_elems(p, nsplit);
+    if (elems < 0 || elems > INT64_MAX / 16) return -1;
+    /* the O/l parts, then one double per (row, split): at most elems of them (dvp >= 1) */
+    return elems * (f64 ? 8 : 4) + elems * 8;
+}
+
+static void decode_item(const fa_params *p, int64_t bh, int64_t split, int64_t nsplit, void *parts, void *ws) {
+    switch (p->in_dtype) {
+    case FA_DTYPE_F64:
+        kern<double>::decode_item<ld_f64>(p, bh, split, nsplit, parts, (kern<double>::dscratch *)ws);
+        break;
+    case FA_DTYPE_F16:
+        kern<float>::decode_item<ld_f16>(p, bh, split, nsplit, parts, (kern<float>::dscratch *)ws);
+        break;
+    case FA_DTYPE_BF16:
+        kern<float>::decode_item<ld_bf16>(p, bh, split, nsplit, parts, (kern<float>::dscratch *)ws);
+        break;
+    default:
+        kern<float>::decode_item<ld_f32>(p, bh, split, nsplit, parts, (kern<float>::dscratch *)ws);
+        break;
+    }
+}
+
+static void decode_merge(const fa_params *p, int64_t x, int64_t nsplit, const void *parts) {
+    if (p->in_dtype == FA_DTYPE_F64) kern<double>::decode_merge(p, x, nsplit, parts);
+    else kern<float>::decode_merge(p, x, nsplit, parts);
+}
+
 #undef FA_VBYTES
 #undef FA_S_MR
 #undef FA_S_NR
 #undef FA_O_MR
 #undef FA_O_ND
+#undef FA_D_MR

@@ -1,0 +1,284 @@
+/* Decode: the rows of one (batch entry, k/v head) against its keys, read in place.  Included inside
+ * kern<T> (flash_tile.h): the same vector type, exp2v, the logit hook, softmax_row, visible_keys,
+ * units and finish_row.
+ *
+ * Math: run_item's (see flash_tile.h's header), over one split [s0, s1) of the rows' visible keys:
+ *   rows r = i * G + g: query position i of query head h = h_kv * G + g (the group shares K/V, so each
+ *   K/V byte is read once per group);
+ *   for each tile of DEC_TK keys: S = Q.K^T (dot products along d), the hook and mask, the online
+ *   softmax step (m, l in double, alpha), O = alpha O + P.V (a fresh sum per tile);
+ *   one split: out = O / l, lse = unit m + ln l;  several: each split's (O / l, lse) goes to parts and
+ *   fa_decode_merge forms  lse = log sum_s e^(lse_s),  out = sum_s e^(lse_s - lse) out_s.
+ *
+ * Data path: a key's K and V rows are found by fa_kv_row (any strides, a paged cache's blocks); rows of
+ * float data with unit stride and a multiple of the vector width are read where they lie, others are
+ * converted (or padded) into the per-thread tile buffers first.  No packing of the cache.
+ *
+ * Masked keys never contribute: a row's S outside its visible keys is -inf (softmax_row), and when the
+ * rows of a tile see different keys (the causal edge of a chunk, a window's edge) each row's P.V runs
+ * over its own keys only, so a NaN or inf in V behind the mask never reaches it.
+ */
+
+enum { DEC_TK = 32 };   /* keys per tile: the K and V tiles of converted data stay in L1 */
+
+struct dscratch {
+    T *q, *s, *o, *m, *alpha, *kbuf, *vbuf;
+    double *l;
+    int64_t *lo, *hi;
+    const T **krow, **vrow;
+    void *block;
+};
+
+static dscratch *decode_scratch_new(const fa_params *p) {
+    const int64_t R = p->seq_q * p->group, dp = round_up(p->head_dim, W), dvp = round_up(p->head_dim_v, W);
+    const int64_t tk = round_up((int64_t)DEC_TK, W);
+    const int64_t wide = (int64_t)(sizeof(double) / sizeof(T));   /* T slots per double / int64 / pointer */
+    const int64_t sizes[11] = {mul_checked(R, dp), mul_checked(R, tk), mul_checked(R, dvp), R, R,
+                               mul_checked(tk, dp), mul_checked(tk, dvp), mul_checked(R, wide),
+                               mul_checked(R, wide), mul_checked(R, wide), mul_checked(2 * tk, wide)};
+    const int64_t pad = 64 / (int64_t)sizeof(T);
+    int64_t total = 0;
+    for (int i = 0; i < 11; ++i) total = add_checked(total, add_checked(round_up(sizes[i] < 0 ? -1 : sizes[i], pad), pad));
+    const int64_t bytes = mul_checked(total, (int64_t)sizeof(T));
+    if (total < 0 || bytes < 0 || bytes > INT64_MAX - 64) return NULL;
+    dscratch *ws = (dscratch *)calloc(1, sizeof(dscratch));
+    if (!ws) return NULL;
+    ws->block = aligned_alloc(64, (size_t)round_up(bytes, 64));
+    if (!ws->block) { free(ws); return NULL; }
+    T *cur = (T *)ws->block, *starts[11];
+    for (int i = 0; i < 11; ++i) { starts[i] = cur; cur += round_up(sizes[i], pad) + pad; }
+    ws->q = starts[0]; ws->s = starts[1]; ws->o = starts[2]; ws->m = starts[3]; ws->alpha = starts[4];
+    ws->kbuf = starts[5]; ws->vbuf = starts[6];
+    ws->l = (double *)starts[7]; ws->lo = (int64_t *)starts[8]; ws->hi = (int64_t *)starts[9];
+    ws->krow = (const T **)starts[10]; ws->vrow = ws->krow + tk;
+    /* the pad columns of the converted tiles stay zero */
+    for (int64_t i = 0; i < sizes[5]; ++i) ws->kbuf[i] = 0;
+    for (int64_t i = 0; i < sizes[6]; ++i) ws->vbuf[i] = 0;
+    return ws;
+}
+
+static void decode_scratch_free(dscratch *ws) {
+    if (ws) { free(ws->block); free(ws); }
+}
+
+/* The sum of a vector's lanes: log2(W) shuffle-and-add steps. */
+static inline T hsum(V v) {
+    for (int step = W / 2; step > 0; step >>= 1) {
+        VI m;
+        for (int j = 0; j < W; ++j) m[j] = (I)(j ^ step);
+        v += __builtin_shuffle(v, m);
+    }
+    return v[0];
+}
+
+/* S[r][c] = q_r . k_c for rows [0, R) and columns [c0, c1), q rows of dp (a multiple of W) elements. */
+static void dec_scores(const T *q, int64_t R, int64_t dp, const T *const *krow, int64_t c0, int64_t c1, T *s,
+                       int64_t lds) {
+    for (int64_t rb = 0; rb < R; rb += FA_D_MR) {
+        const int mr = (int)(R - rb < FA_D_MR ? R - rb : FA_D_MR);
+        int64_t c = c0;
+        for (; c + 4 <= c1; c += 4) {
+            V acc[FA_D_MR][4];
+            for (int i = 0; i < FA_D_MR; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] = V{};
+            for (int64_t dd = 0; dd < dp; dd += W) {
+                V kv[4];
+                for (int j = 0; j < 4; ++j) kv[j] = load(krow[c + j] + dd);
+                for (int i = 0; i < FA_D_MR; ++i) {
+                    if (i < mr) {
+                        const V qv = load(q + (rb + i) * dp + dd);
+                        for (int j = 0; j < 4; ++j) acc[i][j] += qv * kv[j];
+                    }
+                }
+            }
+            for (int i = 0; i < mr; ++i)
+                for (int j = 0; j < 4; ++j) s[(rb + i) * lds + c + j] = hsum(acc[i][j]);
+        }
+        for (; c < c1; ++c) {
+            V acc[FA_D_MR];
+            for (int i = 0; i < FA_D_MR; ++i) acc[i] = V{};
+            for (int64_t dd = 0; dd < dp; dd += W) {
+                const V kv = load(krow[c] + dd);
+                for (int i = 0; i < mr; ++i) acc[i] += load(q + (rb + i) * dp + dd) * kv;
+            }
+            for (int i = 0; i < mr; ++i) s[(rb + i) * lds + c] = hsum(acc[i]);
+        }
+    }
+}
+
+/* O[r] = alpha[r] O[r] + sum_{c in [c0, c1)} P[r][c] v_c for rows [r0, r1) sharing [c0, c1). */
+static void dec_pv(const T *s, int64_t lds, const T *const *vrow, int64_t c0, int64_t c1, const T *alpha,
+                   T *o, int64_t dvp, int64_t r0, int64_t r1) {
+    for (int64_t rb = r0; rb < r1; rb += FA_O_MR) {
+        const int mr = (int)(r1 - rb < FA_O_MR ? r1 - rb : FA_O_MR);
+        for (int64_t cd = 0; cd < dvp; cd += FA_O_ND * W) {
+            const int nd = (int)((dvp - cd) / W < FA_O_ND ? (dvp - cd) / W : FA_O_ND);
+            V acc[FA_O_MR][FA_O_ND];
+            for (int i = 0; i < FA_O_MR; ++i)
+                for (int j = 0; j < FA_O_ND; ++j) acc[i][j] = V{};
+            for (int64_t c = c0; c < c1; ++c) {
+                V vb[FA_O_ND];
+                for (int j = 0; j < FA_O_ND; ++j) vb[j] = j < nd ? load(vrow[c] + cd + j * W) : V{};
+                for (int i = 0; i < FA_O_MR; ++i) {
+                    if (i < mr) {
+                        const V a = splat(s[(rb + i) * lds + c]);
+                        for (int j = 0; j < FA_O_ND; ++j) acc[i][j] += a * vb[j];
+                    }
+                }
+            }
+            for (int i = 0; i < mr; ++i) {
+                T *orow = o + (rb + i) * dvp + cd;
+                for (int j = 0; j < nd; ++j) store(orow + j * W, load(orow + j * W) * alpha[rb + i] + acc[i][j]);
+            }
+        }
+    }
+}
+
+/* The tile's K (or V) rows of keys [k0 + u0, k0 + u1): pointers to the data itself when it can be read
+ * as T vectors (T data, unit stride, n a multiple of W), else rows converted into buf (zero padded). */
+template <T (*LOAD)(const char *)>
+static void dec_rows(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e, int64_t h,
+                     int64_t k0, int64_t u0, int64_t u1, int64_t n, int64_t np, T *buf, const T **rows) {
+    const bool direct = (int64_t)sizeof(T) == (p->in_dtype == FA_DTYPE_F64 ? 8 : (p->in_dtype == FA_DTYPE_F32 ? 4 : 0))
+                        && strides[3] == (int64_t)sizeof(T) && n == np;
+    for (int64_t c = u0; c < u1; ++c) {
+        const char *src = fa_kv_row(p, base, strides, &e, h, k0 + c);
+        if (direct) {
+            rows[c] = (const T *)src;
+            continue;
+        }
+        T *dst = buf + c * np;
+        for (int64_t dd = 0; dd < n; ++dd) dst[dd] = LOAD(src + dd * strides[3]);
+        rows[c] = dst;
+    }
+}
+
+/* One pass of a decode item (qmul, c, smul as item_pass's); returns 1 if some row max was +inf or some
+ * row sum NaN. */
+template <T (*LOAD)(const char *)>
+static int decode_pass(const fa_params *p, int64_t bh, int64_t split, int64_t nsplit, dscratch *ws, T qmul, T c,
+                       T smul) {
+    const int64_t G = p->group, d = p->head_dim, dp = round_up(d, W), dvp = round_up(p->head_dim_v, W);
+    const int64_t tk = round_up((int64_t)DEC_TK, W);
+    const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+    const fa_entry e = entry(p, b);
+    const int64_t R = e.len_q * G;
+    const bool hook = p->softcap > 0 || p->alibi || p->mask;
+    for (int64_t r = 0; r < R; ++r) {
+        visible_keys(p, e, r / G, 0, e.len_kv, ws->lo + r, ws->hi + r);
+        const char *qrow = p->q + e.src * p->q_strides[0] + (hkv * G + r % G) * p->q_strides[1]
+                           + (e.row_q + r / G) * p->q_strides[2];
+        for (int64_t dd = 0; dd < d; ++dd) ws->q[r * dp + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
+        for (int64_t dd = d; dd < dp; ++dd) ws->q[r * dp + dd] = 0;
+        ws->m[r] = -__builtin_inf();
+        ws->l[r] = 0;
+        for (int64_t dd = 0; dd < dvp; ++dd) ws->o[r * dvp + dd] = 0;
+    }
+    if (R == 0) return 0;
+    /* this split's keys: whole tiles of the rows' union [lo[0], hi[R-1]) (both ends grow with r) */
+    const int64_t kv_lo = ws->lo[0], kv_hi = ws->hi[R - 1];
+    const int64_t n_tiles = (kv_hi - kv_lo + DEC_TK - 1) / DEC_TK, per = (n_tiles + nsplit - 1) / nsplit;
+    const int64_t s0 = kv_lo + split * per * DEC_TK;
+    const int64_t s1 = s0 + per * DEC_TK < kv_hi ? s0 + per * DEC_TK : kv_hi;
+    int overflow = 0;
+    for (int64_t k0 = s0; k0 < s1; k0 += DEC_TK) {
+        const int64_t nc = s1 - k0 < DEC_TK ? s1 - k0 : DEC_TK;
+        const int64_t u0 = clamp64(kv_lo - k0, 0, nc), u1 = clamp64(kv_hi - k0, 0, nc);
+        if (u0 >= u1) continue;
+        const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
+        dec_rows<LOAD>(p, p->k, p->k_strides, e, hkv, k0, u0, u1, d, dp, ws->kbuf, ws->krow);
+        dec_rows<LOAD>(p, p->v, p->v_strides, e, hkv, k0, u0, u1, p->head_dim_v, dvp, ws->vbuf, ws->vrow);
+        dec_scores(ws->q, R, dp, ws->krow, u0, u1, ws->s, tk);
+        bool uniform = true;
+        int64_t c0_all = 0, c1_all = 0;
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
+            T *srow = ws->s + r * tk;
+            if (hook && c0 < c1) logit_row(p, e, b, hkv * G + r % G, r / G, k0, c0, c1, smul, srow);
+            overflow |= softmax_row(srow, a0, a1, c0, c1, c, ws->m + r, ws->l + r, ws->alpha + r);
+            if (r == 0) { c0_all = c0; c1_all = c1; }
+            else if (c0 != c0_all || c1 != c1_all) uniform = false;
+        }
+        if (uniform) {
+            if (c0_all < c1_all) dec_pv(ws->s, tk, ws->vrow, c0_all, c1_all, ws->alpha, ws->o, dvp, 0, R);
+            continue;
+        }
+        for (int64_t r = 0; r < R; ++r) {   /* rows of different keys: each over its own only */
+            const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
+            if (c0 < c1) dec_pv(ws->s, tk, ws->vrow, c0, c1, ws->alpha, ws->o, dvp, r, r + 1);
+            /* else no key of this tile: softmax_row left m, and so O (alpha = 1), as they were */
+        }
+    }
+    for (int64_t r = 0; r < R; ++r) overflow |= ws->l[r] != ws->l[r];   /* inf - inf in a product */
+    return overflow;
+}
+
+/* parts: for output row x = (b * heads + h) * seq_q + i and split s, O/l at [(x * nsplit + s) * dvp], then
+ * every lse (double) after all of them. */
+static int64_t decode_parts_elems(const fa_params *p, int64_t nsplit) {
+    const int64_t rows = mul_checked(mul_checked(p->batch, p->heads), p->seq_q);
+    return mul_checked(mul_checked(rows, nsplit), round_up(p->head_dim_v, W));
+}
+
+template <T (*LOAD)(const char *)>
+static void decode_item(const fa_params *p, int64_t bh, int64_t split, int64_t nsplit, void *parts, dscratch *ws) {
+    const units u(p);
+    double unit = u.unit;
+    if (decode_pass<LOAD>(p, bh, split, nsplit, ws, (T)1, u.c_raw, u.smul) && p->scale < 1.0) {
+        const T qmul = (T)p->scale;   /* a raw product overflowed: scores in their own units */
+        if (qmul > (T)0) {
+            decode_pass<LOAD>(p, bh, split, nsplit, ws, qmul, (T)units::log2e, (T)1);
+            unit = 1.0;
+        }
+    }
+    const int64_t G = p->group, dv = p->head_dim_v, dvp = round_up(dv, W);
+    const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+    const fa_entry e = entry(p, b);
+    T *part_o = (T *)parts;
+    double *part_lse = parts ? (double *)(part_o + decode_parts_elems(p, nsplit)) : NULL;
+    for (int64_t r = 0; r < e.len_q * G; ++r) {
+        const int64_t i = r / G, h = hkv * G + r % G;
+        double lse;
+        if (nsplit == 1) {
+            T *out = (T *)p->out + e.src * p->out_strides[0] + h * p->out_strides[1] + (e.row_q + i) * p->out_strides[2];
+            finish_row(ws->o + r * dvp, dv, ws->l[r], ws->m[r], unit, out, &lse);
+            ((T *)p->lse)[(e.src * p->heads + h) * p->lse_rows + e.row_q + i] = (T)lse;
+        } else {
+            const int64_t x = ((b * p->heads + h) * p->seq_q + i) * nsplit + split;
+            finish_row(ws->o + r * dvp, dv, ws->l[r], ws->m[r], unit, part_o + x * dvp, &lse);
+            part_lse[x] = lse;
+        }
+    }
+}
+
+/* Output row x = (b * heads + h) * seq_q + i from its splits (merge_attention's math). */
+static void decode_merge(const fa_params *p, int64_t x, int64_t nsplit, const void *parts) {
+    const int64_t dv = p->head_dim_v, dvp = round_up(dv, W);
+    const T *part_o = (const T *)parts + x * nsplit * dvp;
+    const double *lse_s = (const double *)((const T *)parts + decode_parts_elems(p, nsplit)) + x * nsplit;
+    const int64_t i = x % p->seq_q, h = (x / p->seq_q) % p->heads, b = x / (p->seq_q * p->heads);
+    T *out = (T *)p->out + b * p->out_strides[0] + h * p->out_strides[1] + i * p->out_strides[2];
+    T *lse = (T *)p->lse + (b * p->heads + h) * p->lse_rows + i;
+    double top = -__builtin_inf(), nan = 0;
+    for (int64_t s = 0; s < nsplit; ++s) {
+        if (lse_s[s] != lse_s[s]) nan = lse_s[s];
+        else if (lse_s[s] > top) top = lse_s[s];
+    }
+    if (nan != nan || top == -__builtin_inf()) {   /* a NaN part: NaN; no key in any split: 0 and -inf */
+        const T fill = nan != nan ? (T)nan : (T)0;
+        for (int64_t dd = 0; dd < dv; ++dd) out[dd] = fill;
+        *lse = nan != nan ? (T)nan : -(T)__builtin_inf();
+        return;
+    }
+    double total = 0;
+    for (int64_t s = 0; s < nsplit; ++s) total += exp(lse_s[s] - top);
+    for (int64_t dd = 0; dd < dv; ++dd) {
+        double acc = 0;
+        for (int64_t s = 0; s < nsplit; ++s) {
+            const double w = exp(lse_s[s] - top);
+            if (w > 0) acc += w * (double)part_o[s * dvp + dd];   /* a split without keys adds nothing */
+        }
+        out[dd] = (T)(acc / total);
+    }
+    *lse = (T)(top + log(total));
+}
