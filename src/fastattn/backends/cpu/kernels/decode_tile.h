@@ -61,47 +61,91 @@ static void decode_scratch_free(dscratch *ws) {
     if (ws) { free(ws->block); free(ws); }
 }
 
-/* The sum of a vector's lanes: log2(W) shuffle-and-add steps. */
-static inline T hsum(V v) {
-    for (int step = W / 2; step > 0; step >>= 1) {
-        VI m;
-        for (int j = 0; j < W; ++j) m[j] = (I)(j ^ step);
-        v += __builtin_shuffle(v, m);
+static inline int64_t elem_bytes(const fa_params *p) {
+    return p->in_dtype == FA_DTYPE_F64 ? 8 : (p->in_dtype == FA_DTYPE_F32 ? 4 : 2);
+}
+
+/* Horizontal sums, four at a time: each vector folded to 16 bytes (4 floats or 2 doubles), then the
+ * four folded vectors transposed and added.  Every shuffle mask is a constant. */
+typedef T V16 __attribute__((vector_size(16)));
+typedef typename vec_traits<T>::I I16 __attribute__((vector_size(16)));
+
+static inline V16 fold16(V v) {
+    V16 acc, part;
+    memcpy(&acc, &v, 16);
+    for (int o = 16; o < FA_VBYTES; o += 16) {
+        memcpy(&part, (const char *)&v + o, 16);
+        acc += part;
     }
-    return v[0];
+    return acc;
+}
+
+static inline void hsum4(const V *x, T *out) {
+    const V16 a = fold16(x[0]), b = fold16(x[1]), c = fold16(x[2]), d = fold16(x[3]);
+    if constexpr (sizeof(T) == 4) {
+        const V16 u0 = __builtin_shuffle(a, b, I16{0, 4, 1, 5}) + __builtin_shuffle(a, b, I16{2, 6, 3, 7});
+        const V16 u1 = __builtin_shuffle(c, d, I16{0, 4, 1, 5}) + __builtin_shuffle(c, d, I16{2, 6, 3, 7});
+        const V16 r = __builtin_shuffle(u0, u1, I16{0, 1, 4, 5}) + __builtin_shuffle(u0, u1, I16{2, 3, 6, 7});
+        memcpy(out, &r, 16);
+    } else {
+        const V16 ab = __builtin_shuffle(a, b, I16{0, 2}) + __builtin_shuffle(a, b, I16{1, 3});
+        const V16 cd = __builtin_shuffle(c, d, I16{0, 2}) + __builtin_shuffle(c, d, I16{1, 3});
+        memcpy(out, &ab, 16);
+        memcpy(out + 2, &cd, 16);
+    }
+}
+
+static inline T hsum(V v) {
+    const V16 a = fold16(v);
+    T s = 0;
+    for (int j = 0; j < (int)(16 / sizeof(T)); ++j) s += a[j];
+    return s;
+}
+
+/* S[r][c] = q_r . k_c for MR rows and columns [c0, c1): 4 keys at a time, MR x 4 accumulators. */
+template <int MR>
+static void dec_score_rows(const T *q, int64_t dp, const T *const *krow, int64_t c0, int64_t c1, T *s,
+                           int64_t lds) {
+    int64_t c = c0;
+    for (; c + 4 <= c1; c += 4) {
+        V acc[MR][4];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < 4; ++j) acc[i][j] = V{};
+        const T *k0 = krow[c], *k1 = krow[c + 1], *k2 = krow[c + 2], *k3 = krow[c + 3];
+        for (int64_t dd = 0; dd < dp; dd += W) {
+            const V kv0 = load(k0 + dd), kv1 = load(k1 + dd), kv2 = load(k2 + dd), kv3 = load(k3 + dd);
+            for (int i = 0; i < MR; ++i) {
+                const V qv = load(q + i * dp + dd);
+                acc[i][0] += qv * kv0;
+                acc[i][1] += qv * kv1;
+                acc[i][2] += qv * kv2;
+                acc[i][3] += qv * kv3;
+            }
+        }
+        for (int i = 0; i < MR; ++i) hsum4(acc[i], s + i * lds + c);
+    }
+    for (; c < c1; ++c) {
+        V acc[MR];
+        for (int i = 0; i < MR; ++i) acc[i] = V{};
+        for (int64_t dd = 0; dd < dp; dd += W) {
+            const V kv = load(krow[c] + dd);
+            for (int i = 0; i < MR; ++i) acc[i] += load(q + i * dp + dd) * kv;
+        }
+        for (int i = 0; i < MR; ++i) s[i * lds + c] = hsum(acc[i]);
+    }
 }
 
 /* S[r][c] = q_r . k_c for rows [0, R) and columns [c0, c1), q rows of dp (a multiple of W) elements. */
 static void dec_scores(const T *q, int64_t R, int64_t dp, const T *const *krow, int64_t c0, int64_t c1, T *s,
                        int64_t lds) {
     for (int64_t rb = 0; rb < R; rb += FA_D_MR) {
-        const int mr = (int)(R - rb < FA_D_MR ? R - rb : FA_D_MR);
-        int64_t c = c0;
-        for (; c + 4 <= c1; c += 4) {
-            V acc[FA_D_MR][4];
-            for (int i = 0; i < FA_D_MR; ++i)
-                for (int j = 0; j < 4; ++j) acc[i][j] = V{};
-            for (int64_t dd = 0; dd < dp; dd += W) {
-                V kv[4];
-                for (int j = 0; j < 4; ++j) kv[j] = load(krow[c + j] + dd);
-                for (int i = 0; i < FA_D_MR; ++i) {
-                    if (i < mr) {
-                        const V qv = load(q + (rb + i) * dp + dd);
-                        for (int j = 0; j < 4; ++j) acc[i][j] += qv * kv[j];
-                    }
-                }
-            }
-            for (int i = 0; i < mr; ++i)
-                for (int j = 0; j < 4; ++j) s[(rb + i) * lds + c + j] = hsum(acc[i][j]);
-        }
-        for (; c < c1; ++c) {
-            V acc[FA_D_MR];
-            for (int i = 0; i < FA_D_MR; ++i) acc[i] = V{};
-            for (int64_t dd = 0; dd < dp; dd += W) {
-                const V kv = load(krow[c] + dd);
-                for (int i = 0; i < mr; ++i) acc[i] += load(q + (rb + i) * dp + dd) * kv;
-            }
-            for (int i = 0; i < mr; ++i) s[(rb + i) * lds + c] = hsum(acc[i]);
+        const int64_t mr = R - rb < FA_D_MR ? R - rb : FA_D_MR;
+        const T *qb = q + rb * dp;
+        T *sb = s + rb * lds;
+        switch (mr) {
+#define FA_CASE(M) case M: dec_score_rows<(M <= FA_D_MR ? M : 1)>(qb, dp, krow, c0, c1, sb, lds); break;
+            FA_CASE(1) FA_CASE(2) FA_CASE(3) FA_CASE(4)
+#undef FA_CASE
         }
     }
 }
@@ -186,6 +230,16 @@ static int decode_pass(const fa_params *p, int64_t bh, int64_t split, int64_t ns
         const int64_t u0 = clamp64(kv_lo - k0, 0, nc), u1 = clamp64(kv_hi - k0, 0, nc);
         if (u0 >= u1) continue;
         const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
+        if (k0 + DEC_TK < s1) {   /* the next tile's rows, ahead of use (they lie a stride apart: no stream) */
+            const int64_t n1 = s1 - k0 - DEC_TK < DEC_TK ? s1 - k0 - DEC_TK : DEC_TK;
+            const int64_t kb = d * elem_bytes(p), vb = p->head_dim_v * elem_bytes(p);
+            for (int64_t c = 0; c < n1; ++c) {
+                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, hkv, k0 + DEC_TK + c);
+                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, hkv, k0 + DEC_TK + c);
+                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x * (p->k_strides[3] / elem_bytes(p)), 0, 0);
+                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x * (p->v_strides[3] / elem_bytes(p)), 0, 0);
+            }
+        }
         dec_rows<LOAD>(p, p->k, p->k_strides, e, hkv, k0, u0, u1, d, dp, ws->kbuf, ws->krow);
         dec_rows<LOAD>(p, p->v, p->v_strides, e, hkv, k0, u0, u1, p->head_dim_v, dvp, ws->vbuf, ws->vrow);
         dec_scores(ws->q, R, dp, ws->krow, u0, u1, ws->s, tk);
