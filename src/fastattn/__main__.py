@@ -5,6 +5,7 @@
     python -m fastattn bench                     a few seconds: fastattn vs NumPy materialized
     python -m fastattn bench --compare torch     the full grid against PyTorch's CPU SDPA
     python -m fastattn bench --device cuda       the CUDA backend against torch flash / cuDNN
+    python -m fastattn bench --decode            KV-cache decode beside torch SDPA and a memory copy
 
 Whatever can be checked before a run (arguments, matplotlib and the output folder for
 ``--plot``, PyTorch for ``--compare torch``) is checked first, so a long run never fails at
@@ -207,9 +208,49 @@ def _cmd_bench_variant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    """``bench --decode``: decode against a KV cache beside PyTorch's SDPA and a memory copy."""
+    from . import _bench
+
+    if args.device == "cuda":
+        try:
+            from . import _bench_decode_cuda as bench_module
+        except ImportError as exc:
+            print(f"fastattn: the CUDA decode benchmark is not available here ({exc})", file=sys.stderr)
+            return 2
+        rows = bench_module.run_decode_bench(quick=args.quick)
+        title = "CUDA decode against a KV cache"
+    else:
+        from . import _bench_decode as bench_module
+
+        reason = _bench.unavailable(_bench.FASTATTN_CPU)
+        if reason:
+            print(f"fastattn: the cpu backend is not available ({reason})", file=sys.stderr)
+            return 2
+        torch_reason = _bench.torch_unavailable()
+        if torch_reason:
+            print(f"note: {torch_reason}; timing fastattn and the copy alone", file=sys.stderr)
+        rows = bench_module.run_decode_bench(quick=args.quick, threads=args.threads, rounds=args.repeat or 7,
+                                             compare_torch=torch_reason is None, limit_mib=args.limit_mib)
+        facts = _bench.machine_facts()
+        title = (f"CPU decode against a KV cache (seq_q 1, K+V read per second), SIMD {_bench.fastattn_simd()}; "
+                 f"{facts.get('cpu', facts['machine'])}")
+    if args.json != "-":
+        print(title)
+        print(bench_module.format_decode_table(rows))
+    if args.json is not None:
+        _write_json({"decode": rows}, args.json)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
+    if args.decode:
+        if args.variant:
+            print("fastattn: choose one of --decode and --variant", file=sys.stderr)
+            return 2
+        return _cmd_bench_decode(args)
     if args.variant:
         return _cmd_bench_variant(args)
     if args.device == "cuda":
@@ -309,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time one variant (GQA, sliding window, softcap, ALiBi, attn_mask, packed varlen, the "
                         "(batch, seq, heads, dim) layout) beside fastattn's plain kernel and PyTorch's SDPA given the "
                         "same call")
+    p.add_argument("--decode", action="store_true",
+                   help="KV-cache decode (one query per sequence against a cache, D=128): K+V bytes read per second "
+                        "for a contiguous and a paged cache beside PyTorch's SDPA and a same-run memory copy")
+    p.add_argument("--limit-mib", type=_positive_int, default=4096, metavar="MIB",
+                   help="--decode: skip shapes whose caches need more memory than this (default: 4096)")
     p.add_argument("--quick", action="store_true", help="a small grid (a few seconds)")
     p.add_argument("--seqs", type=_positive_int, nargs="+", metavar="N",
                    help="sequence lengths (queries = keys), replacing the grid's")

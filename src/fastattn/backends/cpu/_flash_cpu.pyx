@@ -66,6 +66,7 @@ cdef extern from "kernels/flash_cpu.h" nogil:
         const int32_t *cu_kv
         const int32_t *block_table
         int64_t table_stride, block_size
+        int64_t decode_heads
         int dropout
         uint32_t drop_threshold
         double drop_scale
@@ -206,6 +207,7 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     p.cu_q = _ints(cu_q)
     p.cu_kv = _ints(cu_kv)
     _set_table(&p, block_table, k.shape[2])
+    p.decode_heads = 1
     p.dropout = dropout
     p.drop_threshold = drop_threshold
     p.drop_scale = drop_scale
@@ -278,13 +280,15 @@ cdef void _set_table(fa_params *p, object block_table, int64_t block_size):
 
 def decode(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
            cnp.ndarray lens_kv, object block_table, double scale, bint causal, int64_t window_left,
-           int64_t window_right, double softcap, object alibi, str isa, int num_threads, int64_t nsplit):
+           int64_t window_right, double softcap, object alibi, str isa, int num_threads, int64_t nsplit,
+           int64_t heads_per_item=1):
     """Decode: every query row of a (batch entry, k/v head) against its lens_kv[b] keys, read in place
     (fa_decode_item), the keys cut into ``nsplit`` splits merged by their lse (fa_decode_merge); the mask
     aligned bottom-right.  q (b, h, s, d), out (b, h, s, d_v) of the compute type with unit stride along d,
     lse contiguous (b, h, s); k, v (b, h_kv, s_cache, d) views, or with ``block_table`` (batch, max_blocks)
     int32 a paged cache's (num_blocks, h_kv, block_size, d) views.  Invariants (checked by the caller):
     lens_kv int32 (b,) within the cache (and its blocks valid), nsplit >= 1, num_threads >= 1.
+    ``heads_per_item``: k/v heads of one work item (neighbours in memory: read side by side).
     Returns the threads that took part."""
     cdef fa_params p
     cdef int isa_id = isa_code(isa)
@@ -338,7 +342,10 @@ def decode(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nda
     p.drop_threshold = 0
     p.drop_scale = 1.0
     p.seed = 0
-    n_items = p.batch * p.heads_kv
+    if heads_per_item < 1:
+        raise ValueError(f"fastattn: heads_per_item must be >= 1, got {heads_per_item}")
+    p.decode_heads = min(heads_per_item, max(p.heads_kv, 1))
+    n_items = p.batch * ((p.heads_kv + p.decode_heads - 1) // p.decode_heads)
     n_rows = p.batch * p.heads * p.seq_q
     if n_items == 0 or p.seq_q == 0:
         return 0

@@ -2,7 +2,8 @@
  * kern<T> (flash_tile.h): the same vector type, exp2v, the logit hook, softmax_row, visible_keys,
  * units and finish_row.
  *
- * Math: run_item's (see flash_tile.h's header), over one split [s0, s1) of the rows' visible keys:
+ * Math: run_item's (see flash_tile.h's header), over one split [s0, s1) of the rows' visible keys, for
+ * each k/v head of the item (decode_heads neighbours: read tile by tile, the heads of a key side by side):
  *   rows r = i * G + g: query position i of query head h = h_kv * G + g (the group shares K/V, so each
  *   K/V byte is read once per group);
  *   for each tile of DEC_TK keys: S = Q.K^T (dot products along d), the hook and mask, the online
@@ -31,10 +32,11 @@ struct dscratch {
 
 static dscratch *decode_scratch_new(const fa_params *p) {
     const int64_t R = p->seq_q * p->group, dp = round_up(p->head_dim, W), dvp = round_up(p->head_dim_v, W);
+    const int64_t Rt = mul_checked(R, p->decode_heads);   /* the rows of every k/v head of an item */
     const int64_t tk = round_up((int64_t)DEC_TK, W);
     const int64_t wide = (int64_t)(sizeof(double) / sizeof(T));   /* T slots per double / int64 / pointer */
-    const int64_t sizes[11] = {mul_checked(R, dp), mul_checked(R, tk), mul_checked(R, dvp), R, R,
-                               mul_checked(tk, dp), mul_checked(tk, dvp), mul_checked(R, wide),
+    const int64_t sizes[11] = {mul_checked(Rt, dp), mul_checked(Rt, tk), mul_checked(Rt, dvp), Rt, Rt,
+                               mul_checked(tk, dp), mul_checked(tk, dvp), mul_checked(Rt, wide),
                                mul_checked(R, wide), mul_checked(R, wide), mul_checked(2 * tk, wide)};
     const int64_t pad = 64 / (int64_t)sizeof(T);
     int64_t total = 0;
@@ -192,31 +194,53 @@ static void dec_rows(const fa_params *p, const char *base, const int64_t *stride
             continue;
         }
         T *dst = buf + c * np;
-        for (int64_t dd = 0; dd < n; ++dd) dst[dd] = LOAD(src + dd * strides[3]);
+        int64_t dd = 0;
+        if constexpr (sizeof(T) == 4) {
+            if (strides[3] == 2 && p->in_dtype == FA_DTYPE_BF16) {   /* bfloat16: its bits are a float's top half */
+                typedef uint16_t VH __attribute__((vector_size(W * 2), aligned(2), may_alias));
+                for (; dd + W <= n; dd += W)
+                    store(dst + dd, (V)(__builtin_convertvector(*(const VH *)(src + 2 * dd), VI) << 16));
+            }
+        }
+        for (; dd < n; ++dd) dst[dd] = LOAD(src + dd * strides[3]);
         rows[c] = dst;
     }
 }
 
+/* An item: batch entry b and the k/v heads [h0, h1) (decode_heads of them: heads whose rows lie side by
+ * side in memory, so a tile's keys are read as a few long runs), one split of the keys. */
+static inline void item_heads(const fa_params *p, int64_t item, int64_t *b, int64_t *h0, int64_t *h1) {
+    const int64_t chunks = (p->heads_kv + p->decode_heads - 1) / p->decode_heads;
+    *b = item / chunks;
+    *h0 = item % chunks * p->decode_heads;
+    *h1 = *h0 + p->decode_heads < p->heads_kv ? *h0 + p->decode_heads : p->heads_kv;
+}
+
 /* One pass of a decode item (qmul, c, smul as item_pass's); returns 1 if some row max was +inf or some
- * row sum NaN. */
+ * row sum NaN.  Rows: head j = hkv - h0 of the item owns rows [j R, (j + 1) R); their visible keys
+ * depend on the position only (lo, hi: R of them). */
 template <T (*LOAD)(const char *)>
-static int decode_pass(const fa_params *p, int64_t bh, int64_t split, int64_t nsplit, dscratch *ws, T qmul, T c,
+static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t nsplit, dscratch *ws, T qmul, T c,
                        T smul) {
     const int64_t G = p->group, d = p->head_dim, dp = round_up(d, W), dvp = round_up(p->head_dim_v, W);
     const int64_t tk = round_up((int64_t)DEC_TK, W);
-    const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+    int64_t b, h0, h1;
+    item_heads(p, item, &b, &h0, &h1);
     const fa_entry e = entry(p, b);
     const int64_t R = e.len_q * G;
     const bool hook = p->softcap > 0 || p->alibi || p->mask;
-    for (int64_t r = 0; r < R; ++r) {
-        visible_keys(p, e, r / G, 0, e.len_kv, ws->lo + r, ws->hi + r);
-        const char *qrow = p->q + e.src * p->q_strides[0] + (hkv * G + r % G) * p->q_strides[1]
-                           + (e.row_q + r / G) * p->q_strides[2];
-        for (int64_t dd = 0; dd < d; ++dd) ws->q[r * dp + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
-        for (int64_t dd = d; dd < dp; ++dd) ws->q[r * dp + dd] = 0;
-        ws->m[r] = -__builtin_inf();
-        ws->l[r] = 0;
-        for (int64_t dd = 0; dd < dvp; ++dd) ws->o[r * dvp + dd] = 0;
+    for (int64_t r = 0; r < R; ++r) visible_keys(p, e, r / G, 0, e.len_kv, ws->lo + r, ws->hi + r);
+    for (int64_t hkv = h0; hkv < h1; ++hkv) {
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t x = (hkv - h0) * R + r;
+            const char *qrow = p->q + e.src * p->q_strides[0] + (hkv * G + r % G) * p->q_strides[1]
+                               + (e.row_q + r / G) * p->q_strides[2];
+            for (int64_t dd = 0; dd < d; ++dd) ws->q[x * dp + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
+            for (int64_t dd = d; dd < dp; ++dd) ws->q[x * dp + dd] = 0;
+            ws->m[x] = -__builtin_inf();
+            ws->l[x] = 0;
+            for (int64_t dd = 0; dd < dvp; ++dd) ws->o[x * dvp + dd] = 0;
+        }
     }
     if (R == 0) return 0;
     /* this split's keys: whole tiles of the rows' union [lo[0], hi[R-1]) (both ends grow with r) */
@@ -224,46 +248,49 @@ static int decode_pass(const fa_params *p, int64_t bh, int64_t split, int64_t ns
     const int64_t n_tiles = (kv_hi - kv_lo + DEC_TK - 1) / DEC_TK, per = (n_tiles + nsplit - 1) / nsplit;
     const int64_t s0 = kv_lo + split * per * DEC_TK;
     const int64_t s1 = s0 + per * DEC_TK < kv_hi ? s0 + per * DEC_TK : kv_hi;
+    const int64_t eb = elem_bytes(p), kb = d * eb, vb = p->head_dim_v * eb;
     int overflow = 0;
     for (int64_t k0 = s0; k0 < s1; k0 += DEC_TK) {
         const int64_t nc = s1 - k0 < DEC_TK ? s1 - k0 : DEC_TK;
         const int64_t u0 = clamp64(kv_lo - k0, 0, nc), u1 = clamp64(kv_hi - k0, 0, nc);
         if (u0 >= u1) continue;
         const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
-        if (k0 + DEC_TK < s1) {   /* the next tile's rows, ahead of use (they lie a stride apart: no stream) */
-            const int64_t n1 = s1 - k0 - DEC_TK < DEC_TK ? s1 - k0 - DEC_TK : DEC_TK;
-            const int64_t kb = d * elem_bytes(p), vb = p->head_dim_v * elem_bytes(p);
-            for (int64_t c = 0; c < n1; ++c) {
-                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, hkv, k0 + DEC_TK + c);
-                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, hkv, k0 + DEC_TK + c);
-                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x * (p->k_strides[3] / elem_bytes(p)), 0, 0);
-                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x * (p->v_strides[3] / elem_bytes(p)), 0, 0);
+        const int64_t n1 = k0 + DEC_TK < s1 ? (s1 - k0 - DEC_TK < DEC_TK ? s1 - k0 - DEC_TK : DEC_TK) : 0;
+        for (int64_t hkv = h0; hkv < h1; ++hkv) {
+            /* the next tile's rows of this head, ahead of use (spread over the heads' work) */
+            for (int64_t cc = 0; cc < n1; ++cc) {
+                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, hkv, k0 + DEC_TK + cc);
+                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, hkv, k0 + DEC_TK + cc);
+                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x / eb * p->k_strides[3], 0, 0);
+                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x / eb * p->v_strides[3], 0, 0);
+            }
+            const int64_t x0 = (hkv - h0) * R;
+            T *S = ws->s + x0 * tk, *O = ws->o + x0 * dvp, *A = ws->alpha + x0;
+            dec_rows<LOAD>(p, p->k, p->k_strides, e, hkv, k0, u0, u1, d, dp, ws->kbuf, ws->krow);
+            dec_rows<LOAD>(p, p->v, p->v_strides, e, hkv, k0, u0, u1, p->head_dim_v, dvp, ws->vbuf, ws->vrow);
+            dec_scores(ws->q + x0 * dp, R, dp, ws->krow, u0, u1, S, tk);
+            bool uniform = true;
+            int64_t c0_all = 0, c1_all = 0;
+            for (int64_t r = 0; r < R; ++r) {
+                const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
+                T *srow = S + r * tk;
+                if (hook && c0 < c1) logit_row(p, e, b, hkv * G + r % G, r / G, k0, c0, c1, smul, srow);
+                overflow |= softmax_row(srow, a0, a1, c0, c1, c, ws->m + x0 + r, ws->l + x0 + r, A + r);
+                if (r == 0) { c0_all = c0; c1_all = c1; }
+                else if (c0 != c0_all || c1 != c1_all) uniform = false;
+            }
+            if (uniform) {
+                if (c0_all < c1_all) dec_pv(S, tk, ws->vrow, c0_all, c1_all, A, O, dvp, 0, R);
+                continue;
+            }
+            for (int64_t r = 0; r < R; ++r) {   /* rows of different keys: each over its own only */
+                const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
+                if (c0 < c1) dec_pv(S, tk, ws->vrow, c0, c1, A, O, dvp, r, r + 1);
+                /* else no key of this tile: softmax_row left m, and so O (alpha = 1), as they were */
             }
         }
-        dec_rows<LOAD>(p, p->k, p->k_strides, e, hkv, k0, u0, u1, d, dp, ws->kbuf, ws->krow);
-        dec_rows<LOAD>(p, p->v, p->v_strides, e, hkv, k0, u0, u1, p->head_dim_v, dvp, ws->vbuf, ws->vrow);
-        dec_scores(ws->q, R, dp, ws->krow, u0, u1, ws->s, tk);
-        bool uniform = true;
-        int64_t c0_all = 0, c1_all = 0;
-        for (int64_t r = 0; r < R; ++r) {
-            const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
-            T *srow = ws->s + r * tk;
-            if (hook && c0 < c1) logit_row(p, e, b, hkv * G + r % G, r / G, k0, c0, c1, smul, srow);
-            overflow |= softmax_row(srow, a0, a1, c0, c1, c, ws->m + r, ws->l + r, ws->alpha + r);
-            if (r == 0) { c0_all = c0; c1_all = c1; }
-            else if (c0 != c0_all || c1 != c1_all) uniform = false;
-        }
-        if (uniform) {
-            if (c0_all < c1_all) dec_pv(ws->s, tk, ws->vrow, c0_all, c1_all, ws->alpha, ws->o, dvp, 0, R);
-            continue;
-        }
-        for (int64_t r = 0; r < R; ++r) {   /* rows of different keys: each over its own only */
-            const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
-            if (c0 < c1) dec_pv(ws->s, tk, ws->vrow, c0, c1, ws->alpha, ws->o, dvp, r, r + 1);
-            /* else no key of this tile: softmax_row left m, and so O (alpha = 1), as they were */
-        }
     }
-    for (int64_t r = 0; r < R; ++r) overflow |= ws->l[r] != ws->l[r];   /* inf - inf in a product */
+    for (int64_t x = 0; x < (h1 - h0) * R; ++x) overflow |= ws->l[x] != ws->l[x];   /* inf - inf in a product */
     return overflow;
 }
 
@@ -275,32 +302,35 @@ static int64_t decode_parts_elems(const fa_params *p, int64_t nsplit) {
 }
 
 template <T (*LOAD)(const char *)>
-static void decode_item(const fa_params *p, int64_t bh, int64_t split, int64_t nsplit, void *parts, dscratch *ws) {
+static void decode_item(const fa_params *p, int64_t item, int64_t split, int64_t nsplit, void *parts,
+                        dscratch *ws) {
     const units u(p);
     double unit = u.unit;
-    if (decode_pass<LOAD>(p, bh, split, nsplit, ws, (T)1, u.c_raw, u.smul) && p->scale < 1.0) {
+    if (decode_pass<LOAD>(p, item, split, nsplit, ws, (T)1, u.c_raw, u.smul) && p->scale < 1.0) {
         const T qmul = (T)p->scale;   /* a raw product overflowed: scores in their own units */
         if (qmul > (T)0) {
-            decode_pass<LOAD>(p, bh, split, nsplit, ws, qmul, (T)units::log2e, (T)1);
+            decode_pass<LOAD>(p, item, split, nsplit, ws, qmul, (T)units::log2e, (T)1);
             unit = 1.0;
         }
     }
     const int64_t G = p->group, dv = p->head_dim_v, dvp = round_up(dv, W);
-    const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+    int64_t b, h0, h1;
+    item_heads(p, item, &b, &h0, &h1);
     const fa_entry e = entry(p, b);
+    const int64_t R = e.len_q * G;
     T *part_o = (T *)parts;
     double *part_lse = parts ? (double *)(part_o + decode_parts_elems(p, nsplit)) : NULL;
-    for (int64_t r = 0; r < e.len_q * G; ++r) {
-        const int64_t i = r / G, h = hkv * G + r % G;
+    for (int64_t x = 0; x < (h1 - h0) * R; ++x) {
+        const int64_t r = x % R, i = r / G, h = (h0 + x / R) * G + r % G;
         double lse;
         if (nsplit == 1) {
             T *out = (T *)p->out + e.src * p->out_strides[0] + h * p->out_strides[1] + (e.row_q + i) * p->out_strides[2];
-            finish_row(ws->o + r * dvp, dv, ws->l[r], ws->m[r], unit, out, &lse);
+            finish_row(ws->o + x * dvp, dv, ws->l[x], ws->m[x], unit, out, &lse);
             ((T *)p->lse)[(e.src * p->heads + h) * p->lse_rows + e.row_q + i] = (T)lse;
         } else {
-            const int64_t x = ((b * p->heads + h) * p->seq_q + i) * nsplit + split;
-            finish_row(ws->o + r * dvp, dv, ws->l[r], ws->m[r], unit, part_o + x * dvp, &lse);
-            part_lse[x] = lse;
+            const int64_t y = ((b * p->heads + h) * p->seq_q + i) * nsplit + split;
+            finish_row(ws->o + x * dvp, dv, ws->l[x], ws->m[x], unit, part_o + y * dvp, &lse);
+            part_lse[y] = lse;
         }
     }
 }

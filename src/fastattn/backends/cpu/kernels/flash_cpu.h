@@ -60,6 +60,7 @@ typedef struct {
      * row j % block_size of block block_table[b * table_stride + j / block_size] (fa_kv_row) */
     const int32_t *block_table;         /* NULL: k/v are (b, h_kv, s, d) views */
     int64_t table_stride, block_size;
+    int64_t decode_heads;               /* decode: k/v heads per work item (>= 1) */
     /* dropout */
     int dropout;                    /* 0: no dropout */
     uint32_t drop_threshold;        /* drop iff philox word < threshold */
@@ -102,8 +103,8 @@ static inline const char *fa_kv_row(const fa_params *p, const char *base, const 
 }
 
 /* Decode (a few query rows per k/v head against a long cache, read in place): one work item per
- * (batch entry, k/v head, split of its keys); its rows are every query position x query head of the
- * group.  With nsplit > 1 an item writes its rows' normalized partial output and lse into parts
+ * (batch entry, decode_heads k/v heads, split of its keys); its rows are every query position x query
+ * head of the group, for each of its k/v heads.  With nsplit > 1 an item writes its rows' normalized partial output and lse into parts
  * (fa_decode_parts_bytes), and fa_decode_merge combines the splits of one output row by their lse. */
 int64_t fa_decode_parts_bytes(const fa_params *p, int isa, int64_t nsplit);   /* -1: too large */
 void *fa_decode_scratch_new(const fa_params *p, int isa);
