@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+KVCACHE_DOC = README.parent / "docs" / "kvcache.md"
 
 
 def test_readme_examples_run(cpu_backend):
@@ -19,3 +20,14 @@ def test_readme_examples_run(cpu_backend):
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["out"].shape == (1724, 32, 128)
+
+
+def test_kvcache_generation_loop_runs(cpu_backend):
+    """docs/kvcache.md's generation loop (its own assertions compare every step with full attention)."""
+    if not KVCACHE_DOC.exists():
+        pytest.skip("docs/kvcache.md is not beside the tests (an installed test tree)")
+    blocks = re.findall(r"```python\n(.*?)```", KVCACHE_DOC.read_text(), re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], str(KVCACHE_DOC), "exec"), namespace)  # noqa: S102 - our own docs
+    assert namespace["cached"] == 37 + 40 and len(namespace["tokens"]) == 37 + 41
