@@ -175,6 +175,8 @@ def is_gpu_array(x: Any) -> bool:
 
     Never imports CuPy: a CuPy array can only exist if CuPy was already imported.
     """
+    if type(x) is np.ndarray:  # the common case, answered without the protocol calls below
+        return False
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
         return True
@@ -191,10 +193,20 @@ def is_gpu_array(x: Any) -> bool:
 
 def dtype_name(arr: Any) -> str:
     """The dtype's name, also for arrays whose dtype is not NumPy's (e.g. ``torch.float16``)."""
+    dtype = getattr(arr, "dtype", None)
+    name = _DTYPE_NAMES.get(dtype) if isinstance(dtype, np.dtype) else None
+    if name is not None:
+        return name
     try:
-        return np.dtype(arr.dtype).name
+        name = np.dtype(dtype).name
     except TypeError:
-        return str(arr.dtype).removeprefix("torch.")
+        return str(dtype).removeprefix("torch.")
+    if isinstance(dtype, np.dtype) and len(_DTYPE_NAMES) < 256:
+        _DTYPE_NAMES[dtype] = name
+    return name
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}  # numpy computes dtype.name in Python: remembered per dtype
 
 
 def numpy_dtype(name: str) -> np.dtype:
