@@ -361,3 +361,46 @@ def test_cpu_decode_from_many_threads(rng):
                                                                             backend="cpu", num_splits=3), jobs))
     for (q, kc, vc, lens), out in zip(jobs, outs, strict=True):
         _close(out, _expected(q, kc, vc, lens)[0], "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_tensors_in_place_and_sdpa_with_an_explicit_mask(backend, rng, dtype):
+    """torch CPU tensors in and out (the cache tensors hold the appended tokens afterwards), and the result
+    equals PyTorch's SDPA given the equivalent explicit bottom-right mask."""
+    torch = pytest.importorskip("torch")
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    lens = [29, 3]
+    seq_new = 6
+    kc = torch.randn(2, 40, 2, 16, dtype=torch.float32).to(tdt)
+    vc = torch.randn(2, 40, 2, 16, dtype=torch.float32).to(tdt)
+    q = torch.randn(2, seq_new, 8, 16, dtype=torch.float32).to(tdt)
+    k = torch.randn(2, seq_new, 2, 16, dtype=torch.float32).to(tdt)
+    v = torch.randn(2, seq_new, 2, 16, dtype=torch.float32).to(tdt)
+    out = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=np.array(lens, np.int32),
+                                                backend=backend)
+    assert isinstance(out, torch.Tensor) and out.dtype == tdt and out.shape == (2, seq_new, 8, 16)
+    for b, n in enumerate(lens):
+        assert torch.equal(kc[b, n:n + seq_new], k[b]) and torch.equal(vc[b, n:n + seq_new], v[b])
+        total = n + seq_new
+        mask = torch.ones(seq_new, total, dtype=torch.bool).tril(diagonal=total - seq_new)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1].transpose(1, 2).float(), kc[b:b + 1, :total].transpose(1, 2).float(),
+            vc[b:b + 1, :total].transpose(1, 2).float(), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        err = rel_error(out[b:b + 1].float().numpy(), want.numpy())
+        assert err <= (2e-6 if dtype == "float32" else 1e-2), err
+
+
+def test_paged_block_size_256_and_an_unused_table_tail(rng):
+    """block_size 256, table entries past what a sequence needs holding garbage (never read)."""
+    require_backend("cpu")
+    lens = np.array([300, 1, 0], np.int32)
+    kc, vc = _cache(rng, 3, 600, 2, 32, "float32", lens)
+    kp, vp, table = _paged(rng, kc, vc, 256)
+    for b, n in enumerate(lens):
+        table[b, -(-(n + 1) // 256):] = -7  # not a block: fine where no token needs it
+    q = random_array(rng, (3, 1, 4, 32))
+    k, v = random_array(rng, (3, 1, 2, 32)), random_array(rng, (3, 1, 2, 32))
+    out = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table,
+                                                num_splits=2)
+    kc[np.arange(3), lens], vc[np.arange(3), lens] = k[:, 0], v[:, 0]
+    _close(out, _expected(q, kc, vc, lens + 1)[0], "float32")
