@@ -75,10 +75,27 @@ def _bshd(strides: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:
     return (sb, s1, s2, sd) if layout == "bshd" else (sb, s2, s1, sd)
 
 
-@functools.cache
-def _external_stream(ptr: int, device: int) -> Any:
-    cp = _cupy()
-    return cp.cuda.Stream.null if ptr == 0 else cp.cuda.ExternalStream(ptr, device)
+_EXTERNAL: dict[tuple[int, int], Any] = {}
+
+
+def _external_stream(torch_stream: Any, device: int) -> Any:
+    """torch's stream as a CuPy stream (one object per stream pointer)."""
+    ptr = int(torch_stream.cuda_stream)
+    found = _EXTERNAL.get((ptr, device))
+    if found is None:
+        cp = _cupy()
+        if ptr == 0:
+            found = cp.cuda.Stream.null
+        elif hasattr(cp.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
+            found = cp.cuda.Stream.from_external(torch_stream)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                found = cp.cuda.ExternalStream(ptr, device)
+        _EXTERNAL[(ptr, device)] = found
+    return found
 
 
 def _stream(call: Any, device: int) -> tuple[Any, bool]:
@@ -87,7 +104,7 @@ def _stream(call: Any, device: int) -> tuple[Any, bool]:
         import torch
 
         ts = torch.cuda.current_stream(device)
-        return _external_stream(int(ts.cuda_stream), device), bool(torch.cuda.is_current_stream_capturing())
+        return _external_stream(ts, device), bool(torch.cuda.is_current_stream_capturing())
     cp = _cupy()
     stream = cp.cuda.get_current_stream()
     return stream, _capturing(stream)
