@@ -178,6 +178,9 @@ def is_gpu_array(x: Any) -> bool:
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
         return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):  # without building __cuda_array_interface__
+        return bool(x.is_cuda)
     if hasattr(x, "__cuda_array_interface__"):
         return True
     dev = getattr(x, "__dlpack_device__", None)

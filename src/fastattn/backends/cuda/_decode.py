@@ -61,7 +61,7 @@ class _Arr(NamedTuple):
 
 def _arr(x: Any) -> _Arr:
     if _is_torch(x):
-        return _Arr(int(x.data_ptr()), tuple(int(s) for s in x.stride()), int(x.device.index), x)
+        return _Arr(x.data_ptr(), x.stride(), x.get_device(), x)
     cp = _cupy()
     if not isinstance(x, cp.ndarray):
         x = cp.asarray(x)  # __cuda_array_interface__ / DLPack objects, zero-copy
@@ -246,8 +246,10 @@ def choose_splits(units: int, key_tiles: int, multiprocessors: int, per_sm: int)
 
 
 def _alloc(call: Any, device: int, shapes: list[tuple[tuple[int, ...], str]]) -> list[tuple[Any, int]]:
-    """One buffer, cut into arrays of these (shape, dtype): [(array, pointer)].  From torch's allocator
-    for torch callers (its graph pool while capturing), else CuPy's; the arrays keep the buffer alive."""
+    """Arrays of these (shape, dtype): [(array, pointer)].  torch callers: from torch's allocator (its graph
+    pool while capturing: the splits' scratch is freed into that pool, which the graph owns).  CuPy: one
+    buffer cut into the arrays, so that out / lse keep the scratch alive (a captured graph writes it on
+    every replay; freed into CuPy's pool it could be handed to another array)."""
     sizes, offsets, total = [], [], 0
     for shape, dt in shapes:
         n = math.prod(shape) * np.dtype(dt if dt != "bfloat16" else "uint16").itemsize
@@ -255,14 +257,13 @@ def _alloc(call: Any, device: int, shapes: list[tuple[tuple[int, ...], str]]) ->
         sizes.append(n)
         total += -(-max(n, 1) // 256) * 256
     out = []
-    if _is_torch(call.q):
+    if _is_torch(call.q):  # torch's stream-ordered allocator (its graph pool while capturing)
         import torch
 
-        buf = torch.empty(total, dtype=torch.uint8, device=call.q.device)
-        base = int(buf.data_ptr())
-        for (shape, dt), off, n in zip(shapes, offsets, sizes, strict=True):
-            tdt = call.q.dtype if dt == call.dtype else getattr(torch, dt)
-            out.append((buf[off:off + n].view(tdt).view(shape), base + off))
+        for shape, dt in shapes:
+            t = torch.empty(shape, dtype=call.q.dtype if dt == call.dtype else getattr(torch, dt),
+                            device=call.q.device)
+            out.append((t, t.data_ptr()))
         return out
     cp = _cupy()
     with cp.cuda.Device(device):
@@ -361,20 +362,19 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
         out_shape, out_s = (b, sq, hq, dv), (sq * hq * dv, hq * dv, dv)
     else:
         out_shape, out_s = (b, hq, sq, dv), (hq * sq * dv, dv, sq * dv)
-    mma = _specs.is_mma_dtype(call.dtype)
-    vec = False
-    if mma:
-        item = 2
-        shapes = [(q, call.head_dim, tuple(call.q.shape)), (kc, call.head_dim, tuple(call.k_cache.shape)),
-                  (vc, dv, tuple(call.v_cache.shape))]
-        if new:
-            shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
-        vec = _vec_ok(shapes, item) and dv % 8 == 0
+    aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
     key = (device, call.dtype, layout, call.paged, call.batch, call.seq_q, call.heads_q, call.heads_kv,
            call.head_dim, dv, call.seq_new, call.capacity, call.block_size, call.num_blocks, q_s, k_s, v_s, kn_s,
-           vn_s, vec, call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale)
+           vn_s, aligned, call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale)
     plan = _PLANS.get(key)
     if plan is None:
+        vec = False
+        if _specs.is_mma_dtype(call.dtype) and aligned:
+            shapes = [(q, call.head_dim, tuple(call.q.shape)), (kc, call.head_dim, tuple(call.k_cache.shape)),
+                      (vc, dv, tuple(call.v_cache.shape))]
+            if new:
+                shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
+            vec = _vec_ok(shapes, 2) and dv % 8 == 0
         facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec)
         plan = _plan(call, key, facts)
         if len(_PLANS) > 256:
