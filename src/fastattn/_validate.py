@@ -180,6 +180,9 @@ def is_gpu_array(x: Any) -> bool:
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
         return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):  # without building __cuda_array_interface__
+        return bool(x.is_cuda)
     if hasattr(x, "__cuda_array_interface__"):
         return True
     dev = getattr(x, "__dlpack_device__", None)
@@ -429,10 +432,29 @@ def check_alibi(slopes: Any, batch: int, heads: int, q: Any) -> Any:
     if shape not in ((heads,), (batch, heads)):
         raise ValueError(f"alibi_slopes must have shape (heads,) = ({heads},) or (batch, heads) = "
                          f"({batch}, {heads}); got {shape}")
+    if is_gpu_array(slopes) and gpu_stream_capturing(q):
+        # a CUDA graph is being captured: no host read (it would end the capture), the device array as is
+        return slopes.reshape(-1, heads)
     host = to_host(slopes)
     if not np.isfinite(host).all():
         raise ValueError("alibi_slopes must be finite")
     return _like(host.reshape(-1, heads), q, np.float32)
+
+
+def gpu_stream_capturing(x: Any) -> bool:
+    """Is the current stream of x's framework (torch for torch tensors, else CuPy) capturing a CUDA graph?
+    Imports nothing that is not loaded yet and synchronizes nothing."""
+    if type(x).__module__.split(".")[0] == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    cupy = sys.modules.get("cupy")
+    if cupy is None or not is_gpu_array(x):
+        return False
+    try:
+        return bool(cupy.cuda.get_current_stream().is_capturing())
+    except Exception:  # noqa: BLE001 - the legacy null stream never captures
+        return False
 
 
 def check_attn_mask(mask: Any, full: tuple[int, int, int, int], q: Any) -> tuple[Any, str]:

@@ -6,6 +6,8 @@
                                -> fa_fwd_mma  (float16, bfloat16: mma.sync tensor cores, fp32 accumulation)
                                -> fa_fwd_simt (float32, float64: exact FMA in the input precision)
     restore     back to where the caller's q lives: NumPy -> host copy, torch -> torch (DLPack), CuPy as is
+    kvcache     flash_attention_with_kvcache: _decode.kvcache -> fa_decode_mma / fa_decode_simt (append +
+                split-KV attention against the cache in place), fa_decode_combine (the splits' LSE merge)
 
 The CUDA C++ sources (``kernels/flash_fwd.cu``, ``kernels/flash_fwd_sm90.cu``) ship inside the package: no build
 step (the ``cuda12`` / ``cuda13`` extras bring NVRTC and the runtime libraries from PyPI).
@@ -167,3 +169,12 @@ def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
     stats = BackendStats(block_q=block_q, block_kv=block_kv, peak_sram_bytes=smem, num_threads=threads,
                          simd=kernel)
     return ForwardOutput(out, lse, stats)
+
+
+def kvcache(call: Any) -> tuple[Any, Any]:
+    """``flash_attention_with_kvcache`` on the GPU: append in place, attend to the cache where it lies
+    (contiguous or paged), capturable in a CUDA graph (``_decode``)."""
+    _cupy()
+    from ._decode import kvcache as run
+
+    return run(call)

@@ -22,7 +22,9 @@ KERNEL_DIR = Path(__file__).parent / "kernels"
 KERNEL_SOURCE = "flash_fwd.cu"
 #: the Hopper kernel (wgmma): compiled for sm_90a only, launched on compute capability 9.0
 KERNEL_SOURCE_SM90 = "flash_fwd_sm90.cu"
-KERNEL_HEADERS = ("common.cuh", "philox.cuh", "wgmma.cuh")
+#: attention against a KV cache (decode, chunked prefill): fa_decode_mma / fa_decode_simt / fa_decode_combine
+KERNEL_SOURCE_DECODE = "decode.cu"
+KERNEL_HEADERS = ("common.cuh", "elem.cuh", "philox.cuh", "wgmma.cuh")
 
 #: padded head_dim of the tensor-core kernel (float16 / bfloat16)
 MMA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -312,6 +314,94 @@ def all_sm90_name_expressions() -> list[str]:
 def v_scan_name(dtype: str) -> str:
     """The V pre-scan of the Hopper kernel (does V hold inf / NaN?)."""
     return f"fa_v_nonfinite<{_b(dtype == 'bfloat16')}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles of ``fa_decode_mma``: ``row_warps`` warps of 16 * ``m_tiles`` rows (the packed (query, head of
+    the group) rows), ``key_warps`` warps sharing each ``block_kv``-key tile."""
+
+    m_tiles: int
+    row_warps: int
+    key_warps: int
+    block_kv: int
+
+    @property
+    def block_rows(self) -> int:
+        return 16 * self.m_tiles * self.row_warps
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.row_warps * self.key_warps
+
+
+#: decode tiles by the rows a k/v head serves (heads of the group x seq_q), first match wins: a decode
+#: step (<= 16 rows) puts all four warps on the keys of one row tile; chunked prefill puts them on rows
+DECODE_RULES: tuple[tuple[int, DecodeConfig], ...] = (
+    (16, DecodeConfig(1, 1, 4, 64)),
+    (32, DecodeConfig(1, 2, 2, 64)),
+    (2**31, DecodeConfig(1, 4, 1, 64)),
+)
+#: the SIMT decode kernel's rows per block and keys per tile (float32 / float64)
+DECODE_SIMT_ROWS = 8
+DECODE_SIMT_BLOCK_KV = 32
+
+
+def decode_config(rows: int) -> DecodeConfig:
+    for max_rows, cfg in DECODE_RULES:
+        if rows <= max_rows:
+            return cfg
+    return DECODE_RULES[-1][1]
+
+
+def decode_mma_name(dtype: str, head_dim: int, head_dim_v: int, cfg: DecodeConfig, interval: bool,
+                    mods: bool) -> str:
+    interval, mods, _ = kernel_flags(interval, mods, False)
+    return (f"fa_decode_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.m_tiles}, {cfg.row_warps}, "
+            f"{cfg.key_warps}, {cfg.block_kv}, {_b(interval)}, {_b(mods)}>")
+
+
+def decode_simt_name(dtype: str, head_dim: int, interval: bool, mods: bool) -> str:
+    interval, mods, _ = kernel_flags(interval, mods, False)
+    return f"fa_decode_simt<{_CXX_TYPE[dtype]}, {_LSE_TYPE[dtype]}, {head_dim}, {_b(interval)}, {_b(mods)}>"
+
+
+def decode_combine_name(dtype: str) -> str:
+    lse = "double" if dtype == "float64" else "float"
+    return f"fa_decode_combine<{_CXX_TYPE[dtype]}, {lse}>"
+
+
+def decode_mma_smem_bytes(head_dim: int, head_dim_v: int, cfg: DecodeConfig) -> int:
+    """Shared memory per block of ``fa_decode_mma``: Q tile + two K and V tiles (rows padded by 8), or the
+    epilogue's per-key-warp (m, l, O) in float32 if larger."""
+    main = (cfg.block_rows * (head_dim + 8) + 2 * cfg.block_kv * (head_dim + 8 + head_dim_v + 8)) * 2
+    epilogue = cfg.key_warps * cfg.block_rows * (head_dim_v + 4 + 2) * 4
+    return max(main, epilogue)
+
+
+def decode_simt_smem_bytes(head_dim: int, itemsize: int) -> int:
+    return (DECODE_SIMT_ROWS + 2 * DECODE_SIMT_BLOCK_KV) * (head_dim + 1) * itemsize
+
+
+def all_decode_name_expressions() -> list[str]:
+    """Every specialization of the KV-cache kernels (``decode.cu``)."""
+    names: list[str] = []
+    for dtype in ("float16", "bfloat16"):
+        for dim, dv in mma_dim_pairs():
+            for interval, mods in MASK_FLAGS:
+                for _, cfg in DECODE_RULES:
+                    names.append(decode_mma_name(dtype, dim, dv, cfg, interval, mods))
+    for dtype in ("float32", "float64"):
+        for dim in SIMT_HEAD_DIMS:
+            for interval, mods in MASK_FLAGS:
+                names.append(decode_simt_name(dtype, dim, interval, mods))
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        names.append(decode_combine_name(dtype))
+    return _unique(names)
+
+
+def is_decode_name(name: str) -> bool:
+    return name.startswith("fa_decode_")
 
 
 def is_sm90_name(name: str) -> bool:

@@ -1,0 +1,417 @@
+"""Attention against a KV cache on the GPU: ``kvcache(call)`` for ``flash_attention_with_kvcache``.
+
+    kvcache(call)  values checked (unless a CUDA graph is being captured), then one launch of
+                   fa_decode_mma (float16 / bfloat16) or fa_decode_simt (float32 / float64) that appends
+                   the new k / v into the cache in place and attends, split over the keys;
+                   fa_decode_combine merges the splits by their log-sum-exps when there are several
+
+Everything runs on the caller's current stream: torch's current stream when q is a torch tensor, CuPy's
+otherwise.  The cache is read in place (contiguous with any strides, or paged through block_table on the
+device); cache_seqlens and block_table are read by the kernels, on the device.
+
+CUDA graphs.  A call is capturable (``torch.cuda.graph``, CuPy's ``Stream.begin_capture``): while the
+stream is capturing nothing is copied to the host and nothing is synchronized; the outputs and the
+splits' scratch are one allocation from the capturing framework's allocator (torch's graph pool for
+torch tensors; for CuPy, a buffer that the returned out / lse keep alive).  The value checks
+(``check_values``: negative lengths, an append past the capacity, block ids out of range) need the
+values on the host, so:
+
+- not capturing: a device cache_seqlens / block_table is read to the host (a synchronization) and checked
+  before anything is launched; host ints and NumPy arrays are checked as they are and uploaded;
+- capturing: cache_seqlens and block_table must be device arrays (or cache_seqlens an int) and are not
+  checked; the kernels guard instead: a length is clamped to [0, capacity], the append stops at the
+  capacity, a block id outside [0, num_blocks) reads as zeros and is never written, so nothing is read or
+  written out of bounds, and the result for such input is unspecified.  ALiBi slopes are not checked for
+  finiteness while capturing either.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _specs
+from ._launch import UNBOUNDED, _mma_scales, get_kernel
+
+_NULL = np.uint64(0)
+_I32, _I64, _U64 = np.int32, np.int64, np.uint64
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+class _Arr(NamedTuple):
+    """Where a device array is: pointer, element strides, device, the array (kept alive)."""
+
+    ptr: int
+    strides: tuple[int, ...]
+    device: int
+    ref: Any
+
+
+def _arr(x: Any) -> _Arr:
+    if _is_torch(x):
+        return _Arr(x.data_ptr(), x.stride(), x.get_device(), x)
+    cp = _cupy()
+    if not isinstance(x, cp.ndarray):
+        x = cp.asarray(x)  # __cuda_array_interface__ / DLPack objects, zero-copy
+    item = x.itemsize
+    return _Arr(int(x.data.ptr), tuple(int(s) // item for s in x.strides), int(x.device.id), x)
+
+
+def _bshd(strides: tuple[int, ...], layout: str) -> tuple[int, int, int, int]:
+    """(batch, seq, heads, d) strides of a 4-D array in the call's layout."""
+    sb, s1, s2, sd = strides
+    return (sb, s1, s2, sd) if layout == "bshd" else (sb, s2, s1, sd)
+
+
+_EXTERNAL: dict[tuple[int, int], Any] = {}
+
+
+def _external_stream(torch_stream: Any, device: int) -> Any:
+    """torch's stream as a CuPy stream (one object per stream pointer)."""
+    ptr = int(torch_stream.cuda_stream)
+    found = _EXTERNAL.get((ptr, device))
+    if found is None:
+        cp = _cupy()
+        if ptr == 0:
+            found = cp.cuda.Stream.null
+        elif hasattr(cp.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
+            found = cp.cuda.Stream.from_external(torch_stream)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                found = cp.cuda.ExternalStream(ptr, device)
+        _EXTERNAL[(ptr, device)] = found
+    return found
+
+
+def _stream(call: Any, device: int) -> tuple[Any, bool]:
+    """The caller's current stream as a CuPy stream, and whether it is capturing a graph."""
+    if _is_torch(call.q):
+        import torch
+
+        ts = torch.cuda.current_stream(device)
+        return _external_stream(ts, device), bool(torch.cuda.is_current_stream_capturing())
+    cp = _cupy()
+    stream = cp.cuda.get_current_stream()
+    return stream, _capturing(stream)
+
+
+def _capturing(stream: Any) -> bool:
+    cp = _cupy()
+    try:
+        return bool(stream.is_capturing())
+    except AttributeError:  # an older CuPy: ask the runtime
+        return bool(cp.cuda.runtime.streamIsCapturing(stream.ptr))
+    except Exception:  # noqa: BLE001 - the legacy null stream cannot capture
+        return False
+
+
+@functools.cache
+def _device_facts(device: int) -> tuple[int, int]:
+    """(multiprocessors, shared memory per multiprocessor) of a device."""
+    props = _cupy().cuda.runtime.getDeviceProperties(device)
+    return int(props["multiProcessorCount"]), int(props.get("sharedMemPerMultiprocessor", 228 * 1024))
+
+
+def _to_host_ints(x: Any, stream: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64)
+    if _is_torch(x):
+        return x.cpu().numpy().astype(np.int64)  # ordered after the caller's work on torch's stream
+    cp = _cupy()
+    return cp.asnumpy(cp.asarray(x), stream=stream).astype(np.int64)
+
+
+_INT_KIND = {"int32": 4, "int64": 8}
+
+
+def _device_ints(x: Any, q: Any, name: str, capturing: bool) -> tuple[Any, int]:
+    """An integer array as a device array the kernels read (int32 / int64 zero-copy) and its kind."""
+    if isinstance(x, np.ndarray):
+        if capturing:
+            raise ValueError(f"{name} must be a device array (or, for cache_seqlens, an int) while a CUDA graph "
+                             "is being captured: a host array cannot be part of the graph")
+        x = np.ascontiguousarray(x, dtype=np.int32 if x.dtype.itemsize <= 4 else np.int64)
+        if _is_torch(q):
+            import torch
+
+            return torch.from_numpy(x).to(q.device), _INT_KIND[x.dtype.name]
+        return _cupy().asarray(x), _INT_KIND[x.dtype.name]
+    name_ = str(x.dtype).removeprefix("torch.")
+    if name_ not in _INT_KIND:
+        if _is_torch(x):
+            import torch
+
+            return x.to(torch.int64), 8
+        return x.astype(np.int64), 8
+    return x, _INT_KIND[name_]
+
+
+class _Plan(NamedTuple):
+    kernel: Any
+    threads: int
+    smem: int
+    block_rows: int
+    block_kv: int
+    per_sm: int  # resident blocks per multiprocessor (shared memory, registers)
+    combine: Any
+    static_mid: tuple  # batch .. vn_sd
+    static_tail: tuple  # after num_splits / q_tiles: win_left, win_right, vec, softcap / scales
+    acc: str  # dtype of the partial results ("float32" / "float64")
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _vec_ok(arrs: list[tuple[_Arr, int, tuple[int, ...]]], itemsize: int) -> bool:
+    """16-byte cp.async rows: unit stride along d, d % 8 == 0, every row start 16-byte aligned."""
+    for a, d, shape in arrs:
+        if d % 8 or a.ptr % 16:
+            return False
+        if a.strides[-1] != 1 and shape[-1] > 1:
+            return False
+        if any((s * itemsize) % 16 for s, n in zip(a.strides[:-1], shape[:-1], strict=True) if n > 1):
+            return False
+    return True
+
+
+def _plan(call: Any, key: tuple, facts: dict) -> _Plan:
+    dtype = call.dtype
+    d, dv = call.head_dim, call.head_dim_v
+    interval = call.causal or call.window[0] >= 0 or call.window[1] >= 0
+    mods = call.softcap > 0.0 or call.alibi_slopes is not None
+    rows = call.group * call.seq_q
+    sms, smem_sm = _device_facts(facts["device"])
+    if _specs.is_mma_dtype(dtype):
+        from . import _check_device
+
+        _check_device(dtype)
+        dp, dvp = _specs.padded_dims(d, dv, dtype)
+        cfg = _specs.decode_config(rows)
+        name = _specs.decode_mma_name(dtype, dp, dvp, cfg, interval, mods)
+        smem = _specs.decode_mma_smem_bytes(dp, dvp, cfg)
+        threads, block_rows, block_kv, acc = cfg.threads, cfg.block_rows, cfg.block_kv, "float32"
+        tail = (np.float32(call.softcap), *_mma_scales(call.scale))
+    else:
+        dp, _ = _specs.padded_dims(d, dv, dtype)
+        name = _specs.decode_simt_name(dtype, dp, interval, mods)
+        smem = _specs.decode_simt_smem_bytes(dp, 8 if dtype == "float64" else 4)
+        threads, block_rows, block_kv = 128, _specs.DECODE_SIMT_ROWS, _specs.DECODE_SIMT_BLOCK_KV
+        acc = "float64" if dtype == "float64" else "float32"
+        tail = (np.float64(call.softcap), np.float64(call.scale))
+    kernel = get_kernel(name, smem)
+    combine = get_kernel(_specs.decode_combine_name(dtype), 0)
+    regs = max(1, int(getattr(kernel, "num_regs", 0)) or 128)
+    per_sm = max(1, min(smem_sm // (smem + 1024), 65536 // (regs * threads), 2048 // threads))
+    left = call.window[0] if call.window[0] >= 0 else UNBOUNDED
+    right = call.window[1] if call.window[1] >= 0 else UNBOUNDED
+    if call.causal:
+        right = min(right, 0)
+    q_s, k_s, v_s, kn_s, vn_s = (facts[n] for n in ("q", "kc", "vc", "kn", "vn"))
+    mid = (
+        _I32(call.batch), _I32(call.heads_kv), _I32(call.group), _I32(call.seq_q), _I32(call.seq_new),
+        _I32(call.capacity), _I32(call.block_size), _I32(call.num_blocks), _I32(d), _I32(dv),
+        *(_I64(x) for x in (q_s[0], q_s[1], q_s[2], q_s[3])),
+        *(_I64(x) for x in k_s), *(_I64(x) for x in v_s), *(_I64(x) for x in kn_s), *(_I64(x) for x in vn_s),
+        *(_I64(x) for x in facts["out"]), _I64(call.heads_q * call.seq_q), _I64(call.seq_q),
+    )
+    static_tail = (_I32(left), _I32(right), _I32(1 if facts["vec"] else 0), *tail)
+    return _Plan(kernel, threads, smem, block_rows, block_kv, per_sm, combine, mid, static_tail, acc)
+
+
+def choose_splits(units: int, key_tiles: int, multiprocessors: int, per_sm: int) -> int:
+    """Splits of the key range (flash-decoding): none when the (sequence, k/v head, row tile) blocks
+    fill the machine; otherwise enough to fill one wave of resident blocks, each split keeping at
+    least two key tiles."""
+    if key_tiles < 4:
+        return 1
+    wave = multiprocessors * per_sm
+    if units * 5 >= wave * 4:
+        return 1
+    return max(1, min(-(-wave // units), key_tiles // 2, 128))
+
+
+def _alloc(call: Any, device: int, shapes: list[tuple[tuple[int, ...], str]]) -> list[tuple[Any, int]]:
+    """Arrays of these (shape, dtype): [(array, pointer)].  torch callers: from torch's allocator (its graph
+    pool while capturing: the splits' scratch is freed into that pool, which the graph owns).  CuPy: one
+    buffer cut into the arrays, so that out / lse keep the scratch alive (a captured graph writes it on
+    every replay; freed into CuPy's pool it could be handed to another array)."""
+    sizes, offsets, total = [], [], 0
+    for shape, dt in shapes:
+        n = math.prod(shape) * np.dtype(dt if dt != "bfloat16" else "uint16").itemsize
+        offsets.append(total)
+        sizes.append(n)
+        total += -(-max(n, 1) // 256) * 256
+    out = []
+    if _is_torch(call.q):  # torch's stream-ordered allocator (its graph pool while capturing)
+        import torch
+
+        for shape, dt in shapes:
+            t = torch.empty(shape, dtype=call.q.dtype if dt == call.dtype else getattr(torch, dt),
+                            device=call.q.device)
+            out.append((t, t.data_ptr()))
+        return out
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        buf = cp.empty(total, dtype=cp.uint8)
+    base = int(buf.data.ptr)
+    q_dtype = _arr(call.q).ref.dtype
+    for (shape, dt), off, n in zip(shapes, offsets, sizes, strict=True):
+        cdt = q_dtype if dt == call.dtype else np.dtype(dt)
+        out.append((buf[off:off + n].view(cdt).reshape(shape), base + off))
+    return out
+
+
+def kvcache(call: Any) -> tuple[Any, Any]:
+    """Appends call.k / call.v into the cache in place and attends (see the module docstring)."""
+    if not call.on_gpu:  # host arrays with backend="cuda": the generic path
+        from ..._kvcache import _gathered
+
+        return _gathered(call, "cuda")
+    from ..._kvcache import check_values
+
+    q = _arr(call.q)
+    kc, vc = _arr(call.k_cache), _arr(call.v_cache)
+    device = q.device
+    if kc.device != device or vc.device != device:
+        raise ValueError(f"q and the caches must live on one GPU; got devices {device}, {kc.device}, {vc.device}")
+    if call.capacity >= UNBOUNDED or call.seq_q >= UNBOUNDED:
+        raise ValueError(f"caches of {UNBOUNDED} or more tokens are beyond the cuda backend; got {call.capacity}")
+    if max(call.head_dim, call.head_dim_v) > _specs.MAX_HEAD_DIM:
+        raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=max(call.head_dim, call.head_dim_v),
+                                                          max=_specs.MAX_HEAD_DIM))
+    cp = _cupy()
+    prev_device = cp.cuda.runtime.getDevice()
+    if prev_device != device:
+        cp.cuda.runtime.setDevice(device)
+    try:
+        stream, capturing = _stream(call, device)
+        with stream:
+            return _run(call, q, kc, vc, device, stream, capturing, check_values)
+    finally:
+        if prev_device != device:
+            cp.cuda.runtime.setDevice(prev_device)
+
+
+def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, capturing: bool,
+         check_values: Any) -> tuple[Any, Any]:
+    lens_in, table_in = call.cache_seqlens, call.block_table
+    max_len = call.capacity
+    if not capturing:  # the values on the host, checked before anything is launched
+        lens_h = (np.full(call.batch, lens_in, np.int64) if isinstance(lens_in, int)
+                  else _to_host_ints(lens_in, stream))
+        table_h = _to_host_ints(table_in, stream) if call.paged else None
+        check_values(call, lens_h, table_h)
+        max_len = int((lens_h + call.seq_new).max(initial=0))
+    lens_const, lens_kind, lens_dev = 0, 0, None
+    if isinstance(lens_in, int):
+        lens_const = lens_in
+    elif isinstance(lens_in, np.ndarray) and not capturing and lens_in.size and (lens_in == lens_in.flat[0]).all():
+        lens_const = int(lens_in.flat[0])  # one length for every sequence: no upload
+    else:
+        lens_dev, lens_kind = _device_ints(lens_in, call.q, "cache_seqlens", capturing)
+    if lens_const >= UNBOUNDED:
+        raise ValueError(f"cache_seqlens {lens_const} is beyond the cuda backend")
+    table_ptr, table_kind, table_sb, table_dev = _NULL, 0, 0, None
+    if call.paged:
+        table_dev, table_kind = _device_ints(table_in, call.q, "block_table", capturing)
+        ta = _arr(table_dev)
+        if ta.strides[1] != 1 and int(table_dev.shape[1]) > 1:
+            table_dev = table_dev.contiguous() if _is_torch(table_dev) else _cupy().ascontiguousarray(table_dev)
+            ta = _arr(table_dev)
+        table_ptr, table_sb = _U64(ta.ptr), ta.strides[0]
+    lens_ptr = _U64(_arr(lens_dev).ptr) if lens_dev is not None else _NULL
+
+    slopes_ptr, slopes_sb = _NULL, 0
+    slopes = call.alibi_slopes
+    if slopes is not None:
+        sa = _arr(slopes)
+        if int(slopes.shape[-1]) > 1 and sa.strides[-1] != 1:
+            slopes = slopes.contiguous() if _is_torch(slopes) else _cupy().ascontiguousarray(slopes)
+            sa = _arr(slopes)
+        slopes_ptr = _U64(sa.ptr)
+        slopes_sb = sa.strides[0] if int(slopes.shape[0]) > 1 else 0
+
+    new = call.k is not None
+    kn = _arr(call.k) if new else None
+    vn = _arr(call.v) if new else None
+    layout = call.layout
+    q_s = _bshd(q.strides, layout)
+    if call.paged:
+        k_s, v_s = kc.strides, vc.strides
+    else:
+        k_s, v_s = _bshd(kc.strides, layout), _bshd(vc.strides, layout)
+    kn_s = _bshd(kn.strides, layout) if new else (0, 0, 0, 0)
+    vn_s = _bshd(vn.strides, layout) if new else (0, 0, 0, 0)
+    b, sq, hq, dv = call.batch, call.seq_q, call.heads_q, call.head_dim_v
+    if layout == "bshd":
+        out_shape, out_s = (b, sq, hq, dv), (sq * hq * dv, hq * dv, dv)
+    else:
+        out_shape, out_s = (b, hq, sq, dv), (hq * sq * dv, dv, sq * dv)
+    aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
+    key = (device, call.dtype, layout, call.paged, call.batch, call.seq_q, call.heads_q, call.heads_kv,
+           call.head_dim, dv, call.seq_new, call.capacity, call.block_size, call.num_blocks, q_s, k_s, v_s, kn_s,
+           vn_s, aligned, call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale)
+    plan = _PLANS.get(key)
+    if plan is None:
+        vec = False
+        if _specs.is_mma_dtype(call.dtype) and aligned:
+            shapes = [(q, call.head_dim, tuple(call.q.shape)), (kc, call.head_dim, tuple(call.k_cache.shape)),
+                      (vc, dv, tuple(call.v_cache.shape))]
+            if new:
+                shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
+            vec = _vec_ok(shapes, 2) and dv % 8 == 0
+        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec)
+        plan = _plan(call, key, facts)
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+    rows = call.group * sq
+    q_tiles = max(1, -(-rows // plan.block_rows))
+    units = b * call.heads_kv * q_tiles
+    key_tiles = -(-max_len // plan.block_kv)
+    if call.num_splits is not None:
+        splits = max(1, min(call.num_splits, max(key_tiles, 1), 65535))
+    else:
+        splits = choose_splits(units, key_tiles, _device_facts(device)[0], plan.per_sm)
+    lse_dt = "float64" if call.dtype == "float64" else "float32"
+    n_rows = b * hq * sq
+    want = [(out_shape, call.dtype), ((b, hq, sq), lse_dt)]
+    if splits > 1:
+        want += [((splits, n_rows, dv), plan.acc), ((splits, n_rows), plan.acc)]
+    arrays = _alloc(call, device, want)
+    (out, out_ptr), (lse, lse_ptr) = arrays[0], arrays[1]
+    po_ptr, pl_ptr = (arrays[2][1], arrays[3][1]) if splits > 1 else (0, 0)
+    if units == 0:
+        return out, lse
+    if units >= 2**31:
+        raise ValueError(f"too many blocks for one launch ({units}); split the batch")
+    args = (
+        _U64(q.ptr), _U64(kc.ptr), _U64(vc.ptr), _U64(kn.ptr if new else 0), _U64(vn.ptr if new else 0),
+        _U64(out_ptr), _U64(lse_ptr), _U64(po_ptr), _U64(pl_ptr), lens_ptr, _I32(lens_kind), _I32(lens_const),
+        table_ptr, _I32(table_kind), _I64(table_sb), slopes_ptr, _I32(slopes_sb),
+        *plan.static_mid, _I32(splits), _I32(q_tiles), *plan.static_tail,
+    )
+    plan.kernel((units, splits), (plan.threads,), args, shared_mem=plan.smem)
+    if splits > 1:
+        plan.combine((-(-n_rows // 4),), (128,),
+                     (_U64(po_ptr), _U64(pl_ptr), _U64(out_ptr), _U64(lse_ptr), _I32(splits), _I32(hq), _I32(sq),
+                      _I32(dv), _I64(n_rows), *(_I64(x) for x in out_s), _I64(hq * sq), _I64(sq)))
+    # keep what the launches read alive until they are enqueued (stream-ordered allocators do the rest)
+    del lens_dev, table_dev, slopes
+    return out, lse

@@ -1,0 +1,72 @@
+#!/bin/bash
+# One GPU session for the KV-cache kernels (decode.cu): compile the head-dim 64 / 128 specializations
+# (NVRTC, 16 processes), tests/test_cuda_kvcache.py, a forward smoke test, compute-sanitizer memcheck on
+# split-KV and paged calls, the decode benchmark (logs and JSON under $OUT).
+#   STEPS="compile tests fwd sanitize bench" bash tools/gpu_decode_session.sh
+set -u
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/kvout}; mkdir -p $OUT
+STEPS=${STEPS:-"compile tests fwd sanitize bench"}
+for step in $STEPS; do
+echo "=== $step $(date +%T)"
+case $step in
+compile)
+  timeout 200 python3 - <<'PY' 2>&1 | tee $OUT/compile.log | tail -8
+import concurrent.futures as cf, os, time
+from fastattn.backends.cuda import _specs
+names = [n for n in _specs.all_decode_name_expressions()
+         if any(f"{t}, {d}," in n for d in (64, 128) for t in ("__half", "__nv_bfloat16", "float", "double"))
+         or "combine" in n]
+def one(n):
+    from fastattn.backends.cuda import _launch
+    t = time.time()
+    try:
+        k = _launch.get_kernel(n, 0); return None, time.time() - t, n, getattr(k, "num_regs", -1)
+    except Exception as e:
+        return f"{n}: {e}", time.time() - t, n, -1
+t0 = time.time()
+with cf.ProcessPoolExecutor(16) as pool:
+    res = list(pool.map(one, names))
+errs = [e for e, *_ in res if e]
+print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} decode specializations in {time.time() - t0:.0f}s")
+for e in errs[:3]: print("FAILED", e[:4000])
+for _, s, n, r in res:
+    if "__half, 128" in n: print(n, f"{s:.1f}s regs {r}")
+PY
+  ;;
+tests)
+  timeout 330 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --maxfail=40 tests/test_cuda_kvcache.py ${PYTEST_ARGS:-} 2>&1 | tee $OUT/tests.log | tail -60
+  ;;
+fwd)  # the forward kernels still compile and compute after elem.cuh moved out of flash_fwd.cu
+  timeout 200 python3 -m pytest -o addopts="" -p no:cacheprovider -q tests/test_cuda_variants.py -k "float16-mma and (gqa or window)" 2>&1 | tail -3
+  ;;
+sanitize)
+  cat > /tmp/kvsan.py <<'PY'
+import numpy as np, cupy, fastattn
+rng = np.random.default_rng(0)
+def g(*s, dt="float16"): return cupy.asarray(rng.standard_normal(s).astype(dt))
+lens = cupy.asarray(np.array([0, 17, 1000, 333], np.int32))
+for dt in ("float16", "bfloat16", "float32"):
+    kc, vc = g(4, 1040, 2, 128, dt=dt), g(4, 1040, 2, 128, dt=dt)
+    q, k, v = g(4, 1, 8, 128, dt=dt), g(4, 1, 2, 128, dt=dt), g(4, 1, 2, 128, dt=dt)
+    for splits in (1, 7):  # split-KV run and the single-split one
+        out = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, num_splits=splits)
+    # paged: 16-token blocks, shuffled
+    table = cupy.asarray(rng.permutation(4 * 66).reshape(4, 66).astype(np.int32))
+    kp, vp = g(4 * 66, 16, 2, 128, dt=dt), g(4 * 66, 16, 2, 128, dt=dt)
+    out = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table, num_splits=3)
+    qc, kn, vn = g(4, 40, 8, 128, dt=dt), g(4, 40, 2, 128, dt=dt), g(4, 40, 2, 128, dt=dt)
+    out = fastattn.flash_attention_with_kvcache(qc, kp, vp, kn, vn, cache_seqlens=lens, block_table=table,
+                                                window=(50, 0), softcap=5.0)
+    cupy.cuda.Device().synchronize()
+    print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()))
+PY
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvsan.py 2>&1 | tee $OUT/sanitize.log | tail -8
+  echo "sanitizer exit: ${PIPESTATUS[0]}"
+  ;;
+bench)
+  timeout ${BENCH_TIMEOUT:-400} python3 -m fastattn._bench_decode_cuda ${BENCH_ARGS:-} --json $OUT/decode_bench.json 2>&1 | tee $OUT/bench.log | tail -70
+  ;;
+esac
+done
+echo "=== done $(date +%T)"
