@@ -257,12 +257,14 @@ static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t 
         const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
         const int64_t n1 = k0 + DEC_TK < s1 ? (s1 - k0 - DEC_TK < DEC_TK ? s1 - k0 - DEC_TK : DEC_TK) : 0;
         for (int64_t hkv = h0; hkv < h1; ++hkv) {
-            /* the next tile's rows of this head, ahead of use (spread over the heads' work) */
-            for (int64_t cc = 0; cc < n1; ++cc) {
-                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, hkv, k0 + DEC_TK + cc);
-                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, hkv, k0 + DEC_TK + cc);
-                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x / eb * p->k_strides[3], 0, 0);
-                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x / eb * p->v_strides[3], 0, 0);
+            /* the rows of the next (head, tile) of the item, one head's tile ahead of use */
+            const int64_t ph = hkv + 1 < h1 ? hkv + 1 : h0, pk = hkv + 1 < h1 ? k0 : k0 + DEC_TK;
+            const int64_t pn = hkv + 1 < h1 ? u1 : n1;
+            for (int64_t cc = hkv + 1 < h1 ? u0 : 0; cc < pn; ++cc) {
+                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, ph, pk + cc);
+                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, ph, pk + cc);
+                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x / eb * p->k_strides[3], 0, 3);
+                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x / eb * p->v_strides[3], 0, 3);
             }
             const int64_t x0 = (hkv - h0) * R;
             T *S = ws->s + x0 * tk, *O = ws->o + x0 * dvp, *A = ws->alpha + x0;
