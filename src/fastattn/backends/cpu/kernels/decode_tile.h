@@ -11,7 +11,7 @@
  *   one split: out = O / l, lse = unit m + ln l;  several: each split's (O / l, lse) goes to parts and
  *   fa_decode_merge forms  lse = log sum_s e^(lse_s),  out = sum_s e^(lse_s - lse) out_s.
  *
- * Data path: a key's K and V rows are found by fa_kv_row (any strides, a paged cache's blocks); rows of
+ * Data path: a key's K and V rows are found by fa_kv_row (row_walk: any strides, a paged cache's blocks); rows of
  * float data with unit stride and a multiple of the vector width are read where they lie, others are
  * converted (or padded) into the per-thread tile buffers first.  No packing of the cache.
  *
@@ -206,14 +206,41 @@ static inline int direct_rows(const fa_params *p, const int64_t *strides, int64_
     return DIRECT_NONE;
 }
 
+/* fa_kv_row's addresses of rows j0, j0 + 1, ... of entry e, head h, one after the other: one division per
+ * walk instead of one per row of a paged cache. */
+struct row_walk {
+    const char *ptr, *head;
+    const int32_t *table;
+    int64_t step, block_stride, bs, jb, off;
+    row_walk(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e, int64_t h, int64_t j0)
+        : step(strides[2]), block_stride(strides[0]), bs(p->block_size) {
+        table = p->block_table ? p->block_table + e.src * p->table_stride : NULL;
+        head = base + h * strides[1];
+        ptr = table ? NULL : head + e.src * strides[0] + (e.row_kv + j0) * strides[2];
+        jb = table ? j0 / bs : 0;
+        off = table ? j0 % bs : 0;
+    }
+    inline const char *next() {
+        if (!table) {
+            const char *row = ptr;
+            ptr += step;
+            return row;
+        }
+        const char *row = head + table[jb] * block_stride + off * step;
+        if (++off == bs) { off = 0; ++jb; }
+        return row;
+    }
+};
+
 /* The tile's K (or V) rows of keys [k0 + u0, k0 + u1): pointers to the data itself when it can be read
  * as T vectors (T data, unit stride, n a multiple of W), else rows converted into buf (zero padded). */
 template <T (*LOAD)(const char *)>
 static void dec_rows(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e, int64_t h,
                      int64_t k0, int64_t u0, int64_t u1, int64_t n, int64_t np, T *buf, const T **rows) {
     const bool direct = direct_rows(p, strides, n, np) != DIRECT_NONE;
+    row_walk walk(p, base, strides, e, h, k0 + u0);
     for (int64_t c = u0; c < u1; ++c) {
-        const char *src = fa_kv_row(p, base, strides, &e, h, k0 + c);
+        const char *src = walk.next();
         if (direct) {
             rows[c] = (const T *)src;
             continue;
@@ -288,9 +315,10 @@ static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t 
             /* the rows of the next (head, tile) of the item, one head's tile ahead of use */
             const int64_t ph = hkv + 1 < h1 ? hkv + 1 : h0, pk = hkv + 1 < h1 ? k0 : k0 + DEC_TK;
             const int64_t pn = hkv + 1 < h1 ? u1 : n1;
-            for (int64_t cc = hkv + 1 < h1 ? u0 : 0; cc < pn && dense; ++cc) {
-                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, ph, pk + cc);
-                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, ph, pk + cc);
+            const int64_t pc0 = hkv + 1 < h1 ? u0 : 0;
+            row_walk kw(p, p->k, p->k_strides, e, ph, pk + pc0), vw(p, p->v, p->v_strides, e, ph, pk + pc0);
+            for (int64_t cc = pc0; cc < pn && dense; ++cc) {
+                const char *kr = kw.next(), *vr = vw.next();
                 for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x, 0, 1);
                 for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x, 0, 1);
             }
