@@ -270,11 +270,12 @@ def _paged(rng, kc, vc, block_size, extra_blocks=3):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("heads,seq_q", [((8, 8), 1), ((32, 8), 1), ((8, 1), 2), ((4, 2), 8), ((4, 2), 9),
-                                         ((8, 2), 16)])
+                                         ((8, 2), 16), ((16, 1), 8), ((16, 1), 9)])
 @pytest.mark.parametrize("d", [128, 40, 3])
 def test_cpu_decode_paths(simd, rng, dtype, heads, seq_q, d):
-    """Every SIMD path, rows per k/v head on either side of the decode kernel's limit, head dims that are
-    and are not a multiple of the vector width (read in place, or converted), contiguous and paged."""
+    """Every SIMD path, rows per k/v head on either side of the decode kernel's limits (16: several heads per
+    item; 128: the forward kernel past it), head dims that are and are not a multiple of the vector width
+    (read in place, or converted), contiguous and paged."""
     hq, hkv = heads
     lens = np.array([1, 15, 17, 300], np.int32)
     kc, vc = _cache(rng, 4, 320, hkv, d, dtype, lens)
@@ -313,9 +314,9 @@ def test_cpu_splits_agree_with_the_reference(simd, rng, splits, kw):
 
 def test_cpu_masked_non_finite_values_never_reach_a_row(simd, rng):
     """A chunk of 5 queries (bottom-right causal) whose later keys hold inf in K and NaN in V: the queries
-    that cannot see them stay finite, the others are NaN, as in the reference; 10 rows per k/v head (the
-    decode kernel) and 20 (the forward kernel)."""
-    for hq in (2, 4):
+    that cannot see them stay finite, the others are NaN, as in the reference; 10 and 20 rows per k/v head
+    (the decode kernel) and 160 (the forward kernel)."""
+    for hq in (2, 4, 32):
         lens = np.array([37], np.int32)
         kc, vc = _cache(rng, 1, 48, 1, 16, "float32", lens + 5)
         kc[0, 40], vc[0, 39] = np.inf, np.nan  # seen by queries 2.. and 3.. of the chunk
