@@ -180,6 +180,16 @@ def test_bad_input_leaves_the_cache_untouched(backend, rng, case):
     _untouched(lambda: None, kc, vc)
 
 
+def test_lengths_past_int32_are_refused_before_any_write(rng):
+    """A zero-stride cache of 2**40 tokens: 2**31 of them cached is beyond the kernels' 32-bit lengths."""
+    kc = np.broadcast_to(np.zeros((1, 1, 1, 8), np.float32), (1, 2**40, 1, 8))
+    q = random_array(rng, (1, 1, 2, 8))
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 tokens"):
+        fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens=2**31)
+    out = fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens=5000)
+    assert np.all(out == 0)
+
+
 def test_merge_attention_is_exact(rng):
     q = random_array(rng, (2, 3, 5, 16), "float64")
     k = random_array(rng, (2, 3, 70, 16), "float64")
