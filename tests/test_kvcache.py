@@ -180,6 +180,16 @@ def test_bad_input_leaves_the_cache_untouched(backend, rng, case):
     _untouched(lambda: None, kc, vc)
 
 
+def test_lengths_past_int32_are_refused_before_any_write(rng):
+    """A zero-stride cache of 2**40 tokens: 2**31 of them cached is beyond the kernels' 32-bit lengths."""
+    kc = np.broadcast_to(np.zeros((1, 1, 1, 8), np.float32), (1, 2**40, 1, 8))
+    q = random_array(rng, (1, 1, 2, 8))
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 tokens"):
+        fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens=2**31)
+    out = fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens=5000)
+    assert np.all(out == 0)
+
+
 def test_merge_attention_is_exact(rng):
     q = random_array(rng, (2, 3, 5, 16), "float64")
     k = random_array(rng, (2, 3, 70, 16), "float64")
@@ -270,11 +280,12 @@ def _paged(rng, kc, vc, block_size, extra_blocks=3):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("heads,seq_q", [((8, 8), 1), ((32, 8), 1), ((8, 1), 2), ((4, 2), 8), ((4, 2), 9),
-                                         ((8, 2), 16)])
+                                         ((8, 2), 16), ((16, 1), 8), ((16, 1), 9)])
 @pytest.mark.parametrize("d", [128, 40, 3])
 def test_cpu_decode_paths(simd, rng, dtype, heads, seq_q, d):
-    """Every SIMD path, rows per k/v head on either side of the decode kernel's limit, head dims that are
-    and are not a multiple of the vector width (read in place, or converted), contiguous and paged."""
+    """Every SIMD path, rows per k/v head on either side of the decode kernel's limits (16: several heads per
+    item; 128: the forward kernel past it), head dims that are and are not a multiple of the vector width
+    (read in place, or converted), contiguous and paged."""
     hq, hkv = heads
     lens = np.array([1, 15, 17, 300], np.int32)
     kc, vc = _cache(rng, 4, 320, hkv, d, dtype, lens)
@@ -313,9 +324,9 @@ def test_cpu_splits_agree_with_the_reference(simd, rng, splits, kw):
 
 def test_cpu_masked_non_finite_values_never_reach_a_row(simd, rng):
     """A chunk of 5 queries (bottom-right causal) whose later keys hold inf in K and NaN in V: the queries
-    that cannot see them stay finite, the others are NaN, as in the reference; 10 rows per k/v head (the
-    decode kernel) and 20 (the forward kernel)."""
-    for hq in (2, 4):
+    that cannot see them stay finite, the others are NaN, as in the reference; 10 and 20 rows per k/v head
+    (the decode kernel) and 160 (the forward kernel)."""
+    for hq in (2, 4, 32):
         lens = np.array([37], np.int32)
         kc, vc = _cache(rng, 1, 48, 1, 16, "float32", lens + 5)
         kc[0, 40], vc[0, 39] = np.inf, np.nan  # seen by queries 2.. and 3.. of the chunk

@@ -152,7 +152,40 @@ REPORT_TIMEOUT = """
 attempt(lambda: fastattn.memory_report(seq_lens=(64,), num_heads=1, head_dim=8, timeout={timeout!r}))
 """
 
+# KV cache: a zero-stride cache of 2**40 tokens (read in place, never packed), lengths near int32's end,
+# block ids beyond the pool or negative where no token needs them, reversed and odd strides
+KV_ZERO_STRIDE = """
+kc = np.broadcast_to(np.zeros((1, 1, 1, 8), np.float32), (1, 2**40, 2, 8))
+q = np.ones((1, 1, 4, 8), np.float32)
+attempt(lambda: fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens={lens}, num_splits={splits},
+                                                      backend="cpu"))
+"""
+
+KV_TABLE = """
+kp = np.ones((4, 16, 1, 8), np.float32)
+q = np.ones((2, 1, 2, 8), np.float32)
+table = np.array([[0, 1, {bad}, {bad}], [3, {bad}, {bad}, 2]], np.int32)
+attempt(lambda: fastattn.flash_attention_with_kvcache(q, kp, kp, cache_seqlens=np.array({lens}, np.int32),
+                                                      block_table=table, backend="cpu"))
+"""
+
+KV_REVERSED = """
+rng = np.random.default_rng(4)
+base = rng.standard_normal((2, 300, 3, 16)).astype(np.float32)
+kc = base[::-1, ::-2, ::-1, ::-1]   # negative strides on every axis
+q = rng.standard_normal((2, 3, 6, 16)).astype(np.float32)[:, :, :, ::-1]
+attempt(lambda: fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens=np.array([150, 1], np.int64),
+                                                      num_splits=7, backend="cpu"))
+"""
+
 CASES: dict[str, str] = {
+    "kvcache: zero-stride cache of 2**40 tokens, 100000 cached": KV_ZERO_STRIDE.format(lens=100000, splits=None),
+    "kvcache: zero-stride cache, 2**40 cached, 64 splits": KV_ZERO_STRIDE.format(lens=2**40, splits=64),
+    "kvcache: 2**31 cached (past int32)": KV_ZERO_STRIDE.format(lens=2**31, splits=1),
+    "kvcache: cache_seqlens past the cache": KV_ZERO_STRIDE.format(lens=2**40 + 1, splits=1),
+    "kvcache: block ids 2**31 - 1 where no token needs them": KV_TABLE.format(bad=2**31 - 1, lens=[20, 16]),
+    "kvcache: block id -1 where a token needs it": KV_TABLE.format(bad=-1, lens=[40, 16]),
+    "kvcache: negative strides on q and every cache axis": KV_REVERSED,
     "zero-stride K/V 2**58 keys, fp16, 1 thread": F16_ZERO_STRIDE.format(threads=1),
     "zero-stride K/V 2**58 keys, fp16, default threads": F16_ZERO_STRIDE.format(threads=None),
     "zero-stride K/V 2 heads x 2**56 keys, 1 thread": TWO_HEADS_ZERO_STRIDE.format(threads=1),

@@ -257,6 +257,10 @@ def host_values(call: CacheCall) -> tuple[np.ndarray, np.ndarray | None]:
     return lens, table
 
 
+#: tokens one sequence may hold: the kernels count them in 32-bit integers
+_MAX_TOKENS = 2**31 - 1
+
+
 def check_values(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) -> None:
     """The checks on cache_seqlens' and block_table's values (run before any write to the cache)."""
     if (lens < 0).any():
@@ -267,6 +271,10 @@ def check_values(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) ->
         raise ValueError(f"sequence {b} would hold {int(total[b])} tokens (cache_seqlens {int(lens[b])} + "
                          f"{call.seq_new} new) but the cache holds {call.capacity}"
                          + (" (blocks of block_table x block_size)" if call.paged else ""))
+    if (total > _MAX_TOKENS).any():
+        b = int(np.argmax(total > _MAX_TOKENS))
+        raise ValueError(f"sequence {b} would hold {int(total[b])} tokens (cache_seqlens {int(lens[b])} + "
+                         f"{call.seq_new} new); the kernels take at most 2**31 - 1 tokens per sequence")
     if table is not None:
         needed = -(-total // call.block_size)
         used = np.arange(table.shape[1])[None, :] < needed[:, None]

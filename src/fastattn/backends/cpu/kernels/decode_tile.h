@@ -11,7 +11,7 @@
  *   one split: out = O / l, lse = unit m + ln l;  several: each split's (O / l, lse) goes to parts and
  *   fa_decode_merge forms  lse = log sum_s e^(lse_s),  out = sum_s e^(lse_s - lse) out_s.
  *
- * Data path: a key's K and V rows are found by fa_kv_row (any strides, a paged cache's blocks); rows of
+ * Data path: a key's K and V rows are found by fa_kv_row (row_walk: any strides, a paged cache's blocks); rows of
  * float data with unit stride and a multiple of the vector width are read where they lie, others are
  * converted (or padded) into the per-thread tile buffers first.  No packing of the cache.
  *
@@ -104,8 +104,20 @@ static inline T hsum(V v) {
     return s;
 }
 
+/* W elements of a K or V row from element dd on: the row's own T values (BF = 0), or bfloat16 widened
+ * by a shift into a float's top half (BF = 1: read where it lies, no conversion pass). */
+template <int BF>
+static inline V ldrow(const T *row, int64_t dd) {
+    if constexpr (BF == 1 && sizeof(T) == 4) {
+        typedef uint16_t VH __attribute__((vector_size(W * 2), aligned(2), may_alias));
+        return (V)(__builtin_convertvector(*(const VH *)((const uint16_t *)(const void *)row + dd), VI) << 16);
+    } else {
+        return load(row + dd);
+    }
+}
+
 /* S[r][c] = q_r . k_c for MR rows and columns [c0, c1): 4 keys at a time, MR x 4 accumulators. */
-template <int MR>
+template <int MR, int BF>
 static void dec_score_rows(const T *q, int64_t dp, const T *const *krow, int64_t c0, int64_t c1, T *s,
                            int64_t lds) {
     int64_t c = c0;
@@ -115,7 +127,7 @@ static void dec_score_rows(const T *q, int64_t dp, const T *const *krow, int64_t
             for (int j = 0; j < 4; ++j) acc[i][j] = V{};
         const T *k0 = krow[c], *k1 = krow[c + 1], *k2 = krow[c + 2], *k3 = krow[c + 3];
         for (int64_t dd = 0; dd < dp; dd += W) {
-            const V kv0 = load(k0 + dd), kv1 = load(k1 + dd), kv2 = load(k2 + dd), kv3 = load(k3 + dd);
+            const V kv0 = ldrow<BF>(k0, dd), kv1 = ldrow<BF>(k1, dd), kv2 = ldrow<BF>(k2, dd), kv3 = ldrow<BF>(k3, dd);
             for (int i = 0; i < MR; ++i) {
                 const V qv = load(q + i * dp + dd);
                 acc[i][0] += qv * kv0;
@@ -130,7 +142,7 @@ static void dec_score_rows(const T *q, int64_t dp, const T *const *krow, int64_t
         V acc[MR];
         for (int i = 0; i < MR; ++i) acc[i] = V{};
         for (int64_t dd = 0; dd < dp; dd += W) {
-            const V kv = load(krow[c] + dd);
+            const V kv = ldrow<BF>(krow[c], dd);
             for (int i = 0; i < MR; ++i) acc[i] += load(q + i * dp + dd) * kv;
         }
         for (int i = 0; i < MR; ++i) s[i * lds + c] = hsum(acc[i]);
@@ -138,6 +150,7 @@ static void dec_score_rows(const T *q, int64_t dp, const T *const *krow, int64_t
 }
 
 /* S[r][c] = q_r . k_c for rows [0, R) and columns [c0, c1), q rows of dp (a multiple of W) elements. */
+template <int BF>
 static void dec_scores(const T *q, int64_t R, int64_t dp, const T *const *krow, int64_t c0, int64_t c1, T *s,
                        int64_t lds) {
     for (int64_t rb = 0; rb < R; rb += FA_D_MR) {
@@ -145,7 +158,7 @@ static void dec_scores(const T *q, int64_t R, int64_t dp, const T *const *krow, 
         const T *qb = q + rb * dp;
         T *sb = s + rb * lds;
         switch (mr) {
-#define FA_CASE(M) case M: dec_score_rows<(M <= FA_D_MR ? M : 1)>(qb, dp, krow, c0, c1, sb, lds); break;
+#define FA_CASE(M) case M: dec_score_rows<(M <= FA_D_MR ? M : 1), BF>(qb, dp, krow, c0, c1, sb, lds); break;
             FA_CASE(1) FA_CASE(2) FA_CASE(3) FA_CASE(4)
 #undef FA_CASE
         }
@@ -153,6 +166,7 @@ static void dec_scores(const T *q, int64_t R, int64_t dp, const T *const *krow, 
 }
 
 /* O[r] = alpha[r] O[r] + sum_{c in [c0, c1)} P[r][c] v_c for rows [r0, r1) sharing [c0, c1). */
+template <int BF>
 static void dec_pv(const T *s, int64_t lds, const T *const *vrow, int64_t c0, int64_t c1, const T *alpha,
                    T *o, int64_t dvp, int64_t r0, int64_t r1) {
     for (int64_t rb = r0; rb < r1; rb += FA_O_MR) {
@@ -164,7 +178,7 @@ static void dec_pv(const T *s, int64_t lds, const T *const *vrow, int64_t c0, in
                 for (int j = 0; j < FA_O_ND; ++j) acc[i][j] = V{};
             for (int64_t c = c0; c < c1; ++c) {
                 V vb[FA_O_ND];
-                for (int j = 0; j < FA_O_ND; ++j) vb[j] = j < nd ? load(vrow[c] + cd + j * W) : V{};
+                for (int j = 0; j < FA_O_ND; ++j) vb[j] = j < nd ? ldrow<BF>(vrow[c], cd + j * W) : V{};
                 for (int i = 0; i < FA_O_MR; ++i) {
                     if (i < mr) {
                         const V a = splat(s[(rb + i) * lds + c]);
@@ -180,15 +194,53 @@ static void dec_pv(const T *s, int64_t lds, const T *const *vrow, int64_t c0, in
     }
 }
 
+enum { DIRECT_NONE = -1, DIRECT_T = 0, DIRECT_BF16 = 1 };
+
+/* How rows of n elements (np: padded to W) with these strides are read: where they lie as T (DIRECT_T),
+ * where they lie as bfloat16 (DIRECT_BF16), or converted into the tile buffers first (DIRECT_NONE). */
+static inline int direct_rows(const fa_params *p, const int64_t *strides, int64_t n, int64_t np) {
+    if (n != np) return DIRECT_NONE;
+    if (p->in_dtype == (sizeof(T) == 8 ? FA_DTYPE_F64 : FA_DTYPE_F32) && strides[3] == (int64_t)sizeof(T))
+        return DIRECT_T;
+    if (sizeof(T) == 4 && p->in_dtype == FA_DTYPE_BF16 && strides[3] == 2) return DIRECT_BF16;
+    return DIRECT_NONE;
+}
+
+/* fa_kv_row's addresses of rows j0, j0 + 1, ... of entry e, head h, one after the other: one division per
+ * walk instead of one per row of a paged cache. */
+struct row_walk {
+    const char *ptr, *head;
+    const int32_t *table;
+    int64_t step, block_stride, bs, jb, off;
+    row_walk(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e, int64_t h, int64_t j0)
+        : step(strides[2]), block_stride(strides[0]), bs(p->block_size) {
+        table = p->block_table ? p->block_table + e.src * p->table_stride : NULL;
+        head = base + h * strides[1];
+        ptr = table ? NULL : head + e.src * strides[0] + (e.row_kv + j0) * strides[2];
+        jb = table ? j0 / bs : 0;
+        off = table ? j0 % bs : 0;
+    }
+    inline const char *next() {
+        if (!table) {
+            const char *row = ptr;
+            ptr += step;
+            return row;
+        }
+        const char *row = head + table[jb] * block_stride + off * step;
+        if (++off == bs) { off = 0; ++jb; }
+        return row;
+    }
+};
+
 /* The tile's K (or V) rows of keys [k0 + u0, k0 + u1): pointers to the data itself when it can be read
  * as T vectors (T data, unit stride, n a multiple of W), else rows converted into buf (zero padded). */
 template <T (*LOAD)(const char *)>
 static void dec_rows(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e, int64_t h,
                      int64_t k0, int64_t u0, int64_t u1, int64_t n, int64_t np, T *buf, const T **rows) {
-    const bool direct = (int64_t)sizeof(T) == (p->in_dtype == FA_DTYPE_F64 ? 8 : (p->in_dtype == FA_DTYPE_F32 ? 4 : 0))
-                        && strides[3] == (int64_t)sizeof(T) && n == np;
+    const bool direct = direct_rows(p, strides, n, np) != DIRECT_NONE;
+    row_walk walk(p, base, strides, e, h, k0 + u0);
     for (int64_t c = u0; c < u1; ++c) {
-        const char *src = fa_kv_row(p, base, strides, &e, h, k0 + c);
+        const char *src = walk.next();
         if (direct) {
             rows[c] = (const T *)src;
             continue;
@@ -249,6 +301,9 @@ static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t 
     const int64_t s0 = kv_lo + split * per * DEC_TK;
     const int64_t s1 = s0 + per * DEC_TK < kv_hi ? s0 + per * DEC_TK : kv_hi;
     const int64_t eb = elem_bytes(p), kb = d * eb, vb = p->head_dim_v * eb;
+    const bool dense = p->k_strides[3] == eb && p->v_strides[3] == eb;   /* rows to prefetch are contiguous */
+    const bool k_bf16 = direct_rows(p, p->k_strides, d, dp) == DIRECT_BF16;
+    const auto pv = direct_rows(p, p->v_strides, p->head_dim_v, dvp) == DIRECT_BF16 ? dec_pv<1> : dec_pv<0>;
     int overflow = 0;
     for (int64_t k0 = s0; k0 < s1; k0 += DEC_TK) {
         const int64_t nc = s1 - k0 < DEC_TK ? s1 - k0 : DEC_TK;
@@ -260,17 +315,19 @@ static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t 
             /* the rows of the next (head, tile) of the item, one head's tile ahead of use */
             const int64_t ph = hkv + 1 < h1 ? hkv + 1 : h0, pk = hkv + 1 < h1 ? k0 : k0 + DEC_TK;
             const int64_t pn = hkv + 1 < h1 ? u1 : n1;
-            for (int64_t cc = hkv + 1 < h1 ? u0 : 0; cc < pn; ++cc) {
-                const char *kr = fa_kv_row(p, p->k, p->k_strides, &e, ph, pk + cc);
-                const char *vr = fa_kv_row(p, p->v, p->v_strides, &e, ph, pk + cc);
-                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x / eb * p->k_strides[3], 0, 3);
-                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x / eb * p->v_strides[3], 0, 3);
+            const int64_t pc0 = hkv + 1 < h1 ? u0 : 0;
+            row_walk kw(p, p->k, p->k_strides, e, ph, pk + pc0), vw(p, p->v, p->v_strides, e, ph, pk + pc0);
+            for (int64_t cc = pc0; cc < pn && dense; ++cc) {
+                const char *kr = kw.next(), *vr = vw.next();
+                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x, 0, 1);
+                for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x, 0, 1);
             }
             const int64_t x0 = (hkv - h0) * R;
             T *S = ws->s + x0 * tk, *O = ws->o + x0 * dvp, *A = ws->alpha + x0;
             dec_rows<LOAD>(p, p->k, p->k_strides, e, hkv, k0, u0, u1, d, dp, ws->kbuf, ws->krow);
             dec_rows<LOAD>(p, p->v, p->v_strides, e, hkv, k0, u0, u1, p->head_dim_v, dvp, ws->vbuf, ws->vrow);
-            dec_scores(ws->q + x0 * dp, R, dp, ws->krow, u0, u1, S, tk);
+            if (k_bf16) dec_scores<1>(ws->q + x0 * dp, R, dp, ws->krow, u0, u1, S, tk);
+            else dec_scores<0>(ws->q + x0 * dp, R, dp, ws->krow, u0, u1, S, tk);
             bool uniform = true;
             int64_t c0_all = 0, c1_all = 0;
             for (int64_t r = 0; r < R; ++r) {
@@ -282,12 +339,12 @@ static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t 
                 else if (c0 != c0_all || c1 != c1_all) uniform = false;
             }
             if (uniform) {
-                if (c0_all < c1_all) dec_pv(S, tk, ws->vrow, c0_all, c1_all, A, O, dvp, 0, R);
+                if (c0_all < c1_all) pv(S, tk, ws->vrow, c0_all, c1_all, A, O, dvp, 0, R);
                 continue;
             }
             for (int64_t r = 0; r < R; ++r) {   /* rows of different keys: each over its own only */
                 const int64_t c0 = clamp64(ws->lo[r] - k0, u0, u1), c1 = clamp64(ws->hi[r] - k0, c0, u1);
-                if (c0 < c1) dec_pv(S, tk, ws->vrow, c0, c1, A, O, dvp, r, r + 1);
+                if (c0 < c1) pv(S, tk, ws->vrow, c0, c1, A, O, dvp, r, r + 1);
                 /* else no key of this tile: softmax_row left m, and so O (alpha = 1), as they were */
             }
         }
