@@ -377,7 +377,7 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
     stream_ptr = int(stream.ptr)
     max_len = call.capacity
     if isinstance(lens_in, int) and not call.paged:  # one length (check_call saw it is >= 0)
-        if lens_in + call.seq_new > call.capacity:
+        if lens_in + call.seq_new > min(call.capacity, 2**31 - 1):
             check_values(call, np.full(call.batch, lens_in, np.int64), None)  # raises, naming the sequence
         max_len = lens_in + call.seq_new
     elif not capturing:  # the values on the host, checked before anything is launched
