@@ -34,6 +34,7 @@ def set_decode_config(bkv: int, wk: int, stages: int, l2: int = 256) -> None:
     first = _specs.DECODE_RULES[0]
     cfg = dataclasses.replace(first[1], block_kv=bkv, key_warps=wk, stages=stages)
     _specs.DECODE_RULES = ((first[0], cfg), *_specs.DECODE_RULES[1:])
+    _specs.DECODE_PAGED_RULES = ((first[0], cfg), *_specs.DECODE_PAGED_RULES[1:])
     opts = () if l2 == 256 else (f"-DFA_DECODE_L2_PREFETCH={l2}",)
     _decode.get_kernel = lambda name, smem: _GET_KERNEL(name, smem, opts)
     _decode._PLANS.clear()

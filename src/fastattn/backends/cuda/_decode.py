@@ -244,7 +244,7 @@ def _plan(call: Any, key: tuple, facts: dict) -> _Plan:
 
         _check_device(dtype)
         dp, dvp = _specs.padded_dims(d, dv, dtype)
-        cfg = _specs.decode_config(rows, dp, dvp)
+        cfg = _specs.decode_config(rows, dp, dvp, call.paged)
         name = _specs.decode_mma_name(dtype, dp, dvp, cfg, interval, mods)
         smem = _specs.decode_mma_smem_bytes(dp, dvp, cfg)
         threads, block_rows, block_kv, acc = cfg.threads, cfg.block_rows, cfg.block_kv, "float32"
@@ -480,7 +480,7 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
     if splits > 1:
         slots = plan.merge.slots()
         slots[:5] = (po_ptr, pl_ptr, out_ptr, lse_ptr, splits)
-        plan.merge.launch(slots, (-(-n_rows // 4), 1), 128, 0, stream_ptr)
+        plan.merge.launch(slots, (n_rows, 1), 128, 0, stream_ptr)  # one block a row
     # keep what the launches read alive until they are enqueued (stream-ordered allocators do the rest)
     del lens_dev, table_dev, slopes
     return out, lse

@@ -338,14 +338,18 @@ class DecodeConfig:
 
 
 #: decode tiles by the rows a k/v head serves (heads of the group x seq_q), first match wins: a decode
-#: step (<= 16 rows) puts all four warps on the keys of one row tile and keeps three tiles of K and V in
-#: flight (a stream of bytes: its speed is the bytes in flight per multiprocessor); chunked prefill puts the
-#: warps on rows
+#: step (<= 16 rows) puts all the warps on the keys of one row tile; chunked prefill puts them on rows.
+#: Measured on the H100 (fp16, head_dim 128, tools/gpu_decode_tune.py): a contiguous cache streams fastest
+#: with 128-key tiles over eight warps (one block per multiprocessor, 70 KB in flight), a paged one with
+#: 64-key tiles over four warps (three blocks per multiprocessor); three or four stages of 64-key tiles
+#: were slower for both (fewer blocks per multiprocessor)
 DECODE_RULES: tuple[tuple[int, DecodeConfig], ...] = (
-    (16, DecodeConfig(1, 1, 4, 64, 4)),
+    (16, DecodeConfig(1, 1, 8, 128, 2)),
     (32, DecodeConfig(1, 2, 2, 64, 3)),
     (2**31, DecodeConfig(1, 4, 1, 64, 3)),
 )
+#: the same for a paged cache
+DECODE_PAGED_RULES: tuple[tuple[int, DecodeConfig], ...] = ((16, DecodeConfig(1, 1, 4, 64, 2)), *DECODE_RULES[1:])
 #: the SIMT decode kernel's rows per block and keys per tile (float32 / float64)
 DECODE_SIMT_ROWS = 8
 DECODE_SIMT_BLOCK_KV = 32
@@ -353,14 +357,19 @@ DECODE_SIMT_BLOCK_KV = 32
 
 #: shared memory a decode block may take when it has more than two stages (two blocks per multiprocessor)
 DECODE_SMEM_LIMIT = 113 * 1024
+#: shared memory a block may take at all (sm_80 / sm_90: 227 KB); larger key tiles are halved to fit
+DECODE_SMEM_MAX = 227 * 1024
 
 
-def decode_config(rows: int, head_dim: int, head_dim_v: int) -> DecodeConfig:
+def decode_config(rows: int, head_dim: int, head_dim_v: int, paged: bool = False) -> DecodeConfig:
     """The tiles for ``rows`` query rows per k/v head at these (padded) head dims: the first rule that fits,
     with fewer stages (two at least) where the ring would not fit ``DECODE_SMEM_LIMIT``."""
-    cfg = next((c for max_rows, c in DECODE_RULES if rows <= max_rows), DECODE_RULES[-1][1])
+    rules = DECODE_PAGED_RULES if paged else DECODE_RULES
+    cfg = next((c for max_rows, c in rules if rows <= max_rows), rules[-1][1])
     while cfg.stages > 2 and decode_mma_smem_bytes(head_dim, head_dim_v, cfg) > DECODE_SMEM_LIMIT:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    while cfg.block_kv > 64 and decode_mma_smem_bytes(head_dim, head_dim_v, cfg) > DECODE_SMEM_MAX:
+        cfg = dataclasses.replace(cfg, block_kv=cfg.block_kv // 2, key_warps=max(1, cfg.key_warps // 2))
     return cfg
 
 
@@ -399,8 +408,10 @@ def all_decode_name_expressions() -> list[str]:
     for dtype in ("float16", "bfloat16"):
         for dim, dv in mma_dim_pairs():
             for interval, mods in MASK_FLAGS:
-                for max_rows, _ in DECODE_RULES:
-                    names.append(decode_mma_name(dtype, dim, dv, decode_config(max_rows, dim, dv), interval, mods))
+                for paged in (False, True):
+                    for max_rows, _ in DECODE_RULES:
+                        cfg = decode_config(max_rows, dim, dv, paged)
+                        names.append(decode_mma_name(dtype, dim, dv, cfg, interval, mods))
     for dtype in ("float32", "float64"):
         for dim in SIMT_HEAD_DIMS:
             for interval, mods in MASK_FLAGS:

@@ -712,12 +712,16 @@ __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), do
 }
 
 // ------------------------------------------------------------------------------------------------
-// fa_decode_combine: the splits' partial results merged by their log-sum-exps, one warp a row
-// (rows ordered (batch, heads_q, seq_q)), the splits' lse spread over the lanes and each split's
-// output columns read by the whole warp (many independent loads in flight: batch 1 has few rows and
-// many splits); the math of fastattn.merge_attention: a row no split saw a key of gives 0 and -inf, a
+// fa_decode_combine: the splits' partial results merged by their log-sum-exps, one block of four warps
+// a row (rows ordered (batch, heads_q, seq_q)): the splits' lse spread over the lanes, the splits' outputs
+// over the warps, each split's columns over the lanes (many independent loads in flight: batch 1 has few
+// rows and many splits), the warps' sums added in shared memory in a fixed order; the math of fastattn.merge_attention: a row no split saw a key of gives 0 and -inf, a
 // NaN lse makes the row NaN.
 // ------------------------------------------------------------------------------------------------
+#ifndef FA_DECODE_MAX_DV
+#define FA_DECODE_MAX_DV 256  // the largest head dim of v the launcher passes (_specs.MAX_HEAD_DIM)
+#endif
+
 template <typename T>
 __device__ __forceinline__ T dec_from(float x) { return elem<T>::from_float(x); }
 template <>
@@ -733,14 +737,14 @@ __global__ void __launch_bounds__(128)
     fa_decode_combine(const L* __restrict__ part_o, const L* __restrict__ part_lse, T* __restrict__ out,
                       L* __restrict__ lse, int num_splits, int heads_q, int seq_q, int dv, long long n_rows,
                       long long o_sb, long long o_ss, long long o_sh, long long lse_sb, long long lse_sh) {
-    constexpr int U = 4;  // output columns per lane per pass
-    const long long row = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= n_rows) return;
+    constexpr int NW = 4, U = FA_DECODE_MAX_DV / 32;  // warps (splits w, w + NW, ...); columns per lane
+    __shared__ L s_o[NW][FA_DECODE_MAX_DV];
+    const long long row = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = (int)(row % seq_q);
     const int h = (int)((row / seq_q) % heads_q);
     const long long b = row / seq_q / heads_q;
-    // the splits' lse side by side over the lanes: their max, any NaN, then sum e^(lse_s - max)
+    // the splits' lse side by side over the lanes (every warp alike): their max, any NaN, sum e^(lse_s - max)
     L mx = -FA_INF;
     bool nan = false;
     for (int sp = lane; sp < num_splits; sp += 32) {
@@ -760,36 +764,33 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
     const bool empty = !nan && total == L(0);
-    T* op = out + b * o_sb + (long long)t * o_ss + (long long)h * o_sh;
-    for (int c0 = 0; c0 < dv; c0 += 32 * U) {
-        L o[U];
+    L o[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) o[u] = L(0);
-        if (!empty && !nan) {
-            for (int s0 = 0; s0 < num_splits; s0 += 32) {
-                // lane j holds split s0 + j's weight; every lane takes its columns of each split in turn
-                const int sp_l = s0 + lane;
-                const L w_l = sp_l < num_splits ? dec_exp<L>(part_lse[sp_l * n_rows + row] - mx) : L(0);
-                const int n = min(32, num_splits - s0);
+    for (int u = 0; u < U; ++u) o[u] = L(0);
+    if (!empty && !nan) {
 #pragma unroll 4
-                for (int j = 0; j < n; ++j) {
-                    const L w = __shfl_sync(0xffffffffu, w_l, j);
-                    const L* po = part_o + ((s0 + j) * n_rows + row) * dv;
+        for (int sp = warp; sp < num_splits; sp += NW) {
+            const L w = dec_exp<L>(part_lse[sp * n_rows + row] - mx);
+            const L* po = part_o + (sp * n_rows + row) * dv;
 #pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const int c = c0 + lane + 32 * u;
-                        const L x = c < dv ? po[c] : L(0);
-                        o[u] += w != L(0) ? w * x : L(0);  // a split of weight 0 adds nothing, whatever it holds
-                    }
-                }
+            for (int u = 0; u < U; ++u) {
+                const int c = lane + 32 * u;
+                const L x = c < dv ? po[c] : L(0);
+                o[u] += w != L(0) ? w * x : L(0);  // a split of weight 0 adds nothing, whatever it holds
             }
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = c0 + lane + 32 * u;
-            if (c < dv) op[c] = dec_from<T>(nan ? dec_nan(L(0)) : (empty ? L(0) : o[u] / total));
-        }
     }
-    if (lane == 0)
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (lane + 32 * u < dv) s_o[warp][lane + 32 * u] = o[u];
+    __syncthreads();
+    T* op = out + b * o_sb + (long long)t * o_ss + (long long)h * o_sh;
+    for (int c = threadIdx.x; c < dv; c += 32 * NW) {
+        L sum = L(0);
+#pragma unroll
+        for (int w = 0; w < NW; ++w) sum += s_o[w][c];  // a fixed order: the result does not vary between runs
+        op[c] = dec_from<T>(nan ? dec_nan(L(0)) : (empty ? L(0) : sum / total));
+    }
+    if (threadIdx.x == 0)
         lse[b * lse_sb + (long long)h * lse_sh + t] = nan ? dec_nan(L(0)) : (empty ? (L)(-FA_INF) : mx + log(total));
 }
