@@ -181,9 +181,15 @@ def test_decode_against_reference(rng, dtype, cache):
     np.testing.assert_array_equal(_bits(vh), _bits(vc_want.astype(dtype_of(dtype))))
 
 
-@pytest.mark.parametrize("block_size", [16, 64, 256])
-def test_paged_equals_contiguous(rng, block_size):
-    """The same data paged or contiguous gives the same bits (the same tiles, splits and order)."""
+@pytest.mark.parametrize("block_size", [16, 64, 256, 48])
+def test_paged_equals_contiguous(rng, block_size, monkeypatch):
+    """The same data paged or contiguous gives the same bits under the same tiles (the same splits and
+    order): the paged row addressing reads exactly the contiguous rows.  (By default the two take different
+    tiles, each its fastest: test_decode_against_reference holds both to the reference.)"""
+    from fastattn.backends.cuda import _decode, _specs
+
+    monkeypatch.setattr(_specs, "DECODE_PAGED_RULES", _specs.DECODE_RULES)
+    monkeypatch.setattr(_decode, "_PLANS", {})
     lens = np.array([999, 3, 400], np.int32)
     kc, vc = _cache(rng, 3, 1000, 8, 128, "float16", lens)
     kp, vp, table = _paged(rng, kc, vc, block_size)

@@ -27,6 +27,7 @@ QUICK = [(1, 32, 32, 4096), (1, 32, 8, 4096), (1, 32, 32, 32768), (1, 32, 8, 131
 
 
 _GET_KERNEL = _decode.get_kernel
+_SMEM_LIMIT = _specs.DECODE_SMEM_LIMIT
 
 
 def set_decode_config(bkv: int, wk: int, stages: int, l2: int = 256) -> None:
@@ -35,6 +36,7 @@ def set_decode_config(bkv: int, wk: int, stages: int, l2: int = 256) -> None:
     cfg = dataclasses.replace(first[1], block_kv=bkv, key_warps=wk, stages=stages)
     _specs.DECODE_RULES = ((first[0], cfg), *_specs.DECODE_RULES[1:])
     _specs.DECODE_PAGED_RULES = ((first[0], cfg), *_specs.DECODE_PAGED_RULES[1:])
+    _specs.DECODE_SMEM_LIMIT = 227 * 1024 if stages > 2 and bkv >= 128 else _SMEM_LIMIT  # one block, 3 stages
     opts = () if l2 == 256 else (f"-DFA_DECODE_L2_PREFETCH={l2}",)
     _decode.get_kernel = lambda name, smem: _GET_KERNEL(name, smem, opts)
     _decode._PLANS.clear()

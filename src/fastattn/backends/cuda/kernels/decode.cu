@@ -65,6 +65,7 @@ struct dec_seq {
     const void* table;   // paged: block_table, row b (element offset in row_off)
     long long row_off;
     int table_kind, block_size, num_blocks, cached, total;
+    int bs_shift;  // log2(block_size) for a power of two (the usual 16 / 64 / 256: no division), else -1
     long long k_sb, k_ss, v_sb, v_ss, kn_ss, vn_ss, k_sd, v_sd, kn_sd, vn_sd;
 
     // block of key j < cached (paged), or -1 for an id outside the cache
@@ -114,6 +115,7 @@ __device__ __forceinline__ dec_seq<T> dec_seq_of(const T* k_cache, const T* v_ca
     s.row_off = (long long)b * table_sb;
     s.table_kind = table_kind;
     s.block_size = block_size;
+    s.bs_shift = (block_size > 0 && (block_size & (block_size - 1)) == 0) ? __ffs(block_size) - 1 : -1;
     s.num_blocks = num_blocks;
     s.k_sb = k_sb, s.k_ss = k_ss, s.v_sb = v_sb, s.v_ss = v_ss, s.kn_ss = kn_ss, s.vn_ss = vn_ss;
     s.k_sd = k_sd, s.v_sd = v_sd, s.kn_sd = kn_sd, s.vn_sd = vn_sd;
@@ -206,7 +208,8 @@ __device__ __forceinline__ void dec_tile_blocks(const dec_seq<T>& s, int kv0, in
     for (int p = 0; p < PASSES; ++p) {
         const int j = kv0 + r0 + p * RPI;
         if (j < s.cached) {
-            const long long b = dec_int(s.table, s.table_kind, s.row_off + j / s.block_size);
+            const int jb = s.bs_shift >= 0 ? j >> s.bs_shift : j / s.block_size;
+            const long long b = dec_int(s.table, s.table_kind, s.row_off + jb);
             blk[p] = (b < 0 || b >= s.num_blocks) ? -1 : (int)b;
         }
     }
@@ -225,7 +228,7 @@ __device__ __forceinline__ void dec_tile_issue(const dec_seq<T>& s, T* sK, T* sV
             } else if (s.block_size == 0) {
                 kr = s.kc + (long long)j * s.k_ss, vr = s.vc + (long long)j * s.v_ss;
             } else if (blk[p] >= 0) {
-                const long long in = j % s.block_size;
+                const long long in = s.bs_shift >= 0 ? j & (s.block_size - 1) : j % s.block_size;
                 kr = s.kc + (long long)blk[p] * s.k_sb + in * s.k_ss;
                 vr = s.vc + (long long)blk[p] * s.v_sb + in * s.v_ss;
             }
