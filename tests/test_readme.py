@@ -19,7 +19,9 @@ def test_readme_examples_run(cpu_backend):
     code = "\n".join(blocks).replace("seq_lens=(512, 1024, 2048))", "seq_lens=(512,), measure=False)")
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own README
-    assert namespace["out"].shape == (1724, 32, 128)
+    assert namespace["out"].shape == (2, 1, 32, 128)  # the last example: a decode step against a cache
+    assert (namespace["k_cache"][0, 1000] == namespace["k1"][0, 0]).all()
+    assert (namespace["k_cache"][1, 37] == namespace["k1"][1, 0]).all()
 
 
 def test_kvcache_generation_loop_runs(cpu_backend):

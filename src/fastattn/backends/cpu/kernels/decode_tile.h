@@ -322,6 +322,21 @@ static int decode_pass(const fa_params *p, int64_t item, int64_t split, int64_t 
                 for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(kr + x, 0, 1);
                 for (int64_t x = 0; x < vb; x += 64) __builtin_prefetch(vr + x, 0, 1);
             }
+            const int64_t far = k0 + DEC_TK, n2 = n1;   /* the next tile (further ahead measured no better) */
+            if (p->block_table && h1 - h0 > 1 && n2 > 0 && dense) {
+                /* a paged cache: its blocks lie anywhere, so no hardware prefetcher follows them; each head's
+                 * turn also fetches (into L2) its share of the next tile's keys, all the item's heads of a
+                 * key at once (they lie side by side) */
+                const int64_t j = hkv - h0, nh = h1 - h0, t0 = j * n2 / nh, t1 = (j + 1) * n2 / nh;
+                const int64_t kspan = (nh - 1) * p->k_strides[1] + kb, vspan = (nh - 1) * p->v_strides[1] + vb;
+                row_walk kn(p, p->k, p->k_strides, e, h0, far + t0);
+                row_walk vn(p, p->v, p->v_strides, e, h0, far + t0);
+                for (int64_t t = t0; t < t1; ++t) {
+                    const char *kr = kn.next(), *vr = vn.next();
+                    for (int64_t x = 0; x < kspan; x += 64) __builtin_prefetch(kr + x, 0, 2);
+                    for (int64_t x = 0; x < vspan; x += 64) __builtin_prefetch(vr + x, 0, 2);
+                }
+            }
             const int64_t x0 = (hkv - h0) * R;
             T *S = ws->s + x0 * tk, *O = ws->o + x0 * dvp, *A = ws->alpha + x0;
             dec_rows<LOAD>(p, p->k, p->k_strides, e, hkv, k0, u0, u1, d, dp, ws->kbuf, ws->krow);
