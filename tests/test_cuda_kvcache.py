@@ -499,3 +499,21 @@ def test_choose_splits_fills_whole_waves():
     assert choose_splits(4096, 2048, 132, 2) == 1  # many waves already
     # 256 blocks fit one wave of 264: splitting in two would make two waves of the same work
     assert choose_splits(256, 64, 132, 2) == 1
+
+
+def test_remembered_calls_keep_no_arrays(rng):
+    """The checked-call memo holds shapes and options only: a cache is freed once its caller drops it."""
+    import weakref
+
+    from fastattn import _kvcache
+
+    kc, vc = _cache(rng, 1, 64, 1, 64, "float16", [10])
+    kg, vg = _gpu(kc), _gpu(vc)
+    q = _gpu(random_array(rng, (1, 1, 2, 64), "float16"))
+    fastattn.flash_attention_with_kvcache(q, kg, vg, cache_seqlens=10)
+    fastattn.flash_attention_with_kvcache(q, kg, vg, cache_seqlens=10)
+    for call, _ in _kvcache._SEEN.values():
+        assert all(x is None for x in (call.q, call.k_cache, call.v_cache, call.like, call.cache_seqlens))
+    ref = weakref.ref(kg)
+    del kg
+    assert ref() is None

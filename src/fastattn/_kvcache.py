@@ -386,10 +386,14 @@ def flash_attention_with_kvcache(
                           causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, scale=scale,
                           num_splits=num_splits, return_lse=return_lse, layout=layout, num_threads=num_threads)
         engine = backends.resolve(backend, call.q, call.k_cache, call.v_cache)
-        if key is not None:
+        if key is not None:  # remembered without the arrays (the cache must not outlive its caller's use)
             if len(_SEEN) >= 64:
                 _SEEN.clear()
-            _SEEN[key] = (call, engine)
+            kept = object.__new__(CacheCall)
+            kept.__dict__.update(call.__dict__)
+            kept.q = kept.k_cache = kept.v_cache = kept.k = kept.v = kept.like = None
+            kept.cache_seqlens = kept.block_table = None
+            _SEEN[key] = (kept, engine)
     runner = getattr(engine, "kvcache", None)
     if runner is not None:
         out, lse = runner(call)  # the backend reads (and checks) the values, appends, attends
