@@ -154,6 +154,33 @@ def test_bench_compare_torch_json_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.parametrize("peer", ["onnxruntime", "openvino"])
+def test_bench_compare_peers(peer, tmp_path, capsys):
+    """``--compare torch,onnxruntime,openvino``: each installed peer timed on the same workloads (its
+    first result checked against fastattn's inside the run), with the best-peer column."""
+    from fastattn import _bench_peers
+
+    impl = _bench_peers.PEERS[peer]
+    if _bench_peers.unavailable(impl):
+        pytest.skip(_bench_peers.unavailable(impl))
+    js = tmp_path / "b.json"
+    assert main(["bench", "--compare", f"torch,{peer}", "--seqs", "64", "--head-dims", "16", "--heads", "2",
+                 "--threads", "1", "--repeat", "1", "--no-progress", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in json.loads(js.read_text())["results"] if r["impl"] == impl]
+    assert {r["causal"] for r in rows} == {False, True} and all(r["gflops"] > 0 for r in rows)
+    assert f"vs {impl}" in out and ("vs best peer" in out) == (_bench.torch_unavailable() is None)
+
+
+def test_bench_compare_a_missing_peer_is_skipped_with_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    js = tmp_path / "b.json"
+    assert main(["bench", "--compare", "onnxruntime", "--seqs", "64", "--head-dims", "16", "--heads", "1",
+                 "--repeat", "1", "--no-progress", "--json", str(js)]) == 0
+    assert "onnxruntime-mha is not installed" in capsys.readouterr().err
+    assert "onnxruntime-mha" not in {r["impl"] for r in json.loads(js.read_text())["results"]}
+
+
 def test_threads_in_use_is_measured_inside_the_limit():
     before = _bench.threads_in_use(_bench.NUMPY)
     with _bench.thread_limit(_bench.NUMPY, 1):
@@ -280,6 +307,8 @@ def test_bench_cuda_table(monkeypatch, capsys, cuda_available):
     ["bench", "--seqs", "abc"],
     ["bench", "--threads", "-1"],
     ["bench", "--compare", "jax"],
+    ["bench", "--compare", "torch,jax"],
+    ["bench", "--compare", ","],
     ["bench", "--device", "tpu"],
     ["memory", "--head-dim", "x"],
     ["memory", "--dtype", "int8"],

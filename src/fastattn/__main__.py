@@ -23,6 +23,18 @@ from typing import Any
 
 from ._bench_variants import VARIANTS
 
+_PEER_NAMES = ("torch", "onnxruntime", "openvino")
+
+
+def _peer_list(text: str) -> tuple[str, ...]:
+    """``--compare torch,onnxruntime,openvino``: the peers, each once, in the order given."""
+    names = tuple(dict.fromkeys(name.strip().lower() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in _PEER_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(_PEER_NAMES)} (comma-separated)")
+    return names
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -132,7 +144,7 @@ def _cmd_bench_cuda(args: argparse.Namespace) -> int:
     if _check_plot_first(args):
         return 1
     # competitors beside us whenever PyTorch is there: a table of our numbers alone says little
-    kwargs: dict[str, Any] = {"compare_torch": args.compare == "torch" or _bench.torch_unavailable() is None}
+    kwargs: dict[str, Any] = {"compare_torch": "torch" in (args.compare or ()) or _bench.torch_unavailable() is None}
     if args.quick:
         kwargs.update(seqs=_bench.CUDA_QUICK_SEQS, head_dims=_bench.CUDA_QUICK_HEAD_DIMS)
     if args.seqs:
@@ -257,11 +269,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_cuda(args)
     if _check_plot_first(args):
         return 1
-    compare_torch = args.compare == "torch"
+    from . import _bench_peers
+
+    compare_torch = "torch" in (args.compare or ())
     torch_reason = _bench.torch_unavailable() if compare_torch else None
+    peers = []
+    for name in args.compare or ():
+        if name == "torch":
+            continue
+        impl = _bench_peers.PEERS[name]
+        reason = _bench.unavailable(impl)
+        if reason:
+            print(f"note: {reason}; skipping it", file=sys.stderr)
+        else:
+            peers.append(impl)
     if args.quick:
         seqs, head_dims = _bench.QUICK_SEQS, _bench.QUICK_HEAD_DIMS
-    elif compare_torch and torch_reason is None:
+    elif (compare_torch and torch_reason is None) or peers:
         seqs, head_dims = _bench.FULL_SEQS, _bench.FULL_HEAD_DIMS
     else:
         seqs, head_dims = _bench.DEFAULT_SEQS, _bench.DEFAULT_HEAD_DIMS
@@ -271,21 +295,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     seqs = args.seqs or seqs
     head_dims = args.head_dims or head_dims
     workloads = _bench.grid(seqs, head_dims, batch=args.batch, heads=args.heads)
-    impls = _bench.implementations(compare_torch and torch_reason is None)
+    impls = _bench.implementations(compare_torch and torch_reason is None, peers)
     cpu_reason = _bench.unavailable(_bench.FASTATTN_CPU)
     if cpu_reason:
         print(f"note: fastattn's cpu backend is not available ({cpu_reason}); timing the float64 reference "
               f"oracle instead, up to N={_bench.REFERENCE_MAX_SEQ}", file=sys.stderr)
-    full = compare_torch and torch_reason is None and not args.quick
+    full = ((compare_torch and torch_reason is None) or bool(peers)) and not args.quick
     repeat = args.repeat if args.repeat is not None else (5 if full else 3)
     run = _bench.run_cpu_bench(workloads, impls, threads=args.threads, repeat=repeat,
-                               progress=not args.no_progress, measure_matmul=compare_torch)
+                               progress=not args.no_progress, measure_matmul=bool(args.compare))
     competitors = [_bench.TORCH] if _bench.TORCH in impls else []
+    competitors += peers
+    best_of = list(competitors)
     competitors.append(_bench.NUMPY)
     facts = _bench.machine_facts()
     if args.json != "-":
         print(_bench.header(run["results"], requested=args.threads, repeat=repeat, facts=facts))
-        print(_bench.format_table(run["results"], competitors, matmul_gflops=run["matmul_gflops"]))
+        print(_bench.format_table(run["results"], competitors, matmul_gflops=run["matmul_gflops"], best_of=best_of))
     if args.json is not None:
         _write_json({"machine": facts, "repeat": repeat, "threads_requested": args.threads, **run}, args.json)
     if args.plot:
@@ -341,9 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Times fastattn beside the materialized NumPy path (and PyTorch's SDPA with --compare torch): "
                     "fp32 self-attention, median of --repeat calls after a warm-up. Workloads are labelled "
                     "B<batch> H<heads> N<sequence length> D<head dim>.")
-    p.add_argument("--compare", choices=["torch"],
-                   help="the full grid with PyTorch's CPU SDPA beside, and the fp32 matmul rate as a yardstick "
-                        "(without PyTorch: the short grid, NumPy only)")
+    p.add_argument("--compare", type=_peer_list, metavar="PEERS",
+                   help="the full grid beside the peers named, comma-separated: torch (PyTorch's CPU SDPA), "
+                        "onnxruntime (com.microsoft.MultiHeadAttention), openvino (opset-13 SDPA, f32); each "
+                        "skipped with a note when not installed; the fp32 matmul rate as a yardstick "
+                        "(--compare torch without PyTorch: the short grid, NumPy only)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu, or cuda: the CUDA backend beside PyTorch's flash and cuDNN kernels (default: cpu)")
     p.add_argument("--variant", choices=list(VARIANTS),

@@ -138,16 +138,21 @@ def unavailable(impl: str) -> str | None:
         return None
     if impl == TORCH:
         return torch_unavailable()
+    from . import _bench_peers
+
+    if impl in _bench_peers.PEERS.values():
+        return _bench_peers.unavailable(impl)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def implementations(compare_torch: bool) -> list[str]:
+def implementations(compare_torch: bool, peers: Sequence[str] = ()) -> list[str]:
     """What a run compares: fastattn's compiled CPU backend (the float64 reference oracle at
-    small sizes only, where the compiled one is missing), NumPy materialized, and PyTorch."""
+    small sizes only, where the compiled one is missing), NumPy materialized, PyTorch, and the
+    other peers asked for (``fastattn._bench_peers``: ONNX Runtime, OpenVINO)."""
     impls = [FASTATTN_CPU if unavailable(FASTATTN_CPU) is None else FASTATTN_REFERENCE, NUMPY]
     if compare_torch:
         impls.append(TORCH)
-    return impls
+    return impls + list(peers)
 
 
 def materialized_need_bytes(w: Workload) -> int:
@@ -199,13 +204,17 @@ def make_call(impl: str, w: Workload, q: np.ndarray, k: np.ndarray, v: np.ndarra
                 return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=w.causal)
 
         return run
+    from . import _bench_peers
+
+    if impl in _bench_peers.PEERS.values():
+        return _bench_peers.make_call(impl, q, k, v, w.causal, threads)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
 def threads_in_use(impl: str, call: Callable[[], Any] | None = None) -> int | None:
     """Threads ``impl`` runs on now (call inside :func:`thread_limit`): fastattn's as its last
     call reported, NumPy's BLAS pool as threadpoolctl sees it, PyTorch's intra-op pool."""
-    if impl in (FASTATTN_CPU, FASTATTN_REFERENCE):
+    if impl in (FASTATTN_CPU, FASTATTN_REFERENCE) or impl not in (TORCH, NUMPY):
         return getattr(call, "threads_used", None)
     if impl == TORCH:
         import torch
@@ -389,12 +398,13 @@ def _workload_label(r: dict) -> str:
 
 
 def format_table(results: Sequence[dict], competitors: Sequence[str], *, matmul_gflops: float | None = None,
-                 tera: bool = False) -> str:
+                 tera: bool = False, best_of: Sequence[str] = ()) -> str:
     """One block per workload, one line per implementation: ms, GFLOP/s (TFLOP/s with
-    ``tera``), the speed ratio to each competitor (its ms ÷ this ms) and, given the same
-    run's matmul GFLOP/s, the fraction of it."""
+    ``tera``), the speed ratio to each competitor (its ms ÷ this ms), to the fastest of ``best_of``
+    (two or more peers) and, given the same run's matmul GFLOP/s, the fraction of it."""
     unit = "TFLOP/s" if tera else "GFLOP/s"
-    cols = ["workload", "impl", "ms", unit] + [f"vs {c}" for c in competitors]
+    best_of = list(best_of) if len(best_of) > 1 else []
+    cols = ["workload", "impl", "ms", unit] + [f"vs {c}" for c in competitors] + (["vs best peer"] if best_of else [])
     if matmul_gflops:
         cols.append("of matmul")
     groups: dict[tuple, list[dict]] = {}
@@ -413,6 +423,9 @@ def format_table(results: Sequence[dict], competitors: Sequence[str], *, matmul_
             for c in competitors:
                 other = by_impl.get(c)
                 line.append(f"{other['ms'] / r['ms']:.2f}x" if other and other.get("ms") else "-")
+            if best_of:
+                times = [by_impl[c]["ms"] for c in best_of if c in by_impl and by_impl[c].get("ms")]
+                line.append(f"{min(times) / r['ms']:.2f}x" if times else "-")
             if matmul_gflops:
                 line.append(f"{r['gflops'] / matmul_gflops:.0%}")
             lines.append(line)
