@@ -338,23 +338,21 @@ class DecodeConfig:
 
 
 #: decode tiles by the rows a k/v head serves (heads of the group x seq_q), first match wins: a decode
-#: step (<= 16 rows) puts all the warps on the keys of one row tile; chunked prefill puts them on rows.
-#: Measured on the H100 (fp16, head_dim 128, tools/gpu_decode_tune.py): a contiguous cache streams fastest
-#: with 128-key tiles over eight warps (one block per multiprocessor, 70 KB in flight), a paged one with
-#: 64-key tiles over four warps (three blocks per multiprocessor); three or four stages of 64-key tiles
-#: were slower for both (fewer blocks per multiprocessor)
+#: step (<= 16 rows) puts all four warps on the keys of one row tile; chunked prefill puts them on rows.
+#: Measured on the H100 (fp16, head_dim 128, tools/gpu_decode_tune.py): 64-key tiles, two stages (three
+#: blocks per multiprocessor) stream contiguous and paged caches alike; 128-key tiles over eight warps (one
+#: block per multiprocessor) were up to 2% faster on long caches and up to 17% slower at 4k keys, and three
+#: or four stages of 64-key tiles slower for both (two blocks or one per multiprocessor)
 DECODE_RULES: tuple[tuple[int, DecodeConfig], ...] = (
-    (16, DecodeConfig(1, 1, 8, 128, 2)),
+    (16, DecodeConfig(1, 1, 4, 64, 2)),
     (32, DecodeConfig(1, 2, 2, 64, 3)),
     (2**31, DecodeConfig(1, 4, 1, 64, 3)),
 )
-#: the same for a paged cache
-DECODE_PAGED_RULES: tuple[tuple[int, DecodeConfig], ...] = ((16, DecodeConfig(1, 1, 4, 64, 2)), *DECODE_RULES[1:])
+#: the same for a paged cache (kept apart so that either can be tuned alone)
+DECODE_PAGED_RULES: tuple[tuple[int, DecodeConfig], ...] = DECODE_RULES
 #: the SIMT decode kernel's rows per block and keys per tile (float32 / float64)
 DECODE_SIMT_ROWS = 8
 DECODE_SIMT_BLOCK_KV = 32
-
-
 #: shared memory a decode block may take when it has more than two stages (two blocks per multiprocessor)
 DECODE_SMEM_LIMIT = 113 * 1024
 #: shared memory a block may take at all (sm_80 / sm_90: 227 KB); larger key tiles are halved to fit
