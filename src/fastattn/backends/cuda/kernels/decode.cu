@@ -299,16 +299,6 @@ __global__ void __launch_bounds__(WR* WK * 32)
     const int per_split = (n_all + num_splits - 1) / num_splits;
     const int it0 = min(n_all, split * per_split);
     const int n_tiles = min(n_all, it0 + per_split) - it0;
-    // The sequences of a batch start their key tiles at spread-out points of their range (sequence b at
-    // b / batch of it) and wrap around: the blocks of a wide batch run in lockstep, and a contiguous cache
-    // puts their rows at offsets a large power of two apart, so without the spread they read the same
-    // DRAM banks at once (measured on the H100: batch 8-64 at 4k keys 14% under the paged cache).  The
-    // online softmax takes the tiles in any order; the order is a function of the shape alone.
-    const int rot = n_tiles > 1 ? (int)(((long long)b * n_tiles) / batch) : 0;
-    auto tile_kv0 = [&](int it) {
-        const int t = it + rot < n_tiles ? it + rot : it + rot - n_tiles;
-        return kv_begin + (it0 + t) * BKV;
-    };
 
     // the query row of each accumulator row of this thread (seq_q: a row past the block's rows)
     const int row_w0 = r_begin + wr * 16 * MT;
@@ -338,12 +328,12 @@ __global__ void __launch_bounds__(WR* WK * 32)
     const int r0 = tid / TL::CH, ch = tid % TL::CH;
     int blk_next[TL::PASSES];  // the block ids of the next tile to issue (paged, vector path)
     auto load_kv = [&](int it) {
-        const int slot = it % STAGES, kv0 = tile_kv0(it);
+        const int slot = it % STAGES, kv0 = kv_begin + (it0 + it) * BKV;
         if constexpr (TL::OK) {
             if (vec) {
                 dec_tile_issue<T, TL::PASSES, TL::RPI, LDS, LDV>(s, sK + slot * BKV * LDS, sV + slot * BKV * LDV, kv0,
                                                                  r0, ch, blk_next, q, d, dv);
-                if (it + 1 < n_tiles) dec_tile_blocks<T, TL::PASSES, TL::RPI>(s, tile_kv0(it + 1), r0, blk_next);
+                if (it + 1 < n_tiles) dec_tile_blocks<T, TL::PASSES, TL::RPI>(s, kv0 + BKV, r0, blk_next);
                 return;
             }
         }
@@ -354,7 +344,7 @@ __global__ void __launch_bounds__(WR* WK * 32)
     };
 
     dec_load_rows<T, BR, D, LDS, NT>(sQ, q_row, [&](int) { return q_sd; }, q, d, vec != 0, tid);
-    if constexpr (TL::OK) dec_tile_blocks<T, TL::PASSES, TL::RPI>(s, tile_kv0(0), r0, blk_next);
+    if constexpr (TL::OK) dec_tile_blocks<T, TL::PASSES, TL::RPI>(s, kv_begin + it0 * BKV, r0, blk_next);
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {  // the ring's first STAGES - 1 tiles (Q rides with the first)
         if (st < n_tiles) load_kv(st);
@@ -376,7 +366,7 @@ __global__ void __launch_bounds__(WR* WK * 32)
 
     for (int it = 0; it < n_tiles; ++it) {
         const int slot = it % STAGES;
-        const int kv0 = tile_kv0(it);
+        const int kv0 = kv_begin + (it0 + it) * BKV;
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // tile it is in; every warp is done with tile it-1, whose slot is refilled now
         if (it + STAGES - 1 < n_tiles) load_kv(it + STAGES - 1);
