@@ -341,8 +341,9 @@ class DecodeConfig:
 #: step (<= 16 rows) puts all four warps on the keys of one row tile; chunked prefill puts them on rows.
 #: Measured on the H100 (fp16, head_dim 128, tools/gpu_decode_tune.py): 64-key tiles, two stages (three
 #: blocks per multiprocessor) stream contiguous and paged caches alike; 128-key tiles over eight warps (one
-#: block per multiprocessor) were up to 2% faster on long caches and up to 17% slower at 4k keys, and three
-#: or four stages of 64-key tiles slower for both (two blocks or one per multiprocessor)
+#: block per multiprocessor) were within 2% on contiguous caches (8-10% faster only at batch 1, 8 k/v
+#: heads, 4k keys) and 2-7% slower on paged ones; three stages of 64-key tiles (two blocks per
+#: multiprocessor) within -4% to +3% on contiguous caches, slower on paged ones
 DECODE_RULES: tuple[tuple[int, DecodeConfig], ...] = (
     (16, DecodeConfig(1, 1, 4, 64, 2)),
     (32, DecodeConfig(1, 2, 2, 64, 3)),
