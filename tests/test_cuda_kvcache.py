@@ -181,9 +181,15 @@ def test_decode_against_reference(rng, dtype, cache):
     np.testing.assert_array_equal(_bits(vh), _bits(vc_want.astype(dtype_of(dtype))))
 
 
-@pytest.mark.parametrize("block_size", [16, 64, 256])
-def test_paged_equals_contiguous(rng, block_size):
-    """The same data paged or contiguous gives the same bits (the same tiles, splits and order)."""
+@pytest.mark.parametrize("block_size", [16, 64, 256, 48])
+def test_paged_equals_contiguous(rng, block_size, monkeypatch):
+    """The same data paged or contiguous gives the same bits under the same tiles (the same splits and
+    order): the paged row addressing reads exactly the contiguous rows.  (By default the two take different
+    tiles, each its fastest: test_decode_against_reference holds both to the reference.)"""
+    from fastattn.backends.cuda import _decode, _specs
+
+    monkeypatch.setattr(_specs, "DECODE_PAGED_RULES", _specs.DECODE_RULES)
+    monkeypatch.setattr(_decode, "_PLANS", {})
     lens = np.array([999, 3, 400], np.int32)
     kc, vc = _cache(rng, 3, 1000, 8, 128, "float16", lens)
     kp, vp, table = _paged(rng, kc, vc, block_size)
@@ -444,3 +450,70 @@ def test_against_torch_sdpa_with_an_explicit_mask(rng, seq_q):
         # both within twice the other's error against float64 (neither is the oracle)
         e_ours, e_sdpa = rel_error(out[b:b + 1], want[b:b + 1]), rel_error(sdpa, want[b:b + 1])
         assert e_ours <= 2 * e_sdpa + 1e-5, (e_ours, e_sdpa)
+
+
+def test_many_splits_merge(rng):
+    """More splits than a warp has lanes (the combine kernel's split loop runs twice) and splits that see
+    no key at all (a short sequence beside a long one)."""
+    lens = np.array([4095, 3], np.int32)
+    kc, vc = _cache(rng, 2, 4096, 1, 128, "float16", lens)
+    q = random_array(rng, (2, 1, 4, 128), "float16")
+    want, want_lse, _, _ = _reference(q, kc, vc, None, None, lens)
+    args = (_gpu(q), _gpu(kc), _gpu(vc))
+    one = _host(fastattn.flash_attention_with_kvcache(*args, cache_seqlens=_gpu(lens), num_splits=1))
+    out, lse = fastattn.flash_attention_with_kvcache(*args, cache_seqlens=_gpu(lens), num_splits=45,
+                                                     return_lse=True)
+    assert rel_error(_host(out), one) <= 2e-3
+    assert rel_error(_host(out), want) <= 2 * rel_error(one, want) + 1e-4
+    _check_lse(_host(lse), want_lse, "float16")
+
+
+def test_repeated_calls_take_new_arrays_and_values(rng):
+    """A decode loop: the second call of the same shapes (checked once, then remembered) reads its own
+    arrays and length, and a length past the capacity is still refused before any write."""
+    kc, vc = _cache(rng, 2, 300, 2, 64, "float16", [299, 299])
+    kg, vg = _gpu(kc), _gpu(vc)
+    for n in (100, 101, 102):
+        q = random_array(rng, (2, 1, 8, 64), "float16")
+        k, v = random_array(rng, (2, 1, 2, 64), "float16"), random_array(rng, (2, 1, 2, 64), "float16")
+        want, _, _, _ = _reference(q, _host(kg), _host(vg), k, v, n)
+        out = _host(fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=n))
+        plain = _plain(q, *(_host(c) for c in (kg, vg)), np.full(2, n + 1), "float16")
+        _check_out(out, want, "float16", plain)
+    before = [_host(kg), _host(vg)]
+    with pytest.raises(ValueError, match="would hold 301"):
+        fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=300)
+    with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+        fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=-1)
+    for got, was in zip((_host(kg), _host(vg)), before, strict=True):
+        np.testing.assert_array_equal(_bits(got), _bits(was))
+
+
+def test_choose_splits_fills_whole_waves():
+    from fastattn.backends.cuda._decode import choose_splits
+
+    # batch 1, 8 k/v heads, 128k keys on 132 multiprocessors x 2 blocks: enough blocks for one wave, not more
+    s = choose_splits(8, 2048, 132, 2)
+    assert 8 * s <= 264 and 8 * s >= 200
+    assert choose_splits(8, 3, 132, 2) == 1  # too few key tiles to split
+    assert choose_splits(4096, 2048, 132, 2) == 1  # many waves already
+    # 256 blocks fit one wave of 264: splitting in two would make two waves of the same work
+    assert choose_splits(256, 64, 132, 2) == 1
+
+
+def test_remembered_calls_keep_no_arrays(rng):
+    """The checked-call memo holds shapes and options only: a cache is freed once its caller drops it."""
+    import weakref
+
+    from fastattn import _kvcache
+
+    kc, vc = _cache(rng, 1, 64, 1, 64, "float16", [10])
+    kg, vg = _gpu(kc), _gpu(vc)
+    q = _gpu(random_array(rng, (1, 1, 2, 64), "float16"))
+    fastattn.flash_attention_with_kvcache(q, kg, vg, cache_seqlens=10)
+    fastattn.flash_attention_with_kvcache(q, kg, vg, cache_seqlens=10)
+    for call, _ in _kvcache._SEEN.values():
+        assert all(x is None for x in (call.q, call.k_cache, call.v_cache, call.like, call.cache_seqlens))
+    ref = weakref.ref(kg)
+    del kg
+    assert ref() is None

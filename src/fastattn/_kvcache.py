@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import sys
 from typing import Any
 
 import numpy as np
@@ -284,6 +285,64 @@ def check_values(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) ->
                              f"(0 .. {call.num_blocks - 1})")
 
 
+#: calls already checked, by _repeat_key: (the checked CacheCall, its backend).  A decode loop calls with
+#: the same shapes over and over; its later calls skip check_call (their arrays are swapped in).
+_SEEN: dict[tuple, tuple[CacheCall, Any]] = {}
+
+
+def _meta(x: Any, torch_tensor: type | None, cupy_array: type | None) -> tuple | None:
+    """(shape, dtype, device) of a GPU torch tensor or CuPy array that needs no conversion, else None."""
+    t = type(x)
+    if t is torch_tensor:
+        if x.requires_grad or not x.is_cuda:
+            return None
+        return (x.shape, x.dtype, x.device)
+    if t is cupy_array:
+        return (x.shape, x.dtype, x.data.device_id)
+    return None
+
+
+def _repeat_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any, slopes: Any,
+                options: tuple) -> tuple | None:
+    """What check_call's verdict depends on, for GPU torch / CuPy arrays (None: not such a call; checked
+    in full).  An int cache_seqlens enters by its sign only (its value changes every step)."""
+    if slopes is not None:
+        return None
+    torch = sys.modules.get("torch")
+    cupy = sys.modules.get("cupy")
+    tt = torch.Tensor if torch is not None else None
+    ct = cupy.ndarray if cupy is not None else None
+    metas = []
+    for x in (q, k_cache, v_cache):
+        m = _meta(x, tt, ct)
+        if m is None:
+            return None
+        metas.append(m)
+    for x in (k, v, table):
+        if x is None:
+            metas.append(None)
+            continue
+        m = _meta(x, tt, ct)
+        if m is None:
+            return None
+        metas.append(m)
+    if type(lens) is int:
+        if lens < 0:
+            return None
+        metas.append(int)
+    else:
+        m = _meta(lens, tt, ct)
+        if m is None:
+            return None
+        metas.append(m)
+    key = (type(q), *metas, *((type(o), o) for o in options))  # typed: True and 1 are checked apart
+    try:
+        hash(key)
+    except TypeError:  # e.g. window as a list
+        return None
+    return key
+
+
 def flash_attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -313,11 +372,28 @@ def flash_attention_with_kvcache(
     """
     from . import backends
 
-    call = check_call(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                      causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, scale=scale,
-                      num_splits=num_splits, return_lse=return_lse, layout=layout, num_threads=num_threads)
-    arrays = (call.q, call.k_cache, call.v_cache)
-    engine = backends.resolve(backend, *arrays)
+    key = _repeat_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
+                      (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads))
+    seen = _SEEN.get(key) if key is not None else None
+    if seen is not None:  # the same shapes, dtypes, devices and options as a call already checked
+        call = object.__new__(CacheCall)
+        call.__dict__.update(seen[0].__dict__)
+        call.q, call.k_cache, call.v_cache, call.k, call.v, call.like = q, k_cache, v_cache, k, v, q
+        call.cache_seqlens, call.block_table = cache_seqlens, block_table
+        engine = seen[1]
+    else:
+        call = check_call(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                          causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, scale=scale,
+                          num_splits=num_splits, return_lse=return_lse, layout=layout, num_threads=num_threads)
+        engine = backends.resolve(backend, call.q, call.k_cache, call.v_cache)
+        if key is not None:  # remembered without the arrays (the cache must not outlive its caller's use)
+            if len(_SEEN) >= 64:
+                _SEEN.clear()
+            kept = object.__new__(CacheCall)
+            kept.__dict__.update(call.__dict__)
+            kept.q = kept.k_cache = kept.v_cache = kept.k = kept.v = kept.like = None
+            kept.cache_seqlens = kept.block_table = None
+            _SEEN[key] = (kept, engine)
     runner = getattr(engine, "kvcache", None)
     if runner is not None:
         out, lse = runner(call)  # the backend reads (and checks) the values, appends, attends

@@ -36,7 +36,6 @@ import numpy as np
 from . import _specs
 from ._launch import UNBOUNDED, _mma_scales, get_kernel
 
-_NULL = np.uint64(0)
 _I32, _I64, _U64 = np.int32, np.int64, np.uint64
 
 
@@ -161,6 +160,44 @@ def _device_ints(x: Any, q: Any, name: str, capturing: bool) -> tuple[Any, int]:
     return x, _INT_KIND[name_]
 
 
+def _slot(x: Any) -> int:
+    """A kernel argument (a NumPy scalar) as the 8-byte slot that holds it: its bytes, little-endian, low first."""
+    raw = np.asarray(x).tobytes()
+    return int.from_bytes(raw + bytes(8 - len(raw)), "little")
+
+
+def _func_ptr(kernel: Any) -> int:
+    """The CUfunction of a compiled kernel (a ``cupy.RawKernel`` or a ``cupy.cuda.function.Function``)."""
+    fn = getattr(kernel, "kernel", kernel)
+    return int(fn.ptr)
+
+
+class _Launch:
+    """One kernel's launches through ``cuLaunchKernel`` with a parameter buffer built once per call geometry.
+
+    CuPy's ``RawKernel.__call__`` converts and packs every argument on every call (tens of microseconds for
+    the ~65 arguments of the decode kernels).  Here every argument lives in an 8-byte slot of one uint64
+    array (a 4-byte argument in the slot's low bytes: the driver reads ``sizeof`` of each parameter from
+    its pointer); a call copies the template (``slots``), writes the few slots that change (pointers,
+    lengths, the split count: non-negative ints) and passes the slots' addresses.  The driver copies the
+    parameters at the launch, so the buffer may go once ``launch`` returns."""
+
+    __slots__ = ("func", "template", "offsets")
+
+    def __init__(self, kernel: Any, args: tuple) -> None:
+        self.func = _func_ptr(kernel)
+        self.template = np.array([_slot(a) for a in args], dtype=np.uint64)
+        self.offsets = np.arange(len(args), dtype=np.uint64) * np.uint64(8)
+
+    def slots(self) -> np.ndarray:
+        return self.template.copy()
+
+    def launch(self, buf: np.ndarray, grid: tuple[int, int], threads: int, smem: int, stream_ptr: int) -> None:
+        ptrs = self.offsets + np.uint64(buf.ctypes.data)
+        _cupy().cuda.driver.launchKernel(self.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream_ptr,
+                                         ptrs.ctypes.data, 0)
+
+
 class _Plan(NamedTuple):
     kernel: Any
     threads: int
@@ -172,6 +209,12 @@ class _Plan(NamedTuple):
     static_mid: tuple  # batch .. vn_sd
     static_tail: tuple  # after num_splits / q_tiles: win_left, win_right, vec, softcap / scales
     acc: str  # dtype of the partial results ("float32" / "float64")
+    attend: _Launch  # the attention kernel's slots: FRONT per-call values, then static_mid, splits, q_tiles, tail
+    merge: _Launch  # the combine kernel's slots: 4 pointers, splits, then the geometry
+
+
+#: per-call slots of the attention kernel before static_mid (pointers, lengths, table, slopes)
+_FRONT = 17
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -201,7 +244,7 @@ def _plan(call: Any, key: tuple, facts: dict) -> _Plan:
 
         _check_device(dtype)
         dp, dvp = _specs.padded_dims(d, dv, dtype)
-        cfg = _specs.decode_config(rows)
+        cfg = _specs.decode_config(rows, dp, dvp, call.paged)
         name = _specs.decode_mma_name(dtype, dp, dvp, cfg, interval, mods)
         smem = _specs.decode_mma_smem_bytes(dp, dvp, cfg)
         threads, block_rows, block_kv, acc = cfg.threads, cfg.block_rows, cfg.block_kv, "float32"
@@ -230,19 +273,40 @@ def _plan(call: Any, key: tuple, facts: dict) -> _Plan:
         *(_I64(x) for x in facts["out"]), _I64(call.heads_q * call.seq_q), _I64(call.seq_q),
     )
     static_tail = (_I32(left), _I32(right), _I32(1 if facts["vec"] else 0), *tail)
-    return _Plan(kernel, threads, smem, block_rows, block_kv, per_sm, combine, mid, static_tail, acc)
+    front = (*(_U64(0),) * 10, _I32(0), _I32(0), _U64(0), _I32(0), _I64(0), _U64(0), _I32(0))
+    assert len(front) == _FRONT
+    attend = _Launch(kernel, (*front, *mid, _I32(1), _I32(1), *static_tail))
+    hq, sq, dv_ = call.heads_q, call.seq_q, call.head_dim_v
+    n_rows = call.batch * hq * sq
+    merge = _Launch(combine, (*(_U64(0),) * 4, _I32(1), _I32(hq), _I32(sq), _I32(dv_), _I64(n_rows),
+                              *(_I64(x) for x in facts["out"]), _I64(hq * sq), _I64(sq)))
+    return _Plan(kernel, threads, smem, block_rows, block_kv, per_sm, combine, mid, static_tail, acc, attend, merge)
+
+
+#: the cost model's fixed terms, in key tiles of one block: a block's start and end (its first tiles'
+#: latency, the epilogue), and the combine kernel of a split launch
+_BLOCK_COST_TILES = 1
+_COMBINE_COST_TILES = 2
 
 
 def choose_splits(units: int, key_tiles: int, multiprocessors: int, per_sm: int) -> int:
-    """Splits of the key range (flash-decoding): none when the (sequence, k/v head, row tile) blocks
-    fill the machine; otherwise enough to fill one wave of resident blocks, each split keeping at
-    least two key tiles."""
+    """Splits of the key range (flash-decoding).  The blocks run in waves of ``multiprocessors x per_sm``
+    resident blocks, so a launch takes about waves x (key tiles per split + a block's fixed cost), plus
+    the combine when split: the smallest such time wins (fewer splits unless more win by 3%), each split keeping two
+    key tiles at least.  This fills the machine at batch 1 and avoids a last wave of a few blocks (one
+    wave and a third takes as long as two)."""
     if key_tiles < 4:
         return 1
-    wave = multiprocessors * per_sm
-    if units * 5 >= wave * 4:
+    wave = max(1, multiprocessors * per_sm)
+    best, best_cost = 1, -(-units // wave) * (key_tiles + _BLOCK_COST_TILES)
+    if units >= 8 * wave:  # many waves: the last one's share is small
         return 1
-    return max(1, min(-(-wave // units), key_tiles // 2, 128))
+    for splits in range(2, min(key_tiles // 2, 128) + 1):
+        cost = (-(-units * splits // wave) * (-(-key_tiles // splits) + _BLOCK_COST_TILES)
+                + _COMBINE_COST_TILES)
+        if cost * 1.03 < best_cost:  # a split must win by more than the model's noise
+            best, best_cost = splits, cost
+    return best
 
 
 def _alloc(call: Any, device: int, shapes: list[tuple[tuple[int, ...], str]]) -> list[tuple[Any, int]]:
@@ -310,8 +374,13 @@ def kvcache(call: Any) -> tuple[Any, Any]:
 def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, capturing: bool,
          check_values: Any) -> tuple[Any, Any]:
     lens_in, table_in = call.cache_seqlens, call.block_table
+    stream_ptr = int(stream.ptr)
     max_len = call.capacity
-    if not capturing:  # the values on the host, checked before anything is launched
+    if isinstance(lens_in, int) and not call.paged:  # one length (check_call saw it is >= 0)
+        if lens_in + call.seq_new > min(call.capacity, 2**31 - 1):
+            check_values(call, np.full(call.batch, lens_in, np.int64), None)  # raises, naming the sequence
+        max_len = lens_in + call.seq_new
+    elif not capturing:  # the values on the host, checked before anything is launched
         lens_h = (np.full(call.batch, lens_in, np.int64) if isinstance(lens_in, int)
                   else _to_host_ints(lens_in, stream))
         table_h = _to_host_ints(table_in, stream) if call.paged else None
@@ -326,24 +395,24 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
         lens_dev, lens_kind = _device_ints(lens_in, call.q, "cache_seqlens", capturing)
     if lens_const >= UNBOUNDED:
         raise ValueError(f"cache_seqlens {lens_const} is beyond the cuda backend")
-    table_ptr, table_kind, table_sb, table_dev = _NULL, 0, 0, None
+    table_ptr, table_kind, table_sb, table_dev = 0, 0, 0, None
     if call.paged:
         table_dev, table_kind = _device_ints(table_in, call.q, "block_table", capturing)
         ta = _arr(table_dev)
         if ta.strides[1] != 1 and int(table_dev.shape[1]) > 1:
             table_dev = table_dev.contiguous() if _is_torch(table_dev) else _cupy().ascontiguousarray(table_dev)
             ta = _arr(table_dev)
-        table_ptr, table_sb = _U64(ta.ptr), ta.strides[0]
-    lens_ptr = _U64(_arr(lens_dev).ptr) if lens_dev is not None else _NULL
+        table_ptr, table_sb = ta.ptr, ta.strides[0]
+    lens_ptr = _arr(lens_dev).ptr if lens_dev is not None else 0
 
-    slopes_ptr, slopes_sb = _NULL, 0
+    slopes_ptr, slopes_sb = 0, 0
     slopes = call.alibi_slopes
     if slopes is not None:
         sa = _arr(slopes)
         if int(slopes.shape[-1]) > 1 and sa.strides[-1] != 1:
             slopes = slopes.contiguous() if _is_torch(slopes) else _cupy().ascontiguousarray(slopes)
             sa = _arr(slopes)
-        slopes_ptr = _U64(sa.ptr)
+        slopes_ptr = sa.ptr
         slopes_sb = sa.strides[0] if int(slopes.shape[0]) > 1 else 0
 
     new = call.k is not None
@@ -401,17 +470,17 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
         return out, lse
     if units >= 2**31:
         raise ValueError(f"too many blocks for one launch ({units}); split the batch")
-    args = (
-        _U64(q.ptr), _U64(kc.ptr), _U64(vc.ptr), _U64(kn.ptr if new else 0), _U64(vn.ptr if new else 0),
-        _U64(out_ptr), _U64(lse_ptr), _U64(po_ptr), _U64(pl_ptr), lens_ptr, _I32(lens_kind), _I32(lens_const),
-        table_ptr, _I32(table_kind), _I64(table_sb), slopes_ptr, _I32(slopes_sb),
-        *plan.static_mid, _I32(splits), _I32(q_tiles), *plan.static_tail,
-    )
-    plan.kernel((units, splits), (plan.threads,), args, shared_mem=plan.smem)
+    slots = plan.attend.slots()
+    slots[:_FRONT] = (q.ptr, kc.ptr, vc.ptr, kn.ptr if new else 0, vn.ptr if new else 0, out_ptr, lse_ptr, po_ptr,
+                      pl_ptr, lens_ptr, lens_kind, lens_const, table_ptr, table_kind, table_sb, slopes_ptr, slopes_sb)
+    at = _FRONT + len(plan.static_mid)
+    slots[at] = splits
+    slots[at + 1] = q_tiles
+    plan.attend.launch(slots, (units, splits), plan.threads, plan.smem, stream_ptr)
     if splits > 1:
-        plan.combine((-(-n_rows // 4),), (128,),
-                     (_U64(po_ptr), _U64(pl_ptr), _U64(out_ptr), _U64(lse_ptr), _I32(splits), _I32(hq), _I32(sq),
-                      _I32(dv), _I64(n_rows), *(_I64(x) for x in out_s), _I64(hq * sq), _I64(sq)))
+        slots = plan.merge.slots()
+        slots[:5] = (po_ptr, pl_ptr, out_ptr, lse_ptr, splits)
+        plan.merge.launch(slots, (n_rows, 1), 128, 0, stream_ptr)  # one block a row
     # keep what the launches read alive until they are enqueued (stream-ordered allocators do the rest)
     del lens_dev, table_dev, slopes
     return out, lse

@@ -319,12 +319,14 @@ def v_scan_name(dtype: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Tiles of ``fa_decode_mma``: ``row_warps`` warps of 16 * ``m_tiles`` rows (the packed (query, head of
-    the group) rows), ``key_warps`` warps sharing each ``block_kv``-key tile."""
+    the group) rows), ``key_warps`` warps sharing each ``block_kv``-key tile, ``stages`` key tiles in the
+    cp.async ring (``stages - 1`` in flight while one is computed)."""
 
     m_tiles: int
     row_warps: int
     key_warps: int
     block_kv: int
+    stages: int = 2
 
     @property
     def block_rows(self) -> int:
@@ -336,29 +338,45 @@ class DecodeConfig:
 
 
 #: decode tiles by the rows a k/v head serves (heads of the group x seq_q), first match wins: a decode
-#: step (<= 16 rows) puts all four warps on the keys of one row tile; chunked prefill puts them on rows
+#: step (<= 16 rows) puts all four warps on the keys of one row tile; chunked prefill puts them on rows.
+#: Measured on the H100 (fp16, head_dim 128, tools/gpu_decode_tune.py): 64-key tiles, two stages (three
+#: blocks per multiprocessor) stream contiguous and paged caches alike; 128-key tiles over eight warps (one
+#: block per multiprocessor) were within 2% on contiguous caches (8-10% faster only at batch 1, 8 k/v
+#: heads, 4k keys) and 2-7% slower on paged ones; three stages of 64-key tiles (two blocks per
+#: multiprocessor) within -4% to +3% on contiguous caches, slower on paged ones
 DECODE_RULES: tuple[tuple[int, DecodeConfig], ...] = (
-    (16, DecodeConfig(1, 1, 4, 64)),
-    (32, DecodeConfig(1, 2, 2, 64)),
-    (2**31, DecodeConfig(1, 4, 1, 64)),
+    (16, DecodeConfig(1, 1, 4, 64, 2)),
+    (32, DecodeConfig(1, 2, 2, 64, 3)),
+    (2**31, DecodeConfig(1, 4, 1, 64, 3)),
 )
+#: the same for a paged cache (kept apart so that either can be tuned alone)
+DECODE_PAGED_RULES: tuple[tuple[int, DecodeConfig], ...] = DECODE_RULES
 #: the SIMT decode kernel's rows per block and keys per tile (float32 / float64)
 DECODE_SIMT_ROWS = 8
 DECODE_SIMT_BLOCK_KV = 32
+#: shared memory a decode block may take when it has more than two stages (two blocks per multiprocessor)
+DECODE_SMEM_LIMIT = 113 * 1024
+#: shared memory a block may take at all (sm_80 / sm_90: 227 KB); larger key tiles are halved to fit
+DECODE_SMEM_MAX = 227 * 1024
 
 
-def decode_config(rows: int) -> DecodeConfig:
-    for max_rows, cfg in DECODE_RULES:
-        if rows <= max_rows:
-            return cfg
-    return DECODE_RULES[-1][1]
+def decode_config(rows: int, head_dim: int, head_dim_v: int, paged: bool = False) -> DecodeConfig:
+    """The tiles for ``rows`` query rows per k/v head at these (padded) head dims: the first rule that fits,
+    with fewer stages (two at least) where the ring would not fit ``DECODE_SMEM_LIMIT``."""
+    rules = DECODE_PAGED_RULES if paged else DECODE_RULES
+    cfg = next((c for max_rows, c in rules if rows <= max_rows), rules[-1][1])
+    while cfg.stages > 2 and decode_mma_smem_bytes(head_dim, head_dim_v, cfg) > DECODE_SMEM_LIMIT:
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    while cfg.block_kv > 64 and decode_mma_smem_bytes(head_dim, head_dim_v, cfg) > DECODE_SMEM_MAX:
+        cfg = dataclasses.replace(cfg, block_kv=cfg.block_kv // 2, key_warps=max(1, cfg.key_warps // 2))
+    return cfg
 
 
 def decode_mma_name(dtype: str, head_dim: int, head_dim_v: int, cfg: DecodeConfig, interval: bool,
                     mods: bool) -> str:
     interval, mods, _ = kernel_flags(interval, mods, False)
     return (f"fa_decode_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.m_tiles}, {cfg.row_warps}, "
-            f"{cfg.key_warps}, {cfg.block_kv}, {_b(interval)}, {_b(mods)}>")
+            f"{cfg.key_warps}, {cfg.block_kv}, {cfg.stages}, {_b(interval)}, {_b(mods)}>")
 
 
 def decode_simt_name(dtype: str, head_dim: int, interval: bool, mods: bool) -> str:
@@ -372,9 +390,9 @@ def decode_combine_name(dtype: str) -> str:
 
 
 def decode_mma_smem_bytes(head_dim: int, head_dim_v: int, cfg: DecodeConfig) -> int:
-    """Shared memory per block of ``fa_decode_mma``: Q tile + two K and V tiles (rows padded by 8), or the
-    epilogue's per-key-warp (m, l, O) in float32 if larger."""
-    main = (cfg.block_rows * (head_dim + 8) + 2 * cfg.block_kv * (head_dim + 8 + head_dim_v + 8)) * 2
+    """Shared memory per block of ``fa_decode_mma``: Q tile + ``stages`` K and V tiles (rows padded by 8), or
+    the epilogue's per-key-warp (m, l, O) in float32 if larger."""
+    main = (cfg.block_rows * (head_dim + 8) + cfg.stages * cfg.block_kv * (head_dim + 8 + head_dim_v + 8)) * 2
     epilogue = cfg.key_warps * cfg.block_rows * (head_dim_v + 4 + 2) * 4
     return max(main, epilogue)
 
@@ -389,8 +407,10 @@ def all_decode_name_expressions() -> list[str]:
     for dtype in ("float16", "bfloat16"):
         for dim, dv in mma_dim_pairs():
             for interval, mods in MASK_FLAGS:
-                for _, cfg in DECODE_RULES:
-                    names.append(decode_mma_name(dtype, dim, dv, cfg, interval, mods))
+                for paged in (False, True):
+                    for max_rows, _ in DECODE_RULES:
+                        cfg = decode_config(max_rows, dim, dv, paged)
+                        names.append(decode_mma_name(dtype, dim, dv, cfg, interval, mods))
     for dtype in ("float32", "float64"):
         for dim in SIMT_HEAD_DIMS:
             for interval, mods in MASK_FLAGS:

@@ -65,6 +65,7 @@ struct dec_seq {
     const void* table;   // paged: block_table, row b (element offset in row_off)
     long long row_off;
     int table_kind, block_size, num_blocks, cached, total;
+    int bs_shift;  // log2(block_size) for a power of two (the usual 16 / 64 / 256: no division), else -1
     long long k_sb, k_ss, v_sb, v_ss, kn_ss, vn_ss, k_sd, v_sd, kn_sd, vn_sd;
 
     // block of key j < cached (paged), or -1 for an id outside the cache
@@ -114,6 +115,7 @@ __device__ __forceinline__ dec_seq<T> dec_seq_of(const T* k_cache, const T* v_ca
     s.row_off = (long long)b * table_sb;
     s.table_kind = table_kind;
     s.block_size = block_size;
+    s.bs_shift = (block_size > 0 && (block_size & (block_size - 1)) == 0) ? __ffs(block_size) - 1 : -1;
     s.num_blocks = num_blocks;
     s.k_sb = k_sb, s.k_ss = k_ss, s.v_sb = v_sb, s.v_ss = v_ss, s.kn_ss = kn_ss, s.vn_ss = vn_ss;
     s.k_sd = k_sd, s.v_sd = v_sd, s.kn_sd = kn_sd, s.vn_sd = vn_sd;
@@ -167,15 +169,88 @@ __device__ __forceinline__ void dec_load_rows(T* smem, RowPtr row_ptr, RowSd row
     }
 }
 
+// The vector tile loader of fa_decode_mma (16-byte cp.async chunks, NT % (DIM / 8) == 0): thread tid
+// copies chunk tid % CH of rows tid / CH + RPI p, p < PASSES, of K and V.  A key's K and V rows share
+// one block of a paged cache, so each of the thread's rows costs one table read, and those reads are
+// made a tile ahead (dec_tile_blocks for tile it + STAGES while tile it + STAGES - 1 is issued) so
+// that no cp.async waits on a dependent table load.
+// A K/V chunk: cp.async.cg with the L2 told to fetch the whole 256-byte line pair around it (a head's
+// row of 128 half-precision elements is 256 bytes; the warp reads it whole, so nothing is wasted).
+// FA_DECODE_L2_PREFETCH=0 drops the hint (experiments).
+#ifndef FA_DECODE_L2_PREFETCH
+#define FA_DECODE_L2_PREFETCH 256
+#endif
+__device__ __forceinline__ void dec_cp_async_16(unsigned dst, const void* src, int src_bytes) {
+#if FA_DECODE_L2_PREFETCH == 256
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#elif FA_DECODE_L2_PREFETCH == 128
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#else
+    cp_async_16(dst, src, src_bytes);
+#endif
+}
+
+template <int NT, int DIM, int ROWS>
+struct dec_tiling {
+    static constexpr int CH = DIM / 8;
+    static constexpr bool OK = NT % CH == 0 && NT / CH <= ROWS && ROWS % (NT / CH) == 0;
+    static constexpr int RPI = OK ? NT / CH : 1;
+    static constexpr int PASSES = OK ? ROWS / RPI : 1;
+};
+
+// block id of each of the thread's rows of the tile at kv0 (-1: invalid, 0 where no table is read)
+template <typename T, int PASSES, int RPI>
+__device__ __forceinline__ void dec_tile_blocks(const dec_seq<T>& s, int kv0, int r0, int (&blk)[PASSES]) {
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) blk[p] = 0;
+    if (s.block_size == 0) return;
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+        const int j = kv0 + r0 + p * RPI;
+        if (j < s.cached) {
+            const int jb = s.bs_shift >= 0 ? j >> s.bs_shift : j / s.block_size;
+            const long long b = dec_int(s.table, s.table_kind, s.row_off + jb);
+            blk[p] = (b < 0 || b >= s.num_blocks) ? -1 : (int)b;
+        }
+    }
+}
+
+template <typename T, int PASSES, int RPI, int LDK, int LDV>
+__device__ __forceinline__ void dec_tile_issue(const dec_seq<T>& s, T* sK, T* sV, int kv0, int r0, int ch,
+                                               const int (&blk)[PASSES], const T* any_valid, int d, int dv) {
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+        const int r = r0 + p * RPI, j = kv0 + r;
+        const T *kr = nullptr, *vr = nullptr;
+        if (j < s.total) {
+            if (j >= s.cached) {
+                kr = s.kn + (long long)(j - s.cached) * s.kn_ss, vr = s.vn + (long long)(j - s.cached) * s.vn_ss;
+            } else if (s.block_size == 0) {
+                kr = s.kc + (long long)j * s.k_ss, vr = s.vc + (long long)j * s.v_ss;
+            } else if (blk[p] >= 0) {
+                const long long in = s.bs_shift >= 0 ? j & (s.block_size - 1) : j % s.block_size;
+                kr = s.kc + (long long)blk[p] * s.k_sb + in * s.k_ss;
+                vr = s.vc + (long long)blk[p] * s.v_sb + in * s.v_ss;
+            }
+        }
+        const bool kok = kr != nullptr && ch * 8 < d, vok = vr != nullptr && ch * 8 < dv;
+        dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kok ? kr + ch * 8 : any_valid, kok ? 16 : 0);
+        if (ch * 8 < LDV - 8)  // V may be narrower than K (DV < D): its chunks past DV are none
+            dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vok ? vr + ch * 8 : any_valid, vok ? 16 : 0);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // fa_decode_mma: float16 / bfloat16 on tensor cores
 //   D, DV   padded head dims of q/k and v (multiples of 16, DV <= D)
 //   MT      16-row m-tiles per warp;  WR x WK warps: WR over rows, WK over each tile's keys
-//   BKV     keys per tile (BKV / WK a multiple of 16); two tiles in flight (cp.async ring)
-// Shared memory: Q BR x (D+8), K 2 x BKV x (D+8), V 2 x BKV x (DV+8) (the 8-element pad keeps the
-// ldmatrix rows in distinct banks); the epilogue reuses it for the WK warps' (m, l, O).
+//   BKV     keys per tile (BKV / WK a multiple of 16)
+//   STAGES  key tiles in the cp.async ring: STAGES - 1 tiles are in flight while one is computed
+//           (decode is a stream of K/V bytes: the bytes in flight per multiprocessor set its speed)
+// Shared memory: Q BR x (D+8), K STAGES x BKV x (D+8), V STAGES x BKV x (DV+8) (the 8-element pad keeps
+// the ldmatrix rows in distinct banks); the epilogue reuses it for the WK warps' (m, l, O).
 // ------------------------------------------------------------------------------------------------
-template <typename T, int D, int DV, int MT, int WR, int WK, int BKV, bool INTERVAL, bool MODS>
+template <typename T, int D, int DV, int MT, int WR, int WK, int BKV, int STAGES, bool INTERVAL, bool MODS>
 __global__ void __launch_bounds__(WR* WK * 32)
     fa_decode_mma(FA_DECODE_PARAMS(T, float), float softcap, float scale_log2, float scale) {
     constexpr int NT = WR * WK * 32;
@@ -184,12 +259,13 @@ __global__ void __launch_bounds__(WR* WK * 32)
     constexpr int LDS = D + 8, LDV = DV + 8, LDO = DV + 4;
     constexpr int KT = D / 16, NS = KW / 8, NO = DV / 8;
     constexpr bool BF16 = elem<T>::bf16;
-    static_assert(D % 16 == 0 && DV % 16 == 0 && DV <= D && KW % 16 == 0, "tile sizes");
+    static_assert(D % 16 == 0 && DV % 16 == 0 && DV <= D && KW % 16 == 0 && STAGES >= 2, "tile sizes");
+    using TL = dec_tiling<NT, D, BKV>;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
     T* sK = sQ + BR * LDS;
-    T* sV = sK + 2 * BKV * LDS;
+    T* sV = sK + STAGES * BKV * LDS;
 
     const int split = (int)blockIdx.y;  // grid (units, splits): y is the short axis
     const int unit = (int)blockIdx.x;
@@ -248,7 +324,19 @@ __global__ void __launch_bounds__(WR* WK * 32)
         const int t = rg / group;
         return q + (long long)b * q_sb + (long long)t * q_ss + (long long)(hkv * group + rg - t * group) * q_sh;
     };
-    auto load_kv = [&](int slot, int kv0) {
+    // tile it of this split: its keys start at kv_begin + (it0 + it) BKV, it sits in slot it % STAGES
+    const int r0 = tid / TL::CH, ch = tid % TL::CH;
+    int blk_next[TL::PASSES];  // the block ids of the next tile to issue (paged, vector path)
+    auto load_kv = [&](int it) {
+        const int slot = it % STAGES, kv0 = kv_begin + (it0 + it) * BKV;
+        if constexpr (TL::OK) {
+            if (vec) {
+                dec_tile_issue<T, TL::PASSES, TL::RPI, LDS, LDV>(s, sK + slot * BKV * LDS, sV + slot * BKV * LDV, kv0,
+                                                                 r0, ch, blk_next, q, d, dv);
+                if (it + 1 < n_tiles) dec_tile_blocks<T, TL::PASSES, TL::RPI>(s, kv0 + BKV, r0, blk_next);
+                return;
+            }
+        }
         dec_load_rows<T, BKV, D, LDS, NT>(sK + slot * BKV * LDS, [&](int r) { return s.k_row(kv0 + r); },
                                           [&](int r) { return s.k_sd_of(kv0 + r); }, q, d, vec != 0, tid);
         dec_load_rows<T, BKV, DV, LDV, NT>(sV + slot * BKV * LDV, [&](int r) { return s.v_row(kv0 + r); },
@@ -256,8 +344,12 @@ __global__ void __launch_bounds__(WR* WK * 32)
     };
 
     dec_load_rows<T, BR, D, LDS, NT>(sQ, q_row, [&](int) { return q_sd; }, q, d, vec != 0, tid);
-    if (n_tiles > 0) load_kv(0, kv_begin + it0 * BKV);
-    cp_async_commit();
+    if constexpr (TL::OK) dec_tile_blocks<T, TL::PASSES, TL::RPI>(s, kv_begin + it0 * BKV, r0, blk_next);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {  // the ring's first STAGES - 1 tiles (Q rides with the first)
+        if (st < n_tiles) load_kv(st);
+        cp_async_commit();
+    }
 
     unsigned qf[MT][KT][4];
     float acc_o[MT][NO][4];
@@ -273,11 +365,11 @@ __global__ void __launch_bounds__(WR* WK * 32)
     const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;  // K (B)
 
     for (int it = 0; it < n_tiles; ++it) {
-        const int slot = it & 1;
+        const int slot = it % STAGES;
         const int kv0 = kv_begin + (it0 + it) * BKV;
-        cp_async_wait<0>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();  // tile it is in; every warp is done with tile it-1, whose slot is refilled now
-        if (it + 1 < n_tiles) load_kv(slot ^ 1, kv0 + BKV);
+        if (it + STAGES - 1 < n_tiles) load_kv(it + STAGES - 1);
         cp_async_commit();
         if (it == 0) {
 #pragma unroll
@@ -623,10 +715,16 @@ __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), do
 }
 
 // ------------------------------------------------------------------------------------------------
-// fa_decode_combine: the splits' partial results merged by their log-sum-exps, one warp a row
-// (rows ordered (batch, heads_q, seq_q)); the math of fastattn.merge_attention: a row no split saw a
-// key of gives 0 and -inf, a NaN lse makes the row NaN.
+// fa_decode_combine: the splits' partial results merged by their log-sum-exps, one block of four warps
+// a row (rows ordered (batch, heads_q, seq_q)): the splits' lse spread over the lanes, the splits' outputs
+// over the warps, each split's columns over the lanes (many independent loads in flight: batch 1 has few
+// rows and many splits), the warps' sums added in shared memory in a fixed order; the math of fastattn.merge_attention: a row no split saw a key of gives 0 and -inf, a
+// NaN lse makes the row NaN.
 // ------------------------------------------------------------------------------------------------
+#ifndef FA_DECODE_MAX_DV
+#define FA_DECODE_MAX_DV 256  // the largest head dim of v the launcher passes (_specs.MAX_HEAD_DIM)
+#endif
+
 template <typename T>
 __device__ __forceinline__ T dec_from(float x) { return elem<T>::from_float(x); }
 template <>
@@ -642,34 +740,60 @@ __global__ void __launch_bounds__(128)
     fa_decode_combine(const L* __restrict__ part_o, const L* __restrict__ part_lse, T* __restrict__ out,
                       L* __restrict__ lse, int num_splits, int heads_q, int seq_q, int dv, long long n_rows,
                       long long o_sb, long long o_ss, long long o_sh, long long lse_sb, long long lse_sh) {
-    const long long row = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= n_rows) return;
+    constexpr int NW = 4, U = FA_DECODE_MAX_DV / 32;  // warps (splits w, w + NW, ...); columns per lane
+    __shared__ L s_o[NW][FA_DECODE_MAX_DV];
+    const long long row = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = (int)(row % seq_q);
     const int h = (int)((row / seq_q) % heads_q);
     const long long b = row / seq_q / heads_q;
+    // the splits' lse side by side over the lanes (every warp alike): their max, any NaN, sum e^(lse_s - max)
     L mx = -FA_INF;
     bool nan = false;
-    for (int sp = 0; sp < num_splits; ++sp) {
+    for (int sp = lane; sp < num_splits; sp += 32) {
         const L x = part_lse[sp * n_rows + row];
         nan |= x != x;
         mx = x > mx ? x : mx;
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const L y = __shfl_xor_sync(0xffffffffu, mx, o);
+        mx = y > mx ? y : mx;
+    }
+    nan = __any_sync(0xffffffffu, nan);
     L total = L(0);
     if (mx != -FA_INF)
-        for (int sp = 0; sp < num_splits; ++sp) total += dec_exp<L>(part_lse[sp * n_rows + row] - mx);
+        for (int sp = lane; sp < num_splits; sp += 32) total += dec_exp<L>(part_lse[sp * n_rows + row] - mx);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
     const bool empty = !nan && total == L(0);
-    T* op = out + b * o_sb + (long long)t * o_ss + (long long)h * o_sh;
-    for (int c = lane; c < dv; c += 32) {
-        L o = L(0);
-        if (!empty && !nan)
-            for (int sp = 0; sp < num_splits; ++sp) {
-                const L w = dec_exp<L>(part_lse[sp * n_rows + row] - mx);
-                if (w != L(0)) o += w * part_o[(sp * n_rows + row) * dv + c];
+    L o[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) o[u] = L(0);
+    if (!empty && !nan) {
+#pragma unroll 4
+        for (int sp = warp; sp < num_splits; sp += NW) {
+            const L w = dec_exp<L>(part_lse[sp * n_rows + row] - mx);
+            const L* po = part_o + (sp * n_rows + row) * dv;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = lane + 32 * u;
+                const L x = c < dv ? po[c] : L(0);
+                o[u] += w != L(0) ? w * x : L(0);  // a split of weight 0 adds nothing, whatever it holds
             }
-        const L res = nan ? dec_nan(L(0)) : (empty ? L(0) : o / total);
-        op[c] = dec_from<T>(res);
+        }
     }
-    if (lane == 0)
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (lane + 32 * u < dv) s_o[warp][lane + 32 * u] = o[u];
+    __syncthreads();
+    T* op = out + b * o_sb + (long long)t * o_ss + (long long)h * o_sh;
+    for (int c = threadIdx.x; c < dv; c += 32 * NW) {
+        L sum = L(0);
+#pragma unroll
+        for (int w = 0; w < NW; ++w) sum += s_o[w][c];  // a fixed order: the result does not vary between runs
+        op[c] = dec_from<T>(nan ? dec_nan(L(0)) : (empty ? L(0) : sum / total));
+    }
+    if (threadIdx.x == 0)
         lse[b * lse_sb + (long long)h * lse_sh + t] = nan ? dec_nan(L(0)) : (empty ? (L)(-FA_INF) : mx + log(total));
 }
