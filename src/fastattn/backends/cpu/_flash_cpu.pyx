@@ -125,6 +125,41 @@ cdef void _fill_strides(int64_t *dst, cnp.ndarray arr):
         dst[axis] = arr.strides[axis]
 
 
+cdef void _fill_views(fa_params *p, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
+                      cnp.ndarray lse, double scale, bint causal, bint bottom_right, int64_t window_left,
+                      int64_t window_right, double softcap, object alibi) except *:
+    """The fields both drivers fill alike: the views and their strides, the output, and the mask rule."""
+    cdef cnp.ndarray alibi_arr
+    cdef int axis
+    p.q = <const char *> cnp.PyArray_DATA(q)
+    p.k = <const char *> cnp.PyArray_DATA(k)
+    p.v = <const char *> cnp.PyArray_DATA(v)
+    _fill_strides(p.q_strides, q)
+    _fill_strides(p.k_strides, k)
+    _fill_strides(p.v_strides, v)
+    p.out = cnp.PyArray_DATA(out)
+    for axis in range(3):
+        p.out_strides[axis] = out.strides[axis] // out.itemsize
+    p.lse = cnp.PyArray_DATA(lse)
+    p.lse_rows = q.shape[2]
+    p.in_dtype = _DTYPES[q.dtype.name]
+    p.heads, p.heads_kv = q.shape[1], k.shape[1]
+    p.group = p.heads // p.heads_kv if p.heads_kv else 1
+    p.head_dim, p.head_dim_v = q.shape[3], v.shape[3]
+    p.scale = scale
+    p.causal = causal
+    p.bottom_right = bottom_right
+    p.window_left = window_left
+    p.window_right = window_right
+    p.softcap = softcap
+    p.alibi = NULL
+    p.alibi_sb = 0
+    if alibi is not None:
+        alibi_arr = alibi
+        p.alibi = <const float *> cnp.PyArray_DATA(alibi_arr)
+        p.alibi_sb = p.heads if alibi_arr.shape[0] > 1 else 0
+
+
 _MASK_DTYPES = {"bool": FA_MASK_BOOL, "float16": FA_MASK_F16, "bfloat16": FA_MASK_BF16, "float32": FA_MASK_F32,
                 "float64": FA_MASK_F64}
 
@@ -161,40 +196,14 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     cdef void *scratch = NULL
     cdef int failed = 0
     cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
-    cdef cnp.ndarray mask_arr, alibi_arr
-    cdef int axis
+    cdef cnp.ndarray mask_arr
     if not fa_isa_supported(isa_id):
         raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
-    p.q = <const char *> cnp.PyArray_DATA(q)
-    p.k = <const char *> cnp.PyArray_DATA(k)
-    p.v = <const char *> cnp.PyArray_DATA(v)
-    _fill_strides(p.q_strides, q)
-    _fill_strides(p.k_strides, k)
-    _fill_strides(p.v_strides, v)
-    p.out = cnp.PyArray_DATA(out)
-    for axis in range(3):
-        p.out_strides[axis] = out.strides[axis] // out.itemsize
-    p.lse = cnp.PyArray_DATA(lse)
-    p.lse_rows = q.shape[2]
-    p.in_dtype = _DTYPES[q.dtype.name]
-    p.batch, p.heads, p.heads_kv = batch, q.shape[1], k.shape[1]
-    p.group = p.heads // p.heads_kv if p.heads_kv else 1
+    _fill_views(&p, q, k, v, out, lse, scale, causal, bottom_right, window_left, window_right, softcap, alibi)
+    p.batch = batch
     p.seq_q, p.seq_kv = seq_q, seq_kv
-    p.head_dim, p.head_dim_v = q.shape[3], v.shape[3]
     p.block_q = block_q
     p.block_kv = block_kv
-    p.scale = scale
-    p.causal = causal
-    p.bottom_right = bottom_right
-    p.window_left = window_left
-    p.window_right = window_right
-    p.softcap = softcap
-    p.alibi = NULL
-    p.alibi_sb = 0
-    if alibi is not None:
-        alibi_arr = alibi
-        p.alibi = <const float *> cnp.PyArray_DATA(alibi_arr)
-        p.alibi_sb = p.heads if alibi_arr.shape[0] > 1 else 0
     p.mask = NULL
     p.mask_dtype = 0
     if mask is not None:
@@ -297,40 +306,13 @@ def decode(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nda
     cdef void *scratch = NULL
     cdef int failed = 0
     cdef int *failed_flag = &failed
-    cdef cnp.ndarray alibi_arr
-    cdef int axis
     if not fa_isa_supported(isa_id):
         raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
-    p.q = <const char *> cnp.PyArray_DATA(q)
-    p.k = <const char *> cnp.PyArray_DATA(k)
-    p.v = <const char *> cnp.PyArray_DATA(v)
-    _fill_strides(p.q_strides, q)
-    _fill_strides(p.k_strides, k)
-    _fill_strides(p.v_strides, v)
-    p.out = cnp.PyArray_DATA(out)
-    for axis in range(3):
-        p.out_strides[axis] = out.strides[axis] // out.itemsize
-    p.lse = cnp.PyArray_DATA(lse)
-    p.lse_rows = q.shape[2]
-    p.in_dtype = _DTYPES[q.dtype.name]
-    p.batch, p.heads, p.heads_kv = q.shape[0], q.shape[1], k.shape[1]
-    p.group = p.heads // p.heads_kv
+    _fill_views(&p, q, k, v, out, lse, scale, causal, True, window_left, window_right, softcap, alibi)
+    p.batch = q.shape[0]
     p.seq_q, p.seq_kv = q.shape[2], k.shape[2]
-    p.head_dim, p.head_dim_v = q.shape[3], v.shape[3]
     p.block_q = p.seq_q * p.group
     p.block_kv = 32
-    p.scale = scale
-    p.causal = causal
-    p.bottom_right = 1
-    p.window_left = window_left
-    p.window_right = window_right
-    p.softcap = softcap
-    p.alibi = NULL
-    p.alibi_sb = 0
-    if alibi is not None:
-        alibi_arr = alibi
-        p.alibi = <const float *> cnp.PyArray_DATA(alibi_arr)
-        p.alibi_sb = p.heads if alibi_arr.shape[0] > 1 else 0
     p.mask = NULL
     p.mask_dtype = 0
     p.lens_q = NULL
