@@ -247,13 +247,8 @@ static void dec_rows(const fa_params *p, const char *base, const int64_t *stride
         }
         T *dst = buf + c * np;
         int64_t dd = 0;
-        if constexpr (sizeof(T) == 4) {
-            if (strides[3] == 2 && p->in_dtype == FA_DTYPE_BF16) {   /* bfloat16: its bits are a float's top half */
-                typedef uint16_t VH __attribute__((vector_size(W * 2), aligned(2), may_alias));
-                for (; dd + W <= n; dd += W)
-                    store(dst + dd, (V)(__builtin_convertvector(*(const VH *)(src + 2 * dd), VI) << 16));
-            }
-        }
+        if (sizeof(T) == 4 && strides[3] == 2 && p->in_dtype == FA_DTYPE_BF16)   /* widened as ldrow does */
+            for (; dd + W <= n; dd += W) store(dst + dd, ldrow<1>((const T *)(const void *)src, dd));
         for (; dd < n; ++dd) dst[dd] = LOAD(src + dd * strides[3]);
         rows[c] = dst;
     }

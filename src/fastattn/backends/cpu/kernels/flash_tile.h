@@ -839,8 +839,10 @@ static int64_t decode_parts_bytes(const fa_params *p, int64_t nsplit) {
     const bool f64 = p->in_dtype == FA_DTYPE_F64;
     const int64_t elems = f64 ? kern<double>::decode_parts_elems(p, nsplit) : kern<float>::decode_parts_elems(p, nsplit);
     if (elems < 0 || elems > INT64_MAX / 16) return -1;
-    /* the O/l parts, then one double per (row, split): at most elems of them (dvp >= 1) */
-    return elems * (f64 ? 8 : 4) + elems * 8;
+    /* the O/l parts (dvp per row and split), then one double per (row, split) */
+    const int64_t dvp = f64 ? kern<double>::round_up(p->head_dim_v, kern<double>::W)
+                            : kern<float>::round_up(p->head_dim_v, kern<float>::W);
+    return elems * (f64 ? 8 : 4) + elems / dvp * 8;
 }
 
 static void decode_item(const fa_params *p, int64_t bh, int64_t split, int64_t nsplit, void *parts, void *ws) {
