@@ -612,6 +612,7 @@ def memory_report(
                 measured_reduction=naive_peak / flash_peak if flash_peak and naive_peak else None,
                 flash_threads=flash_threads, flash_note=notes["flash"], materialized_note=notes["materialized"],
             ))
+        bar.refresh()  # the final count drawn before the bar (leave=False) is cleared, however fast the last call
     assert est is not None
     return MemoryReport(
         rows=tuple(rows), head_dim=head_dim_, num_heads=num_heads_, batch=batch_, dtype=name, causal=causal_,
