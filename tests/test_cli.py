@@ -172,6 +172,28 @@ def test_bench_compare_peers(peer, tmp_path, capsys):
     assert f"vs {impl}" in out and ("vs best peer" in out) == (_bench.torch_unavailable() is None)
 
 
+def test_bench_simd_holds_fastattn_and_the_peers_to_one_instruction_set(tmp_path):
+    """``bench --simd generic``: the command re-runs itself with each library's switch set; fastattn
+    runs that path, and the table and the JSON say what was held."""
+    js = tmp_path / "b.json"
+    proc = run_module("bench", "--simd", "generic", "--compare", "torch", "--seqs", "64", "--head-dims", "16",
+                      "--heads", "1", "--repeat", "1", "--no-progress", "--json", str(js))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(js.read_text())
+    assert data["simd_held"] == "generic" and data["machine"]["simd"] == "generic"
+    assert "--simd generic: fastattn" in proc.stdout and "held to that instruction set" in proc.stdout
+    assert ("torch-sdpa" in proc.stdout.split("--simd generic:")[1].splitlines()[0]) == \
+        (_bench.torch_unavailable() is None)
+
+
+def test_bench_simd_a_path_this_cpu_lacks_is_refused(monkeypatch, capsys):
+    from fastattn.backends import cpu
+
+    monkeypatch.setattr(cpu, "simd_paths", lambda: ["generic"])
+    assert main(["bench", "--simd", "avx2", "--no-progress"]) == 2
+    assert "--simd avx2: this CPU runs generic" in capsys.readouterr().err
+
+
 def test_bench_compare_a_missing_peer_is_skipped_with_a_note(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     js = tmp_path / "b.json"
@@ -310,6 +332,7 @@ def test_bench_cuda_table(monkeypatch, capsys, cuda_available):
     ["bench", "--compare", "torch,jax"],
     ["bench", "--compare", ","],
     ["bench", "--device", "tpu"],
+    ["bench", "--simd", "neon"],
     ["memory", "--head-dim", "x"],
     ["memory", "--dtype", "int8"],
     ["memory", "--backend", "cuda"],

@@ -1,7 +1,8 @@
 """Numerics at the edges, on every backend and every SIMD path of the cpu backend.
 
 - float32 accuracy against a plain float32 implementation (materialized NumPy in float32, whose
-  BLAS sums long products in blocks) up to 100k keys: at most twice its error (FlashAttention's rule).
+  BLAS sums long products in blocks) up to 100k keys: at most twice its error (FlashAttention's rule);
+  and, where PyTorch is installed, at or below its CPU SDPA's error on the same inputs.
 - Large finite values: whenever the scores scale·q·k fit in float32 the output is finite, and
   equal to the float64 reference's.
 - Extreme scales and magnitudes: the float64 reference's answer wherever it is representable.
@@ -95,6 +96,29 @@ def test_float32_within_twice_a_plain_float32_implementation(engine, rng, heads,
     lse_err = np.abs(lse.astype(np.float64) - ref_lse).max()
     plain_lse_err = np.abs(plain_lse.astype(np.float64) - ref_lse).max()
     assert lse_err <= 2 * plain_lse_err + 1e-6, f"lse error {lse_err:.3g} vs plain float32's {plain_lse_err:.3g}"
+
+
+@pytest.mark.parametrize("heads,heads_kv,seq_q,seq_kv,d,causal", [
+    (4, 4, 1024, 1024, 64, False),
+    (2, 2, 2048, 2048, 64, True),
+    (2, 2, 1000, 1000, 128, False),
+    (4, 1, 333, 777, 80, False),
+    (4, 2, 1, 4097, 128, False),
+    (3, 3, 513, 2000, 96, True),
+])
+def test_float32_error_at_or_below_pytorch(engine, rng, heads, heads_kv, seq_q, seq_kv, d, causal):
+    """float32 against float64, bounded by PyTorch's CPU SDPA error on the same inputs."""
+    torch = pytest.importorskip("torch")
+    q = rng.standard_normal((1, heads, seq_q, d)).astype(np.float32)
+    k, v = (rng.standard_normal((1, heads_kv, seq_kv, d)).astype(np.float32) for _ in range(2))
+    out, _ = call(engine, q, k, v, causal=causal)
+    group = heads // heads_kv
+    ref_out, _ = reference(q, np.repeat(k, group, axis=1), np.repeat(v, group, axis=1), causal=causal)
+    with torch.no_grad():
+        peer = torch.nn.functional.scaled_dot_product_attention(
+            *(torch.from_numpy(x) for x in (q, k, v)), is_causal=causal, enable_gqa=group > 1).numpy()
+    err, peer_err = rel_error(out, ref_out), rel_error(peer, ref_out)
+    assert err <= peer_err, f"error {err:.3g} above PyTorch SDPA's {peer_err:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,41 @@ from ._bench_variants import VARIANTS
 
 _PEER_NAMES = ("torch", "onnxruntime", "openvino")
 
+#: ``bench --simd``: the environment that holds each library to one instruction set (read when each loads,
+#: so the command re-runs itself with it); None: leave that library's own choice
+_SIMD_CAPS: dict[str, dict[str, str | None]] = {
+    "generic": {"FASTATTN_SIMD": "generic", "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                "ONEDNN_MAX_CPU_ISA": "SSE41", "DNNL_MAX_CPU_ISA": "SSE41", "OPENBLAS_CORETYPE": "Prescott"},
+    "avx2": {"FASTATTN_SIMD": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"},
+    "avx512": {"FASTATTN_SIMD": "avx512", "ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": None,
+               "ONEDNN_MAX_CPU_ISA": None, "DNNL_MAX_CPU_ISA": None, "OPENBLAS_CORETYPE": None},
+}
+_SIMD_MARK = "FASTATTN_BENCH_SIMD"   # set in the re-run: the caps are in place
+
+
+def _rerun_with_simd_caps(simd: str, argv: Sequence[str]) -> int | None:
+    """``bench --simd``: re-runs this command with the instruction-set caps in its environment (they must be
+    there before NumPy, PyTorch or OpenVINO load); None when this is that re-run."""
+    if os.environ.get(_SIMD_MARK) == simd:
+        return None
+    from .backends import cpu
+
+    if simd not in cpu.simd_paths():
+        print(f"fastattn: --simd {simd}: this CPU runs {', '.join(cpu.simd_paths())}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    for name, value in _SIMD_CAPS[simd].items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env.pop("OPENBLAS_L2_SIZE", None)
+    env[_SIMD_MARK] = simd
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "fastattn", *argv], env=env)
+
 
 def _peer_list(text: str) -> tuple[str, ...]:
     """``--compare torch,onnxruntime,openvino``: the peers, each once, in the order given."""
@@ -267,6 +302,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_variant(args)
     if args.device == "cuda":
         return _cmd_bench_cuda(args)
+    if args.simd:
+        status = _rerun_with_simd_caps(args.simd, args.argv)
+        if status is not None:
+            return status
     if _check_plot_first(args):
         return 1
     from . import _bench_peers
@@ -311,9 +350,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     facts = _bench.machine_facts()
     if args.json != "-":
         print(_bench.header(run["results"], requested=args.threads, repeat=repeat, facts=facts))
+        if os.environ.get(_SIMD_MARK):
+            held = ", ".join(["fastattn"] + [n for n in ("torch-sdpa", "openvino-sdpa") if n in impls] + ["the matmul"])
+            free = " (ONNX Runtime has no switch: its row ran with every instruction set the CPU has)" \
+                if _bench_peers.ONNXRT in impls else ""
+            print(f"--simd {os.environ[_SIMD_MARK]}: {held} held to that instruction set{free}")
         print(_bench.format_table(run["results"], competitors, matmul_gflops=run["matmul_gflops"], best_of=best_of))
     if args.json is not None:
-        _write_json({"machine": facts, "repeat": repeat, "threads_requested": args.threads, **run}, args.json)
+        _write_json({"machine": facts, "repeat": repeat, "threads_requested": args.threads,
+                     "simd_held": os.environ.get(_SIMD_MARK), **run}, args.json)
     if args.plot:
         title = f"CPU attention, fp32, {facts['simd']}; threads: {_bench.threads_summary(run['results'])}"
         if _plot_or_explain(_bench.plot, run["results"], args.plot, title=title):
@@ -383,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a contiguous and a paged cache beside PyTorch's SDPA and a same-run memory copy")
     p.add_argument("--limit-mib", type=_positive_int, default=4096, metavar="MIB",
                    help="--decode: skip shapes whose caches need more memory than this (default: 4096)")
+    p.add_argument("--simd", choices=list(_SIMD_CAPS),
+                   help="CPU: run fastattn on this SIMD path (FASTATTN_SIMD) and hold the peers to the same "
+                        "instruction set where they have a switch: PyTorch (ATEN_CPU_CAPABILITY, MKL), OpenVINO and "
+                        "PyTorch's oneDNN (ONEDNN_MAX_CPU_ISA), NumPy's OpenBLAS for the matmul yardstick "
+                        "(OPENBLAS_CORETYPE); ONNX Runtime has none, so its row says it ran unrestricted. The "
+                        "command re-runs itself with that environment")
     p.add_argument("--quick", action="store_true", help="a small grid (a few seconds)")
     p.add_argument("--seqs", type=_positive_int, nargs="+", metavar="N",
                    help="sequence lengths (queries = keys), replacing the grid's")
@@ -403,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (argparse errors exit with status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args))
     except BrokenPipeError:  # e.g. `python -m fastattn bench --json | head`: the reader left early

@@ -7,6 +7,9 @@
  *   avx2    (16 ymm): S block 4 x 3,               O block 4 x 3
  *   generic (16 xmm, SSE2, every x86-64): same shapes as avx2
  * and the decode dot products (decode_tile.h) in blocks of FA_D_MR rows x 4 keys (avx512 4, else 2).
+ * The products' sums run in chunks (FA_S_CHUNK dims of q.k, FA_O_CHUNK keys of P.V), each from zero:
+ * blocked summation, which halves the float32 rounding error of one long chain at a cost of a few
+ * per cent (chunks of 16 and 32 cost 10% on AVX-512; see docs/design.md).
  * flash_tile.h undefines the shape macros at its end, ready for the next ISA.
  * The shipped build never uses -march=native; fa_isa_supported asks the CPU (and,
  * through libgcc, the OS) which paths may run.
@@ -29,6 +32,8 @@ namespace isa_avx512 {
 #define FA_O_MR 6
 #define FA_O_ND 4
 #define FA_D_MR 4
+#define FA_S_CHUNK 32
+#define FA_O_CHUNK 64
 #include "flash_tile.h"
 }  // namespace isa_avx512
 #pragma GCC pop_options
@@ -42,6 +47,8 @@ namespace isa_avx2 {
 #define FA_O_MR 4
 #define FA_O_ND 3
 #define FA_D_MR 2
+#define FA_S_CHUNK 32
+#define FA_O_CHUNK 64
 #include "flash_tile.h"
 }  // namespace isa_avx2
 #pragma GCC pop_options
@@ -53,6 +60,8 @@ namespace isa_generic {
 #define FA_O_MR 4
 #define FA_O_ND 3
 #define FA_D_MR 2
+#define FA_S_CHUNK 32
+#define FA_O_CHUNK 64
 #include "flash_tile.h"
 }  // namespace isa_generic
 

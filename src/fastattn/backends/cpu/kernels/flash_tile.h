@@ -10,7 +10,7 @@
  *     S_ij  = q_i . k_j                              (-inf outside the row's visible keys: the mask)
  *     m'_i  = max(m_i, max_j S_ij)
  *     P_ij  = 2^((S_ij - m'_i) c)                    (the exponent is <= 0 by construction: never +inf)
- *     A_i   = sum_j D_ij P_ij v_j                    (a fresh accumulator per tile: blocked summation)
+ *     A_i   = sum_j D_ij P_ij v_j                    (fresh accumulators per FA_O_CHUNK keys)
  *     l'_i  = 2^((m_i - m'_i) c) l_i + sum_j P_ij    (undropped, in double: lse is the undropped one)
  *     O'_i  = 2^((m_i - m'_i) c) O_i + A_i           (D: dropout keep / (1-p), else 1)
  *   out_i = O_i / l_i,  lse_i = scale m_i + ln l_i    (l_i = 0: out 0, lse -inf)
@@ -155,23 +155,29 @@ template <typename T> struct kern {
         return x < lo ? V{} : r;
     }
 
-    /* S[r][0..NR*W) = sum_d Qp[r][d] * Kt[d][0..NR*W) for MR rows (broadcast FMA). */
+    /* S[r][0..NR*W) = sum_d Qp[r][d] * Kt[d][0..NR*W) for MR rows (broadcast FMA).  The sum over d
+     * runs in chunks of FA_S_CHUNK terms, each from zero, added to S as it ends (blocked
+     * summation: chains of d / FA_S_CHUNK and FA_S_CHUNK roundings, not one of d). */
     template <int MR, int NR>
     static inline void s_block(const T *qp, int64_t ldq, const T *kt, int64_t ldk, int64_t d,
                                T *s, int64_t lds) {
-        V acc[MR][NR];
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] = V{};
-        for (int64_t dd = 0; dd < d; ++dd) {
-            V b[NR];
-            for (int j = 0; j < NR; ++j) b[j] = load(kt + dd * ldk + j * W);
-            for (int i = 0; i < MR; ++i) {
-                V a = splat(qp[i * ldq + dd]);
-                for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+        for (int64_t d0 = 0; d0 < d; d0 += FA_S_CHUNK) {
+            const int64_t d1 = d0 + FA_S_CHUNK < d ? d0 + FA_S_CHUNK : d;
+            V acc[MR][NR];
+            for (int i = 0; i < MR; ++i)
+                for (int j = 0; j < NR; ++j) acc[i][j] = V{};
+            for (int64_t dd = d0; dd < d1; ++dd) {
+                V b[NR];
+                for (int j = 0; j < NR; ++j) b[j] = load(kt + dd * ldk + j * W);
+                for (int i = 0; i < MR; ++i) {
+                    V a = splat(qp[i * ldq + dd]);
+                    for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+                }
             }
+            for (int i = 0; i < MR; ++i)
+                for (int j = 0; j < NR; ++j)
+                    store(s + i * lds + j * W, d0 == 0 ? acc[i][j] : load(s + i * lds + j * W) + acc[i][j]);
         }
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) store(s + i * lds + j * W, acc[i][j]);
     }
 
     template <int NR>
@@ -184,24 +190,29 @@ template <typename T> struct kern {
     }
 
     /* O[r][0..ND*W) = alpha[r] * O[r] + sum_{c < nc} P[r][c] * Vp[c][0..ND*W) for MR rows.  The
-     * tile's sum starts from zero and joins O once at the end: the long sum over every key of the
-     * row is then a sum of per-tile sums (blocked summation), not one running chain. */
+     * sum runs in chunks of FA_O_CHUNK keys, each from zero, joining O as it ends: the long sum
+     * over every key of the row is a sum of chunk sums (blocked summation), not one running chain. */
     template <int MR, int ND>
     static inline void o_block(const T *p, int64_t ldp, const T *vp, int64_t ldv, int64_t nc,
                                const T *alpha, T *o, int64_t ldo) {
-        V acc[MR][ND];
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < ND; ++j) acc[i][j] = V{};
-        for (int64_t c = 0; c < nc; ++c) {
-            V b[ND];
-            for (int j = 0; j < ND; ++j) b[j] = load(vp + c * ldv + j * W);
+        for (int64_t c0 = 0; c0 == 0 || c0 < nc; c0 += FA_O_CHUNK) {   /* nc = 0: O = alpha O */
+            const int64_t c1 = c0 + FA_O_CHUNK < nc ? c0 + FA_O_CHUNK : nc;
+            V acc[MR][ND];
+            for (int i = 0; i < MR; ++i)
+                for (int j = 0; j < ND; ++j) acc[i][j] = V{};
+            for (int64_t c = c0; c < c1; ++c) {
+                V b[ND];
+                for (int j = 0; j < ND; ++j) b[j] = load(vp + c * ldv + j * W);
+                for (int i = 0; i < MR; ++i) {
+                    V a = splat(p[i * ldp + c]);
+                    for (int j = 0; j < ND; ++j) acc[i][j] += a * b[j];
+                }
+            }
             for (int i = 0; i < MR; ++i) {
-                V a = splat(p[i * ldp + c]);
-                for (int j = 0; j < ND; ++j) acc[i][j] += a * b[j];
+                const T a = c0 == 0 ? alpha[i] : (T)1;
+                for (int j = 0; j < ND; ++j) store(o + i * ldo + j * W, load(o + i * ldo + j * W) * a + acc[i][j]);
             }
         }
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < ND; ++j) store(o + i * ldo + j * W, load(o + i * ldo + j * W) * alpha[i] + acc[i][j]);
     }
 
     template <int ND>
@@ -873,3 +884,5 @@ static void decode_merge(const fa_params *p, int64_t x, int64_t nsplit, const vo
 #undef FA_O_MR
 #undef FA_O_ND
 #undef FA_D_MR
+#undef FA_S_CHUNK
+#undef FA_O_CHUNK
