@@ -676,8 +676,12 @@ template <typename T> struct kern {
                     if (full && cs >= b0 && cs + FA_S_NR * W <= b1) {
                         s_rows<FA_S_NR>(mr, qblk, d, kt + cs, bkvp, d, sblk + cs, bkvp);
                     } else {
-                        for (int64_t cc = cs; cc < cs + FA_S_NR * W && cc < a1; cc += W)
-                            if (cc >= b0 && cc < b1) s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
+                        /* the part of the strip the block needs, two vectors at a time where it can
+                         * (one vector per block would leave the FMA units waiting on each chain) */
+                        const int64_t e1 = cs + FA_S_NR * W < (a1 < b1 ? a1 : b1) ? cs + FA_S_NR * W : (a1 < b1 ? a1 : b1);
+                        int64_t cc = cs > b0 ? cs : b0;
+                        for (; cc + 2 * W <= e1; cc += 2 * W) s_rows<2>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
+                        if (cc < e1) s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
                     }
                 }
             }
@@ -717,7 +721,9 @@ template <typename T> struct kern {
                 int64_t cd = 0;
                 for (; cd + FA_O_ND * W <= dvp; cd += FA_O_ND * W)
                     o_rows<FA_O_ND>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
-                for (; cd < dvp; cd += W)
+                for (; cd + 2 * W <= dvp; cd += 2 * W)
+                    o_rows<2>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
+                if (cd < dvp)
                     o_rows<1>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
             }
         }
