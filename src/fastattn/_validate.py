@@ -112,6 +112,8 @@ class AttentionSpec:
     def attended_pairs(self) -> int:
         """(query, key) pairs inside the mask, summed over batch entries, per query head (the interval
         part; a boolean mask is counted by :func:`mask_pairs`)."""
+        if self.arrays.lens_q is None:   # every entry seq_q x seq_kv
+            return self.batch * _rule_pairs(self.rule, self.seq_q, self.seq_kv)
         lens_q, lens_kv = self.lengths()
         # once per distinct (lq, lk): a batch of equal lengths costs one count
         pairs, counts = np.unique(np.stack([lens_q, lens_kv], axis=1), axis=0, return_counts=True)
