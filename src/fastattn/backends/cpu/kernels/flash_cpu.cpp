@@ -8,8 +8,9 @@
  *   generic (16 xmm, SSE2, every x86-64): same shapes as avx2
  * and the decode dot products (decode_tile.h) in blocks of FA_D_MR rows x 4 keys (avx512 4, else 2).
  * The products' sums run in chunks (FA_S_CHUNK dims of q.k, FA_O_CHUNK keys of P.V), each from zero:
- * blocked summation, which halves the float32 rounding error of one long chain at a cost of a few
- * per cent (chunks of 16 and 32 cost 10% on AVX-512; see docs/design.md).
+ * blocked summation, which brings the float32 error below PyTorch's SDPA's.  Each chunk's end is a
+ * load, add and store of the whole register block: free with AVX2's 12 accumulators, 4-5% with
+ * AVX-512's 24 at 32 dims, so AVX-512 chunks q.k at 64 (see docs/design.md).
  * flash_tile.h undefines the shape macros at its end, ready for the next ISA.
  * The shipped build never uses -march=native; fa_isa_supported asks the CPU (and,
  * through libgcc, the OS) which paths may run.
@@ -32,7 +33,7 @@ namespace isa_avx512 {
 #define FA_O_MR 6
 #define FA_O_ND 4
 #define FA_D_MR 4
-#define FA_S_CHUNK 32
+#define FA_S_CHUNK 64
 #define FA_O_CHUNK 64
 #include "flash_tile.h"
 }  // namespace isa_avx512
