@@ -227,6 +227,35 @@ def test_attn_mask(backend, rng, mask_shape, kind, causal):
     check(backend, q, k, v, dtype="float32", causal=causal, attn_mask=mask)
 
 
+@pytest.mark.parametrize("spans", [
+    [(0, 29), (0, 29)],          # all True
+    [(0, 20), (0, 7)],           # padding at the end (what tokenizers give)
+    [(9, 29), (3, 29)],          # padding at the start
+    [(4, 17), (0, 0)],           # an inner interval; a sequence with no key
+], ids=["full", "end", "start", "inner-empty"])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("extra", [{}, {"causal": True}, {"causal": "bottom_right"}, {"window": (5, 3)},
+                                   {"softcap": 3.0}, {"alibi": True}, {"scale": 1e-3}],
+                         ids=["plain", "causal", "bottom_right", "window", "softcap", "alibi", "scale"])
+def test_key_padding_mask_intervals(backend, rng, spans, per_head, extra):
+    """Key-padding masks whose True entries form one interval (the bounds carry them, no per-score
+    hook) and masks where the heads of a k/v group differ; NaN in the padded keys never leaks."""
+    q, k, v = _qkv(rng, 2, 4, 2, 19, 29, 8, 8, "float32")
+    heads = 4 if per_head else 1
+    mask = np.zeros((2, heads, 1, 29), bool)
+    for b, (lo, hi) in enumerate(spans):
+        mask[b, :, :, lo:hi] = True
+    if per_head:
+        mask[1, 3, :, :] = False   # one head of the second k/v group sees nothing
+        mask[0, 1, :, 2] = True    # heads 0/1 of a group differ: not one interval for both
+    v[~mask.any(axis=(1, 2))[:, None, :, None].repeat(2, axis=1).repeat(8, axis=3)] = np.nan
+    kw = dict(extra)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = (2.0 ** -np.arange(1, 5)).astype(np.float32)
+    out, _ = check(backend, q, k, v, dtype="float32", attn_mask=mask, **kw)
+    assert np.all(np.isfinite(np.asarray(out, np.float64)))
+
+
 def test_bool_mask_that_hides_everything_gives_zero_rows(backend, rng):
     q, k, v = _qkv(rng, 1, 1, 1, 5, 7, 4, 4, "float32")
     mask = np.ones((5, 7), bool)

@@ -594,12 +594,45 @@ template <typename T> struct kern {
         }
     }
 
+    /* A boolean mask that does not vary along the queries (a key-padding mask) bounds every row's keys
+     * of (batch b, k/v head hkv) by its first and last True over the group's heads: [lo, hi).  Returns 1
+     * when those bounds are the whole mask (every entry inside True for every head of the group, as
+     * with padding at the end or the start): the rows' intervals then carry it and the logit hook has
+     * nothing left to do.  Without such a mask: [0, len_kv) and 0. */
+    static int key_mask_bounds(const fa_params *p, int64_t b, int64_t hkv, int64_t len_kv, int64_t *lo_out,
+                               int64_t *hi_out) {
+        *lo_out = 0;
+        *hi_out = len_kv;
+        if (!p->mask || p->mask_dtype != FA_MASK_BOOL || p->mask_strides[2] != 0) return 0;
+        const int64_t G = p->group, sj = p->mask_strides[3];
+        const int64_t heads = p->mask_strides[1] == 0 ? 1 : G;
+        int64_t lo = len_kv, hi = 0;
+        for (int64_t g = 0; g < heads; ++g) {
+            const char *mrow = p->mask + b * p->mask_strides[0] + (hkv * G + g) * p->mask_strides[1];
+            for (int64_t j = 0; j < lo; ++j)
+                if (mrow[j * sj]) { lo = j; break; }
+            for (int64_t j = len_kv - 1; j >= hi; --j)
+                if (mrow[j * sj]) { hi = j + 1; break; }
+        }
+        if (hi < lo) hi = lo;
+        int whole = 1;
+        for (int64_t g = 0; g < heads && whole; ++g) {
+            const char *mrow = p->mask + b * p->mask_strides[0] + (hkv * G + g) * p->mask_strides[1];
+            for (int64_t j = lo; j < hi; ++j)
+                if (!mrow[j * sj]) { whole = 0; break; }
+        }
+        *lo_out = lo;
+        *hi_out = hi;
+        return whole;
+    }
+
     /* One pass of the item with the query rows multiplied by qmul, exponents by c and (with a logit
-     * hook) the scores by smul (see the header).  Returns 1 if some row max was +inf or some row sum
-     * NaN (a product that overflowed; NaN input gives NaN again on the retry). */
+     * hook) the scores by smul (see the header); mask_hook: the mask needs the hook here (see
+     * key_mask_bounds).  Returns 1 if some row max was +inf or some row sum NaN (a product that
+     * overflowed; NaN input gives NaN again on the retry). */
     template <T (*LOAD)(const char *)>
     static int item_pass(const fa_params *p, int64_t bh, int64_t rt, const T *panel, scratch *ws, T qmul, T c,
-                         T smul) {
+                         T smul, bool mask_hook) {
         const layout L(p);
         const int64_t d = p->head_dim, dvp = L.dvp, bkvp = L.bkvp;
         const int64_t bq = p->block_q, bkv = p->block_kv, G = p->group;
@@ -608,27 +641,12 @@ template <typename T> struct kern {
         const int64_t r0 = rt * bq;                       /* packed rows: r = i * G + g */
         const int64_t rows = (e.rows * G - r0 < bq) ? e.rows * G - r0 : bq;
         const T *flags = L.flags((T *)panel, d);
-        const bool hook = p->softcap > 0 || p->alibi || p->mask;
-        const bool bool_mask = p->mask && p->mask_dtype == FA_MASK_BOOL;
+        const bool hook = p->softcap > 0 || p->alibi || mask_hook;
+        const bool bool_mask = mask_hook && p->mask_dtype == FA_MASK_BOOL;
         /* rows of the entry's queries; the rest (padding of a padded batch) see no key */
         const int64_t live = clamp64(e.len_q * G - r0, 0, rows > 0 ? rows : 0);
-
-        /* a boolean mask that does not vary along the queries (a key-padding mask) bounds every
-         * row's keys by its first and last True (over the group's heads) */
-        int64_t mask_lo = 0, mask_hi = e.len_kv;
-        if (p->mask && p->mask_dtype == FA_MASK_BOOL && p->mask_strides[2] == 0) {
-            mask_lo = e.len_kv;
-            mask_hi = 0;
-            const int64_t heads = p->mask_strides[1] == 0 ? 1 : G;
-            for (int64_t g = 0; g < heads; ++g) {
-                const char *mrow = p->mask + b * p->mask_strides[0] + (hkv * G + g) * p->mask_strides[1];
-                for (int64_t j = 0; j < mask_lo; ++j)
-                    if (mrow[j * p->mask_strides[3]]) { mask_lo = j; break; }
-                for (int64_t j = e.len_kv - 1; j >= mask_hi; --j)
-                    if (mrow[j * p->mask_strides[3]]) { mask_hi = j + 1; break; }
-            }
-            if (mask_hi < mask_lo) mask_hi = mask_lo;
-        }
+        int64_t mask_lo, mask_hi;
+        key_mask_bounds(p, b, hkv, e.len_kv, &mask_lo, &mask_hi);
 
         /* each row's position, head and visible keys [lo, hi): the ends never decrease with r */
         for (int64_t r = 0; r < live; ++r) {
@@ -736,13 +754,16 @@ template <typename T> struct kern {
         /* c = scale log2(e) (raw scores) or log2(e) (logits in their own units, the hook's); kept a
          * positive finite number (a huge scale saturates: every weight but the row maximum's
          * underflows, as in exact arithmetic) */
-        const units u(p);
+        int64_t mask_lo, mask_hi;
+        const bool mask_hook = p->mask && !key_mask_bounds(p, bh / p->heads_kv, bh % p->heads_kv,
+                                                           entry(p, bh / p->heads_kv).len_kv, &mask_lo, &mask_hi);
+        const units u(p, p->softcap > 0 || p->alibi || mask_hook);
         double unit = u.unit;
-        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul) && p->scale < 1.0) {
+        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul, mask_hook) && p->scale < 1.0) {
             /* a raw product overflowed: scores in their own units (q scale, c = log2 e) */
             const T qmul = (T)p->scale;
             if (qmul > (T)0) {
-                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)units::log2e, (T)1);
+                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)units::log2e, (T)1, mask_hook);
                 unit = 1.0;
             }
         }
@@ -771,10 +792,10 @@ template <typename T> struct kern {
         static constexpr double log2e = 1.4426950408889634074;
         T c_raw, smul;
         double unit;
-        units(const fa_params *p) {
+        units(const fa_params *p) : units(p, p->softcap > 0 || p->alibi || p->mask) {}
+        units(const fa_params *p, bool hook) {
             const double big = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
             const double tiny = sizeof(T) == 8 ? __DBL_MIN__ : (double)__FLT_MIN__;
-            const bool hook = p->softcap > 0 || p->alibi || p->mask;
             double c = hook ? log2e : p->scale * log2e;
             if (!(c <= big)) c = big;
             if (c < tiny) c = tiny;
