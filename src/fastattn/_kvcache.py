@@ -343,6 +343,49 @@ def _repeat_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, t
     return key
 
 
+#: the repeat path: torch calls by _fast_key -> the backend's repeat state (``run``), or None where the
+#: backend has none (such calls take the memo path above)
+_FAST: dict[tuple, Any] = {}
+
+
+def _torch_facts(x: Any, tensor: type) -> tuple | None:
+    """(shape, strides, dtype, device index) of a plain torch tensor that needs no grad, else None."""
+    if type(x) is not tensor or x.requires_grad:
+        return None
+    return (x.shape, x.stride(), x.dtype, x.get_device())
+
+
+def _fast_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any, options: tuple
+              ) -> tuple | None:
+    """Everything check_call and the launch plan read of a torch call, strides included, or None (not a
+    call of plain torch CUDA tensors).  An int cache_seqlens enters as ``int`` (its value is checked on
+    every call)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    tensor = torch.Tensor
+    fq = _torch_facts(q, tensor)
+    if fq is None or fq[3] < 0:
+        return None
+    facts = [fq]
+    for x in (k_cache, v_cache, k, v, table):
+        if x is None:
+            facts.append(None)
+            continue
+        f = _torch_facts(x, tensor)
+        if f is None:
+            return None
+        facts.append(f)
+    if type(lens) is int:
+        facts.append(int)
+    else:
+        f = _torch_facts(lens, tensor)
+        if f is None:
+            return None
+        facts.append(f)
+    return (*facts, options, tuple(map(type, options)))  # typed: True and 1 are checked apart
+
+
 def flash_attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -372,8 +415,19 @@ def flash_attention_with_kvcache(
     """
     from . import backends
 
-    key = _repeat_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
-                      (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads))
+    options = (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads)
+    fast = _fast_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options) \
+        if alibi_slopes is None else None
+    if fast is not None:
+        try:
+            repeat = _FAST.get(fast)
+        except TypeError:  # an unhashable option (a window given as a list)
+            repeat = fast = None
+        if repeat is not None:
+            res = repeat.run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+            if res is not None:
+                return res if return_lse else res[0]
+    key = _repeat_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, options)
     seen = _SEEN.get(key) if key is not None else None
     if seen is not None:  # the same shapes, dtypes, devices and options as a call already checked
         call = object.__new__(CacheCall)
@@ -397,6 +451,11 @@ def flash_attention_with_kvcache(
     runner = getattr(engine, "kvcache", None)
     if runner is not None:
         out, lse = runner(call)  # the backend reads (and checks) the values, appends, attends
+        if fast is not None and fast not in _FAST:  # the call passed every check: its repeats go the short way
+            entry = getattr(engine, "kvcache_repeat", None)
+            if len(_FAST) >= 64:
+                _FAST.clear()
+            _FAST[fast] = entry(call) if entry is not None else None
     else:
         out, lse = _gathered(call, engine.NAME)
     return (out, lse) if call.return_lse else out
