@@ -348,42 +348,34 @@ def _repeat_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, t
 _FAST: dict[tuple, Any] = {}
 
 
-def _torch_facts(x: Any, tensor: type) -> tuple | None:
-    """(shape, strides, dtype, device index) of a plain torch tensor that needs no grad, else None."""
-    if type(x) is not tensor or x.requires_grad:
+def _fast_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any, options: tuple,
+              tensor: type) -> tuple | None:
+    """Everything check_call and the launch plan read of a call of plain torch CUDA tensors that need no
+    grad: each array's shape, strides, dtype and device, and the options; None for any other call.  An int
+    cache_seqlens enters as ``int`` (its value is checked on every call)."""
+    if q.requires_grad or type(k_cache) is not tensor or type(v_cache) is not tensor or \
+            k_cache.requires_grad or v_cache.requires_grad:
         return None
-    return (x.shape, x.stride(), x.dtype, x.get_device())
-
-
-def _fast_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any, options: tuple
-              ) -> tuple | None:
-    """Everything check_call and the launch plan read of a torch call, strides included, or None (not a
-    call of plain torch CUDA tensors).  An int cache_seqlens enters as ``int`` (its value is checked on
-    every call)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
+    dev = q.get_device()
+    if dev < 0:
         return None
-    tensor = torch.Tensor
-    fq = _torch_facts(q, tensor)
-    if fq is None or fq[3] < 0:
-        return None
-    facts = [fq]
-    for x in (k_cache, v_cache, k, v, table):
+    key = [q.shape, q.stride(), q.dtype, dev, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.get_device(),
+           v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.get_device()]
+    for x in (k, v, table) if k is not None or table is not None else ():
         if x is None:
-            facts.append(None)
+            key.append(None)
             continue
-        f = _torch_facts(x, tensor)
-        if f is None:
+        if type(x) is not tensor or x.requires_grad:
             return None
-        facts.append(f)
+        key += (x.shape, x.stride(), x.dtype, x.get_device())
     if type(lens) is int:
-        facts.append(int)
+        key.append(int)
     else:
-        f = _torch_facts(lens, tensor)
-        if f is None:
+        if type(lens) is not tensor or lens.requires_grad:
             return None
-        facts.append(f)
-    return (*facts, options, tuple(map(type, options)))  # typed: True and 1 are checked apart
+        key += (lens.shape, lens.stride(), lens.dtype, lens.get_device())
+    key += (options, tuple(map(type, options)))  # typed: True and 1 are checked apart
+    return tuple(key)
 
 
 def flash_attention_with_kvcache(
@@ -413,11 +405,11 @@ def flash_attention_with_kvcache(
     parallel (merged by their log-sum-exps); None picks it from the shape and the machine; the result
     equals num_splits=1's to rounding.
     """
-    from . import backends
-
     options = (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads)
-    fast = _fast_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options) \
-        if alibi_slopes is None else None
+    torch = sys.modules.get("torch")
+    fast = None
+    if torch is not None and type(q) is torch.Tensor and alibi_slopes is None:
+        fast = _fast_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options, torch.Tensor)
     if fast is not None:
         try:
             repeat = _FAST.get(fast)
@@ -427,6 +419,8 @@ def flash_attention_with_kvcache(
             res = repeat.run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
             if res is not None:
                 return res if return_lse else res[0]
+    from . import backends
+
     key = _repeat_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, options)
     seen = _SEEN.get(key) if key is not None else None
     if seen is not None:  # the same shapes, dtypes, devices and options as a call already checked

@@ -2,8 +2,11 @@
 
     kvcache(call)  values checked (unless a CUDA graph is being captured), then one launch of
                    fa_decode_mma (float16 / bfloat16) or fa_decode_simt (float32 / float64) that appends
-                   the new k / v into the cache in place and attends, split over the keys;
-                   fa_decode_combine merges the splits by their log-sum-exps when there are several
+                   the new k / v into the cache in place and attends, split over the keys; the
+                   splits are merged by each unit's last block (counters from _Sems) or, where that
+                   does not apply, by fa_decode_combine
+    Repeat.run     a torch call whose geometry passed every check before (_kvcache keys it): pointers,
+                   lengths, stream, output, launch
 
 Everything runs on the caller's current stream: torch's current stream when q is a torch tensor, CuPy's
 otherwise.  The cache is read in place (contiguous with any strides, or paged through block_table on the
@@ -205,8 +208,13 @@ class _Launch:
             p[:len(front)] = front
             if more:
                 p[at:at + len(more)] = more
-            _cupy().cuda.driver.launchKernel(self.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream_ptr,
-                                             self.addrs, 0)
+            _launch_kernel()(self.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream_ptr, self.addrs, 0)
+
+
+@functools.cache
+def _launch_kernel() -> Any:
+    """CuPy's binding of cuLaunchKernel."""
+    return _cupy().cuda.driver.launchKernel
 
 
 #: per-call slots of the attention kernel before static_mid (pointers, lengths, table, slopes)
@@ -222,7 +230,7 @@ class _Plan:
 
     __slots__ = ("kernel", "threads", "smem", "block_rows", "block_kv", "per_sm", "combine", "mid_len", "acc",
                  "attend", "merge", "q_tiles", "units", "n_rows", "out_shape", "lse_shape", "dv", "fusable",
-                 "sms", "splits_by_tiles")
+                 "sms", "splits_by_tiles", "at_splits")
 
     def splits(self, max_len: int, requested: int | None) -> int:
         key_tiles = -(-max_len // self.block_kv)
@@ -301,10 +309,12 @@ def _plan(call: Any, facts: dict) -> _Plan:
     p.kernel, p.threads, p.smem, p.block_rows, p.block_kv, p.per_sm, p.combine = (
         kernel, threads, smem, block_rows, block_kv, per_sm, combine)
     p.mid_len, p.acc, p.dv, p.sms, p.n_rows = len(mid), acc, dv, sms, n_rows
-    p.attend = _Launch(kernel, (*front, *mid, _I32(1), _I32(1), *static_tail))
+    q_tiles = max(1, -(-rows // block_rows))
+    p.attend = _Launch(kernel, (*front, *mid, _I32(1), _I32(q_tiles), *static_tail))
     p.merge = _Launch(combine, (*(_U64(0),) * 4, _I32(1), _I32(hq), _I32(sq), _I32(dv), _I64(n_rows),
                                 *(_I64(x) for x in facts["out"]), _I64(hq * sq), _I64(sq)))
-    p.q_tiles = max(1, -(-rows // block_rows))
+    p.q_tiles = q_tiles
+    p.at_splits = _FRONT + len(mid)
     p.units = call.batch * call.heads_kv * p.q_tiles
     b = call.batch
     p.out_shape = (b, sq, hq, dv) if call.layout == "bshd" else (b, hq, sq, dv)
@@ -560,8 +570,8 @@ def _launch_call(plan: _Plan, ptrs: tuple, out_ptr: int, lse_ptr: int, scratch: 
     item = 8 if plan.acc == "float64" else 4
     po_ptr = scratch
     pl_ptr = scratch + splits * plan.n_rows * plan.dv * item if splits > 1 else 0
-    plan.attend.launch((*ptrs, out_ptr, lse_ptr, po_ptr, pl_ptr, sem, *values), _FRONT + plan.mid_len,
-                       (splits, plan.q_tiles), (plan.units, splits), plan.threads, plan.smem, stream_ptr)
+    plan.attend.launch((*ptrs, out_ptr, lse_ptr, po_ptr, pl_ptr, sem, *values), plan.at_splits, (splits,),
+                       (plan.units, splits), plan.threads, plan.smem, stream_ptr)
     if splits > 1 and not sem:
         plan.merge.launch((po_ptr, pl_ptr, out_ptr, lse_ptr, splits), 0, (), (plan.n_rows, 1), 128, 0,
                           stream_ptr)  # one block a row
@@ -577,19 +587,21 @@ class Repeat:
     and raises where it must."""
 
     __slots__ = ("call", "plan", "device", "aligned", "limit", "seq_new", "new", "paged", "table_kind",
-                 "table_sb", "lens_kind", "num_splits", "return_lse", "tdevice", "tdtype", "torch")
+                 "table_sb", "lens_kind", "num_splits", "return_lse", "tdevice", "torch", "float32", "get_device",
+                 "capturing", "raw_stream", "launch")
 
     def run(self, q: Any, kc: Any, vc: Any, k: Any, v: Any, lens: Any, table: Any) -> tuple[Any, Any] | None:
-        torch = self.torch
         dev = self.device
-        if torch._C._cuda_getDevice() != dev or torch._C._cuda_isCurrentStreamCapturing():
+        if self.get_device() != dev or self.capturing():
             return None
         qp, kp, vp = q.data_ptr(), kc.data_ptr(), vc.data_ptr()
-        knp, vnp = (k.data_ptr(), v.data_ptr()) if self.new else (0, 0)
+        if self.new:
+            knp, vnp = k.data_ptr(), v.data_ptr()
+        else:
+            knp = vnp = 0
         if (((qp | kp | vp | knp | vnp) & 15) == 0) != self.aligned:
             return None
-        stream_ptr = torch._C._cuda_getCurrentRawStream(dev)
-        lens_ptr = lens_const = table_ptr = 0
+        lens_ptr = table_ptr = 0
         if type(lens) is int and not self.paged:
             if lens < 0 or lens + self.seq_new > self.limit:
                 return None  # the full path names the error
@@ -602,24 +614,37 @@ class Repeat:
                     return None
                 lens_h, lens_const = np.full(self.call.batch, lens, np.int64), lens
             else:
-                lens_h, lens_ptr = _to_host_ints(lens, None), lens.data_ptr()
+                lens_h, lens_ptr, lens_const = _to_host_ints(lens, None), lens.data_ptr(), 0
             table_h = None
             if self.paged:
                 table_h, table_ptr = _to_host_ints(table, None), table.data_ptr()
             check_values(self.call, lens_h, table_h)
             max_len = int((lens_h + self.seq_new).max(initial=0))
         plan = self.plan
-        splits = plan.splits(max_len, self.num_splits)
-        out = torch.empty(plan.out_shape, dtype=self.tdtype, device=self.tdevice)
-        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=self.tdevice) if self.return_lse else None
-        scratch, sem = 0, 0
+        splits = None if self.num_splits is not None else plan.splits_by_tiles.get(-(-max_len // plan.block_kv))
+        if splits is None:
+            splits = plan.splits(max_len, self.num_splits)
+        out = q.new_empty(plan.out_shape)
+        lse = q.new_empty(plan.lse_shape, dtype=self.float32) if self.return_lse else None
+        stream_ptr = self.raw_stream(dev)
+        po_ptr = pl_ptr = sem = 0
         if splits > 1:
-            scratch = _scratch(torch, dev, self.tdevice, stream_ptr, splits * plan.n_rows * (plan.dv + 1))
+            po_ptr = _scratch(self.torch, dev, self.tdevice, stream_ptr, splits * plan.n_rows * (plan.dv + 1))
+            pl_ptr = po_ptr + splits * plan.n_rows * plan.dv * 4
             if plan.fusable and splits <= _FUSED_MAX_SPLITS:
                 sem = _SEMS.get(dev, stream_ptr, False)
-        _launch_call(plan, (qp, kp, vp, knp, vnp), out.data_ptr(), lse.data_ptr() if lse is not None else 0,
-                     scratch, sem, splits, (lens_ptr, self.lens_kind, lens_const, table_ptr, self.table_kind,
-                                            self.table_sb, 0, 0), stream_ptr)
+        out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr() if lse is not None else 0
+        attend = plan.attend
+        with attend.lock:
+            p = attend.params
+            p[:_FRONT] = (qp, kp, vp, knp, vnp, out_ptr, lse_ptr, po_ptr, pl_ptr, sem, lens_ptr, self.lens_kind,
+                          lens_const, table_ptr, self.table_kind, self.table_sb, 0, 0)
+            p[plan.at_splits] = splits
+            self.launch(attend.func, plan.units, splits, 1, plan.threads, 1, 1, plan.smem, stream_ptr, attend.addrs,
+                        0)
+        if splits > 1 and not sem:
+            plan.merge.launch((po_ptr, pl_ptr, out_ptr, lse_ptr, splits), 0, (), (plan.n_rows, 1), 128, 0,
+                              stream_ptr)
         return out, lse
 
 
@@ -672,8 +697,10 @@ def repeat_entry(call: Any) -> Repeat | None:
     r.limit = min(call.capacity, 2**31 - 1, UNBOUNDED - 1)
     r.lens_kind, r.table_kind, r.table_sb = lens_kind, table_kind, table_sb
     r.num_splits, r.return_lse = call.num_splits, call.return_lse
-    r.tdevice, r.tdtype, r.torch = call.q.device, call.q.dtype, torch
+    r.tdevice, r.torch, r.float32 = call.q.device, torch, torch.float32
     if call.dtype == "float64" or not all(hasattr(torch._C, n) for n in (
             "_cuda_getCurrentRawStream", "_cuda_isCurrentStreamCapturing", "_cuda_getDevice")):
         return None  # float64's lse is float64 (the repeat path allocates float32); an older torch
+    r.get_device, r.capturing = torch._C._cuda_getDevice, torch._C._cuda_isCurrentStreamCapturing
+    r.raw_stream, r.launch = torch._C._cuda_getCurrentRawStream, _launch_kernel()
     return r

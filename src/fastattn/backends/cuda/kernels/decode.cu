@@ -1,7 +1,8 @@
 // Attention against a KV cache (decode and chunked prefill) for fastattn's CUDA backend.
 //
-// One launch appends the new tokens and attends (split-KV, "flash-decoding"); a second one merges the
-// splits by their log-sum-exps when there is more than one.
+// One launch appends the new tokens and attends (split-KV, "flash-decoding"); the splits are merged by
+// their log-sum-exps by the last block of each unit to finish (fa_decode_mma with counters), else by a
+// second launch (fa_decode_combine).
 //
 //   fa_decode_mma     float16 / bfloat16: mma.sync m16n8k16, fp32 accumulation
 //   fa_decode_simt    float32 / float64: plain FMA in the input precision
@@ -226,16 +227,38 @@ __device__ __forceinline__ void dec_tile_issue(const dec_seq<T>& s, T* sK, T* sV
     // RPI rows apart, so one pointer per tensor steps through them.  This path is most of what a decode
     // block executes: kept short, since a block runs it only a few times and the instruction fetch of
     // straight-line code, not the loads, set the time of small caches (ncu: stall_no_inst).
+    // A column past d (dv) zero-fills from any_valid: its pointer does not step.
     if (s.block_size == 0 && kv0 + PASSES * RPI <= s.cached) {
-        const bool kok = ch * 8 < d, vok = ch * 8 < dv;
-        const T* kr = s.kc + (long long)(kv0 + r0) * s.k_ss + ch * 8;
-        const T* vr = s.vc + (long long)(kv0 + r0) * s.v_ss + ch * 8;
-        const long long k_step = (long long)RPI * s.k_ss, v_step = (long long)RPI * s.v_ss;
+        const bool kok = ch * 8 < d, vok = ch * 8 < dv, v_any = ch * 8 < LDV - 8;
+        const T* kr = kok ? s.kc + (long long)(kv0 + r0) * s.k_ss + ch * 8 : any_valid;
+        const T* vr = vok ? s.vc + (long long)(kv0 + r0) * s.v_ss + ch * 8 : any_valid;
+        const long long k_step = kok ? (long long)RPI * s.k_ss : 0, v_step = vok ? (long long)RPI * s.v_ss : 0;
+        const int k_bytes = kok ? 16 : 0, v_bytes = vok ? 16 : 0;
 #pragma unroll
         for (int p = 0; p < PASSES; ++p, kr += k_step, vr += v_step) {
             const int r = r0 + p * RPI;
-            dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kok ? kr : any_valid, kok ? 16 : 0);
-            if (ch * 8 < LDV - 8) dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vok ? vr : any_valid, vok ? 16 : 0);
+            dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kr, k_bytes);
+            if (v_any) dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vr, v_bytes);
+        }
+        return;
+    }
+    // A contiguous cache's last tile of a sequence (the new tokens, rows past the keys): a rolled loop,
+    // so that the few blocks that run it (on the launch's critical path) fetch little code.
+    if (s.block_size == 0) {
+#pragma unroll 1
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = r0 + p * RPI, j = kv0 + r;
+            const T *kr = nullptr, *vr = nullptr;
+            if (j < s.total) {
+                if (j >= s.cached)
+                    kr = s.kn + (long long)(j - s.cached) * s.kn_ss, vr = s.vn + (long long)(j - s.cached) * s.vn_ss;
+                else
+                    kr = s.kc + (long long)j * s.k_ss, vr = s.vc + (long long)j * s.v_ss;
+            }
+            const bool kok = kr != nullptr && ch * 8 < d, vok = vr != nullptr && ch * 8 < dv;
+            dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kok ? kr + ch * 8 : any_valid, kok ? 16 : 0);
+            if (ch * 8 < LDV - 8)
+                dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vok ? vr + ch * 8 : any_valid, vok ? 16 : 0);
         }
         return;
     }
