@@ -517,3 +517,160 @@ def test_remembered_calls_keep_no_arrays(rng):
     ref = weakref.ref(kg)
     del kg
     assert ref() is None
+
+
+def _torch_case(rng, batch=2, capacity=2048, heads=(8, 2), d=128, dtype="float16"):
+    torch = _torch()
+    lens = np.full(batch, capacity - 64, np.int32)
+    kc, vc = _cache(rng, batch, capacity, heads[1], d, dtype, lens)
+    return torch, lens, kc, vc
+
+
+def _step(rng, batch, heads, d, dtype="float16"):
+    return (random_array(rng, (batch, 1, heads[0], d), dtype), random_array(rng, (batch, 1, heads[1], d), dtype),
+            random_array(rng, (batch, 1, heads[1], d), dtype))
+
+
+def test_repeat_path_reads_new_pointers_lengths_and_streams(rng, monkeypatch):
+    """torch repeats of one geometry take the short path (no check_call): each reads its own q / k / v,
+    its length (an int, then a device tensor) and the current stream, and equals the reference."""
+    from fastattn import _kvcache
+
+    torch, lens, kc, vc = _torch_case(rng)
+    kt, vt = torch.from_numpy(kc).cuda(), torch.from_numpy(vc).cuda()
+    kh, vh = kc.copy(), vc.copy()
+    n = int(lens[0])
+    calls = []
+    for i, where in enumerate(("first", "int", "int", "stream", "device_lens")):
+        q, k, v = _step(rng, 2, (8, 2), 128)
+        want, _, k64, v64 = _reference(q, kh, vh, k, v, n)
+        args = [torch.from_numpy(x).cuda() for x in (q, k, v)]
+        lens_arg = torch.full((2,), n, dtype=torch.int32, device="cuda") if where == "device_lens" else n
+        if where == "device_lens":  # a new key: its first call is checked in full, its second repeats
+            fastattn.flash_attention_with_kvcache(args[0], kt.clone(), vt.clone(), args[1], args[2],
+                                                  cache_seqlens=lens_arg)
+        stream = torch.cuda.Stream() if where == "stream" else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with monkeypatch.context() as m, torch.cuda.stream(stream):
+            if i >= 2:
+                m.setattr(_kvcache, "check_call", lambda *a, **k: pytest.fail("a repeat went the long way"))
+            out = fastattn.flash_attention_with_kvcache(args[0], kt, vt, args[1], args[2], cache_seqlens=lens_arg)
+        torch.cuda.current_stream().wait_stream(stream)
+        calls.append(where)
+        plain = _plain(q, k64.astype(np.float16), v64.astype(np.float16), np.full(2, n + 1), "float16")
+        _check_out(out.cpu().numpy(), want, "float16", plain)
+        kh, vh = k64.astype(np.float16), v64.astype(np.float16)
+        n += 1
+    assert any(r is not None for r in _kvcache._FAST.values())
+    np.testing.assert_array_equal(_bits(kt.cpu().numpy()), _bits(kh))
+
+
+def test_repeat_path_refuses_bad_values(rng):
+    """A repeat with a length past the capacity or negative raises before any write, as the first call would."""
+    torch, lens, kc, vc = _torch_case(rng, capacity=300)
+    kt, vt = torch.from_numpy(kc).cuda(), torch.from_numpy(vc).cuda()
+    q, k, v = (torch.from_numpy(x).cuda() for x in _step(rng, 2, (8, 2), 128))
+    fastattn.flash_attention_with_kvcache(q, kt, vt, k, v, cache_seqlens=100)
+    fastattn.flash_attention_with_kvcache(q, kt, vt, k, v, cache_seqlens=101)
+    before = (kt.cpu().numpy(), vt.cpu().numpy())
+    with pytest.raises(ValueError, match="would hold 301"):
+        fastattn.flash_attention_with_kvcache(q, kt, vt, k, v, cache_seqlens=300)
+    with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+        fastattn.flash_attention_with_kvcache(q, kt, vt, k, v, cache_seqlens=-1)
+    lt = torch.tensor([299, 300], dtype=torch.int32, device="cuda")
+    for _ in range(2):  # the device-length key: checked in full, then on the repeat path
+        with pytest.raises(ValueError, match="would hold 301"):
+            fastattn.flash_attention_with_kvcache(q, kt, vt, k, v, cache_seqlens=lt)
+    for got, was in zip((kt.cpu().numpy(), vt.cpu().numpy()), before, strict=True):
+        np.testing.assert_array_equal(_bits(got), _bits(was))
+
+
+@pytest.mark.parametrize("splits", [None, 7, 45])
+def test_fused_merge_equals_the_combine_launch(rng, monkeypatch, splits):
+    """The merge by each unit's last block equals the combine kernel's (to rounding), rows that no split
+    sees a key of included; its counters are back at zero after every launch (the next call is right)."""
+    from fastattn.backends.cuda import _decode
+
+    lens = np.array([4000, 3], np.int32)
+    kc, vc = _cache(rng, 2, 4096, 2, 128, "float16", lens)
+    q = random_array(rng, (2, 1, 8, 128), "float16")
+    want, want_lse, _, _ = _reference(q, kc, vc, None, None, lens)
+    args = (_gpu(q), _gpu(kc), _gpu(vc))
+    got = {}
+    for fuse in (False, True, True):
+        monkeypatch.setattr(_decode, "_FUSE", fuse)
+        _decode._PLANS.clear()
+        out, lse = fastattn.flash_attention_with_kvcache(*args, cache_seqlens=_gpu(lens), num_splits=splits,
+                                                         return_lse=True)
+        got.setdefault(fuse, []).append((_host(out), _host(lse)))
+    (o0, l0), (o1, l1), (o2, l2) = got[False][0], got[True][0], got[True][1]
+    np.testing.assert_array_equal(_bits(o1), _bits(o2))  # the counters started at zero again
+    np.testing.assert_array_equal(_bits(l1), _bits(l2))
+    assert rel_error(o1, o0) <= 2e-3
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+    _check_lse(l1, want_lse, "float16")
+    assert rel_error(o1, want) <= 2 * rel_error(o0, want) + 1e-4
+
+
+def test_two_threads_on_two_streams(rng):
+    """Two threads, each on its own stream with its own cache, decode in a loop with the same geometry
+    (one plan, one parameter buffer, split scratch and counters per stream): every output equals the
+    same loop run alone."""
+    import threading
+
+    torch, lens, kc, vc = _torch_case(rng, batch=1, capacity=4096, heads=(32, 8))
+    steps = [[tuple(torch.from_numpy(x).cuda() for x in _step(rng, 1, (32, 8), 128)) for _ in range(20)]
+             for _ in range(2)]
+    n0 = int(lens[0])
+
+    def loop(t, caches, results):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i, (q, k, v) in enumerate(steps[t]):
+                results.append(fastattn.flash_attention_with_kvcache(q, *caches, k, v, cache_seqlens=n0 + i))
+        stream.synchronize()
+
+    def fresh():
+        return torch.from_numpy(kc).cuda(), torch.from_numpy(vc).cuda()
+
+    alone = [[], []]
+    for t in range(2):
+        loop(t, fresh(), alone[t])
+    together = [[], []]
+    threads = [threading.Thread(target=loop, args=(t, fresh(), together[t])) for t in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    torch.cuda.synchronize()
+    for t in range(2):
+        assert len(together[t]) == len(alone[t]) == 20
+        for a, b in zip(alone[t], together[t], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_cuda_graph_of_a_split_call_owns_its_counters(rng):
+    """Two graphs captured on one stream, each with split-KV calls (fused merge), replayed on two
+    streams at once: each equals its own eager result."""
+    torch, lens, kc, vc = _torch_case(rng, batch=1, capacity=4096, heads=(32, 8))
+    kt, vt = torch.from_numpy(kc).cuda(), torch.from_numpy(vc).cuda()
+    qs = [torch.from_numpy(random_array(rng, (1, 1, 32, 128), "float16")).cuda() for _ in range(2)]
+    n = int(lens[0])
+    eager = [fastattn.flash_attention_with_kvcache(q, kt, vt, cache_seqlens=n, num_splits=16) for q in qs]
+    torch.cuda.synchronize()
+    graphs, outs = [], []
+    for q in qs:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(fastattn.flash_attention_with_kvcache(q, kt, vt, cache_seqlens=n, num_splits=16))
+        graphs.append(g)
+    streams = [torch.cuda.Stream() for _ in graphs]
+    for _ in range(3):
+        for g, s in zip(graphs, streams, strict=True):
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                g.replay()
+        torch.cuda.synchronize()
+        for e, o in zip(eager, outs, strict=True):
+            assert torch.equal(e, o)

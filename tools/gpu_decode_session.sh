@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU session for the KV-cache kernels (decode.cu): compile the head-dim 64 / 128 specializations
 # (NVRTC, 16 processes), tests/test_cuda_kvcache.py, a forward smoke test, compute-sanitizer memcheck on
-# split-KV and paged calls, the decode benchmark (logs and JSON under $OUT).
+# split-KV and paged calls and torch repeat calls, the decode benchmark (logs and JSON under $OUT).
 #   STEPS="compile tests fwd sanitize bench" bash tools/gpu_decode_session.sh
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -60,6 +60,17 @@ for dt in ("float16", "bfloat16", "float32"):
                                                 window=(50, 0), softcap=5.0)
     cupy.cuda.Device().synchronize()
     print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()))
+# torch repeats (the short path: per-stream scratch and counters, the fused merge), a second stream too
+import torch
+kt = torch.randn(2, 4096, 8, 128, device="cuda", dtype=torch.float16); vt = torch.randn_like(kt)
+side = torch.cuda.Stream()
+for i in range(4):
+    q = torch.randn(2, 1, 32, 128, device="cuda", dtype=torch.float16)
+    kn = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.float16)
+    with torch.cuda.stream(side if i == 3 else torch.cuda.current_stream()):
+        out = fastattn.flash_attention_with_kvcache(q, kt, vt, kn, kn.clone(), cache_seqlens=4000 + i)
+torch.cuda.synchronize()
+print("torch repeats ok", float(out.float().abs().sum()))
 PY
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvsan.py 2>&1 | tee $OUT/sanitize.log | tail -8
   echo "sanitizer exit: ${PIPESTATUS[0]}"

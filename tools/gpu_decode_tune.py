@@ -1,6 +1,6 @@
 """Tile and pipeline variants of fa_decode_mma on the GPU, side by side (one device session).
 
-    python tools/gpu_decode_tune.py [--configs "BKV,WK,STAGES;..."] [--shapes quick|grid] [--profile]
+    python tools/gpu_decode_tune.py [--configs "BKV,WK,STAGES[,L2[,FUSE]];..."] [--shapes quick|grid] [--profile]
 
 For each decode shape (float16, head_dim 128, one appended token) the K+V TB/s of fastattn with a
 contiguous and a paged cache (block_size 64, shuffled blocks) under each decode tile config, beside
@@ -20,26 +20,32 @@ import sys
 sys.path.insert(0, "src")
 
 from fastattn import _bench_decode_cuda as bd  # noqa: E402
+from fastattn import _kvcache  # noqa: E402
 from fastattn.backends.cuda import _decode, _specs  # noqa: E402
 
-QUICK = [(1, 32, 32, 4096), (1, 32, 8, 4096), (1, 32, 32, 32768), (1, 32, 8, 131072), (8, 32, 32, 16384),
-         (8, 32, 8, 32768), (64, 32, 32, 4096), (64, 32, 8, 16384)]
+QUICK = [(1, 32, 32, 4096), (1, 32, 8, 4096), (8, 32, 32, 4096), (8, 32, 8, 4096), (64, 32, 8, 4096),
+         (1, 32, 8, 16384), (1, 32, 8, 32768), (1, 32, 32, 32768), (1, 32, 8, 131072), (8, 32, 8, 32768),
+         (64, 32, 8, 16384)]
 
 
 _GET_KERNEL = _decode.get_kernel
 _SMEM_LIMIT = _specs.DECODE_SMEM_LIMIT
+_RULES, _PAGED_RULES = _specs.DECODE_RULES, _specs.DECODE_PAGED_RULES
 
 
-def set_decode_config(bkv: int, wk: int, stages: int, l2: int = 256) -> None:
-    """The decode rule (rows <= 16) as (block_kv, key_warps, stages) and the cp.async L2 prefetch hint."""
-    first = _specs.DECODE_RULES[0]
+def set_decode_config(bkv: int, wk: int, stages: int, l2: int = 256, fuse: int = 1) -> None:
+    """The decode rule (rows <= 16) as (block_kv, key_warps, stages), the cp.async L2 prefetch hint, and
+    whether a unit's last block merges the splits (fuse=1) or the combine kernel does (fuse=0)."""
+    first = _RULES[0]
     cfg = dataclasses.replace(first[1], block_kv=bkv, key_warps=wk, stages=stages)
-    _specs.DECODE_RULES = ((first[0], cfg), *_specs.DECODE_RULES[1:])
-    _specs.DECODE_PAGED_RULES = ((first[0], cfg), *_specs.DECODE_PAGED_RULES[1:])
+    _specs.DECODE_RULES = ((first[0], cfg), *_RULES[1:])
+    _specs.DECODE_PAGED_RULES = ((first[0], cfg), *_PAGED_RULES[1:])
     _specs.DECODE_SMEM_LIMIT = 227 * 1024 if stages > 2 and bkv >= 128 else _SMEM_LIMIT  # one block, 3 stages
     opts = () if l2 == 256 else (f"-DFA_DECODE_L2_PREFETCH={l2}",)
     _decode.get_kernel = lambda name, smem: _GET_KERNEL(name, smem, opts)
+    _decode._FUSE = bool(fuse)
     _decode._PLANS.clear()
+    _kvcache._FAST.clear()  # the repeat states hold plans
 
 
 def shape_row(b: int, hq: int, hkv: int, cache: int, configs: list[tuple[int, ...]]) -> str | None:
@@ -89,7 +95,7 @@ def shape_row(b: int, hq: int, hkv: int, cache: int, configs: list[tuple[int, ..
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="64,4,2,256;64,4,2,0;64,4,3,256;128,8,2,256;64,4,2,128")
+    ap.add_argument("--configs", default="64,4,2,256,0;64,4,2,256,1;64,4,3,256,0;64,4,3,256,1")
     ap.add_argument("--shapes", default="quick")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
@@ -105,7 +111,7 @@ def main() -> None:
     for cfg in configs:  # compile first; report registers
         set_decode_config(*cfg)
         c = _specs.decode_config(1, 128, 128)
-        name = _specs.decode_mma_name("float16", 128, 128, c, False, False)
+        name = _specs.decode_mma_name("float16", 128, 128, c, True, False)  # causal, as the rows run
         k = _decode.get_kernel(name, _specs.decode_mma_smem_bytes(128, 128, c))  # noqa: F841
         print(cfg, name, "regs", getattr(k, "num_regs", "?"), "smem", _specs.decode_mma_smem_bytes(128, 128, c),
               flush=True)

@@ -343,6 +343,41 @@ def _repeat_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, t
     return key
 
 
+#: the repeat path: torch calls by _fast_key -> the backend's repeat state (``run``), or None where the
+#: backend has none (such calls take the memo path above)
+_FAST: dict[tuple, Any] = {}
+
+
+def _fast_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any, options: tuple,
+              tensor: type) -> tuple | None:
+    """Everything check_call and the launch plan read of a call of plain torch CUDA tensors that need no
+    grad: each array's shape, strides, dtype and device, and the options; None for any other call.  An int
+    cache_seqlens enters as ``int`` (its value is checked on every call)."""
+    if q.requires_grad or type(k_cache) is not tensor or type(v_cache) is not tensor or \
+            k_cache.requires_grad or v_cache.requires_grad:
+        return None
+    dev = q.get_device()
+    if dev < 0:
+        return None
+    key = [q.shape, q.stride(), q.dtype, dev, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.get_device(),
+           v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.get_device()]
+    for x in (k, v, table) if k is not None or table is not None else ():
+        if x is None:
+            key.append(None)
+            continue
+        if type(x) is not tensor or x.requires_grad:
+            return None
+        key += (x.shape, x.stride(), x.dtype, x.get_device())
+    if type(lens) is int:
+        key.append(int)
+    else:
+        if type(lens) is not tensor or lens.requires_grad:
+            return None
+        key += (lens.shape, lens.stride(), lens.dtype, lens.get_device())
+    key += (options, tuple(map(type, options)))  # typed: True and 1 are checked apart
+    return tuple(key)
+
+
 def flash_attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -370,10 +405,23 @@ def flash_attention_with_kvcache(
     parallel (merged by their log-sum-exps); None picks it from the shape and the machine; the result
     equals num_splits=1's to rounding.
     """
+    options = (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads)
+    torch = sys.modules.get("torch")
+    fast = None
+    if torch is not None and type(q) is torch.Tensor and alibi_slopes is None:
+        fast = _fast_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options, torch.Tensor)
+    if fast is not None:
+        try:
+            repeat = _FAST.get(fast)
+        except TypeError:  # an unhashable option (a window given as a list)
+            repeat = fast = None
+        if repeat is not None:
+            res = repeat.run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+            if res is not None:
+                return res if return_lse else res[0]
     from . import backends
 
-    key = _repeat_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
-                      (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads))
+    key = _repeat_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, options)
     seen = _SEEN.get(key) if key is not None else None
     if seen is not None:  # the same shapes, dtypes, devices and options as a call already checked
         call = object.__new__(CacheCall)
@@ -397,6 +445,11 @@ def flash_attention_with_kvcache(
     runner = getattr(engine, "kvcache", None)
     if runner is not None:
         out, lse = runner(call)  # the backend reads (and checks) the values, appends, attends
+        if fast is not None and fast not in _FAST:  # the call passed every check: its repeats go the short way
+            entry = getattr(engine, "kvcache_repeat", None)
+            if len(_FAST) >= 64:
+                _FAST.clear()
+            _FAST[fast] = entry(call) if entry is not None else None
     else:
         out, lse = _gathered(call, engine.NAME)
     return (out, lse) if call.return_lse else out

@@ -178,3 +178,11 @@ def kvcache(call: Any) -> tuple[Any, Any]:
     from ._decode import kvcache as run
 
     return run(call)
+
+
+def kvcache_repeat(call: Any) -> Any:
+    """The repeat state of a call ``kvcache`` just ran (``_decode.Repeat``: its repeats read only the data
+    pointers, the lengths and the stream), or None."""
+    from ._decode import repeat_entry
+
+    return repeat_entry(call)

@@ -2,8 +2,11 @@
 
     kvcache(call)  values checked (unless a CUDA graph is being captured), then one launch of
                    fa_decode_mma (float16 / bfloat16) or fa_decode_simt (float32 / float64) that appends
-                   the new k / v into the cache in place and attends, split over the keys;
-                   fa_decode_combine merges the splits by their log-sum-exps when there are several
+                   the new k / v into the cache in place and attends, split over the keys; the
+                   splits are merged by each unit's last block (counters from _Sems) or, where that
+                   does not apply, by fa_decode_combine
+    Repeat.run     a torch call whose geometry passed every check before (_kvcache keys it): pointers,
+                   lengths, stream, output, launch
 
 Everything runs on the caller's current stream: torch's current stream when q is a torch tensor, CuPy's
 otherwise.  The cache is read in place (contiguous with any strides, or paged through block_table on the
@@ -27,8 +30,11 @@ values on the host, so:
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import functools
 import math
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -155,8 +161,10 @@ def _device_ints(x: Any, q: Any, name: str, capturing: bool) -> tuple[Any, int]:
         if _is_torch(x):
             import torch
 
-            return x.to(torch.int64), 8
-        return x.astype(np.int64), 8
+            return x.to(torch.int64).contiguous(), 8
+        return _cupy().ascontiguousarray(x.astype(np.int64)), 8
+    if x.ndim == 1 and x.shape[0] > 1 and _arr(x).strides[0] != 1:  # the kernels read lens[b] at unit stride
+        x = x.contiguous() if _is_torch(x) else _cupy().ascontiguousarray(x)
     return x, _INT_KIND[name_]
 
 
@@ -176,45 +184,65 @@ class _Launch:
     """One kernel's launches through ``cuLaunchKernel`` with a parameter buffer built once per call geometry.
 
     CuPy's ``RawKernel.__call__`` converts and packs every argument on every call (tens of microseconds for
-    the ~65 arguments of the decode kernels).  Here every argument lives in an 8-byte slot of one uint64
+    the ~65 arguments of the decode kernels).  Here every argument lives in an 8-byte slot of one ctypes
     array (a 4-byte argument in the slot's low bytes: the driver reads ``sizeof`` of each parameter from
-    its pointer); a call copies the template (``slots``), writes the few slots that change (pointers,
-    lengths, the split count: non-negative ints) and passes the slots' addresses.  The driver copies the
-    parameters at the launch, so the buffer may go once ``launch`` returns."""
+    its pointer), with the array of the slots' addresses beside it, both built once; a call writes the few
+    slots that change (pointers, lengths, the split count: non-negative ints) and launches, under a lock
+    (two threads must not interleave their writes; the driver copies the parameters at the launch)."""
 
-    __slots__ = ("func", "template", "offsets")
+    __slots__ = ("func", "params", "_addrs", "addrs", "lock")
 
     def __init__(self, kernel: Any, args: tuple) -> None:
         self.func = _func_ptr(kernel)
-        self.template = np.array([_slot(a) for a in args], dtype=np.uint64)
-        self.offsets = np.arange(len(args), dtype=np.uint64) * np.uint64(8)
+        self.params = (ctypes.c_uint64 * len(args))(*(_slot(a) for a in args))
+        base = ctypes.addressof(self.params)
+        self._addrs = (ctypes.c_void_p * len(args))(*(base + 8 * i for i in range(len(args))))
+        self.addrs = ctypes.addressof(self._addrs)
+        self.lock = threading.Lock()
 
-    def slots(self) -> np.ndarray:
-        return self.template.copy()
+    def launch(self, front: tuple, at: int, more: tuple, grid: tuple[int, int], threads: int, smem: int,
+               stream_ptr: int) -> None:
+        """Slots [0, len(front)) and [at, at + len(more)) take these values, then the launch."""
+        with self.lock:
+            p = self.params
+            p[:len(front)] = front
+            if more:
+                p[at:at + len(more)] = more
+            _launch_kernel()(self.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream_ptr, self.addrs, 0)
 
-    def launch(self, buf: np.ndarray, grid: tuple[int, int], threads: int, smem: int, stream_ptr: int) -> None:
-        ptrs = self.offsets + np.uint64(buf.ctypes.data)
-        _cupy().cuda.driver.launchKernel(self.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream_ptr,
-                                         ptrs.ctypes.data, 0)
 
-
-class _Plan(NamedTuple):
-    kernel: Any
-    threads: int
-    smem: int
-    block_rows: int
-    block_kv: int
-    per_sm: int  # resident blocks per multiprocessor (shared memory, registers)
-    combine: Any
-    static_mid: tuple  # batch .. vn_sd
-    static_tail: tuple  # after num_splits / q_tiles: win_left, win_right, vec, softcap / scales
-    acc: str  # dtype of the partial results ("float32" / "float64")
-    attend: _Launch  # the attention kernel's slots: FRONT per-call values, then static_mid, splits, q_tiles, tail
-    merge: _Launch  # the combine kernel's slots: 4 pointers, splits, then the geometry
+@functools.cache
+def _launch_kernel() -> Any:
+    """CuPy's binding of cuLaunchKernel."""
+    return _cupy().cuda.driver.launchKernel
 
 
 #: per-call slots of the attention kernel before static_mid (pointers, lengths, table, slopes)
-_FRONT = 17
+_FRONT = 18
+#: splits a unit's last block merges itself (dec_merge_unit: four splits a lane) and counters per slice
+_FUSED_MAX_SPLITS = 128
+_SEM_SLICE = 2048
+_SEM_POOL = 1 << 20
+
+
+class _Plan:
+    """Everything a call's geometry (shapes, strides, dtypes, options, device, alignment) decides."""
+
+    __slots__ = ("kernel", "threads", "smem", "block_rows", "block_kv", "per_sm", "combine", "mid_len", "acc",
+                 "attend", "merge", "q_tiles", "units", "n_rows", "out_shape", "lse_shape", "dv", "fusable",
+                 "sms", "splits_by_tiles", "at_splits")
+
+    def splits(self, max_len: int, requested: int | None) -> int:
+        key_tiles = -(-max_len // self.block_kv)
+        if requested is not None:
+            return max(1, min(requested, max(key_tiles, 1), 65535))
+        found = self.splits_by_tiles.get(key_tiles)
+        if found is None:
+            found = choose_splits(self.units, key_tiles, self.sms, self.per_sm)
+            if len(self.splits_by_tiles) > 4096:
+                self.splits_by_tiles.clear()
+            self.splits_by_tiles[key_tiles] = found
+        return found
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -232,7 +260,7 @@ def _vec_ok(arrs: list[tuple[_Arr, int, tuple[int, ...]]], itemsize: int) -> boo
     return True
 
 
-def _plan(call: Any, key: tuple, facts: dict) -> _Plan:
+def _plan(call: Any, facts: dict) -> _Plan:
     dtype = call.dtype
     d, dv = call.head_dim, call.head_dim_v
     interval = call.causal or call.window[0] >= 0 or call.window[1] >= 0
@@ -273,15 +301,34 @@ def _plan(call: Any, key: tuple, facts: dict) -> _Plan:
         *(_I64(x) for x in facts["out"]), _I64(call.heads_q * call.seq_q), _I64(call.seq_q),
     )
     static_tail = (_I32(left), _I32(right), _I32(1 if facts["vec"] else 0), *tail)
-    front = (*(_U64(0),) * 10, _I32(0), _I32(0), _U64(0), _I32(0), _I64(0), _U64(0), _I32(0))
+    front = (*(_U64(0),) * 11, _I32(0), _I32(0), _U64(0), _I32(0), _I64(0), _U64(0), _I32(0))
     assert len(front) == _FRONT
-    attend = _Launch(kernel, (*front, *mid, _I32(1), _I32(1), *static_tail))
-    hq, sq, dv_ = call.heads_q, call.seq_q, call.head_dim_v
+    hq, sq = call.heads_q, call.seq_q
     n_rows = call.batch * hq * sq
-    merge = _Launch(combine, (*(_U64(0),) * 4, _I32(1), _I32(hq), _I32(sq), _I32(dv_), _I64(n_rows),
-                              *(_I64(x) for x in facts["out"]), _I64(hq * sq), _I64(sq)))
-    return _Plan(kernel, threads, smem, block_rows, block_kv, per_sm, combine, mid, static_tail, acc, attend, merge)
+    p = _Plan()
+    p.kernel, p.threads, p.smem, p.block_rows, p.block_kv, p.per_sm, p.combine = (
+        kernel, threads, smem, block_rows, block_kv, per_sm, combine)
+    p.mid_len, p.acc, p.dv, p.sms, p.n_rows = len(mid), acc, dv, sms, n_rows
+    q_tiles = max(1, -(-rows // block_rows))
+    p.attend = _Launch(kernel, (*front, *mid, _I32(1), _I32(q_tiles), *static_tail))
+    p.merge = _Launch(combine, (*(_U64(0),) * 4, _I32(1), _I32(hq), _I32(sq), _I32(dv), _I64(n_rows),
+                                *(_I64(x) for x in facts["out"]), _I64(hq * sq), _I64(sq)))
+    p.q_tiles = q_tiles
+    p.at_splits = _FRONT + len(mid)
+    p.units = call.batch * call.heads_kv * p.q_tiles
+    b = call.batch
+    p.out_shape = (b, sq, hq, dv) if call.layout == "bshd" else (b, hq, sq, dv)
+    p.lse_shape = (b, hq, sq)
+    # the unit's last block merges its splits: the tensor-core kernel, rows x splits weights in its shared
+    # memory, 16-byte partial rows, a counter slice wide enough
+    p.fusable = (acc == "float32" and _specs.is_mma_dtype(dtype) and dv % 4 == 0 and p.units <= _SEM_SLICE
+                 and (block_rows * _FUSED_MAX_SPLITS + 2 * block_rows) * 4 <= smem and _FUSE)
+    p.splits_by_tiles = {}
+    return p
 
+
+#: the fused merge (a unit's last block merges its splits); False: always the combine launch (experiments)
+_FUSE = True
 
 #: the cost model's fixed terms, in key tiles of one block: a block's start and end (its first tiles'
 #: latency, the epilogue), and the combine kernel of a split launch
@@ -307,6 +354,47 @@ def choose_splits(units: int, key_tiles: int, multiprocessors: int, per_sm: int)
         if cost * 1.03 < best_cost:  # a split must win by more than the model's noise
             best, best_cost = splits, cost
     return best
+
+
+class _Sems:
+    """Zeroed counters for the fused merge, one slice of ``_SEM_SLICE`` per user: each (device, stream) of
+    calls outside graph capture (a stream runs its launches one after another, and every launch leaves its
+    counters at zero), and each call captured into a graph (its own slice for good: a graph may be
+    replayed on any stream, beside anything).  The pool is allocated and zeroed outside capture; while
+    capturing with no pool, or with the pool used up, the splits go through the combine launch."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pools: dict[int, list] = {}  # device -> [array, base pointer, next free slice]
+        self.by_stream: dict[tuple[int, int], int] = {}
+
+    def get(self, device: int, stream_ptr: int, capturing: bool) -> int:
+        if not capturing:
+            found = self.by_stream.get((device, stream_ptr))
+            if found is not None:
+                return found
+        with self.lock:
+            if not capturing and (device, stream_ptr) in self.by_stream:
+                return self.by_stream[(device, stream_ptr)]
+            pool = self.pools.get(device)
+            if pool is None or pool[2] >= _SEM_POOL // _SEM_SLICE:
+                if capturing:
+                    return 0
+                cp = _cupy()
+                with cp.cuda.Device(device):
+                    arr = cp.zeros(_SEM_POOL, dtype=cp.uint32)
+                    cp.cuda.get_current_stream().synchronize()  # zero before any stream reads it
+                pool = self.pools[device] = [arr, int(arr.data.ptr), 0]
+                if len(self.by_stream) > 4096:  # streams come and go: old slices are left with their pool
+                    self.by_stream.clear()
+            ptr = pool[1] + 4 * _SEM_SLICE * pool[2]
+            pool[2] += 1
+            if not capturing:
+                self.by_stream[(device, stream_ptr)] = ptr
+            return ptr
+
+
+_SEMS = _Sems()
 
 
 def _alloc(call: Any, device: int, shapes: list[tuple[tuple[int, ...], str]]) -> list[tuple[Any, int]]:
@@ -371,6 +459,40 @@ def kvcache(call: Any) -> tuple[Any, Any]:
             cp.cuda.runtime.setDevice(prev_device)
 
 
+def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr | None, device: int) -> _Plan:
+    """The plan of a call's geometry (built once per geometry; ``aligned``: every base pointer 16-byte
+    aligned, which the 16-byte loads need)."""
+    layout, new = call.layout, kn is not None
+    q_s = _bshd(q.strides, layout)
+    if call.paged:
+        k_s, v_s = kc.strides, vc.strides
+    else:
+        k_s, v_s = _bshd(kc.strides, layout), _bshd(vc.strides, layout)
+    kn_s = _bshd(kn.strides, layout) if new else (0, 0, 0, 0)
+    vn_s = _bshd(vn.strides, layout) if new else (0, 0, 0, 0)
+    sq, hq, dv = call.seq_q, call.heads_q, call.head_dim_v
+    out_s = (sq * hq * dv, hq * dv, dv) if layout == "bshd" else (hq * sq * dv, dv, sq * dv)
+    aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
+    key = (device, call.dtype, layout, call.paged, call.batch, sq, hq, call.heads_kv, call.head_dim, dv,
+           call.seq_new, call.capacity, call.block_size, call.num_blocks, q_s, k_s, v_s, kn_s, vn_s, aligned,
+           call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale)
+    plan = _PLANS.get(key)
+    if plan is None:
+        vec = False
+        if _specs.is_mma_dtype(call.dtype) and aligned:
+            shapes = [(q, call.head_dim, tuple(call.q.shape)), (kc, call.head_dim, tuple(call.k_cache.shape)),
+                      (vc, dv, tuple(call.v_cache.shape))]
+            if new:
+                shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
+            vec = _vec_ok(shapes, 2) and dv % 8 == 0
+        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec)
+        plan = _plan(call, facts)
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, capturing: bool,
          check_values: Any) -> tuple[Any, Any]:
     lens_in, table_in = call.cache_seqlens, call.block_table
@@ -418,69 +540,167 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
     new = call.k is not None
     kn = _arr(call.k) if new else None
     vn = _arr(call.v) if new else None
-    layout = call.layout
-    q_s = _bshd(q.strides, layout)
-    if call.paged:
-        k_s, v_s = kc.strides, vc.strides
-    else:
-        k_s, v_s = _bshd(kc.strides, layout), _bshd(vc.strides, layout)
-    kn_s = _bshd(kn.strides, layout) if new else (0, 0, 0, 0)
-    vn_s = _bshd(vn.strides, layout) if new else (0, 0, 0, 0)
-    b, sq, hq, dv = call.batch, call.seq_q, call.heads_q, call.head_dim_v
-    if layout == "bshd":
-        out_shape, out_s = (b, sq, hq, dv), (sq * hq * dv, hq * dv, dv)
-    else:
-        out_shape, out_s = (b, hq, sq, dv), (hq * sq * dv, dv, sq * dv)
-    aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
-    key = (device, call.dtype, layout, call.paged, call.batch, call.seq_q, call.heads_q, call.heads_kv,
-           call.head_dim, dv, call.seq_new, call.capacity, call.block_size, call.num_blocks, q_s, k_s, v_s, kn_s,
-           vn_s, aligned, call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale)
-    plan = _PLANS.get(key)
-    if plan is None:
-        vec = False
-        if _specs.is_mma_dtype(call.dtype) and aligned:
-            shapes = [(q, call.head_dim, tuple(call.q.shape)), (kc, call.head_dim, tuple(call.k_cache.shape)),
-                      (vc, dv, tuple(call.v_cache.shape))]
-            if new:
-                shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
-            vec = _vec_ok(shapes, 2) and dv % 8 == 0
-        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec)
-        plan = _plan(call, key, facts)
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        _PLANS[key] = plan
-
-    rows = call.group * sq
-    q_tiles = max(1, -(-rows // plan.block_rows))
-    units = b * call.heads_kv * q_tiles
-    key_tiles = -(-max_len // plan.block_kv)
-    if call.num_splits is not None:
-        splits = max(1, min(call.num_splits, max(key_tiles, 1), 65535))
-    else:
-        splits = choose_splits(units, key_tiles, _device_facts(device)[0], plan.per_sm)
+    plan = _plan_of(call, q, kc, vc, kn, vn, device)
+    splits = plan.splits(max_len, call.num_splits)
+    sem = _SEMS.get(device, stream_ptr, capturing) if splits > 1 and plan.fusable and \
+        splits <= _FUSED_MAX_SPLITS else 0
     lse_dt = "float64" if call.dtype == "float64" else "float32"
-    n_rows = b * hq * sq
-    want = [(out_shape, call.dtype), ((b, hq, sq), lse_dt)]
-    if splits > 1:
-        want += [((splits, n_rows, dv), plan.acc), ((splits, n_rows), plan.acc)]
+    want = [(plan.out_shape, call.dtype), (plan.lse_shape, lse_dt)]
+    if splits > 1:  # the splits' partial outputs, then their lse, in one allocation
+        want.append(((splits * plan.n_rows * (plan.dv + 1),), plan.acc))
     arrays = _alloc(call, device, want)
     (out, out_ptr), (lse, lse_ptr) = arrays[0], arrays[1]
-    po_ptr, pl_ptr = (arrays[2][1], arrays[3][1]) if splits > 1 else (0, 0)
-    if units == 0:
-        return out, lse
-    if units >= 2**31:
-        raise ValueError(f"too many blocks for one launch ({units}); split the batch")
-    slots = plan.attend.slots()
-    slots[:_FRONT] = (q.ptr, kc.ptr, vc.ptr, kn.ptr if new else 0, vn.ptr if new else 0, out_ptr, lse_ptr, po_ptr,
-                      pl_ptr, lens_ptr, lens_kind, lens_const, table_ptr, table_kind, table_sb, slopes_ptr, slopes_sb)
-    at = _FRONT + len(plan.static_mid)
-    slots[at] = splits
-    slots[at + 1] = q_tiles
-    plan.attend.launch(slots, (units, splits), plan.threads, plan.smem, stream_ptr)
-    if splits > 1:
-        slots = plan.merge.slots()
-        slots[:5] = (po_ptr, pl_ptr, out_ptr, lse_ptr, splits)
-        plan.merge.launch(slots, (n_rows, 1), 128, 0, stream_ptr)  # one block a row
+    scratch = arrays[2][1] if splits > 1 else 0
+    _launch_call(plan, (q.ptr, kc.ptr, vc.ptr, kn.ptr if new else 0, vn.ptr if new else 0), out_ptr, lse_ptr,
+                 scratch, sem, splits, (lens_ptr, lens_kind, lens_const, table_ptr, table_kind, table_sb,
+                                        slopes_ptr, slopes_sb), stream_ptr)
     # keep what the launches read alive until they are enqueued (stream-ordered allocators do the rest)
     del lens_dev, table_dev, slopes
     return out, lse
+
+
+def _launch_call(plan: _Plan, ptrs: tuple, out_ptr: int, lse_ptr: int, scratch: int, sem: int, splits: int,
+                 values: tuple, stream_ptr: int) -> None:
+    """The attention launch (and the combine launch when split without the fused merge).  ``scratch``: the
+    splits' partial outputs (splits x rows x dv) then their lse (splits x rows), 8-byte aligned."""
+    if plan.units == 0:
+        return
+    if plan.units >= 2**31:
+        raise ValueError(f"too many blocks for one launch ({plan.units}); split the batch")
+    item = 8 if plan.acc == "float64" else 4
+    po_ptr = scratch
+    pl_ptr = scratch + splits * plan.n_rows * plan.dv * item if splits > 1 else 0
+    plan.attend.launch((*ptrs, out_ptr, lse_ptr, po_ptr, pl_ptr, sem, *values), plan.at_splits, (splits,),
+                       (plan.units, splits), plan.threads, plan.smem, stream_ptr)
+    if splits > 1 and not sem:
+        plan.merge.launch((po_ptr, pl_ptr, out_ptr, lse_ptr, splits), 0, (), (plan.n_rows, 1), 128, 0,
+                          stream_ptr)  # one block a row
+
+
+# --- the repeat path: a call whose geometry was seen (torch tensors, outside graph capture) ---------------
+
+class Repeat:
+    """A checked call's geometry, for its repeats (``_kvcache`` keys it by every shape, stride, dtype,
+    device and option of the call): a repeat reads the data pointers, the lengths and the stream, checks
+    the values, allocates the output and launches.  ``run`` returns None where it cannot serve a call
+    (another alignment, graph capture, another current device, a value to refuse): the full path takes it
+    and raises where it must."""
+
+    __slots__ = ("call", "plan", "device", "aligned", "limit", "seq_new", "new", "paged", "table_kind",
+                 "table_sb", "lens_kind", "num_splits", "return_lse", "tdevice", "torch", "float32", "get_device",
+                 "capturing", "raw_stream", "launch")
+
+    def run(self, q: Any, kc: Any, vc: Any, k: Any, v: Any, lens: Any, table: Any) -> tuple[Any, Any] | None:
+        dev = self.device
+        if self.get_device() != dev or self.capturing():
+            return None
+        qp, kp, vp = q.data_ptr(), kc.data_ptr(), vc.data_ptr()
+        if self.new:
+            knp, vnp = k.data_ptr(), v.data_ptr()
+        else:
+            knp = vnp = 0
+        if (((qp | kp | vp | knp | vnp) & 15) == 0) != self.aligned:
+            return None
+        lens_ptr = table_ptr = 0
+        if type(lens) is int and not self.paged:
+            if lens < 0 or lens + self.seq_new > self.limit:
+                return None  # the full path names the error
+            lens_const, max_len = lens, lens + self.seq_new
+        else:  # the values read to the host and checked (a synchronization), as on the full path
+            from ..._kvcache import check_values
+
+            if type(lens) is int:
+                if lens < 0 or lens >= UNBOUNDED:
+                    return None
+                lens_h, lens_const = np.full(self.call.batch, lens, np.int64), lens
+            else:
+                lens_h, lens_ptr, lens_const = _to_host_ints(lens, None), lens.data_ptr(), 0
+            table_h = None
+            if self.paged:
+                table_h, table_ptr = _to_host_ints(table, None), table.data_ptr()
+            check_values(self.call, lens_h, table_h)
+            max_len = int((lens_h + self.seq_new).max(initial=0))
+        plan = self.plan
+        splits = None if self.num_splits is not None else plan.splits_by_tiles.get(-(-max_len // plan.block_kv))
+        if splits is None:
+            splits = plan.splits(max_len, self.num_splits)
+        out = q.new_empty(plan.out_shape)
+        lse = q.new_empty(plan.lse_shape, dtype=self.float32) if self.return_lse else None
+        stream_ptr = self.raw_stream(dev)
+        po_ptr = pl_ptr = sem = 0
+        if splits > 1:
+            po_ptr = _scratch(self.torch, dev, self.tdevice, stream_ptr, splits * plan.n_rows * (plan.dv + 1))
+            pl_ptr = po_ptr + splits * plan.n_rows * plan.dv * 4
+            if plan.fusable and splits <= _FUSED_MAX_SPLITS:
+                sem = _SEMS.get(dev, stream_ptr, False)
+        out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr() if lse is not None else 0
+        attend = plan.attend
+        with attend.lock:
+            p = attend.params
+            p[:_FRONT] = (qp, kp, vp, knp, vnp, out_ptr, lse_ptr, po_ptr, pl_ptr, sem, lens_ptr, self.lens_kind,
+                          lens_const, table_ptr, self.table_kind, self.table_sb, 0, 0)
+            p[plan.at_splits] = splits
+            self.launch(attend.func, plan.units, splits, 1, plan.threads, 1, 1, plan.smem, stream_ptr, attend.addrs,
+                        0)
+        if splits > 1 and not sem:
+            plan.merge.launch((po_ptr, pl_ptr, out_ptr, lse_ptr, splits), 0, (), (plan.n_rows, 1), 128, 0,
+                              stream_ptr)
+        return out, lse
+
+
+#: the splits' scratch of repeat calls, per (device, stream): a stream runs its launches in order, so the
+#: next call on it may reuse the buffer (graph capture never takes this path: captured calls own theirs)
+_SCRATCH: dict[tuple[int, int], Any] = {}
+_SCRATCH_MAX_FLOATS = 16 << 20  # larger scratch is allocated per call
+
+
+def _scratch(torch: Any, dev: int, tdevice: Any, stream_ptr: int, floats: int) -> int:
+    if floats > _SCRATCH_MAX_FLOATS:  # torch's allocator is stream-ordered: freed once enqueued is safe
+        return torch.empty(floats, dtype=torch.float32, device=tdevice).data_ptr()
+    buf = _SCRATCH.get((dev, stream_ptr))
+    if buf is None or buf.numel() < floats:
+        if len(_SCRATCH) > 64:
+            _SCRATCH.clear()
+        buf = _SCRATCH[(dev, stream_ptr)] = torch.empty(max(floats, 1 << 16), dtype=torch.float32,
+                                                         device=tdevice)
+    return buf.data_ptr()
+
+
+def repeat_entry(call: Any) -> Repeat | None:
+    """The repeat state of a call that just ran (torch CUDA tensors, float16 / bfloat16 / float32 / float64
+    without ALiBi), or None."""
+    import torch
+
+    if not call.on_gpu or not _is_torch(call.q) or call.alibi_slopes is not None:
+        return None
+    lens, table = call.cache_seqlens, call.block_table
+    lens_kind = table_kind = table_sb = 0
+    if not isinstance(lens, int):
+        if not _is_torch(lens) or str(lens.dtype).removeprefix("torch.") not in _INT_KIND or (
+                lens.stride(0) != 1 and lens.shape[0] > 1):
+            return None
+        lens_kind = _INT_KIND[str(lens.dtype).removeprefix("torch.")]
+    if call.paged:
+        if not _is_torch(table) or str(table.dtype).removeprefix("torch.") not in _INT_KIND or (
+                table.stride(1) != 1 and table.shape[1] > 1):
+            return None
+        table_kind, table_sb = _INT_KIND[str(table.dtype).removeprefix("torch.")], table.stride(0)
+    q, kc, vc = _arr(call.q), _arr(call.k_cache), _arr(call.v_cache)
+    new = call.k is not None
+    kn, vn = (_arr(call.k), _arr(call.v)) if new else (None, None)
+    r = Repeat()
+    r.plan = _plan_of(call, q, kc, vc, kn, vn, q.device)
+    r.call = dataclasses.replace(call, q=None, k_cache=None, v_cache=None, k=None, v=None, like=None,
+                                 cache_seqlens=None, block_table=None)  # check_values' facts, no arrays
+    r.device, r.new, r.paged, r.seq_new = q.device, new, call.paged, call.seq_new
+    r.aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
+    r.limit = min(call.capacity, 2**31 - 1, UNBOUNDED - 1)
+    r.lens_kind, r.table_kind, r.table_sb = lens_kind, table_kind, table_sb
+    r.num_splits, r.return_lse = call.num_splits, call.return_lse
+    r.tdevice, r.torch, r.float32 = call.q.device, torch, torch.float32
+    if call.dtype == "float64" or not all(hasattr(torch._C, n) for n in (
+            "_cuda_getCurrentRawStream", "_cuda_isCurrentStreamCapturing", "_cuda_getDevice")):
+        return None  # float64's lse is float64 (the repeat path allocates float32); an older torch
+    r.get_device, r.capturing = torch._C._cuda_getDevice, torch._C._cuda_isCurrentStreamCapturing
+    r.raw_stream, r.launch = torch._C._cuda_getCurrentRawStream, _launch_kernel()
+    return r

@@ -1,7 +1,8 @@
 // Attention against a KV cache (decode and chunked prefill) for fastattn's CUDA backend.
 //
-// One launch appends the new tokens and attends (split-KV, "flash-decoding"); a second one merges the
-// splits by their log-sum-exps when there is more than one.
+// One launch appends the new tokens and attends (split-KV, "flash-decoding"); the splits are merged by
+// their log-sum-exps by the last block of each unit to finish (fa_decode_mma with counters), else by a
+// second launch (fa_decode_combine).
 //
 //   fa_decode_mma     float16 / bfloat16: mma.sync m16n8k16, fp32 accumulation
 //   fa_decode_simt    float32 / float64: plain FMA in the input precision
@@ -39,11 +40,15 @@
 // call geometry).  Strides in elements.  k_sb / v_sb: the batch stride of a contiguous cache, the
 // block stride of a paged one (block_size > 0).  lens_kind: 0 (every sequence holds lens_const), 4
 // (int32 array), 8 (int64); table_kind likewise (paged only).  part_o / part_lse: the splits' partial
-// results (num_splits > 1), else out / lse are written directly.
+// results (num_splits > 1), else out / lse are written directly.  lse may be null (not asked for).
+// sem (fa_decode_mma, num_splits > 1, or null): one counter per unit, zero at the launch; the block that
+// finishes a unit's last split merges the unit's splits itself (dec_merge_unit) and sets the counter back
+// to zero, so no combine launch follows.
 #define FA_DECODE_PARAMS(T, L)                                                                              \
     const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache,                  \
         const T *__restrict__ k_new, const T *__restrict__ v_new, T *__restrict__ out, L *__restrict__ lse, \
-        L *__restrict__ part_o, L *__restrict__ part_lse, const void *__restrict__ lens, int lens_kind,     \
+        L *__restrict__ part_o, L *__restrict__ part_lse, unsigned *__restrict__ sem,                       \
+        const void *__restrict__ lens, int lens_kind,                                                       \
         int lens_const, const void *__restrict__ table, int table_kind, long long table_sb,                 \
         const float *__restrict__ slopes, int slopes_sb, int batch, int heads_kv, int group, int seq_q,     \
         int seq_new, int capacity, int block_size, int num_blocks, int d, int dv, long long q_sb,           \
@@ -218,6 +223,45 @@ __device__ __forceinline__ void dec_tile_blocks(const dec_seq<T>& s, int kv0, in
 template <typename T, int PASSES, int RPI, int LDK, int LDV>
 __device__ __forceinline__ void dec_tile_issue(const dec_seq<T>& s, T* sK, T* sV, int kv0, int r0, int ch,
                                                const int (&blk)[PASSES], const T* any_valid, int d, int dv) {
+    // Every row of the tile in a contiguous cache (all tiles but a sequence's last): the thread's rows are
+    // RPI rows apart, so one pointer per tensor steps through them.  This path is most of what a decode
+    // block executes: kept short, since a block runs it only a few times and the instruction fetch of
+    // straight-line code, not the loads, set the time of small caches (ncu: stall_no_inst).
+    // A column past d (dv) zero-fills from any_valid: its pointer does not step.
+    if (s.block_size == 0 && kv0 + PASSES * RPI <= s.cached) {
+        const bool kok = ch * 8 < d, vok = ch * 8 < dv, v_any = ch * 8 < LDV - 8;
+        const T* kr = kok ? s.kc + (long long)(kv0 + r0) * s.k_ss + ch * 8 : any_valid;
+        const T* vr = vok ? s.vc + (long long)(kv0 + r0) * s.v_ss + ch * 8 : any_valid;
+        const long long k_step = kok ? (long long)RPI * s.k_ss : 0, v_step = vok ? (long long)RPI * s.v_ss : 0;
+        const int k_bytes = kok ? 16 : 0, v_bytes = vok ? 16 : 0;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p, kr += k_step, vr += v_step) {
+            const int r = r0 + p * RPI;
+            dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kr, k_bytes);
+            if (v_any) dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vr, v_bytes);
+        }
+        return;
+    }
+    // A contiguous cache's last tile of a sequence (the new tokens, rows past the keys): a rolled loop,
+    // so that the few blocks that run it (on the launch's critical path) fetch little code.
+    if (s.block_size == 0) {
+#pragma unroll 1
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = r0 + p * RPI, j = kv0 + r;
+            const T *kr = nullptr, *vr = nullptr;
+            if (j < s.total) {
+                if (j >= s.cached)
+                    kr = s.kn + (long long)(j - s.cached) * s.kn_ss, vr = s.vn + (long long)(j - s.cached) * s.vn_ss;
+                else
+                    kr = s.kc + (long long)j * s.k_ss, vr = s.vc + (long long)j * s.v_ss;
+            }
+            const bool kok = kr != nullptr && ch * 8 < d, vok = vr != nullptr && ch * 8 < dv;
+            dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kok ? kr + ch * 8 : any_valid, kok ? 16 : 0);
+            if (ch * 8 < LDV - 8)
+                dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vok ? vr + ch * 8 : any_valid, vok ? 16 : 0);
+        }
+        return;
+    }
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
         const int r = r0 + p * RPI, j = kv0 + r;
@@ -237,6 +281,97 @@ __device__ __forceinline__ void dec_tile_issue(const dec_seq<T>& s, T* sK, T* sV
         dec_cp_async_16(smem_u32(sK + r * LDK + ch * 8), kok ? kr + ch * 8 : any_valid, kok ? 16 : 0);
         if (ch * 8 < LDV - 8)  // V may be narrower than K (DV < D): its chunks past DV are none
             dec_cp_async_16(smem_u32(sV + r * LDV + ch * 8), vok ? vr + ch * 8 : any_valid, vok ? 16 : 0);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T dec_exp(T x);
+template <>
+__device__ __forceinline__ float dec_exp<float>(float x) { return expf(x); }
+template <>
+__device__ __forceinline__ double dec_exp<double>(double x) { return exp(x); }
+
+// The merge of one unit's splits by the block that finished the unit's last split (fa_decode_mma with
+// sem): the math of fa_decode_combine (fastattn.merge_attention) over the unit's rows r_begin .. r_end.
+// A warp a row computes the splits' weights w_s = e^(lse_s - max) (kept in shared memory) and the row's
+// lse; then each thread owns 4 columns of a row and adds w_s o_s over the splits in order (16-byte loads,
+// several in flight).  The partial results are read through L2 (__ldcg): other blocks wrote them.
+// Needs num_splits <= 128 and dv % 4 == 0 (the launcher's rule).
+template <typename T, int NT>
+__device__ __forceinline__ void dec_merge_unit(const float* part_o, const float* part_lse, T* out, float* lse,
+                                               int num_splits, long long n_rows, int b, int hkv, int heads_kv,
+                                               int group, int seq_q, int r_begin, int r_end, int dv, long long o_sb,
+                                               long long o_ss, long long o_sh, long long lse_sb, long long lse_sh,
+                                               float* smem, int tid) {
+    constexpr int NW = NT / 32, SPL = 4;  // splits per lane: num_splits <= 128
+    const int rows = r_end - r_begin, S = num_splits;
+    float* sW = smem;                 // [rows][S]: the splits' weights
+    float* sTot = sW + rows * S;      // [rows]: sum of the weights
+    int* sNan = reinterpret_cast<int*>(sTot + rows);  // [rows]: a NaN lse in the row
+    const int warp = tid >> 5, lane = tid & 31;
+    auto row_of = [&](int lr) {
+        const int r = r_begin + lr, t = r / group, h = hkv * group + (r - t * group);
+        return ((long long)b * heads_kv * group + h) * seq_q + t;
+    };
+    for (int lr = warp; lr < rows; lr += NW) {
+        const long long row = row_of(lr);
+        float x[SPL];
+        float mx = -FA_INF;
+        bool nan = false;
+#pragma unroll
+        for (int i = 0; i < SPL; ++i) {
+            const int sp = lane + 32 * i;
+            x[i] = sp < S ? __ldcg(part_lse + sp * n_rows + row) : -FA_INF;
+            nan |= x[i] != x[i];
+            mx = fmaxf(mx, x[i]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        nan = __any_sync(0xffffffffu, nan);
+        float total = 0.0f;
+#pragma unroll
+        for (int i = 0; i < SPL; ++i) {
+            const int sp = lane + 32 * i;
+            const float w = (mx != -FA_INF && sp < S) ? dec_exp<float>(x[i] - mx) : 0.0f;
+            total += w;
+            if (sp < S) sW[lr * S + sp] = w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+        if (lane == 0) {
+            sTot[lr] = total;
+            sNan[lr] = nan;
+            const bool empty = !nan && total == 0.0f;
+            const int r = r_begin + lr, t = r / group, h = hkv * group + (r - t * group);
+            if (lse != nullptr)
+                lse[(long long)b * lse_sb + (long long)h * lse_sh + t] =
+                    nan ? __int_as_float(0x7fc00000) : (empty ? -FA_INF : mx + logf(total));
+        }
+    }
+    __syncthreads();
+    const int C4 = dv / 4;
+    for (int x = tid; x < rows * C4; x += NT) {
+        const int lr = x / C4, c4 = x - (x / C4) * C4;
+        const long long row = row_of(lr);
+        const float* w_row = sW + lr * S;
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+        for (int sp = 0; sp < S; ++sp) {
+            const float w = w_row[sp];
+            const float4 o = __ldcg(reinterpret_cast<const float4*>(part_o + (sp * n_rows + row) * dv) + c4);
+            acc.x += w != 0.0f ? w * o.x : 0.0f;  // a split of weight 0 adds nothing, whatever it holds
+            acc.y += w != 0.0f ? w * o.y : 0.0f;
+            acc.z += w != 0.0f ? w * o.z : 0.0f;
+            acc.w += w != 0.0f ? w * o.w : 0.0f;
+        }
+        const float total = sTot[lr];
+        const bool nan = sNan[lr] != 0, empty = !nan && total == 0.0f;
+        const int r = r_begin + lr, t = r / group, h = hkv * group + (r - t * group);
+        T* op = out + (long long)b * o_sb + (long long)t * o_ss + (long long)h * o_sh + 4 * c4;
+        const float res[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            op[e] = elem<T>::from_float(nan ? __int_as_float(0x7fc00000) : (empty ? 0.0f : res[e] / total));
     }
 }
 
@@ -556,11 +691,28 @@ __global__ void __launch_bounds__(WR* WK * 32)
         const int t = r / group, h = hkv * group + (r - t * group);
         if (num_splits == 1) {
             out[(long long)b * o_sb + (long long)t * o_ss + (long long)h * o_sh + c] = elem<T>::from_float(res);
-            if (c == 0) lse[(long long)b * lse_sb + (long long)h * lse_sh + t] = lse_r;
+            if (c == 0 && lse != nullptr) lse[(long long)b * lse_sb + (long long)h * lse_sh + t] = lse_r;
         } else {
             const long long row = (long long)split * n_rows + ((long long)b * heads_kv * group + h) * seq_q + t;
             part_o[row * dv + c] = res;
             if (c == 0) part_lse[row] = lse_r;
+        }
+    }
+    if (sem != nullptr && num_splits > 1) {  // the last of the unit's splits to finish merges them
+        __shared__ int s_last;
+        __threadfence();  // this block's partial results, visible to the block that merges
+        __syncthreads();
+        if (tid == 0) {
+            const unsigned prev = atomicAdd(&sem[unit], 1u);
+            s_last = prev == (unsigned)num_splits - 1u;
+            if (s_last) sem[unit] = 0u;  // every split has counted: zero again for the next launch
+        }
+        __syncthreads();
+        if (s_last) {
+            __threadfence();  // the other splits' results, seen after their counts
+            dec_merge_unit<T, NT>(part_o, part_lse, out, lse, num_splits, n_rows, b, hkv, heads_kv, group, seq_q,
+                                  r_begin, r_end, dv, o_sb, o_ss, o_sh, lse_sb, lse_sh,
+                                  reinterpret_cast<float*>(smem_raw), tid);
         }
     }
 }
@@ -571,12 +723,6 @@ __global__ void __launch_bounds__(WR* WK * 32)
 // output columns lane + 32 u over the tile's visible keys.  Logits in natural units (the hook's
 // SIMT form with MODS, scale * q.k without).
 // ------------------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ T dec_exp(T x);
-template <>
-__device__ __forceinline__ float dec_exp<float>(float x) { return expf(x); }
-template <>
-__device__ __forceinline__ double dec_exp<double>(double x) { return exp(x); }
 
 template <typename T, typename L, int D, bool INTERVAL, bool MODS>
 __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), double softcap, double scale) {
@@ -703,7 +849,7 @@ __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), do
 #pragma unroll
             for (int u = 0; u < NU; ++u)
                 if (lane + 32 * u < dv) op[lane + 32 * u] = empty ? T(0) : acc[rr][u] / l;
-            if (lane == 0) lse[(long long)b * lse_sb + (long long)h * lse_sh + t] = lse_r;
+            if (lane == 0 && lse != nullptr) lse[(long long)b * lse_sb + (long long)h * lse_sh + t] = lse_r;
         } else {
             const long long row = (long long)split * n_rows + ((long long)b * heads_kv * group + h) * seq_q + t;
 #pragma unroll
@@ -794,6 +940,6 @@ __global__ void __launch_bounds__(128)
         for (int w = 0; w < NW; ++w) sum += s_o[w][c];  // a fixed order: the result does not vary between runs
         op[c] = dec_from<T>(nan ? dec_nan(L(0)) : (empty ? L(0) : sum / total));
     }
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0 && lse != nullptr)
         lse[b * lse_sb + (long long)h * lse_sh + t] = nan ? dec_nan(L(0)) : (empty ? (L)(-FA_INF) : mx + log(total));
 }
