@@ -44,6 +44,14 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
+// e^x in the compute type of the float32 / float64 kernels (the SIMT paths and the split merges)
+template <typename T>
+__device__ __forceinline__ T exp_t(T x);
+template <>
+__device__ __forceinline__ float exp_t<float>(float x) { return expf(x); }
+template <>
+__device__ __forceinline__ double exp_t<double>(double x) { return exp(x); }
+
 // m16n8k16 tensor-core MMA, fp32 accumulation: c (16 x 8) += a (16 x 16, 4 registers of 16-bit
 // pairs) * b (16 x 8, 2 registers); BF16 selects bfloat16 operands, else float16.
 template <bool BF16>

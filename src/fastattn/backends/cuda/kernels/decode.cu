@@ -284,13 +284,6 @@ __device__ __forceinline__ void dec_tile_issue(const dec_seq<T>& s, T* sK, T* sV
     }
 }
 
-template <typename T>
-__device__ __forceinline__ T dec_exp(T x);
-template <>
-__device__ __forceinline__ float dec_exp<float>(float x) { return expf(x); }
-template <>
-__device__ __forceinline__ double dec_exp<double>(double x) { return exp(x); }
-
 // The merge of one unit's splits by the block that finished the unit's last split (fa_decode_mma with
 // sem): the math of fa_decode_combine (fastattn.merge_attention) over the unit's rows r_begin .. r_end.
 // A warp a row computes the splits' weights w_s = e^(lse_s - max) (kept in shared memory) and the row's
@@ -332,7 +325,7 @@ __device__ __forceinline__ void dec_merge_unit(const float* part_o, const float*
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
             const int sp = lane + 32 * i;
-            const float w = (mx != -FA_INF && sp < S) ? dec_exp<float>(x[i] - mx) : 0.0f;
+            const float w = (mx != -FA_INF && sp < S) ? exp_t<float>(x[i] - mx) : 0.0f;
             total += w;
             if (sp < S) sW[lr * S + sp] = w;
         }
@@ -816,9 +809,9 @@ __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), do
             for (int o = 16; o > 0; o >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
             mx = fmax(mx, m_i[rr]);
             const T m_use = mx == -FA_INF ? T(0) : mx;
-            const T alpha = dec_exp<T>(m_i[rr] - m_use);
+            const T alpha = exp_t<T>(m_i[rr] - m_use);
             m_i[rr] = mx;
-            const T p = seen ? dec_exp<T>(x - m_use) : T(0);
+            const T p = seen ? exp_t<T>(x - m_use) : T(0);
             T psum = p;
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
@@ -909,7 +902,7 @@ __global__ void __launch_bounds__(128)
     nan = __any_sync(0xffffffffu, nan);
     L total = L(0);
     if (mx != -FA_INF)
-        for (int sp = lane; sp < num_splits; sp += 32) total += dec_exp<L>(part_lse[sp * n_rows + row] - mx);
+        for (int sp = lane; sp < num_splits; sp += 32) total += exp_t<L>(part_lse[sp * n_rows + row] - mx);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
     const bool empty = !nan && total == L(0);
@@ -919,7 +912,7 @@ __global__ void __launch_bounds__(128)
     if (!empty && !nan) {
 #pragma unroll 4
         for (int sp = warp; sp < num_splits; sp += NW) {
-            const L w = dec_exp<L>(part_lse[sp * n_rows + row] - mx);
+            const L w = exp_t<L>(part_lse[sp * n_rows + row] - mx);
             const L* po = part_o + (sp * n_rows + row) * dv;
 #pragma unroll
             for (int u = 0; u < U; ++u) {

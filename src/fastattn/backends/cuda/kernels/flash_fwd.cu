@@ -496,13 +496,6 @@ __global__ void __launch_bounds__(NWARPS * 32)
 // worse); the row sum likewise (row_sum).  float64 keeps the single chain.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T>
-__device__ __forceinline__ T exp_t(T x);
-template <>
-__device__ __forceinline__ float exp_t<float>(float x) { return expf(x); }
-template <>
-__device__ __forceinline__ double exp_t<double>(double x) { return exp(x); }
-
 // x * scale in the input precision.  float: scale as the factors sc0 * sc1 (sc1 = 1 unless scale
 // lies outside [2^-100, 2^100], then a power of two), so every finite scale works; one beyond
 // 2^+-200 acts as 2^+-200, which gives the same float weights (each nonzero gap of float scores
