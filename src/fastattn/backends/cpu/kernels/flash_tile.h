@@ -155,25 +155,32 @@ template <typename T> struct kern {
         return x < lo ? V{} : r;
     }
 
-    /* S[r][0..NR*W) = sum_d Qp[r][d] * Kt[d][0..NR*W) for MR rows (broadcast FMA).  The sum over d
-     * runs in chunks of FA_S_CHUNK terms, each from zero, added to S as it ends (blocked
-     * summation: chains of d / FA_S_CHUNK and FA_S_CHUNK roundings, not one of d). */
+    /* acc[r][0..N*W) = sum_{k0 <= k < k1} A[r][k] * B[k][0..N*W) for MR rows, from zero (broadcast FMA):
+     * one chunk of either product below. */
+    template <int MR, int N>
+    static inline __attribute__((always_inline)) void fma_chunk(V (&acc)[MR][N], const T *a, int64_t lda,
+                                                                const T *b, int64_t ldb, int64_t k0, int64_t k1) {
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < N; ++j) acc[i][j] = V{};
+        for (int64_t k = k0; k < k1; ++k) {
+            V bk[N];
+            for (int j = 0; j < N; ++j) bk[j] = load(b + k * ldb + j * W);
+            for (int i = 0; i < MR; ++i) {
+                V ai = splat(a[i * lda + k]);
+                for (int j = 0; j < N; ++j) acc[i][j] += ai * bk[j];
+            }
+        }
+    }
+
+    /* S[r][0..NR*W) = sum_d Qp[r][d] * Kt[d][0..NR*W) for MR rows.  The sum over d runs in chunks of
+     * FA_S_CHUNK terms, each from zero, added to S as it ends (blocked summation: chains of
+     * d / FA_S_CHUNK and FA_S_CHUNK roundings, not one of d). */
     template <int MR, int NR>
     static inline void s_block(const T *qp, int64_t ldq, const T *kt, int64_t ldk, int64_t d,
                                T *s, int64_t lds) {
         for (int64_t d0 = 0; d0 < d; d0 += FA_S_CHUNK) {
-            const int64_t d1 = d0 + FA_S_CHUNK < d ? d0 + FA_S_CHUNK : d;
             V acc[MR][NR];
-            for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < NR; ++j) acc[i][j] = V{};
-            for (int64_t dd = d0; dd < d1; ++dd) {
-                V b[NR];
-                for (int j = 0; j < NR; ++j) b[j] = load(kt + dd * ldk + j * W);
-                for (int i = 0; i < MR; ++i) {
-                    V a = splat(qp[i * ldq + dd]);
-                    for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
-                }
-            }
+            fma_chunk<MR, NR>(acc, qp, ldq, kt, ldk, d0, d0 + FA_S_CHUNK < d ? d0 + FA_S_CHUNK : d);
             for (int i = 0; i < MR; ++i)
                 for (int j = 0; j < NR; ++j)
                     store(s + i * lds + j * W, d0 == 0 ? acc[i][j] : load(s + i * lds + j * W) + acc[i][j]);
@@ -196,18 +203,8 @@ template <typename T> struct kern {
     static inline void o_block(const T *p, int64_t ldp, const T *vp, int64_t ldv, int64_t nc,
                                const T *alpha, T *o, int64_t ldo) {
         for (int64_t c0 = 0; c0 == 0 || c0 < nc; c0 += FA_O_CHUNK) {   /* nc = 0: O = alpha O */
-            const int64_t c1 = c0 + FA_O_CHUNK < nc ? c0 + FA_O_CHUNK : nc;
             V acc[MR][ND];
-            for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < ND; ++j) acc[i][j] = V{};
-            for (int64_t c = c0; c < c1; ++c) {
-                V b[ND];
-                for (int j = 0; j < ND; ++j) b[j] = load(vp + c * ldv + j * W);
-                for (int i = 0; i < MR; ++i) {
-                    V a = splat(p[i * ldp + c]);
-                    for (int j = 0; j < ND; ++j) acc[i][j] += a * b[j];
-                }
-            }
+            fma_chunk<MR, ND>(acc, p, ldp, vp, ldv, c0, c0 + FA_O_CHUNK < nc ? c0 + FA_O_CHUNK : nc);
             for (int i = 0; i < MR; ++i) {
                 const T a = c0 == 0 ? alpha[i] : (T)1;
                 for (int j = 0; j < ND; ++j) store(o + i * ldo + j * W, load(o + i * ldo + j * W) * a + acc[i][j]);
@@ -626,13 +623,19 @@ template <typename T> struct kern {
         return whole;
     }
 
+    /* The item's key-padding bounds (key_mask_bounds), and whether its mask still needs the hook. */
+    struct item_mask {
+        int64_t lo, hi;
+        bool hook;
+    };
+
     /* One pass of the item with the query rows multiplied by qmul, exponents by c and (with a logit
-     * hook) the scores by smul (see the header); mask_hook: the mask needs the hook here (see
-     * key_mask_bounds).  Returns 1 if some row max was +inf or some row sum NaN (a product that
-     * overflowed; NaN input gives NaN again on the retry). */
+     * hook) the scores by smul (see the header); km: the item's key-padding bounds and whether the
+     * mask needs the hook here.  Returns 1 if some row max was +inf or some row sum NaN (a product
+     * that overflowed; NaN input gives NaN again on the retry). */
     template <T (*LOAD)(const char *)>
     static int item_pass(const fa_params *p, int64_t bh, int64_t rt, const T *panel, scratch *ws, T qmul, T c,
-                         T smul, bool mask_hook) {
+                         T smul, const item_mask &km) {
         const layout L(p);
         const int64_t d = p->head_dim, dvp = L.dvp, bkvp = L.bkvp;
         const int64_t bq = p->block_q, bkv = p->block_kv, G = p->group;
@@ -641,12 +644,11 @@ template <typename T> struct kern {
         const int64_t r0 = rt * bq;                       /* packed rows: r = i * G + g */
         const int64_t rows = (e.rows * G - r0 < bq) ? e.rows * G - r0 : bq;
         const T *flags = L.flags((T *)panel, d);
-        const bool hook = p->softcap > 0 || p->alibi || mask_hook;
-        const bool bool_mask = mask_hook && p->mask_dtype == FA_MASK_BOOL;
+        const bool hook = p->softcap > 0 || p->alibi || km.hook;
+        const bool bool_mask = km.hook && p->mask_dtype == FA_MASK_BOOL;
+        const int64_t mask_lo = km.lo, mask_hi = km.hi;
         /* rows of the entry's queries; the rest (padding of a padded batch) see no key */
         const int64_t live = clamp64(e.len_q * G - r0, 0, rows > 0 ? rows : 0);
-        int64_t mask_lo, mask_hi;
-        key_mask_bounds(p, b, hkv, e.len_kv, &mask_lo, &mask_hi);
 
         /* each row's position, head and visible keys [lo, hi): the ends never decrease with r */
         for (int64_t r = 0; r < live; ++r) {
@@ -696,7 +698,8 @@ template <typename T> struct kern {
                     } else {
                         /* the part of the strip the block needs, two vectors at a time where it can
                          * (one vector per block would leave the FMA units waiting on each chain) */
-                        const int64_t e1 = cs + FA_S_NR * W < (a1 < b1 ? a1 : b1) ? cs + FA_S_NR * W : (a1 < b1 ? a1 : b1);
+                        const int64_t end = a1 < b1 ? a1 : b1;
+                        const int64_t e1 = cs + FA_S_NR * W < end ? cs + FA_S_NR * W : end;
                         int64_t cc = cs > b0 ? cs : b0;
                         for (; cc + 2 * W <= e1; cc += 2 * W) s_rows<2>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
                         if (cc < e1) s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
@@ -754,16 +757,17 @@ template <typename T> struct kern {
         /* c = scale log2(e) (raw scores) or log2(e) (logits in their own units, the hook's); kept a
          * positive finite number (a huge scale saturates: every weight but the row maximum's
          * underflows, as in exact arithmetic) */
-        int64_t mask_lo, mask_hi;
-        const bool mask_hook = p->mask && !key_mask_bounds(p, bh / p->heads_kv, bh % p->heads_kv,
-                                                           entry(p, bh / p->heads_kv).len_kv, &mask_lo, &mask_hi);
-        const units u(p, p->softcap > 0 || p->alibi || mask_hook);
+        item_mask km;
+        const int whole = key_mask_bounds(p, bh / p->heads_kv, bh % p->heads_kv, entry(p, bh / p->heads_kv).len_kv,
+                                          &km.lo, &km.hi);
+        km.hook = p->mask && !whole;
+        const units u(p, p->softcap > 0 || p->alibi || km.hook);
         double unit = u.unit;
-        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul, mask_hook) && p->scale < 1.0) {
+        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul, km) && p->scale < 1.0) {
             /* a raw product overflowed: scores in their own units (q scale, c = log2 e) */
             const T qmul = (T)p->scale;
             if (qmul > (T)0) {
-                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)units::log2e, (T)1, mask_hook);
+                item_pass<LOAD>(p, bh, rt, panel, ws, qmul, (T)units::log2e, (T)1, km);
                 unit = 1.0;
             }
         }
