@@ -311,6 +311,32 @@ class FlashAttention:
                           cu_seqlens_kv=cu_seqlens_kv, max_seqlen_q=max_seqlen_q, max_seqlen_kv=max_seqlen_kv,
                           layout="bshd")
 
+    def backward(self, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, seed: int | None = None,
+                 num_threads: int | None = None, attn_mask: Any = None, alibi_slopes: Any = None,
+                 seqlens_q: Any = None, seqlens_kv: Any = None, return_dbias: bool = False,
+                 deterministic: bool = False) -> tuple:
+        """Gradients (dq, dk, dv) of :meth:`forward` or :meth:`forward_multi_head` (q of rank 2 or 4 in the
+        config's layout) against ``dout``; ``out`` and ``lse`` are that call's ``output`` and ``logsumexp``,
+        ``seed`` its ``seed`` (with dropout).  See :func:`fastattn.flash_attention_backward`."""
+        from ._backward import _run_backward
+
+        layout = "bhsd" if len(getattr(q, "shape", ())) == 2 else self.config.layout
+        self._check_shapes(q, k, v, layout=layout)
+        if len(q.shape) == 4:
+            axis = 1 if layout == "bhsd" else 2
+            self._check_heads(q.shape[axis], k.shape[axis], q, k)
+        elif len(q.shape) != 2:
+            raise ValueError(f"backward takes the arrays of forward (2-D) or forward_multi_head (4-D); got q shape "
+                             f"{tuple(q.shape)}")
+        cfg = self.config
+        kwargs = dict(causal=cfg.causal, window=cfg.window, softcap=cfg.softcap, scale=cfg.scale,
+                      dropout_p=cfg.dropout_p, seed=seed, block_q=cfg.block_size_q, block_kv=cfg.block_size_kv,
+                      num_threads=num_threads, attn_mask=attn_mask, alibi_slopes=alibi_slopes, seqlens_q=seqlens_q,
+                      seqlens_kv=seqlens_kv, layout=layout)
+        return _run_backward(dout, q, k, v, out, lse, kwargs, self.backend,
+                             return_dbias=check_bool("return_dbias", return_dbias),
+                             deterministic=check_bool("deterministic", deterministic))
+
     def memory_savings(self, seq_len: int):  # -> MemorySavings
         from ._memory import memory_savings
 

@@ -5,8 +5,8 @@ In (``input_array``), before any check or work:
 - NumPy arrays as they are (any strides; subclasses as plain ``ndarray`` views);
 - ``numpy.ma`` masked arrays are refused: their mask would be silently ignored;
 - PyTorch CPU tensors as zero-copy NumPy views (``torch.bfloat16`` through an ``int16`` view
-  read as ``ml_dtypes.bfloat16``); a tensor that requires grad (with grad mode on) is refused,
-  since gradients are not computed;
+  read as ``ml_dtypes.bfloat16``); a tensor that requires grad (with grad mode on) is refused:
+  these functions are not recorded by autograd (``fastattn.torch.flash_attention`` is);
 - other host objects exposing ``__array__``, ``__array_interface__`` or ``__array_struct__``
   through ``numpy.asarray``;
 - GPU arrays (CuPy, torch CUDA tensors, anything with ``__cuda_array_interface__`` or a CUDA
@@ -34,13 +34,14 @@ def is_torch_tensor(x: Any) -> bool:
 
 
 def check_no_grad(name: str, x: Any) -> None:
-    """A torch tensor that requires grad (with grad mode on) is refused: no backward exists."""
+    """A torch tensor that requires grad (with grad mode on) is refused: autograd would not see the call."""
     if is_torch_tensor(x) and x.requires_grad:
         import torch
 
         if torch.is_grad_enabled():
             raise TypeError(
-                f"{name} requires grad, but fastattn does not compute gradients yet; call it under "
+                f"{name} requires grad, but this function is not recorded by autograd; use "
+                f"fastattn.torch.flash_attention (a differentiable PyTorch operator), or call it under "
                 f"torch.no_grad() (or pass {name}.detach()) for inference"
             )
 

@@ -15,6 +15,8 @@ Every backend is a module with the same few names:
     prepare(x) -> array        the input as this backend's native array (no copy where possible)
     restore(y, like) -> array  an output moved back to where the caller's input ``like`` lives
     forward(q, k, v, spec)     4-D (batch, heads, seq, head_dim) arrays + a validated spec
+    backward(dout, q, k, v, out, lse, spec, *, want_dbias, deterministic) -> BackwardOutput
+                               the gradients (optional: a backend without it is refused by name)
     describe() -> dict         facts for fastattn.info()
     check_spec(spec)           raises (ValueError) for a validated call this backend cannot run
 
@@ -54,6 +56,20 @@ class BackendStats:
 class ForwardOutput:
     out: Any  # (batch, heads, seq_q, head_dim), input dtype
     lse: Any  # (batch, heads, seq_q), float32 (float64 for float64 input)
+    stats: BackendStats
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardOutput:
+    """What a backend's ``backward`` returns: 4-D arrays in the input dtype, allocated in the caller's
+    memory order (like the forward's output).  dk and dv are summed over the query heads of a k/v group.
+    dbias: None, or the full (batch, heads, seq_q, seq_kv) gradient of the logits (float32; float64 for
+    float64 input); the facade sums it over the mask's broadcast axes."""
+
+    dq: Any  # (batch, heads, seq_q, head_dim)
+    dk: Any  # (batch, heads_kv, seq_kv, head_dim)
+    dv: Any  # (batch, heads_kv, seq_kv, head_dim_v)
+    dbias: Any
     stats: BackendStats
 
 
