@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 
 import fastattn
+from conftest import rel_error
 from fastattn import backends
 from fastattn._dropout import keep_mask
 from fastattn._masks import MaskRule, allowed_and_bias
 from fastattn._validate import numpy_dtype
-
-from conftest import rel_error
 
 HAS_CPU = backends.get_backend("cpu").availability() is None
 BACKENDS = ["cpu"] if HAS_CPU else []
@@ -70,15 +69,18 @@ def _feature_options(name, rng, b, h, sq, sk):
     raise AssertionError(name)
 
 
-def _torch_grads(q, k, v, dout, opts):
-    """Gradients by torch autograd through a float64 materialized attention (4-D bhsd inputs)."""
+def _torch_grads(q, k, v, dout, opts, dtype="float64"):
+    """Gradients by torch autograd through a materialized attention (4-D bhsd inputs) computed in ``dtype``
+    (float64: an independent check of the reference; float16 / bfloat16: the naive same-precision
+    implementation of FlashAttention's rule)."""
     torch = pytest.importorskip("torch")
+    tdt = getattr(torch, dtype)
     b, h, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
-    tq, tk, tv = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
+    tq, tk, tv = (torch.tensor(np.asarray(x, np.float64)).to(tdt).requires_grad_() for x in (q, k, v))
     mask = opts.get("attn_mask")
-    tbias = torch.tensor(np.asarray(mask, np.float64), requires_grad=True) if mask is not None and mask.dtype != bool \
-        else None
+    tbias = torch.tensor(np.asarray(mask, np.float64)).to(tdt).requires_grad_() if mask is not None and \
+        mask.dtype != bool else None
     kk, vv = tk.repeat_interleave(h // hk, 1), tv.repeat_interleave(h // hk, 1)
     scale = opts.get("scale", 1 / np.sqrt(d))
     s = tq @ kk.transpose(-1, -2) * scale
@@ -91,7 +93,7 @@ def _torch_grads(q, k, v, dout, opts):
     if "alibi_slopes" in opts:
         rel = (torch.arange(sq)[:, None] + (sk - sq) - torch.arange(sk)[None, :]).abs().double()
         slopes = torch.tensor(np.asarray(opts["alibi_slopes"], np.float64)).reshape(-1, h)
-        s = s - slopes[:, :, None, None] * rel
+        s = s - (slopes[:, :, None, None] * rel).to(tdt)
     if mask is not None and mask.dtype == bool:
         allowed &= torch.tensor(np.broadcast_to(mask, (b, h, sq, sk)).copy())
     elif tbias is not None:
@@ -103,11 +105,11 @@ def _torch_grads(q, k, v, dout, opts):
                          for bi in range(b)])
         p = p * torch.tensor(keep) / (1 - opts["dropout_p"])
     out = p @ vv
-    out.backward(torch.tensor(np.asarray(dout, np.float64)))
-    grads = [tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()]
+    out.backward(torch.tensor(np.asarray(dout, np.float64)).to(tdt))
+    grads = [tq.grad.double().numpy(), tk.grad.double().numpy(), tv.grad.double().numpy()]
     if tbias is not None:
-        grads.append(tbias.grad.numpy())
-    return out.detach().numpy(), grads
+        grads.append(tbias.grad.double().numpy())
+    return out.detach().double().numpy(), grads
 
 
 @pytest.mark.parametrize("feature", [f for f in FEATURES if f != "seqlens"])
@@ -164,7 +166,7 @@ def _call(**over):
     (dict(dout=np.zeros((1, 2, 5, 3), np.float32)), ValueError, r"dout must have the forward's output shape"),
     (dict(out=np.zeros((1, 2, 5, 4), np.float64)), TypeError, r"out must have dtype float32"),
     (dict(lse=np.zeros((1, 2, 4), np.float32)), ValueError, r"lse must have the forward's lse shape \(1, 2, 5\)"),
-    (dict(lse=np.zeros((1, 2, 5), np.float64)), TypeError, r"lse must have dtype float32"),
+    (dict(lse=np.zeros((1, 2, 5), np.float16)), TypeError, r"lse must have dtype float32 or float64"),
     (dict(dout=[1, 2]), TypeError, r"dout must be an array"),
     (dict(dropout_p=0.1), ValueError, r"needs the forward's seed"),
     (dict(return_dbias=True), ValueError, r"return_dbias=True needs a float attn_mask"),
@@ -192,3 +194,217 @@ def test_dbias_is_reduced_over_the_masks_broadcast_axes():
         axes = tuple(a for a in range(4) if padded[a] == 1)
         assert dbias.shape == shape and dbias.dtype == np.float32
         np.testing.assert_allclose(dbias, full.sum(axis=axes, keepdims=True).reshape(shape), atol=1e-6)
+
+
+# --- the cpu backend against the reference -----------------------------------------------------------
+
+SHAPES = [(2, 4, 2, 33, 47, 5, 7), (1, 2, 2, 130, 300, 64, 64), (1, 3, 1, 1, 17, 59, 59), (2, 2, 2, 200, 113, 32, 16)]
+
+
+def _grads(backend, q, k, v, dout, opts, **extra):
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+    return fastattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **opts, **extra)
+
+
+def _reference_grads(q, k, v, dout, opts, compute_dtype=np.float64, **extra):
+    """The reference's gradients computed in ``compute_dtype`` (float32: a plain float32 implementation)."""
+    from fastattn._validate import as_4d, make_spec
+    from fastattn.backends.reference import materialized_backward
+
+    layout = opts.get("layout", "bhsd")
+    spec = make_spec(q, k, v, causal=opts.get("causal", False), scale=opts.get("scale"),
+                     dropout_p=opts.get("dropout_p", 0.0), seed=opts.get("seed"), block_q=None, block_kv=None,
+                     num_threads=None, layout=layout, window=opts.get("window"), softcap=opts.get("softcap", 0.0),
+                     alibi_slopes=opts.get("alibi_slopes"), attn_mask=opts.get("attn_mask"),
+                     seqlens_q=opts.get("seqlens_q"), seqlens_kv=opts.get("seqlens_kv"))
+    return materialized_backward(*(as_4d(x, layout) for x in (dout, q, k, v)), scale=spec.scale,
+                                 compute_dtype=compute_dtype, dropout_p=spec.dropout_p, seed=spec.seed,
+                                 rule=spec.rule, arrays=spec.arrays, ragged=spec.ragged, **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backend_gradients_match_the_reference(backend, dtype, feature, shape):
+    rng = np.random.default_rng(abs(hash((dtype, feature, shape))) % 2**32)
+    b, h, hk, sq, sk, d, dv = shape
+    q, k, v, dout = _inputs(rng, b, h, hk, sq, sk, d, dv, dtype=dtype)
+    opts = _feature_options(feature, rng, b, h, sq, sk)
+    grads = _grads(backend, q, k, v, dout, opts)
+    ref = _reference_grads(q, k, v, dout, opts)
+    plain = _reference_grads(q, k, v, dout, opts, compute_dtype=np.float32) if dtype == "float32" else None
+    # relative to the gradient's norm, or to 1e-3 of dout's where the gradient is (nearly) zero: a row
+    # that sees one key has dq = 0 exactly, and D = dout.out (FlashAttention's trick) leaves rounding there
+    floor = 1e-3 * np.linalg.norm(dout.astype(np.float64))
+    for name, got, want, x in zip(("dq", "dk", "dv"), grads, ref, (q, k, v), strict=False):
+        assert got.shape == x.shape and got.dtype == x.dtype, name
+        denom = max(np.linalg.norm(want), floor)
+        err = np.linalg.norm(got.astype(np.float64) - want) / denom
+        if dtype == "float64":
+            assert err <= 1e-12, (name, err)
+        elif sq == 1:
+            # one query row, its softmax nearly one-hot (or one key): dS = P (dP - D) cancels, and D = dout.out
+            # (FlashAttention's formulation, from the forward's rounded output) carries a rounding that a plain
+            # implementation (D = sum P dP, from the same P and dP) does not; measured up to ~4x its error here
+            assert err <= 1e-5, (name, err)
+        else:  # no worse than a plain float32 implementation (2x at most, plus a small absolute term)
+            plain_err = np.linalg.norm(plain[("dq", "dk", "dv").index(name)] - want) / denom
+            assert err <= 2 * plain_err + 2e-7, (name, err, plain_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window_causal", "softcap", "alibi", "bias", "dropout"])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 113, 203, 59, 59), (2, 2, 2, 64, 64, 64, 32)])
+def test_half_precision_gradients_by_flashattentions_rule(backend, dtype, feature, shape):
+    """Each of dq, dk, dv within 2x the error of a naive same-precision implementation (torch autograd in
+    that dtype) against the float64 gradients on the same rounded inputs, plus the output rounding."""
+    rng = np.random.default_rng(abs(hash((dtype, feature, shape))) % 2**32)
+    b, h, hk, sq, sk, d, dv = shape
+    q, k, v, dout = _inputs(rng, b, h, hk, sq, sk, d, dv, dtype=dtype)
+    opts = _feature_options(feature, rng, b, h, sq, sk)
+    grads = _grads(backend, q, k, v, dout, opts)
+    ref = _reference_grads(q, k, v, dout, opts)
+    _, naive = _torch_grads(q, k, v, dout, opts, dtype=dtype)
+    u = {"float16": 2.0**-11, "bfloat16": 2.0**-8}[dtype]
+    for name, got, want, nv, x in zip(("dq", "dk", "dv"), grads, ref, naive, (q, k, v), strict=False):
+        assert got.shape == x.shape and got.dtype == x.dtype, name
+        err, naive_err = rel_error(got, want), rel_error(nv, want)
+        assert err <= 2 * naive_err + u, (name, err, naive_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("feature", ["plain", "window_causal", "softcap", "bool_mask", "dropout", "seqlens"])
+def test_every_simd_path(backend, simd, feature, monkeypatch):
+    import fastattn.backends.cpu as cpu
+
+    if simd not in cpu.simd_paths():
+        pytest.skip(f"this CPU has no {simd} path")
+    monkeypatch.setenv("FASTATTN_SIMD", simd)
+    rng = np.random.default_rng(11)
+    for dtype in ("float32", "float64"):
+        q, k, v, dout = _inputs(rng, 2, 4, 2, 77, 93, 37, 19, dtype=dtype)
+        opts = _feature_options(feature, rng, 2, 4, 77, 93)
+        grads = _grads(backend, q, k, v, dout, opts)
+        ref = _reference_grads(q, k, v, dout, opts)
+        for got, want in zip(grads, ref, strict=False):
+            assert rel_error(got, want) <= (1e-12 if dtype == "float64" else 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_heads_are_deterministic_and_close_across_thread_counts(backend):
+    """One head on two threads: its query tiles are cut into chunks whose partial dK/dV are added in a
+    fixed order, so runs repeat bit for bit; other thread counts agree to rounding."""
+    from fastattn.backends.cpu._tiles import plan_backward
+
+    plan = plan_backward(n_heads=1, seq_q=700, seq_kv=700, head_dim=32, head_dim_v=32, compute_itemsize=4,
+                         flops=10**12, threads=2, simd="generic")
+    assert plan.nchunk == 2 and plan.threads == 2
+    rng = np.random.default_rng(2)
+    q, k, v, dout = _inputs(rng, 1, 1, 1, 700, 700, 32, 32, dtype="float32")
+    opts = {"causal": True}
+    first = _grads(backend, q, k, v, dout, opts, num_threads=2)
+    again = _grads(backend, q, k, v, dout, opts, num_threads=2)
+    one = _grads(backend, q, k, v, dout, opts, num_threads=1)
+    ref = _reference_grads(q, k, v, dout, opts)
+    for a, b_, c, r in zip(first, again, one, ref, strict=False):
+        np.testing.assert_array_equal(a, b_)
+        assert rel_error(a, r) <= 2e-6 and rel_error(c, r) <= 2e-6
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_layouts_and_strided_views(backend, layout):
+    rng = np.random.default_rng(4)
+    q, k, v, dout = _inputs(rng, 2, 4, 2, 50, 61, 24, 24, dtype="float32", layout=layout)
+    # strided views: every other element of a wider head dim, a reversed batch axis
+    wide = rng.standard_normal((*q.shape[:-1], 48)).astype(np.float32)
+    q = wide[..., ::2]
+    k = k[::-1]
+    opts = {"causal": "bottom_right", "layout": layout}
+    grads = _grads(backend, q, k, v, dout, opts)
+    ref = _reference_grads(q, k, v, dout, opts)   # (batch, heads, seq, dim)
+    for got, want, x in zip(grads, ref, (q, k, v), strict=False):
+        assert got.shape == x.shape
+        assert rel_error(got, want.swapaxes(1, 2) if layout == "bshd" else want) <= 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_packed_varlen_gradients(backend, dtype):
+    rng = np.random.default_rng(6)
+    lens_q, lens_kv = [5, 0, 37, 64], [9, 3, 37, 1]
+    cu_q, cu_kv = np.cumsum([0, *lens_q]).astype(np.int32), np.cumsum([0, *lens_kv]).astype(np.int32)
+    q = rng.standard_normal((cu_q[-1], 4, 16)).astype(dtype)
+    k = rng.standard_normal((cu_kv[-1], 2, 16)).astype(dtype)
+    v = rng.standard_normal((cu_kv[-1], 2, 8)).astype(dtype)
+    dout = rng.standard_normal((cu_q[-1], 4, 8)).astype(dtype)
+    opts = dict(causal="bottom_right", softcap=2.0)
+    out, lse = fastattn.flash_attention_varlen(q, k, v, cu_q, cu_kv, return_lse=True, backend=backend, **opts)
+    grads = fastattn.flash_attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_kv, backend=backend, **opts)
+    ref = fastattn.flash_attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_kv, backend="reference",
+                                                   **opts)
+    for got, want, x in zip(grads, ref, (q, k, v), strict=True):
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert rel_error(got, want) <= (1e-12 if dtype == "float64" else 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_shape", [(2, 4, 40, 70), (1, 4, 40, 70), (2, 1, 1, 70), (40, 70)])
+def test_bias_gradient(backend, mask_shape):
+    rng = np.random.default_rng(8)
+    q, k, v, dout = _inputs(rng, 2, 4, 2, 40, 70, 16, 16, dtype="float32")
+    bias = rng.standard_normal(mask_shape).astype(np.float32)
+    opts = {"attn_mask": bias, "causal": True, "softcap": 3.0}
+    grads = _grads(backend, q, k, v, dout, opts, return_dbias=True)
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend="reference", **opts)
+    f64 = (x.astype(np.float64) for x in (dout, q, k, v, out, lse))
+    ref = fastattn.flash_attention_backward(*f64, backend="reference", return_dbias=True, **opts)
+    assert grads[3].shape == mask_shape and grads[3].dtype == np.float32
+    for got, want in zip(grads, ref, strict=True):
+        assert rel_error(got, want) <= 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_non_finite_values_behind_the_mask_do_not_reach_the_gradients(backend, dtype):
+    """Keys 30.. hold inf / NaN and no query sees them (30 queries, top-left causal): every gradient is
+    finite, those keys' dk and dv are 0, the rest match the reference."""
+    rng = np.random.default_rng(9)
+    q, k, v, dout = _inputs(rng, 1, 2, 2, 30, 70, 8, 8, dtype=dtype)
+    k[..., 30:, :] = np.inf
+    k[..., 50:, 0] = -np.inf
+    v[..., 35:, :] = np.nan
+    for opts in ({"causal": True}, {"causal": True, "softcap": 5.0, "block_size_kv": 16}):
+        grads = _grads(backend, q, k, v, dout, opts)
+        ref = _reference_grads(q, k, v, dout, {"causal": True, "softcap": opts.get("softcap", 0.0)})
+        for got, want in zip(grads, ref, strict=False):
+            assert np.isfinite(got).all()
+            assert rel_error(got, want) <= (1e-12 if dtype == "float64" else 2e-6)
+        assert not grads[1][..., 30:, :].any() and not grads[2][..., 30:, :].any()
+
+
+def test_nan_rows_give_nan_gradients_in_the_reference():
+    """A row whose visible scores are NaN (an inf key it sees) has NaN output, and NaN gradients follow."""
+    rng = np.random.default_rng(10)
+    q, k, v, dout = _inputs(rng, 1, 1, 1, 4, 4, 3, 3)
+    k[0, 0, 2] = np.inf
+    q[0, 0, 2] = 0.0   # 0 * inf: a NaN score in row 2 (rows 2 and 3 see key 2 under the causal mask)
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend="reference", causal=True)
+    dq, _, _ = fastattn.flash_attention_backward(dout, q, k, v, out, lse, backend="reference", causal=True)
+    assert np.isnan(out[0, 0, 2]).all() and np.isfinite(dq[0, 0, :2]).all() and np.isnan(dq[0, 0, 2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sq, sk", [(0, 5), (5, 0), (0, 0), (1, 1)])
+def test_empty_and_tiny_sizes(backend, sq, sk):
+    rng = np.random.default_rng(1)
+    q, k, v, dout = _inputs(rng, 1, 2, 1, sq, sk, 4, 3, dtype="float32")
+    grads = _grads(backend, q, k, v, dout, {"causal": "bottom_right"})
+    ref = _reference_grads(q, k, v, dout, {"causal": "bottom_right"})
+    for got, want, x in zip(grads, ref, (q, k, v), strict=False):
+        assert got.shape == x.shape
+        np.testing.assert_allclose(got, want, atol=1e-6)

@@ -23,8 +23,9 @@ from ._validate import AttentionSpec, as_4d, dtype_name, is_gpu_array, make_spec
 def _check_grad_inputs(spec: AttentionSpec, q: Any, dout: Any, out: Any, lse: Any) -> None:
     """dout and out in the forward output's shape and dtype, lse in the forward lse's; all on q's device."""
     want = dtype_name(q)
-    for name, arr, shape, dtype in (("dout", dout, spec.out_shape, want), ("out", out, spec.out_shape, want),
-                                    ("lse", lse, spec.lse_shape, spec.lse_dtype.name)):
+    lse_dtypes = (spec.lse_dtype.name, "float64")   # a float64 lse (more precise) is taken for any input
+    for name, arr, shape, dtype in (("dout", dout, spec.out_shape, (want,)), ("out", out, spec.out_shape, (want,)),
+                                    ("lse", lse, spec.lse_shape, lse_dtypes)):
         if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
         if is_gpu_array(arr) != is_gpu_array(q):
@@ -32,9 +33,9 @@ def _check_grad_inputs(spec: AttentionSpec, q: Any, dout: Any, out: Any, lse: An
         if tuple(arr.shape) != tuple(shape):
             raise ValueError(f"{name} must have the forward's {'lse' if name == 'lse' else 'output'} shape "
                              f"{tuple(shape)}; got {name} with shape {tuple(arr.shape)}")
-        if dtype_name(arr) != dtype:
-            raise TypeError(f"{name} must have dtype {dtype} (the forward's {'lse' if name == 'lse' else 'output'} "
-                            f"dtype for {want} inputs); got {dtype_name(arr)}")
+        if dtype_name(arr) not in dtype:
+            raise TypeError(f"{name} must have dtype {' or '.join(dtype)} (the forward's "
+                            f"{'lse' if name == 'lse' else 'output'} dtype for {want} inputs); got {dtype_name(arr)}")
 
 
 def _reduce_dbias(dbias: Any, mask: Any) -> Any:

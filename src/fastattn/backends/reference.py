@@ -243,7 +243,8 @@ def materialized_backward(
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
                 p = np.exp(s - m)
                 row_sum = p.sum(axis=1, keepdims=True)
-                p = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum > 0)
+                # a row that sees no key has P = 0; a NaN row (NaN or inf - inf scores) stays NaN, as forward
+                p = np.divide(p, row_sum, out=np.where(np.isnan(row_sum), np.nan, np.zeros_like(p)), where=row_sum > 0)
                 if dropout_p > 0.0:
                     keep = keep_mask(seed, dropout_p, b, h, lq, lk)
                     drop_scale = np.where(keep, one / compute_dtype(1.0 - dropout_p), 0.0).astype(compute_dtype)
@@ -255,7 +256,7 @@ def materialized_backward(
                 dp = np.where(allowed, dp, 0.0)  # a hidden key's V never reaches the gradient
                 ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
                 ds = np.where(allowed, ds, 0.0)
-                dz = ds if tanh_z is None else ds * (one - tanh_z * tanh_z)
+                dz = ds if tanh_z is None else np.where(allowed, ds * (one - tanh_z * tanh_z), 0.0)
                 # a hidden (query, key) pair never multiplies its k or q row: 0 * inf would leak a NaN
                 dq[src, h, q0:q0 + lq] = _weights_times_values(dz, kh, allowed) * compute_dtype(scale)
                 dk[src, hk, k0:k0 + lk] += _weights_times_values(dz.T, qh, allowed.T) * compute_dtype(scale)

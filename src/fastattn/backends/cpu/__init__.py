@@ -23,9 +23,9 @@ import numpy as np
 from ..._arrays import like_input
 from ..._dropout import dropout_threshold
 from ..._validate import AttentionSpec
-from .. import BackendStats, ForwardOutput
+from .. import BackendStats, BackwardOutput, ForwardOutput
 from . import _threads
-from ._tiles import cache_sizes, panel_group, plan_call, working_set_bytes
+from ._tiles import cache_sizes, panel_group, plan_backward, plan_call, working_set_bytes
 
 NAME = "cpu"
 
@@ -192,6 +192,61 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
     if out.dtype != spec.dtype:
         out = out.astype(spec.dtype)
     return ForwardOutput(out, lse, stats)
+
+
+def _grad_array(b: int, h: int, s: int, d: int, dtype: Any, caller_order: bool) -> np.ndarray:
+    """A zeroed (b, h, s, d) gradient array of the compute type, in (b, s, h, d) memory when ``caller_order``."""
+    if caller_order:
+        return np.zeros((b, s, h, d), dtype=dtype).swapaxes(1, 2)
+    return np.zeros((b, h, s, d), dtype=dtype)
+
+
+def backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, lse: np.ndarray,
+             spec: AttentionSpec, *, want_dbias: bool = False, deterministic: bool = False) -> BackwardOutput:
+    """The backward kernel (deterministic whatever ``deterministic`` says: no atomics, fixed-order sums)."""
+    compute = np.float64 if spec.dtype == np.float64 else np.float32
+    itemsize = np.dtype(compute).itemsize
+    simd = simd_in_use()
+    n_heads = spec.batch * spec.heads_kv
+    plan = plan_backward(n_heads=n_heads, seq_q=spec.seq_q, seq_kv=spec.seq_kv, head_dim=spec.head_dim,
+                         head_dim_v=spec.head_dim_v, compute_itemsize=itemsize, flops=spec.flops * 5 // 2,
+                         threads=spec.num_threads or _flash_cpu.default_threads(), simd=simd,
+                         block_q=spec.block_q, block_kv=spec.block_kv, group=spec.group)
+    threads, group, nchunk = plan.threads, plan.group, plan.nchunk
+    if _forked_child and threads > 1:
+        _warn_forked_once()
+        threads = 1
+    pad = _flash_cpu.dim_pad(simd, spec.dtype.name)
+    dp, dvp = -(-spec.head_dim // pad) * pad, -(-spec.head_dim_v // pad) * pad
+    b4, h4, sq4 = q.shape[:3]
+    hk4, sk4 = k.shape[1], k.shape[2]
+    caller_order = spec.layout == "bshd" or spec.ragged == "packed"
+    dq = _grad_array(b4, h4, sq4, dp, compute, caller_order)
+    dk = _grad_array(b4, hk4, sk4, dp, compute, caller_order)
+    dv = _grad_array(b4, hk4, sk4, dvp, compute, caller_order)
+    dbias = np.zeros((b4, h4, sq4, sk4), dtype=compute) if want_dbias else None
+    lse_c = np.ascontiguousarray(lse, dtype=np.float64)  # read in double: the kernel splits it in two floats
+    drop = spec.dropout_p > 0.0
+    rule, arrays = spec.rule, spec.arrays
+    used = _flash_cpu.backward(
+        _kernel_view(q), _kernel_view(k), _kernel_view(v), _kernel_view(dout), _kernel_view(out), lse_c,
+        dq, dk, dv, dbias, batch=spec.batch, seq_q=spec.seq_q, seq_kv=spec.seq_kv, block_q=plan.block_q,
+        block_kv=plan.block_kv, scale=spec.scale, causal=rule.causal, bottom_right=rule.bottom_right,
+        window_left=rule.window_left, window_right=rule.window_right, softcap=rule.softcap,
+        alibi=_host(arrays.alibi_slopes), mask=arrays.attn_mask, lens_q=_host(arrays.seqlens_q),
+        lens_kv=_host(arrays.seqlens_kv), cu_q=_host(arrays.cu_seqlens_q), cu_kv=_host(arrays.cu_seqlens_kv),
+        dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
+        drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
+        isa=simd, num_threads=threads, group=group, nchunk=nchunk,
+    )
+    grads = [x[..., :n] if x.shape[3] != n else x
+             for x, n in ((dq, spec.head_dim), (dk, spec.head_dim), (dv, spec.head_dim_v))]
+    if compute != spec.dtype:
+        grads = [x.astype(spec.dtype) for x in grads]
+    stats = BackendStats(block_q=plan.block_q, block_kv=plan.block_kv,
+                         peak_sram_bytes=working_set_bytes(plan.block_q, plan.block_kv, spec.head_dim, itemsize),
+                         num_threads=max(used, 1), simd=simd)
+    return BackwardOutput(grads[0], grads[1], grads[2], dbias, stats)
 
 
 #: the decode kernel runs when a k/v head's query rows (seq_q x heads_q / heads_kv) are at most this many;

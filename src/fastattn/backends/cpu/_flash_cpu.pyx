@@ -88,6 +88,33 @@ cdef extern from "kernels/flash_cpu.h" nogil:
     void fa_decode_item(const fa_params *p, int isa, int64_t bh, int64_t split, int64_t nsplit, void *parts,
                         void *scratch)
     void fa_decode_merge(const fa_params *p, int isa, int64_t row, int64_t nsplit, const void *parts)
+    ctypedef struct fa_bwd:
+        const char *dout
+        const char *o
+        const double *lse
+        int64_t dout_strides[4]
+        int64_t o_strides[4]
+        void *dq
+        void *dk
+        void *dv
+        void *dbias
+        int64_t dq_strides[3]
+        int64_t dk_strides[3]
+        int64_t dv_strides[3]
+        int64_t dbias_strides[3]
+        int64_t nchunk
+    int64_t fa_bwd_panel_bytes(const fa_params *p, int isa)
+    int64_t fa_bwd_parts_bytes(const fa_params *p, int isa, int64_t nchunk)
+    int64_t fa_bwd_dim_pad(int isa, int in_dtype)
+    void *fa_bwd_scratch_new(const fa_params *p, int isa)
+    void fa_bwd_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel)
+    void fa_bwd_item(const fa_params *p, const fa_bwd *g, int isa, int64_t bh, int64_t chunk, const void *panel,
+                     void *parts, void *scratch)
+    void fa_bwd_reduce(const fa_params *p, const fa_bwd *g, int isa, int64_t bh, int64_t row, const void *parts)
+
+
+cdef extern from "<string.h>" nogil:
+    void *memset(void *s, int c, size_t n)
 
 
 ISA_NAMES = {FA_ISA_GENERIC: "generic", FA_ISA_AVX2: "avx2", FA_ISA_AVX512: "avx512"}
@@ -358,4 +385,143 @@ def decode(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nda
     if failed:
         raise MemoryError(f"fastattn: could not allocate the per-thread decode scratch ({p.block_q} rows, "
                           f"head_dim={p.head_dim})")
+    return num_threads
+
+
+def dim_pad(str isa, str dtype):
+    """The backward's gradient arrays have their head dims rounded up to a multiple of this."""
+    return fa_bwd_dim_pad(isa_code(isa), _DTYPES[dtype])
+
+
+cdef void _fill_strides3(int64_t *dst, cnp.ndarray arr):
+    cdef int axis
+    for axis in range(3):
+        dst[axis] = arr.strides[axis] // arr.itemsize
+
+
+def backward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray dout, cnp.ndarray o, cnp.ndarray lse,
+             cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv, object dbias, *, int64_t batch, int64_t seq_q,
+             int64_t seq_kv, int64_t block_q, int64_t block_kv, double scale, bint causal, bint bottom_right,
+             int64_t window_left, int64_t window_right, double softcap, object alibi, object mask, object lens_q,
+             object lens_kv, object cu_q, object cu_kv, bint dropout, uint32_t drop_threshold, double drop_scale,
+             uint64_t seed, str isa, int num_threads, int64_t group, int64_t nchunk):
+    """The backward (kernels/flash_bwd_tile.h) with ``num_threads`` threads, ``group`` (batch entry, k/v head)
+    panels at a time and each head's query tiles in ``nchunk`` chunks (planned by the caller:
+    backends.cpu._tiles.plan_backward).  q, k, v, dout (b, h, s, d_v) and o: the forward's views; lse the
+    forward's (b, h, s) as float64, contiguous; dq (b, h, s, dp), dk (b, h_kv, s, dp), dv (b, h_kv, s,
+    dvp): zeroed arrays of the compute type, unit stride along the last axis, dp / dvp multiples of
+    ``dim_pad``; dbias: None or a zeroed contiguous (b, h, s_q, s_kv) array of the compute type (dS).  The
+    mask arguments are the forward's.  Returns the threads that took part."""
+    cdef fa_params p
+    cdef fa_bwd gb
+    cdef int isa_id = isa_code(isa)
+    cdef int64_t n_heads, n_kv, n_groups, j, panel_bytes, panels_bytes, parts_bytes = 0
+    cdef int64_t gi = 0, first = 0, size = 0
+    cdef char *panels = NULL
+    cdef char *parts = NULL
+    cdef void *scratch = NULL
+    cdef int failed = 0
+    cdef int *failed_flag = &failed
+    cdef cnp.ndarray mask_arr, dbias_arr
+    if not fa_isa_supported(isa_id):
+        raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
+    _fill_views(&p, q, k, v, dq, lse, scale, causal, bottom_right, window_left, window_right, softcap, alibi)
+    p.batch = batch
+    p.seq_q, p.seq_kv = seq_q, seq_kv
+    p.block_q = block_q
+    p.block_kv = block_kv
+    p.mask = NULL
+    p.mask_dtype = 0
+    if mask is not None:
+        mask_arr = mask
+        p.mask = <const char *> cnp.PyArray_DATA(mask_arr)
+        p.mask_dtype = _MASK_DTYPES[mask_arr.dtype.name]
+        _fill_strides(p.mask_strides, mask_arr)
+    p.lens_q = _ints(lens_q)
+    p.lens_kv = _ints(lens_kv)
+    p.cu_q = _ints(cu_q)
+    p.cu_kv = _ints(cu_kv)
+    _set_table(&p, None, 0)
+    p.decode_heads = 1
+    p.dropout = dropout
+    p.drop_threshold = drop_threshold
+    p.drop_scale = drop_scale
+    p.seed = seed
+    gb.dout = <const char *> cnp.PyArray_DATA(dout)
+    gb.o = <const char *> cnp.PyArray_DATA(o)
+    gb.lse = <const double *> cnp.PyArray_DATA(lse)
+    _fill_strides(gb.dout_strides, dout)
+    _fill_strides(gb.o_strides, o)
+    gb.dq = cnp.PyArray_DATA(dq)
+    gb.dk = cnp.PyArray_DATA(dk)
+    gb.dv = cnp.PyArray_DATA(dv)
+    _fill_strides3(gb.dq_strides, dq)
+    _fill_strides3(gb.dk_strides, dk)
+    _fill_strides3(gb.dv_strides, dv)
+    gb.dbias = NULL
+    if dbias is not None:
+        dbias_arr = dbias
+        gb.dbias = cnp.PyArray_DATA(dbias_arr)
+        _fill_strides3(gb.dbias_strides, dbias_arr)
+    gb.nchunk = nchunk
+    n_heads = p.batch * p.heads_kv
+    n_kv = fa_num_kv_tiles(&p)
+    if n_heads == 0 or fa_num_q_tiles(&p) == 0 or n_kv == 0:
+        return 0
+    if num_threads < 1 or group < 1 or group > n_heads or nchunk < 1:
+        raise ValueError(f"fastattn: bad backward plan (num_threads={num_threads}, group={group}, "
+                         f"nchunk={nchunk}) for {n_heads} heads")
+    n_groups = (n_heads + group - 1) // group
+    panel_bytes = fa_bwd_panel_bytes(&p, isa_id)
+    panels_bytes = -1 if panel_bytes < 0 or panel_bytes > (2**63 - 1) // group else group * panel_bytes
+    if nchunk > 1:
+        parts_bytes = fa_bwd_parts_bytes(&p, isa_id, nchunk)
+        if parts_bytes < 0 or parts_bytes > (2**63 - 1) // group:
+            panels_bytes = -1
+    if panels_bytes < 0:
+        raise MemoryError(f"fastattn: the backward's packed K/V panels for seq_kv={p.seq_kv} keys of "
+                          f"head_dim={p.head_dim} need more than 2**63 bytes")
+    panels = <char *> fa_aligned_alloc(panels_bytes)
+    if nchunk > 1:
+        parts = <char *> fa_aligned_alloc(group * parts_bytes)
+    if panels == NULL or (nchunk > 1 and parts == NULL):
+        fa_aligned_free(panels)
+        fa_aligned_free(parts)
+        raise MemoryError(f"fastattn: could not allocate {panels_bytes + group * parts_bytes} bytes of backward "
+                          f"panels ({group} head(s) of seq_kv={p.seq_kv}, head_dim={p.head_dim}, {nchunk} chunks)")
+    try:
+        with nogil, parallel(num_threads=num_threads):
+            scratch = fa_bwd_scratch_new(&p, isa_id)
+            if scratch == NULL:
+                failed_flag[0] = 1
+            for gi in range(n_groups):
+                first = gi * group
+                size = min(group, n_heads - first)
+                for j in prange(size * n_kv, schedule="static"):
+                    fa_bwd_pack_tile(&p, isa_id, first + j % size, j // size, panels + (j % size) * panel_bytes)
+                # end: prange
+                if nchunk > 1:
+                    for j in prange(size, schedule="static"):
+                        memset(parts + j * parts_bytes, 0, parts_bytes)
+                    # end: prange
+                fa_omp_barrier()  # the panels are complete before any item reads them
+                for j in prange(size * nchunk, schedule="dynamic"):
+                    if scratch != NULL:
+                        fa_bwd_item(&p, &gb, isa_id, first + j % size, j // size, panels + (j % size) * panel_bytes,
+                                    parts + (j % size) * parts_bytes if nchunk > 1 else NULL, scratch)
+                # end: prange
+                fa_omp_barrier()
+                if nchunk > 1:
+                    for j in prange(size * p.seq_kv, schedule="static"):
+                        fa_bwd_reduce(&p, &gb, isa_id, first + j // p.seq_kv, j % p.seq_kv,
+                                      parts + (j // p.seq_kv) * parts_bytes)
+                    # end: prange
+                    fa_omp_barrier()  # the group's parts are added before they are reused
+            fa_scratch_free(scratch)
+    finally:
+        fa_aligned_free(panels)
+        fa_aligned_free(parts)
+    if failed:
+        raise MemoryError(f"fastattn: could not allocate the per-thread backward scratch (block_q={block_q}, "
+                          f"block_kv={block_kv}, head_dim={p.head_dim})")
     return num_threads

@@ -183,3 +183,58 @@ def scratch_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int, sim
     slots = (block_q * head_dim, block_q * _round_up(block_kv, width), block_q * _round_up(head_dim, width),
              block_q, block_q, wide, wide, wide, wide, wide)
     return _round_up(sum(_round_up(n, line) + line for n in slots) * itemsize, 64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backward (kernels/flash_bwd_tile.h): one work item is (batch entry, k/v head, chunk of its query tiles).
+
+#: panel bytes the backward keeps at once beyond one per thread (more heads per group: fewer barriers)
+BACKWARD_PANELS_BYTES = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    """How the driver runs one backward call: tiles, threads, heads packed at once, chunks per head."""
+
+    block_q: int
+    block_kv: int
+    threads: int
+    group: int
+    nchunk: int
+
+
+def backward_panel_bytes(seq_kv: int, head_dim: int, head_dim_v: int, block_kv: int, itemsize: int, simd: str) -> int:
+    """Bytes of one (batch entry, k/v head)'s backward panel: per key tile Kᵀ (d x bkvp), Vᵀ (dv x bkvp)
+    and K (bkvp x dp), then one flag per tile (bwd_panel_elems)."""
+    width = VECTOR_BYTES[simd] // itemsize
+    n_tiles = num_tiles(seq_kv, block_kv)
+    bkvp = _round_up(block_kv, width)
+    return (n_tiles * bkvp * (head_dim + head_dim_v + _round_up(head_dim, width)) + n_tiles) * itemsize
+
+
+def plan_backward(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, head_dim_v: int, compute_itemsize: int,
+                  flops: int, threads: int, simd: str, block_q: int | None = None, block_kv: int | None = None,
+                  group: int = 1) -> BackwardPlan:
+    """The plan of a backward call.  Tiles: 64 query rows x 128 keys unless given (the S, dP tiles and the
+    K^T, V^T, K tiles of one key tile stay in L2).  When the heads alone cannot keep the threads busy, each
+    head's query tiles are cut into ``nchunk`` interleaved chunks (each with its own partial dK/dV rows,
+    added in chunk order: deterministic for a given thread count)."""
+    from ._threads import choose_threads
+
+    rows = seq_q * group
+    block_q = max(1, min(block_q or 64, max(rows, 1)))
+    block_kv = max(1, min(block_kv or 128, max(seq_kv, 1)))
+    n_q = num_tiles(rows, block_q)
+    if n_heads * n_q == 0:
+        return BackwardPlan(block_q, block_kv, 1, 1, 1)
+    used = choose_threads(threads, flops=flops, kv_elements=n_heads * seq_kv * (2 * head_dim + head_dim_v),
+                          compute_itemsize=compute_itemsize, items=n_heads * n_q)
+    nchunk = 1 if n_heads >= used else min(n_q, _ceil_div(used, n_heads))
+    panel = max(1, backward_panel_bytes(seq_kv, head_dim, head_dim_v, block_kv, compute_itemsize, simd))
+    heads = max(used, BACKWARD_PANELS_BYTES // panel)
+    if nchunk > 1:
+        heads = n_heads
+    heads = min(n_heads, heads)
+    if heads >= used and nchunk == 1:
+        heads = max(used, heads // used * used)  # whole rounds of heads: no thread waits alone at a barrier
+    return BackwardPlan(block_q, block_kv, used, min(heads, n_heads), nchunk)

@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "flash_cpu.h"
 #include "convert.h"
@@ -67,7 +68,7 @@ namespace isa_generic {
 }  // namespace isa_generic
 
 struct fa_scratch_box {
-    int isa, decode;
+    int isa, decode;   /* decode: 0 forward, 1 decode, 2 backward scratch */
     const fa_params *params;
     void *ws;
 };
@@ -148,6 +149,15 @@ void *fa_scratch_new(const fa_params *p, int isa) {
 void fa_scratch_free(void *scratch) {
     fa_scratch_box *box = (fa_scratch_box *)scratch;
     if (!box) return;
+    if (box->decode == 2) {
+        switch (box->isa) {
+        case FA_ISA_AVX512: isa_avx512::bwd_scratch_free(box->params, box->ws); break;
+        case FA_ISA_AVX2: isa_avx2::bwd_scratch_free(box->params, box->ws); break;
+        default: isa_generic::bwd_scratch_free(box->params, box->ws); break;
+        }
+        free(box);
+        return;
+    }
     if (box->decode) {
         switch (box->isa) {
         case FA_ISA_AVX512: isa_avx512::decode_scratch_free(box->params, box->ws); break;
@@ -220,6 +230,71 @@ void fa_decode_merge(const fa_params *p, int isa, int64_t row, int64_t nsplit, c
     case FA_ISA_AVX512: isa_avx512::decode_merge(p, row, nsplit, parts); break;
     case FA_ISA_AVX2: isa_avx2::decode_merge(p, row, nsplit, parts); break;
     default: isa_generic::decode_merge(p, row, nsplit, parts); break;
+    }
+}
+
+void *fa_bwd_scratch_new(const fa_params *p, int isa) {
+    fa_scratch_box *box = (fa_scratch_box *)malloc(sizeof(fa_scratch_box));
+    if (!box) return NULL;
+    box->isa = isa;
+    box->decode = 2;
+    box->params = p;
+    switch (isa) {
+    case FA_ISA_AVX512: box->ws = isa_avx512::bwd_scratch_new(p); break;
+    case FA_ISA_AVX2: box->ws = isa_avx2::bwd_scratch_new(p); break;
+    default: box->ws = isa_generic::bwd_scratch_new(p); break;
+    }
+    if (!box->ws) { free(box); return NULL; }
+    return box;
+}
+
+int64_t fa_bwd_panel_bytes(const fa_params *p, int isa) {
+    switch (isa) {
+    case FA_ISA_AVX512: return isa_avx512::bwd_panel_bytes(p);
+    case FA_ISA_AVX2: return isa_avx2::bwd_panel_bytes(p);
+    default: return isa_generic::bwd_panel_bytes(p);
+    }
+}
+
+int64_t fa_bwd_parts_bytes(const fa_params *p, int isa, int64_t nchunk) {
+    switch (isa) {
+    case FA_ISA_AVX512: return isa_avx512::bwd_parts_bytes(p, nchunk);
+    case FA_ISA_AVX2: return isa_avx2::bwd_parts_bytes(p, nchunk);
+    default: return isa_generic::bwd_parts_bytes(p, nchunk);
+    }
+}
+
+int64_t fa_bwd_dim_pad(int isa, int in_dtype) {
+    switch (isa) {
+    case FA_ISA_AVX512: return isa_avx512::bwd_dim_pad(in_dtype);
+    case FA_ISA_AVX2: return isa_avx2::bwd_dim_pad(in_dtype);
+    default: return isa_generic::bwd_dim_pad(in_dtype);
+    }
+}
+
+void fa_bwd_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel) {
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::bwd_pack_tile(p, bh, tile, panel); break;
+    case FA_ISA_AVX2: isa_avx2::bwd_pack_tile(p, bh, tile, panel); break;
+    default: isa_generic::bwd_pack_tile(p, bh, tile, panel); break;
+    }
+}
+
+void fa_bwd_item(const fa_params *p, const fa_bwd *g, int isa, int64_t bh, int64_t chunk, const void *panel,
+                 void *parts, void *scratch) {
+    void *ws = ((fa_scratch_box *)scratch)->ws;
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::bwd_item(p, g, bh, chunk, panel, parts, ws); break;
+    case FA_ISA_AVX2: isa_avx2::bwd_item(p, g, bh, chunk, panel, parts, ws); break;
+    default: isa_generic::bwd_item(p, g, bh, chunk, panel, parts, ws); break;
+    }
+}
+
+void fa_bwd_reduce(const fa_params *p, const fa_bwd *g, int isa, int64_t bh, int64_t row, const void *parts) {
+    switch (isa) {
+    case FA_ISA_AVX512: isa_avx512::bwd_reduce(p, g, bh, row, parts); break;
+    case FA_ISA_AVX2: isa_avx2::bwd_reduce(p, g, bh, row, parts); break;
+    default: isa_generic::bwd_reduce(p, g, bh, row, parts); break;
     }
 }
 

@@ -102,6 +102,32 @@ static inline const char *fa_kv_row(const fa_params *p, const char *base, const 
     return base + e->src * strides[0] + h * strides[1] + (e->row_kv + j) * strides[2];
 }
 
+/* The backward (flash_bwd_tile.h): the forward's fa_params (q, k, v, the mask, lengths, dropout) plus the
+ * arrays below.  dq (b, h, s, dp), dk (b, h_kv, s, dp), dv (b, h_kv, s, dvp) are
+ * zeroed arrays of the compute type, dp / dvp the head dims rounded up to the ISA's vector width, unit
+ * stride along d; the caller keeps their first head_dim (head_dim_v) columns.  Per (batch entry, k/v head)
+ * bh: fa_bwd_pack_tile packs its panel (fa_bwd_panel_bytes); fa_bwd_item(bh, chunk) computes the query
+ * tiles chunk, chunk + nchunk, ... (their dQ rows, and dK/dV into the output for chunk 0 or into parts,
+ * fa_bwd_parts_bytes per bh, zeroed, for the others); fa_bwd_reduce adds the parts of one key row. */
+typedef struct {
+    const char *dout, *o;           /* (b, h, s, d_v) views, byte strides (any sign) */
+    const double *lse;              /* the forward's lse, contiguous (b, h, lse_rows), in double */
+    int64_t dout_strides[4], o_strides[4];
+    void *dq, *dk, *dv;
+    void *dbias;                    /* NULL, or (b, h, s_q, s_kv) of the compute type: dS, the logits' gradient */
+    int64_t dq_strides[3], dk_strides[3], dv_strides[3], dbias_strides[3];   /* element strides of b, h, s */
+    int64_t nchunk;                 /* >= 1 */
+} fa_bwd;
+
+int64_t fa_bwd_panel_bytes(const fa_params *p, int isa);               /* -1: too large */
+int64_t fa_bwd_parts_bytes(const fa_params *p, int isa, int64_t nchunk);   /* -1: too large */
+int64_t fa_bwd_dim_pad(int isa, int in_dtype);                         /* dp, dvp are multiples of this */
+void *fa_bwd_scratch_new(const fa_params *p, int isa);
+void fa_bwd_pack_tile(const fa_params *p, int isa, int64_t bh, int64_t tile, void *panel);
+void fa_bwd_item(const fa_params *p, const fa_bwd *g, int isa, int64_t bh, int64_t chunk, const void *panel,
+                 void *parts, void *scratch);
+void fa_bwd_reduce(const fa_params *p, const fa_bwd *g, int isa, int64_t bh, int64_t row, const void *parts);
+
 /* Decode (a few query rows per k/v head against a long cache, read in place): one work item per
  * (batch entry, decode_heads k/v heads, split of its keys); its rows are every query position x query
  * head of the group, for each of its k/v heads.  With nsplit > 1 an item writes its rows' normalized partial output and lse into parts

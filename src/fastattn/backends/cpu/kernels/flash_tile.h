@@ -156,17 +156,19 @@ template <typename T> struct kern {
     }
 
     /* acc[r][0..N*W) = sum_{k0 <= k < k1} A[r][k] * B[k][0..N*W) for MR rows, from zero (broadcast FMA):
-     * one chunk of either product below. */
+     * one chunk of any product below.  A[r][k] = a[r * lda + k * ska] (ska = 1: row-major; the backward
+     * also reads a tile transposed, ska = its row length). */
     template <int MR, int N>
     static inline __attribute__((always_inline)) void fma_chunk(V (&acc)[MR][N], const T *a, int64_t lda,
-                                                                const T *b, int64_t ldb, int64_t k0, int64_t k1) {
+                                                                const T *b, int64_t ldb, int64_t k0, int64_t k1,
+                                                                int64_t ska = 1) {
         for (int i = 0; i < MR; ++i)
             for (int j = 0; j < N; ++j) acc[i][j] = V{};
         for (int64_t k = k0; k < k1; ++k) {
             V bk[N];
             for (int j = 0; j < N; ++j) bk[j] = load(b + k * ldb + j * W);
             for (int i = 0; i < MR; ++i) {
-                V ai = splat(a[i * lda + k]);
+                V ai = splat(a[i * lda + k * ska]);
                 for (int j = 0; j < N; ++j) acc[i][j] += ai * bk[j];
             }
         }
@@ -629,6 +631,36 @@ template <typename T> struct kern {
         bool hook;
     };
 
+    /* S = A.Bt over the tile's columns [a0, a1) (W-aligned; Bt: kdim x ldb, one tile of K^T or V^T) for
+     * the live rows (A: rows x kdim, row stride lda), each row block over its rows' visible columns only
+     * ([lo, hi) of its first and last row, keys k0 + c).  Column strips outside, row blocks inside: one
+     * strip of Bt (kdim x S_NR vectors) stays in L1 for the whole tile.  S rows have stride ldb. */
+    static void scores_tile(int64_t live, const int64_t *lo, const int64_t *hi, int64_t k0, int64_t ncols, int64_t a0,
+                            int64_t a1, const T *a, int64_t lda, const T *bt, int64_t ldb, int64_t kdim, T *s) {
+        for (int64_t cs = a0; cs < a1; cs += FA_S_NR * W) {
+            const bool full = cs + FA_S_NR * W <= a1;
+            for (int64_t rb = 0; rb < live; rb += FA_S_MR) {
+                const int mr = (int)((live - rb < FA_S_MR) ? live - rb : FA_S_MR);
+                const int64_t b0 = round_down(clamp64(lo[rb] - k0, 0, ncols), W);
+                const int64_t b1 = round_up(clamp64(hi[rb + mr - 1] - k0, 0, ncols), W);
+                if (cs + FA_S_NR * W <= b0 || cs >= b1) continue;
+                const T *ablk = a + rb * lda;
+                T *sblk = s + rb * ldb;
+                if (full && cs >= b0 && cs + FA_S_NR * W <= b1) {
+                    s_rows<FA_S_NR>(mr, ablk, lda, bt + cs, ldb, kdim, sblk + cs, ldb);
+                } else {
+                    /* the part of the strip the block needs, two vectors at a time where it can
+                     * (one vector per block would leave the FMA units waiting on each chain) */
+                    const int64_t end = a1 < b1 ? a1 : b1;
+                    const int64_t e1 = cs + FA_S_NR * W < end ? cs + FA_S_NR * W : end;
+                    int64_t cc = cs > b0 ? cs : b0;
+                    for (; cc + 2 * W <= e1; cc += 2 * W) s_rows<2>(mr, ablk, lda, bt + cc, ldb, kdim, sblk + cc, ldb);
+                    if (cc < e1) s_rows<1>(mr, ablk, lda, bt + cc, ldb, kdim, sblk + cc, ldb);
+                }
+            }
+        }
+    }
+
     /* One pass of the item with the query rows multiplied by qmul, exponents by c and (with a logit
      * hook) the scores by smul (see the header); km: the item's key-padding bounds and whether the
      * mask needs the hook here.  Returns 1 if some row max was +inf or some row sum NaN (a product
@@ -682,30 +714,7 @@ template <typename T> struct kern {
             if (u0 >= u1 || tile_hidden(p, b, hkv, k0, u0, u1)) continue;
             const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
 
-            /* S = Q.K^T over each row block's columns.  Column strips outside, row blocks inside:
-             * one strip of K^T (d x S_NR vectors) stays in L1 for the whole tile. */
-            for (int64_t cs = a0; cs < a1; cs += FA_S_NR * W) {
-                const bool full = cs + FA_S_NR * W <= a1;
-                for (int64_t rb = 0; rb < live; rb += FA_S_MR) {
-                    const int mr = (int)((live - rb < FA_S_MR) ? live - rb : FA_S_MR);
-                    const int64_t b0 = round_down(clamp64(ws->lo[rb] - k0, 0, ncols), W);
-                    const int64_t b1 = round_up(clamp64(ws->hi[rb + mr - 1] - k0, 0, ncols), W);
-                    if (cs + FA_S_NR * W <= b0 || cs >= b1) continue;
-                    const T *qblk = ws->qp + rb * d;
-                    T *sblk = ws->s + rb * bkvp;
-                    if (full && cs >= b0 && cs + FA_S_NR * W <= b1) {
-                        s_rows<FA_S_NR>(mr, qblk, d, kt + cs, bkvp, d, sblk + cs, bkvp);
-                    } else {
-                        /* the part of the strip the block needs, two vectors at a time where it can
-                         * (one vector per block would leave the FMA units waiting on each chain) */
-                        const int64_t end = a1 < b1 ? a1 : b1;
-                        const int64_t e1 = cs + FA_S_NR * W < end ? cs + FA_S_NR * W : end;
-                        int64_t cc = cs > b0 ? cs : b0;
-                        for (; cc + 2 * W <= e1; cc += 2 * W) s_rows<2>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
-                        if (cc < e1) s_rows<1>(mr, qblk, d, kt + cc, bkvp, d, sblk + cc, bkvp);
-                    }
-                }
-            }
+            scores_tile(live, ws->lo, ws->hi, k0, ncols, a0, a1, ws->qp, d, kt, bkvp, d, ws->s);
 
             /* logits (the hook), P = 2^((S - m') c), running max / sum, dropout */
             for (int64_t r = 0; r < live; ++r) {
@@ -817,6 +826,7 @@ template <typename T> struct kern {
     }
 
 #include "decode_tile.h"
+#include "flash_bwd_tile.h"
 };
 
 /* The entry points of this ISA: one scratch type per compute type, one loader per input dtype. */
@@ -865,6 +875,63 @@ static void run_item(const fa_params *p, int64_t bh, int64_t qt, const void *pan
         kern<float>::run_item<ld_f32>(p, bh, qt, (const float *)panel, (kern<float>::scratch *)ws);
         break;
     }
+}
+
+static void *bwd_scratch_new(const fa_params *p) {
+    if (p->in_dtype == FA_DTYPE_F64) return kern<double>::bwd_scratch_new(p);
+    return kern<float>::bwd_scratch_new(p);
+}
+
+static void bwd_scratch_free(const fa_params *p, void *ws) {
+    if (p->in_dtype == FA_DTYPE_F64) kern<double>::bwd_scratch_free((kern<double>::bscratch *)ws);
+    else kern<float>::bwd_scratch_free((kern<float>::bscratch *)ws);
+}
+
+static int64_t bwd_panel_bytes(const fa_params *p) {
+    const bool f64 = p->in_dtype == FA_DTYPE_F64;
+    const int64_t elems = f64 ? kern<double>::bwd_panel_elems(p) : kern<float>::bwd_panel_elems(p);
+    return elems < 0 ? -1 : elems * (f64 ? 8 : 4);
+}
+
+static int64_t bwd_parts_bytes(const fa_params *p, int64_t nchunk) {
+    const bool f64 = p->in_dtype == FA_DTYPE_F64;
+    const int64_t elems = f64 ? kern<double>::bwd_parts_elems(p, nchunk) : kern<float>::bwd_parts_elems(p, nchunk);
+    return elems < 0 ? -1 : elems * (f64 ? 8 : 4);
+}
+
+static int64_t bwd_dim_pad(int in_dtype) { return in_dtype == FA_DTYPE_F64 ? kern<double>::W : kern<float>::W; }
+
+static void bwd_pack_tile(const fa_params *p, int64_t bh, int64_t t, void *panel) {
+    switch (p->in_dtype) {
+    case FA_DTYPE_F64: kern<double>::bwd_pack_tile<ld_f64>(p, bh, t, (double *)panel); break;
+    case FA_DTYPE_F16: kern<float>::bwd_pack_tile<ld_f16>(p, bh, t, (float *)panel); break;
+    case FA_DTYPE_BF16: kern<float>::bwd_pack_tile<ld_bf16>(p, bh, t, (float *)panel); break;
+    default: kern<float>::bwd_pack_tile<ld_f32>(p, bh, t, (float *)panel); break;
+    }
+}
+
+static void bwd_item(const fa_params *p, const fa_bwd *g, int64_t bh, int64_t chunk, const void *panel, void *parts,
+                     void *ws) {
+    switch (p->in_dtype) {
+    case FA_DTYPE_F64:
+        kern<double>::bwd_item<ld_f64>(p, g, bh, chunk, (const double *)panel, (double *)parts,
+                                       (kern<double>::bscratch *)ws);
+        break;
+    case FA_DTYPE_F16:
+        kern<float>::bwd_item<ld_f16>(p, g, bh, chunk, (const float *)panel, (float *)parts, (kern<float>::bscratch *)ws);
+        break;
+    case FA_DTYPE_BF16:
+        kern<float>::bwd_item<ld_bf16>(p, g, bh, chunk, (const float *)panel, (float *)parts, (kern<float>::bscratch *)ws);
+        break;
+    default:
+        kern<float>::bwd_item<ld_f32>(p, g, bh, chunk, (const float *)panel, (float *)parts, (kern<float>::bscratch *)ws);
+        break;
+    }
+}
+
+static void bwd_reduce(const fa_params *p, const fa_bwd *g, int64_t bh, int64_t row, const void *parts) {
+    if (p->in_dtype == FA_DTYPE_F64) kern<double>::bwd_reduce(p, g, bh, row, (const double *)parts);
+    else kern<float>::bwd_reduce(p, g, bh, row, (const float *)parts);
 }
 
 static void *decode_scratch_new(const fa_params *p) {
