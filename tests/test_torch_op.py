@@ -258,8 +258,15 @@ def _op_args(q, k, v, mask=None, seed=None, dropout_p=0.0, causal="top_left"):
 def test_opcheck(gen):
     q, k, v = _rand(1, 2, 5, 3, gen=gen), _rand(1, 1, 7, 3, gen=gen), _rand(1, 1, 7, 4, gen=gen)
     bias = _rand(2, 5, 7, gen=gen)
-    torch.library.opcheck(torch.ops.fastattn.flash_attention.default,
-                          _op_args(q, k, v, bias, torch.tensor(7), 0.25, "bottom_right"))
+    args = _op_args(q, k, v, bias, torch.tensor(7), 0.25, "bottom_right")
+    torch.library.opcheck(torch.ops.fastattn.flash_attention.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.fastattn.flash_attention.default(*args)
+    dout = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    plain = [x.detach() if isinstance(x, torch.Tensor) else x for x in args]  # no double backward
+    for want_dbias in (False, True):
+        torch.library.opcheck(torch.ops.fastattn.flash_attention_backward.default,
+                              (dout, *plain[:3], out, lse, *plain[3:], want_dbias))
 
 
 def test_fake_shapes_match_real(gen):
