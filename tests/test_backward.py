@@ -408,3 +408,27 @@ def test_empty_and_tiny_sizes(backend, sq, sk):
     for got, want, x in zip(grads, ref, (q, k, v), strict=False):
         assert got.shape == x.shape
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, big, bound", [("float32", 1e20, 1e-4), ("float64", 1e150, 1e-10)])
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"softcap": 3.0, "alibi": True}])
+def test_raw_products_that_overflow_use_the_forwards_fallback(backend, dtype, big, bound, opts):
+    """|q.k| beyond the dtype's range while scale q.k is ordinary: the gradients stay finite and right."""
+    rng = np.random.default_rng(12)
+    q, k, v, dout = _inputs(rng, 1, 2, 2, 9, 11, 16, 16, dtype=dtype)
+    q, k = (x * np.asarray(big, dtype) for x in (q, k))
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = np.array([0.1, 0.2], np.float32)
+    opts["scale"] = 1.0 / big**2
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+    # the forward too: a softcap turns an infinite raw score into a finite logit, which must not hide it
+    ref_out = fastattn.flash_attention(*(x.astype(np.float64) for x in (q, k, v)), backend="reference", **opts)
+    assert rel_error(out, ref_out) <= bound
+    grads = fastattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **opts)
+    f64 = (x.astype(np.float64) for x in (dout, q, k, v, out, lse))
+    ref = fastattn.flash_attention_backward(*f64, backend="reference", **opts)
+    for got, want in zip(grads, ref, strict=True):
+        assert np.isfinite(got).all()
+        assert rel_error(got, want) <= bound
