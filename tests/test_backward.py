@@ -408,3 +408,52 @@ def test_empty_and_tiny_sizes(backend, sq, sk):
     for got, want, x in zip(grads, ref, (q, k, v), strict=False):
         assert got.shape == x.shape
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, big, bound", [("float32", 1e20, 1e-4), ("float64", 1e150, 1e-10)])
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"softcap": 3.0, "alibi": True}])
+def test_raw_products_that_overflow_use_the_forwards_fallback(backend, dtype, big, bound, opts):
+    """|q.k| beyond the dtype's range while scale q.k is ordinary: the gradients stay finite and right."""
+    rng = np.random.default_rng(12)
+    q, k, v, dout = _inputs(rng, 1, 2, 2, 9, 11, 16, 16, dtype=dtype)
+    q, k = (x * np.asarray(big, dtype) for x in (q, k))
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = np.array([0.1, 0.2], np.float32)
+    opts["scale"] = 1.0 / big**2
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+    # the forward too: a softcap turns an infinite raw score into a finite logit, which must not hide it
+    ref_out = fastattn.flash_attention(*(x.astype(np.float64) for x in (q, k, v)), backend="reference", **opts)
+    assert rel_error(out, ref_out) <= bound
+    grads = fastattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **opts)
+    f64 = (x.astype(np.float64) for x in (dout, q, k, v, out, lse))
+    ref = fastattn.flash_attention_backward(*f64, backend="reference", **opts)
+    for got, want in zip(grads, ref, strict=True):
+        assert np.isfinite(got).all()
+        assert rel_error(got, want) <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_python_threads(backend):
+    """Backward calls from several Python threads at once (the GIL is released in the kernel) give the same
+    bits as one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(13)
+    calls = []
+    for i in range(6):
+        q, k, v, dout = _inputs(rng, 1, 4, 2, 60 + 7 * i, 80, 16, 16, dtype="float32")
+        opts = {"causal": "bottom_right", "softcap": 4.0} if i % 2 else {"window": (9, 3)}
+        out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+        calls.append((dout, q, k, v, out, lse, opts))
+
+    def run(c):
+        return fastattn.flash_attention_backward(*c[:6], backend=backend, num_threads=2, **c[6])
+
+    serial = [run(c) for c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, calls * 2))
+    for i, grads in enumerate(together):
+        for got, want in zip(grads, serial[i % len(calls)], strict=True):
+            np.testing.assert_array_equal(got, want)

@@ -106,3 +106,76 @@ def test_long_causal_sequence_peak_memory(cpu_backend):
     )
     assert facts["err_head"] <= 1e-5 and facts["err_tail"] <= 1e-5, facts
     assert facts["err_lse"] <= 1e-4, facts
+
+
+# The backward (issue target): forward + backward at N = 32768, B=1, H=4, D=64 float32 may grow the peak by
+# the outputs (out, lse), the gradients (dq, dk, dv) and at most 64 MiB more.
+BWD_N, BWD_HEADS, BWD_EXTRA_MIB = 32768, 4, 64
+
+BWD_CHILD = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import fastattn
+
+    N, H, D = {n}, {heads}, 64
+
+    def status_kib(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+
+    rng = np.random.default_rng(32768)
+    q, k, v, dout = (rng.standard_normal((1, H, N, D), dtype=np.float32) for _ in range(4))
+    small = [x[:, :, :512] for x in (q, k, v, dout)]
+    o, l = fastattn.flash_attention(*small[:3], return_lse=True, backend="cpu", num_threads=2)
+    fastattn.flash_attention_backward(small[3], *small[:3], o, l, backend="cpu", num_threads=2)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kib("VmRSS:")
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend="cpu", num_threads=2)
+    dq, dk, dv = fastattn.flash_attention_backward(dout, q, k, v, out, lse, backend="cpu", num_threads=2)
+    peak = status_kib("VmHWM:")
+    kept = sum(x.nbytes for x in (out, lse, dq, dk, dv)) // 1024
+
+    # spot checks against float64 on a few rows and keys of head 0 (the full reference would be N x N)
+    scale = D ** -0.5
+    q0, k0, v0, do0 = (x[0, 0].astype(np.float64) for x in (q, k, v, dout))
+    rows, keys = np.array([0, 12345, N - 1]), np.array([1, 20000, N - 2])
+    s = (q0[rows] @ k0.T) * scale
+    p = np.exp(s - s.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dp = do0[rows] @ v0.T
+    dq_ref = scale * (p * (dp - (p * dp).sum(1, keepdims=True))) @ k0
+    o64 = out[0, 0].astype(np.float64)
+    pk = np.exp((q0 @ k0[keys].T) * scale - lse[0, 0].astype(np.float64)[:, None])   # P[:, keys]
+    dv_ref = pk.T @ do0
+    dpk = do0 @ v0[keys].T
+    dk_ref = scale * (pk * (dpk - (do0 * o64).sum(1, keepdims=True))).T @ q0
+    err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    print(json.dumps(dict(base=base, peak=peak, kept=kept, err_dq=err(dq[0, 0, rows], dq_ref),
+                          err_dk=err(dk[0, 0, keys], dk_ref), err_dv=err(dv[0, 0, keys], dv_ref),
+                          finite=bool(np.isfinite(dq).all() and np.isfinite(dk).all() and np.isfinite(dv).all()))))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.skipif(os.environ.get("FASTATTN_SANITIZER", "").strip() not in ("", "0"),
+                    reason="peak RSS is not measured under the sanitizer build (FASTATTN_SANITIZER): "
+                           "AddressSanitizer's shadow memory and quarantine inflate it")
+def test_forward_and_backward_peak_memory(cpu_backend):
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    code = BWD_CHILD.format(n=BWD_N, heads=BWD_HEADS)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    extra_mib = (facts["peak"] - facts["base"] - facts["kept"]) / 1024
+    assert facts["finite"], facts
+    assert extra_mib <= BWD_EXTRA_MIB, (
+        f"forward + backward took {extra_mib:.1f} MiB beyond outputs and gradients ({facts})")
+    assert max(facts["err_dq"], facts["err_dk"], facts["err_dv"]) <= 1e-4, facts

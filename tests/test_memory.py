@@ -27,13 +27,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_panel_bytes_by_hand():
-    # 2048 keys in 16 tiles of 128; Kᵀ (64 x 128) + V (128 x 64) per tile, and a flag per tile, float32
-    assert panel_bytes(2048, 64, 128, 4, "avx512") == (16 * 128 * (64 + 64) + 16) * 4 == 2**20 + 64
+    # 2048 keys in 16 tiles of 128; Kᵀ (64 x 128) + V (128 x 64) per tile, then a flag and a max |k| per
+    # tile, float32
+    assert panel_bytes(2048, 64, 128, 4, "avx512") == (16 * 128 * (64 + 64) + 2 * 16) * 4 == 2**20 + 128
     # d = 72, block_kv = 100: bkvp and dp rounded up to 16 floats (AVX-512), 8 (AVX2), 4 (SSE2)
-    assert panel_bytes(1000, 72, 100, 4, "avx512") == (10 * 112 * (72 + 80) + 10) * 4
-    assert panel_bytes(1000, 72, 100, 4, "avx2") == (10 * 104 * (72 + 72) + 10) * 4
-    assert panel_bytes(1000, 72, 100, 4, "generic") == (10 * 100 * (72 + 72) + 10) * 4
-    assert panel_bytes(1000, 72, 100, 8, "avx512") == (10 * 104 * (72 + 72) + 10) * 8  # 8 doubles a vector
+    assert panel_bytes(1000, 72, 100, 4, "avx512") == (10 * 112 * (72 + 80) + 20) * 4
+    assert panel_bytes(1000, 72, 100, 4, "avx2") == (10 * 104 * (72 + 72) + 20) * 4
+    assert panel_bytes(1000, 72, 100, 4, "generic") == (10 * 100 * (72 + 72) + 20) * 4
+    assert panel_bytes(1000, 72, 100, 8, "avx512") == (10 * 104 * (72 + 72) + 20) * 8  # 8 doubles a vector
 
 
 def test_scratch_bytes_by_hand():
@@ -83,12 +84,12 @@ def test_explicit_tiles_by_hand():
     s = fastattn.memory_savings(2048, head_dim=64, block_size_q=64, block_size_kv=128, num_threads=1,
                                 simd="avx512")
     tiles = 69248                        # one thread's scratch (test_scratch_bytes_by_hand)
-    panels = 2**20 + 64                  # one head's packed K/V (test_panel_bytes_by_hand)
+    panels = 2**20 + 128                 # one head's packed K/V (test_panel_bytes_by_hand)
     stats = 2048 * 4                     # lse
     out = 2048 * 64 * 4                  # the float32 output
     squares = 4 * 2048 * 2048 * 4        # the materialized path's score-sized arrays
     head_copies = 3 * 2048 * 64 * 4
-    assert s.flash_bytes == stats + out + tiles + panels == 1650368
+    assert s.flash_bytes == stats + out + tiles + panels == 1650432
     assert s.naive_bytes == out + stats + squares + head_copies == 69214208
     assert (s.tiles_bytes, s.panel_bytes, s.stats_bytes, s.output_bytes) == (tiles, panels, stats, out)
     assert s.scores_bytes == 2048 * 2048 * 4

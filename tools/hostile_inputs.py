@@ -178,6 +178,33 @@ attempt(lambda: fastattn.flash_attention_with_kvcache(q, kc, kc, cache_seqlens=n
                                                       num_splits=7, backend="cpu"))
 """
 
+# the backward: the same zero-stride K/V (its gradients cannot be allocated: a clear MemoryError), huge tiles,
+# thousands of threads, and an lse / dout that no forward produced (+-inf, NaN, huge)
+BWD_ZERO_STRIDE = """
+k = np.broadcast_to(np.zeros((1, 1, 1, 8), np.float32), (1, 2, {keys}, 8))
+q = np.zeros((1, 2, 3, 8), np.float32)
+out, lse = np.zeros_like(q), np.zeros((1, 2, 3), np.float32)
+attempt(lambda: fastattn.flash_attention_backward(q, q, k, k, out, lse, backend="cpu", num_threads={threads},
+                                                  block_size_q={bq}, block_size_kv={bkv}))
+"""
+
+BWD_MANY_THREADS = """
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, 2000, 16, 8)).astype(np.float32)
+out, lse = fastattn.flash_attention(q, q, q, return_lse=True, backend="cpu")
+attempt(lambda: fastattn.flash_attention_backward(q, q, q, q, out, lse, backend="cpu", num_threads=2000,
+                                                  block_size_q=16))
+"""
+
+BWD_GARBAGE_LSE = """
+rng = np.random.default_rng(5)
+q, k, v, do = (rng.standard_normal((1, 2, 33, 16)).astype(np.float32) for _ in range(4))
+out = rng.standard_normal((1, 2, 33, 16)).astype(np.float32) * 1e30
+lse = np.array([{value}] * 66, np.float32).reshape(1, 2, 33)
+do[0, 0, 5] = np.nan
+attempt(lambda: fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=True, softcap=2.0, backend="cpu"))
+"""
+
 CASES: dict[str, str] = {
     "kvcache: zero-stride cache of 2**40 tokens, 100000 cached": KV_ZERO_STRIDE.format(lens=100000, splits=None),
     "kvcache: zero-stride cache, 2**40 cached, 64 splits": KV_ZERO_STRIDE.format(lens=2**40, splits=64),
@@ -201,6 +228,13 @@ CASES: dict[str, str] = {
     "fp64 weight below 2**-126 with an infinite value": F64_TINY_WEIGHT_INF_VALUE,
     "NaN in v behind the causal mask, two block_size_q": MASKED_NAN,
     "numpy.ma masked array": MASKED_ARRAY,
+    "backward: zero-stride K/V 2**40 keys": BWD_ZERO_STRIDE.format(keys="2**40", threads=1, bq=None, bkv=None),
+    "backward: zero-stride K/V 2**20 keys, block_size 2**62 x 2**62, 2 threads":
+        BWD_ZERO_STRIDE.format(keys="2**20", threads=2, bq="2**62", bkv="2**62"),
+    "backward: num_threads=2000 over 2000 heads": BWD_MANY_THREADS,
+    "backward: lse +inf, NaN dout row, huge out": BWD_GARBAGE_LSE.format(value="np.inf"),
+    "backward: lse NaN": BWD_GARBAGE_LSE.format(value="np.nan"),
+    "backward: lse -3e38": BWD_GARBAGE_LSE.format(value="-3e38"),
     "2-D duck array with __array__": DUCK_ARRAY,
     "memory_report(timeout='1')": REPORT_TIMEOUT.format(timeout="1"),
     "memory_report(timeout=-1)": REPORT_TIMEOUT.format(timeout=-1),

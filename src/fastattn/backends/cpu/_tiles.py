@@ -165,11 +165,11 @@ def plan_call(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, compute_i
 
 def panel_bytes(seq_kv: int, head_dim: int, block_kv: int, itemsize: int, simd: str) -> int:
     """Bytes of one head's packed K/V panel, in the compute type (``itemsize``): Kᵀ tiles
-    ``[n_kv_tiles][d][bkvp]``, V tiles ``[n_kv_tiles][bkvp][dp]`` and one flag per tile, where
+    ``[n_kv_tiles][d][bkvp]``, V tiles ``[n_kv_tiles][bkvp][dp]``, one flag and one max |k| per tile, where
     ``bkvp`` and ``dp`` are ``block_kv`` and ``d`` rounded up to the vector width of ``simd``."""
     width = VECTOR_BYTES[simd] // itemsize
     n_tiles = num_tiles(seq_kv, block_kv)
-    return (n_tiles * _round_up(block_kv, width) * (head_dim + _round_up(head_dim, width)) + n_tiles) * itemsize
+    return (n_tiles * _round_up(block_kv, width) * (head_dim + _round_up(head_dim, width)) + 2 * n_tiles) * itemsize
 
 
 def scratch_bytes(block_q: int, block_kv: int, head_dim: int, itemsize: int, simd: str) -> int:
@@ -205,11 +205,11 @@ class BackwardPlan:
 
 def backward_panel_bytes(seq_kv: int, head_dim: int, head_dim_v: int, block_kv: int, itemsize: int, simd: str) -> int:
     """Bytes of one (batch entry, k/v head)'s backward panel: per key tile Kᵀ (d x bkvp), Vᵀ (dv x bkvp)
-    and K (bkvp x dp), then one flag per tile (bwd_panel_elems)."""
+    and K (bkvp x dp), then a flag and the largest |k| per tile (bwd_panel_elems)."""
     width = VECTOR_BYTES[simd] // itemsize
     n_tiles = num_tiles(seq_kv, block_kv)
     bkvp = _round_up(block_kv, width)
-    return (n_tiles * bkvp * (head_dim + head_dim_v + _round_up(head_dim, width)) + n_tiles) * itemsize
+    return (n_tiles * bkvp * (head_dim + head_dim_v + _round_up(head_dim, width)) + 2 * n_tiles) * itemsize
 
 
 def plan_backward(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, head_dim_v: int, compute_itemsize: int,

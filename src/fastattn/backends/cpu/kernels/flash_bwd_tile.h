@@ -27,7 +27,12 @@
  *
  * The panel of one (batch entry, k/v head), packed once per call and shared by its chunks: per key tile,
  * K^T (d x bkvp, the S product), V^T (dv x bkvp, the dP product), K (bkvp x dp, the dQ product), then one
- * flag per tile (1: that K tile holds a non-finite value, so dQ skips hidden keys one by one).
+ * flag per tile (1: that K tile holds a non-finite value, so dQ skips hidden keys one by one) and each
+ * tile's largest |k|.
+ *
+ * Huge values: when max|q| max|k| d may overflow the raw product q.k (the forward then recomputes with q
+ * pre-multiplied by scale), the query tile is computed in the forward's fallback units: q packed times
+ * scale, S in logit units (c = log2 e), dZ = dS (softcap'), and dQ multiplied by scale at the end.
  */
 
 struct bwd_layout {
@@ -40,6 +45,7 @@ struct bwd_layout {
     T *vt(T *panel, int64_t t, const fa_params *p) const { return kt(panel, t) + p->head_dim * bkvp; }
     T *kr(T *panel, int64_t t, const fa_params *p) const { return kt(panel, t) + (p->head_dim + p->head_dim_v) * bkvp; }
     T *flags(T *panel) const { return panel + n_kv_tiles * per_tile; }
+    T *kmax(T *panel) const { return flags(panel) + n_kv_tiles; }
 };
 
 /* elements of one backward panel, or -1 if that does not fit in int64 bytes */
@@ -47,7 +53,7 @@ static int64_t bwd_panel_elems(const fa_params *p) {
     const int64_t bkvp = round_up(p->block_kv, W), dp = round_up(p->head_dim, W);
     const int64_t n = p->seq_kv / p->block_kv + (p->seq_kv % p->block_kv != 0);
     const int64_t per_tile = mul_checked(bkvp, add_checked(add_checked(p->head_dim, p->head_dim_v), dp));
-    const int64_t elems = add_checked(mul_checked(n, per_tile), n);
+    const int64_t elems = add_checked(mul_checked(n, per_tile), mul_checked(n, 2));
     return mul_checked(elems, (int64_t)sizeof(T)) < 0 ? -1 : elems;
 }
 
@@ -97,13 +103,22 @@ static void bwd_pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
             for (int64_t c = c0; c < c1; ++c) dst[c] = LOAD(vrow[c - c0] + dd * p->v_strides[3]);
         }
     }
+    V big = V{};
     for (int64_t i = 0; i < ncols * dp; i += W) {   /* x - x is NaN exactly when x is NaN or +-inf */
-        const V z = load(kr + i) - load(kr + i);
+        const V x = load(kr + i);
+        const V z = x - x;
         bad |= (VI)(z != z);
+        const V ax = x < V{} ? -x : x;
+        big = (ax > big && z == z) ? ax : big;   /* the largest finite |k| (inf and NaN are not overflows) */
     }
     I any = 0;
-    for (int j = 0; j < W; ++j) any |= bad[j];
+    T most = 0;
+    for (int j = 0; j < W; ++j) {
+        any |= bad[j];
+        most = big[j] > most ? big[j] : most;
+    }
     L.flags(panel)[t] = any ? (T)1 : (T)0;
+    L.kmax(panel)[t] = most;
 }
 
 /* C[i][0..N*W) += sum_{k < nk} A(i, k) B[k][0..N*W) for MR rows, A(i, k) = a[i sa + k sk], in chunks of
@@ -194,7 +209,6 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
     const bool hook = p->softcap > 0 || p->alibi || km.hook;
     const bool bool_mask = km.hook && p->mask_dtype == FA_MASK_BOOL;
     const units u(p, hook);   /* the forward's: c, the score multiplier of the hook, lse's unit */
-    const T dscale = u.smul;   /* dL/dS = scale (times the softcap's derivative) */
     const T inv_cap = p->softcap > 0 ? (T)(1.0 / p->softcap) : (T)0;
     fa_params capp = *p;   /* the softcap alone (no ALiBi, no mask): cap tanh(z / cap), for its derivative */
     capp.alibi = NULL;
@@ -225,14 +239,32 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
         }
         for (int64_t dd = dv; dd < dvp; ++dd) ws->dop[r * dvp + dd] = 0;
         ws->dd[r] = dsum;
-        /* lse / unit as hi + lo (lse -inf: no key seen, hi -inf; NaN stays NaN) */
-        const double t = g->lse[(e.src * p->heads + h) * p->lse_rows + e.row_q + i] / u.unit;
-        const T hi = (T)t;
-        ws->lse_hi[r] = hi;
-        ws->lse_lo[r] = (hi == hi && hi != -__builtin_inf() && hi != __builtin_inf()) ? (T)(t - (double)hi) : (T)0;
         for (int64_t dd = 0; dd < dp; ++dd) ws->dq[r * dp + dd] = 0;
     }
     const int64_t kv_lo = ws->lo[0], kv_hi = ws->hi[live - 1];
+
+    /* the units: the forward's (raw S, c = scale log2 e, unless a hook), or its fallback when q.k may overflow */
+    const double fmax = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
+    double qmax = 0, kmax = 0;
+    for (int64_t x = 0; x < live * dp; ++x) {
+        const double a = fabs((double)ws->qp[x]);
+        qmax = (a > qmax && a <= fmax) ? a : qmax;   /* finite values only */
+    }
+    for (int64_t t = kv_lo / bkv; t * bkv < kv_hi; ++t)
+        kmax = (double)L.kmax((T *)panel)[t] > kmax ? (double)L.kmax((T *)panel)[t] : kmax;
+    const bool prescaled = p->scale < 1.0 && (T)p->scale > (T)0 && qmax * kmax * (double)d >= 0.5 * fmax;
+    const T c = prescaled ? (T)units::log2e : u.c_raw, smul = prescaled ? (T)1 : u.smul;
+    const double unit = prescaled ? 1.0 : u.unit;
+    const T dscale = prescaled ? (T)1 : u.smul;   /* dL/dS (times the softcap's derivative) */
+    if (prescaled)
+        for (int64_t x = 0; x < live * dp; ++x) ws->qp[x] *= (T)p->scale;
+    for (int64_t r = 0; r < live; ++r) {
+        /* lse / unit as hi + lo (lse -inf: no key seen, hi -inf; NaN stays NaN) */
+        const double t = g->lse[(e.src * p->heads + ws->row_h[r]) * p->lse_rows + e.row_q + ws->row_i[r]] / unit;
+        const T hi = (T)t;
+        ws->lse_hi[r] = hi;
+        ws->lse_lo[r] = (hi == hi && hi != -__builtin_inf() && hi != __builtin_inf()) ? (T)(t - (double)hi) : (T)0;
+    }
 
     for (int64_t t = kv_lo / bkv; t * bkv < kv_hi; ++t) {
         const int64_t k0 = t * bkv;
@@ -255,8 +287,8 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
             const int64_t e0 = sees ? round_down(c0, W) : a0, e1 = sees ? round_up(c1, W) : a0;
             if (sees) {
                 if (p->softcap > 0) for (int64_t c = c0; c < c1; ++c) zrow[c] = srow[c];
-                if (hook) logit_row(p, e, b, h, i, k0, c0, c1, u.smul, srow);
-                const V vh = splat(lse_hi), vl = splat(lse_lo), vc = splat(u.c_raw);
+                if (hook) logit_row(p, e, b, h, i, k0, c0, c1, smul, srow);
+                const V vh = splat(lse_hi), vl = splat(lse_lo), vc = splat(c);
                 for (int64_t c = e0; c < e1; c += W) store(srow + c, exp2v(((load(srow + c) - vh) - vl) * vc));
                 for (int64_t c = e0; c < c0; ++c) srow[c] = 0;
                 for (int64_t c = c1; c < e1; ++c) srow[c] = 0;
@@ -285,7 +317,7 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
                 for (int64_t c = c0; c < c1; ++c) dst[c] = dsrow[c];
             }
             if (p->softcap > 0 && sees) {
-                logit_row(&capp, e, b, h, i, k0, c0, c1, u.smul, zrow);   /* zrow = cap tanh(scale S / cap) */
+                logit_row(&capp, e, b, h, i, k0, c0, c1, smul, zrow);   /* zrow = cap tanh(scale S / cap) */
                 for (int64_t c = c0; c < c1; ++c) {
                     const T th = zrow[c] * inv_cap;
                     dsrow[c] *= dscale * ((T)1 - th * th);
@@ -341,7 +373,8 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
     for (int64_t r = 0; r < live; ++r) {
         T *dq = (T *)g->dq + e.src * g->dq_strides[0] + ws->row_h[r] * g->dq_strides[1]
                 + (e.row_q + ws->row_i[r]) * g->dq_strides[2];
-        for (int64_t dd = 0; dd < dp; ++dd) dq[dd] = ws->dq[r * dp + dd];
+        const T dq_scale = prescaled ? (T)p->scale : (T)1;
+        for (int64_t dd = 0; dd < dp; ++dd) dq[dd] = ws->dq[r * dp + dd] * dq_scale;
     }
 }
 

@@ -240,7 +240,7 @@ template <typename T> struct kern {
 
     /* The packed K/V of one k/v head of one batch entry ("panel"), shared by the threads working
      * on the query heads of its group: K^T tiles [n_kv_tiles][d][bkvp], then V tiles
-     * [n_kv_tiles][bkvp][dvp], then one flag per tile (1: that V tile holds a non-finite value). */
+     * [n_kv_tiles][bkvp][dvp], then one flag per tile (1: that V tile holds a non-finite value), then each tile's max |k|. */
     struct layout {
         int64_t dvp, bkvp, n_kv_tiles;
         layout(const fa_params *p)
@@ -249,13 +249,14 @@ template <typename T> struct kern {
         T *kt(T *panel, int64_t t, int64_t d) const { return panel + t * d * bkvp; }
         T *v(T *panel, int64_t t, int64_t d) const { return panel + n_kv_tiles * d * bkvp + t * bkvp * dvp; }
         T *flags(T *panel, int64_t d) const { return panel + n_kv_tiles * bkvp * (d + dvp); }
+        T *kmax(T *panel, int64_t d) const { return flags(panel, d) + n_kv_tiles; }   /* each tile's max |k| */
     };
 
     /* elements of one panel, or -1 if that does not fit in int64 bytes */
     static int64_t panel_elems(const fa_params *p) {
         const layout L(p);
         const int64_t per_tile = mul_checked(L.bkvp, add_checked(p->head_dim, L.dvp));
-        const int64_t elems = add_checked(mul_checked(L.n_kv_tiles, per_tile), L.n_kv_tiles);
+        const int64_t elems = add_checked(mul_checked(L.n_kv_tiles, per_tile), mul_checked(L.n_kv_tiles, 2));
         return mul_checked(elems, (int64_t)sizeof(T)) < 0 ? -1 : elems;
     }
 
@@ -351,6 +352,43 @@ template <typename T> struct kern {
         I any = 0;
         for (int j = 0; j < W; ++j) any |= bad[j];
         L.flags(panel, d)[t] = any ? (T)1 : (T)0;
+        /* the tile's largest finite |k| (an inf or NaN key is not an overflow): run_item's overflow test */
+        V big = V{};
+        const V inf = splat((T)__builtin_inf());
+        for (int64_t i = 0; i < d * bkvp; i += W) {
+            const V x = load(kt + i);
+            const V ax = x < V{} ? -x : x;
+            big = (ax > big && ax < inf) ? ax : big;
+        }
+        T most = 0;
+        for (int j = 0; j < W; ++j) most = big[j] > most ? big[j] : most;
+        L.kmax(panel, d)[t] = most;
+    }
+
+    /* Could a raw product q.k of the item's rows overflow (max|q| max|k| d >= half the largest value)?  Then
+     * the item runs in the fallback units from the start (q times scale): the logit hook (a softcap
+     * saturates an infinite score) could otherwise hide the overflow from the retry below. */
+    template <T (*LOAD)(const char *)>
+    static bool may_overflow(const fa_params *p, int64_t bh, int64_t rt, const T *panel) {
+        if (!(p->scale < 1.0) || !((T)p->scale > (T)0)) return false;
+        const layout L(p);
+        const int64_t d = p->head_dim, G = p->group, bq = p->block_q;
+        const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
+        const fa_entry e = entry(p, b);
+        const double fmax = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
+        double kmax = 0, qmax = 0;
+        const T *km = L.kmax((T *)panel, d);
+        for (int64_t t = 0; t * p->block_kv < e.len_kv; ++t) kmax = (double)km[t] > kmax ? (double)km[t] : kmax;
+        const int64_t r0 = rt * bq, live = clamp64(e.len_q * G - r0, 0, bq);
+        for (int64_t r = 0; r < live; ++r) {
+            const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
+            const char *qrow = p->q + e.src * p->q_strides[0] + h * p->q_strides[1] + (e.row_q + i) * p->q_strides[2];
+            for (int64_t dd = 0; dd < d; ++dd) {
+                const double x = fabs((double)LOAD(qrow + dd * p->q_strides[3]));
+                qmax = (x > qmax && x <= fmax) ? x : qmax;   /* finite values only */
+            }
+        }
+        return qmax * kmax * (double)d >= 0.5 * fmax;
     }
 
     /* Multiplies P[c] for c in [c0, c1) (keys k0 + c of query i, head h) by keep/(1-p) or 0.
@@ -772,7 +810,10 @@ template <typename T> struct kern {
         km.hook = p->mask && !whole;
         const units u(p, p->softcap > 0 || p->alibi || km.hook);
         double unit = u.unit;
-        if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul, km) && p->scale < 1.0) {
+        if (may_overflow<LOAD>(p, bh, rt, panel)) {
+            item_pass<LOAD>(p, bh, rt, panel, ws, (T)p->scale, (T)units::log2e, (T)1, km);
+            unit = 1.0;
+        } else if (item_pass<LOAD>(p, bh, rt, panel, ws, (T)1, u.c_raw, u.smul, km) && p->scale < 1.0) {
             /* a raw product overflowed: scores in their own units (q scale, c = log2 e) */
             const T qmul = (T)p->scale;
             if (qmul > (T)0) {
