@@ -6,6 +6,7 @@
     python -m fastattn bench --compare torch     the full grid against PyTorch's CPU SDPA
     python -m fastattn bench --device cuda       the CUDA backend against torch flash / cuDNN
     python -m fastattn bench --decode            KV-cache decode beside torch SDPA and a memory copy
+    python -m fastattn bench --backward          the backward beside torch SDPA's (--memory: peak at N=32k)
 
 Whatever can be checked before a run (arguments, matplotlib and the output folder for
 ``--plot``, PyTorch for ``--compare torch``) is checked first, so a long run never fails at
@@ -290,9 +291,71 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_backward(args: argparse.Namespace) -> int:
+    """``bench --backward``: the backward beside PyTorch's SDPA backward (``--memory``: peak memory at N=32k)."""
+    from . import _bench
+
+    if args.device == "cuda":
+        try:
+            from . import _bench_backward_cuda as cuda_bench
+        except ImportError as exc:
+            print(f"fastattn: the CUDA backward benchmark is not available in this version ({exc})", file=sys.stderr)
+            return 2
+        rows = cuda_bench.run_backward_bench(quick=args.quick)
+        if args.json != "-":
+            print(cuda_bench.format_backward_table(rows))
+        if args.json is not None:
+            _write_json({"backward": rows}, args.json)
+        return 0
+    from . import _bench_backward
+
+    torch_reason = _bench.torch_unavailable()
+    if torch_reason:
+        print(f"note: {torch_reason}; timing fastattn alone", file=sys.stderr)
+    facts = _bench.machine_facts()
+    report: dict[str, Any] = {"facts": facts}
+    if args.memory:
+        seq = args.seqs[0] if args.seqs else 32768
+        head_dim = args.head_dims[0] if args.head_dims else 64
+        heads = args.heads if args.heads != 8 else 4  # the issue's shape: H=4 unless asked
+        rows = _bench_backward.run_memory_bench(compare_torch=torch_reason is None, seq=seq, heads=heads,
+                                                head_dim=head_dim, threads=args.threads)
+        report["memory"] = rows
+        if args.json != "-":
+            print(f"Peak resident memory of one forward + backward (a child process each, ru_maxrss), above the "
+                  f"inputs; {facts.get('cpu', facts['machine'])}")
+            print(_bench_backward.format_memory_table(rows))
+    else:
+        from tqdm.auto import tqdm
+
+        rounds = args.repeat or (3 if args.quick else 5)
+        with tqdm(desc="bench backward", unit="shape", disable=args.no_progress, file=sys.stderr,
+                  leave=False) as bar:
+            rows = _bench_backward.run_backward_bench(
+                quick=args.quick, threads=args.threads, rounds=rounds, compare_torch=torch_reason is None,
+                seqs=tuple(args.seqs) if args.seqs else None,
+                head_dims=tuple(args.head_dims) if args.head_dims else None, heads=args.heads, batch=args.batch,
+                progress=lambda row: bar.update(1))
+        report["backward"] = rows
+        if args.json != "-":
+            print(_bench_backward.table_title(rows, facts, args.threads, rounds))
+            print(_bench_backward.format_backward_table(rows))
+    if args.json is not None:
+        _write_json(report, args.json)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
+    if args.memory and not args.backward:
+        print("fastattn: --memory goes with --backward (for the forward: python -m fastattn memory)", file=sys.stderr)
+        return 2
+    if args.backward:
+        if args.decode or args.variant:
+            print("fastattn: choose one of --backward, --decode and --variant", file=sys.stderr)
+            return 2
+        return _cmd_bench_backward(args)
     if args.decode:
         if args.variant:
             print("fastattn: choose one of --decode and --variant", file=sys.stderr)
@@ -426,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true",
                    help="KV-cache decode (one query per sequence against a cache, D=128): K+V bytes read per second "
                         "for a contiguous and a paged cache beside PyTorch's SDPA and a same-run memory copy")
+    p.add_argument("--backward", action="store_true",
+                   help="the backward pass (fp32, B=1 H=8, N 1024-4096, D 64/128, causal and not; forward not timed) "
+                        "beside PyTorch's CPU SDPA backward on the same inputs; GFLOP/s count the backward as 2.5x "
+                        "the forward's FLOPs; with --device cuda the GPU backward benchmark")
+    p.add_argument("--memory", action="store_true",
+                   help="--backward: peak resident memory of one forward + backward at N=32k (B=1 H=4 D=64 fp32; "
+                        "--seqs / --head-dims / --heads change it) above inputs, outputs and gradients, in a child "
+                        "process each, beside PyTorch's")
     p.add_argument("--limit-mib", type=_positive_int, default=4096, metavar="MIB",
                    help="--decode: skip shapes whose caches need more memory than this (default: 4096)")
     p.add_argument("--simd", choices=list(_SIMD_CAPS),
