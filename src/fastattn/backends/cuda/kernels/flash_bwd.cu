@@ -146,6 +146,16 @@ __device__ __forceinline__ void zero_acc(float (&acc)[MT][NN][4]) {
         for (int n = 0; n < NN; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.0f;
 }
 
+// p[0] += a, p[1] += b in global memory (p 8-byte aligned): one vector reduction on sm_90, else two atomics
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 // lse of a row as the exponent's offset, in log2 units: +inf for a row that sees no key (P = 0)
 __device__ __forceinline__ float lse_log2(float l) { return l == -FA_INF ? FA_INF : l * FA_LOG2E; }
 
@@ -425,10 +435,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 if (i >= lq) continue;
                 float* row = qa + (long long)i * D;
 #pragma unroll
-                for (int n = 0; n < DC / 8; ++n) {
-                    atomicAdd(row + n * 8 + 2 * t4, acc_q[0][n][2 * r]);
-                    atomicAdd(row + n * 8 + 2 * t4 + 1, acc_q[0][n][2 * r + 1]);
-                }
+                for (int n = 0; n < DC / 8; ++n) red_add_f32x2(row + n * 8 + 2 * t4, acc_q[0][n][2 * r], acc_q[0][n][2 * r + 1]);
             }
         }
     }
