@@ -86,6 +86,34 @@ PY
       2>"$OUT/bench.log" | tee "$OUT/bench.txt"
     tail -5 "$OUT/bench.log"
     ;;
+  probe)  # each kernel of a backward timed alone
+    timeout ${PROBE_TIMEOUT:-200} python3 tools/gpu_backward_probe.py ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
+    ;;
+  sass)  # registers, spills and the instruction mix of the main kernel (nvcc, sm_90)
+    NAME=${SASS_NAME:-"fa_bwd_mma<__half, 128, 128, 8, 1, 64, false, false, true>"}
+    printf '#include "flash_bwd.cu"\nconst void* const k_ = reinterpret_cast<const void*>(&%s);\n' "$NAME" > /tmp/one.cu
+    nvcc -std=c++17 -cubin -arch=sm_90 --resource-usage -I src/fastattn/backends/cuda/kernels -o /tmp/one.cubin /tmp/one.cu 2>&1 \
+      | grep -E "registers|spill" | tee "$OUT/sass.log"
+    cuobjdump -sass /tmp/one.cubin > "$OUT/one.sass"
+    grep -oE "^\s+/\*[0-9a-f]+\*/\s+[A-Z0-9_.]+" "$OUT/one.sass" | awk '{print $2}' | sed 's/\..*//' | sort | uniq -c \
+      | sort -rn | head -40 | tee -a "$OUT/sass.log"
+    ;;
+  ncu)  # one launch of the main kernel under Nsight Compute
+    cat > /tmp/ncu_one.py <<'PY'
+import os, cupy, fastattn
+n, d, causal = int(os.environ.get("N", 4096)), int(os.environ.get("D", 128)), os.environ.get("CAUSAL", "0") == "1"
+b, h = 16384 // n, 2048 // d
+rng = cupy.random.default_rng(0)
+q, k, v, do = (rng.standard_normal((b, h, n, d), dtype=cupy.float32).astype(cupy.float16) for _ in range(4))
+out, lse = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True)
+for _ in range(3):
+    fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal)
+cupy.cuda.Device().synchronize()
+PY
+    timeout ${NCU_TIMEOUT:-200} ncu --kernel-name regex:fa_bwd_mma --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section InstructionStats python3 /tmp/ncu_one.py 2>&1 | tee "$OUT/ncu.log" | tail -120
+    ;;
   savecache)
     tar czf "$OUT/cache.tgz" .cache && ls -la "$OUT/cache.tgz"
     ;;
