@@ -47,8 +47,10 @@ def test_backward_kernels_are_listed_and_fit_a_block():
     for dtype in ("float16", "bfloat16"):
         for d, dv in _specs.mma_dim_pairs():
             for interval, mods in _specs.MASK_FLAGS:
-                for vec in (False, True):
-                    assert _specs.bwd_mma_name(dtype, d, dv, _specs.BWD_MMA_CONFIGS[d], interval, mods, vec) in names
+                for dropout in (False, True):
+                    for vec in (False, True):
+                        assert _specs.bwd_mma_name(dtype, d, dv, _specs.BWD_MMA_CONFIGS[d], interval, mods, dropout,
+                                                   vec) in names
         for d in _specs.MMA_HEAD_DIMS:
             assert _specs.bwd_mma_smem_bytes(d, d, _specs.BWD_MMA_CONFIGS[d]) <= 163 * 1024  # A100 opt-in limit
             assert _specs.bwd_dq_smem_bytes(d, d, _specs.BWD_DQ_CONFIGS[d]) <= 163 * 1024

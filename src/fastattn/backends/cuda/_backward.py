@@ -102,6 +102,7 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
     left, right = _window(spec)
     ragged = {"none": 0, "padded": 1, "packed": 2}[spec.ragged]
     seed = int(spec.seed or 0)
+    dropout = spec.dropout_p > 0.0
     threshold = dropout_threshold(spec.dropout_p) if spec.dropout_p > 0.0 else 0
     if mma:
         tail = (np.float32(spec.rule.softcap), *_mma_scales(spec.scale), np.uint64(seed), np.uint32(threshold),
@@ -131,7 +132,7 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
         cfg = _specs.BWD_MMA_CONFIGS[d_pad]
         smem = _specs.bwd_mma_smem_bytes(d_pad, dv_pad, cfg)
         nkb = -(-spec.seq_kv // cfg.block_kv)
-        main = (get_kernel(_specs.bwd_mma_name(dtype, d_pad, dv_pad, cfg, interval, mods, vec), smem),
+        main = (get_kernel(_specs.bwd_mma_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec), smem),
                 (nkb * batch * (heads // group),), (cfg.warps * 32,), smem, static(nkb))
         block_q, block_kv, threads, family = cfg.block_q, cfg.block_kv, cfg.warps * 32, "mma.sync"
         dq_plan = convert = None
@@ -139,7 +140,8 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
             dcfg = _specs.BWD_DQ_CONFIGS[d_pad]
             dsmem = _specs.bwd_dq_smem_bytes(d_pad, dv_pad, dcfg)
             nqb = -(-spec.seq_q // dcfg.block_q)
-            dq_plan = (get_kernel(_specs.bwd_dq_name(dtype, d_pad, dv_pad, dcfg, interval, mods, vec), dsmem),
+            dq_plan = (get_kernel(_specs.bwd_dq_name(dtype, d_pad, dv_pad, dcfg, interval, mods, dropout, vec),
+                                  dsmem),
                        (nqb * batch * heads,), (dcfg.warps * 32,), dsmem, static(nqb))
         else:
             total = rows * d

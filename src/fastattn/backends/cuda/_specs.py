@@ -478,17 +478,17 @@ BWD_SIMT_CONFIGS: dict[tuple[str, int], tuple[int, int]] = {
 
 
 def bwd_mma_name(dtype: str, head_dim: int, head_dim_v: int, cfg: BwdMmaConfig, interval: bool, mods: bool,
-                 vec: bool) -> str:
-    interval, mods, _ = kernel_flags(interval, mods, False)
+                 dropout: bool, vec: bool) -> str:
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
     return (f"fa_bwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.warps}, {cfg.m_tiles}, {cfg.block_q}, "
-            f"{_b(interval)}, {_b(mods)}, {_b(vec)}>")
+            f"{_b(interval)}, {_b(mods)}, {_b(dropout)}, {_b(vec)}>")
 
 
 def bwd_dq_name(dtype: str, head_dim: int, head_dim_v: int, cfg: BwdDqConfig, interval: bool, mods: bool,
-                vec: bool) -> str:
-    interval, mods, _ = kernel_flags(interval, mods, False)
+                dropout: bool, vec: bool) -> str:
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
     return (f"fa_bwd_dq_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.warps}, {cfg.m_tiles}, "
-            f"{cfg.block_kv}, {_b(interval)}, {_b(mods)}, {_b(vec)}>")
+            f"{cfg.block_kv}, {_b(interval)}, {_b(mods)}, {_b(dropout)}, {_b(vec)}>")
 
 
 def bwd_simt_names(dtype: str, head_dim: int, interval: bool, mods: bool) -> tuple[str, str]:
@@ -537,9 +537,10 @@ def all_bwd_name_expressions() -> list[str]:
         names += [bwd_prep_name(dtype), bwd_convert_name(dtype)]
         for dim, dv in mma_dim_pairs():
             for interval, mods in MASK_FLAGS:
-                for vec in (False, True):
-                    names.append(bwd_mma_name(dtype, dim, dv, BWD_MMA_CONFIGS[dim], interval, mods, vec))
-                    names.append(bwd_dq_name(dtype, dim, dv, BWD_DQ_CONFIGS[dim], interval, mods, vec))
+                for dropout in (False, True):
+                    for vec in (False, True):
+                        names.append(bwd_mma_name(dtype, dim, dv, BWD_MMA_CONFIGS[dim], interval, mods, dropout, vec))
+                        names.append(bwd_dq_name(dtype, dim, dv, BWD_DQ_CONFIGS[dim], interval, mods, dropout, vec))
     for dtype in ("float32", "float64"):
         names.append(bwd_prep_name(dtype))
         for dim in SIMT_HEAD_DIMS:

@@ -190,7 +190,7 @@ __device__ __forceinline__ float bwd_element(const fa_mask<INTERVAL, MODS>& mask
 // dO BQ x (DV+8), dS^T block_kv x (BQ+8), two stages of BQ lse and D values (float).  Rows padded by
 // 16 bytes: the 8 row addresses of every ldmatrix fall in distinct banks.
 // ------------------------------------------------------------------------------------------------
-template <typename T, int D, int DV, int NWARPS, int MT, int BQ, bool INTERVAL, bool MODS, bool VEC>
+template <typename T, int D, int DV, int NWARPS, int MT, int BQ, bool INTERVAL, bool MODS, bool DROPOUT, bool VEC>
 __global__ void __launch_bounds__(NWARPS * 32)
     fa_bwd_mma(FA_BWD_PARAMS(T, float), float softcap, float scale_log2, float scale, unsigned long long seed,
                unsigned threshold, float keep_scale) {
@@ -337,6 +337,20 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
             // P (dropped) into s, dS' into dp; element (key kw0 + 16 mt + g + 8 (e >> 1), query q0 + 8 n + 2 t4 + (e & 1))
             const bool needs = mask.tile_needs_mask(q0, BQ, kw0, WK);
+            if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
+                // the usual tile: every entry visible, nothing else to apply (P = 2^(s c - lse log2 e))
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+                        for (int e2 = 0; e2 < 4; ++e2) {
+                            const int il = n * 8 + 2 * t4 + (e2 & 1);
+                            const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -sLs[il]));
+                            dp[mt][n][e2] = p * (dp[mt][n][e2] - sDs[il]);
+                            s[mt][n][e2] = p;
+                        }
+            } else {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -345,9 +359,9 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     for (int e2 = 0; e2 < 4; ++e2) {
                         const int il = n * 8 + 2 * t4 + (e2 & 1);
                         const int i = q0 + il, j = kw0 + mt * 16 + g + (e2 >> 1) * 8;
-                        const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
+                        const bool keep = !(DROPOUT && dropout) || dropout_keep(seed, threshold, e.b, h, i, j);
                         float* db = nullptr;
-                        if (dbias != nullptr && i < lq && j < lk)
+                        if (MODS && dbias != nullptr && i < lq && j < lk)
                             db = dbias + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv +
                                  e.kv_row + j;
                         float p;
@@ -355,6 +369,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                                                     scale_log2, keep, keep_scale, p, db);
                         s[mt][n][e2] = p;
                     }
+            }
 
             // dV += (P z)^T dO and dK += dS'^T Q: the accumulators of n-tiles (2 kb, 2 kb + 1) are the
             // A fragment of k-step kb; dO and Q are the B operands through ldmatrix.trans
@@ -456,7 +471,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
 // dQ += dS' K with dS' re-packed as the A operand.
 // Shared memory: Q BQ x (D+8), dO BQ x (DV+8), two stages of K BKV x (D+8) and V BKV x (DV+8).
 // ------------------------------------------------------------------------------------------------
-template <typename T, int D, int DV, int NWARPS, int MT, int BKV, bool INTERVAL, bool MODS, bool VEC>
+template <typename T, int D, int DV, int NWARPS, int MT, int BKV, bool INTERVAL, bool MODS, bool DROPOUT,
+          bool VEC>
 __global__ void __launch_bounds__(NWARPS * 32)
     fa_bwd_dq_mma(FA_BWD_PARAMS(T, float), float softcap, float scale_log2, float scale, unsigned long long seed,
                   unsigned threshold, float keep_scale) {
@@ -576,6 +592,18 @@ __global__ void __launch_bounds__(NWARPS * 32)
 
         // dS' into s; element (row row_w0 + 16 mt + g + 8 r, key kv0 + 8 n + 2 t4 + c)
         const bool needs = mask.tile_needs_mask(row_w0, WQ, kv0, BKV);
+        if (!MODS && !needs && !(DROPOUT && dropout)) {  // the usual tile (see fa_bwd_mma)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+#pragma unroll
+                    for (int e2 = 0; e2 < 4; ++e2) {
+                        const int r = e2 >> 1;
+                        const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][r]));
+                        s[mt][n][e2] = p * (dp[mt][n][e2] - dsum_r[mt][r]);
+                    }
+        } else
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -585,7 +613,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     const int i = row_w0 + mt * 16 + g + 8 * r;
                     const int j = kv0 + n * 8 + 2 * t4;
                     bool keep0 = true, keep1 = true;
-                    if (dropout) {  // keys j, j + 1 share one Philox group (j even)
+                    if (DROPOUT && dropout) {  // keys j, j + 1 share one Philox group (j even)
                         const uint4 w = dropout_words(seed, b, h, i, j);
                         keep0 = ((t4 & 1) ? w.z : w.x) >= threshold;
                         keep1 = ((t4 & 1) ? w.w : w.y) >= threshold;
