@@ -52,7 +52,10 @@ def test_backward_kernels_are_listed_and_fit_a_block():
                         assert _specs.bwd_mma_name(dtype, d, dv, _specs.BWD_MMA_CONFIGS[d], interval, mods, dropout,
                                                    vec) in names
         for d in _specs.MMA_HEAD_DIMS:
-            assert _specs.bwd_mma_smem_bytes(d, d, _specs.BWD_MMA_CONFIGS[d]) <= 163 * 1024  # A100 opt-in limit
+            assert _specs.bwd_mma_smem_bytes(d, d, _specs.BWD_MMA_CONFIGS[d]) <= 227 * 1024  # H100
+            a100 = _specs.bwd_mma_config(d, d, 163 * 1024)  # A100 opt-in limit
+            assert _specs.bwd_mma_smem_bytes(d, d, a100) <= 163 * 1024
+            assert _specs.bwd_mma_name(dtype, d, d, a100, True, False, False, True) in names
             assert _specs.bwd_dq_smem_bytes(d, d, _specs.BWD_DQ_CONFIGS[d]) <= 163 * 1024
     for key in _specs.BWD_SIMT_CONFIGS:
         assert max(_specs.bwd_simt_smem_bytes(*key)) <= 163 * 1024

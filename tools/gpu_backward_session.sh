@@ -90,7 +90,7 @@ PY
     timeout ${PROBE_TIMEOUT:-200} python3 tools/gpu_backward_probe.py ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
     ;;
   sass)  # registers, spills and the instruction mix of the main kernel (nvcc, sm_90)
-    NAME=${SASS_NAME:-"fa_bwd_mma<__half, 128, 128, 8, 1, 64, false, false, true>"}
+    NAME=${SASS_NAME:-"fa_bwd_mma<__half, 128, 128, 8, 1, 64, false, false, false, true>"}
     printf '#include "flash_bwd.cu"\nconst void* const k_ = reinterpret_cast<const void*>(&%s);\n' "$NAME" > /tmp/one.cu
     nvcc -std=c++17 -cubin -arch=sm_90 --resource-usage -I src/fastattn/backends/cuda/kernels -o /tmp/one.cubin /tmp/one.cu 2>&1 \
       | grep -E "registers|spill" | tee "$OUT/sass.log"

@@ -61,6 +61,16 @@ def _cupy():
     return cupy
 
 
+def _smem_optin() -> int:
+    """Shared memory a block may take on the current device (opt-in limit)."""
+    cp = _cupy()
+    dev = cp.cuda.Device()
+    try:
+        return int(dev.attributes["MaxSharedMemoryPerBlockOptin"])
+    except Exception:  # noqa: BLE001 - an attribute this CuPy does not name: the A100's limit, safe everywhere
+        return 163 * 1024
+
+
 def _grad_like(x: Any, spec: AttentionSpec, dim: int) -> Any:
     """An uninitialized gradient of view ``x``'s (batch, heads, rows) with ``dim`` columns, in the caller's
     memory order (the forward's output rule: (batch, seq, heads, dim) for "bshd" and packed calls)."""
@@ -129,7 +139,7 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
             (i32(heads), i32(view_q), i32(dvd), *(i64(s) for s in do_s), *(i64(s) for s in o_s), i64(rows)))
     if mma:
         vec = all(_vec_ok(x, n) for x, n in ((q, d), (k, d), (v, dvd), (dout, dvd)))
-        cfg = _specs.BWD_MMA_CONFIGS[d_pad]
+        cfg = _specs.bwd_mma_config(d_pad, dv_pad, _smem_optin())
         smem = _specs.bwd_mma_smem_bytes(d_pad, dv_pad, cfg)
         nkb = -(-spec.seq_kv // cfg.block_kv)
         main = (get_kernel(_specs.bwd_mma_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec), smem),

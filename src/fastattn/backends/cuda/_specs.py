@@ -464,6 +464,16 @@ BWD_MMA_CONFIGS: dict[int, BwdMmaConfig] = {
     32: BwdMmaConfig(8, 1, 64), 64: BwdMmaConfig(8, 1, 64), 96: BwdMmaConfig(8, 1, 64),
     128: BwdMmaConfig(8, 1, 64), 192: BwdMmaConfig(4, 1, 32), 256: BwdMmaConfig(4, 1, 32),
 }
+#: the tiles where a block may not have the shared memory of BWD_MMA_CONFIGS (an A100's 163 KB: d = 128)
+BWD_MMA_SMALL_CONFIGS: dict[int, BwdMmaConfig] = {128: BwdMmaConfig(8, 1, 32)}
+
+
+def bwd_mma_config(head_dim: int, head_dim_v: int, smem_limit: int) -> BwdMmaConfig:
+    """The fa_bwd_mma tiles of a padded head_dim on a device whose blocks may take ``smem_limit`` bytes."""
+    cfg = BWD_MMA_CONFIGS[head_dim]
+    if bwd_mma_smem_bytes(head_dim, head_dim_v, cfg) > smem_limit and head_dim in BWD_MMA_SMALL_CONFIGS:
+        cfg = BWD_MMA_SMALL_CONFIGS[head_dim]
+    return cfg
 #: fa_bwd_dq_mma tiles per padded q/k head_dim
 BWD_DQ_CONFIGS: dict[int, BwdDqConfig] = {
     32: BwdDqConfig(4, 1, 64), 64: BwdDqConfig(4, 1, 64), 96: BwdDqConfig(4, 1, 64),
@@ -510,10 +520,11 @@ def bwd_convert_name(dtype: str) -> str:
 
 
 def bwd_mma_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdMmaConfig) -> int:
-    """K, V of the block, two stages of Q and dO, dS^T, two stages of the tile's lse and D (rows padded by 8)."""
+    """K, V of the block, two stages of Q and dO, two dS^T buffers, two stages of the tile's lse and D (rows
+    padded by 8)."""
     bkv, bq = cfg.block_kv, cfg.block_q
     halves = bkv * (head_dim + 8) + bkv * (head_dim_v + 8) + 2 * bq * (head_dim + 8) + 2 * bq * (head_dim_v + 8)
-    return (halves + bkv * (bq + 8)) * 2 + 4 * bq * 4
+    return (halves + 2 * bkv * (bq + 8)) * 2 + 4 * bq * 4
 
 
 def bwd_dq_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdDqConfig) -> int:
@@ -539,7 +550,9 @@ def all_bwd_name_expressions() -> list[str]:
             for interval, mods in MASK_FLAGS:
                 for dropout in (False, True):
                     for vec in (False, True):
-                        names.append(bwd_mma_name(dtype, dim, dv, BWD_MMA_CONFIGS[dim], interval, mods, dropout, vec))
+                        for cfg in (BWD_MMA_CONFIGS[dim], BWD_MMA_SMALL_CONFIGS.get(dim)):
+                            if cfg is not None:
+                                names.append(bwd_mma_name(dtype, dim, dv, cfg, interval, mods, dropout, vec))
                         names.append(bwd_dq_name(dtype, dim, dv, BWD_DQ_CONFIGS[dim], interval, mods, dropout, vec))
     for dtype in ("float32", "float64"):
         names.append(bwd_prep_name(dtype))

@@ -187,7 +187,7 @@ __device__ __forceinline__ float bwd_element(const fa_mask<INTERVAL, MODS>& mask
 //   NWARPS  warps per block; MT 16-key m-tiles per warp: block_kv = 16 * MT * NWARPS
 //   BQ      query rows per tile (multiple of 16)
 // Shared memory (dynamic): K block_kv x (D+8), V block_kv x (DV+8), two stages of Q BQ x (D+8) and
-// dO BQ x (DV+8), dS^T block_kv x (BQ+8), two stages of BQ lse and D values (float).  Rows padded by
+// dO BQ x (DV+8), two buffers of dS'^T block_kv x (BQ+8), two stages of BQ lse and D values (float).  Rows padded by
 // 16 bytes: the 8 row addresses of every ldmatrix fall in distinct banks.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int D, int DV, int NWARPS, int MT, int BQ, bool INTERVAL, bool MODS, bool DROPOUT, bool VEC>
@@ -211,8 +211,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
     T* sV = sK + BKV * LDS;
     T* sQ = sV + BKV * LDV;             // 2 stages
     T* sdO = sQ + 2 * BQ * LDS;         // 2 stages
-    T* sdS = sdO + 2 * BQ * LDV;        // dS^T: [key][query]
-    float* sL = reinterpret_cast<float*>(sdS + BKV * LDP);  // 2 stages
+    T* sdS = sdO + 2 * BQ * LDV;        // dS'^T: [key][query], 2 buffers
+    float* sL = reinterpret_cast<float*>(sdS + 2 * BKV * LDP);  // 2 stages
     float* sD = sL + 2 * BQ;                                // 2 stages
 
     const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);  // heavy (causal: first) key tiles first
@@ -274,13 +274,50 @@ __global__ void __launch_bounds__(NWARPS * 32)
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
     const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
 
+    // dQ of query tile `it` (BQ x D) += dS' (BQ x BKV) K (BKV x D), from dS'^T in buffer it & 1: warp -> m-tile
+    // wm, columns [wc DC, wc DC + DC), added into dq_acc.  Deferred by one tile (run after the next tile's
+    // barrier), so no barrier of its own: the warps' dQ overlaps other warps' work on the next tile.
+    auto dq_tile = [&](int it) {
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        const T* sdSb = sdS + (it & 1) * BKV * LDP;
+        const int wm = warp % WM, wc = warp / WM;
+        float acc_q[1][DC / 8][4];
+        zero_acc(acc_q);
+#pragma unroll
+        for (int kb = 0; kb < BKV / 16; ++kb) {
+            unsigned a[4];
+            ldsm_x4_trans(a[0], a[1], a[2], a[3], smem_u32(sdSb + (kb * 16 + b_row) * LDP + wm * 16 + b_col));
+#pragma unroll
+            for (int np = 0; np < DC / 16; ++np) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sK + (kb * 16 + a_row) * LDS + wc * DC + np * 16 + a_col));
+                elem<T>::mma(acc_q[0][2 * np], a, b0, b1);
+                elem<T>::mma(acc_q[0][2 * np + 1], a, b2, b3);
+            }
+        }
+        float* qa = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row) * D + wc * DC;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = q0 + wm * 16 + g + 8 * r;
+            if (i >= lq) continue;
+            float* row = qa + (long long)i * D;
+#pragma unroll
+            for (int n = 0; n < DC / 8; ++n)
+                red_add_f32x2(row + n * 8 + 2 * t4, acc_q[0][n][2 * r], acc_q[0][n][2 * r + 1]);
+        }
+    };
+
     for (int it = 0; it < n_iter; ++it) {
         const int st = it & 1;
-        // tile `it` has landed and every warp is done with tile it-1 (its stage and sdS are free)
+        // tile `it` has landed and every warp is done with tile it-1: its Q / dO stage is free, and the
+        // dS'^T buffer of tile it-1 is complete (the one of tile it-2, which this tile overwrites, was read)
         cp_async_wait<0>();
         __syncthreads();
         if (it + 1 < n_iter) load_q_tile(it + 1, st ^ 1);
         cp_async_commit();
+        if (dq_acc != nullptr && it > 0) dq_tile(it - 1);
 
         const int gh = it / n_qt;
         const int h = hkv * group + gh;
@@ -291,7 +328,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
         const T* sdOs = sdO + st * BQ * LDV;
         const float* sLs = sL + st * BQ;
         const float* sDs = sD + st * BQ;
-        T* sdSw = sdS + warp * WK * LDP;
+        T* sdSw = sdS + st * BKV * LDP + warp * WK * LDP;
 
         if (!mask.tile_hidden(q0, BQ, kw0, WK)) {
             // dP^T = V dO^T and S^T = K Q^T (this warp's keys x the tile's queries)
@@ -407,7 +444,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                         elem<T>::mma(acc_k[mt][2 * np + 1], as[mt], b2, b3);
                     }
                 }
-                if (dq_acc != nullptr) {  // dS'^T rows of this warp, for the block's dQ below
+                if (dq_acc != nullptr) {  // dS'^T rows of this warp, for the block's dQ (dq_tile)
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         T* row0 = sdSw + (mt * 16 + g) * LDP + kb * 16 + 2 * t4;
@@ -424,37 +461,12 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 *reinterpret_cast<unsigned*>(sdSw + r * LDP + c) = 0u;
             }
         }
-
-        if (dq_acc != nullptr) {
-            __syncthreads();  // every warp's dS^T rows are in shared memory
-            // dQ (BQ x D) += dS' (BQ x BKV) K (BKV x D): warp -> m-tile wm, columns [wc DC, wc DC + DC)
-            const int wm = warp % WM, wc = warp / WM;
-            float acc_q[1][DC / 8][4];
-            zero_acc(acc_q);
-#pragma unroll
-            for (int kb = 0; kb < BKV / 16; ++kb) {
-                unsigned a[4];
-                ldsm_x4_trans(a[0], a[1], a[2], a[3], smem_u32(sdS + (kb * 16 + b_row) * LDP + wm * 16 + b_col));
-#pragma unroll
-                for (int np = 0; np < DC / 16; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sK + (kb * 16 + a_row) * LDS + wc * DC + np * 16 + a_col));
-                    elem<T>::mma(acc_q[0][2 * np], a, b0, b1);
-                    elem<T>::mma(acc_q[0][2 * np + 1], a, b2, b3);
-                }
-            }
-            float* qa = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row) * D + wc * DC;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = q0 + wm * 16 + g + 8 * r;
-                if (i >= lq) continue;
-                float* row = qa + (long long)i * D;
-#pragma unroll
-                for (int n = 0; n < DC / 8; ++n) red_add_f32x2(row + n * 8 + 2 * t4, acc_q[0][n][2 * r], acc_q[0][n][2 * r + 1]);
-            }
-        }
     }
     cp_async_wait<0>();
+    if (dq_acc != nullptr && n_iter > 0) {
+        __syncthreads();  // the last tile's dS'^T is complete
+        dq_tile(n_iter - 1);
+    }
 
     // dK (times the scale) and dV of this warp's keys; keys past Lk (a padded batch) get 0
     const int rows_out = ragged == 2 ? lk : seq_kv;
