@@ -54,10 +54,18 @@ def _probe_one(d: int, causal: bool, n: int) -> None:
     t_atomic = time_ms(launch(plan.main, acc))
     t_main = time_ms(launch(dplan.main, null))
     t_dq = time_ms(launch(dplan.dq, null))
+    # the same main kernel with its dQ reductions compiled out (the dQ products kept): what the atomics cost
+    from fastattn.backends.cuda import _specs
+    from fastattn.backends.cuda._launch import get_kernel
+
+    cfg = _specs.BWD_MMA_CONFIGS[plan.d_pad]
+    name = _specs.bwd_mma_name("float16", plan.d_pad, plan.d_pad, cfg, causal, False, False, True)
+    no_red = (get_kernel(name, plan.main[3], ("-DFA_BWD_NO_RED",)), *plan.main[1:])
+    t_nored = time_ms(launch(no_red, acc))
     ck, cgrid, cargs = plan.convert
     t_conv = time_ms(lambda: ck(cgrid, (256,), (acc, dq, *cargs)))
     print(f"{d:>4} {str(causal):>6} {n:>6} | {whole:7.3f} {flops / whole / 1e9:5.0f} | {t_prep:6.3f} "
-          f"{t_atomic:10.3f} {t_main:9.3f} {t_dq:7.3f} {t_conv:7.3f} | {det:6.3f}", flush=True)
+          f"{t_atomic:10.3f} {t_nored:8.3f} {t_main:9.3f} {t_dq:7.3f} {t_conv:7.3f} | {det:6.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     args = parser.parse_args(argv)
 
-    print(f"{'D':>4} {'causal':>6} {'N':>6} | {'bwd ms':>7} {'TF':>5} | {'prep':>6} {'mma+atomic':>10} "
+    print(f"{'D':>4} {'causal':>6} {'N':>6} | {'bwd ms':>7} {'TF':>5} | {'prep':>6} {'mma+atomic':>10} {'no red':>8} "
           f"{'mma no dQ':>9} {'dq_mma':>7} {'convert':>7} | det ms")
     for d in args.dims:
         for causal in (False, True):

@@ -305,7 +305,10 @@ __global__ void __launch_bounds__(NWARPS * 32)
             float* row = qa + (long long)i * D;
 #pragma unroll
             for (int n = 0; n < DC / 8; ++n)
-                red_add_f32x2(row + n * 8 + 2 * t4, acc_q[0][n][2 * r], acc_q[0][n][2 * r + 1]);
+#ifdef FA_BWD_NO_RED  // experiment (tools/gpu_backward_probe.py): the dQ work without its reductions
+                if (acc_q[0][n][2 * r] == 1234.5f)
+#endif
+                    red_add_f32x2(row + n * 8 + 2 * t4, acc_q[0][n][2 * r], acc_q[0][n][2 * r + 1]);
         }
     };
 
