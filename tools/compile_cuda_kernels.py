@@ -90,18 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             src.write_text(translation_unit(names[start:start + args.chunk]))
             for arch in archs:
                 jobs.append((arch, src, Path(tmp) / f"chunk{c}_{arch}.cubin", names[start:start + args.chunk]))
-        for c, start in enumerate(range(0, len(decode_names), args.chunk)):
-            chunk = decode_names[start:start + args.chunk]
-            src = Path(tmp) / f"decode_chunk{c}.cu"
-            src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_DECODE))
-            for arch in archs:
-                jobs.append((arch, src, Path(tmp) / f"decode_chunk{c}_{arch}.cubin", chunk))
-        for c, start in enumerate(range(0, len(bwd_names), args.chunk)):
-            chunk = bwd_names[start:start + args.chunk]
-            src = Path(tmp) / f"bwd_chunk{c}.cu"
-            src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_BWD))
-            for arch in archs:
-                jobs.append((arch, src, Path(tmp) / f"bwd_chunk{c}_{arch}.cubin", chunk))
+        for prefix, source, chunk_names in (("decode_", _specs.KERNEL_SOURCE_DECODE, decode_names),
+                                            ("bwd_", _specs.KERNEL_SOURCE_BWD, bwd_names)):
+            for c, start in enumerate(range(0, len(chunk_names), args.chunk)):
+                chunk = chunk_names[start:start + args.chunk]
+                src = Path(tmp) / f"{prefix}chunk{c}.cu"
+                src.write_text(translation_unit(chunk, source))
+                for arch in archs:
+                    jobs.append((arch, src, Path(tmp) / f"{prefix}chunk{c}_{arch}.cubin", chunk))
         for c, start in enumerate(range(0, len(sm90_names), args.chunk)):
             chunk = sm90_names[start:start + args.chunk]
             src = Path(tmp) / f"sm90_chunk{c}.cu"

@@ -22,6 +22,7 @@ from ..._validate import AttentionSpec
 from . import _specs
 from ._launch import (
     UNBOUNDED,
+    _dynamic_args,
     _elem_strides,
     _mask_geometry,
     _mma_scales,
@@ -82,14 +83,8 @@ def _grad_like(x: Any, spec: AttentionSpec, dim: int) -> Any:
 
 
 def _dynamic(spec: AttentionSpec) -> tuple:
-    arr = spec.arrays
-    if spec.ragged == "packed":
-        rag_q, rag_kv = arr.cu_seqlens_q, arr.cu_seqlens_kv
-    elif spec.ragged == "padded":
-        rag_q, rag_kv = arr.seqlens_q, arr.seqlens_kv
-    else:
-        rag_q = rag_kv = None
-    return tuple(_NULL if x is None else x for x in (arr.attn_mask, arr.alibi_slopes, rag_q, rag_kv))
+    """The per-call pointers: attn_mask, alibi_slopes, the ragged lengths / offsets (NULL when absent)."""
+    return _dynamic_args(spec)[:4]  # the forward's, less its V-scan flag
 
 
 def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, dk: Any, dv: Any,

@@ -33,6 +33,17 @@ struct elem<__nv_bfloat16> {
     static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+// The A fragment (m16 x k16, 16-bit pairs) of one k-step from the fp32 accumulators of two m16n8
+// n-tiles of a product (lo: columns 0-7, hi: 8-15 of the step): how P (and dS) feed the next mma
+// without passing through shared memory.
+template <typename T>
+__device__ __forceinline__ void acc_to_a_frag(unsigned (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = elem<T>::pack2(lo[0], lo[1]);
+    a[1] = elem<T>::pack2(lo[2], lo[3]);
+    a[2] = elem<T>::pack2(hi[0], hi[1]);
+    a[3] = elem<T>::pack2(hi[2], hi[3]);
+}
+
 // ------------------------------------------------------------------------------------------------
 // tile loads: ROWS x D elements of a (seq, d) matrix with element strides (ss, sd) into shared
 // memory rows of LDS elements; rows >= seq and columns >= d become zero.

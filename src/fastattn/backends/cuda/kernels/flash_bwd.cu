@@ -418,14 +418,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
                 unsigned ap[MT][4], as[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    ap[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
-                    ap[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
-                    ap[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
-                    ap[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
-                    as[mt][0] = elem<T>::pack2(dp[mt][2 * kb][0], dp[mt][2 * kb][1]);
-                    as[mt][1] = elem<T>::pack2(dp[mt][2 * kb][2], dp[mt][2 * kb][3]);
-                    as[mt][2] = elem<T>::pack2(dp[mt][2 * kb + 1][0], dp[mt][2 * kb + 1][1]);
-                    as[mt][3] = elem<T>::pack2(dp[mt][2 * kb + 1][2], dp[mt][2 * kb + 1][3]);
+                    acc_to_a_frag<T>(ap[mt], s[mt][2 * kb], s[mt][2 * kb + 1]);
+                    acc_to_a_frag<T>(as[mt], dp[mt][2 * kb], dp[mt][2 * kb + 1]);
                 }
 #pragma unroll
                 for (int np = 0; np < NV / 2; ++np) {
@@ -647,10 +641,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
-                a[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
-                a[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
-                a[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
+                acc_to_a_frag<T>(a[mt], s[mt][2 * kb], s[mt][2 * kb + 1]);
             }
 #pragma unroll
             for (int np = 0; np < NK / 2; ++np) {

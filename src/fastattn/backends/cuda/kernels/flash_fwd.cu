@@ -331,10 +331,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     unsigned a[MT][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        a[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
-                        a[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
-                        a[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
-                        a[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
+                        acc_to_a_frag<T>(a[mt], s[mt][2 * kb], s[mt][2 * kb + 1]);
                     }
 #pragma unroll
                     for (int np = 0; np < NO / 2; ++np) {
