@@ -6,7 +6,8 @@
 Writes one translation unit per chunk of specializations that takes the address of each template
 instance (``all_name_expressions()``, the same list the backend launches from), compiles it to a
 cubin for every architecture, and exits non-zero if any compilation fails; the KV-cache kernels of
-``decode.cu`` (``all_decode_name_expressions()``) likewise, for every architecture.  The Hopper kernel
+``decode.cu`` (``all_decode_name_expressions()``) and the backward pass of ``flash_bwd.cu``
+(``all_bwd_name_expressions()``) likewise, for every architecture.  The Hopper kernel
 (``all_sm90_name_expressions()``, ``wgmma``) is compiled for its own target, sm_90a, whenever the
 architectures asked for include sm_90.  Without ``nvcc`` on the
 PATH (or under $CUDA_HOME/bin, /usr/local/cuda/bin) it says so and exits 0.
@@ -70,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     nvcc = find_nvcc()
     names = [n for n in _specs.all_name_expressions() if args.filter in n]
     decode_names = [n for n in _specs.all_decode_name_expressions() if args.filter in n]
+    bwd_names = [n for n in _specs.all_bwd_name_expressions() if args.filter in n]
     sm90_names = [n for n in _specs.all_sm90_name_expressions() if args.filter in n] if "sm_90" in archs else []
     if nvcc is None:
-        print(f"nvcc not found: skipping the compilation of {len(names) + len(decode_names) + len(sm90_names)} "
+        print(f"nvcc not found: skipping the compilation of "
+              f"{len(names) + len(decode_names) + len(bwd_names) + len(sm90_names)} "
               "CUDA kernel specializations")
         return 0
-    print(f"compiling {len(names)} + {len(decode_names)} (decode) specializations for {', '.join(archs)} and "
+    print(f"compiling {len(names)} + {len(decode_names)} (decode) + {len(bwd_names)} (backward) specializations for "
+          f"{', '.join(archs)} and "
           f"{len(sm90_names)} for {SM90A} with {nvcc}", flush=True)
 
     failures = 0
@@ -86,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             src.write_text(translation_unit(names[start:start + args.chunk]))
             for arch in archs:
                 jobs.append((arch, src, Path(tmp) / f"chunk{c}_{arch}.cubin", names[start:start + args.chunk]))
-        for c, start in enumerate(range(0, len(decode_names), args.chunk)):
-            chunk = decode_names[start:start + args.chunk]
-            src = Path(tmp) / f"decode_chunk{c}.cu"
-            src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_DECODE))
-            for arch in archs:
-                jobs.append((arch, src, Path(tmp) / f"decode_chunk{c}_{arch}.cubin", chunk))
+        for prefix, source, chunk_names in (("decode_", _specs.KERNEL_SOURCE_DECODE, decode_names),
+                                            ("bwd_", _specs.KERNEL_SOURCE_BWD, bwd_names)):
+            for c, start in enumerate(range(0, len(chunk_names), args.chunk)):
+                chunk = chunk_names[start:start + args.chunk]
+                src = Path(tmp) / f"{prefix}chunk{c}.cu"
+                src.write_text(translation_unit(chunk, source))
+                for arch in archs:
+                    jobs.append((arch, src, Path(tmp) / f"{prefix}chunk{c}_{arch}.cubin", chunk))
         for c, start in enumerate(range(0, len(sm90_names), args.chunk)):
             chunk = sm90_names[start:start + args.chunk]
             src = Path(tmp) / f"sm90_chunk{c}.cu"
@@ -109,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif args.resource_usage:
                     print(log, flush=True)
     total = len(jobs)
-    print(f"{total - failures}/{total} translation units compiled ({len(names)} + {len(decode_names)} (decode) "
-          f"specializations x {len(archs)} archs, {len(sm90_names)} for {SM90A})")
+    print(f"{total - failures}/{total} translation units compiled ({len(names)} + {len(decode_names)} (decode) + "
+          f"{len(bwd_names)} (backward) specializations x {len(archs)} archs, {len(sm90_names)} for {SM90A})")
     return 1 if failures else 0
 
 

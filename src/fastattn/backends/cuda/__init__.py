@@ -2,6 +2,8 @@
 
     prepare(x)  CuPy array as is; torch CUDA tensors and other DLPack / __cuda_array_interface__
                 objects zero-copy; NumPy (host) arrays copied to the current device
+    backward    _backward.backward -> fa_bwd_prep, fa_bwd_mma (+ fa_bwd_dq_mma or fa_bwd_dq_convert) for
+                float16 / bfloat16; fa_bwd_simt_kv + fa_bwd_simt_q for float32 / float64 (kernels/flash_bwd.cu)
     forward     _launch.launch -> fa_fwd_sm90 (float16, bfloat16 on compute capability 9.0: wgmma)
                                -> fa_fwd_mma  (float16, bfloat16: mma.sync tensor cores, fp32 accumulation)
                                -> fa_fwd_simt (float32, float64: exact FMA in the input precision)
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..._validate import AttentionSpec, is_gpu_array
-from .. import BackendStats, ForwardOutput, refuse_features
+from .. import BackendStats, BackwardOutput, ForwardOutput, refuse_features
 from . import _specs
 
 NAME = "cuda"
@@ -169,6 +171,35 @@ def forward(q: Any, k: Any, v: Any, spec: AttentionSpec) -> ForwardOutput:
     stats = BackendStats(block_q=block_q, block_kv=block_kv, peak_sram_bytes=smem, num_threads=threads,
                          simd=kernel)
     return ForwardOutput(out, lse, stats)
+
+
+def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, *,
+             want_dbias: bool = False, deterministic: bool = False) -> BackwardOutput:
+    """The gradients of ``forward`` (``_backward``): dq, dk, dv in the input dtype and the caller's memory
+    order, dbias (float32; float64 for float64) on request.  ``deterministic=False`` adds dQ with atomics
+    on the tensor-core path (the fastest); ``True`` computes dQ in its own pass, bit-identical run to run
+    (the float32 / float64 kernels always are)."""
+    _cupy()
+    from ._backward import backward as run
+
+    dtype = spec.dtype.name
+    if max(spec.head_dim, spec.head_dim_v) > _specs.MAX_HEAD_DIM:
+        raise ValueError(_specs.MAX_HEAD_DIM_ERROR.format(d=max(spec.head_dim, spec.head_dim_v),
+                                                          max=_specs.MAX_HEAD_DIM))
+    arrays = (dout, q, k, v, out, lse)
+    if len({x.device.id for x in arrays}) != 1:
+        raise ValueError(f"dout, q, k, v, out and lse must live on one GPU; got devices "
+                         f"{[x.device.id for x in arrays]}")
+    with q.device:
+        _check_device(dtype)
+        dq, dk, dv, dbias, plan = run(dout, q, k, v, out, lse, spec, want_dbias=want_dbias,
+                                      deterministic=deterministic)
+    if plan is None:
+        stats = BackendStats(block_q=0, block_kv=0, peak_sram_bytes=0, num_threads=0, simd="none")
+    else:
+        stats = BackendStats(block_q=plan.block_q, block_kv=plan.block_kv, peak_sram_bytes=plan.smem,
+                             num_threads=plan.threads, simd=plan.kernel)
+    return BackwardOutput(dq, dk, dv, dbias, stats)
 
 
 def kvcache(call: Any) -> tuple[Any, Any]:

@@ -53,10 +53,7 @@ def _cupy():
 
 
 def _source(name: str) -> str:
-    if _specs.is_decode_name(name):
-        file = _specs.KERNEL_SOURCE_DECODE
-    else:
-        file = _specs.KERNEL_SOURCE_SM90 if _specs.is_sm90_name(name) else _specs.KERNEL_SOURCE
+    file = _specs.source_of(name)
     if file not in _SOURCES:
         _SOURCES[file] = _specs.kernel_source(file)
     return _SOURCES[file]

@@ -24,6 +24,8 @@ KERNEL_SOURCE = "flash_fwd.cu"
 KERNEL_SOURCE_SM90 = "flash_fwd_sm90.cu"
 #: attention against a KV cache (decode, chunked prefill): fa_decode_mma / fa_decode_simt / fa_decode_combine
 KERNEL_SOURCE_DECODE = "decode.cu"
+#: the backward pass: fa_bwd_prep, fa_bwd_mma, fa_bwd_dq_mma, fa_bwd_dq_convert, fa_bwd_simt_kv, fa_bwd_simt_q
+KERNEL_SOURCE_BWD = "flash_bwd.cu"
 KERNEL_HEADERS = ("common.cuh", "elem.cuh", "philox.cuh", "wgmma.cuh")
 
 #: padded head_dim of the tensor-core kernel (float16 / bfloat16)
@@ -422,6 +424,157 @@ def all_decode_name_expressions() -> list[str]:
 
 def is_decode_name(name: str) -> bool:
     return name.startswith("fa_decode_")
+
+
+# ---------------------------------------------------------------------------------------------
+# the backward pass (flash_bwd.cu)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BwdMmaConfig:
+    """Tiles of ``fa_bwd_mma``: ``warps`` warps of 16 * ``m_tiles`` keys (block_kv keys a block), query
+    tiles of ``block_q`` rows."""
+
+    warps: int
+    m_tiles: int
+    block_q: int
+
+    @property
+    def block_kv(self) -> int:
+        return 16 * self.m_tiles * self.warps
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdDqConfig:
+    """Tiles of ``fa_bwd_dq_mma`` (deterministic dQ): ``warps`` warps of 16 * ``m_tiles`` query rows,
+    key tiles of ``block_kv``."""
+
+    warps: int
+    m_tiles: int
+    block_kv: int
+
+    @property
+    def block_q(self) -> int:
+        return 16 * self.m_tiles * self.warps
+
+
+#: fa_bwd_mma tiles per padded q/k head_dim: 8 warps of 16 keys (dK and dV of 16 keys stay in registers);
+#: 128-row query tiles up to d = 64 (measured on the H100: +10 % over 64 rows at d = 64, N 4k-16k), 64 rows at
+#: d = 96 / 128 (S and dP of 128 rows would not fit the registers beside dK and dV); 4 warps and 32-row
+#: tiles for 192 / 256
+BWD_MMA_CONFIGS: dict[int, BwdMmaConfig] = {
+    32: BwdMmaConfig(8, 1, 128), 64: BwdMmaConfig(8, 1, 128), 96: BwdMmaConfig(8, 1, 64),
+    128: BwdMmaConfig(8, 1, 64), 192: BwdMmaConfig(4, 1, 32), 256: BwdMmaConfig(4, 1, 32),
+}
+#: the tiles where a block may not have the shared memory of BWD_MMA_CONFIGS (an A100's 163 KB: d = 64, 128)
+BWD_MMA_SMALL_CONFIGS: dict[int, BwdMmaConfig] = {64: BwdMmaConfig(8, 1, 64), 128: BwdMmaConfig(8, 1, 32)}
+
+
+def bwd_mma_config(head_dim: int, head_dim_v: int, smem_limit: int) -> BwdMmaConfig:
+    """The fa_bwd_mma tiles of a padded head_dim on a device whose blocks may take ``smem_limit`` bytes."""
+    cfg = BWD_MMA_CONFIGS[head_dim]
+    if bwd_mma_smem_bytes(head_dim, head_dim_v, cfg) > smem_limit and head_dim in BWD_MMA_SMALL_CONFIGS:
+        cfg = BWD_MMA_SMALL_CONFIGS[head_dim]
+    return cfg
+#: fa_bwd_dq_mma tiles per padded q/k head_dim
+BWD_DQ_CONFIGS: dict[int, BwdDqConfig] = {
+    32: BwdDqConfig(4, 1, 64), 64: BwdDqConfig(4, 1, 64), 96: BwdDqConfig(4, 1, 64),
+    128: BwdDqConfig(4, 1, 64), 192: BwdDqConfig(4, 1, 32), 256: BwdDqConfig(4, 1, 32),
+}
+#: SIMT backward tiles per (dtype, padded head_dim): (rows, cols) = (keys, queries) of fa_bwd_simt_kv and
+#: (queries, keys) of fa_bwd_simt_q, four threads a row
+BWD_SIMT_CONFIGS: dict[tuple[str, int], tuple[int, int]] = {
+    ("float32", 32): (32, 32), ("float32", 64): (32, 32), ("float32", 128): (32, 32), ("float32", 256): (32, 16),
+    ("float64", 32): (32, 32), ("float64", 64): (32, 32), ("float64", 128): (32, 16), ("float64", 256): (16, 16),
+}
+
+
+def bwd_mma_name(dtype: str, head_dim: int, head_dim_v: int, cfg: BwdMmaConfig, interval: bool, mods: bool,
+                 dropout: bool, vec: bool) -> str:
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
+    return (f"fa_bwd_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.warps}, {cfg.m_tiles}, {cfg.block_q}, "
+            f"{_b(interval)}, {_b(mods)}, {_b(dropout)}, {_b(vec)}>")
+
+
+def bwd_dq_name(dtype: str, head_dim: int, head_dim_v: int, cfg: BwdDqConfig, interval: bool, mods: bool,
+                dropout: bool, vec: bool) -> str:
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
+    return (f"fa_bwd_dq_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.warps}, {cfg.m_tiles}, "
+            f"{cfg.block_kv}, {_b(interval)}, {_b(mods)}, {_b(dropout)}, {_b(vec)}>")
+
+
+def bwd_simt_names(dtype: str, head_dim: int, interval: bool, mods: bool) -> tuple[str, str]:
+    """(fa_bwd_simt_kv, fa_bwd_simt_q) of a float32 / float64 call."""
+    interval, mods, _ = kernel_flags(interval, mods, False)
+    rows, cols = BWD_SIMT_CONFIGS[(dtype, head_dim)]
+    t, lt = _CXX_TYPE[dtype], _LSE_TYPE[dtype]
+    flags = f"{_b(interval)}, {_b(mods)}"
+    return (f"fa_bwd_simt_kv<{t}, {lt}, {head_dim}, {rows}, {cols}, {flags}>",
+            f"fa_bwd_simt_q<{t}, {lt}, {head_dim}, {rows}, {cols}, {flags}>")
+
+
+def bwd_prep_name(dtype: str) -> str:
+    return f"fa_bwd_prep<{_CXX_TYPE[dtype]}, {_LSE_TYPE.get(dtype, 'float')}>"
+
+
+def bwd_convert_name(dtype: str) -> str:
+    return f"fa_bwd_dq_convert<{_CXX_TYPE[dtype]}>"
+
+
+def bwd_mma_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdMmaConfig) -> int:
+    """K, V of the block, two stages of Q and dO, two dS^T buffers, two stages of the tile's lse and D (rows
+    padded by 8)."""
+    bkv, bq = cfg.block_kv, cfg.block_q
+    halves = bkv * (head_dim + 8) + bkv * (head_dim_v + 8) + 2 * bq * (head_dim + 8) + 2 * bq * (head_dim_v + 8)
+    return (halves + 2 * bkv * (bq + 8)) * 2 + 4 * bq * 4
+
+
+def bwd_dq_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdDqConfig) -> int:
+    """Q, dO of the block, two stages of K and V (rows padded by 8)."""
+    bq, bkv = cfg.block_q, cfg.block_kv
+    return (bq * (head_dim + 8) + bq * (head_dim_v + 8) + 2 * bkv * (head_dim + 8) + 2 * bkv * (head_dim_v + 8)) * 2
+
+
+def bwd_simt_smem_bytes(dtype: str, head_dim: int) -> tuple[int, int]:
+    """Shared memory of (fa_bwd_simt_kv, fa_bwd_simt_q)."""
+    rows, cols = BWD_SIMT_CONFIGS[(dtype, head_dim)]
+    itemsize = 8 if dtype == "float64" else 4
+    tiles = (2 * rows + 2 * cols) * (head_dim + 1)
+    return ((tiles + 2 * rows * (cols + 1) + 2 * cols) * itemsize, (tiles + rows * (cols + 1)) * itemsize)
+
+
+def all_bwd_name_expressions() -> list[str]:
+    """Every specialization of the backward pass (``flash_bwd.cu``; CI compiles each one)."""
+    names: list[str] = []
+    for dtype in ("float16", "bfloat16"):
+        names += [bwd_prep_name(dtype), bwd_convert_name(dtype)]
+        for dim, dv in mma_dim_pairs():
+            for interval, mods in MASK_FLAGS:
+                for dropout in (False, True):
+                    for vec in (False, True):
+                        for cfg in (BWD_MMA_CONFIGS[dim], BWD_MMA_SMALL_CONFIGS.get(dim)):
+                            if cfg is not None:
+                                names.append(bwd_mma_name(dtype, dim, dv, cfg, interval, mods, dropout, vec))
+                        names.append(bwd_dq_name(dtype, dim, dv, BWD_DQ_CONFIGS[dim], interval, mods, dropout, vec))
+    for dtype in ("float32", "float64"):
+        names.append(bwd_prep_name(dtype))
+        for dim in SIMT_HEAD_DIMS:
+            for interval, mods in MASK_FLAGS:
+                names += bwd_simt_names(dtype, dim, interval, mods)
+    return _unique(names)
+
+
+def is_bwd_name(name: str) -> bool:
+    return name.startswith("fa_bwd_")
+
+
+def source_of(name: str) -> str:
+    """The kernel source file that holds a name expression."""
+    if is_decode_name(name):
+        return KERNEL_SOURCE_DECODE
+    if is_bwd_name(name):
+        return KERNEL_SOURCE_BWD
+    return KERNEL_SOURCE_SM90 if is_sm90_name(name) else KERNEL_SOURCE
 
 
 def is_sm90_name(name: str) -> bool:

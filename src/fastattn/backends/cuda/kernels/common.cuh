@@ -207,6 +207,18 @@ struct fa_mask {
         kv_lo = lo(r0);
         kv_hi = hi(r1 - 1);
     }
+    // the query rows that see some key of [kv0, kv1) (kv0 < kv1 <= Lk): [r_lo, r_hi), empty if
+    // r_hi <= r_lo.  The same rule read the other way (the backward's key tiles walk query tiles):
+    // hi(i) > kv0 and lo(i) < kv1, both monotone in i, so the rows form one interval.
+    __device__ __forceinline__ void query_range(int kv0, int kv1, int& r_lo, int& r_hi) const {
+        if (!INTERVAL) {
+            r_lo = 0;
+            r_hi = lq;
+            return;
+        }
+        r_lo = max(0, kv0 - hi_off + 1);
+        r_hi = min(lq, kv1 - lo_off);
+    }
     // does some element of rows [r0, r0 + rows) x keys [kv0, kv0 + n) need masking (rows past Lq,
     // keys past Lk or outside the interval, or a boolean mask)?
     __device__ __forceinline__ bool tile_needs_mask(int r0, int rows, int kv0, int n) const {
@@ -252,6 +264,18 @@ struct fa_mask {
         if (mask_kind == FA_MASK_F64) return reinterpret_cast<const double*>(m)[o];
         return (double)bias(i, j);
     }
+    // softcap: r = 1 / (1 + 2^(2 y log2 e)) of raw score s (y = scale s / c), so tanh(y) = 1 - 2 r
+    __device__ __forceinline__ float softcap_r(float s) const {
+        float e, r;
+        asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(s * sc_k));
+        asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
+        return r;
+    }
+    // softcap (backward): d tanh(y) / dy = 1 - tanh(y)^2 = 4 r (1 - r) at raw score s
+    __device__ __forceinline__ float softcap_dtanh(float s) const {
+        const float r = softcap_r(s);
+        return 4.0f * r * (1.0f - r);
+    }
     // MODS (tensor-core kernels): the logit of raw score s at (i, j), in log2 units, with the
     // run-time switches as template flags (SC softcap, AL ALiBi, BI a float bias): the kernels pick
     // one of the eight forms once per tile (logit2_any), not per element.  Softcap c: with
@@ -263,10 +287,7 @@ struct fa_mask {
     __device__ __forceinline__ float logit2_t(float s, int i, int j, float bias_ij = 0.0f) const {
         float x;
         if constexpr (SC) {
-            float e, r;
-            asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(s * sc_k));
-            asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
-            x = fmaf(-2.0f * sc_c2, r, sc_c2);
+            x = fmaf(-2.0f * sc_c2, softcap_r(s), sc_c2);
         } else {
             x = s * scale_l2;
         }
@@ -302,8 +323,19 @@ struct fa_mask {
     // MODS (SIMT kernel): the logit in natural units, in the input precision
     template <typename F>
     __device__ __forceinline__ F logit(F s, double scale_, double softcap_, int i, int j) const {
+        F dtanh;
+        return logit_dtanh<F>(s, scale_, softcap_, i, j, dtanh);
+    }
+    // the same, and d logit / d (scale s): 1 - tanh^2 under a softcap, else 1 (the backward)
+    template <typename F>
+    __device__ __forceinline__ F logit_dtanh(F s, double scale_, double softcap_, int i, int j, F& dtanh) const {
         F x = s * (F)scale_;
-        if (softcap_ > 0.0) x = (F)softcap_ * tanh_t(x / (F)softcap_);
+        dtanh = F(1);
+        if (softcap_ > 0.0) {
+            const F t = tanh_t(x / (F)softcap_);
+            dtanh = F(1) - t * t;
+            x = (F)softcap_ * t;
+        }
         if (alibi) x -= (F)slope * (F)fabs((double)(i + alibi_off - j));
         if (mask_kind >= FA_MASK_F16 && i < lq && j < lk) x += (F)bias_f64(i, j);
         return x;
@@ -364,6 +396,18 @@ __device__ __forceinline__ void write_empty_rows(T* out, L* lse, long long o_ss,
         else *reinterpret_cast<unsigned long long*>(p) = 0ull;
     }
     for (int r = r0 + tid; r < r1; r += nt) lse[r] = (L)(-FA_INF);
+}
+
+// ROWS x D elements of a (seq, d) matrix with element strides (ss, sd) into shared-memory rows of LDS
+// elements, rows >= seq and columns >= d zero (the SIMT kernels' tile load)
+template <typename T, int ROWS, int D, int LDS, int NT>
+__device__ __forceinline__ void load_tile_simt(T* smem, const T* __restrict__ g, long long ss, long long sd,
+                                               int row0, int seq, int d, int tid) {
+    for (int e = tid; e < ROWS * D; e += NT) {
+        const int r = e / D, c = e % D;
+        const int gr = row0 + r;
+        smem[r * LDS + c] = (gr < seq && c < d) ? g[(long long)gr * ss + (long long)c * sd] : T(0);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

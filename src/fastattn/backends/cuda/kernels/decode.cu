@@ -605,10 +605,7 @@ __global__ void __launch_bounds__(WR* WK * 32)
                 unsigned a[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    a[mt][0] = elem<T>::pack2(sc[mt][2 * kb][0], sc[mt][2 * kb][1]);
-                    a[mt][1] = elem<T>::pack2(sc[mt][2 * kb][2], sc[mt][2 * kb][3]);
-                    a[mt][2] = elem<T>::pack2(sc[mt][2 * kb + 1][0], sc[mt][2 * kb + 1][1]);
-                    a[mt][3] = elem<T>::pack2(sc[mt][2 * kb + 1][2], sc[mt][2 * kb + 1][3]);
+                    acc_to_a_frag<T>(a[mt], sc[mt][2 * kb], sc[mt][2 * kb + 1]);
                 }
 #pragma unroll
                 for (int np = 0; np < NO / 2; ++np) {

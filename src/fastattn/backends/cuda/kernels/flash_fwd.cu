@@ -32,60 +32,6 @@
 #include "philox.cuh"
 
 
-// ------------------------------------------------------------------------------------------------
-// tile loads: ROWS x D elements of a (seq, d) matrix with element strides (ss, sd) into shared
-// memory rows of LDS elements; rows >= seq and columns >= d become zero.
-// VEC: d % 8 == 0, sd == 1 and every row start 16-byte aligned (checked by the launcher), so each
-// thread moves 16-byte chunks with cp.async.  Otherwise plain element loads (any strides).
-// ------------------------------------------------------------------------------------------------
-
-// VEC loads where every thread keeps one column chunk and walks rows (see load_tile)
-template <int ROWS, int D, int NT>
-__device__ constexpr bool vec_load_walks_rows() {
-    return NT % (D / 8) == 0 && ROWS % (NT / (D / 8)) == 0;
-}
-
-template <typename T, int ROWS, int D, int LDS, int NT, bool VEC>
-__device__ __forceinline__ void load_tile(T* smem, const T* __restrict__ g, long long ss, long long sd, int row0,
-                                          int seq, int d, int tid) {
-    if constexpr (VEC) {
-        constexpr int CHUNKS = D / 8;
-        if constexpr (vec_load_walks_rows<ROWS, D, NT>()) {
-            // each thread keeps one 16-byte column chunk and walks rows r0, r0 + RS, ...: one 64-bit
-            // pointer and one increment live instead of an address per unrolled chunk
-            constexpr int RS = NT / CHUNKS;
-            const int ch = tid % CHUNKS, r0 = tid / CHUNKS;
-            const bool col_ok = ch * 8 < d;
-            const T* src = g + (long long)(row0 + r0) * ss + ch * 8;
-            const long long step = (long long)RS * ss;
-            unsigned dst = smem_u32(smem + r0 * LDS + ch * 8);
-#pragma unroll
-            for (int i = 0; i < ROWS / RS; ++i) {
-                const bool ok = col_ok && row0 + r0 + i * RS < seq;
-                cp_async_16(dst, ok ? src : g, ok ? 16 : 0);
-                src += step;
-                dst += RS * LDS * (int)sizeof(T);
-            }
-        } else {
-#pragma unroll
-            for (int c = tid; c < ROWS * CHUNKS; c += NT) {
-                const int r = c / CHUNKS, ch = c % CHUNKS;
-                const int gr = row0 + r;
-                const bool ok = gr < seq && ch * 8 < d;
-                const T* src = ok ? g + (long long)gr * ss + ch * 8 : g;
-                cp_async_16(smem_u32(smem + r * LDS + ch * 8), src, ok ? 16 : 0);
-            }
-        }
-    } else {
-        const T zero = elem<T>::from_float(0.0f);
-        for (int e = tid; e < ROWS * D; e += NT) {
-            const int r = e / D, c = e % D;
-            const int gr = row0 + r;
-            smem[r * LDS + c] = (gr < seq && c < d) ? g[(long long)gr * ss + (long long)c * sd] : zero;
-        }
-    }
-}
-
 // Does an element that thread tid wrote through load_tile<T, ROWS, D, LDS, NT, VEC> hold inf or NaN?
 // The loops visit exactly load_tile's elements for tid (keep the two in step): a thread's own
 // copies are complete and visible to it once cp_async_wait has returned for the tile, so each
@@ -385,10 +331,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
                     unsigned a[MT][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        a[mt][0] = elem<T>::pack2(s[mt][2 * kb][0], s[mt][2 * kb][1]);
-                        a[mt][1] = elem<T>::pack2(s[mt][2 * kb][2], s[mt][2 * kb][3]);
-                        a[mt][2] = elem<T>::pack2(s[mt][2 * kb + 1][0], s[mt][2 * kb + 1][1]);
-                        a[mt][3] = elem<T>::pack2(s[mt][2 * kb + 1][2], s[mt][2 * kb + 1][3]);
+                        acc_to_a_frag<T>(a[mt], s[mt][2 * kb], s[mt][2 * kb + 1]);
                     }
 #pragma unroll
                     for (int np = 0; np < NO / 2; ++np) {
@@ -525,16 +468,6 @@ __device__ __forceinline__ float simt_lse(float m, double scale, float l) {
     return (float)fma((double)m, scale, (double)logf(l));
 }
 __device__ __forceinline__ double simt_lse(double m, double scale, double l) { return fma(m, scale, log(l)); }
-
-template <typename T, int ROWS, int D, int LDS, int NT>
-__device__ __forceinline__ void load_tile_simt(T* smem, const T* __restrict__ g, long long ss, long long sd,
-                                               int row0, int seq, int d, int tid) {
-    for (int e = tid; e < ROWS * D; e += NT) {
-        const int r = e / D, c = e % D;
-        const int gr = row0 + r;
-        smem[r * LDS + c] = (gr < seq && c < d) ? g[(long long)gr * ss + (long long)c * sd] : T(0);
-    }
-}
 
 template <typename T, typename L, int D, int BQ, int BKV, bool INTERVAL, bool MODS, bool DROPOUT>
 __global__ void __launch_bounds__(BQ * 4)

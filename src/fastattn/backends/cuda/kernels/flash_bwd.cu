@@ -1,0 +1,880 @@
+// FlashAttention backward for fastattn's CUDA backend (FlashAttention-2's algorithm).
+//
+// Math, per head, query row i and key j; x_ij the logit of the forward's hook (scale s_ij -> softcap
+// c tanh(. / c) -> - ALiBi -> + bias, s_ij = q_i . k_j), P_ij = exp(x_ij - lse_i) the forward's softmax
+// (recomputed from lse, never stored; 0 where row i does not see key j and for rows with lse = -inf),
+// z_ij the dropout keep mask regenerated from the seed (philox.cuh) times 1/(1-p) (1 without dropout):
+//   D_i    = rowsum(dO_i o O_i)                                     (fa_bwd_prep)
+//   dV_j  += sum_i P_ij z_ij dO_i
+//   dP_ij  = z_ij (dO_i . v_j)
+//   dS_ij  = P_ij (dP_ij - D_i)             the gradient of the logit (dbias)
+//   dS'_ij = dS_ij (1 - tanh^2(scale s_ij / c))                       (softcap c; else dS'_ij = dS_ij)
+//   dK_j  += scale sum_i dS'_ij q_i,        dQ_i += scale sum_j dS'_ij k_j
+// (sum_j P_ij dP_ij = dO_i . O_i = D_i holds with dropout too: O carries the same z.)  GQA: dK and dV
+// of a k/v head sum over the query heads of its group.
+//
+// Kernels (the mask, the tile-skipping rule and the logit hook are the forward's: common.cuh fa_mask;
+// query_range is key_range read the other way):
+//   fa_bwd_prep        D_i (one warp a row), float32 (float64 for float64)
+//   fa_bwd_mma         float16 / bfloat16, mma.sync m16n8k16 with fp32 accumulation.  One block per
+//                      (key tile, batch * k/v head): each warp owns 16 * MT keys and keeps their dK and
+//                      dV in registers while the block walks every query tile (of every query head of
+//                      the group) that sees them.  Per query tile: dP^T = V dO^T and S^T = K Q^T (warp:
+//                      its keys x the tile's queries), P and dS in registers, dV += P^T dO and
+//                      dK += dS^T Q with P^T / dS^T re-packed as the A operand (never stored).  With a
+//                      dq_acc buffer it also adds dQ = dS K (dS^T through shared memory, the block's
+//                      warps split the query tile's rows and columns) into float32 with atomics (the
+//                      fast, order-dependent path); fa_bwd_dq_convert then writes dq.
+//   fa_bwd_dq_mma      the deterministic dQ: one block per (query tile, batch * head), warps own query
+//                      rows and walk the key tiles (the forward's work split), recomputing S and dP.
+//   fa_bwd_simt_kv / fa_bwd_simt_q   float32 / float64: the same two passes in exact FMA arithmetic.
+// Hidden entries never reach a gradient through P: P = 0 there and dS is set to exactly 0 (not
+// 0 * dP, which is NaN when V or dO holds inf / NaN at an entry the mask hides).
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "common.cuh"
+#include "elem.cuh"
+#include "philox.cuh"
+
+// The launch arguments of every backward kernel, in this order (the launcher packs them once per call
+// geometry).  view_q / view_kv: the rows of the (batch, heads, seq, d) views (dq_acc and dbias index by
+// them); dq_acc (float32, D columns a row) and dbias may be NULL.
+#define FA_BWD_PARAMS(T, L)                                                                                  \
+    const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ dout,  \
+        const L *__restrict__ lse, const L *__restrict__ dsum, T *__restrict__ dq_out, T *__restrict__ dk_out, \
+        T *__restrict__ dv_out, float *__restrict__ dq_acc, L *__restrict__ dbias,                            \
+        const unsigned char *__restrict__ attn_mask, const float *__restrict__ slopes,                        \
+        const int *__restrict__ rag_q, const int *__restrict__ rag_kv, int heads, int group, int seq_q,        \
+        int seq_kv, int d, int dv, int view_q, int view_kv, long long q_sb, long long q_sh, long long q_ss,    \
+        long long q_sd, long long k_sb, long long k_sh, long long k_ss, long long k_sd, long long v_sb,        \
+        long long v_sh, long long v_ss, long long v_sd, long long do_sb, long long do_sh, long long do_ss,      \
+        long long do_sd, long long dq_sb, long long dq_sh, long long dq_ss, long long dk_sb, long long dk_sh,   \
+        long long dk_ss, long long dv_sb, long long dv_sh, long long dv_ss, long long lse_sb, long long lse_sh, \
+        long long m_sb, long long m_sh, long long m_si, long long m_sj, int slopes_sb, int num_blocks,         \
+        int ragged, int mask_kind, int bottom_right, int win_left, int win_right
+
+#define FA_BWD_MASK_ARGS(e) \
+    e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb
+
+// ------------------------------------------------------------------------------------------------
+// element conversions (any input dtype to the float32 / float64 of the sums)
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+// ------------------------------------------------------------------------------------------------
+// fa_bwd_prep: D = rowsum(dO o O) of every row of the (batch, heads, rows, dv) views, one warp a row;
+// dsum is contiguous (batch, heads, rows) like lse.
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename L>
+__global__ void __launch_bounds__(256)
+    fa_bwd_prep(const T* __restrict__ dout, const T* __restrict__ out, L* __restrict__ dsum, int heads, int rows,
+                int dv, long long do_sb, long long do_sh, long long do_ss, long long do_sd, long long o_sb,
+                long long o_sh, long long o_ss, long long o_sd, long long total_rows) {
+    const long long rid = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (rid >= total_rows) return;
+    const long long bh = rid / rows;
+    const int s = (int)(rid - bh * rows);
+    const int h = (int)(bh % heads);
+    const long long b = bh / heads;
+    const T* dop = dout + b * do_sb + h * do_sh + s * do_ss;
+    const T* op = out + b * o_sb + h * o_sh + s * o_ss;
+    L acc = L(0);
+    for (int c = lane; c < dv; c += 32) acc += (L)to_acc(dop[c * do_sd]) * (L)to_acc(op[c * o_sd]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) dsum[rid] = acc;
+}
+
+// dq (input dtype, the caller's strides) = scale * dq_acc (float32, D columns a row), every row
+template <typename T>
+__global__ void __launch_bounds__(256)
+    fa_bwd_dq_convert(const float* __restrict__ dq_acc, T* __restrict__ dq, int heads, int rows, int d, int D,
+                      long long sb, long long sh, long long ss, float scale, long long total) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int c = (int)(idx % d);
+    const long long rest = idx / d;
+    const int s = (int)(rest % rows);
+    const long long bh = rest / rows;
+    const int h = (int)(bh % heads);
+    const long long b = bh / heads;
+    dq[b * sb + h * sh + (long long)s * ss + c] = elem<T>::from_float(dq_acc[(bh * rows + s) * D + c] * scale);
+}
+
+// ------------------------------------------------------------------------------------------------
+// shared pieces of the tensor-core kernels
+// ------------------------------------------------------------------------------------------------
+
+// rows [r0, r0 + 16 MT) of one (entry, head) of an output from m16n8 accumulators acc[mt][n][4]
+// (columns 8 n + 2 t4 + {0, 1}, rows g and g + 8) times mul; rows >= rows_out and columns >= ncols are
+// not written.  Unit stride along the columns (the launcher allocates the gradients).
+template <typename T, int MT, int NN>
+__device__ __forceinline__ void store_acc_rows(T* base, long long ss, int r0, int rows_out, int ncols,
+                                               const float (&acc)[MT][NN][4], float mul, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = r0 + mt * 16 + g + 8 * r;
+            if (row >= rows_out) continue;
+            T* p = base + (long long)row * ss;
+#pragma unroll
+            for (int n = 0; n < NN; ++n) {
+                const int c = n * 8 + 2 * t4;
+                const float x0 = acc[mt][n][2 * r] * mul, x1 = acc[mt][n][2 * r + 1] * mul;
+                if ((ncols & 1) == 0) {
+                    if (c < ncols) *reinterpret_cast<unsigned*>(p + c) = elem<T>::pack2(x0, x1);
+                } else {
+                    if (c < ncols) p[c] = elem<T>::from_float(x0);
+                    if (c + 1 < ncols) p[c + 1] = elem<T>::from_float(x1);
+                }
+            }
+        }
+}
+
+template <int MT, int NN>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NN][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NN; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.0f;
+}
+
+// p[0] += a, p[1] += b in global memory (p 8-byte aligned): one vector reduction on sm_90, else two atomics
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// lse of a row as the exponent's offset, in log2 units: +inf for a row that sees no key (P = 0)
+__device__ __forceinline__ float lse_log2(float l) { return l == -FA_INF ? FA_INF : l * FA_LOG2E; }
+
+// P and dS' of one element (row i, key j) from its raw score s and dP (= dO_i . v_j): the hook, the mask,
+// dropout, the softcap's derivative.  Returns dS' (without the scale); p becomes the dropped P z.
+template <bool INTERVAL, bool MODS>
+__device__ __forceinline__ float bwd_element(const fa_mask<INTERVAL, MODS>& mask, bool needs, float s, float dp,
+                                             float l2, float dsum_i, int i, int j, float scale_log2, bool keep,
+                                             float keep_scale, float& p, float* dbias_ij) {
+    float x, dt = 1.0f;
+    if constexpr (MODS) {
+        if (mask.softcap) dt = mask.softcap_dtanh(s);
+        x = mask.logit2(s, i, j);
+    } else {
+        x = s * scale_log2;
+    }
+    float pr = exp2_approx(x - l2);
+    if (needs && !mask.visible(i, j)) pr = 0.0f;
+    const float z = keep ? keep_scale : 0.0f;
+    const float ds = pr == 0.0f ? 0.0f : pr * (dp * z - dsum_i);
+    if (dbias_ij != nullptr) *dbias_ij = ds;
+    p = pr * z;
+    return ds * dt;
+}
+
+// ------------------------------------------------------------------------------------------------
+// fa_bwd_mma: dK, dV (and dQ through atomics) on tensor cores
+//   D, DV   head dims of q/k and v, padded (multiples of 16)
+//   NWARPS  warps per block; MT 16-key m-tiles per warp: block_kv = 16 * MT * NWARPS
+//   BQ      query rows per tile (multiple of 16)
+// Shared memory (dynamic): K block_kv x (D+8), V block_kv x (DV+8), two stages of Q BQ x (D+8) and
+// dO BQ x (DV+8), two buffers of dS'^T block_kv x (BQ+8), two stages of BQ lse and D values (float).  Rows padded by
+// 16 bytes: the 8 row addresses of every ldmatrix fall in distinct banks.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int D, int DV, int NWARPS, int MT, int BQ, bool INTERVAL, bool MODS, bool DROPOUT, bool VEC>
+__global__ void __launch_bounds__(NWARPS * 32)
+    fa_bwd_mma(FA_BWD_PARAMS(T, float), float softcap, float scale_log2, float scale, unsigned long long seed,
+               unsigned threshold, float keep_scale) {
+    constexpr int WK = 16 * MT;        // keys per warp
+    constexpr int BKV = WK * NWARPS;   // keys per block
+    constexpr int NT = NWARPS * 32;
+    constexpr int LDS = D + 8, LDV = DV + 8, LDP = BQ + 8;
+    constexpr int NQ = BQ / 8;         // n-tiles of S^T (queries)
+    constexpr int NK = D / 8, NV = DV / 8;
+    constexpr int WM = BQ / 16;        // dQ: m-tiles of the query tile
+    constexpr int WC = NWARPS / WM;    // dQ: warps per m-tile, each a slice of DC columns
+    constexpr int DC = D / WC;
+    static_assert(D % 16 == 0 && DV % 16 == 0 && BQ % 16 == 0, "tile sizes");
+    static_assert(NWARPS % WM == 0 && DC % 16 == 0, "the dQ split: whole m-tiles and 16-column slices");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sV = sK + BKV * LDS;
+    T* sQ = sV + BKV * LDV;             // 2 stages
+    T* sdO = sQ + 2 * BQ * LDS;         // 2 stages
+    T* sdS = sdO + 2 * BQ * LDV;        // dS'^T: [key][query], 2 buffers
+    float* sL = reinterpret_cast<float*>(sdS + 2 * BKV * LDP);  // 2 stages
+    float* sD = sL + 2 * BQ;                                // 2 stages
+
+    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);  // heavy (causal: first) key tiles first
+    const int heads_kv = heads / group;
+    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
+                             seq_kv);
+    const int hkv = e.h;
+    const int kv0 = kv_block * BKV;
+    const int lq = e.lq, lk = e.lk;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int kw0 = kv0 + warp * WK;  // first key of this warp
+    const bool dropout = threshold != 0u;
+
+    // the query rows that see a key of this block (the tile-skipping rule read the other way), in
+    // BQ-row tiles, for every query head of the group
+    int r_lo = 0, r_hi = 0;
+    if (kv0 < lk) {
+        e.h = hkv * group;
+        const fa_mask<INTERVAL, MODS> m0 =
+            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
+        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
+    }
+    const int qt_begin = (r_lo / BQ) * BQ;
+    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
+    const int n_iter = n_qt * group;
+
+    const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
+
+    auto load_q_tile = [&](int it, int st) {
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
+        const T* dop = dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss;
+        load_tile<T, BQ, D, LDS, NT, VEC>(sQ + st * BQ * LDS, qp, q_ss, q_sd, q0, lq, d, tid);
+        load_tile<T, BQ, DV, LDV, NT, VEC>(sdO + st * BQ * LDV, dop, do_ss, do_sd, q0, lq, dv, tid);
+        const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+        for (int r = tid; r < BQ; r += NT) {
+            const int i = q0 + r;
+            sL[st * BQ + r] = i < lq ? lse_log2(lse[lrow + i]) : FA_INF;
+            sD[st * BQ + r] = i < lq ? dsum[lrow + i] : 0.0f;
+        }
+    };
+
+    if (n_iter > 0) {
+        load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
+        load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
+        load_q_tile(0, 0);
+    }
+    cp_async_commit();
+
+    float acc_k[MT][NK][4], acc_v[MT][NV][4];
+    zero_acc(acc_k);
+    zero_acc(acc_v);
+
+    // per-lane ldmatrix offsets inside a 16x16 block: a_* for A (and .trans B), b_* for B (and .trans A)
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+
+    // dQ of query tile `it` (BQ x D) += dS' (BQ x BKV) K (BKV x D), from dS'^T in buffer it & 1: warp -> m-tile
+    // wm, columns [wc DC, wc DC + DC), added into dq_acc.  Deferred by one tile (run after the next tile's
+    // barrier), so no barrier of its own: the warps' dQ overlaps other warps' work on the next tile.
+    auto dq_tile = [&](int it) {
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        const T* sdSb = sdS + (it & 1) * BKV * LDP;
+        const int wm = warp % WM, wc = warp / WM;
+        float acc_q[1][DC / 8][4];
+        zero_acc(acc_q);
+#pragma unroll
+        for (int kb = 0; kb < BKV / 16; ++kb) {
+            unsigned a[4];
+            ldsm_x4_trans(a[0], a[1], a[2], a[3], smem_u32(sdSb + (kb * 16 + b_row) * LDP + wm * 16 + b_col));
+#pragma unroll
+            for (int np = 0; np < DC / 16; ++np) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sK + (kb * 16 + a_row) * LDS + wc * DC + np * 16 + a_col));
+                elem<T>::mma(acc_q[0][2 * np], a, b0, b1);
+                elem<T>::mma(acc_q[0][2 * np + 1], a, b2, b3);
+            }
+        }
+        float* qa = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row) * D + wc * DC;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = q0 + wm * 16 + g + 8 * r;
+            if (i >= lq) continue;
+            float* row = qa + (long long)i * D;
+#pragma unroll
+            for (int n = 0; n < DC / 8; ++n)
+#ifdef FA_BWD_NO_RED  // experiment (tools/gpu_backward_probe.py): the dQ work without its reductions
+                if (acc_q[0][n][2 * r] == 1234.5f)
+#endif
+                    red_add_f32x2(row + n * 8 + 2 * t4, acc_q[0][n][2 * r], acc_q[0][n][2 * r + 1]);
+        }
+    };
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int st = it & 1;
+        // tile `it` has landed and every warp is done with tile it-1: its Q / dO stage is free, and the
+        // dS'^T buffer of tile it-1 is complete (the one of tile it-2, which this tile overwrites, was read)
+        cp_async_wait<0>();
+        __syncthreads();
+        if (it + 1 < n_iter) load_q_tile(it + 1, st ^ 1);
+        cp_async_commit();
+        if (dq_acc != nullptr && it > 0) dq_tile(it - 1);
+
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        e.h = h;
+        const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
+        const T* sQs = sQ + st * BQ * LDS;
+        const T* sdOs = sdO + st * BQ * LDV;
+        const float* sLs = sL + st * BQ;
+        const float* sDs = sD + st * BQ;
+        T* sdSw = sdS + st * BKV * LDP + warp * WK * LDP;
+
+        if (!mask.tile_hidden(q0, BQ, kw0, WK)) {
+            // dP^T = V dO^T and S^T = K Q^T (this warp's keys x the tile's queries)
+            float dp[MT][NQ][4], s[MT][NQ][4];
+            zero_acc(dp);
+            zero_acc(s);
+#pragma unroll
+            for (int kt = 0; kt < DV / 16; ++kt) {
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                            smem_u32(sV + (warp * WK + mt * 16 + a_row) * LDV + kt * 16 + a_col));
+#pragma unroll
+                for (int np = 0; np < NQ / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3, smem_u32(sdOs + (np * 16 + b_row) * LDV + kt * 16 + b_col));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        elem<T>::mma(dp[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(dp[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+#pragma unroll
+            for (int kt = 0; kt < D / 16; ++kt) {
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                            smem_u32(sK + (warp * WK + mt * 16 + a_row) * LDS + kt * 16 + a_col));
+#pragma unroll
+                for (int np = 0; np < NQ / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3, smem_u32(sQs + (np * 16 + b_row) * LDS + kt * 16 + b_col));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        elem<T>::mma(s[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+
+            // P (dropped) into s, dS' into dp; element (key kw0 + 16 mt + g + 8 (e >> 1), query q0 + 8 n + 2 t4 + (e & 1))
+            const bool needs = mask.tile_needs_mask(q0, BQ, kw0, WK);
+            if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
+                // the usual tile: every entry visible, nothing else to apply (P = 2^(s c - lse log2 e))
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+                        for (int e2 = 0; e2 < 4; ++e2) {
+                            const int il = n * 8 + 2 * t4 + (e2 & 1);
+                            const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -sLs[il]));
+                            dp[mt][n][e2] = p * (dp[mt][n][e2] - sDs[il]);
+                            s[mt][n][e2] = p;
+                        }
+            } else {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NQ; ++n)
+#pragma unroll
+                    for (int e2 = 0; e2 < 4; ++e2) {
+                        const int il = n * 8 + 2 * t4 + (e2 & 1);
+                        const int i = q0 + il, j = kw0 + mt * 16 + g + (e2 >> 1) * 8;
+                        const bool keep = !(DROPOUT && dropout) || dropout_keep(seed, threshold, e.b, h, i, j);
+                        float* db = nullptr;
+                        if (MODS && dbias != nullptr && i < lq && j < lk)
+                            db = dbias + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv +
+                                 e.kv_row + j;
+                        float p;
+                        dp[mt][n][e2] = bwd_element(mask, needs, s[mt][n][e2], dp[mt][n][e2], sLs[il], sDs[il], i, j,
+                                                    scale_log2, keep, keep_scale, p, db);
+                        s[mt][n][e2] = p;
+                    }
+            }
+
+            // dV += (P z)^T dO and dK += dS'^T Q: the accumulators of n-tiles (2 kb, 2 kb + 1) are the
+            // A fragment of k-step kb; dO and Q are the B operands through ldmatrix.trans
+#pragma unroll
+            for (int kb = 0; kb < BQ / 16; ++kb) {
+                unsigned ap[MT][4], as[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    acc_to_a_frag<T>(ap[mt], s[mt][2 * kb], s[mt][2 * kb + 1]);
+                    acc_to_a_frag<T>(as[mt], dp[mt][2 * kb], dp[mt][2 * kb + 1]);
+                }
+#pragma unroll
+                for (int np = 0; np < NV / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sdOs + (kb * 16 + a_row) * LDV + np * 16 + a_col));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        elem<T>::mma(acc_v[mt][2 * np], ap[mt], b0, b1);
+                        elem<T>::mma(acc_v[mt][2 * np + 1], ap[mt], b2, b3);
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < NK / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sQs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        elem<T>::mma(acc_k[mt][2 * np], as[mt], b0, b1);
+                        elem<T>::mma(acc_k[mt][2 * np + 1], as[mt], b2, b3);
+                    }
+                }
+                if (dq_acc != nullptr) {  // dS'^T rows of this warp, for the block's dQ (dq_tile)
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        T* row0 = sdSw + (mt * 16 + g) * LDP + kb * 16 + 2 * t4;
+                        *reinterpret_cast<unsigned*>(row0) = as[mt][0];
+                        *reinterpret_cast<unsigned*>(row0 + 8 * LDP) = as[mt][1];
+                        *reinterpret_cast<unsigned*>(row0 + 8) = as[mt][2];
+                        *reinterpret_cast<unsigned*>(row0 + 8 * LDP + 8) = as[mt][3];
+                    }
+                }
+            }
+        } else if (dq_acc != nullptr) {  // no entry of this warp is visible: its dS^T rows are 0
+            for (int w = lane; w < WK * BQ / 2; w += 32) {
+                const int r = w / (BQ / 2), c = (w % (BQ / 2)) * 2;
+                *reinterpret_cast<unsigned*>(sdSw + r * LDP + c) = 0u;
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (dq_acc != nullptr && n_iter > 0) {
+        __syncthreads();  // the last tile's dS'^T is complete
+        dq_tile(n_iter - 1);
+    }
+
+    // dK (times the scale) and dV of this warp's keys; keys past Lk (a padded batch) get 0
+    const int rows_out = ragged == 2 ? lk : seq_kv;
+    store_acc_rows<T, MT, NK>(dk_out + e.view_b * dk_sb + hkv * dk_sh + e.kv_row * dk_ss, dk_ss, kw0, rows_out, d,
+                              acc_k, scale, lane);
+    store_acc_rows<T, MT, NV>(dv_out + e.view_b * dv_sb + hkv * dv_sh + e.kv_row * dv_ss, dv_ss, kw0, rows_out, dv,
+                              acc_v, 1.0f, lane);
+}
+
+// ------------------------------------------------------------------------------------------------
+// fa_bwd_dq_mma: dQ alone, deterministic (no atomics).  The forward's work split: one block per
+// (query tile, batch * head), each warp owns 16 * MT query rows and walks the key tiles the rule gives
+// (K / V double-buffered through cp.async); per tile S = Q K^T and dP = dO V^T, dS' in registers,
+// dQ += dS' K with dS' re-packed as the A operand.
+// Shared memory: Q BQ x (D+8), dO BQ x (DV+8), two stages of K BKV x (D+8) and V BKV x (DV+8).
+// ------------------------------------------------------------------------------------------------
+template <typename T, int D, int DV, int NWARPS, int MT, int BKV, bool INTERVAL, bool MODS, bool DROPOUT,
+          bool VEC>
+__global__ void __launch_bounds__(NWARPS * 32)
+    fa_bwd_dq_mma(FA_BWD_PARAMS(T, float), float softcap, float scale_log2, float scale, unsigned long long seed,
+                  unsigned threshold, float keep_scale) {
+    constexpr int WQ = 16 * MT;
+    constexpr int BQ = WQ * NWARPS;
+    constexpr int NT = NWARPS * 32;
+    constexpr int LDS = D + 8, LDV = DV + 8;
+    constexpr int NS = BKV / 8, NK = D / 8;
+    static_assert(D % 16 == 0 && DV % 16 == 0 && BKV % 16 == 0, "tile sizes");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sdO = sQ + BQ * LDS;
+    T* sK = sdO + BQ * LDV;       // 2 stages
+    T* sV = sK + 2 * BKV * LDS;   // 2 stages
+
+    const int q_block = num_blocks - 1 - (int)(blockIdx.x % (unsigned)num_blocks);
+    const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads, ragged, rag_q, rag_kv, seq_q,
+                                   seq_kv);
+    const int b = e.b, h = e.h;
+    const int q0 = q_block * BQ;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int row_w0 = q0 + warp * WQ;
+    const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
+    const int lq = e.lq, lk = e.lk;
+    const bool dropout = threshold != 0u;
+
+    const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
+    const T* dop = dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss;
+    const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
+
+    int kv_lo = 0, kv_hi = 0;
+    if (q0 < lq) mask.key_range(q0, min(q0 + BQ, lq), kv_lo, kv_hi);
+    const int kv_begin = (kv_lo / BKV) * BKV;
+    const int n_tiles = kv_hi > kv_lo ? (kv_hi - kv_begin + BKV - 1) / BKV : 0;
+
+    if (n_tiles > 0) {
+        load_tile<T, BQ, D, LDS, NT, VEC>(sQ, qp, q_ss, q_sd, q0, lq, d, tid);
+        load_tile<T, BQ, DV, LDV, NT, VEC>(sdO, dop, do_ss, do_sd, q0, lq, dv, tid);
+        load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv_begin, lk, d, tid);
+        load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv_begin, lk, dv, tid);
+    }
+    cp_async_commit();
+
+    // this thread's rows: row_w0 + 16 mt + g + 8 r
+    float l2[MT][2], dsum_r[MT][2];
+    const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = row_w0 + mt * 16 + g + 8 * r;
+            l2[mt][r] = i < lq ? lse_log2(lse[lrow + i]) : FA_INF;
+            dsum_r[mt][r] = i < lq ? dsum[lrow + i] : 0.0f;
+        }
+
+    float acc_q[MT][NK][4];
+    zero_acc(acc_q);
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+    const T* sQw = sQ + (warp * WQ + a_row) * LDS + a_col;
+    const T* sdOw = sdO + (warp * WQ + a_row) * LDV + a_col;
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int st = it & 1;
+        const int kv0 = kv_begin + it * BKV;
+        cp_async_wait<0>();
+        __syncthreads();
+        if (it + 1 < n_tiles) {
+            load_tile<T, BKV, D, LDS, NT, VEC>(sK + (st ^ 1) * BKV * LDS, kp, k_ss, k_sd, kv0 + BKV, lk, d, tid);
+            load_tile<T, BKV, DV, LDV, NT, VEC>(sV + (st ^ 1) * BKV * LDV, vp, v_ss, v_sd, kv0 + BKV, lk, dv, tid);
+        }
+        cp_async_commit();
+        if (mask.tile_hidden(row_w0, WQ, kv0, BKV)) continue;
+        const T* sKs = sK + st * BKV * LDS;
+        const T* sVs = sV + st * BKV * LDV;
+
+        float s[MT][NS][4], dp[MT][NS][4];
+        zero_acc(s);
+        zero_acc(dp);
+#pragma unroll
+        for (int kt = 0; kt < D / 16; ++kt) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], smem_u32(sQw + mt * 16 * LDS + kt * 16));
+#pragma unroll
+            for (int np = 0; np < NS / 2; ++np) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, smem_u32(sKs + (np * 16 + b_row) * LDS + kt * 16 + b_col));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    elem<T>::mma(s[mt][2 * np], a[mt], b0, b1);
+                    elem<T>::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                }
+            }
+        }
+#pragma unroll
+        for (int kt = 0; kt < DV / 16; ++kt) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], smem_u32(sdOw + mt * 16 * LDV + kt * 16));
+#pragma unroll
+            for (int np = 0; np < NS / 2; ++np) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, smem_u32(sVs + (np * 16 + b_row) * LDV + kt * 16 + b_col));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    elem<T>::mma(dp[mt][2 * np], a[mt], b0, b1);
+                    elem<T>::mma(dp[mt][2 * np + 1], a[mt], b2, b3);
+                }
+            }
+        }
+
+        // dS' into s; element (row row_w0 + 16 mt + g + 8 r, key kv0 + 8 n + 2 t4 + c)
+        const bool needs = mask.tile_needs_mask(row_w0, WQ, kv0, BKV);
+        if (!MODS && !needs && !(DROPOUT && dropout)) {  // the usual tile (see fa_bwd_mma)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+#pragma unroll
+                    for (int e2 = 0; e2 < 4; ++e2) {
+                        const int r = e2 >> 1;
+                        const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][r]));
+                        s[mt][n][e2] = p * (dp[mt][n][e2] - dsum_r[mt][r]);
+                    }
+        } else
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NS; ++n)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = row_w0 + mt * 16 + g + 8 * r;
+                    const int j = kv0 + n * 8 + 2 * t4;
+                    bool keep0 = true, keep1 = true;
+                    if (DROPOUT && dropout) {  // keys j, j + 1 share one Philox group (j even)
+                        const uint4 w = dropout_words(seed, b, h, i, j);
+                        keep0 = ((t4 & 1) ? w.z : w.x) >= threshold;
+                        keep1 = ((t4 & 1) ? w.w : w.y) >= threshold;
+                    }
+                    float p;
+                    s[mt][n][2 * r] = bwd_element(mask, needs, s[mt][n][2 * r], dp[mt][n][2 * r], l2[mt][r],
+                                                  dsum_r[mt][r], i, j, scale_log2, keep0, keep_scale, p, nullptr);
+                    s[mt][n][2 * r + 1] = bwd_element(mask, needs, s[mt][n][2 * r + 1], dp[mt][n][2 * r + 1],
+                                                      l2[mt][r], dsum_r[mt][r], i, j + 1, scale_log2, keep1,
+                                                      keep_scale, p, nullptr);
+                }
+
+        // dQ += dS' K: K as the B operand through ldmatrix.trans (as V in the forward's P V)
+#pragma unroll
+        for (int kb = 0; kb < BKV / 16; ++kb) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc_to_a_frag<T>(a[mt], s[mt][2 * kb], s[mt][2 * kb + 1]);
+            }
+#pragma unroll
+            for (int np = 0; np < NK / 2; ++np) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sKs + (kb * 16 + a_row) * LDS + np * 16 + a_col));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    elem<T>::mma(acc_q[mt][2 * np], a[mt], b0, b1);
+                    elem<T>::mma(acc_q[mt][2 * np + 1], a[mt], b2, b3);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    const int rows_out = ragged == 2 ? lq : seq_q;  // padded batches: rows past Lq get 0
+    store_acc_rows<T, MT, NK>(dq_out + e.view_b * dq_sb + h * dq_sh + e.q_row * dq_ss, dq_ss, row_w0, rows_out, d,
+                              acc_q, scale, lane);
+}
+
+// ------------------------------------------------------------------------------------------------
+// SIMT kernels (float32, float64): exact FMA arithmetic in the input precision.  Four threads a row
+// (a key in fa_bwd_simt_kv, a query in fa_bwd_simt_q), each owning the output columns part + 4 u and
+// the partner elements part + 4 u of the other side's tile.  P and dS' pass through shared memory
+// among the four threads of a row (one warp): __syncwarp.  An entry with P = 0 and dS' = 0 (every
+// hidden one) is skipped, so no value behind the mask reaches a gradient.
+// ------------------------------------------------------------------------------------------------
+
+// P z and dS' of one element in the input precision (natural units)
+template <typename F, bool INTERVAL, bool MODS>
+__device__ __forceinline__ F bwd_element_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F dp, F lse_i, F dsum_i,
+                                              int i, int j, double scale, double softcap, bool keep, F keep_scale,
+                                              F& p, F& dt) {
+    F x;
+    dt = F(1);
+    if constexpr (MODS) x = mask.template logit_dtanh<F>(s, scale, softcap, i, j, dt);
+    else x = s * (F)scale;
+    F pr = (lse_i == -FA_INF || !mask.visible(i, j)) ? F(0) : exp_t<F>(x - lse_i);
+    const F z = keep ? keep_scale : F(0);
+    const F ds = pr == F(0) ? F(0) : pr * (dp * z - dsum_i);
+    p = pr * z;
+    return ds;  // dS: the caller multiplies by dt (dbias wants dS itself)
+}
+
+template <typename T, typename L, int D, int BKV, int BQ, bool INTERVAL, bool MODS>
+__global__ void __launch_bounds__(BKV * 4)
+    fa_bwd_simt_kv(FA_BWD_PARAMS(T, L), double softcap, double scale, unsigned long long seed, unsigned threshold,
+                   double keep_scale) {
+    constexpr int NT = BKV * 4;
+    constexpr int LDS = D + 1, LDP = BQ + 1;
+    constexpr int NU = D / 4, NI = BQ / 4;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sV = sK + BKV * LDS;
+    T* sQ = sV + BKV * LDS;
+    T* sdO = sQ + BQ * LDS;
+    T* sP = sdO + BQ * LDS;
+    T* sS = sP + BKV * LDP;
+    T* sL = sS + BKV * LDP;
+    T* sD = sL + BQ;
+
+    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
+    const int heads_kv = heads / group;
+    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
+                             seq_kv);
+    const int hkv = e.h;
+    const int kv0 = kv_block * BKV;
+    const int lq = e.lq, lk = e.lk;
+    const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
+    const int j = kv0 + r;
+    const bool dropout = threshold != 0u;
+
+    int r_lo = 0, r_hi = 0;
+    if (kv0 < lk) {
+        e.h = hkv * group;
+        const fa_mask<INTERVAL, MODS> m0 =
+            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), (float)scale, (float)softcap);
+        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
+    }
+    const int qt_begin = (r_lo / BQ) * BQ;
+    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
+    const int n_iter = n_qt * group;
+
+    T acc_k[NU], acc_v[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) acc_k[u] = acc_v[u] = T(0);
+
+    if (n_iter > 0) {
+        load_tile_simt<T, BKV, D, LDS, NT>(sK, k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss, k_ss, k_sd, kv0,
+                                           lk, d, tid);
+        load_tile_simt<T, BKV, D, LDS, NT>(sV, v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss, v_ss, v_sd, kv0,
+                                           lk, dv, tid);
+    }
+    for (int it = 0; it < n_iter; ++it) {
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        e.h = h;
+        const fa_mask<INTERVAL, MODS> mask =
+            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), (float)scale, (float)softcap);
+        __syncthreads();  // every thread is done with the last tile
+        load_tile_simt<T, BQ, D, LDS, NT>(sQ, q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss, q_ss, q_sd, q0, lq, d,
+                                          tid);
+        load_tile_simt<T, BQ, D, LDS, NT>(sdO, dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss, do_ss, do_sd,
+                                          q0, lq, dv, tid);
+        const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+        for (int rr = tid; rr < BQ; rr += NT) {
+            const int i = q0 + rr;
+            sL[rr] = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
+            sD[rr] = i < lq ? (T)dsum[lrow + i] : T(0);
+        }
+        __syncthreads();
+
+#pragma unroll 1
+        for (int u = 0; u < NI; ++u) {
+            const int il = part + 4 * u, i = q0 + il;
+            T s = T(0), dp = T(0);
+            for (int c = 0; c < d; ++c) s = fma(sK[r * LDS + c], sQ[il * LDS + c], s);
+            for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
+            const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
+            T p, dt;
+            const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], i, j, scale, softcap, keep,
+                                             (T)keep_scale, p, dt);
+            if (dbias != nullptr && i < lq && j < lk)
+                dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
+            sP[r * LDP + il] = p;
+            sS[r * LDP + il] = ds * dt;
+        }
+        __syncwarp();
+        for (int il = 0; il < BQ; ++il) {
+            const T p = sP[r * LDP + il], ds = sS[r * LDP + il];
+            if (p == T(0) && ds == T(0)) continue;
+#pragma unroll
+            for (int u = 0; u < NU; ++u) {
+                acc_v[u] = fma(p, sdO[il * LDS + part + 4 * u], acc_v[u]);
+                acc_k[u] = fma(ds, sQ[il * LDS + part + 4 * u], acc_k[u]);
+            }
+        }
+    }
+
+    const int rows_out = ragged == 2 ? lk : seq_kv;
+    if (j < rows_out) {
+        T* dkp = dk_out + e.view_b * dk_sb + hkv * dk_sh + (e.kv_row + j) * dk_ss;
+        T* dvp = dv_out + e.view_b * dv_sb + hkv * dv_sh + (e.kv_row + j) * dv_ss;
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+            const int c = part + 4 * u;
+            if (c < d) dkp[c] = acc_k[u] * (T)scale;
+            if (c < dv) dvp[c] = acc_v[u];
+        }
+    }
+}
+
+template <typename T, typename L, int D, int BQ, int BKV, bool INTERVAL, bool MODS>
+__global__ void __launch_bounds__(BQ * 4)
+    fa_bwd_simt_q(FA_BWD_PARAMS(T, L), double softcap, double scale, unsigned long long seed, unsigned threshold,
+                  double keep_scale) {
+    constexpr int NT = BQ * 4;
+    constexpr int LDS = D + 1, LDP = BKV + 1;
+    constexpr int NU = D / 4, NJ = BKV / 4;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sdO = sQ + BQ * LDS;
+    T* sK = sdO + BQ * LDS;
+    T* sV = sK + BKV * LDS;
+    T* sS = sV + BKV * LDS;
+
+    const int q_block = num_blocks - 1 - (int)(blockIdx.x % (unsigned)num_blocks);
+    const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads, ragged, rag_q, rag_kv, seq_q,
+                                   seq_kv);
+    const int b = e.b, h = e.h;
+    const int q0 = q_block * BQ;
+    const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
+    const int i = q0 + r;
+    const fa_mask<INTERVAL, MODS> mask =
+        fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), (float)scale, (float)softcap);
+    const int lq = e.lq, lk = e.lk;
+    const bool dropout = threshold != 0u;
+
+    int kv_lo = 0, kv_hi = 0;
+    if (q0 < lq) mask.key_range(q0, min(q0 + BQ, lq), kv_lo, kv_hi);
+    const int kv_begin = (kv_lo / BKV) * BKV;
+
+    const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+    const T lse_i = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
+    const T dsum_i = i < lq ? (T)dsum[lrow + i] : T(0);
+    const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
+    if (kv_hi > kv_lo) {
+        load_tile_simt<T, BQ, D, LDS, NT>(sQ, q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss, q_ss, q_sd, q0, lq, d,
+                                          tid);
+        load_tile_simt<T, BQ, D, LDS, NT>(sdO, dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss, do_ss, do_sd,
+                                          q0, lq, dv, tid);
+    }
+
+    T acc_q[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) acc_q[u] = T(0);
+    for (int kv0 = kv_begin; kv0 < kv_hi; kv0 += BKV) {
+        __syncthreads();
+        load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
+        load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
+        __syncthreads();
+#pragma unroll 1
+        for (int u = 0; u < NJ; ++u) {
+            const int jl = part + 4 * u, j = kv0 + jl;
+            T s = T(0), dp = T(0);
+            for (int c = 0; c < d; ++c) s = fma(sQ[r * LDS + c], sK[jl * LDS + c], s);
+            for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
+            const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
+            T p, dt;
+            const T ds =
+                bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i, i, j, scale, softcap, keep, (T)keep_scale, p, dt);
+            sS[r * LDP + jl] = ds * dt;
+        }
+        __syncwarp();
+        for (int jl = 0; jl < BKV; ++jl) {
+            const T ds = sS[r * LDP + jl];
+            if (ds == T(0)) continue;
+#pragma unroll
+            for (int u = 0; u < NU; ++u) acc_q[u] = fma(ds, sK[jl * LDS + part + 4 * u], acc_q[u]);
+        }
+    }
+
+    const int rows_out = ragged == 2 ? lq : seq_q;
+    if (i < rows_out) {
+        T* dqp = dq_out + e.view_b * dq_sb + h * dq_sh + (e.q_row + i) * dq_ss;
+#pragma unroll
+        for (int u = 0; u < NU; ++u) {
+            const int c = part + 4 * u;
+            if (c < d) dqp[c] = acc_q[u] * (T)scale;
+        }
+    }
+}

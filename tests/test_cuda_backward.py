@@ -1,0 +1,351 @@
+"""The CUDA backward pass against the float64 reference's analytic gradients (backends.reference).
+
+Every forward feature on every kernel family (float16 / bfloat16 on ``fa_bwd_mma``, with dQ through atomics
+and, ``deterministic=True``, through ``fa_bwd_dq_mma``; float32 / float64 on the SIMT kernels), over odd shapes
+and head dims.  Half precision is judged by FlashAttention's rule where a naive same-precision implementation
+(torch autograd through a materialized attention in float16 / bfloat16 on the GPU) can express the call: each
+of dq, dk, dv within twice its error against float64, plus a small term; ragged calls by a fixed bound.
+Gradient buffers are poisoned (NaN) in CuPy's memory pool before each call, so an element the kernels do not
+write fails.  GPU tests carry the ``cuda`` marker and skip with the reason without CuPy or a device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn._dropout import keep_mask
+from fastattn._masks import MaskRule, allowed_and_bias
+from fastattn._validate import numpy_dtype
+from fastattn.backends import get_backend
+from fastattn.backends.cuda import _specs
+
+_REASON = get_backend("cuda").availability()
+gpu = pytest.mark.skipif(_REASON is not None, reason=f"cuda backend unavailable: {_REASON}")
+pytestmark = pytest.mark.cuda
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+#: relative error (norm) bound against float64 where no naive same-precision twin is computed
+FIXED_TOL = {"float16": 1e-2, "bfloat16": 6e-2, "float32": 2e-5, "float64": 1e-10}
+
+
+# ---------------------------------------------------------------------------------------------
+# no GPU needed
+# ---------------------------------------------------------------------------------------------
+
+def test_backward_kernels_are_listed_and_fit_a_block():
+    names = _specs.all_bwd_name_expressions()
+    assert len(names) == len(set(names))
+    src = _specs.kernel_source(_specs.KERNEL_SOURCE_BWD)
+    assert '#include "' not in src
+    for kernel in ("fa_bwd_prep", "fa_bwd_mma", "fa_bwd_dq_mma", "fa_bwd_dq_convert", "fa_bwd_simt_kv",
+                   "fa_bwd_simt_q"):
+        assert kernel in src and any(n.startswith(kernel + "<") for n in names)
+    # the forward's mask and tile-skipping rule, not a copy
+    assert "fa_mask<INTERVAL, MODS> mask" in src and "query_range" in src
+    for dtype in ("float16", "bfloat16"):
+        for d, dv in _specs.mma_dim_pairs():
+            for interval, mods in _specs.MASK_FLAGS:
+                for dropout in (False, True):
+                    for vec in (False, True):
+                        assert _specs.bwd_mma_name(dtype, d, dv, _specs.BWD_MMA_CONFIGS[d], interval, mods, dropout,
+                                                   vec) in names
+        for d in _specs.MMA_HEAD_DIMS:
+            assert _specs.bwd_mma_smem_bytes(d, d, _specs.BWD_MMA_CONFIGS[d]) <= 227 * 1024  # H100
+            a100 = _specs.bwd_mma_config(d, d, 163 * 1024)  # A100 opt-in limit
+            assert _specs.bwd_mma_smem_bytes(d, d, a100) <= 163 * 1024
+            assert _specs.bwd_mma_name(dtype, d, d, a100, True, False, False, True) in names
+            assert _specs.bwd_dq_smem_bytes(d, d, _specs.BWD_DQ_CONFIGS[d]) <= 163 * 1024
+    for key in _specs.BWD_SIMT_CONFIGS:
+        assert max(_specs.bwd_simt_smem_bytes(*key)) <= 163 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def _gpu(x):
+    if not isinstance(x, np.ndarray):
+        return x
+    cp = _cp()
+    try:
+        return cp.asarray(x)
+    except Exception:  # noqa: BLE001 - a CuPy without bfloat16 from NumPy: move the bits
+        return cp.asarray(x.view(np.uint16)).view(x.dtype)
+
+
+def _host(x) -> np.ndarray:
+    cp = _cp()
+    if isinstance(x, cp.ndarray):
+        if x.dtype.name == "bfloat16":
+            x = x.view(cp.uint16).get().view(numpy_dtype("bfloat16"))
+        else:
+            x = x.get()
+    return np.asarray(x).astype(np.float64)
+
+
+def _rel(a, b) -> float:
+    den = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
+
+
+def _poison_pool(nbytes: list[int]) -> None:
+    """Fill blocks of CuPy's pool of these sizes with NaN and hand them back: the next allocations of those
+    sizes reuse them, so an output element the kernels never write stays NaN."""
+    cp = _cp()
+    blocks = [cp.full((max(n, 8) // 8,), np.nan, dtype=np.float64) for n in nbytes]
+    cp.cuda.Device().synchronize()
+    del blocks
+
+
+def _arrays(rng, b, h, hk, sq, sk, d, dv, dtype, layout="bhsd"):
+    def arr(heads, s, dim):
+        shape = (b, heads, s, dim) if layout == "bhsd" else (b, s, heads, dim)
+        return rng.standard_normal(shape).astype(numpy_dtype(dtype))
+
+    return arr(h, sq, d), arr(hk, sk, d), arr(hk, sk, dv), arr(h, sq, dv)
+
+
+def _grads(backend, q, k, v, do, opts, *, dbias=False, deterministic=False, varlen=None):
+    """(out, dq, dk, dv[, dbias]) of one call on ``backend`` (arrays as given: NumPy or CuPy)."""
+    if varlen is not None:
+        cu = varlen
+        out, lse = fastattn.flash_attention_varlen(q, k, v, cu, cu, return_lse=True, backend=backend, **opts)
+        grads = fastattn.flash_attention_varlen_backward(do, q, k, v, out, lse, cu, cu, backend=backend,
+                                                         deterministic=deterministic, **opts)
+    else:
+        out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+        grads = fastattn.flash_attention_backward(do, q, k, v, out, lse, backend=backend, return_dbias=dbias,
+                                                  deterministic=deterministic, **opts)
+    return (out, *grads)
+
+
+def _naive_half_grads(q, k, v, do, opts, dtype):
+    """dq, dk, dv (and dbias) of a materialized attention in the input's own precision, by torch autograd on
+    the GPU (FlashAttention's yardstick: scores, softmax output and every product rounded to the dtype).
+    None when torch is missing or the call is one it does not express (ragged batches, bshd)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if opts.get("seqlens_q") is not None or opts.get("layout", "bhsd") != "bhsd":
+        return None
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    dev = "cuda"
+    b, h, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    tq, tk, tv = (torch.tensor(np.asarray(x, np.float32), device=dev).to(tdt).requires_grad_() for x in (q, k, v))
+    mask = opts.get("attn_mask")
+    tbias = None
+    if mask is not None and mask.dtype != bool:
+        tbias = torch.tensor(np.asarray(mask, np.float32), device=dev).to(tdt).requires_grad_()
+    kk, vv = tk.repeat_interleave(h // hk, 1), tv.repeat_interleave(h // hk, 1)
+    scale = opts.get("scale", 1 / np.sqrt(d))
+    s = (tq @ kk.transpose(-1, -2)) * scale
+    if opts.get("softcap"):
+        s = opts["softcap"] * torch.tanh(s / opts["softcap"])
+    causal = opts.get("causal", False)
+    left, right = opts.get("window") or (-1, -1)
+    rule = MaskRule(causal=bool(causal), bottom_right=causal == "bottom_right", window_left=left, window_right=right)
+    allowed = torch.tensor(allowed_and_bias(rule, sq, sk)[0], device=dev)[None, None].expand(b, h, sq, sk).clone()
+    if opts.get("alibi_slopes") is not None:
+        rel = (torch.arange(sq)[:, None] + (sk - sq) - torch.arange(sk)[None, :]).abs().float().to(dev)
+        slopes = torch.tensor(np.asarray(opts["alibi_slopes"], np.float32), device=dev).reshape(-1, h)
+        s = s - (slopes[:, :, None, None] * rel).to(tdt)
+    if mask is not None and mask.dtype == bool:
+        allowed &= torch.tensor(np.broadcast_to(mask, (b, h, sq, sk)).copy(), device=dev)
+    elif tbias is not None:
+        s = s + tbias
+    s = s.masked_fill(~allowed, -float("inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    if opts.get("dropout_p"):
+        keep = np.stack([np.stack([keep_mask(opts["seed"], opts["dropout_p"], bi, hi, sq, sk) for hi in range(h)])
+                         for bi in range(b)])
+        p = p * torch.tensor(keep, device=dev).to(tdt) / (1 - opts["dropout_p"])
+    out = p @ vv
+    out.backward(torch.tensor(np.asarray(do, np.float32), device=dev).to(tdt))
+    grads = [tq.grad, tk.grad, tv.grad] + ([tbias.grad] if tbias is not None else [])
+    return [g.float().cpu().numpy().astype(np.float64) for g in grads]
+
+
+#: name -> (b, h, hk, sq, sk, d, dv, options)
+CASES = {
+    "one_row": (1, 2, 2, 1, 17, 64, 64, {}),
+    "odd_59": (2, 3, 3, 17, 113, 59, 59, {}),
+    "causal_128": (1, 2, 2, 113, 203, 128, 128, {"causal": True}),
+    "causal_1000": (1, 1, 1, 1000, 1000, 64, 64, {"causal": True}),
+    "bottom_right": (1, 2, 2, 203, 113, 64, 64, {"causal": "bottom_right"}),
+    "window": (2, 2, 2, 113, 113, 64, 64, {"window": (20, 5)}),
+    "window_br": (1, 2, 2, 100, 150, 32, 32, {"causal": "bottom_right", "window": (30, 0)}),
+    "softcap": (1, 2, 2, 77, 99, 64, 64, {"softcap": 5.0, "causal": True}),
+    "alibi": (2, 2, 2, 65, 130, 64, 64, {"alibi": True}),
+    "bias": (2, 2, 2, 65, 130, 64, 64, {"bias": True}),
+    "bool_mask": (2, 2, 2, 65, 130, 64, 64, {"bool_mask": True}),
+    "gqa": (2, 6, 2, 77, 130, 64, 64, {"causal": True}),
+    "mqa": (1, 4, 1, 50, 60, 128, 128, {}),
+    "dv_32": (1, 2, 2, 70, 90, 64, 32, {"causal": True}),
+    "dv_80": (1, 2, 2, 70, 90, 59, 80, {}),
+    "d192_dv128": (1, 2, 2, 65, 90, 192, 128, {"causal": True}),
+    "d256": (1, 2, 2, 40, 70, 256, 256, {}),
+    "dropout": (1, 2, 2, 113, 113, 64, 64, {"dropout_p": 0.2, "seed": 7, "causal": True}),
+    "seqlens": (3, 2, 2, 100, 120, 64, 64, {"seqlens": True, "causal": True}),
+    "bshd": (2, 3, 3, 70, 80, 64, 64, {"layout": "bshd", "causal": True}),
+    "everything": (2, 4, 2, 64, 96, 64, 64, {"softcap": 3.0, "alibi": True, "bias": True, "window": (40, 10),
+                                             "dropout_p": 0.1, "seed": 3}),
+}
+
+
+def _options(rng, b, h, sq, sk, spec):
+    opts = {key: val for key, val in spec.items() if key not in ("alibi", "bias", "bool_mask", "seqlens")}
+    if spec.get("alibi"):
+        opts["alibi_slopes"] = rng.uniform(0.05, 0.5, (b, h)).astype(np.float32)
+    if spec.get("bias"):
+        opts["attn_mask"] = rng.standard_normal((1, h, sq, sk)).astype(np.float32)
+    if spec.get("bool_mask"):
+        mask = rng.random((b, 1, sq, sk)) > 0.4
+        mask[0, 0, 3] = False  # a row that sees no key
+        opts["attn_mask"] = mask
+    if spec.get("seqlens"):
+        opts["seqlens_q"] = np.array([sq, 37, 0][:b], np.int32)
+        opts["seqlens_kv"] = np.array([sk, 50, 7][:b], np.int32)
+    return opts
+
+
+def _check(name, dtype, deterministic=False, seed=0):
+    b, h, hk, sq, sk, d, dv, spec = CASES[name]
+    rng = np.random.default_rng(seed)
+    layout = spec.get("layout", "bhsd")
+    q, k, v, do = _arrays(rng, b, h, hk, sq, sk, d, dv, dtype, layout)
+    opts = _options(rng, b, h, sq, sk, spec)
+    want_dbias = "attn_mask" in opts and opts["attn_mask"].dtype != bool
+    ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), opts, dbias=want_dbias)[1:]
+    gopts = {key: _gpu(val) for key, val in opts.items()}
+    sizes = [x.nbytes for x in (q, k, v)] + ([b * h * sq * sk * 4] if want_dbias else [])
+    _poison_pool(sizes)
+    got = [_host(g) for g in _grads("cuda", *(_gpu(x) for x in (q, k, v, do)), gopts, dbias=want_dbias,
+                                    deterministic=deterministic)[1:]]
+    naive = None
+    if dtype in ("float16", "bfloat16"):
+        naive = _naive_half_grads(q, k, v, do, opts, dtype)
+    for which, g, r in zip(("dq", "dk", "dv", "dbias"), got, ref, strict=False):
+        assert g.shape == r.shape, (which, g.shape, r.shape)
+        assert np.isfinite(g).all(), f"{which}: non-finite (unwritten?) elements"
+        err = _rel(g, r)
+        if naive is not None:
+            i = ("dq", "dk", "dv", "dbias").index(which)
+            bound = 2.0 * _rel(naive[i], r) + 1e-3
+        else:
+            bound = FIXED_TOL[dtype]
+        assert err <= bound, f"{which}: relative error {err:.3g} > {bound:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# on the GPU
+# ---------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_match_reference(name, dtype):
+    _check(name, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["odd_59", "causal_1000", "gqa", "bias", "dropout", "seqlens", "everything",
+                                  "d256"])
+def test_deterministic_gradients_match_reference(name, dtype):
+    _check(name, dtype, deterministic=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_packed_sequences(dtype):
+    rng = np.random.default_rng(1)
+    cu = np.array([0, 5, 5, 140, 203], np.int32)
+    q = rng.standard_normal((203, 4, 128)).astype(numpy_dtype(dtype))
+    k = rng.standard_normal((203, 2, 128)).astype(numpy_dtype(dtype))
+    v = rng.standard_normal((203, 2, 128)).astype(numpy_dtype(dtype))
+    do = rng.standard_normal((203, 4, 128)).astype(numpy_dtype(dtype))
+    opts = {"causal": True, "window": (50, 0)}
+    ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), opts, varlen=cu)[1:]
+    for deterministic in (False, True):
+        _poison_pool([x.nbytes for x in (q, k, v)])
+        got = _grads("cuda", *(_gpu(x) for x in (q, k, v, do)), opts, varlen=_gpu(cu), deterministic=deterministic)
+        for which, g, r in zip(("dq", "dk", "dv"), got[1:], ref, strict=True):
+            g = _host(g)
+            assert g.shape == r.shape and np.isfinite(g).all()
+            assert _rel(g, r) <= FIXED_TOL[dtype], which
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_deterministic_mode_is_bit_identical(dtype):
+    rng = np.random.default_rng(2)
+    q, k, v, do = (_gpu(x) for x in _arrays(rng, 2, 4, 2, 300, 300, 64, 64, dtype))
+    runs = [_grads("cuda", q, k, v, do, {"causal": True}, deterministic=True)[1:] for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert bool((a.view(_cp().uint8) == b.view(_cp().uint8)).all())
+    fast = _grads("cuda", q, k, v, do, {"causal": True})[1:]
+    for a, b in zip(runs[0], fast, strict=True):
+        assert _rel(_host(a), _host(b)) <= FIXED_TOL[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gqa_equals_repeated_heads_summed(dtype):
+    rng = np.random.default_rng(3)
+    q, k, v, do = _arrays(rng, 2, 6, 2, 90, 110, 64, 64, dtype)
+    gqa = [_host(g) for g in _grads("cuda", *(_gpu(x) for x in (q, k, v, do)), {"causal": True})[1:]]
+    kr, vr = np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1)
+    mha = [_host(g) for g in _grads("cuda", *(_gpu(x) for x in (q, kr, vr, do)), {"causal": True})[1:]]
+    tol = 1e-6 if dtype == "float32" else 2e-3
+    assert _rel(gqa[0], mha[0]) <= tol
+    for g, m in zip(gqa[1:], mha[1:], strict=True):
+        assert _rel(g, m.reshape(2, 2, 3, *m.shape[2:]).sum(axis=2)) <= tol
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("d", [1, 3, 17, 33, 96])
+def test_odd_head_dims(dtype, d):
+    rng = np.random.default_rng(d)
+    q, k, v, do = _arrays(rng, 1, 2, 2, 45, 67, d, d, dtype)
+    ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), {"causal": True})[1:]
+    got = _grads("cuda", *(_gpu(x) for x in (q, k, v, do)), {"causal": True})[1:]
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(_host(g), r) <= FIXED_TOL[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_strided_views(dtype):
+    """q / k / v / dout as views into larger arrays (misaligned rows: the element-load path)."""
+    rng = np.random.default_rng(5)
+    dt = numpy_dtype(dtype)
+    big = [rng.standard_normal((2, 3, 70, 70)).astype(dt) for _ in range(4)]
+    q, k, v, do = (x[:, :, 1:61:1, 3:67] for x in big)
+    ref = _grads("reference", *(np.ascontiguousarray(x).astype(np.float64) for x in (q, k, v, do)), {})[1:]
+    gbig = [_gpu(x) for x in big]
+    got = _grads("cuda", *(x[:, :, 1:61, 3:67] for x in gbig), {})[1:]
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(_host(g), r) <= FIXED_TOL[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("sq, sk", [(0, 5), (5, 0), (0, 0)])
+def test_zero_sizes(sq, sk):
+    cp = _cp()
+    q, k, v, do = (cp.ones(s, dtype=cp.float16) for s in ((1, 2, sq, 64), (1, 2, sk, 64), (1, 2, sk, 64),
+                                                          (1, 2, sq, 64)))
+    dq, dk, dv = _grads("cuda", q, k, v, do, {})[1:]
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    for g in (dq, dk, dv):
+        assert not bool(g.any())
