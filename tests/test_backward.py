@@ -246,8 +246,10 @@ def test_backend_gradients_match_the_reference(backend, dtype, feature, shape):
         elif sq == 1:
             # one query row, its softmax nearly one-hot (or one key): dS = P (dP - D) cancels, and D = dout.out
             # (FlashAttention's formulation, from the forward's rounded output) carries a rounding that a plain
-            # implementation (D = sum P dP, from the same P and dP) does not; measured up to ~4x its error here
-            assert err <= 1e-5, (name, err)
+            # implementation (D = sum P dP, from the same P and dP) does not.  On this project's Zen 5 build
+            # (GCC 12) a single-key row gives dq = 0 exactly; on the lent GPU host's Intel Xeon (GCC 13.3) it
+            # measured up to 8.7e-5 of the floor above (about 1e-6 of |dout|), on the avx512 and avx2 paths
+            assert err <= 2e-4, (name, err)
         else:  # no worse than a plain float32 implementation (2x at most, plus a small absolute term)
             plain_err = np.linalg.norm(plain[("dq", "dk", "dv").index(name)] - want) / denom
             assert err <= 2 * plain_err + 2e-7, (name, err, plain_err)

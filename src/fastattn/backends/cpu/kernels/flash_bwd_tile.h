@@ -156,7 +156,7 @@ static void acc_strips(int mr, const T *a, int64_t sa, int64_t sk, const T *b, i
 
 /* Per-thread scratch of the backward: the query tile's packed rows and the score-sized tiles. */
 struct bscratch {
-    T *qp, *dop, *s, *ds, *pd, *z, *dq, *lse_hi, *lse_lo, *dd;
+    T *qp, *dop, *s, *ds, *pd, *z, *dq, *lse_hi, *lse_lo, *dd, *obuf;
     int64_t *lo, *hi, *row_i, *row_h;
     void *block;
 };
@@ -165,12 +165,12 @@ static bscratch *bwd_scratch_new(const fa_params *p) {
     const bwd_layout L(p);
     const int64_t bq = p->block_q, pad = 64 / (int64_t)sizeof(T);
     const int64_t wide = (int64_t)(sizeof(double) / sizeof(T));
-    const int64_t sizes[14] = {mul_checked(bq, L.dp), mul_checked(bq, L.dvp), mul_checked(bq, L.bkvp),
+    const int64_t sizes[15] = {mul_checked(bq, L.dp), mul_checked(bq, L.dvp), mul_checked(bq, L.bkvp),
                                mul_checked(bq, L.bkvp), mul_checked(bq, L.bkvp), mul_checked(bq, L.bkvp),
                                mul_checked(bq, L.dp), bq, bq, bq, mul_checked(bq, wide), mul_checked(bq, wide),
-                               mul_checked(bq, wide), mul_checked(bq, wide)};
+                               mul_checked(bq, wide), mul_checked(bq, wide), mul_checked(L.dvp + 1, W)};
     int64_t total = 0;
-    for (int i = 0; i < 14; ++i) total = add_checked(total, add_checked(round_up(sizes[i] < 0 ? -1 : sizes[i], pad), pad));
+    for (int i = 0; i < 15; ++i) total = add_checked(total, add_checked(round_up(sizes[i] < 0 ? -1 : sizes[i], pad), pad));
     const int64_t bytes = mul_checked(total, (int64_t)sizeof(T));
     if (total < 0 || bytes < 0 || bytes > INT64_MAX - 64) return NULL;
     bscratch *ws = (bscratch *)calloc(1, sizeof(bscratch));
@@ -179,12 +179,13 @@ static bscratch *bwd_scratch_new(const fa_params *p) {
     if (!ws->block) { free(ws); return NULL; }
     memset(ws->block, 0, (size_t)round_up(bytes, 64));
     T *cur = (T *)ws->block;
-    T *starts[14];
-    for (int i = 0; i < 14; ++i) { starts[i] = cur; cur += round_up(sizes[i], pad) + pad; }
+    T *starts[15];
+    for (int i = 0; i < 15; ++i) { starts[i] = cur; cur += round_up(sizes[i], pad) + pad; }
     ws->qp = starts[0]; ws->dop = starts[1]; ws->s = starts[2]; ws->ds = starts[3]; ws->pd = starts[4];
     ws->z = starts[5]; ws->dq = starts[6]; ws->lse_hi = starts[7]; ws->lse_lo = starts[8]; ws->dd = starts[9];
     ws->lo = (int64_t *)starts[10]; ws->hi = (int64_t *)starts[11];
     ws->row_i = (int64_t *)starts[12]; ws->row_h = (int64_t *)starts[13];
+    ws->obuf = starts[14];
     return ws;
 }
 
@@ -225,20 +226,16 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
         const char *orow = g->o + e.src * g->o_strides[0] + h * g->o_strides[1] + (e.row_q + i) * g->o_strides[2];
         for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * dp + dd] = LOAD(qrow + dd * p->q_strides[3]);
         for (int64_t dd = d; dd < dp; ++dd) ws->qp[r * dp + dd] = 0;
-        /* D = dO.O summed as the dP product sums dO.v (chunks of FA_S_CHUNK, each from zero): a row that sees
-         * one key has O = v and so D = dP bit for bit, and dS = 0 exactly, as it is */
-        T dsum = 0;
-        for (int64_t d0 = 0; d0 < dv; d0 += FA_S_CHUNK) {
-            T acc = 0;
-            for (int64_t dd = d0; dd < dv && dd < d0 + FA_S_CHUNK; ++dd) {
-                const T x = LOAD(dorow + dd * g->dout_strides[3]);
-                ws->dop[r * dvp + dd] = x;
-                acc += x * LOAD(orow + dd * g->o_strides[3]);
-            }
-            dsum = d0 == 0 ? acc : dsum + acc;
+        /* D = dO.O by the very micro-kernel that sums dP = dO.v (O in lane 0 of a one-vector-wide "V^T"):
+         * a row that sees one key has O = v, so D = dP bit for bit and dS = 0 exactly, as it is, whatever
+         * the compiler does with FMA contraction */
+        for (int64_t dd = 0; dd < dv; ++dd) {
+            ws->dop[r * dvp + dd] = LOAD(dorow + dd * g->dout_strides[3]);
+            ws->obuf[dd * W] = LOAD(orow + dd * g->o_strides[3]);
         }
         for (int64_t dd = dv; dd < dvp; ++dd) ws->dop[r * dvp + dd] = 0;
-        ws->dd[r] = dsum;
+        s_rows<1>(1, ws->dop + r * dvp, dvp, ws->obuf, W, dv, ws->obuf + dvp * W, W);
+        ws->dd[r] = ws->obuf[dvp * W];
         for (int64_t dd = 0; dd < dp; ++dd) ws->dq[r * dp + dd] = 0;
     }
     const int64_t kv_lo = ws->lo[0], kv_hi = ws->hi[live - 1];
