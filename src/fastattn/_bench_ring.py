@@ -90,29 +90,32 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Any, device: Any, reps: int, warmup: int, group: bool = True) -> float:
-    """Median over reps of the slowest rank's seconds (every rep starts from a barrier)."""
+def _time(fns: list, device: Any, reps: int, warmup: int, group: bool = True) -> list[float]:
+    """For each function, the median over reps of the slowest rank's seconds.  The functions take turns within
+    each repetition (so a busy moment of the machine falls on both), and every run starts from a barrier."""
     import torch
     import torch.distributed as dist
 
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        if group:
-            dist.barrier()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        if group:
-            t = torch.tensor([dt], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            dt = float(t.item())
-        times.append(dt)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            if group:
+                dist.barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if group:
+                t = torch.tensor([dt], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                dt = float(t.item())
+            times[i].append(dt)
+    return [statistics.median(t) for t in times]
 
 
 def _run(a: argparse.Namespace, rank: int, world: int) -> list[dict]:
@@ -171,8 +174,7 @@ def _measure(a: argparse.Namespace, rank: int, world: int, total: int, pas: str,
         if pas != "fwd":
             _backward(local, dout, q, k, v, out, lse)
 
-    t_ring = _time(ring_fn, device, a.reps, a.warmup)
-    t_comp = _time(compute_fn, device, a.reps, a.warmup)
+    t_ring, t_comp = _time([ring_fn, compute_fn], device, a.reps, a.warmup)
     flops = 4.0 * total * total * a.heads * a.head_dim * (0.5 if causal else 1.0)
     if pas != "fwd":
         flops *= 3.5   # forward + backward: the backward counted as 2.5x the forward (FlashAttention's convention)
@@ -205,7 +207,7 @@ def _single(a: argparse.Namespace, rank: int, total: int, pas: str, causal: bool
                 if pas != "fwd":
                     fastattn.flash_attention_backward(out, q, k, v, out, lse, **opts)
 
-            t[0] = _time(fn, device, a.reps, a.warmup, group=False)
+            t[0] = _time([fn], device, a.reps, a.warmup, group=False)[0]
             del q, k, v
         except (RuntimeError, MemoryError) as exc:   # does not fit: reported as missing
             print(f"single-process run of N={total} skipped: {exc}", file=sys.stderr)
