@@ -52,9 +52,11 @@ _DT = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfl
 
 
 def _case(name, world, dtype="float32", causal=False, lb="zigzag", layout="bhsd", h=2, hk=2, n=8, d=16, dv=None,
-          window=None, softcap=0.0, batch=1, rank3=False):
+          window=None, softcap=0.0, batch=1, rank3=False, subgroup=None, check=True):
+    """One comparison; ``subgroup``: the ring is the group of these ranks only (the others sit it out)."""
     return dict(name=name, world=world, dtype=dtype, causal=causal, lb=lb, layout=layout, h=h, hk=hk, n=n, d=d,
-                dv=dv or d, window=window, softcap=softcap, batch=batch, rank3=rank3)
+                dv=dv or d, window=window, softcap=softcap, batch=batch, rank3=rank3, subgroup=subgroup,
+                ring=len(subgroup) if subgroup else world, check=check)
 
 
 def _cases() -> list[dict]:
@@ -76,6 +78,8 @@ def _cases() -> list[dict]:
         _case("float64-causal-contiguous", 3, "float64", causal=True, n=7, lb="contiguous"),
         _case("gqa-window-softcap-zigzag", 3, "float64", causal=True, window=(7, 0), softcap=1.5, h=4, hk=1, n=8),
         _case("bfloat16-causal-zigzag", 3, "bfloat16", causal=True, n=8),
+        _case("subgroup-of-ranks-0-2-causal-zigzag", 3, causal=True, n=8, subgroup=(0, 2)),
+        _case("unchecked-window-causal-zigzag", 3, causal=True, window=(9, 0), n=8, check=False),
         _case("float32-causal-zigzag", 4, causal=True, n=6),
         _case("float64-window-contiguous", 4, "float64", window=(4, 4), n=5, lb="contiguous"),
         _case("gqa-bshd-softcap-causal-zigzag", 4, causal=True, layout="bshd", h=4, hk=2, softcap=2.0, n=6),
@@ -105,7 +109,7 @@ WORLDS = sorted({c["world"] for c in CASES})
 def _full_inputs(case, device):
     g = torch.Generator().manual_seed(sum(map(ord, case["name"])) + 1000 * case["world"])
     b, h, hk, d, dv = case["batch"], case["h"], case["hk"], case["d"], case["dv"]
-    total = case["world"] * case["n"]
+    total = case["ring"] * case["n"]
 
     def arr(heads, dim):
         shape = (b, heads, total, dim) if case["layout"] == "bhsd" else (b, total, heads, dim)
@@ -117,11 +121,11 @@ def _full_inputs(case, device):
 
 
 def _shard(x, case, rank, seq_dim):
-    if case["world"] == 1:
+    if case["ring"] == 1:
         return x
     if case["lb"] == "zigzag":
-        return zigzag_shard(x, case["world"], rank, seq_dim)
-    return x.chunk(case["world"], dim=seq_dim)[rank]
+        return zigzag_shard(x, case["ring"], rank, seq_dim)
+    return x.chunk(case["ring"], dim=seq_dim)[rank]
 
 
 def _rel(a, b):
@@ -134,11 +138,18 @@ def _options(case):
 
 
 def _run_case(case, rank, device):
+    group = None
+    if case["subgroup"]:
+        group = dist.new_group(list(case["subgroup"]))     # every rank takes part in creating it
+        if rank not in case["subgroup"]:
+            return {"not_member": True}
+        rank = dist.get_rank(group)                         # the rank within the ring (global rank 2 is 1)
     q, k, v, dout = _full_inputs(case, device)
     seq_dim = q.ndim - 2 if case["layout"] == "bhsd" else q.ndim - 3
     ql, kl, vl, dol = (_shard(x, case, rank, seq_dim).clone().requires_grad_(x is not dout)
                        for x in (q, k, v, dout))
-    out, lse = ring_attention(ql, kl, vl, return_lse=True, load_balance=case["lb"], **_options(case))
+    out, lse = ring_attention(ql, kl, vl, return_lse=True, load_balance=case["lb"], group=group,
+                              check=case["check"], **_options(case))
     out.backward(dol)
     got = dict(out=out, lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
     # the single-process results on the gathered sequence: in the same dtype, and in float64
@@ -280,8 +291,13 @@ def _judge(case, res):
 @needs_cpu
 @pytest.mark.parametrize("case", CASES, ids=[f"w{c['world']}-{c['name']}" for c in CASES])
 def test_ring_matches_single_process(case):
+    members = 0
     for rank, res in enumerate(_results(case["world"])):
         r = res[("case", case["name"])]
+        if r.get("not_member"):
+            assert case["subgroup"] and rank not in case["subgroup"]
+            continue
+        members += 1
         try:
             _judge(case, r)
         except AssertionError as exc:
@@ -291,6 +307,7 @@ def test_ring_matches_single_process(case):
         assert r["dtype"][3] == ("torch.float64" if case["dtype"] == "float64" else "torch.float32")
         out_shape, q_shape, dk_shape, _ = r["shape"]
         assert out_shape[:-1] == q_shape[:-1] and out_shape[-1] == case["dv"]
+    assert members == case["ring"]
 
 
 @needs_cpu
