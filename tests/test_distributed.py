@@ -389,6 +389,25 @@ def test_backend_that_cannot_carry_the_tensors_is_named():
     assert _local_problem(q, q, q, "bhsd", "ring", 2, {"cpu": "gloo"}, False, None).startswith("load_balance")
 
 
+def test_local_problems_are_named():
+    q = torch.zeros(1, 4, 6, 8)
+    k = torch.zeros(1, 2, 6, 8)
+    cpu = {"cpu": "gloo"}
+    assert _local_problem(q, k, k, "bhsd", "zigzag", 2, cpu, True, None) is None            # GQA
+    assert "do not fit" in _local_problem(q, torch.zeros(1, 3, 6, 8), torch.zeros(1, 3, 6, 8), "bhsd", "zigzag", 2,
+                                          cpu, True, None)
+    assert "do not fit" in _local_problem(q, torch.zeros(1, 2, 6, 4), k, "bhsd", "zigzag", 2, cpu, True, None)
+    assert "same tokens" in _local_problem(q, torch.zeros(1, 2, 4, 8), k, "bhsd", "zigzag", 2, cpu, True, None)
+    assert "softcap" in _local_problem(q, k, k, "bhsd", "zigzag", 2, cpu, True, None, softcap=-1.0)
+    assert "scale" in _local_problem(q, k, k, "bhsd", "zigzag", 2, cpu, True, None, scale=math.nan)
+    assert "window" in _local_problem(q, k, k, "bhsd", "zigzag", 2, cpu, True, (2, -2))
+    assert "causal" in _local_problem(q, k, k, "bhsd", "zigzag", 2, cpu, "yes", None)
+    assert "even local length" in _local_problem(q[:, :, :5], k[:, :, :5], k[:, :, :5], "bhsd", "zigzag", 2, cpu,
+                                                 True, None)
+    assert _local_problem(q[:, :, :5], k[:, :, :5], k[:, :, :5], "bhsd", "contiguous", 2, cpu, True, None) is None
+    assert "float dtype" in _local_problem(q, k.double(), k, "bhsd", "zigzag", 2, cpu, True, None)
+
+
 def test_needs_an_initialized_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is initialized in this process")

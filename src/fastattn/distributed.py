@@ -299,7 +299,8 @@ def _backend_devices(group: Any) -> dict[str, str]:
 
 
 def _local_problem(q: Any, k: Any, v: Any, layout: str, load_balance: str, world: int,
-                   backends: dict[str, str], causal: Any, window: Any) -> str | None:
+                   backends: dict[str, str], causal: Any, window: Any, softcap: Any = 0.0,
+                   scale: Any = None) -> str | None:
     """What is wrong with this rank's inputs on their own (None if nothing)."""
     if causal not in (False, True, "top_left", "bottom_right"):
         return f"causal must be False, True, 'top_left' or 'bottom_right'; got {causal!r}"
@@ -335,6 +336,17 @@ def _local_problem(q: Any, k: Any, v: Any, layout: str, load_balance: str, world
     if k.shape[sd] != n or v.shape[sd] != n:
         return (f"q, k and v must hold the same tokens (one local length); got {n}, {k.shape[sd]}, "
                 f"{v.shape[sd]} along the sequence axis")
+    hd = q.ndim - 3 if layout == "bhsd" else q.ndim - 2          # the heads axis (absent for 2-D bhsd)
+    heads = q.shape[hd] if hd >= 0 else 1
+    heads_kv = k.shape[hd] if hd >= 0 else 1
+    if k.shape[-1] != q.shape[-1] or (hd >= 0 and v.shape[hd] != heads_kv) or heads % heads_kv \
+            or q.shape[:max(hd, 0)] != k.shape[:max(hd, 0)] or v.shape[:max(hd, 0)] != k.shape[:max(hd, 0)]:
+        return (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together (layout {layout!r}): "
+                f"q and k share their head dim, k and v their heads, the batch is shared and heads % heads_kv == 0")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        return f"softcap must be a finite number >= 0 (0 = off); got {softcap!r}"
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        return f"scale must be a finite number or None; got {scale!r}"
     if load_balance == "zigzag" and world > 1 and n % 2:
         return (f"load_balance='zigzag' needs an even local length (two chunks per rank); got {n}. "
                 f"Shard a sequence whose length divides by 2 * world_size with zigzag_shard (pad it), "
@@ -622,7 +634,7 @@ def ring_attention(
     if rank < 0:
         raise ValueError("ring_attention: this process is not a member of the group it was given")
     backends = _backend_devices(group) if world > 1 else {"cpu": "gloo", "cuda": "nccl"}
-    problem = _local_problem(q, k, v, layout, load_balance, world, backends, causal, window)
+    problem = _local_problem(q, k, v, layout, load_balance, world, backends, causal, window, softcap, scale)
     if world > 1 and check:
         _agree(group, world, backends, problem, _meta(q, k, v, layout, causal, window, softcap, scale, load_balance))
     elif problem:
