@@ -150,10 +150,10 @@ def _measure(a: argparse.Namespace, rank: int, world: int, total: int, pas: str,
     causal = not a.no_causal
     threads = a.threads if a.device == "cpu" else None
     n = total // world
-    g = torch.Generator(device="cpu").manual_seed(1234 + rank)
+    g = torch.Generator(device=device).manual_seed(1234 + rank)   # drawn where they are used (512k tokens)
 
     def rnd(heads: int) -> Any:
-        return torch.randn(1, heads, n, a.head_dim, generator=g).to(dtype).to(device)
+        return torch.randn(1, heads, n, a.head_dim, generator=g, device=device, dtype=dtype)
 
     q, k, v, dout = rnd(a.heads), rnd(a.heads_kv), rnd(a.heads_kv), rnd(a.heads)
     local = _Call(_LocalRing() if world > 1 else None, rank, world, "bhsd", 2, causal, (-1, -1), 0.0,
@@ -194,10 +194,9 @@ def _single(a: argparse.Namespace, rank: int, total: int, pas: str, causal: bool
     t = torch.tensor([math.nan], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     if rank == 0:
         try:
-            g = torch.Generator(device="cpu").manual_seed(99)
-            q = torch.randn(1, a.heads, total, a.head_dim, generator=g).to(dtype).to(device)
-            k = torch.randn(1, a.heads_kv, total, a.head_dim, generator=g).to(dtype).to(device)
-            v = torch.randn(1, a.heads_kv, total, a.head_dim, generator=g).to(dtype).to(device)
+            g = torch.Generator(device=device).manual_seed(99)
+            q, k, v = (torch.randn(1, h, total, a.head_dim, generator=g, device=device, dtype=dtype)
+                       for h in (a.heads, a.heads_kv, a.heads_kv))
             opts = dict(causal=causal)
             if threads is not None:
                 opts["num_threads"] = threads
