@@ -456,9 +456,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pack(*xs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    dtype = dtype or xs[0].dtype
-    return torch.cat([x.reshape(-1).to(dtype) for x in xs])
+def _pack(*xs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
 
 
 def _unpack(buf: torch.Tensor, likes: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -545,8 +544,8 @@ def _backward(call: _Call, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         src = (call.rank - step) % world
         kc, vc = (k, v) if step == 0 else _unpack(buf, (k, v))
-        dk_here = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv_here = torch.zeros(v.shape, dtype=acc, device=v.device)
+        dkv_here = torch.zeros(k.numel() + v.numel(), dtype=acc, device=k.device)   # sent as it is: no packing
+        dk_here, dv_here = _unpack(dkv_here, (k, v))
         with call.ring.compute() if call.ring is not None else _nullcontext():
             for b in call.blocks(src, n):
                 gq, gk, gv = fastattn.flash_attention_backward(
@@ -560,7 +559,7 @@ def _backward(call: _Call, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             return dq.to(q.dtype), dk_here.to(k.dtype), dv_here.to(v.dtype)
         if handle is not None:
             call.ring.wait(handle)
-        dkv_out = _pack(dk_here, dv_here, dtype=acc)
+        dkv_out = dkv_here
         if step > 0:
             dkv_out.add_(dkv_in)
         if nxt is not None:
