@@ -198,6 +198,7 @@ def _worker(rank, world, port, backend, cases, error_cases, outdir):
         torch.set_num_threads(1)
         device = torch.device("cpu")
         if backend == "nccl":
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")    # no NVLink multicast on shared hosts
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

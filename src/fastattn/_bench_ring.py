@@ -252,6 +252,7 @@ def _main_rank(a: argparse.Namespace, rank: int, world: int, init_method: str | 
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
         torch.set_num_threads(a.threads)
     else:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")   # point-to-point needs no NVLink multicast; shared hosts ban it
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     backend = "nccl" if a.device == "cuda" else "gloo"
     kwargs: dict = dict(timeout=timedelta(seconds=600))
