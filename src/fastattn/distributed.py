@@ -577,6 +577,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> tuple:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.call, dout.contiguous(), q.detach(), k.detach(), v.detach(), out.detach(), lse)
