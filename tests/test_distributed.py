@@ -48,7 +48,7 @@ needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the compiled cpu backend is 
 GROUP_TIMEOUT_S = 60      # every collective of a spawned group
 JOIN_TIMEOUT_S = 240      # a whole world size's run
 
-_DT = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+_DT = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _case(name, world, dtype="float32", causal=False, lb="zigzag", layout="bhsd", h=2, hk=2, n=8, d=16, dv=None,
@@ -66,6 +66,7 @@ def _cases() -> list[dict]:
             for lb in ("zigzag", "contiguous"):
                 cases.append(_case(f"{dtype}-{'causal' if causal else 'full'}-{lb}", 2, dtype, causal, lb))
     cases += [
+        _case("float16-causal-zigzag", 2, "float16", causal=True, h=4, hk=2, n=10),
         _case("gqa-causal-zigzag", 2, causal=True, h=4, hk=2, n=10),
         _case("mqa-bshd-contiguous", 2, layout="bshd", h=3, hk=1, n=7, lb="contiguous", dv=8),
         _case("window-zigzag", 2, window=(5, 3), n=12),
@@ -275,7 +276,7 @@ TOL = {"float32": 2e-5, "float64": 1e-12}
 
 def _judge(case, res):
     assert "error" not in res, res["error"]
-    if case["dtype"] == "bfloat16":
+    if case["dtype"] in ("bfloat16", "float16"):
         # half precision, judged against float64 as FlashAttention does: within 2.5x the single process's own
         # error (each block's bf16 output / gradient is rounded once before the exact merge; measured
         # 1.2-1.9x) plus a small absolute term.  A wrong merge or a lost block gives errors of order 1.
@@ -453,7 +454,7 @@ def test_two_gpus_nccl():
         for rank, res in enumerate(results):
             r = res[("case", case["name"])]
             assert "error" not in r, f"rank {rank}: {r['error']}"
-            if case["dtype"] == "bfloat16":
+            if case["dtype"] in ("bfloat16", "float16"):
                 for key in ("out", "dq", "dk", "dv"):
                     assert r[("f64", key)] <= 2.5 * r[("single_f64", key)] + 5e-4, (rank, key, r)
             else:
