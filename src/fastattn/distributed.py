@@ -470,14 +470,25 @@ def _unpack(buf: torch.Tensor, likes: tuple[torch.Tensor, ...]) -> list[torch.Te
 
 def _merge_into(call: _Call, acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor) -> None:
-    """acc ← exact merge of acc and a partial result over disjoint keys (in place, in the accumulator dtype)."""
+    """acc ← exact merge of acc and a partial result over disjoint keys (in place, in the accumulator dtype):
+    lse = log(e^lse_acc + e^lse_new), out = e^(lse_acc - lse)·out_acc + e^(lse_new - lse)·out_new."""
     lse = lse.to(acc_lse.dtype)
     new = torch.logaddexp(acc_lse, lse)
     ref = torch.where(torch.isneginf(new), torch.zeros_like(new), new)   # rows with no key yet: weights 0, not NaN
     w_acc = torch.exp(acc_lse - ref)
     w_new = torch.exp(lse - ref)
-    acc_out.mul_(call.lse_as_out(w_acc)).add_(out.to(acc_out.dtype) * call.lse_as_out(w_new))
+    acc_out.mul_(call.lse_as_out(w_acc)).addcmul_(out, call.lse_as_out(w_new))
     acc_lse.copy_(new)
+
+
+def _take_fresh(fresh: list[tuple[int, int]], a: int, b: int) -> bool:
+    """Whether rows [a, b) lie in one never-written interval of ``fresh`` (then they are taken out of it): a
+    block's first result there is copied, not merged (a merge into the zero / -inf start would give the same)."""
+    for i, (lo, hi) in enumerate(fresh):
+        if lo <= a and b <= hi:
+            fresh[i:i + 1] = [iv for iv in ((lo, a), (b, hi)) if iv[0] < iv[1]]
+            return True
+    return False
 
 
 def _forward(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,6 +502,7 @@ def _forward(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         lse_shape[-1], lse_shape[-2] = lse_shape[-2], lse_shape[-1]
     acc_lse = torch.full(lse_shape, -math.inf, dtype=acc, device=q.device)
     buf = _pack(k, v) if call.world > 1 else None
+    fresh = [(0, n)]                               # rows no block has written yet
     for step in range(call.world):
         src = (call.rank - step) % call.world
         handle = nxt = None
@@ -502,7 +514,11 @@ def _forward(call: _Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
             for b in call.blocks(src, n):
                 o, l_ = fastattn.flash_attention(call.rows(q, b.q0, b.nq), call.rows(kc, b.k0, b.nk),
                                                  call.rows(vc, b.k0, b.nk), return_lse=True, **call.options(b))
-                _merge_into(call, call.rows(acc_out, b.q0, b.nq), acc_lse.narrow(-1, b.q0, b.nq), o, l_)
+                if _take_fresh(fresh, b.q0, b.q0 + b.nq):
+                    call.rows(acc_out, b.q0, b.nq).copy_(o)
+                    acc_lse.narrow(-1, b.q0, b.nq).copy_(l_)
+                else:
+                    _merge_into(call, call.rows(acc_out, b.q0, b.nq), acc_lse.narrow(-1, b.q0, b.nq), o, l_)
         if handle is not None:
             call.ring.wait(handle)
             buf = nxt
