@@ -425,6 +425,32 @@ def test_backend_map_spellings(monkeypatch):
     assert _backend_devices(None) == {"cpu": "gloo", "cuda": "nccl"}
 
 
+@needs_cpu
+def test_ring_benchmark_prints_a_table_and_writes_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(fastattn.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ring.json"
+    run = subprocess.run([sys.executable, "-m", "fastattn._bench_ring", "--spawn", "2", "--seq-lens", "128", "256",
+                          "--reps", "1", "--warmup", "0", "--heads", "2", "--head-dim", "16", "--json", str(out)],
+                         capture_output=True, text=True, timeout=JOIN_TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ring ms" in run.stdout and "compute ms" in run.stdout and "single ms" in run.stdout
+    data = json.loads(out.read_text())
+    assert data["world"] == 2 and data["backend"] == "gloo"
+    assert [(r["n_total"], r["pass_"]) for r in data["rows"]] == [(128, "fwd"), (128, "fwd+bwd"), (256, "fwd"),
+                                                                 (256, "fwd+bwd")]
+    for r in data["rows"]:
+        assert r["n_per_rank"] * 2 == r["n_total"]
+        assert r["ring_ms"] > 0 and r["compute_ms"] > 0 and r["single_ms"] > 0
+        assert math.isclose(r["overhead_pct"], 100 * (r["ring_ms"] / r["compute_ms"] - 1), rel_tol=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Two GPUs (NCCL)
 
