@@ -193,11 +193,17 @@ def _run_error_case(name, rank, world, device):
     return ("no error", "")
 
 
+def _cpu_threads():
+    from fastattn.backends.cpu import _flash_cpu
+
+    return _flash_cpu.default_threads()
+
+
 def _worker(rank, world, port, backend, cases, error_cases, outdir):
-    os.environ["OMP_NUM_THREADS"] = "1"
     results = {}
     try:
         torch.set_num_threads(1)
+        assert not HAS_CPU or _cpu_threads() == 1, f"rank {rank} runs {_cpu_threads()} OpenMP threads, not 1"
         device = torch.device("cpu")
         if backend == "nccl":
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")    # no NVLink multicast on shared hosts
@@ -235,8 +241,16 @@ def _spawn(world, backend, cases, error_cases):
         port = _free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, backend, cases, error_cases, outdir))
                  for r in range(world)]
-        for p in procs:
-            p.start()
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"     # read by OpenMP when a child loads it, before _worker runs
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
         for p in procs:
             p.join(JOIN_TIMEOUT_S)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
