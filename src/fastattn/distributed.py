@@ -283,7 +283,10 @@ _FIELDS = ("q.shape", "k.shape", "v.shape", "dtype", "device type", "layout", "c
 def _backend_devices(group: Any) -> dict[str, str]:
     """{device type: backend name} the group serves, e.g. {"cpu": "gloo", "cuda": "nccl"}."""
     getter = getattr(dist, "get_backend_config", None)
-    text = str(getter(group)) if getter is not None else str(dist.get_backend(group))
+    try:
+        text = str(getter(group)) if getter is not None else str(dist.get_backend(group))
+    except (RuntimeError, ValueError, AttributeError):   # a group type without a device map: its backend name
+        text = str(dist.get_backend(group))
     found: dict[str, str] = {}
     for part in text.split(","):
         part = part.strip().lower()
