@@ -351,6 +351,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.memory and not args.backward:
         print("fastattn: --memory goes with --backward (for the forward: python -m fastattn memory)", file=sys.stderr)
         return 2
+    if args.simd and args.device != "cuda":  # every CPU table: re-run with the peers held to that instruction set
+        status = _rerun_with_simd_caps(args.simd, args.argv)
+        if status is not None:
+            return status
     if args.backward:
         if args.decode or args.variant:
             print("fastattn: choose one of --backward, --decode and --variant", file=sys.stderr)
@@ -365,10 +369,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_variant(args)
     if args.device == "cuda":
         return _cmd_bench_cuda(args)
-    if args.simd:
-        status = _rerun_with_simd_caps(args.simd, args.argv)
-        if status is not None:
-            return status
     if _check_plot_first(args):
         return 1
     from . import _bench_peers
