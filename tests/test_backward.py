@@ -459,3 +459,34 @@ def test_concurrent_python_threads(backend):
     for i, grads in enumerate(together):
         for got, want in zip(grads, serial[i % len(calls)], strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_object_api_backward(backend):
+    """FlashAttention.backward after forward (2-D) and forward_multi_head (4-D, the config's layout, dropout
+    with the seed the forward reports) equals the functional call; its shape checks are the config's."""
+    rng = np.random.default_rng(14)
+    cfg = fastattn.FlashAttentionConfig(head_dim=16, num_heads=4, num_kv_heads=2, causal="bottom_right",
+                                        layout="bshd", dropout_p=0.1, softcap=5.0)
+    fa = fastattn.FlashAttention(cfg, backend=backend)
+    q = rng.standard_normal((2, 33, 4, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 40, 2, 16)).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal((2, 33, 4, 16)).astype(np.float32)
+    res = fa.forward_multi_head(q, k, v)
+    got = fa.backward(dout, q, k, v, res.output, res.logsumexp, seed=res.seed)
+    want = fastattn.flash_attention_backward(dout, q, k, v, res.output, res.logsumexp, causal="bottom_right",
+                                             layout="bshd", dropout_p=0.1, seed=res.seed, softcap=5.0,
+                                             backend=backend)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    ref = _reference_grads(q, k, v, dout, dict(causal="bottom_right", layout="bshd", dropout_p=0.1, seed=res.seed,
+                                               softcap=5.0))
+    for a, b in zip(got, ref, strict=False):
+        assert rel_error(a, b.swapaxes(1, 2)) <= 2e-6
+    one = fastattn.FlashAttention(fastattn.FlashAttentionConfig(head_dim=16), backend=backend)
+    q2, k2, v2, do2 = (rng.standard_normal((9, 16)).astype(np.float32) for _ in range(4))
+    r2 = one.forward(q2, k2, v2)
+    dq2, dk2, dv2 = one.backward(do2, q2, k2, v2, r2.output, r2.logsumexp)
+    assert dq2.shape == q2.shape and dk2.shape == k2.shape
+    with pytest.raises(ValueError, match="num_heads"):
+        fa.backward(dout[:, :, :2], q[:, :, :2], k, v, res.output[:, :, :2], res.logsumexp[:, :2])
