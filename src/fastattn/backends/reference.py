@@ -89,6 +89,42 @@ def _weights_times_values(p: np.ndarray, v: np.ndarray, allowed: np.ndarray | No
     return out
 
 
+def _entries(q: np.ndarray, k: np.ndarray, arrays: MaskArrays, ragged: str) -> list[tuple[int, int, int, int, int]]:
+    """Each batch entry as (view entry, first query row, queries, first key row, keys)."""
+    if ragged == "packed":
+        cu_q, cu_kv = to_host(arrays.cu_seqlens_q).astype(np.int64), to_host(arrays.cu_seqlens_kv).astype(np.int64)
+        return [(0, int(cu_q[b]), int(cu_q[b + 1] - cu_q[b]), int(cu_kv[b]), int(cu_kv[b + 1] - cu_kv[b]))
+                for b in range(cu_q.size - 1)]
+    lens_q = arrays.lens_q if arrays.lens_q is not None else np.full(q.shape[0], q.shape[2])
+    lens_kv = arrays.lens_kv if arrays.lens_kv is not None else np.full(q.shape[0], k.shape[2])
+    return [(b, 0, int(lens_q[b]), 0, int(lens_kv[b])) for b in range(q.shape[0])]
+
+
+def _head_logits(qh: np.ndarray, kh: np.ndarray, b: int, h: int, *, scale: float, rule: MaskRule,
+                 arrays: MaskArrays, slopes: np.ndarray | None,
+                 compute_dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(logits, allowed, tanh) of query head h of entry b: scale q.kᵀ, the softcap, ALiBi (``slopes``: the host
+    copy of arrays.alibi_slopes) and the bias added, -inf where a key is not visible; tanh(scale q.kᵀ /
+    softcap) for the softcap's derivative (None without)."""
+    lq, lk = qh.shape[0], kh.shape[0]
+    s = (qh @ kh.T) * compute_dtype(scale)
+    tanh_z = None
+    if rule.softcap > 0.0:
+        tanh_z = np.tanh(s / compute_dtype(rule.softcap))
+        s = compute_dtype(rule.softcap) * tanh_z
+    mask = arrays.attn_mask
+    mask_bh = to_host(mask[b, h, :lq, :lk]) if mask is not None else None
+    allowed, add = allowed_and_bias(
+        rule, lq, lk, bool_mask=mask_bh if rule.mask == "bool" else None,
+        bias=mask_bh if rule.mask == "bias" else None,
+        slope=None if slopes is None else slopes[b if slopes.shape[0] > 1 else 0, h], dtype=compute_dtype,
+    )
+    if add is not None:
+        with np.errstate(invalid="ignore"):
+            s = s + add
+    return np.where(allowed, s, -np.inf), allowed, tanh_z
+
+
 def materialized(
     q: np.ndarray,
     k: np.ndarray,
@@ -121,16 +157,8 @@ def materialized(
     head_dim_v = v.shape[3]
     out = np.zeros((*q.shape[:3], head_dim_v), dtype=compute_dtype)
     lse = np.full(q.shape[:3], -np.inf, dtype=compute_dtype)
-    if ragged == "packed":
-        cu_q, cu_kv = to_host(arrays.cu_seqlens_q).astype(np.int64), to_host(arrays.cu_seqlens_kv).astype(np.int64)
-        entries = [(0, int(cu_q[b]), int(cu_q[b + 1] - cu_q[b]), int(cu_kv[b]), int(cu_kv[b + 1] - cu_kv[b]))
-                   for b in range(cu_q.size - 1)]
-    else:
-        lens_q = arrays.lens_q if arrays.lens_q is not None else np.full(q.shape[0], q.shape[2])
-        lens_kv = arrays.lens_kv if arrays.lens_kv is not None else np.full(q.shape[0], k.shape[2])
-        entries = [(b, 0, int(lens_q[b]), 0, int(lens_kv[b])) for b in range(q.shape[0])]
+    entries = _entries(q, k, arrays, ragged)
     slopes = to_host(arrays.alibi_slopes).astype(np.float64) if arrays.alibi_slopes is not None else None
-    mask = arrays.attn_mask
     for b, (src, q0, lq, k0, lk) in enumerate(entries):
         if lq == 0:
             continue
@@ -138,19 +166,8 @@ def materialized(
             qh = q[src, h, q0:q0 + lq].astype(compute_dtype)
             kh = k[src, h // group, k0:k0 + lk].astype(compute_dtype)
             vh = v[src, h // group, k0:k0 + lk].astype(compute_dtype)
-            s = (qh @ kh.T) * compute_dtype(scale)
-            if rule.softcap > 0.0:
-                s = compute_dtype(rule.softcap) * np.tanh(s / compute_dtype(rule.softcap))
-            mask_bh = to_host(mask[b, h, :lq, :lk]) if mask is not None else None
-            allowed, add = allowed_and_bias(
-                rule, lq, lk, bool_mask=mask_bh if rule.mask == "bool" else None,
-                bias=mask_bh if rule.mask == "bias" else None,
-                slope=None if slopes is None else slopes[b if slopes.shape[0] > 1 else 0, h], dtype=compute_dtype,
-            )
-            if add is not None:
-                with np.errstate(invalid="ignore"):
-                    s = s + add
-            s = np.where(allowed, s, -np.inf)
+            s, allowed, _ = _head_logits(qh, kh, b, h, scale=scale, rule=rule, arrays=arrays,
+                                         slopes=slopes, compute_dtype=compute_dtype)
             keep = keep_mask(seed, dropout_p, b, h, lq, lk) if dropout_p > 0.0 else None
             o, l_ = _softmax_times_values(s, allowed if (rule.has_interval or rule.mask == "bool") else None, vh,
                                           dropout_p=dropout_p, keep=keep, compute_dtype=compute_dtype)
@@ -201,16 +218,8 @@ def materialized_backward(
     dk = np.zeros(k.shape, dtype=compute_dtype)
     dv = np.zeros(v.shape, dtype=compute_dtype)
     dbias = np.zeros((*q.shape[:3], k.shape[2]), dtype=compute_dtype) if want_dbias else None
-    if ragged == "packed":
-        cu_q, cu_kv = to_host(arrays.cu_seqlens_q).astype(np.int64), to_host(arrays.cu_seqlens_kv).astype(np.int64)
-        entries = [(0, int(cu_q[b]), int(cu_q[b + 1] - cu_q[b]), int(cu_kv[b]), int(cu_kv[b + 1] - cu_kv[b]))
-                   for b in range(cu_q.size - 1)]
-    else:
-        lens_q = arrays.lens_q if arrays.lens_q is not None else np.full(q.shape[0], q.shape[2])
-        lens_kv = arrays.lens_kv if arrays.lens_kv is not None else np.full(q.shape[0], k.shape[2])
-        entries = [(b, 0, int(lens_q[b]), 0, int(lens_kv[b])) for b in range(q.shape[0])]
+    entries = _entries(q, k, arrays, ragged)
     slopes = to_host(arrays.alibi_slopes).astype(np.float64) if arrays.alibi_slopes is not None else None
-    mask = arrays.attn_mask
     one = compute_dtype(1.0)
     for b, (src, q0, lq, k0, lk) in enumerate(entries):
         if lq == 0 or lk == 0:
@@ -221,23 +230,8 @@ def materialized_backward(
             kh = k[src, hk, k0:k0 + lk].astype(compute_dtype)
             vh = v[src, hk, k0:k0 + lk].astype(compute_dtype)
             doh = dout[src, h, q0:q0 + lq].astype(compute_dtype)
-            z = (qh @ kh.T) * compute_dtype(scale)
-            tanh_z = None
-            if rule.softcap > 0.0:
-                tanh_z = np.tanh(z / compute_dtype(rule.softcap))
-                s = compute_dtype(rule.softcap) * tanh_z
-            else:
-                s = z
-            mask_bh = to_host(mask[b, h, :lq, :lk]) if mask is not None else None
-            allowed, add = allowed_and_bias(
-                rule, lq, lk, bool_mask=mask_bh if rule.mask == "bool" else None,
-                bias=mask_bh if rule.mask == "bias" else None,
-                slope=None if slopes is None else slopes[b if slopes.shape[0] > 1 else 0, h], dtype=compute_dtype,
-            )
-            if add is not None:
-                with np.errstate(invalid="ignore"):
-                    s = s + add
-            s = np.where(allowed, s, -np.inf)
+            s, allowed, tanh_z = _head_logits(qh, kh, b, h, scale=scale, rule=rule, arrays=arrays,
+                                              slopes=slopes, compute_dtype=compute_dtype)
             m = np.max(s, axis=1, keepdims=True)
             m = np.where(np.isneginf(m), 0.0, m)
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
