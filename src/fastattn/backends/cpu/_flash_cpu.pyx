@@ -199,6 +199,34 @@ cdef const int32_t *_ints(object arr):
     return <const int32_t *> cnp.PyArray_DATA(a)
 
 
+cdef void _fill_call(fa_params *p, int64_t batch, int64_t seq_q, int64_t seq_kv, int64_t block_q,
+                     int64_t block_kv, object mask, object lens_q, object lens_kv, object cu_q, object cu_kv,
+                     bint dropout, uint32_t drop_threshold, double drop_scale, uint64_t seed) except *:
+    """The fields the forward and the backward fill alike: the entries and their lengths, the tiles, the
+    attn_mask view, dropout (the block table is each caller's)."""
+    cdef cnp.ndarray mask_arr
+    p.batch = batch
+    p.seq_q, p.seq_kv = seq_q, seq_kv
+    p.block_q = block_q
+    p.block_kv = block_kv
+    p.mask = NULL
+    p.mask_dtype = 0
+    if mask is not None:
+        mask_arr = mask
+        p.mask = <const char *> cnp.PyArray_DATA(mask_arr)
+        p.mask_dtype = _MASK_DTYPES[mask_arr.dtype.name]
+        _fill_strides(p.mask_strides, mask_arr)
+    p.lens_q = _ints(lens_q)
+    p.lens_kv = _ints(lens_kv)
+    p.cu_q = _ints(cu_q)
+    p.cu_kv = _ints(cu_kv)
+    p.decode_heads = 1
+    p.dropout = dropout
+    p.drop_threshold = drop_threshold
+    p.drop_scale = drop_scale
+    p.seed = seed
+
+
 def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.ndarray lse, *,
             int64_t batch, int64_t seq_q, int64_t seq_kv,
             int64_t block_q, int64_t block_kv, double scale, bint causal, bint bottom_right,
@@ -223,31 +251,12 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
     cdef void *scratch = NULL
     cdef int failed = 0
     cdef int *failed_flag = &failed   # written through a pointer: shared, not thread-private
-    cdef cnp.ndarray mask_arr
     if not fa_isa_supported(isa_id):
         raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
     _fill_views(&p, q, k, v, out, lse, scale, causal, bottom_right, window_left, window_right, softcap, alibi)
-    p.batch = batch
-    p.seq_q, p.seq_kv = seq_q, seq_kv
-    p.block_q = block_q
-    p.block_kv = block_kv
-    p.mask = NULL
-    p.mask_dtype = 0
-    if mask is not None:
-        mask_arr = mask
-        p.mask = <const char *> cnp.PyArray_DATA(mask_arr)
-        p.mask_dtype = _MASK_DTYPES[mask_arr.dtype.name]
-        _fill_strides(p.mask_strides, mask_arr)
-    p.lens_q = _ints(lens_q)
-    p.lens_kv = _ints(lens_kv)
-    p.cu_q = _ints(cu_q)
-    p.cu_kv = _ints(cu_kv)
+    _fill_call(&p, batch, seq_q, seq_kv, block_q, block_kv, mask, lens_q, lens_kv, cu_q, cu_kv, dropout,
+               drop_threshold, drop_scale, seed)
     _set_table(&p, block_table, k.shape[2])
-    p.decode_heads = 1
-    p.dropout = dropout
-    p.drop_threshold = drop_threshold
-    p.drop_scale = drop_scale
-    p.seed = seed
     n_heads = p.batch * p.heads_kv   # panels: one per (batch entry, k/v head)
     n_q = fa_num_q_tiles(&p)
     n_kv = fa_num_kv_tiles(&p)
@@ -422,31 +431,13 @@ def backward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray dout, cnp.
     cdef void *scratch = NULL
     cdef int failed = 0
     cdef int *failed_flag = &failed
-    cdef cnp.ndarray mask_arr, dbias_arr
+    cdef cnp.ndarray dbias_arr
     if not fa_isa_supported(isa_id):
         raise RuntimeError(f"SIMD path {isa!r} is not supported by this CPU; supported: {supported_isas()}")
     _fill_views(&p, q, k, v, dq, lse, scale, causal, bottom_right, window_left, window_right, softcap, alibi)
-    p.batch = batch
-    p.seq_q, p.seq_kv = seq_q, seq_kv
-    p.block_q = block_q
-    p.block_kv = block_kv
-    p.mask = NULL
-    p.mask_dtype = 0
-    if mask is not None:
-        mask_arr = mask
-        p.mask = <const char *> cnp.PyArray_DATA(mask_arr)
-        p.mask_dtype = _MASK_DTYPES[mask_arr.dtype.name]
-        _fill_strides(p.mask_strides, mask_arr)
-    p.lens_q = _ints(lens_q)
-    p.lens_kv = _ints(lens_kv)
-    p.cu_q = _ints(cu_q)
-    p.cu_kv = _ints(cu_kv)
+    _fill_call(&p, batch, seq_q, seq_kv, block_q, block_kv, mask, lens_q, lens_kv, cu_q, cu_kv, dropout,
+               drop_threshold, drop_scale, seed)
     _set_table(&p, None, 0)
-    p.decode_heads = 1
-    p.dropout = dropout
-    p.drop_threshold = drop_threshold
-    p.drop_scale = drop_scale
-    p.seed = seed
     gb.dout = <const char *> cnp.PyArray_DATA(dout)
     gb.o = <const char *> cnp.PyArray_DATA(o)
     gb.lse = <const double *> cnp.PyArray_DATA(lse)

@@ -241,15 +241,14 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
     const int64_t kv_lo = ws->lo[0], kv_hi = ws->hi[live - 1];
 
     /* the units: the forward's (raw S, c = scale log2 e, unless a hook), or its fallback when q.k may overflow */
-    const double fmax = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
-    double qmax = 0, kmax = 0;
-    for (int64_t x = 0; x < live * dp; ++x) {
-        const double a = fabs((double)ws->qp[x]);
-        qmax = (a > qmax && a <= fmax) ? a : qmax;   /* finite values only */
+    bool prescaled = false;
+    if (fallback_can_help(p)) {   /* the forward's rule (may_overflow), on the packed rows and this head's tiles */
+        double qmax = 0, kmax = 0;
+        for (int64_t x = 0; x < live * dp; ++x) qmax = max_finite_abs(qmax, (double)ws->qp[x]);
+        for (int64_t t = kv_lo / bkv; t * bkv < kv_hi; ++t)
+            kmax = (double)L.kmax((T *)panel)[t] > kmax ? (double)L.kmax((T *)panel)[t] : kmax;
+        prescaled = raw_product_may_overflow(qmax, kmax, d);
     }
-    for (int64_t t = kv_lo / bkv; t * bkv < kv_hi; ++t)
-        kmax = (double)L.kmax((T *)panel)[t] > kmax ? (double)L.kmax((T *)panel)[t] : kmax;
-    const bool prescaled = p->scale < 1.0 && (T)p->scale > (T)0 && qmax * kmax * (double)d >= 0.5 * fmax;
     const T c = prescaled ? (T)units::log2e : u.c_raw, smul = prescaled ? (T)1 : u.smul;
     const double unit = prescaled ? 1.0 : u.unit;
     const T dscale = prescaled ? (T)1 : u.smul;   /* dL/dS (times the softcap's derivative) */

@@ -365,17 +365,29 @@ template <typename T> struct kern {
         L.kmax(panel, d)[t] = most;
     }
 
-    /* Could a raw product q.k of the item's rows overflow (max|q| max|k| d >= half the largest value)?  Then
-     * the item runs in the fallback units from the start (q times scale): the logit hook (a softcap
-     * saturates an infinite score) could otherwise hide the overflow from the retry below. */
+    /* The overflow rule of the forward and the backward: a raw product q.k may overflow when max|q| max|k| d
+     * (the largest finite values) reaches half the largest value; only with 0 < scale < 1 do the fallback
+     * units (q times scale) help. */
+    static inline bool fallback_can_help(const fa_params *p) { return p->scale < 1.0 && (T)p->scale > (T)0; }
+    static inline double largest_value() { return sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__; }
+    static inline double max_finite_abs(double m, double x) {   /* inf and NaN are not overflows */
+        x = fabs(x);
+        return (x > m && x <= largest_value()) ? x : m;
+    }
+    static inline bool raw_product_may_overflow(double qmax, double kmax, int64_t d) {
+        return qmax * kmax * (double)d >= 0.5 * largest_value();
+    }
+
+    /* Could a raw product q.k of the item's rows overflow?  Then the item runs in the fallback units from the
+     * start (q times scale): the logit hook (a softcap saturates an infinite score) could otherwise hide the
+     * overflow from the retry below. */
     template <T (*LOAD)(const char *)>
     static bool may_overflow(const fa_params *p, int64_t bh, int64_t rt, const T *panel) {
-        if (!(p->scale < 1.0) || !((T)p->scale > (T)0)) return false;
+        if (!fallback_can_help(p)) return false;
         const layout L(p);
         const int64_t d = p->head_dim, G = p->group, bq = p->block_q;
         const int64_t b = bh / p->heads_kv, hkv = bh % p->heads_kv;
         const fa_entry e = entry(p, b);
-        const double fmax = sizeof(T) == 8 ? __DBL_MAX__ : (double)__FLT_MAX__;
         double kmax = 0, qmax = 0;
         const T *km = L.kmax((T *)panel, d);
         for (int64_t t = 0; t * p->block_kv < e.len_kv; ++t) kmax = (double)km[t] > kmax ? (double)km[t] : kmax;
@@ -383,12 +395,9 @@ template <typename T> struct kern {
         for (int64_t r = 0; r < live; ++r) {
             const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
             const char *qrow = p->q + e.src * p->q_strides[0] + h * p->q_strides[1] + (e.row_q + i) * p->q_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) {
-                const double x = fabs((double)LOAD(qrow + dd * p->q_strides[3]));
-                qmax = (x > qmax && x <= fmax) ? x : qmax;   /* finite values only */
-            }
+            for (int64_t dd = 0; dd < d; ++dd) qmax = max_finite_abs(qmax, (double)LOAD(qrow + dd * p->q_strides[3]));
         }
-        return qmax * kmax * (double)d >= 0.5 * fmax;
+        return raw_product_may_overflow(qmax, kmax, d);
     }
 
     /* Multiplies P[c] for c in [c0, c1) (keys k0 + c of query i, head h) by keep/(1-p) or 0.
