@@ -44,12 +44,12 @@ def _inputs(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any]:
     return input_array("q", q), input_array("k", k), input_array("v", v)
 
 
-def _to_caller(out4: Any, spec: AttentionSpec) -> Any:
-    """A backend's (batch, heads, seq, head_dim_v) output as the caller's shape and layout (a view:
-    the backend allocated it in that layout's memory order)."""
+def _to_caller(out4: Any, spec: AttentionSpec, shape: tuple[int, ...] | None = None) -> Any:
+    """A backend's (batch, heads, seq, dim) array as the caller's ``shape`` (the output's by default) and
+    layout (a view: the backend allocated it in that layout's memory order)."""
     if spec.layout == "bshd" or spec.ragged == "packed":
         out4 = out4.swapaxes(1, 2)
-    return out4.reshape(spec.out_shape)
+    return out4.reshape(spec.out_shape if shape is None else shape)
 
 
 def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str, *, count_flops: bool = True) -> AttentionResult:

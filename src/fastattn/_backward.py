@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import backends
+from ._api import _to_caller
 from ._arrays import input_array
 from ._checks import check_bool
 from ._validate import AttentionSpec, as_4d, dtype_name, is_gpu_array, make_spec, packed_4d
@@ -77,13 +78,8 @@ def _run_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, spec_kw
     lse3 = lse.reshape(q4.shape[:3])
     res = engine.backward(do4, q4, k4, v4, o4, lse3, spec, want_dbias=return_dbias, deterministic=deterministic)
 
-    def caller(x4: Any, like: Any, shape: tuple) -> Any:
-        if spec.layout == "bshd" or spec.ragged == "packed":
-            x4 = x4.swapaxes(1, 2)
-        return engine.restore(x4.reshape(shape), like)
-
-    grads = (caller(res.dq, like_q, tuple(like_q.shape)), caller(res.dk, like_k, tuple(like_k.shape)),
-             caller(res.dv, like_v, tuple(like_v.shape)))
+    grads = tuple(engine.restore(_to_caller(g4, spec, tuple(like.shape)), like)
+                  for g4, like in ((res.dq, like_q), (res.dk, like_k), (res.dv, like_v)))
     if return_dbias:
         mask = input_array("attn_mask", mask_in)
         grads = (*grads, engine.restore(_reduce_dbias(res.dbias, mask), mask_in))
