@@ -97,13 +97,6 @@ static inline void hsum4(const V *x, T *out) {
     }
 }
 
-static inline T hsum(V v) {
-    const V16 a = fold16(v);
-    T s = 0;
-    for (int j = 0; j < (int)(16 / sizeof(T)); ++j) s += a[j];
-    return s;
-}
-
 /* W elements of a K or V row from element dd on: the row's own T values (BF = 0), or bfloat16 widened
  * by a shift into a float's top half (BF = 1: read where it lies, no conversion pass). */
 template <int BF>

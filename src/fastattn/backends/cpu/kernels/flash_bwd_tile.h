@@ -80,29 +80,11 @@ static void bwd_pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
         for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
     for (int64_t dd = 0; dd < dv; ++dd)
         for (int64_t c = ncols; c < bkvp; ++c) vt[dd * bkvp + c] = 0;
-    for (int64_t c = 0; c < bkvp * dp; ++c) kr[c] = 0;
-    /* blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
+    for (int64_t c = ncols * dp; c < bkvp * dp; ++c) kr[c] = 0;
+    pack_transposed<LOAD>(p, p->k, p->k_strides, e, h, k0, ncols, d, kt, bkvp);   /* K^T */
+    pack_transposed<LOAD>(p, p->v, p->v_strides, e, h, k0, ncols, dv, vt, bkvp);  /* V^T */
+    pack_rows<LOAD>(p, p->k, p->k_strides, e, h, k0, ncols, d, kr, dp);           /* K */
     VI bad = VI{};
-    for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
-        const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
-        const char *krow[16], *vrow[16];
-        for (int64_t c = c0; c < c1; ++c) {
-            krow[c - c0] = fa_kv_row(p, p->k, p->k_strides, &e, h, k0 + c);
-            vrow[c - c0] = fa_kv_row(p, p->v, p->v_strides, &e, h, k0 + c);
-        }
-        for (int64_t dd = 0; dd < d; ++dd) {
-            T *dst = kt + dd * bkvp;
-            for (int64_t c = c0; c < c1; ++c) {
-                const T x = LOAD(krow[c - c0] + dd * p->k_strides[3]);
-                dst[c] = x;
-                kr[c * dp + dd] = x;
-            }
-        }
-        for (int64_t dd = 0; dd < dv; ++dd) {
-            T *dst = vt + dd * bkvp;
-            for (int64_t c = c0; c < c1; ++c) dst[c] = LOAD(vrow[c - c0] + dd * p->v_strides[3]);
-        }
-    }
     V big = V{};
     for (int64_t i = 0; i < ncols * dp; i += W) {   /* x - x is NaN exactly when x is NaN or +-inf */
         const V x = load(kr + i);

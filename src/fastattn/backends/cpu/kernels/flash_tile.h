@@ -121,6 +121,42 @@ template <typename T> struct kern {
     typedef typename vec_traits<T>::I I;
     static const int W = FA_VBYTES / (int)sizeof(T);
 
+    /* One bit per lane (bit j: lane j of m is true, i.e. -1): any/all tests without a horizontal loop. */
+    static inline unsigned lane_bits(VI m) {
+#if FA_VBYTES == 64
+        return sizeof(T) == 4 ? (unsigned)_mm512_movepi32_mask((__m512i)m) : (unsigned)_mm512_movepi64_mask((__m512i)m);
+#elif FA_VBYTES == 32
+        return sizeof(T) == 4 ? (unsigned)_mm256_movemask_ps((__m256)m) : (unsigned)_mm256_movemask_pd((__m256d)m);
+#else
+        return sizeof(T) == 4 ? (unsigned)_mm_movemask_ps((__m128)m) : (unsigned)_mm_movemask_pd((__m128d)m);
+#endif
+    }
+    static const unsigned all_lanes = (1u << W) - 1;
+
+    /* Lane j + S (mod W) in lane j: the steps of a horizontal reduction (log2 W shuffles, not W extracts). */
+    template <int S> static inline V rotate(V x) {
+        VI idx;
+        for (int j = 0; j < W; ++j) idx[j] = (j + S) % W;
+        return __builtin_shuffle(x, idx);
+    }
+    /* The largest lane, NaN lanes ignored (as `x > m ? x : m` does); -inf if every lane is NaN or -inf. */
+    static inline T hmax(V x) {
+        if (W >= 16) { const V y = rotate<W / 2 < 8 ? 0 : 8>(x); x = y > x ? y : x; }
+        if (W >= 8) { const V y = rotate<W / 2 < 4 ? 0 : 4>(x); x = y > x ? y : x; }
+        if (W >= 4) { const V y = rotate<W / 2 < 2 ? 0 : 2>(x); x = y > x ? y : x; }
+        const V y = rotate<1>(x);
+        x = y > x ? y : x;
+        return x[0];
+    }
+    /* The sum of the lanes, pairwise (a tree: no longer a chain of W - 1 roundings). */
+    static inline T hsum(V x) {
+        if (W >= 16) x += rotate<W / 2 < 8 ? 0 : 8>(x);
+        if (W >= 8) x += rotate<W / 2 < 4 ? 0 : 4>(x);
+        if (W >= 4) x += rotate<W / 2 < 2 ? 0 : 2>(x);
+        x += rotate<1>(x);
+        return x[0];
+    }
+
     static inline V load(const T *p) { return *(const VU *)p; }
     static inline void store(T *p, V v) { *(VU *)p = v; }
     static inline V splat(T x) {   /* not V{} + x: adding +0 is not an identity (-0), so it would stay */
@@ -310,6 +346,81 @@ template <typename T> struct kern {
 
     /* Packs key/value tile t of (batch entry, k/v head) bh into its panel and flags a V tile that
      * holds a non-finite value.  Tiles past the entry's keys are left alone (never read). */
+    /* W x W transpose in registers: log2 W stages, stage B swapping the off-diagonal B x B blocks of the
+     * row pairs (i, i + B) (all shuffle masks are constants). */
+    template <int B> static inline void transpose_stage(V (&r)[W]) {
+        VI lo, hi;   /* __builtin_shuffle(a, b, m): m[j] < W takes a[m[j]], else b[m[j] - W] */
+        for (int j = 0; j < W; ++j) {
+            lo[j] = (j & B) ? j - B + W : j;
+            hi[j] = (j & B) ? j + W : j + B;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i)
+            if (!(i & B)) {
+                const V a = r[i], b = r[i + B];
+                r[i] = __builtin_shuffle(a, b, lo);
+                r[i + B] = __builtin_shuffle(a, b, hi);
+            }
+    }
+    static inline void transpose(V (&r)[W]) {
+        if (W >= 16) transpose_stage<W >= 16 ? 8 : 1>(r);
+        if (W >= 8) transpose_stage<W >= 8 ? 4 : 1>(r);
+        if (W >= 4) transpose_stage<W >= 4 ? 2 : 1>(r);
+        transpose_stage<1>(r);
+    }
+
+    /* Are the inputs already in T (float32 for T = float, float64 for double)?  Then rows with unit element
+     * stride are copied or transposed by whole vectors; anything else converts element by element. */
+    static inline bool native_input(const fa_params *p) {
+        return p->in_dtype == (sizeof(T) == 8 ? FA_DTYPE_F64 : FA_DTYPE_F32);
+    }
+
+    /* dst[dd * ld + c] = row(k0 + c)[dd] for keys c < ncols and dims dd < n (rows of K or V of entry e, head
+     * h, through fa_kv_row): a tile transposed into the panel. */
+    template <T (*LOAD)(const char *)>
+    static void pack_transposed(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e,
+                                int64_t h, int64_t k0, int64_t ncols, int64_t n, T *dst, int64_t ld) {
+        int64_t cfast = 0, nfast = 0;   /* keys [0, cfast) x dims [0, nfast) by W x W register transposes */
+        if (native_input(p) && strides[3] == (int64_t)sizeof(T)) {
+            cfast = round_down(ncols, W);
+            nfast = round_down(n, W);
+            for (int64_t c0 = 0; c0 < cfast; c0 += W) {
+                const T *rows[W];
+                for (int c = 0; c < W; ++c) rows[c] = (const T *)fa_kv_row(p, base, strides, &e, h, k0 + c0 + c);
+                for (int64_t dd0 = 0; dd0 < nfast; dd0 += W) {
+                    V r[W];
+                    for (int c = 0; c < W; ++c) r[c] = load(rows[c] + dd0);
+                    transpose(r);
+                    for (int j = 0; j < W; ++j) store(dst + (dd0 + j) * ld + c0, r[j]);
+                }
+            }
+        }
+        /* the rest: blocks of 16 keys, so the 16 source rows stay in L1 while the dims run */
+        for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+            const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
+            const char *row[16];
+            for (int64_t c = c0; c < c1; ++c) row[c - c0] = fa_kv_row(p, base, strides, &e, h, k0 + c);
+            for (int64_t dd = 0; dd < n; ++dd) {
+                const int64_t cs = dd < nfast && c0 < cfast ? (cfast < c1 ? cfast : c1) : c0;
+                for (int64_t c = cs; c < c1; ++c) dst[dd * ld + c] = LOAD(row[c - c0] + dd * strides[3]);
+            }
+        }
+    }
+
+    /* dst[c * ld + dd] = row(k0 + c)[dd] for c < ncols, dd < n, and 0 for n <= dd < ld: a tile's rows copied. */
+    template <T (*LOAD)(const char *)>
+    static void pack_rows(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e,
+                          int64_t h, int64_t k0, int64_t ncols, int64_t n, T *dst, int64_t ld) {
+        const bool fast = native_input(p) && strides[3] == (int64_t)sizeof(T);
+        for (int64_t c = 0; c < ncols; ++c) {
+            const char *row = fa_kv_row(p, base, strides, &e, h, k0 + c);
+            T *out = dst + c * ld;
+            if (fast) memcpy(out, row, (size_t)n * sizeof(T));
+            else for (int64_t dd = 0; dd < n; ++dd) out[dd] = LOAD(row + dd * strides[3]);
+            for (int64_t dd = n; dd < ld; ++dd) out[dd] = 0;
+        }
+    }
+
     template <T (*LOAD)(const char *)>
     static void pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
         const layout L(p);
@@ -323,21 +434,8 @@ template <typename T> struct kern {
         T *vp = L.v(panel, t, d);
         for (int64_t dd = 0; dd < d; ++dd)
             for (int64_t c = ncols; c < bkvp; ++c) kt[dd * bkvp + c] = 0;
-        /* K^T: blocks of 16 keys, so the 16 source rows stay in L1 while d runs */
-        for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
-            const int64_t c1 = c0 + 16 < ncols ? c0 + 16 : ncols;
-            const char *krow[16];
-            for (int64_t c = c0; c < c1; ++c) krow[c - c0] = fa_kv_row(p, p->k, p->k_strides, &e, h, k0 + c);
-            for (int64_t dd = 0; dd < d; ++dd) {
-                T *dst = kt + dd * bkvp;
-                for (int64_t c = c0; c < c1; ++c) dst[c] = LOAD(krow[c - c0] + dd * p->k_strides[3]);
-            }
-        }
-        for (int64_t c = 0; c < ncols; ++c) {
-            const char *vrow = fa_kv_row(p, p->v, p->v_strides, &e, h, k0 + c);
-            for (int64_t dd = 0; dd < dv; ++dd) vp[c * dvp + dd] = LOAD(vrow + dd * p->v_strides[3]);
-            for (int64_t dd = dv; dd < dvp; ++dd) vp[c * dvp + dd] = 0;
-        }
+        pack_transposed<LOAD>(p, p->k, p->k_strides, e, h, k0, ncols, d, kt, bkvp);   /* K^T */
+        pack_rows<LOAD>(p, p->v, p->v_strides, e, h, k0, ncols, dv, vp, dvp);          /* V */
         for (int64_t c = ncols; c < bkvp; ++c)
             for (int64_t dd = 0; dd < dvp; ++dd) vp[c * dvp + dd] = 0;
         /* x - x is NaN exactly when x is NaN or +-inf; one pass over the tile while it is in cache.
@@ -430,7 +528,9 @@ template <typename T> struct kern {
     /* The logit hook, one row of a tile: S[c] for the row's visible columns [c0, c1) (keys k0 + c)
      * becomes the logit of fastattn._masks: smul.S (smul = scale, or 1 when q was pre-scaled), then
      * softcap.tanh(./softcap), minus the ALiBi distance term, plus the float bias; a boolean mask
-     * sends its False entries to -inf.  Only called when the call has one of these. */
+     * sends its False entries to -inf.  Only called when the call has one of these.  The columns of
+     * the W-aligned span around [c0, c1) outside it may be overwritten (every caller treats them as
+     * scratch and clears them after). */
     static void logit_row(const fa_params *p, const fa_entry &e, int64_t b, int64_t h, int64_t i, int64_t k0,
                           int64_t c0, int64_t c1, T smul, T *srow) {
         int64_t c;
@@ -446,17 +546,18 @@ template <typename T> struct kern {
             if (sizeof(T) == 4) {
                 /* tanh in float, to about an ulp: |y| < 1/2 its Taylor series to y^15 (truncation
                  * below 1e-8 relative), else sign(y) (1 - t) / (1 + t) with t = e^(-2|y|) <= e^-1;
-                 * each branch only where some lane needs it */
+                 * each branch only where some lane needs it.  Whole vectors over the W-aligned span
+                 * of [c0, c1): the columns around it are scratch that the caller overwrites. */
                 const V two_log2e = splat((T)(2.0 * 1.4426950408889634074)), half = splat((T)0.5);
                 const V vinv = splat(inv), vcap = splat(cap);
-                for (; c + W <= c1; c += W) {
+                const int64_t cend = round_up(c1, W);
+                for (c = round_down(c0, W); c < cend; c += W) {
                     const V y = load(srow + c) * vinv;
                     const V ay = y < V{} ? -y : y;
                     const VI small = (VI)(ay < half);
-                    I n_small = 0;
-                    for (int j = 0; j < W; ++j) n_small -= small[j];   /* lanes are 0 or -1 */
+                    const unsigned small_bits = lane_bits(small);
                     V th = V{};
-                    if (n_small > 0) {
+                    if (small_bits) {
                         const V y2 = y * y;
                         V poly = splat((T)(-929569.0 / 638512875.0));
                         poly = poly * y2 + (T)(21844.0 / 6081075.0);
@@ -467,7 +568,7 @@ template <typename T> struct kern {
                         poly = poly * y2 + (T)(-1.0 / 3.0);
                         th = y + y * y2 * poly;
                     }
-                    if (n_small < W) {
+                    if (small_bits != all_lanes) {
                         const V t = exp2v(-(ay < half ? half : ay) * two_log2e);
                         const V far = (splat((T)1) - t) / (splat((T)1) + t);
                         th = small ? th : (y < V{} ? -far : far);
@@ -566,8 +667,7 @@ template <typename T> struct kern {
         }
         if (cc < e1) { V x0 = load(srow + cc); vmax0 = x0 > vmax0 ? x0 : vmax0; }
         vmax0 = vmax1 > vmax0 ? vmax1 : vmax0;
-        T row_max = vmax0[0];
-        for (int j = 1; j < W; ++j) row_max = vmax0[j] > row_max ? vmax0[j] : row_max;
+        const T row_max = hmax(vmax0);
         const T m_new = row_max > *m ? row_max : *m;
         if (m_new == -__builtin_inf()) {
             /* nothing visible, or every visible score is -inf or NaN: P = 0 unless a NaN is there */
@@ -589,8 +689,7 @@ template <typename T> struct kern {
         }
         if (cc < e1) { V x0 = exp2v((load(srow + cc) - vm) * vc); store(srow + cc, x0); vsum0 += x0; }
         vsum0 += vsum1;
-        T row_sum = 0;
-        for (int j = 0; j < W; ++j) row_sum += vsum0[j];
+        const T row_sum = hsum(vsum0);
         const T a = exp2v(splat((*m - m_new) * c))[0];
         *alpha = a;
         *l = (double)a * *l + (double)row_sum;
