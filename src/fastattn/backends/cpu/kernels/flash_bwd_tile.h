@@ -225,8 +225,8 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
     /* the units: the forward's (raw S, c = scale log2 e, unless a hook), or its fallback when q.k may overflow */
     bool prescaled = false;
     if (fallback_can_help(p)) {   /* the forward's rule (may_overflow), on the packed rows and this head's tiles */
-        double qmax = 0, kmax = 0;
-        for (int64_t x = 0; x < live * dp; ++x) qmax = max_finite_abs(qmax, (double)ws->qp[x]);
+        const double qmax = max_finite_abs_n(ws->qp, live * dp);
+        double kmax = 0;
         for (int64_t t = kv_lo / bkv; t * bkv < kv_hi; ++t)
             kmax = (double)L.kmax((T *)panel)[t] > kmax ? (double)L.kmax((T *)panel)[t] : kmax;
         prescaled = raw_product_may_overflow(qmax, kmax, d);

@@ -472,6 +472,20 @@ template <typename T> struct kern {
         x = fabs(x);
         return (x > m && x <= largest_value()) ? x : m;
     }
+    /* The largest finite |x[j]|, j < n (0 if none): max_finite_abs over an array of T, by whole vectors. */
+    static double max_finite_abs_n(const T *x, int64_t n) {
+        V big = V{};
+        const V inf = splat((T)__builtin_inf());
+        int64_t j = 0;
+        for (; j + W <= n; j += W) {
+            const V v = load(x + j);
+            const V av = v < V{} ? -v : v;
+            big = (av > big && av < inf) ? av : big;
+        }
+        double m = (double)hmax(big);
+        for (; j < n; ++j) m = max_finite_abs(m, (double)x[j]);
+        return m;
+    }
     static inline bool raw_product_may_overflow(double qmax, double kmax, int64_t d) {
         return qmax * kmax * (double)d >= 0.5 * largest_value();
     }
@@ -493,7 +507,12 @@ template <typename T> struct kern {
         for (int64_t r = 0; r < live; ++r) {
             const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
             const char *qrow = p->q + e.src * p->q_strides[0] + h * p->q_strides[1] + (e.row_q + i) * p->q_strides[2];
-            for (int64_t dd = 0; dd < d; ++dd) qmax = max_finite_abs(qmax, (double)LOAD(qrow + dd * p->q_strides[3]));
+            if (native_input(p) && p->q_strides[3] == (int64_t)sizeof(T)) {
+                const double m = max_finite_abs_n((const T *)qrow, d);
+                qmax = m > qmax ? m : qmax;
+            } else {
+                for (int64_t dd = 0; dd < d; ++dd) qmax = max_finite_abs(qmax, (double)LOAD(qrow + dd * p->q_strides[3]));
+            }
         }
         return raw_product_may_overflow(qmax, kmax, d);
     }
