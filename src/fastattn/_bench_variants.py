@@ -180,18 +180,18 @@ def _time_case(case: Case, rng: np.random.Generator, threads: int | None, repeat
     with thread_limit("fastattn-cpu", threads):
         seconds = time_call(timed, repeat)
     # the plain kernel on the same shapes: as many k/v heads as q heads, no mask, contiguous (packed
-    # sequences: one plain call per sequence, what a caller without varlen would do)
+    # sequences: one plain call per sequence, what a caller without varlen would do); q, k and v are
+    # three arrays, as in the variant's call, so both read the same bytes
     plain = fastattn.FlashAttention(fastattn.FlashAttentionConfig(head_dim=case.head_dim, num_heads=case.heads,
                                                                   causal=bool(case.causal)), "cpu")
-    singles = [rng.standard_normal((1, case.heads, n, case.head_dim), dtype=np.float32)
-               for n in (case.varlen or (case.seq,) * case.batch)]
-    if not case.varlen:
-        singles = [np.concatenate(singles)]
+    lengths = case.varlen or (case.seq,)
+    singles = [tuple(rng.standard_normal((1 if case.varlen else case.batch, case.heads, n, case.head_dim),
+                                         dtype=np.float32) for _ in range(3)) for n in lengths]
 
-    plain_flops = sum(plain.forward_multi_head(x, x, x, num_threads=threads).flops for x in singles)
+    plain_flops = sum(plain.forward_multi_head(*x, num_threads=threads).flops for x in singles)
 
     def plain_call() -> Any:
-        return [fastattn.flash_attention(x, x, x, causal=bool(case.causal), num_threads=threads) for x in singles]
+        return [fastattn.flash_attention(*x, causal=bool(case.causal), num_threads=threads) for x in singles]
 
     with thread_limit("fastattn-cpu", threads):
         plain_s = time_call(plain_call, repeat)
