@@ -550,6 +550,11 @@ template <typename T> struct kern {
      * sends its False entries to -inf.  Only called when the call has one of these.  The columns of
      * the W-aligned span around [c0, c1) outside it may be overwritten (every caller treats them as
      * scratch and clears them after). */
+    /* The mask rows a row's hook asks the caches for, ahead of its own: a mask or bias row is a short stream
+     * of its own, which the hardware prefetchers do not see coming.  For a float32 bias (1, 8, 1024, 1024) on
+     * one Zen 5 thread, 1, 2, 4, 8 and 16 rows ahead kept 0.80, 0.85, 0.89, 0.88 and 0.90 of the unmasked rate. */
+    static const int64_t mask_ahead = 4;
+
     static void logit_row(const fa_params *p, const fa_entry &e, int64_t b, int64_t h, int64_t i, int64_t k0,
                           int64_t c0, int64_t c1, T smul, T *srow) {
         int64_t c;
@@ -629,6 +634,8 @@ template <typename T> struct kern {
                 if (sj == 1) {
                     typedef uint8_t VB __attribute__((vector_size(W), aligned(1), may_alias));
                     const V ninf = splat(-__builtin_inf());
+                    const char *next = mrow + mask_ahead * p->mask_strides[2];
+                    for (int64_t x = c; x < c1; x += 64) __builtin_prefetch(next + x, 0, 1);
                     for (; c + W <= c1; c += W) {
                         const VI keep = __builtin_convertvector(*(const VB *)(mrow + c), VI) != 0;
                         store(srow + c, keep ? load(srow + c) : ninf);
@@ -639,9 +646,9 @@ template <typename T> struct kern {
                 break;
             case FA_MASK_F32:
                 if (sj == 4 && sizeof(T) == 4) {
-                    const char *next = mrow + p->mask_strides[2];   /* the next row's bias, ahead of use */
+                    const char *next = mrow + mask_ahead * p->mask_strides[2];   /* a later row's bias, ahead of use */
                     for (; c + W <= c1; c += W) {
-                        __builtin_prefetch(next + 4 * c, 0, 0);
+                        __builtin_prefetch(next + 4 * c, 0, 1);
                         store(srow + c, load(srow + c) + load((const T *)(mrow + 4 * c)));
                     }
                 }
@@ -650,9 +657,9 @@ template <typename T> struct kern {
             case FA_MASK_BF16:
                 if (sj == 2 && sizeof(T) == 4) {
                     typedef uint16_t VH __attribute__((vector_size(W * 2), aligned(2), may_alias));
-                    const char *next = mrow + p->mask_strides[2];
+                    const char *next = mrow + mask_ahead * p->mask_strides[2];
                     for (; c + W <= c1; c += W) {
-                        __builtin_prefetch(next + 2 * c, 0, 0);
+                        __builtin_prefetch(next + 2 * c, 0, 1);
                         const VI bits = __builtin_convertvector(*(const VH *)(mrow + 2 * c), VI) << 16;
                         store(srow + c, load(srow + c) + (V)bits);
                     }
