@@ -3,7 +3,7 @@
 
 One parallel skeleton, the GIL released throughout.  The (batch x head) heads are taken in
 groups; for each group, all threads first pack the group's K/V tiles into one shared panel
-per head (`prange`, static), then share out the work items (head x query tile) with a
+per head (`prange`, dynamic: a short entry's tiles past its end are empty), then share out the work items (head x query tile) with a
 dynamic `prange`, heaviest tiles first so the tail of the schedule is light.  The caller plans
 the thread count and the group (backends.cpu._tiles.plan_call: about four items per thread, a
 multiple of the thread count where it can), so long sequences keep one panel (O(seq_kv x d))
@@ -287,7 +287,9 @@ def forward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, cnp.nd
             for g in range(n_groups):
                 first = g * group
                 size = min(group, n_heads - first)
-                for j in prange(size * n_kv, schedule="static"):
+                # dynamic: a ragged batch's short entries leave their high tiles empty, which a static split
+                # would hand to one thread while the other packed every real tile
+                for j in prange(size * n_kv, schedule="dynamic"):
                     fa_pack_tile(&p, isa_id, first + j % size, j // size, panels + (j % size) * panel_bytes)
                 # end: prange
                 fa_omp_barrier()  # the panels are complete before any item reads them
@@ -488,7 +490,7 @@ def backward(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray dout, cnp.
             for gi in range(n_groups):
                 first = gi * group
                 size = min(group, n_heads - first)
-                for j in prange(size * n_kv, schedule="static"):
+                for j in prange(size * n_kv, schedule="dynamic"):   # as in the forward: ragged entries
                     fa_bwd_pack_tile(&p, isa_id, first + j % size, j // size, panels + (j % size) * panel_bytes)
                 # end: prange
                 if nchunk > 1:
