@@ -680,8 +680,14 @@ template <typename T> struct kern {
     static int softmax_row(T *srow, int64_t a0, int64_t a1, int64_t c0, int64_t c1, T c, T *m, double *l,
                            T *alpha) {
         const int64_t e0 = c0 < c1 ? round_down(c0, W) : a0, e1 = c0 < c1 ? round_up(c1, W) : a0;
-        for (int64_t k = e0; k < c0; ++k) srow[k] = -__builtin_inf();
-        for (int64_t k = c1 > e0 ? c1 : e0; k < e1; ++k) srow[k] = -__builtin_inf();
+        if (e0 < e1 && (c0 > e0 || c1 < e1)) {   /* -inf in the edge vectors' columns outside [c0, c1) */
+            V iota;
+            for (int j = 0; j < W; ++j) iota[j] = (T)j;
+            const V ninf = splat(-__builtin_inf()), lo = splat((T)(c0 - e0)), hi = splat((T)(c1 - e0));
+            const V first = iota, last = iota + (T)(e1 - W - e0);   /* column offsets from e0, exact in T */
+            store(srow + e0, (first < lo || first >= hi) ? ninf : load(srow + e0));
+            store(srow + e1 - W, (last < lo || last >= hi) ? ninf : load(srow + e1 - W));
+        }
         for (int64_t k = a0; k < e0; k += W) store(srow + k, V{});
         for (int64_t k = e1; k < a1; k += W) store(srow + k, V{});
         V vmax0 = splat(-__builtin_inf()), vmax1 = vmax0;   /* two chains: max latency, not throughput */
