@@ -547,8 +547,9 @@ template <typename T> struct kern {
     /* Mask rows are asked for ahead of their use (into L2): a mask or bias row is a short stream of its own,
      * which the hardware prefetchers do not see coming.  The logit hook asks for the row mask_ahead rows
      * below its own; an item asks for its first mask_ahead rows before a tile's products, which leave them
-     * the time to arrive.  A float32 bias (1, 8, 1024, 1024) on the Zen 5 kept 0.79 of the unmasked rate with
-     * 2 threads asking one row ahead, 0.82-0.86 with 4 to 32 rows ahead this way (the noise between them). */
+     * the time to arrive.  With 2 threads on the Zen 5, a float32 bias (1, 8, 1024, 1024) kept 0.79 of the
+     * unmasked rate with the hook alone asking 4 rows ahead, and 0.82-0.86 this way with 4 to 32 rows ahead
+     * (the spread between those is run-to-run noise). */
     static const int64_t mask_ahead = 8;
     static inline void prefetch_mask_row(const fa_params *p, const char *mrow, int64_t c0, int64_t c1) {
         static const int64_t bytes[] = {0, 1, 2, 2, 4, 8};   /* by FA_MASK_* */
