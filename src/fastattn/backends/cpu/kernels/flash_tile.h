@@ -877,7 +877,13 @@ template <typename T> struct kern {
             if (r < live) {
                 const char *qrow = p->q + e.src * p->q_strides[0] + ws->row_h[r] * p->q_strides[1]
                                    + (e.row_q + ws->row_i[r]) * p->q_strides[2];
-                for (int64_t dd = 0; dd < d; ++dd) ws->qp[r * d + dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
+                T *qp = ws->qp + r * d;
+                int64_t dd = 0;
+                if (native_input(p) && p->q_strides[3] == (int64_t)sizeof(T)) {   /* whole vectors */
+                    const V vq = splat(qmul);
+                    for (; dd + W <= d; dd += W) store(qp + dd, load((const T *)qrow + dd) * vq);
+                }
+                for (; dd < d; ++dd) qp[dd] = LOAD(qrow + dd * p->q_strides[3]) * qmul;
             }
             ws->m[r] = -__builtin_inf();
             ws->l[r] = 0;
