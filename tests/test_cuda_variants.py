@@ -149,6 +149,12 @@ def test_every_variant_has_its_specializations():
                     cfg = _specs.sm90_config(d, interval or mods, seq, mods)
                     assert _specs.sm90_name(dtype, d, cfg, interval, dv, mods) in sm90
                     assert _specs.sm90_smem_bytes(d, cfg, head_dim_v=dv) * cfg.min_blocks <= 227 * 1024
+                    # softcap / ALiBi without attn_mask: their own specialization (MODS_FORM 2), the
+                    # call's own interval flag
+                    cfg = _specs.sm90_config(d, interval, seq, True, attn_mask=False)
+                    name = _specs.sm90_name(dtype, d, cfg, interval, dv, True, attn_mask=False)
+                    assert name in sm90 and name.endswith(f"{str(interval).lower()}, 2>")
+                    assert _specs.sm90_smem_bytes(d, cfg, head_dim_v=dv) * cfg.min_blocks <= 227 * 1024
     for d in range(1, 257):
         for dv in (1, 64, 100, 128, 256):
             dp, dvp = _specs.sm90_padded_dims(d, dv)

@@ -3,7 +3,7 @@
 # compute-sanitizer memcheck on a representative small run (and the numerical edge cases: large
 # values, inf / NaN at masked keys, 100k keys), racecheck / synccheck, numbers for the docs
 # (numerics), tile sweep, benchmark beside torch.
-#   STEPS="build compile tests variants vsanitize vbench sanitize racecheck numerics sweep bench cli" \
+#   STEPS="build compile tests variants vsanitize vbench modsprobe maskprobe sanitize racecheck numerics sweep bench cli" \
 #     bash tools/gpu_session.sh  (logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
@@ -203,6 +203,13 @@ for dt, val in (("bfloat16", 133120.0), ("float16", 30000.0), ("float32", 1e17),
         print(f"  {dt} {val:g} {kern}: out {out[0, 0, 0, 0]:.6g} lse {lse[0, 0, 0]:.6g}")
 os.environ["FASTATTN_CUDA_KERNEL"] = "auto"
 PY
+    ;;
+  modsprobe)  # softcap error (ex2 + rcp against tanh.approx), softcap / ALiBi kernels at several tiles
+    timeout 200 python3 tools/gpu_mods_probe.py tanh 2>&1 | tee "$OUT/tanh.log"
+    timeout 300 python3 tools/gpu_mods_probe.py mods 2>&1 | tee "$OUT/modsweep.log"
+    ;;
+  maskprobe)  # attn_mask kernels (bias, boolean) at several tiles beside the plain kernel
+    timeout 300 python3 tools/gpu_mods_probe.py mask 2>&1 | tee "$OUT/masksweep.log"
     ;;
   sweep)
     timeout 300 python3 tools/gpu_probe.py --quick 2>&1 | tee "$OUT/sweep.log" | grep -v " nan 0$"

@@ -200,9 +200,10 @@ def dims(spec: AttentionSpec, dtype: str, sm90: bool) -> tuple[int, int]:
 def tile_config(spec: AttentionSpec, dtype: str, d_pad: int, sm90: bool) -> Any:
     """The tables' tile configuration for a call: Sm90Config, MmaConfig or SimtConfig."""
     interval, mods = mask_flags(spec)
+    if sm90:  # softcap / ALiBi without attn_mask keep the call's own interval flag (MODS_FORM 2)
+        has_mask = spec.rule.mask != "none"
+        return _specs.sm90_config(d_pad, interval or (mods and has_mask), spec.seq_kv, mods, has_mask)
     interval = interval or mods  # a mods kernel has the interval flag on (_specs.kernel_flags)
-    if sm90:
-        return _specs.sm90_config(d_pad, interval, spec.seq_kv, mods)
     if _specs.is_mma_dtype(dtype):
         return _specs.MMA_CONFIGS[(d_pad, interval)]
     return _specs.SIMT_CONFIGS[(dtype, d_pad)]
@@ -354,7 +355,7 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if used.kernel == "wgmma":
-        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods)
+        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods, spec.rule.mask != "none")
     elif used.kernel == "mma.sync":
         name = _specs.mma_name(dtype, d_pad, cfg, interval, dropout, vec, dv_pad, mods)
     else:

@@ -124,8 +124,10 @@ SM90_RULES: dict[tuple[int, bool], tuple[tuple[int, Sm90Config], ...]] = {
     (256, True): ((2**31, Sm90Config(2, 32)),),   # S and P small enough not to spill (ptxas, sm_90a)
 }
 
-#: tiles of the Hopper kernel with mods (softcap / ALiBi / attn_mask): the logit hook needs registers,
-#: so one block per SM with room for it (ptxas: no spills at these tiles, spills at the plain ones)
+#: tiles of the Hopper kernel with attn_mask (and any softcap / ALiBi): the mask hook needs registers,
+#: so one block per SM with room for it (ptxas: no spills at these tiles, spills at the plain ones).
+#: Softcap / ALiBi without attn_mask have their own specialization (MODS_FORM 2: no mask code), on
+#: the plain kernel's tiles (SM90_RULES) with the call's own interval flag
 SM90_MODS_CONFIGS: dict[int, Sm90Config] = {
     64: Sm90Config(2, 128),
     128: Sm90Config(2, 64),
@@ -141,10 +143,16 @@ SM90_SWEEP: dict[int, tuple[Sm90Config, ...]] = {
 }
 
 
-def sm90_config(head_dim: int, interval: bool, seq_kv: int, mods: bool = False) -> Sm90Config:
-    """The Hopper kernel's tiles for a padded q/k head_dim, interval flag (causal / window), key length
-    and mods flag (softcap / ALiBi / attn_mask)."""
-    if mods:
+def sm90_mods_form(mods: bool, attn_mask: bool = True) -> str:
+    """The Hopper kernel's MODS_FORM template argument: ``false`` no mods, ``true`` attn_mask (with any
+    softcap / ALiBi: the full hook), ``2`` softcap / ALiBi alone (no attn_mask code)."""
+    return "false" if not mods else ("true" if attn_mask else "2")
+
+
+def sm90_config(head_dim: int, interval: bool, seq_kv: int, mods: bool = False, attn_mask: bool = True) -> Sm90Config:
+    """The Hopper kernel's tiles for a padded q/k head_dim, interval flag (causal / window), key length,
+    mods flag (softcap / ALiBi / attn_mask) and whether an attn_mask is given."""
+    if sm90_mods_form(mods, attn_mask) == "true":
         return SM90_MODS_CONFIGS[head_dim]
     for max_seq, cfg in SM90_RULES[(head_dim, interval)]:
         if seq_kv <= max_seq:
@@ -230,11 +238,16 @@ def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, interval: bool, dropout:
 
 
 def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, interval: bool, head_dim_v: int | None = None,
-              mods: bool = False) -> str:
+              mods: bool = False, attn_mask: bool = True) -> str:
+    """The Hopper kernel's name expression; with mods, ``attn_mask`` says whether the call has one
+    (the full hook, interval on as every mods kernel) or not (softcap / ALiBi alone: MODS_FORM 2,
+    the call's own interval flag)."""
     dv = head_dim if head_dim_v is None else head_dim_v
-    interval, mods, _ = kernel_flags(interval, mods, False)
+    form = sm90_mods_form(mods, attn_mask)
+    if form == "true":
+        interval, _, _ = kernel_flags(interval, mods, False)
     return (f"fa_fwd_sm90<{_b(dtype == 'bfloat16')}, {head_dim}, {dv}, {cfg.warpgroups}, "
-            f"{cfg.block_kv}, {cfg.min_blocks}, {_b(interval)}, {_b(mods)}>")
+            f"{cfg.block_kv}, {cfg.min_blocks}, {_b(interval)}, {form}>")
 
 
 def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, interval: bool, dropout: bool, mods: bool = False) -> str:
@@ -309,6 +322,9 @@ def all_sm90_name_expressions() -> list[str]:
                     configs += list(SM90_SWEEP.get(dim, ()))
                 for cfg in configs:
                     names.append(sm90_name(dtype, dim, cfg, interval, dv, mods))
+            for interval in (False, True):  # softcap / ALiBi without attn_mask (MODS_FORM 2)
+                for _, cfg in SM90_RULES[(dim, interval)]:
+                    names.append(sm90_name(dtype, dim, cfg, interval, dv, True, attn_mask=False))
         names.append(v_scan_name(dtype))
     return _unique(names)
 

@@ -185,7 +185,7 @@ struct fa_mask {
     static constexpr bool hides_keys_ever = INTERVAL || MODS;  // can a key < Lk be hidden from a row?
     int lq, lk, lo_off, hi_off;  // lo(i) = i + lo_off, hi(i) = i + hi_off (then clamped)
     // MODS (the *_l2 factors are the natural-unit ones times log2 e)
-    float scale_l2, sc_k, sc_c2, slope, slope_l2;
+    float scale_l2, sc_k, sc_c2, sc_y, slope, slope_l2;
     int alibi_off, mask_kind;
     bool alibi, softcap;
     const unsigned char* m;
@@ -285,13 +285,26 @@ struct fa_mask {
     // bias: attn_mask's value at (i, j) when it is a float bias (BI), read by the caller
     template <bool SC, bool AL, bool BI>
     __device__ __forceinline__ float logit2_t(float s, int i, int j, float bias_ij = 0.0f) const {
+        return logit2_d<SC, AL, BI, false>(s, (float)(i + alibi_off - j), bias_ij);
+    }
+    // the same with ALiBi's signed distance i + alibi_off - j given as a float (callers that walk a
+    // tile form it with one FADD from a per-row base instead of an integer-to-float conversion per
+    // element, which runs at the MUFU's rate); TANH: the softcap as c log2 e tanh.approx(scale s / c),
+    // one MUFU op instead of two (ex2, rcp), relative error ~2^-11 (the bfloat16 kernels: far below
+    // bfloat16's rounding of P)
+    template <bool SC, bool AL, bool BI, bool TANH>
+    __device__ __forceinline__ float logit2_d(float s, float dist, float bias_ij) const {
         float x;
-        if constexpr (SC) {
+        if constexpr (SC && TANH) {
+            float t;
+            asm("tanh.approx.f32 %0, %1;\n" : "=f"(t) : "f"(s * sc_y));
+            x = sc_c2 * t;
+        } else if constexpr (SC) {
             x = fmaf(-2.0f * sc_c2, softcap_r(s), sc_c2);
         } else {
             x = s * scale_l2;
         }
-        if constexpr (AL) x = fmaf(-slope_l2, fabsf((float)(i + alibi_off - j)), x);
+        if constexpr (AL) x = fmaf(-slope_l2, fabsf(dist), x);
         if constexpr (BI) x = fmaf(bias_ij, FA_LOG2E, x);
         return x;
     }
@@ -372,6 +385,7 @@ __device__ __forceinline__ fa_mask<INTERVAL, MODS> fa_mask_of(const fa_entry& e,
     mk.softcap = softcap > 0.0f;
     mk.sc_k = mk.softcap ? scale * (2.0f * FA_LOG2E) / softcap : 0.0f;
     mk.sc_c2 = softcap * FA_LOG2E;
+    mk.sc_y = mk.softcap ? scale / softcap : 0.0f;
     mk.alibi = MODS && slopes != nullptr;
     mk.slope = mk.alibi ? slopes[(long long)e.b * slopes_sb + e.h] : 0.0f;
     mk.slope_l2 = mk.slope * FA_LOG2E;

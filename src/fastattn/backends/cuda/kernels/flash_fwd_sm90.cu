@@ -167,9 +167,11 @@ __device__ __forceinline__ void fa_mask_pair(const unsigned char* row, long long
 // {0, 1}): logits of the form F (MODS: bit 0 softcap, bit 1 ALiBi; -1: raw scores), attn_mask of
 // kind MK (0 none, FA_MASK_BOOL, or a float bias's dtype) read through two row pointers, pairs of
 // keys at once where the key stride is 1 and rows are aligned; -inf where the row does not see the
-// key (needs: the tile has such entries; always with a boolean mask)
-template <int F, int MK, int NS, class Mask>
-__device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
+// key (needs: the tile has such entries; always with a boolean mask).  TANH: the softcap through
+// tanh.approx (common.cuh: fa_mask::logit2_d).  ALiBi's distance i + off - j is formed from one
+// per-thread base with a constant offset per element (exact below 2^24).
+template <int F, int MK, bool TANH, bool NEEDS, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4) {
     constexpr bool SC = F >= 0 && (F & 1) != 0, AL = F >= 0 && (F & 2) != 0;
     constexpr bool BO = MK == FA_MASK_BOOL, BI = MK >= FA_MASK_F16;
     constexpr int ES = MK == FA_MASK_BOOL ? 1 : (MK <= FA_MASK_BF16 ? 2 : (MK == FA_MASK_F32 ? 4 : 8));
@@ -182,6 +184,8 @@ __device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, i
                ((reinterpret_cast<unsigned long long>(rows[0]) | reinterpret_cast<unsigned long long>(rows[1])) %
                 (2 * ES)) == 0;
     }
+    float dist0 = 0.0f;  // ALiBi: i + alibi_off - j at row r0, key kv0 + 2 t4
+    if constexpr (AL) dist0 = (float)(r0 + mask.alibi_off - kv0 - 2 * t4);
 #pragma unroll
     for (int e2 = 0; e2 < NS; e2 += 2) {
         const int j = kv0 + (e2 >> 2) * 8 + 2 * t4;
@@ -195,28 +199,45 @@ __device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, i
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float x = s[e2 + h];
-            if constexpr (F >= 0) x = mask.template logit2_t<SC, AL, BI>(x, i, j + h, h ? m1 : m0);
+            if constexpr (F >= 0)
+                x = mask.template logit2_d<SC, AL, BI, TANH>(x, dist0 + (float)(rr * 8 - (e2 >> 2) * 8 - h),
+                                                             h ? m1 : m0);
             if constexpr (BO) {
                 if (!(mask.in_interval(i, j + h) && (h ? m1 : m0) != 0.0f)) x = -FA_INF;
             } else {
-                if (needs && !mask.in_interval(i, j + h)) x = -FA_INF;
+                if (NEEDS && !mask.in_interval(i, j + h)) x = -FA_INF;
             }
             s[e2 + h] = x;
         }
     }
 }
 
-template <int F, int NS, class Mask>
+// the tile's loop with or without the interval test per element: tiles inside every row's interval
+// (most of them) skip it (needs: warp-uniform; a boolean mask tests every element anyway)
+template <int F, int MK, bool TANH, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_needs(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
+    if (MK == FA_MASK_BOOL || needs) fa_hook_tile<F, MK, TANH, true>(s, mask, kv0, r0, t4);
+    else fa_hook_tile<F, MK, TANH, false>(s, mask, kv0, r0, t4);
+}
+
+template <int F, bool TANH, int NS, class Mask>
 __device__ __forceinline__ void fa_hook_kind(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
     switch (mask.mask_kind) {  // uniform: one loop per tile, no branch per element
-        case FA_MASK_BOOL: fa_hook_tile<F, FA_MASK_BOOL>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_F16: fa_hook_tile<F, FA_MASK_F16>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_BF16: fa_hook_tile<F, FA_MASK_BF16>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_F32: fa_hook_tile<F, FA_MASK_F32>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_F64: fa_hook_tile<F, FA_MASK_F64>(s, mask, kv0, r0, t4, needs); break;
-        default: fa_hook_tile<F, 0>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_BOOL: fa_hook_needs<F, FA_MASK_BOOL, TANH>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_F16: fa_hook_needs<F, FA_MASK_F16, TANH>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_BF16: fa_hook_needs<F, FA_MASK_BF16, TANH>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_F32: fa_hook_needs<F, FA_MASK_F32, TANH>(s, mask, kv0, r0, t4, needs); break;
+        case FA_MASK_F64: fa_hook_needs<F, FA_MASK_F64, TANH>(s, mask, kv0, r0, t4, needs); break;
+        default: fa_hook_needs<F, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
     }
 }
+
+// the softcap through tanh.approx (one MUFU op) on bfloat16, and on float16 unless FA_SOFTCAP_TANH_F16
+// is 0: measured on an H100 (tools/gpu_mods_probe.py tanh), the float16 outputs' error against
+// float64 stayed within 0.77-0.93x that of a plain float16 implementation either way
+#ifndef FA_SOFTCAP_TANH_F16
+#define FA_SOFTCAP_TANH_F16 1
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // fa_v_nonfinite: sets *flag when v (heads x seq rows per batch entry, dv columns, unit stride
@@ -245,6 +266,8 @@ __global__ void __launch_bounds__(256)
     if (nonfinite_seen(acc)) *flag = 1;
 }
 
+enum { FA_MODS_NONE = 0, FA_MODS_ALL = 1, FA_MODS_LOGITS = 2 };  // fa_fwd_sm90's MODS_FORM
+
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_sm90
 //   BF16 bfloat16 (true) or float16 (false) inputs and output
@@ -256,13 +279,15 @@ __global__ void __launch_bounds__(256)
 //        a thread, so two blocks share an SM and one's softmax overlaps the other's MMAs)
 //   INTERVAL causal and/or a window: key tiles outside the block's interval are skipped, tiles
 //        that hide keys from some rows take the masked-V checks (common.cuh: fa_mask)
-//   MODS softcap / ALiBi / attn_mask (run-time switches, one hook in the softmax)
+//   MODS_FORM FA_MODS_NONE (false): none; FA_MODS_ALL (true): softcap / ALiBi / attn_mask (every kind
+//        of mask, switched at run time: 4 x 6 loop forms); FA_MODS_LOGITS (2): softcap / ALiBi
+//        without attn_mask (4 loop forms, no mask loads or registers).  One hook in the softmax.
 // Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x DV,
 // a 16 x DV tile of zeros; static: 8 mbarriers.
 // Registers per thread: S BKV/2 floats, P BKV/4 words, O DV/2 floats.
 // ------------------------------------------------------------------------------------------------
 
-template <bool BF16, int D, int DV, int NWG, int BKV, int MINB, bool INTERVAL, bool MODS>
+template <bool BF16, int D, int DV, int NWG, int BKV, int MINB, bool INTERVAL, int MODS_FORM>
 __global__ void __launch_bounds__(NWG * 128, MINB)
     fa_fwd_sm90(FA_COMMON_PARAMS(unsigned short, float), float softcap, float scale_log2, float scale,
                 unsigned long long seed, unsigned threshold, float keep_scale) {
@@ -271,7 +296,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     constexpr int BQ = 64 * NWG, NT = 128 * NWG;
     constexpr unsigned Q_BYTES = BQ * D * 2, K_BYTES = BKV * D * 2, V_BYTES = BKV * DV * 2, Z_BYTES = 16 * DV * 2;
     constexpr int NS = BKV / 2, NO = DV / 2;  // accumulator registers per thread
-    constexpr bool HIDES = fa_mask<INTERVAL, MODS>::hides_keys_ever;  // else every P V is PV_WGMMA
+    static_assert(MODS_FORM == FA_MODS_NONE || MODS_FORM == FA_MODS_ALL || MODS_FORM == FA_MODS_LOGITS, "MODS_FORM");
+    constexpr bool MODS = MODS_FORM != FA_MODS_NONE;  // the mask's logit fields (fa_mask<., true>)
+    constexpr bool ALL = MODS_FORM == FA_MODS_ALL;    // attn_mask's code too
+    constexpr bool HIDES = INTERVAL || ALL;  // can a key < Lk be hidden? (else every P V is PV_WGMMA)
+    constexpr bool TANH = BF16 || FA_SOFTCAP_TANH_F16 != 0;
 
     extern __shared__ unsigned char smem_raw[];
     const unsigned raw = smem_u32(smem_raw);
@@ -378,15 +407,22 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     auto softmax = [&](int kv0, float (&alpha)[2]) {
         const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
         const int r0 = row_w0 + g;
-        if constexpr (MODS) {
+        if constexpr (ALL) {
             switch (mask.mods_form()) {  // uniform: one of 4 x 6 loops per tile, no branch per element
-                case 0: fa_hook_kind<0>(s, mask, kv0, r0, t4, needs); break;
-                case 1: fa_hook_kind<1>(s, mask, kv0, r0, t4, needs); break;
-                case 2: fa_hook_kind<2>(s, mask, kv0, r0, t4, needs); break;
-                default: fa_hook_kind<3>(s, mask, kv0, r0, t4, needs); break;
+                case 0: fa_hook_kind<0, TANH>(s, mask, kv0, r0, t4, needs); break;
+                case 1: fa_hook_kind<1, TANH>(s, mask, kv0, r0, t4, needs); break;
+                case 2: fa_hook_kind<2, TANH>(s, mask, kv0, r0, t4, needs); break;
+                default: fa_hook_kind<3, TANH>(s, mask, kv0, r0, t4, needs); break;
+            }
+        } else if constexpr (MODS_FORM == FA_MODS_LOGITS) {
+            switch (mask.mods_form()) {  // uniform: one of 4 loops per tile
+                case 0: fa_hook_needs<0, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
+                case 1: fa_hook_needs<1, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
+                case 2: fa_hook_needs<2, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
+                default: fa_hook_needs<3, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
             }
         } else if (needs) {
-            fa_hook_tile<-1, 0>(s, mask, kv0, r0, t4, needs);
+            fa_hook_tile<-1, 0, false, true>(s, mask, kv0, r0, t4);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -479,7 +515,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         return pv;
     };
     float alpha[2];
-    if constexpr (MODS) mask.prefetch_rows(row_w0, kv_begin, BKV, lane);
+    if constexpr (ALL) mask.prefetch_rows(row_w0, kv_begin, BKV, lane);
     mbar_wait(full_k, 0);
     fence_proxy_async();
     reg_fence(s);
@@ -494,7 +530,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     int pv = settle_pv(0);
 
     for (int j = 1; j < n_tiles; ++j) {
-        if constexpr (MODS) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
+        if constexpr (ALL) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
         const unsigned v_prev = sV + ((j - 1) & 1) * V_BYTES;
