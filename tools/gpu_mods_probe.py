@@ -3,9 +3,10 @@
 
     python tools/gpu_mods_probe.py tanh     # softcap error, ex2 + rcp against tanh.approx, beside a plain
                                             # implementation in the same precision (float64 reference)
-    python tools/gpu_mods_probe.py sweep    # softcap / ALiBi kernels (MODS_FORM 2) at several tiles,
-                                            # beside the plain kernel, TFLOP/s per attended pair
-    python tools/gpu_mods_probe.py mask     # attn_mask kernels at several tiles beside the plain kernel
+    python tools/gpu_mods_probe.py mods [2x128 3x64 ...]  # softcap / ALiBi kernels (MODS_FORM 2), default
+                                            # tiles and the ones named, beside the plain kernel, TFLOP/s
+                                            # per attended pair (forward alone, outputs reused)
+    python tools/gpu_mods_probe.py mask [2x64 ...]        # attn_mask kernels likewise
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def sweep(kind: str) -> None:
 
     rng = cupy.random.default_rng(0)
     d = 128
-    configs = [_specs.Sm90Config(2, 128), _specs.Sm90Config(2, 64), _specs.Sm90Config(3, 64)]
+    configs = [_specs.Sm90Config(int(c.split("x")[0]), int(c.split("x")[1])) for c in sys.argv[2:]]
     for dt in ("float16", "bfloat16"):
         for n in (1024, 4096):
             b, h = max(1, 16384 // n), 16
@@ -119,7 +120,9 @@ def sweep(kind: str) -> None:
                                                                        .astype(np.float32)))),
                          ("alibi", False, dict(alibi_slopes=cupy.full((h,), 0.01, cupy.float32)))]
             else:
+                wide = rng.standard_normal((b, h, n, n + 1), dtype=cupy.float32)
                 calls = [("bias f32", False, dict(attn_mask=rng.standard_normal((b, h, n, n), dtype=cupy.float32))),
+                         ("bias f32 unaligned", False, dict(attn_mask=wide[..., 1:])),
                          ("bias f16", False, dict(attn_mask=rng.standard_normal((b, h, n, n),
                                                                                  dtype=cupy.float32).astype(dt))),
                          ("bool", False, dict(attn_mask=rng.random((b, h, n, n)) < 0.9))]
@@ -138,7 +141,7 @@ def sweep(kind: str) -> None:
                     name = "default" if cfg is None else f"{cfg.warpgroups}x{cfg.block_kv}"
                     t = 4 * d * pairs / ms / 1e9
                     cells.append(f"{name} {t:5.0f} ({t / (4 * d * pairs / ms_plain / 1e9):.2f})")
-                print(f"{dt} N={n} {label:11} causal={causal!s:5}: " + "  ".join(cells), flush=True)
+                print(f"{dt} N={n} {label:18} causal={causal!s:5}: " + "  ".join(cells), flush=True)
                 cupy.get_default_memory_pool().free_all_blocks()
 
 

@@ -58,6 +58,11 @@ for fam in ("auto", "mma"):
                      softcap=dict(softcap=5.0, alibi_slopes=cupy.full((6,), 0.1, cupy.float32)),
                      bias=dict(attn_mask=g(1, 6, 77, 130, dt="float32")),
                      bool=dict(attn_mask=cupy.asarray(rng.random((2, 1, 77, 130)) < 0.5)),
+                     # 16-byte aligned rows (views of wider ones): the Hopper kernel's shared-memory mask tiles
+                     bias_tiles=dict(attn_mask=g(2, 6, 77, 136, dt="float32")[..., :130], causal=True),
+                     bias16_tiles=dict(attn_mask=g(1, 1, 77, 136, dt=dt if dt != "float32" else "float16")[..., :130]),
+                     bool_tiles=dict(attn_mask=cupy.asarray(rng.random((2, 6, 77, 144)) < 0.5)[..., :130],
+                                     window=(40, 40)),
                      ragged=dict(seqlens_q=np.array([77, 3]), seqlens_kv=np.array([0, 100]), causal=True),
                      drop=dict(dropout_p=0.2, window=(10, 10)))
         for name, kw in calls.items():

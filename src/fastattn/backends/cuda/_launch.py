@@ -184,6 +184,21 @@ def uses_sm90(spec: AttentionSpec, dtype: str, vec: bool, capability: tuple[int,
     return family == "auto" and capability == (9, 0) and sm90_can_serve(spec, dtype, vec)
 
 
+def mask_tiles_ok(spec: AttentionSpec) -> bool:
+    """Can the Hopper kernel copy attn_mask's tiles into shared memory with 16-byte cp.async (elements
+    of up to 4 bytes, unit stride along keys, every row start 16-byte aligned)?  Else its hook reads
+    the mask where it lies (any strides, float64)."""
+    m = spec.arrays.attn_mask
+    if m is None or m.itemsize > 4 or m.ndim != 4:
+        return False
+    strides = _elem_strides(m)
+    if strides[3] != 1 and m.shape[3] > 1:
+        return False
+    if m.data.ptr % 16 != 0:
+        return False
+    return all((s * m.itemsize) % 16 == 0 for s, n in zip(strides[:3], m.shape[:3], strict=True) if n > 1)
+
+
 def mask_flags(spec: AttentionSpec) -> tuple[bool, bool]:
     """(interval, mods) of a call: causal / a window; softcap / ALiBi / attn_mask."""
     rule = spec.rule
@@ -202,18 +217,20 @@ def tile_config(spec: AttentionSpec, dtype: str, d_pad: int, sm90: bool) -> Any:
     interval, mods = mask_flags(spec)
     if sm90:  # softcap / ALiBi without attn_mask keep the call's own interval flag (MODS_FORM 2)
         has_mask = spec.rule.mask != "none"
-        return _specs.sm90_config(d_pad, interval or (mods and has_mask), spec.seq_kv, mods, has_mask)
+        return _specs.sm90_config(d_pad, interval or (mods and has_mask), spec.seq_kv, mods, has_mask,
+                                  mask_tiles_ok(spec))
     interval = interval or mods  # a mods kernel has the interval flag on (_specs.kernel_flags)
     if _specs.is_mma_dtype(dtype):
         return _specs.MMA_CONFIGS[(d_pad, interval)]
     return _specs.SIMT_CONFIGS[(dtype, d_pad)]
 
 
-def plan(dtype: str, d_pad: int, cfg: Any, dv_pad: int | None = None) -> Plan:
-    """The tiles, threads, shared memory and kernel family of one tile configuration."""
+def plan(dtype: str, d_pad: int, cfg: Any, dv_pad: int | None = None, mask_tiles: bool = False) -> Plan:
+    """The tiles, threads, shared memory and kernel family of one tile configuration (``mask_tiles``:
+    the Hopper kernel's attn_mask tiles in shared memory, calls with an attn_mask)."""
     if isinstance(cfg, _specs.Sm90Config):
-        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg, head_dim_v=dv_pad),
-                    "wgmma")
+        return Plan(cfg.block_q, cfg.block_kv, cfg.threads,
+                    _specs.sm90_smem_bytes(d_pad, cfg, head_dim_v=dv_pad, mask_tiles=mask_tiles), "wgmma")
     if isinstance(cfg, _specs.MmaConfig):
         return Plan(cfg.block_q, cfg.block_kv, cfg.warps * 32,
                     _specs.mma_smem_bytes(d_pad, cfg, head_dim_v=dv_pad), "mma.sync")
@@ -258,10 +275,11 @@ def _window(spec: AttentionSpec) -> tuple[int, int]:
 
 
 def _mask_geometry(spec: AttentionSpec) -> tuple:
-    """What of the mask arrays the launch plan depends on (dtype, strides, slopes' batch axis)."""
+    """What of the mask arrays the launch plan depends on (dtype, strides, 16-byte alignment, slopes'
+    batch axis)."""
     arr = spec.arrays
     m = arr.attn_mask
-    mask = (str(m.dtype), _elem_strides(m)) if m is not None else None
+    mask = (str(m.dtype), _elem_strides(m), m.data.ptr % 16 == 0) if m is not None else None
     slopes = int(arr.alibi_slopes.shape[0]) if arr.alibi_slopes is not None else None
     return mask, slopes
 
@@ -346,7 +364,8 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     d_pad, dv_pad = dims(spec, dtype, sm90)
     forced = isinstance(config, _specs.Sm90Config) or (mma and config is not None)  # an MmaConfig: mma dtypes
     cfg = config if forced else tile_config(spec, dtype, d_pad, sm90)
-    used = plan(dtype, d_pad, cfg, dv_pad)
+    tiles = sm90 and mask_tiles_ok(spec)
+    used = plan(dtype, d_pad, cfg, dv_pad, mask_tiles=tiles)
     if batch * heads * seq_q == 0:
         return None, None, None, None, None, used, None
 
@@ -355,7 +374,7 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if used.kernel == "wgmma":
-        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods, spec.rule.mask != "none")
+        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods, spec.rule.mask != "none", tiles)
     elif used.kernel == "mma.sync":
         name = _specs.mma_name(dtype, d_pad, cfg, interval, dropout, vec, dv_pad, mods)
     else:

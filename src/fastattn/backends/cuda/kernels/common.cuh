@@ -222,8 +222,12 @@ struct fa_mask {
     // does some element of rows [r0, r0 + rows) x keys [kv0, kv0 + n) need masking (rows past Lq,
     // keys past Lk or outside the interval, or a boolean mask)?
     __device__ __forceinline__ bool tile_needs_mask(int r0, int rows, int kv0, int n) const {
+        return tile_needs_interval(r0, rows, kv0, n) || bool_mask();
+    }
+    // the same without the boolean mask: does some element lie outside the interval (or the entry)?
+    __device__ __forceinline__ bool tile_needs_interval(int r0, int rows, int kv0, int n) const {
         const int r1 = r0 + rows - 1;
-        return r1 >= lq || kv0 + n > hi(r0) || kv0 < lo(r1) || bool_mask();
+        return r1 >= lq || kv0 + n > hi(r0) || kv0 < lo(r1);
     }
     // does the tile hold a key < Lk that some row of [r0, r0 + rows) (< Lq) does not see?  Only those
     // can carry a non-finite V into a row that must not see it (loads write zeros past Lk).
@@ -271,6 +275,12 @@ struct fa_mask {
         asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
         return r;
     }
+    // softcap: tanh(scale s / c) by tanh.approx (one MUFU op, relative error ~2^-11)
+    __device__ __forceinline__ float softcap_t(float s) const {
+        float t;
+        asm("tanh.approx.f32 %0, %1;\n" : "=f"(t) : "f"(s * sc_y));
+        return t;
+    }
     // softcap (backward): d tanh(y) / dy = 1 - tanh(y)^2 = 4 r (1 - r) at raw score s
     __device__ __forceinline__ float softcap_dtanh(float s) const {
         const float r = softcap_r(s);
@@ -296,9 +306,7 @@ struct fa_mask {
     __device__ __forceinline__ float logit2_d(float s, float dist, float bias_ij) const {
         float x;
         if constexpr (SC && TANH) {
-            float t;
-            asm("tanh.approx.f32 %0, %1;\n" : "=f"(t) : "f"(s * sc_y));
-            x = sc_c2 * t;
+            x = sc_c2 * softcap_t(s);
         } else if constexpr (SC) {
             x = fmaf(-2.0f * sc_c2, softcap_r(s), sc_c2);
         } else {
