@@ -7,6 +7,7 @@
                                             # tiles and the ones named, beside the plain kernel, TFLOP/s
                                             # per attended pair (forward alone, outputs reused)
     python tools/gpu_mods_probe.py mask [2x64 ...]        # attn_mask kernels likewise
+    python tools/gpu_mods_probe.py window [1x64x2 ...]    # causal windows, also with the V pre-scan
 """
 
 from __future__ import annotations
@@ -107,14 +108,16 @@ def sweep(kind: str) -> None:
 
     rng = cupy.random.default_rng(0)
     d = 128
-    configs = [_specs.Sm90Config(int(c.split("x")[0]), int(c.split("x")[1])) for c in sys.argv[2:]]
-    for dt in ("float16", "bfloat16"):
+    configs = [_specs.Sm90Config(*(int(x) for x in c.split("x"))) for c in sys.argv[2:]]  # WGxBKV[xMINB]
+    for dt in (("float16",) if kind == "window" else ("float16", "bfloat16")):
         for n in (1024, 4096):
             b, h = max(1, 16384 // n), 16
             if kind == "mask":
                 b = max(1, b // 4)
             q, k, v = (rng.standard_normal((b, h, n, d), dtype=cupy.float32).astype(dt) for _ in range(3))
-            if kind == "mods":
+            if kind == "window":
+                calls = [(f"window ({w}, 0)", True, dict(window=(w, 0))) for w in (256, 1024) if w < n]
+            elif kind == "mods":
                 calls = [("softcap 30", True, dict(softcap=30.0)), ("softcap 30", False, dict(softcap=30.0)),
                          ("alibi", True, dict(alibi_slopes=cupy.asarray((2.0 ** -np.arange(1, h + 1) * 0.5)
                                                                        .astype(np.float32)))),
@@ -131,16 +134,38 @@ def sweep(kind: str) -> None:
                 plain = _spec(q, k, v, causal=causal)
                 ms_plain = _time(lambda: _run(q, k, v, plain, dt, poison=False))
                 spec = _spec(q, k, v, causal=causal, **kw)
-                cells = [f"plain {4 * d * pairs / ms_plain / 1e9:5.0f}"]
+                if "window" in kw:
+                    rule = MaskRule(causal=True, window_left=kw["window"][0], window_right=kw["window"][1])
+                    pairs = b * h * attended_pairs(rule, n, n)
+                    plain_pairs = b * h * attended_pairs(MaskRule(causal=True), n, n)
+                else:
+                    plain_pairs = pairs
+                cells = [f"plain {4 * d * plain_pairs / ms_plain / 1e9:5.0f}"]
+                ms_plain *= pairs / plain_pairs  # the ratios below: per attended pair
                 for cfg in [None] + configs:
                     try:
                         ms = _time(lambda cfg=cfg: _run(q, k, v, spec, dt, config=cfg, poison=False))
                     except Exception as exc:  # noqa: BLE001
                         cells.append(f"{cfg}: {str(exc)[:60]}")
                         continue
-                    name = "default" if cfg is None else f"{cfg.warpgroups}x{cfg.block_kv}"
+                    name = "default" if cfg is None else "x".join(map(str, (cfg.warpgroups, cfg.block_kv,
+                                                                             cfg.min_blocks)))
                     t = 4 * d * pairs / ms / 1e9
                     cells.append(f"{name} {t:5.0f} ({t / (4 * d * pairs / ms_plain / 1e9):.2f})")
+                if "window" in kw:  # with the V pre-scan (fa_v_nonfinite) instead of the per-tile checks
+                    from fastattn.backends.cuda import _launch
+
+                    keep = _launch._wants_v_scan
+                    _launch._wants_v_scan = lambda spec: True
+                    _launch._PLANS.clear()
+                    for cfg in [None] + configs:
+                        ms = _time(lambda cfg=cfg: _run(q, k, v, spec, dt, config=cfg, poison=False))
+                        name = "default" if cfg is None else "x".join(map(str, (cfg.warpgroups, cfg.block_kv,
+                                                                                 cfg.min_blocks)))
+                        t = 4 * d * pairs / ms / 1e9
+                        cells.append(f"scan {name} {t:5.0f} ({t / (4 * d * pairs / ms_plain / 1e9):.2f})")
+                    _launch._wants_v_scan = keep
+                    _launch._PLANS.clear()
                 print(f"{dt} N={n} {label:18} causal={causal!s:5}: " + "  ".join(cells), flush=True)
                 cupy.get_default_memory_pool().free_all_blocks()
 

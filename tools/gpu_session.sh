@@ -56,6 +56,7 @@ for fam in ("auto", "mma"):
         q, k, v = g(2, 6, 77, 64, dt=dt), g(2, 2, 130, 64, dt=dt), g(2, 2, 130, 64, dt=dt)
         calls = dict(gqa=dict(causal=True), br=dict(causal="bottom_right", window=(20, 3)),
                      softcap=dict(softcap=5.0, alibi_slopes=cupy.full((6,), 0.1, cupy.float32)),
+                     softcap_only=dict(softcap=5.0, causal=True), alibi_only=dict(alibi_slopes=cupy.full((6,), 0.1, cupy.float32)),
                      bias=dict(attn_mask=g(1, 6, 77, 130, dt="float32")),
                      bool=dict(attn_mask=cupy.asarray(rng.random((2, 1, 77, 130)) < 0.5)),
                      # 16-byte aligned rows (views of wider ones): the Hopper kernel's shared-memory mask tiles

@@ -136,7 +136,7 @@ SM90_MODS_CONFIGS: dict[int, Sm90Config] = {
 }
 
 #: tiles of the Hopper kernel with attn_mask tiles in shared memory (MODS_FORM 3): each warp's ring
-#: of two 16 x block_kv mask tiles must fit beside Q, K and V (ptxas, sm_90a: no spills at these)
+#: of 16 x block_kv mask tiles must fit beside Q, K and V (ptxas, sm_90a: no spills at 128 / 256)
 SM90_TILES_CONFIGS: dict[int, Sm90Config] = {
     64: Sm90Config(2, 64),
     128: Sm90Config(2, 64),
@@ -284,13 +284,18 @@ def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2, head_dim_
                     mask_tiles: bool = False) -> int:
     """Shared memory per block of ``fa_fwd_sm90``: Q tile, two K and two V tiles, a 16-row tile of
     zeros (the V operand of a P V that must add nothing: tiles no row of a warpgroup sees),
-    1 KB for alignment; with ``mask_tiles`` (the kernels with attn_mask) each warp's ring of two
-    16-row attn_mask tiles of block_kv elements of up to 4 bytes (rows padded by 16 bytes)."""
+    1 KB for alignment; with ``mask_tiles`` (MODS_FORM 3) each warp's ring of two or three 16-row
+    attn_mask tiles of block_kv elements of up to 4 bytes (rows padded by 16 bytes)."""
     dv = head_dim if head_dim_v is None else head_dim_v
     base = ((cfg.block_q + 2 * cfg.block_kv) * head_dim + (2 * cfg.block_kv + 16) * dv) * itemsize + 1024
     if mask_tiles:
-        base += 4 * cfg.warpgroups * 2 * 16 * (4 * cfg.block_kv + 16)
+        base += 4 * cfg.warpgroups * sm90_mask_stages(head_dim, dv) * 16 * (4 * cfg.block_kv + 16)
     return base
+
+
+def sm90_mask_stages(head_dim: int, head_dim_v: int) -> int:
+    """attn_mask tiles in each warp's ring (the Hopper kernel's MST): three up to head dims of 128."""
+    return 3 if head_dim <= 128 and head_dim_v <= 128 else 2
 
 
 def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:

@@ -188,7 +188,7 @@ __device__ __forceinline__ void fa_mask_pair_smem(unsigned addr, float& a, float
 }
 
 // attn_mask tiles in shared memory (fa_fwd_sm90, MODS_FORM FA_MODS_TILES): each warp copies its own 16
-// rows x BKV keys with cp.async, a tile ahead, into a ring of two; rows of FA_MROW(BKV) bytes (4-byte
+// rows x BKV keys with cp.async, tiles ahead, into a ring of two or three; rows of FA_MROW(BKV) bytes (4-byte
 // elements at most, +16 bytes so that the hook's reads of 8 rows fall in distinct banks)
 #define FA_MROW(BKV) ((BKV) * 4 + 16)
 
@@ -341,8 +341,8 @@ enum { FA_MODS_NONE = 0, FA_MODS_ALL = 1, FA_MODS_LOGITS = 2, FA_MODS_TILES = 3 
 //        FA_MODS_LOGITS (2): softcap / ALiBi without attn_mask (4 loop forms, no mask loads or
 //        registers).  The mask's kind and the logit form are switched once per tile.  One hook.
 // Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x DV,
-// a 16 x DV tile of zeros, with FA_MODS_TILES each warp's two 16 x BKV attn_mask tiles (FA_MROW bytes
-// a row); static: 8 mbarriers.
+// a 16 x DV tile of zeros, with FA_MODS_TILES each warp's ring of 16 x BKV attn_mask tiles (FA_MROW
+// bytes a row; three tiles up to head dims of 128, else two); static: 8 mbarriers.
 // Registers per thread: S BKV/2 floats, P BKV/4 words, O DV/2 floats.
 // ------------------------------------------------------------------------------------------------
 
@@ -367,9 +367,10 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const unsigned sQ = (raw + 1023u) & ~1023u;
     const unsigned sK = sQ + Q_BYTES, sV = sK + 2 * K_BYTES;
     const unsigned sZ = sV + 2 * V_BYTES;  // 16 x DV zeros: the V operand of a P V that must add nothing
-    // FA_MODS_TILES: each warp's ring of two attn_mask tiles (16 rows x BKV keys, FA_MROW bytes a row)
-    constexpr int MROW = FA_MROW(BKV);
-    constexpr unsigned M_WARP = 2u * 16u * MROW;
+    // FA_MODS_TILES: each warp's ring of MST attn_mask tiles (16 rows x BKV keys, FA_MROW bytes a row):
+    // three up to head dims of 128 (two tiles in flight while one is read), two above (shared memory)
+    constexpr int MROW = FA_MROW(BKV), MST = (D <= 128 && DV <= 128) ? 3 : 2;
+    constexpr unsigned M_TILE = 16u * MROW, M_WARP = MST * M_TILE;
     const unsigned sMw = sZ + Z_BYTES + (unsigned)(threadIdx.x >> 5) * M_WARP;
 
     // heaviest query tiles first (causal: the last ones)
@@ -434,9 +435,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sZ + c * 16), "r"(0u) : "memory");
         fence_proxy_async();  // the zeros are read by the tensor cores (async proxy)
     }
-    // the warp's rows [row_w0, row_w0 + 16) of attn_mask at key tile jt into ring slot jt & 1, one
-    // cp.async group (committed even when empty: softmax of tile jt waits for all but the newest
-    // group); rows past Lq and keys past Lk are zero-filled, never read
+    // the warp's rows [row_w0, row_w0 + 16) of attn_mask at key tile jt into ring slot jt % MST, one
+    // cp.async group (committed even when empty: softmax of tile jt waits for all but the MST - 1
+    // newest groups); rows past Lq and keys past Lk are zero-filled, never read
     // Lane l copies chunk ch = l % cpr (cpr = BKV * mes / 16 chunks a row, a power of two dividing
     // 32) of rows l / cpr + t * (32 / cpr), t < cpr / 2: its chunk and first row never change, so
     // one row pointer (advanced by a fixed row step) serves every tile
@@ -449,7 +450,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             const int key = kv_begin + jt * BKV + m_ch * (16 / mes);
             const int kbytes = max(0, min(16, (mask.lk - key) * mes));
             const unsigned char* src = m_row0 + (long long)key * mes;
-            unsigned dst = sMw + (unsigned)(jt & 1) * (M_WARP / 2) + (unsigned)(m_r0 * MROW + m_ch * 16);
+            unsigned dst = sMw + (unsigned)(jt % MST) * M_TILE + (unsigned)(m_r0 * MROW + m_ch * 16);
             int i = row_w0 + m_r0;
             for (int t = 0; t < (1 << cpr_log2) / 2; ++t) {
                 const int bytes = i < mask.lq ? kbytes : 0;
@@ -464,8 +465,8 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     __syncthreads();
     if constexpr (TILES) {
         static_assert(BKV == 32 || BKV == 64 || BKV == 128, "mask tiles: BKV of 32, 64 or 128");
-        load_mask(0);
-        load_mask(1);
+#pragma unroll
+        for (int jt = 0; jt < MST; ++jt) load_mask(jt);
     }
     load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, e.lq, d, tid);
     load_tile<BKV, D, NT>(sK, kp, k_ss, kv_begin, lk, d, tid);
@@ -515,9 +516,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         const int r0 = row_w0 + g;
         if constexpr (ALL) {
             const bool needs = mask.tile_needs_interval(row_w0, 16, kv0, BKV);
-            const unsigned msh = sMw + (unsigned)(jt & 1) * (M_WARP / 2);
+            const unsigned msh = sMw + (unsigned)(jt % MST) * M_TILE;
             if constexpr (TILES) {  // this tile's mask copies landed (every lane's: the warp barrier)
-                cp_async_wait<1>();
+                cp_async_wait<MST - 1>();
                 __syncwarp();
             }
             switch (mask.mods_form()) {  // uniform: one loop per tile, no branch per element
@@ -649,7 +650,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         if constexpr (ALL && !TILES) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
         if constexpr (TILES) {
             __syncwarp();      // every lane is done with the slot's tile j - 1
-            load_mask(j + 1);  // into the slot of tile j - 1
+            load_mask(j + MST - 1);  // into the slot of tile j - 1
         }
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
