@@ -235,6 +235,45 @@ def test_softcap(dtype, family, monkeypatch):
         _assert_kernel(res, dtype, family, (64,))
 
 
+def _softcap_plain(q, k, v, scale, c, causal, low):
+    """Materialized softcap attention; low: float32 arithmetic with P and out rounded to the inputs'
+    16-bit type (a plain implementation in that precision), else float64."""
+    comp = np.float32 if low else np.float64
+    s = np.einsum("bhid,bhjd->bhij", q.astype(comp), k.astype(comp)) * comp(scale)
+    s = comp(c) * np.tanh(s / comp(c))
+    if causal:
+        s = np.where(np.arange(s.shape[-1])[None, :] <= np.arange(s.shape[-2])[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    if low:
+        p = p.astype(q.dtype).astype(comp)
+    o = np.einsum("bhij,bhjd->bhid", p, v.astype(comp))
+    return (o.astype(q.dtype) if low else o).astype(np.float64)
+
+
+@gpu
+@pytest.mark.parametrize(("dtype", "family"), [f for f in FAMILIES if f[0] in ("float16", "bfloat16")],
+                         ids=[i for i, f in zip(FAMILY_IDS, FAMILIES, strict=True) if f[0] in ("float16", "bfloat16")])
+def test_softcap_within_2x_of_plain_same_precision(dtype, family, monkeypatch):
+    """The softcap in half precision (the Hopper kernel through tanh.approx) keeps the FlashAttention
+    bound: within 2x the error of a plain implementation in the same precision, against float64."""
+    monkeypatch.setenv("FASTATTN_CUDA_KERNEL", family)
+    rng = np.random.default_rng(15)
+    for (b, h, n, m, d), c, scale, causal in (((1, 2, 130, 260, 64), 5.0, 1.0, True),
+                                              ((1, 2, 77, 300, 128), 30.0, None, False),
+                                              ((2, 2, 200, 333, 128), 0.5, 0.3, True)):
+        q, k, v = _qkv(rng, dtype, b, h, h, n, m, d)
+        sc = d ** -0.5 if scale is None else scale
+        ref = _softcap_plain(q, k, v, sc, c, causal, low=False)
+        bound = 2.0 * float(np.linalg.norm(_softcap_plain(q, k, v, sc, c, causal, low=True) - ref)
+                            / np.linalg.norm(ref))
+        res = _call(_gpu(q), _gpu(k), _gpu(v), "cuda", causal=causal, scale=scale, softcap=c)
+        _assert_kernel(res, dtype, family, (d,))
+        out = _host(res.output)
+        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        assert err <= bound, f"softcap {c}: error {err:.3g} > 2x plain {bound / 2:.3g}"
+
+
 @gpu
 @pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=FAMILY_IDS)
 def test_alibi(dtype, family, monkeypatch):

@@ -132,7 +132,7 @@ def sweep(kind: str) -> None:
             for label, causal, kw in calls:
                 pairs = b * h * attended_pairs(MaskRule(causal=causal), n, n)
                 plain = _spec(q, k, v, causal=causal)
-                ms_plain = _time(lambda: _run(q, k, v, plain, dt, poison=False))
+                ms_plain = _time(lambda a=(q, k, v, plain, dt): _run(*a, poison=False))
                 spec = _spec(q, k, v, causal=causal, **kw)
                 if "window" in kw:
                     rule = MaskRule(causal=True, window_left=kw["window"][0], window_right=kw["window"][1])
@@ -144,7 +144,7 @@ def sweep(kind: str) -> None:
                 ms_plain *= pairs / plain_pairs  # the ratios below: per attended pair
                 for cfg in [None] + configs:
                     try:
-                        ms = _time(lambda cfg=cfg: _run(q, k, v, spec, dt, config=cfg, poison=False))
+                        ms = _time(lambda cfg=cfg, a=(q, k, v, spec, dt): _run(*a, config=cfg, poison=False))
                     except Exception as exc:  # noqa: BLE001
                         cells.append(f"{cfg}: {str(exc)[:60]}")
                         continue
@@ -159,7 +159,7 @@ def sweep(kind: str) -> None:
                     _launch._wants_v_scan = lambda spec: True
                     _launch._PLANS.clear()
                     for cfg in [None] + configs:
-                        ms = _time(lambda cfg=cfg: _run(q, k, v, spec, dt, config=cfg, poison=False))
+                        ms = _time(lambda cfg=cfg, a=(q, k, v, spec, dt): _run(*a, config=cfg, poison=False))
                         name = "default" if cfg is None else "x".join(map(str, (cfg.warpgroups, cfg.block_kv,
                                                                                  cfg.min_blocks)))
                         t = 4 * d * pairs / ms / 1e9

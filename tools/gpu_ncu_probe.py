@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import cupy
-import numpy as np
 
 from fastattn._validate import make_spec
 from fastattn.backends.cuda import _launch
