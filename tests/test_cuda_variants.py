@@ -89,13 +89,16 @@ def _call(q, k, v, backend, **kw):
     return _run(q, k, v, {**_DEFAULTS, **kw}, backend)
 
 
-def check(dtype, family, monkeypatch, q, k, v, *, out_tol=None, **kw):
+def check(dtype, family, monkeypatch, q, k, v, *, out_tol=None, gpu_kw=None, **kw):
     """Runs the call on the reference (host arrays) and on the GPU; compares out and lse; returns
-    (gpu result, reference out, reference lse) with outputs as float64 host arrays."""
+    (gpu result, reference out, reference lse) with outputs as float64 host arrays.  ``gpu_kw``:
+    arguments given to the GPU call as they are (e.g. CuPy views with chosen strides) instead of
+    copies of the host ones."""
     monkeypatch.setenv("FASTATTN_CUDA_KERNEL", family)
     ref = _call(q, k, v, "reference", **kw)
     gkw = {name: (_gpu(val) if name in ("alibi_slopes", "attn_mask", "seqlens_q", "seqlens_kv", "cu_seqlens_q",
                                         "cu_seqlens_kv") else val) for name, val in kw.items()}
+    gkw.update(gpu_kw or {})
     out_dt = numpy_dtype(dtype)
     _poison((ref.output.shape, out_dt), (ref.logsumexp.shape, np.float64 if dtype == "float64" else np.float32))
     res = _call(_gpu(q), _gpu(k), _gpu(v), "cuda", **gkw)
@@ -148,6 +151,17 @@ def test_every_variant_has_its_specializations():
                 for seq in (1, 1000, 5000, 20000):
                     cfg = _specs.sm90_config(d, interval or mods, seq, mods)
                     assert _specs.sm90_name(dtype, d, cfg, interval, dv, mods) in sm90
+                    if mods:  # attn_mask tiles in shared memory (MODS_FORM 3)
+                        tcfg = _specs.sm90_config(d, True, seq, mods, mask_tiles=True)
+                        name = _specs.sm90_name(dtype, d, tcfg, interval, dv, mods, mask_tiles=True)
+                        assert name in sm90 and name.endswith("true, 3>")
+                        assert _specs.sm90_smem_bytes(d, tcfg, head_dim_v=dv, mask_tiles=True) <= 227 * 1024
+                    assert _specs.sm90_smem_bytes(d, cfg, head_dim_v=dv) * cfg.min_blocks <= 227 * 1024
+                    # softcap / ALiBi without attn_mask: their own specialization (MODS_FORM 2), the
+                    # call's own interval flag
+                    cfg = _specs.sm90_config(d, interval, seq, True, attn_mask=False)
+                    name = _specs.sm90_name(dtype, d, cfg, interval, dv, True, attn_mask=False)
+                    assert name in sm90 and name.endswith(f"{str(interval).lower()}, 2>")
                     assert _specs.sm90_smem_bytes(d, cfg, head_dim_v=dv) * cfg.min_blocks <= 227 * 1024
     for d in range(1, 257):
         for dv in (1, 64, 100, 128, 256):
@@ -221,6 +235,45 @@ def test_softcap(dtype, family, monkeypatch):
         _assert_kernel(res, dtype, family, (64,))
 
 
+def _softcap_plain(q, k, v, scale, c, causal, low):
+    """Materialized softcap attention; low: float32 arithmetic with P and out rounded to the inputs'
+    16-bit type (a plain implementation in that precision), else float64."""
+    comp = np.float32 if low else np.float64
+    s = np.einsum("bhid,bhjd->bhij", q.astype(comp), k.astype(comp)) * comp(scale)
+    s = comp(c) * np.tanh(s / comp(c))
+    if causal:
+        s = np.where(np.arange(s.shape[-1])[None, :] <= np.arange(s.shape[-2])[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    if low:
+        p = p.astype(q.dtype).astype(comp)
+    o = np.einsum("bhij,bhjd->bhid", p, v.astype(comp))
+    return (o.astype(q.dtype) if low else o).astype(np.float64)
+
+
+@gpu
+@pytest.mark.parametrize(("dtype", "family"), [f for f in FAMILIES if f[0] in ("float16", "bfloat16")],
+                         ids=[i for i, f in zip(FAMILY_IDS, FAMILIES, strict=True) if f[0] in ("float16", "bfloat16")])
+def test_softcap_within_2x_of_plain_same_precision(dtype, family, monkeypatch):
+    """The softcap in half precision (the Hopper kernel through tanh.approx) keeps the FlashAttention
+    bound: within 2x the error of a plain implementation in the same precision, against float64."""
+    monkeypatch.setenv("FASTATTN_CUDA_KERNEL", family)
+    rng = np.random.default_rng(15)
+    for (b, h, n, m, d), c, scale, causal in (((1, 2, 130, 260, 64), 5.0, 1.0, True),
+                                              ((1, 2, 77, 300, 128), 30.0, None, False),
+                                              ((2, 2, 200, 333, 128), 0.5, 0.3, True)):
+        q, k, v = _qkv(rng, dtype, b, h, h, n, m, d)
+        sc = d ** -0.5 if scale is None else scale
+        ref = _softcap_plain(q, k, v, sc, c, causal, low=False)
+        bound = 2.0 * float(np.linalg.norm(_softcap_plain(q, k, v, sc, c, causal, low=True) - ref)
+                            / np.linalg.norm(ref))
+        res = _call(_gpu(q), _gpu(k), _gpu(v), "cuda", causal=causal, scale=scale, softcap=c)
+        _assert_kernel(res, dtype, family, (d,))
+        out = _host(res.output)
+        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        assert err <= bound, f"softcap {c}: error {err:.3g} > 2x plain {bound / 2:.3g}"
+
+
 @gpu
 @pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=FAMILY_IDS)
 def test_alibi(dtype, family, monkeypatch):
@@ -262,6 +315,51 @@ def test_bias_mask(dtype, family, mask_dtype, monkeypatch):
     # a ragged batch with a window: rows and keys past the entry are never read (nor the bias there)
     res, _, _ = check(dtype, family, monkeypatch, q, k, v, attn_mask=bias, window=(20, 3),
                       seqlens_q=np.array([65, 30]), seqlens_kv=np.array([100, 129]))
+
+
+@gpu
+@pytest.mark.parametrize(("dtype", "family"), FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("mask_dtype", ["bool", "float16", "bfloat16", "float32"])
+def test_mask_tiles_every_layout(dtype, family, mask_dtype, monkeypatch):
+    """attn_mask tiles through shared memory (the Hopper kernel copies rows of 16-byte aligned, unit
+    key stride masks with cp.async) and the guarded path (any other layout): odd sizes, rows that
+    end mid-chunk, broadcast axes (zero strides), a view with an unaligned start or row pitch, a
+    ragged batch whose keys end mid-tile, a window, and every logit form beside it."""
+    rng = np.random.default_rng(18)
+    b, h, sq, skv = 2, 3, 70, 136  # 136 keys: rows of 136 / 272 / 544 bytes (16-byte multiples)
+    q, k, v = _qkv(rng, dtype, b, h, h, sq, skv, 64)
+
+    def draw(shape):
+        if mask_dtype == "bool":
+            m = rng.random(shape) < 0.75
+            return m
+        return (rng.standard_normal(shape) * 2).astype(numpy_dtype(mask_dtype))
+
+    for shape, kw in (((b, h, sq, skv), {}),                       # aligned rows: shared memory
+                      ((b, 1, 1, skv), dict(causal=True)),        # rows broadcast (row stride 0)
+                      ((sq, skv), dict(window=(40, 7))),          # batch and heads broadcast
+                      ((b, h, sq, skv), dict(softcap=4.0, alibi_slopes=np.array([0.3, 0.1, 0.05], np.float32),
+                                             causal="bottom_right")),
+                      ((b, h, sq, skv), dict(seqlens_q=np.array([70, 33]), seqlens_kv=np.array([129, 7])))):
+        m = draw(shape)
+        res, _, _ = check(dtype, family, monkeypatch, q, k, v, attn_mask=m, **kw)
+        _assert_kernel(res, dtype, family, (64,))
+    # odd key counts: rows of 77 elements (not 16-byte multiples): the guarded path; and the same
+    # 77 keys as an aligned view of wider rows (row pitch 80 elements: shared memory again)
+    q2, k2, v2 = _qkv(rng, dtype, b, h, h, 45, 77, 64)
+    m = draw((b, h, 45, 77))
+    check(dtype, family, monkeypatch, q2, k2, v2, attn_mask=m, causal=True)
+    wide = draw((b, h, 45, 80))
+    check(dtype, family, monkeypatch, q2, k2, v2, attn_mask=wide[..., :77], gpu_kw=dict(attn_mask=_gpu(wide)[..., :77]))
+    # a view starting one element in (unaligned rows) and a transposed one (key stride != 1)
+    check(dtype, family, monkeypatch, q2, k2, v2, attn_mask=wide[..., 1:78],
+          gpu_kw=dict(attn_mask=_gpu(wide)[..., 1:78]))
+    mt = draw((b, h, 77, 45))
+    check(dtype, family, monkeypatch, q2, k2, v2, attn_mask=mt.transpose(0, 1, 3, 2),
+          gpu_kw=dict(attn_mask=_gpu(mt).transpose(0, 1, 3, 2)))
+    # long rows over many key tiles (the ring of two), keys ending mid-tile
+    q3, k3, v3 = _qkv(rng, dtype, 1, 2, 2, 130, 1008, 128)
+    check(dtype, family, monkeypatch, q3, k3, v3, attn_mask=draw((1, 2, 130, 1008)), window=(300, 300))
 
 
 @gpu

@@ -3,7 +3,7 @@
 # compute-sanitizer memcheck on a representative small run (and the numerical edge cases: large
 # values, inf / NaN at masked keys, 100k keys), racecheck / synccheck, numbers for the docs
 # (numerics), tile sweep, benchmark beside torch.
-#   STEPS="build compile tests variants vsanitize vbench sanitize racecheck numerics sweep bench cli" \
+#   STEPS="build compile tests variants vsanitize vbench modsprobe maskprobe sanitize racecheck numerics sweep bench cli" \
 #     bash tools/gpu_session.sh  (logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
@@ -56,8 +56,14 @@ for fam in ("auto", "mma"):
         q, k, v = g(2, 6, 77, 64, dt=dt), g(2, 2, 130, 64, dt=dt), g(2, 2, 130, 64, dt=dt)
         calls = dict(gqa=dict(causal=True), br=dict(causal="bottom_right", window=(20, 3)),
                      softcap=dict(softcap=5.0, alibi_slopes=cupy.full((6,), 0.1, cupy.float32)),
+                     softcap_only=dict(softcap=5.0, causal=True), alibi_only=dict(alibi_slopes=cupy.full((6,), 0.1, cupy.float32)),
                      bias=dict(attn_mask=g(1, 6, 77, 130, dt="float32")),
                      bool=dict(attn_mask=cupy.asarray(rng.random((2, 1, 77, 130)) < 0.5)),
+                     # 16-byte aligned rows (views of wider ones): the Hopper kernel's shared-memory mask tiles
+                     bias_tiles=dict(attn_mask=g(2, 6, 77, 136, dt="float32")[..., :130], causal=True),
+                     bias16_tiles=dict(attn_mask=g(1, 1, 77, 136, dt=dt if dt != "float32" else "float16")[..., :130]),
+                     bool_tiles=dict(attn_mask=cupy.asarray(rng.random((2, 6, 77, 144)) < 0.5)[..., :130],
+                                     window=(40, 40)),
                      ragged=dict(seqlens_q=np.array([77, 3]), seqlens_kv=np.array([0, 100]), causal=True),
                      drop=dict(dropout_p=0.2, window=(10, 10)))
         for name, kw in calls.items():
@@ -203,6 +209,13 @@ for dt, val in (("bfloat16", 133120.0), ("float16", 30000.0), ("float32", 1e17),
         print(f"  {dt} {val:g} {kern}: out {out[0, 0, 0, 0]:.6g} lse {lse[0, 0, 0]:.6g}")
 os.environ["FASTATTN_CUDA_KERNEL"] = "auto"
 PY
+    ;;
+  modsprobe)  # softcap error (ex2 + rcp against tanh.approx), softcap / ALiBi kernels at several tiles
+    timeout 200 python3 tools/gpu_mods_probe.py tanh 2>&1 | tee "$OUT/tanh.log"
+    timeout 300 python3 tools/gpu_mods_probe.py mods 2>&1 | tee "$OUT/modsweep.log"
+    ;;
+  maskprobe)  # attn_mask kernels (bias, boolean) at several tiles beside the plain kernel
+    timeout 300 python3 tools/gpu_mods_probe.py mask 2>&1 | tee "$OUT/masksweep.log"
     ;;
   sweep)
     timeout 300 python3 tools/gpu_probe.py --quick 2>&1 | tee "$OUT/sweep.log" | grep -v " nan 0$"

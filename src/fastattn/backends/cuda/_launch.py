@@ -184,6 +184,21 @@ def uses_sm90(spec: AttentionSpec, dtype: str, vec: bool, capability: tuple[int,
     return family == "auto" and capability == (9, 0) and sm90_can_serve(spec, dtype, vec)
 
 
+def mask_tiles_ok(spec: AttentionSpec) -> bool:
+    """Can the Hopper kernel copy attn_mask's tiles into shared memory with 16-byte cp.async (elements
+    of up to 4 bytes, unit stride along keys, every row start 16-byte aligned)?  Else its hook reads
+    the mask where it lies (any strides, float64)."""
+    m = spec.arrays.attn_mask
+    if m is None or m.itemsize > 4 or m.ndim != 4:
+        return False
+    strides = _elem_strides(m)
+    if strides[3] != 1 and m.shape[3] > 1:
+        return False
+    if m.data.ptr % 16 != 0:
+        return False
+    return all((s * m.itemsize) % 16 == 0 for s, n in zip(strides[:3], m.shape[:3], strict=True) if n > 1)
+
+
 def mask_flags(spec: AttentionSpec) -> tuple[bool, bool]:
     """(interval, mods) of a call: causal / a window; softcap / ALiBi / attn_mask."""
     rule = spec.rule
@@ -200,19 +215,22 @@ def dims(spec: AttentionSpec, dtype: str, sm90: bool) -> tuple[int, int]:
 def tile_config(spec: AttentionSpec, dtype: str, d_pad: int, sm90: bool) -> Any:
     """The tables' tile configuration for a call: Sm90Config, MmaConfig or SimtConfig."""
     interval, mods = mask_flags(spec)
+    if sm90:  # softcap / ALiBi without attn_mask keep the call's own interval flag (MODS_FORM 2)
+        has_mask = spec.rule.mask != "none"
+        return _specs.sm90_config(d_pad, interval or (mods and has_mask), spec.seq_kv, mods, has_mask,
+                                  mask_tiles_ok(spec))
     interval = interval or mods  # a mods kernel has the interval flag on (_specs.kernel_flags)
-    if sm90:
-        return _specs.sm90_config(d_pad, interval, spec.seq_kv, mods)
     if _specs.is_mma_dtype(dtype):
         return _specs.MMA_CONFIGS[(d_pad, interval)]
     return _specs.SIMT_CONFIGS[(dtype, d_pad)]
 
 
-def plan(dtype: str, d_pad: int, cfg: Any, dv_pad: int | None = None) -> Plan:
-    """The tiles, threads, shared memory and kernel family of one tile configuration."""
+def plan(dtype: str, d_pad: int, cfg: Any, dv_pad: int | None = None, mask_tiles: bool = False) -> Plan:
+    """The tiles, threads, shared memory and kernel family of one tile configuration (``mask_tiles``:
+    the Hopper kernel's attn_mask tiles in shared memory, calls with an attn_mask)."""
     if isinstance(cfg, _specs.Sm90Config):
-        return Plan(cfg.block_q, cfg.block_kv, cfg.threads, _specs.sm90_smem_bytes(d_pad, cfg, head_dim_v=dv_pad),
-                    "wgmma")
+        return Plan(cfg.block_q, cfg.block_kv, cfg.threads,
+                    _specs.sm90_smem_bytes(d_pad, cfg, head_dim_v=dv_pad, mask_tiles=mask_tiles), "wgmma")
     if isinstance(cfg, _specs.MmaConfig):
         return Plan(cfg.block_q, cfg.block_kv, cfg.warps * 32,
                     _specs.mma_smem_bytes(d_pad, cfg, head_dim_v=dv_pad), "mma.sync")
@@ -257,10 +275,11 @@ def _window(spec: AttentionSpec) -> tuple[int, int]:
 
 
 def _mask_geometry(spec: AttentionSpec) -> tuple:
-    """What of the mask arrays the launch plan depends on (dtype, strides, slopes' batch axis)."""
+    """What of the mask arrays the launch plan depends on (dtype, strides, 16-byte alignment, slopes'
+    batch axis)."""
     arr = spec.arrays
     m = arr.attn_mask
-    mask = (str(m.dtype), _elem_strides(m)) if m is not None else None
+    mask = (str(m.dtype), _elem_strides(m), m.data.ptr % 16 == 0) if m is not None else None
     slopes = int(arr.alibi_slopes.shape[0]) if arr.alibi_slopes is not None else None
     return mask, slopes
 
@@ -279,11 +298,12 @@ def _dynamic_args(spec: AttentionSpec, v_flag: Any = None) -> tuple:
 
 
 def _wants_v_scan(spec: AttentionSpec) -> bool:
-    """Do many tiles of the call hide keys from some rows (a window, a boolean mask)?  Then the Hopper
-    kernel's per-tile masked-V checks are worth replacing by one scan of V (fa_v_nonfinite) first;
-    plain causal calls hide keys on the diagonal tiles only and keep the per-tile checks."""
-    rule = spec.rule
-    return rule.window_left >= 0 or rule.window_right >= 0 or rule.mask == "bool"
+    """Does every tile of the call hide keys from some rows (a boolean mask)?  Then the Hopper kernel's
+    per-tile masked-V checks are worth replacing by one scan of V (fa_v_nonfinite) first.  Windows
+    keep the per-tile checks (their edge tiles only): measured on an H100 (fp16, d 128, causal,
+    tools/gpu_mods_probe.py window), the scan and its flag cost more than the checks, 0.39-0.49x the
+    plain kernel per attended pair with it against 0.45-0.60x without for a 256-key band."""
+    return spec.rule.mask == "bool"
 
 
 def launch(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, dtype: str,
@@ -345,7 +365,8 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     d_pad, dv_pad = dims(spec, dtype, sm90)
     forced = isinstance(config, _specs.Sm90Config) or (mma and config is not None)  # an MmaConfig: mma dtypes
     cfg = config if forced else tile_config(spec, dtype, d_pad, sm90)
-    used = plan(dtype, d_pad, cfg, dv_pad)
+    tiles = sm90 and mask_tiles_ok(spec)
+    used = plan(dtype, d_pad, cfg, dv_pad, mask_tiles=tiles)
     if batch * heads * seq_q == 0:
         return None, None, None, None, None, used, None
 
@@ -354,7 +375,7 @@ def _make_plan(q: Any, k: Any, v: Any, out: Any, lse: Any, spec: AttentionSpec, 
     seed = int(spec.seed or 0)
     threshold = dropout_threshold(spec.dropout_p) if dropout else 0
     if used.kernel == "wgmma":
-        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods)
+        name = _specs.sm90_name(dtype, d_pad, cfg, interval, dv_pad, mods, spec.rule.mask != "none", tiles)
     elif used.kernel == "mma.sync":
         name = _specs.mma_name(dtype, d_pad, cfg, interval, dropout, vec, dv_pad, mods)
     else:

@@ -124,10 +124,21 @@ SM90_RULES: dict[tuple[int, bool], tuple[tuple[int, Sm90Config], ...]] = {
     (256, True): ((2**31, Sm90Config(2, 32)),),   # S and P small enough not to spill (ptxas, sm_90a)
 }
 
-#: tiles of the Hopper kernel with mods (softcap / ALiBi / attn_mask): the logit hook needs registers,
-#: so one block per SM with room for it (ptxas: no spills at these tiles, spills at the plain ones)
+#: tiles of the Hopper kernel with attn_mask (and any softcap / ALiBi): the mask hook needs registers,
+#: so one block per SM with room for it (ptxas: no spills at these tiles, spills at the plain ones).
+#: Softcap / ALiBi without attn_mask have their own specialization (MODS_FORM 2: no mask code), on
+#: the plain kernel's tiles (SM90_RULES) with the call's own interval flag
 SM90_MODS_CONFIGS: dict[int, Sm90Config] = {
     64: Sm90Config(2, 128),
+    128: Sm90Config(2, 64),
+    192: Sm90Config(2, 64),
+    256: Sm90Config(2, 32),
+}
+
+#: tiles of the Hopper kernel with attn_mask tiles in shared memory (MODS_FORM 3): each warp's ring
+#: of 16 x block_kv mask tiles must fit beside Q, K and V (ptxas, sm_90a: no spills at 128 / 256)
+SM90_TILES_CONFIGS: dict[int, Sm90Config] = {
+    64: Sm90Config(2, 64),
     128: Sm90Config(2, 64),
     192: Sm90Config(2, 64),
     256: Sm90Config(2, 32),
@@ -141,11 +152,25 @@ SM90_SWEEP: dict[int, tuple[Sm90Config, ...]] = {
 }
 
 
-def sm90_config(head_dim: int, interval: bool, seq_kv: int, mods: bool = False) -> Sm90Config:
-    """The Hopper kernel's tiles for a padded q/k head_dim, interval flag (causal / window), key length
-    and mods flag (softcap / ALiBi / attn_mask)."""
-    if mods:
-        return SM90_MODS_CONFIGS[head_dim]
+def sm90_mods_form(mods: bool, attn_mask: bool = True, mask_tiles: bool = False) -> str:
+    """The Hopper kernel's MODS_FORM template argument: ``false`` no mods; ``true`` attn_mask (with any
+    softcap / ALiBi) read from global memory in the hook (any layout); ``3`` the same with attn_mask
+    tiles copied into shared memory (``mask_tiles``: rows the launcher found 16-byte aligned, unit key
+    stride, elements of up to 4 bytes); ``2`` softcap / ALiBi alone (no attn_mask code)."""
+    if not mods:
+        return "false"
+    if not attn_mask:
+        return "2"
+    return "3" if mask_tiles else "true"
+
+
+def sm90_config(head_dim: int, interval: bool, seq_kv: int, mods: bool = False, attn_mask: bool = True,
+                mask_tiles: bool = False) -> Sm90Config:
+    """The Hopper kernel's tiles for a padded q/k head_dim, interval flag (causal / window), key length,
+    mods flag (softcap / ALiBi / attn_mask), whether an attn_mask is given and whether its tiles go
+    through shared memory."""
+    if mods and attn_mask:
+        return (SM90_TILES_CONFIGS if mask_tiles else SM90_MODS_CONFIGS)[head_dim]
     for max_seq, cfg in SM90_RULES[(head_dim, interval)]:
         if seq_kv <= max_seq:
             return cfg
@@ -230,11 +255,16 @@ def mma_name(dtype: str, head_dim: int, cfg: MmaConfig, interval: bool, dropout:
 
 
 def sm90_name(dtype: str, head_dim: int, cfg: Sm90Config, interval: bool, head_dim_v: int | None = None,
-              mods: bool = False) -> str:
+              mods: bool = False, attn_mask: bool = True, mask_tiles: bool = False) -> str:
+    """The Hopper kernel's name expression; with mods, ``attn_mask`` says whether the call has one
+    (the full hook, interval on as every mods kernel; ``mask_tiles``: through shared memory) or not
+    (softcap / ALiBi alone: MODS_FORM 2, the call's own interval flag)."""
     dv = head_dim if head_dim_v is None else head_dim_v
-    interval, mods, _ = kernel_flags(interval, mods, False)
+    form = sm90_mods_form(mods, attn_mask, mask_tiles)
+    if form in ("true", "3"):
+        interval, _, _ = kernel_flags(interval, mods, False)
     return (f"fa_fwd_sm90<{_b(dtype == 'bfloat16')}, {head_dim}, {dv}, {cfg.warpgroups}, "
-            f"{cfg.block_kv}, {cfg.min_blocks}, {_b(interval)}, {_b(mods)}>")
+            f"{cfg.block_kv}, {cfg.min_blocks}, {_b(interval)}, {form}>")
 
 
 def simt_name(dtype: str, head_dim: int, cfg: SimtConfig, interval: bool, dropout: bool, mods: bool = False) -> str:
@@ -250,12 +280,22 @@ def mma_smem_bytes(head_dim: int, cfg: MmaConfig, itemsize: int = 2, head_dim_v:
     return (rows_qk * (head_dim + 8) + cfg.stages * cfg.block_kv * (dv + 8)) * itemsize
 
 
-def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2, head_dim_v: int | None = None) -> int:
+def sm90_smem_bytes(head_dim: int, cfg: Sm90Config, itemsize: int = 2, head_dim_v: int | None = None,
+                    mask_tiles: bool = False) -> int:
     """Shared memory per block of ``fa_fwd_sm90``: Q tile, two K and two V tiles, a 16-row tile of
     zeros (the V operand of a P V that must add nothing: tiles no row of a warpgroup sees),
-    1 KB for alignment."""
+    1 KB for alignment; with ``mask_tiles`` (MODS_FORM 3) each warp's ring of two or three 16-row
+    attn_mask tiles of block_kv elements of up to 4 bytes (rows padded by 16 bytes)."""
     dv = head_dim if head_dim_v is None else head_dim_v
-    return ((cfg.block_q + 2 * cfg.block_kv) * head_dim + (2 * cfg.block_kv + 16) * dv) * itemsize + 1024
+    base = ((cfg.block_q + 2 * cfg.block_kv) * head_dim + (2 * cfg.block_kv + 16) * dv) * itemsize + 1024
+    if mask_tiles:
+        base += 4 * cfg.warpgroups * sm90_mask_stages(head_dim, dv) * 16 * (4 * cfg.block_kv + 16)
+    return base
+
+
+def sm90_mask_stages(head_dim: int, head_dim_v: int) -> int:
+    """attn_mask tiles in each warp's ring (the Hopper kernel's MST): three up to head dims of 128."""
+    return 3 if head_dim <= 128 and head_dim_v <= 128 else 2
 
 
 def simt_smem_bytes(head_dim: int, cfg: SimtConfig, itemsize: int) -> int:
@@ -309,6 +349,11 @@ def all_sm90_name_expressions() -> list[str]:
                     configs += list(SM90_SWEEP.get(dim, ()))
                 for cfg in configs:
                     names.append(sm90_name(dtype, dim, cfg, interval, dv, mods))
+                if mods:  # attn_mask tiles through shared memory
+                    names.append(sm90_name(dtype, dim, SM90_TILES_CONFIGS[dim], interval, dv, mods, mask_tiles=True))
+            for interval in (False, True):  # softcap / ALiBi without attn_mask (MODS_FORM 2)
+                for _, cfg in SM90_RULES[(dim, interval)]:
+                    names.append(sm90_name(dtype, dim, cfg, interval, dv, True, attn_mask=False))
         names.append(v_scan_name(dtype))
     return _unique(names)
 

@@ -185,7 +185,7 @@ struct fa_mask {
     static constexpr bool hides_keys_ever = INTERVAL || MODS;  // can a key < Lk be hidden from a row?
     int lq, lk, lo_off, hi_off;  // lo(i) = i + lo_off, hi(i) = i + hi_off (then clamped)
     // MODS (the *_l2 factors are the natural-unit ones times log2 e)
-    float scale_l2, sc_k, sc_c2, slope, slope_l2;
+    float scale_l2, sc_k, sc_c2, sc_y, slope, slope_l2;
     int alibi_off, mask_kind;
     bool alibi, softcap;
     const unsigned char* m;
@@ -222,8 +222,12 @@ struct fa_mask {
     // does some element of rows [r0, r0 + rows) x keys [kv0, kv0 + n) need masking (rows past Lq,
     // keys past Lk or outside the interval, or a boolean mask)?
     __device__ __forceinline__ bool tile_needs_mask(int r0, int rows, int kv0, int n) const {
+        return tile_needs_interval(r0, rows, kv0, n) || bool_mask();
+    }
+    // the same without the boolean mask: does some element lie outside the interval (or the entry)?
+    __device__ __forceinline__ bool tile_needs_interval(int r0, int rows, int kv0, int n) const {
         const int r1 = r0 + rows - 1;
-        return r1 >= lq || kv0 + n > hi(r0) || kv0 < lo(r1) || bool_mask();
+        return r1 >= lq || kv0 + n > hi(r0) || kv0 < lo(r1);
     }
     // does the tile hold a key < Lk that some row of [r0, r0 + rows) (< Lq) does not see?  Only those
     // can carry a non-finite V into a row that must not see it (loads write zeros past Lk).
@@ -271,6 +275,12 @@ struct fa_mask {
         asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
         return r;
     }
+    // softcap: tanh(scale s / c) by tanh.approx (one MUFU op, relative error ~2^-11)
+    __device__ __forceinline__ float softcap_t(float s) const {
+        float t;
+        asm("tanh.approx.f32 %0, %1;\n" : "=f"(t) : "f"(s * sc_y));
+        return t;
+    }
     // softcap (backward): d tanh(y) / dy = 1 - tanh(y)^2 = 4 r (1 - r) at raw score s
     __device__ __forceinline__ float softcap_dtanh(float s) const {
         const float r = softcap_r(s);
@@ -285,13 +295,24 @@ struct fa_mask {
     // bias: attn_mask's value at (i, j) when it is a float bias (BI), read by the caller
     template <bool SC, bool AL, bool BI>
     __device__ __forceinline__ float logit2_t(float s, int i, int j, float bias_ij = 0.0f) const {
+        return logit2_d<SC, AL, BI, false>(s, (float)(i + alibi_off - j), bias_ij);
+    }
+    // the same with ALiBi's signed distance i + alibi_off - j given as a float (callers that walk a
+    // tile form it with one FADD from a per-row base instead of an integer-to-float conversion per
+    // element, which runs at the MUFU's rate); TANH: the softcap as c log2 e tanh.approx(scale s / c),
+    // one MUFU op instead of two (ex2, rcp), relative error ~2^-11 (the Hopper kernel: its float16 and
+    // bfloat16 outputs stay within the error of a plain implementation in their precision)
+    template <bool SC, bool AL, bool BI, bool TANH>
+    __device__ __forceinline__ float logit2_d(float s, float dist, float bias_ij) const {
         float x;
-        if constexpr (SC) {
+        if constexpr (SC && TANH) {
+            x = sc_c2 * softcap_t(s);
+        } else if constexpr (SC) {
             x = fmaf(-2.0f * sc_c2, softcap_r(s), sc_c2);
         } else {
             x = s * scale_l2;
         }
-        if constexpr (AL) x = fmaf(-slope_l2, fabsf((float)(i + alibi_off - j)), x);
+        if constexpr (AL) x = fmaf(-slope_l2, fabsf(dist), x);
         if constexpr (BI) x = fmaf(bias_ij, FA_LOG2E, x);
         return x;
     }
@@ -372,6 +393,7 @@ __device__ __forceinline__ fa_mask<INTERVAL, MODS> fa_mask_of(const fa_entry& e,
     mk.softcap = softcap > 0.0f;
     mk.sc_k = mk.softcap ? scale * (2.0f * FA_LOG2E) / softcap : 0.0f;
     mk.sc_c2 = softcap * FA_LOG2E;
+    mk.sc_y = mk.softcap ? scale / softcap : 0.0f;
     mk.alibi = MODS && slopes != nullptr;
     mk.slope = mk.alibi ? slopes[(long long)e.b * slopes_sb + e.h] : 0.0f;
     mk.slope_l2 = mk.slope * FA_LOG2E;

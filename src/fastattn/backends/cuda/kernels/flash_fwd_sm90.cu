@@ -163,60 +163,136 @@ __device__ __forceinline__ void fa_mask_pair(const unsigned char* row, long long
     }
 }
 
+// attn_mask elements (row, j) and (row, j + 1) of kind MK (up to 4 bytes) from the shared-memory copy
+// of the tile (common zero-filled outside the entry: 0 = hidden for a boolean mask, no bias)
+template <int MK>
+__device__ __forceinline__ void fa_mask_pair_smem(unsigned addr, float& a, float& b) {
+    if constexpr (MK == FA_MASK_BOOL) {
+        unsigned short w;
+        asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(w) : "r"(addr));
+        a = (w & 0xffu) ? 1.0f : 0.0f;
+        b = (w >> 8) ? 1.0f : 0.0f;
+    } else if constexpr (MK == FA_MASK_F32) {
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(addr));
+    } else {
+        unsigned w;
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(addr));
+        if constexpr (MK == FA_MASK_F16) {
+            a = float_of_f16_bits((unsigned short)(w & 0xffffu));
+            b = float_of_f16_bits((unsigned short)(w >> 16));
+        } else {
+            a = __uint_as_float(w << 16);
+            b = __uint_as_float(w & 0xffff0000u);
+        }
+    }
+}
+
+// attn_mask tiles in shared memory (fa_fwd_sm90, MODS_FORM FA_MODS_TILES): each warp copies its own 16
+// rows x BKV keys with cp.async, tiles ahead, into a ring of two or three; rows of FA_MROW(BKV) bytes (4-byte
+// elements at most, +16 bytes so that the hook's reads of 8 rows fall in distinct banks)
+#define FA_MROW(BKV) ((BKV) * 4 + 16)
+
 // The mask hook on one tile of wgmma accumulators (thread rows r0, r0 + 8; keys kv0 + 8 n + 2 t4 +
 // {0, 1}): logits of the form F (MODS: bit 0 softcap, bit 1 ALiBi; -1: raw scores), attn_mask of
-// kind MK (0 none, FA_MASK_BOOL, or a float bias's dtype) read through two row pointers, pairs of
-// keys at once where the key stride is 1 and rows are aligned; -inf where the row does not see the
-// key (needs: the tile has such entries; always with a boolean mask)
-template <int F, int MK, int NS, class Mask>
-__device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
+// kind MK (0 none, FA_MASK_BOOL, or a float bias's dtype), read from the warp's shared-memory copy
+// of the tile at msh (SM) or else through two row pointers, pairs of keys at once where the key
+// stride is 1 and rows are aligned; -inf where the row does not see the key (NEEDS: the tile has
+// elements outside the interval; a boolean mask tests every element).  TANH: the softcap through
+// tanh.approx (common.cuh: fa_mask::logit2_d); TU: the softcap alone, left as tanh(scale s / c)
+// (the caller's exponent multiplies by c log2 e).  ALiBi's distance i + off - j is formed from one
+// per-thread base with a constant offset per element (exact below 2^24).
+template <int F, int MK, bool TANH, bool NEEDS, bool SM = false, bool TU = false, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_tile(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4,
+                                             unsigned msh = 0u) {
     constexpr bool SC = F >= 0 && (F & 1) != 0, AL = F >= 0 && (F & 2) != 0;
     constexpr bool BO = MK == FA_MASK_BOOL, BI = MK >= FA_MASK_F16;
     constexpr int ES = MK == FA_MASK_BOOL ? 1 : (MK <= FA_MASK_BF16 ? 2 : (MK == FA_MASK_F32 ? 4 : 8));
+    static_assert(!SM || ES <= 4, "shared-memory mask tiles hold elements of up to 4 bytes");
+    constexpr int MROW = FA_MROW(NS * 2);
     const unsigned char* rows[2] = {nullptr, nullptr};
     bool pair = false;
-    if constexpr (BO || BI) {
+    if constexpr (SM) {
+        msh += (unsigned)((((int)threadIdx.x & 31) >> 2) * MROW + 2 * t4 * ES);  // row g, key 2 t4
+    } else if constexpr (BO || BI) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) rows[r] = mask.m + (long long)min(r0 + 8 * r, mask.lq - 1) * mask.m_si * ES;
         pair = mask.m_sj == 1 &&
                ((reinterpret_cast<unsigned long long>(rows[0]) | reinterpret_cast<unsigned long long>(rows[1])) %
                 (2 * ES)) == 0;
     }
+    float dist0 = 0.0f;  // ALiBi: i + alibi_off - j at row r0, key kv0 + 2 t4
+    if constexpr (AL) dist0 = (float)(r0 + mask.alibi_off - kv0 - 2 * t4);
 #pragma unroll
     for (int e2 = 0; e2 < NS; e2 += 2) {
         const int j = kv0 + (e2 >> 2) * 8 + 2 * t4;
         const int rr = (e2 >> 1) & 1;
         const int i = r0 + rr * 8;
         float m0 = 0.0f, m1 = 0.0f;
-        if constexpr (BO || BI) {
+        if constexpr (SM) {
+            fa_mask_pair_smem<MK>(msh + (unsigned)(rr * 8 * MROW + (e2 >> 2) * 8 * ES), m0, m1);
+        } else if constexpr (BO || BI) {
             const bool row_ok = i < mask.lq;
             fa_mask_pair<MK>(rows[rr], mask.m_sj, j, pair, row_ok && j < mask.lk, row_ok && j + 1 < mask.lk, m0, m1);
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float x = s[e2 + h];
-            if constexpr (F >= 0) x = mask.template logit2_t<SC, AL, BI>(x, i, j + h, h ? m1 : m0);
+            if constexpr (TU) {
+                static_assert(SC && !AL && !BI && TANH, "tanh units: the softcap alone");
+                x = mask.softcap_t(x);
+            } else if constexpr (F >= 0) {
+                x = mask.template logit2_d<SC, AL, BI, TANH>(x, dist0 + (float)(rr * 8 - (e2 >> 2) * 8 - h),
+                                                             h ? m1 : m0);
+            }
             if constexpr (BO) {
-                if (!(mask.in_interval(i, j + h) && (h ? m1 : m0) != 0.0f)) x = -FA_INF;
+                if (!((!NEEDS || mask.in_interval(i, j + h)) && (h ? m1 : m0) != 0.0f)) x = -FA_INF;
             } else {
-                if (needs && !mask.in_interval(i, j + h)) x = -FA_INF;
+                if (NEEDS && !mask.in_interval(i, j + h)) x = -FA_INF;
             }
             s[e2 + h] = x;
         }
     }
 }
 
-template <int F, int NS, class Mask>
-__device__ __forceinline__ void fa_hook_kind(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs) {
-    switch (mask.mask_kind) {  // uniform: one loop per tile, no branch per element
-        case FA_MASK_BOOL: fa_hook_tile<F, FA_MASK_BOOL>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_F16: fa_hook_tile<F, FA_MASK_F16>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_BF16: fa_hook_tile<F, FA_MASK_BF16>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_F32: fa_hook_tile<F, FA_MASK_F32>(s, mask, kv0, r0, t4, needs); break;
-        case FA_MASK_F64: fa_hook_tile<F, FA_MASK_F64>(s, mask, kv0, r0, t4, needs); break;
-        default: fa_hook_tile<F, 0>(s, mask, kv0, r0, t4, needs); break;
+// the tile's loop with or without the interval test per element: tiles inside every row's interval
+// (most of them) skip it (needs: warp-uniform)
+template <int F, int MK, bool TANH, bool SM = false, bool TU = false, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_needs(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs,
+                                              unsigned msh = 0u) {
+    if (needs) fa_hook_tile<F, MK, TANH, true, SM, TU>(s, mask, kv0, r0, t4, msh);
+    else fa_hook_tile<F, MK, TANH, false, SM, TU>(s, mask, kv0, r0, t4, msh);
+}
+
+// attn_mask's kind (never none here: these kernels serve calls with an attn_mask), from the warp's
+// shared-memory tile at msh (SM: FA_MODS_TILES) or from global memory (FA_MODS_ALL: keys not
+// contiguous, rows not 16-byte aligned, float64; the interval test on every element there)
+template <int F, bool TANH, bool SM, int NS, class Mask>
+__device__ __forceinline__ void fa_hook_kind(float (&s)[NS], const Mask& mask, int kv0, int r0, int t4, bool needs,
+                                             unsigned msh) {
+    if constexpr (SM) {
+        switch (mask.mask_kind) {  // uniform: one loop per tile, no branch per element
+            case FA_MASK_BOOL: fa_hook_needs<F, FA_MASK_BOOL, TANH, true>(s, mask, kv0, r0, t4, needs, msh); break;
+            case FA_MASK_F16: fa_hook_needs<F, FA_MASK_F16, TANH, true>(s, mask, kv0, r0, t4, needs, msh); break;
+            case FA_MASK_BF16: fa_hook_needs<F, FA_MASK_BF16, TANH, true>(s, mask, kv0, r0, t4, needs, msh); break;
+            default: fa_hook_needs<F, FA_MASK_F32, TANH, true>(s, mask, kv0, r0, t4, needs, msh); break;
+        }
+    } else {
+        switch (mask.mask_kind) {
+            case FA_MASK_BOOL: fa_hook_tile<F, FA_MASK_BOOL, TANH, true>(s, mask, kv0, r0, t4); break;
+            case FA_MASK_F16: fa_hook_tile<F, FA_MASK_F16, TANH, true>(s, mask, kv0, r0, t4); break;
+            case FA_MASK_BF16: fa_hook_tile<F, FA_MASK_BF16, TANH, true>(s, mask, kv0, r0, t4); break;
+            case FA_MASK_F32: fa_hook_tile<F, FA_MASK_F32, TANH, true>(s, mask, kv0, r0, t4); break;
+            default: fa_hook_tile<F, FA_MASK_F64, TANH, true>(s, mask, kv0, r0, t4); break;
+        }
     }
 }
+
+// the softcap through tanh.approx (one MUFU op) on bfloat16, and on float16 unless FA_SOFTCAP_TANH_F16
+// is 0: measured on an H100 (tools/gpu_mods_probe.py tanh), the float16 outputs' error against
+// float64 stayed within 0.77-0.93x that of a plain float16 implementation either way
+#ifndef FA_SOFTCAP_TANH_F16
+#define FA_SOFTCAP_TANH_F16 1
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // fa_v_nonfinite: sets *flag when v (heads x seq rows per batch entry, dv columns, unit stride
@@ -245,6 +321,8 @@ __global__ void __launch_bounds__(256)
     if (nonfinite_seen(acc)) *flag = 1;
 }
 
+enum { FA_MODS_NONE = 0, FA_MODS_ALL = 1, FA_MODS_LOGITS = 2, FA_MODS_TILES = 3 };  // fa_fwd_sm90's MODS_FORM
+
 // ------------------------------------------------------------------------------------------------
 // fa_fwd_sm90
 //   BF16 bfloat16 (true) or float16 (false) inputs and output
@@ -256,13 +334,19 @@ __global__ void __launch_bounds__(256)
 //        a thread, so two blocks share an SM and one's softmax overlaps the other's MMAs)
 //   INTERVAL causal and/or a window: key tiles outside the block's interval are skipped, tiles
 //        that hide keys from some rows take the masked-V checks (common.cuh: fa_mask)
-//   MODS softcap / ALiBi / attn_mask (run-time switches, one hook in the softmax)
+//   MODS_FORM FA_MODS_NONE (false): none; FA_MODS_ALL (true): softcap / ALiBi / attn_mask of any
+//        kind and layout, read from global memory in the hook (the guarded path); FA_MODS_TILES (3):
+//        the same with an attn_mask whose rows the launcher found 16-byte aligned with a unit key
+//        stride (elements of up to 4 bytes): copied into shared memory with cp.async a tile ahead;
+//        FA_MODS_LOGITS (2): softcap / ALiBi without attn_mask (4 loop forms, no mask loads or
+//        registers).  The mask's kind and the logit form are switched once per tile.  One hook.
 // Shared memory (dynamic, 1024-byte aligned inside): Q block_q x D, K 2 x BKV x D, V 2 x BKV x DV,
-// a 16 x DV tile of zeros; static: 8 mbarriers.
+// a 16 x DV tile of zeros, with FA_MODS_TILES each warp's ring of 16 x BKV attn_mask tiles (FA_MROW
+// bytes a row; three tiles up to head dims of 128, else two); static: 8 mbarriers.
 // Registers per thread: S BKV/2 floats, P BKV/4 words, O DV/2 floats.
 // ------------------------------------------------------------------------------------------------
 
-template <bool BF16, int D, int DV, int NWG, int BKV, int MINB, bool INTERVAL, bool MODS>
+template <bool BF16, int D, int DV, int NWG, int BKV, int MINB, bool INTERVAL, int MODS_FORM>
 __global__ void __launch_bounds__(NWG * 128, MINB)
     fa_fwd_sm90(FA_COMMON_PARAMS(unsigned short, float), float softcap, float scale_log2, float scale,
                 unsigned long long seed, unsigned threshold, float keep_scale) {
@@ -271,13 +355,23 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     constexpr int BQ = 64 * NWG, NT = 128 * NWG;
     constexpr unsigned Q_BYTES = BQ * D * 2, K_BYTES = BKV * D * 2, V_BYTES = BKV * DV * 2, Z_BYTES = 16 * DV * 2;
     constexpr int NS = BKV / 2, NO = DV / 2;  // accumulator registers per thread
-    constexpr bool HIDES = fa_mask<INTERVAL, MODS>::hides_keys_ever;  // else every P V is PV_WGMMA
+    static_assert(MODS_FORM >= FA_MODS_NONE && MODS_FORM <= FA_MODS_TILES, "MODS_FORM");
+    constexpr bool MODS = MODS_FORM != FA_MODS_NONE;  // the mask's logit fields (fa_mask<., true>)
+    constexpr bool TILES = MODS_FORM == FA_MODS_TILES;  // attn_mask tiles in shared memory
+    constexpr bool ALL = MODS_FORM == FA_MODS_ALL || TILES;  // attn_mask's code
+    constexpr bool HIDES = INTERVAL || ALL;  // can a key < Lk be hidden? (else every P V is PV_WGMMA)
+    constexpr bool TANH = BF16 || FA_SOFTCAP_TANH_F16 != 0;
 
     extern __shared__ unsigned char smem_raw[];
     const unsigned raw = smem_u32(smem_raw);
     const unsigned sQ = (raw + 1023u) & ~1023u;
     const unsigned sK = sQ + Q_BYTES, sV = sK + 2 * K_BYTES;
     const unsigned sZ = sV + 2 * V_BYTES;  // 16 x DV zeros: the V operand of a P V that must add nothing
+    // FA_MODS_TILES: each warp's ring of MST attn_mask tiles (16 rows x BKV keys, FA_MROW bytes a row):
+    // three up to head dims of 128 (two tiles in flight while one is read), two above (shared memory)
+    constexpr int MROW = FA_MROW(BKV), MST = (D <= 128 && DV <= 128) ? 3 : 2;
+    constexpr unsigned M_TILE = 16u * MROW, M_WARP = MST * M_TILE;
+    const unsigned sMw = sZ + Z_BYTES + (unsigned)(threadIdx.x >> 5) * M_WARP;
 
     // heaviest query tiles first (causal: the last ones)
     const int q_block = num_q_blocks - 1 - (int)(blockIdx.x % (unsigned)num_q_blocks);
@@ -291,8 +385,18 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(
         e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb,
         scale, softcap);
+    // FA_MODS_TILES: attn_mask's element size (the launcher chose the form: unit key stride,
+    // 16-byte aligned rows, elements of up to 4 bytes)
+    const int mes = mask_kind == FA_MASK_BOOL ? 1 : (mask_kind <= FA_MASK_BF16 ? 2 : 4);
     // with MODS the hook hands the softmax logits in log2 units: exponent (s - m), lse m ln 2 + ln l
-    const float sl2 = MODS ? 1.0f : scale_log2, lse_scale = MODS ? 0.6931471805599453f : scale;
+    // FA_MODS_LOGITS: the softcap alone (form 1) hands over t = tanh(scale s / c) and the exponent
+    // takes the factor c log2 e (kx) in its FFMA, 2^(kx t - kx m): one FMUL and one MUFU a score for
+    // the softcap; the other forms kx = 1 (exactly x - m)
+    constexpr bool LOGITS = MODS_FORM == FA_MODS_LOGITS;
+    const bool t_units = LOGITS && TANH && mask.mods_form() == 1;
+    const float kx = t_units ? mask.sc_c2 : 1.0f;
+    const float sl2 = MODS ? 1.0f : scale_log2;
+    const float lse_scale = LOGITS ? kx * 0.6931471805599453f : (MODS ? 0.6931471805599453f : scale);
 
     const unsigned short* qp = q + e.view_b * q_sb + e.h * q_sh + e.q_row * q_ss;
     const unsigned short* kp = k + e.view_b * k_sb + (e.h / group) * k_sh + e.kv_row * k_ss;
@@ -331,7 +435,39 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sZ + c * 16), "r"(0u) : "memory");
         fence_proxy_async();  // the zeros are read by the tensor cores (async proxy)
     }
+    // the warp's rows [row_w0, row_w0 + 16) of attn_mask at key tile jt into ring slot jt % MST, one
+    // cp.async group (committed even when empty: softmax of tile jt waits for all but the MST - 1
+    // newest groups); rows past Lq and keys past Lk are zero-filled, never read
+    // Lane l copies chunk ch = l % cpr (cpr = BKV * mes / 16 chunks a row, a power of two dividing
+    // 32) of rows l / cpr + t * (32 / cpr), t < cpr / 2: its chunk and first row never change, so
+    // one row pointer (advanced by a fixed row step) serves every tile
+    const int cpr_log2 = (mes == 1 ? 0 : mes == 2 ? 1 : 2) + (BKV == 32 ? 1 : BKV == 64 ? 2 : 3);
+    const int m_ch = lane & ((1 << cpr_log2) - 1), m_r0 = lane >> cpr_log2, m_rstep = 32 >> cpr_log2;
+    const long long m_step = (long long)m_rstep * mask.m_si * mes;  // bytes between a lane's rows
+    const unsigned char* m_row0 = TILES ? mask.m + (long long)(row_w0 + m_r0) * mask.m_si * mes : nullptr;
+    auto load_mask = [&](int jt) {
+        if (TILES && jt < n_tiles) {
+            const int key = kv_begin + jt * BKV + m_ch * (16 / mes);
+            const int kbytes = max(0, min(16, (mask.lk - key) * mes));
+            const unsigned char* src = m_row0 + (long long)key * mes;
+            unsigned dst = sMw + (unsigned)(jt % MST) * M_TILE + (unsigned)(m_r0 * MROW + m_ch * 16);
+            int i = row_w0 + m_r0;
+            for (int t = 0; t < (1 << cpr_log2) / 2; ++t) {
+                const int bytes = i < mask.lq ? kbytes : 0;
+                cp_async_16(dst, bytes > 0 ? src : mask.m, bytes);
+                src += m_step;
+                dst += (unsigned)(m_rstep * MROW);
+                i += m_rstep;
+            }
+        }
+        cp_async_commit();
+    };
     __syncthreads();
+    if constexpr (TILES) {
+        static_assert(BKV == 32 || BKV == 64 || BKV == 128, "mask tiles: BKV of 32, 64 or 128");
+#pragma unroll
+        for (int jt = 0; jt < MST; ++jt) load_mask(jt);
+    }
     load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, e.lq, d, tid);
     load_tile<BKV, D, NT>(sK, kp, k_ss, kv_begin, lk, d, tid);
     mbar_arrive_cp_async(full_k);
@@ -375,18 +511,32 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     // masks tile kv0 in s (the one hook: fa_mask), turns s into 2^((s - m) * sl2) and updates m_i,
     // l_i; returns alpha (the exponent is <= 0 by construction: p <= 1, alpha exactly 1 while m
     // stays put)
-    auto softmax = [&](int kv0, float (&alpha)[2]) {
-        const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
+    auto softmax = [&](int jt, float (&alpha)[2]) {
+        const int kv0 = kv_begin + jt * BKV;
         const int r0 = row_w0 + g;
-        if constexpr (MODS) {
-            switch (mask.mods_form()) {  // uniform: one of 4 x 6 loops per tile, no branch per element
-                case 0: fa_hook_kind<0>(s, mask, kv0, r0, t4, needs); break;
-                case 1: fa_hook_kind<1>(s, mask, kv0, r0, t4, needs); break;
-                case 2: fa_hook_kind<2>(s, mask, kv0, r0, t4, needs); break;
-                default: fa_hook_kind<3>(s, mask, kv0, r0, t4, needs); break;
+        if constexpr (ALL) {
+            const bool needs = mask.tile_needs_interval(row_w0, 16, kv0, BKV);
+            const unsigned msh = sMw + (unsigned)(jt % MST) * M_TILE;
+            if constexpr (TILES) {  // this tile's mask copies landed (every lane's: the warp barrier)
+                cp_async_wait<MST - 1>();
+                __syncwarp();
             }
-        } else if (needs) {
-            fa_hook_tile<-1, 0>(s, mask, kv0, r0, t4, needs);
+            switch (mask.mods_form()) {  // uniform: one loop per tile, no branch per element
+                case 0: fa_hook_kind<0, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                case 1: fa_hook_kind<1, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                case 2: fa_hook_kind<2, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                default: fa_hook_kind<3, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+            }
+        } else if constexpr (MODS_FORM == FA_MODS_LOGITS) {
+            const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
+            switch (mask.mods_form()) {  // uniform: one of 4 loops per tile
+                case 0: fa_hook_needs<0, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
+                case 1: fa_hook_needs<1, 0, TANH, false, TANH>(s, mask, kv0, r0, t4, needs); break;  // t_units
+                case 2: fa_hook_needs<2, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
+                default: fa_hook_needs<3, 0, TANH>(s, mask, kv0, r0, t4, needs); break;
+            }
+        } else if (mask.tile_needs_mask(row_w0, 16, kv0, BKV)) {
+            fa_hook_tile<-1, 0, false, true>(s, mask, kv0, r0, t4);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -396,13 +546,16 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_use = (mx == -FA_INF) ? 0.0f : mx;  // no key seen yet: every p is 0
-            alpha[r] = exp2_approx((m_i[r] - m_use) * sl2);   // m_i = -inf -> 0
+            const float mk = -m_use * kx;                      // FA_MODS_LOGITS: exponent kx s + mk
+            alpha[r] = exp2_approx((m_i[r] - m_use) * (LOGITS ? kx : sl2));  // m_i = -inf -> 0
             m_i[r] = mx;
             float tile_sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < NS / 4; ++n) {
-                const float p0 = exp2_approx((s[4 * n + 2 * r] - m_use) * sl2);
-                const float p1 = exp2_approx((s[4 * n + 2 * r + 1] - m_use) * sl2);
+                const float p0 = LOGITS ? exp2_approx(fmaf(s[4 * n + 2 * r], kx, mk))
+                                        : exp2_approx((s[4 * n + 2 * r] - m_use) * sl2);
+                const float p1 = LOGITS ? exp2_approx(fmaf(s[4 * n + 2 * r + 1], kx, mk))
+                                        : exp2_approx((s[4 * n + 2 * r + 1] - m_use) * sl2);
                 tile_sum += p0 + p1;
                 s[4 * n + 2 * r] = p0;
                 s[4 * n + 2 * r + 1] = p1;
@@ -479,7 +632,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         return pv;
     };
     float alpha[2];
-    if constexpr (MODS) mask.prefetch_rows(row_w0, kv_begin, BKV, lane);
+    if constexpr (ALL && !TILES) mask.prefetch_rows(row_w0, kv_begin, BKV, lane);
     mbar_wait(full_k, 0);
     fence_proxy_async();
     reg_fence(s);
@@ -489,12 +642,16 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     wgmma_wait<0>();
     reg_fence(s);
     if (lane == 0) mbar_arrive(empty_k);
-    softmax(kv_begin, alpha);
+    softmax(0, alpha);
     pack_p();
     int pv = settle_pv(0);
 
     for (int j = 1; j < n_tiles; ++j) {
-        if constexpr (MODS) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
+        if constexpr (ALL && !TILES) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
+        if constexpr (TILES) {
+            __syncwarp();      // every lane is done with the slot's tile j - 1
+            load_mask(j + MST - 1);  // into the slot of tile j - 1
+        }
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
         const unsigned v_prev = sV + ((j - 1) & 1) * V_BYTES;
@@ -519,7 +676,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
         reg_fence(s);
         if (lane == 0) mbar_arrive(empty_k + 8 * (j & 1));
-        softmax(kv_begin + j * BKV, alpha);
+        softmax(j, alpha);
         wgmma_wait<0>();
         reg_fence(o);
         if (lane == 0) mbar_arrive(empty_v + 8 * ((j - 1) & 1));
