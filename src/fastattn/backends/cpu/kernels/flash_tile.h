@@ -374,6 +374,14 @@ template <typename T> struct kern {
     static inline bool native_input(const fa_params *p) {
         return p->in_dtype == (sizeof(T) == 8 ? FA_DTYPE_F64 : FA_DTYPE_F32);
     }
+    /* ... and are the rows of this array (base, byte strides) T values at unit stride, each at an address T
+     * may be read from (the driver hands over strides that are multiples of the item size, so the base
+     * decides; a view into a byte buffer may start anywhere)? */
+    static inline bool native_rows(const fa_params *p, const char *base, const int64_t *strides) {
+        return native_input(p) && strides[3] == (int64_t)sizeof(T) && (uintptr_t)base % sizeof(T) == 0
+               && strides[0] % (int64_t)sizeof(T) == 0 && strides[1] % (int64_t)sizeof(T) == 0
+               && strides[2] % (int64_t)sizeof(T) == 0;
+    }
 
     /* dst[dd * ld + c] = row(k0 + c)[dd] for keys c < ncols and dims dd < n (rows of K or V of entry e, head
      * h, through fa_kv_row): a tile transposed into the panel. */
@@ -381,7 +389,7 @@ template <typename T> struct kern {
     static void pack_transposed(const fa_params *p, const char *base, const int64_t *strides, const fa_entry &e,
                                 int64_t h, int64_t k0, int64_t ncols, int64_t n, T *dst, int64_t ld) {
         int64_t cfast = 0, nfast = 0;   /* keys [0, cfast) x dims [0, nfast) by W x W register transposes */
-        if (native_input(p) && strides[3] == (int64_t)sizeof(T)) {
+        if (native_rows(p, base, strides)) {
             cfast = round_down(ncols, W);
             nfast = round_down(n, W);
             for (int64_t c0 = 0; c0 < cfast; c0 += W) {
@@ -507,7 +515,7 @@ template <typename T> struct kern {
         for (int64_t r = 0; r < live; ++r) {
             const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
             const char *qrow = p->q + e.src * p->q_strides[0] + h * p->q_strides[1] + (e.row_q + i) * p->q_strides[2];
-            if (native_input(p) && p->q_strides[3] == (int64_t)sizeof(T)) {
+            if (native_rows(p, p->q, p->q_strides)) {
                 const double m = max_finite_abs_n((const T *)qrow, d);
                 qmax = m > qmax ? m : qmax;
             } else {
@@ -879,7 +887,7 @@ template <typename T> struct kern {
                                    + (e.row_q + ws->row_i[r]) * p->q_strides[2];
                 T *qp = ws->qp + r * d;
                 int64_t dd = 0;
-                if (native_input(p) && p->q_strides[3] == (int64_t)sizeof(T)) {   /* whole vectors */
+                if (native_rows(p, p->q, p->q_strides)) {   /* whole vectors */
                     const V vq = splat(qmul);
                     for (; dd + W <= d; dd += W) store(qp + dd, load((const T *)qrow + dd) * vq);
                 }
