@@ -93,14 +93,8 @@ static void bwd_pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
         const V ax = x < V{} ? -x : x;
         big = (ax > big && z == z) ? ax : big;   /* the largest finite |k| (inf and NaN are not overflows) */
     }
-    I any = 0;
-    T most = 0;
-    for (int j = 0; j < W; ++j) {
-        any |= bad[j];
-        most = big[j] > most ? big[j] : most;
-    }
-    L.flags(panel)[t] = any ? (T)1 : (T)0;
-    L.kmax(panel)[t] = most;
+    L.flags(panel)[t] = lane_bits(bad) ? (T)1 : (T)0;
+    L.kmax(panel)[t] = hmax(big);
 }
 
 /* C[i][0..N*W) += sum_{k < nk} A(i, k) B[k][0..N*W) for MR rows, A(i, k) = a[i sa + k sk], in chunks of

@@ -163,6 +163,11 @@ template <typename T> struct kern {
         V v = {x};
         return __builtin_shuffle(v, VI{});
     }
+    static inline V iota() {   /* lane j holds j */
+        V v;
+        for (int j = 0; j < W; ++j) v[j] = (T)j;
+        return v;
+    }
 
     /* 2^x for x <= 0 (or NaN): x = n + f, |f| <= 1/2, 2^f by a polynomial (vec_traits::poly),
      * times 2^n built in the exponent field.  -inf -> 0 exactly; NaN stays NaN (it flows through
@@ -455,20 +460,9 @@ template <typename T> struct kern {
             const V z = load(vp + i) - load(vp + i);
             bad |= (VI)(z != z);
         }
-        I any = 0;
-        for (int j = 0; j < W; ++j) any |= bad[j];
-        L.flags(panel, d)[t] = any ? (T)1 : (T)0;
+        L.flags(panel, d)[t] = lane_bits(bad) ? (T)1 : (T)0;
         /* the tile's largest finite |k| (an inf or NaN key is not an overflow): run_item's overflow test */
-        V big = V{};
-        const V inf = splat((T)__builtin_inf());
-        for (int64_t i = 0; i < d * bkvp; i += W) {
-            const V x = load(kt + i);
-            const V ax = x < V{} ? -x : x;
-            big = (ax > big && ax < inf) ? ax : big;
-        }
-        T most = 0;
-        for (int j = 0; j < W; ++j) most = big[j] > most ? big[j] : most;
-        L.kmax(panel, d)[t] = most;
+        L.kmax(panel, d)[t] = (T)max_finite_abs_n(kt, d * bkvp);
     }
 
     /* The overflow rule of the forward and the backward: a raw product q.k may overflow when max|q| max|k| d
@@ -626,12 +620,11 @@ template <typename T> struct kern {
             /* - slope |j - (i + len_kv - len_q)| for key j = k0 + c: exact in T (distances < 2^24) */
             const T slope = (T)p->alibi[b * p->alibi_sb + h];
             const T rel0 = (T)(i + e.len_kv - e.len_q - k0);
-            V iota;
-            for (int j = 0; j < W; ++j) iota[j] = (T)j;
+            const V lanes = iota();
             const V vslope = splat(slope), vrel0 = splat(rel0);
             const T mul = vmul[0];
             for (c = c0; c + W <= c1; c += W) {
-                const V dist = vrel0 - (iota + (T)c);
+                const V dist = vrel0 - (lanes + (T)c);
                 store(srow + c, load(srow + c) * vmul - vslope * (dist < V{} ? -dist : dist));
             }
             for (; c < c1; ++c) {
@@ -692,10 +685,9 @@ template <typename T> struct kern {
                            T *alpha) {
         const int64_t e0 = c0 < c1 ? round_down(c0, W) : a0, e1 = c0 < c1 ? round_up(c1, W) : a0;
         if (e0 < e1 && (c0 > e0 || c1 < e1)) {   /* -inf in the edge vectors' columns outside [c0, c1) */
-            V iota;
-            for (int j = 0; j < W; ++j) iota[j] = (T)j;
+            const V lanes = iota();
             const V ninf = splat(-__builtin_inf()), lo = splat((T)(c0 - e0)), hi = splat((T)(c1 - e0));
-            const V first = iota, last = iota + (T)(e1 - W - e0);   /* column offsets from e0, exact in T */
+            const V first = lanes, last = lanes + (T)(e1 - W - e0);   /* column offsets from e0, exact in T */
             store(srow + e0, (first < lo || first >= hi) ? ninf : load(srow + e0));
             store(srow + e1 - W, (last < lo || last >= hi) ? ninf : load(srow + e1 - W));
         }
