@@ -474,19 +474,33 @@ template <typename T> struct kern {
         x = fabs(x);
         return (x > m && x <= largest_value()) ? x : m;
     }
-    /* The largest finite |x[j]|, j < n (0 if none): max_finite_abs over an array of T, by whole vectors. */
+    /* max_finite_abs over an array of T, by whole vectors: the largest finite |x[j]|, j < n, folded into the
+     * lanes of *big and (the elements past the last whole vector) into *m.  Four independent maxima, so
+     * the loop is not one chain of compares. */
+    static inline V finite_abs(V x) {
+        const V ax = (V)((VI)x & ~(VI)splat((T)-0.0));
+        return ax < splat((T)__builtin_inf()) ? ax : V{};   /* inf and NaN lanes: 0 */
+    }
+    static inline V vmax(V a, V b) { return a > b ? a : b; }
+    static void fold_finite_abs(const T *x, int64_t n, V *big, double *m) {
+        V b0 = *big, b1 = V{}, b2 = V{}, b3 = V{};
+        int64_t j = 0;
+        for (; j + 4 * W <= n; j += 4 * W) {
+            b0 = vmax(b0, finite_abs(load(x + j)));
+            b1 = vmax(b1, finite_abs(load(x + j + W)));
+            b2 = vmax(b2, finite_abs(load(x + j + 2 * W)));
+            b3 = vmax(b3, finite_abs(load(x + j + 3 * W)));
+        }
+        for (; j + W <= n; j += W) b0 = vmax(b0, finite_abs(load(x + j)));
+        for (; j < n; ++j) *m = max_finite_abs(*m, (double)x[j]);
+        *big = vmax(vmax(b0, b1), vmax(b2, b3));
+    }
     static double max_finite_abs_n(const T *x, int64_t n) {
         V big = V{};
-        const V inf = splat((T)__builtin_inf());
-        int64_t j = 0;
-        for (; j + W <= n; j += W) {
-            const V v = load(x + j);
-            const V av = v < V{} ? -v : v;
-            big = (av > big && av < inf) ? av : big;
-        }
-        double m = (double)hmax(big);
-        for (; j < n; ++j) m = max_finite_abs(m, (double)x[j]);
-        return m;
+        double m = 0;
+        fold_finite_abs(x, n, &big, &m);
+        const double h = (double)hmax(big);
+        return h > m ? h : m;
     }
     static inline bool raw_product_may_overflow(double qmax, double kmax, int64_t d) {
         return qmax * kmax * (double)d >= 0.5 * largest_value();
@@ -506,17 +520,20 @@ template <typename T> struct kern {
         const T *km = L.kmax((T *)panel, d);
         for (int64_t t = 0; t * p->block_kv < e.len_kv; ++t) kmax = (double)km[t] > kmax ? (double)km[t] : kmax;
         const int64_t r0 = rt * bq, live = clamp64(e.len_q * G - r0, 0, bq);
-        for (int64_t r = 0; r < live; ++r) {
+        const bool native = native_rows(p, p->q, p->q_strides);
+        /* one head's rows one after another (G = 1, rows d apart): one run of live x d values */
+        const bool run = native && G == 1 && p->q_strides[2] == d * (int64_t)sizeof(T);
+        V big = V{};
+        for (int64_t r = 0; r < (run ? (live > 0 ? 1 : 0) : live); ++r) {
             const int64_t i = (r0 + r) / G, h = hkv * G + (r0 + r) % G;
             const char *qrow = p->q + e.src * p->q_strides[0] + h * p->q_strides[1] + (e.row_q + i) * p->q_strides[2];
-            if (native_rows(p, p->q, p->q_strides)) {
-                const double m = max_finite_abs_n((const T *)qrow, d);
-                qmax = m > qmax ? m : qmax;
-            } else {
+            if (native)
+                fold_finite_abs((const T *)qrow, run ? live * d : d, &big, &qmax);
+            else
                 for (int64_t dd = 0; dd < d; ++dd) qmax = max_finite_abs(qmax, (double)LOAD(qrow + dd * p->q_strides[3]));
-            }
         }
-        return raw_product_may_overflow(qmax, kmax, d);
+        const double h = (double)hmax(big);
+        return raw_product_may_overflow(h > qmax ? h : qmax, kmax, d);
     }
 
     /* Multiplies P[c] for c in [c0, c1) (keys k0 + c of query i, head h) by keep/(1-p) or 0.
