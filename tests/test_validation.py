@@ -5,6 +5,7 @@ Validation happens once in the facade, before any backend work, so these run for
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -337,3 +338,48 @@ def test_auto_rejects_mixed_devices(qkv):
         fa(q.view(_FakeGpuArray), k, v, backend="auto")
     with pytest.raises(ValueError, match="same device"):
         fa(q, k, v.view(_FakeGpuArray), backend="auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec memo: repeated calls skip the checks they already passed, never the ones they did not
+
+
+def test_spec_memo_keeps_argument_types_and_shapes_apart(rng):
+    from fastattn import _validate
+
+    q, k, v = (rng.standard_normal((1, 2, 5, 8)).astype(np.float32) for _ in range(3))
+    fastattn.flash_attention(q, k, v, causal=True, backend="reference")
+    with pytest.raises(TypeError, match="causal"):
+        fastattn.flash_attention(q, k, v, causal=1, backend="reference")   # 1 == True, but not a bool
+    fastattn.flash_attention(q, k, v, softcap=2.0, backend="reference")
+    with pytest.raises(ValueError, match="softcap"):
+        fastattn.flash_attention(q, k, v, softcap=-2.0, backend="reference")
+    with pytest.raises(ValueError, match="softcap"):   # a failed check is not remembered
+        fastattn.flash_attention(q, k, v, softcap=-2.0, backend="reference")
+    k2 = rng.standard_normal((1, 2, 5, 9)).astype(np.float32)
+    with pytest.raises(ValueError, match="head_dim"):
+        fastattn.flash_attention(q, k2, v, backend="reference")
+    with pytest.raises(TypeError, match="dtype"):
+        fastattn.flash_attention(q, k.astype(np.float64), v, backend="reference")
+    a = fastattn.flash_attention(q, k, v, window=(1, 0), backend="reference")
+    b = fastattn.flash_attention(q, k, v, window=(2, 0), backend="reference")
+    assert not np.allclose(a, b)   # options are part of the key
+    for spec in _validate._spec_memo.values():   # the memo holds no arrays
+        assert all(getattr(spec.arrays, f.name) is None for f in dataclasses.fields(spec.arrays))
+
+
+def test_spec_memo_skips_array_options_and_unseeded_dropout(rng):
+    from fastattn import _validate
+
+    q, k, v = (rng.standard_normal((1, 2, 5, 8)).astype(np.float32) for _ in range(3))
+    _validate._spec_memo.clear()
+    fastattn.flash_attention(q, k, v, attn_mask=np.ones((5, 5), bool), backend="reference")
+    fastattn.flash_attention(q, k, v, alibi_slopes=np.ones(2, np.float32), backend="reference")
+    assert not _validate._spec_memo
+    fastattn.flash_attention(q, k, v, dropout_p=0.5, backend="reference")
+    assert not _validate._spec_memo   # each unseeded call draws its own seed
+    r1 = fastattn.FlashAttention(fastattn.FlashAttentionConfig(head_dim=8, num_heads=2, dropout_p=0.5),
+                                 "reference").forward_multi_head(q, k, v)
+    r2 = fastattn.FlashAttention(fastattn.FlashAttentionConfig(head_dim=8, num_heads=2, dropout_p=0.5),
+                                 "reference").forward_multi_head(q, k, v)
+    assert r1.seed != r2.seed

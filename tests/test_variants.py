@@ -388,6 +388,27 @@ def test_flops_count_the_attended_pairs(backend, rng):
     assert res.flops == 2 * (16 + 8) * int((mask & band).sum()) * 2 * 4
 
 
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True), (False, True)])
+def test_attended_pairs_closed_form_counts_every_row(causal, bottom_right):
+    """The O(1) pair count (pieces of an arithmetic series) against the rows' intervals, counted one by one."""
+    from fastattn._masks import MaskRule, attended_pairs
+
+    def counted(rule, lq, lk):
+        lo, hi = rule.key_range(np.arange(max(lq, 0)), lq, lk)
+        return int((hi - lo).sum()) if lq > 0 and lk > 0 else 0
+
+    for left, right in itertools.product(range(-1, 5), range(-1, 5)):
+        rule = MaskRule(causal=causal, bottom_right=bottom_right, window_left=left, window_right=right)
+        for lq, lk in itertools.product(range(0, 10), range(0, 10)):
+            assert attended_pairs(rule, lq, lk) == counted(rule, lq, lk), (rule, lq, lk)
+    draw = np.random.default_rng(7)
+    for _ in range(200):
+        left, right = (int(x) if x >= 0 else -1 for x in draw.integers(-300, 3000, 2))
+        lq, lk = (int(x) for x in draw.integers(1, 5000, 2))
+        rule = MaskRule(causal=causal, bottom_right=bottom_right, window_left=left, window_right=right)
+        assert attended_pairs(rule, lq, lk) == counted(rule, lq, lk), (rule, lq, lk)
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTorch SDPA on the same call (where installed)
 

@@ -11,7 +11,7 @@ from . import backends
 from ._arrays import input_array, like_input
 from ._checks import check_bool
 from ._config import FlashAttentionConfig
-from ._validate import AttentionSpec, as_4d, check_arrays, make_spec, packed_4d
+from ._validate import AttentionSpec, as_4d, check_arrays, make_spec, make_spec_memo, packed_4d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str, *, count_flops
     like = q  # outputs go back as the caller's kind (a torch tensor for torch input)
     q, k, v = _inputs(q, k, v)
     engine = backends.resolve(backend, q, k, v)
-    spec: AttentionSpec = make_spec(q, k, v, **spec_kwargs)  # every check before any work
+    spec: AttentionSpec = make_spec_memo(q, k, v, **spec_kwargs)  # every check before any work
     engine.check_spec(spec)  # what this backend cannot do, also before any work
     q, k, v = (engine.prepare(x) for x in (q, k, v))
     if spec.ragged == "packed":

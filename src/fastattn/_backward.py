@@ -18,7 +18,7 @@ from . import backends
 from ._api import _to_caller
 from ._arrays import input_array
 from ._checks import check_bool
-from ._validate import AttentionSpec, as_4d, dtype_name, is_gpu_array, make_spec, packed_4d
+from ._validate import AttentionSpec, as_4d, dtype_name, is_gpu_array, make_spec_memo, packed_4d
 
 
 def _check_grad_inputs(spec: AttentionSpec, q: Any, dout: Any, out: Any, lse: Any) -> None:
@@ -58,7 +58,7 @@ def _run_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, spec_kw
     q, k, v = input_array("q", q), input_array("k", k), input_array("v", v)
     dout, out, lse = input_array("dout", dout), input_array("out", out), input_array("lse", lse)
     engine = backends.resolve(backend, q, k, v)
-    spec: AttentionSpec = make_spec(q, k, v, **spec_kwargs)  # every check before any work
+    spec: AttentionSpec = make_spec_memo(q, k, v, **spec_kwargs)  # every check before any work
     _check_grad_inputs(spec, q, dout, out, lse)
     if spec.dropout_p > 0.0 and spec_kwargs.get("seed") is None:
         raise ValueError("the backward of a call with dropout needs the forward's seed (pass seed=...; "

@@ -91,11 +91,45 @@ def allowed_and_bias(rule: MaskRule, len_q: int, len_k: int, *, bool_mask: np.nd
     return allowed, add
 
 
+def _visible_count(rule: MaskRule, pos: int, len_k: int) -> int:
+    """hi - lo of :meth:`MaskRule.key_range` for one row at position ``pos`` (Python ints)."""
+    hi, lo = len_k, 0
+    if rule.causal:
+        hi = min(hi, pos + 1)
+    if rule.window_right >= 0:
+        hi = min(hi, pos + rule.window_right + 1)
+    if rule.window_left >= 0:
+        lo = max(lo, pos - rule.window_left)
+    lo, hi = min(max(lo, 0), len_k), min(max(hi, 0), len_k)
+    return max(hi - lo, 0)
+
+
 def attended_pairs(rule: MaskRule, len_q: int, len_k: int) -> int:
-    """Visible (query, key) pairs of one head under the interval part of the mask."""
+    """Visible (query, key) pairs of one head under the interval part of the mask, in O(1).
+
+    A row's count is built from 0, len_k and bounds pos + c (pos = row + offset; c one of 1,
+    right + 1 and -left) by min, max and clipping, all of slope 0 or 1 in the row: it is linear
+    between the rows where some pos + c meets 0 or len_k (two such bounds are parallel and never
+    meet), so the sum is an arithmetic series on each piece between those rows."""
     if len_q <= 0 or len_k <= 0:
         return 0
     if not rule.has_interval:
         return len_q * len_k
-    lo, hi = rule.key_range(np.arange(len_q), len_q, len_k)
-    return int((hi - lo).sum())
+    off = rule.offset(len_q, len_k)
+    slopes = [1] if rule.causal else []
+    if rule.window_right >= 0:
+        slopes.append(rule.window_right + 1)
+    if rule.window_left >= 0:
+        slopes.append(-rule.window_left)
+    cuts = {0, len_q}
+    for c in slopes:
+        for edge in (0, len_k):
+            row = edge - c - off
+            if 0 < row < len_q:
+                cuts.add(row)
+    cuts_sorted = sorted(cuts)
+    total = 0
+    for a, b in zip(cuts_sorted, cuts_sorted[1:], strict=False):
+        first, last = _visible_count(rule, a + off, len_k), _visible_count(rule, b - 1 + off, len_k)
+        total += (first + last) * (b - a) // 2
+    return total

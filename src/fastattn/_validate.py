@@ -7,6 +7,7 @@ work: shapes, dtypes, values (of masks, slopes, sequence lengths), then the spec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import sys
@@ -126,9 +127,9 @@ class AttentionSpec:
             return self.arrays.lens_q, self.arrays.lens_kv
         return np.full(self.batch, self.seq_q, np.int64), np.full(self.batch, self.seq_kv, np.int64)
 
-    @property
+    @functools.cached_property
     def flops(self) -> int:
-        """2·(head_dim + head_dim_v) per attended pair: Q·Kᵀ and P·V."""
+        """2·(head_dim + head_dim_v) per attended pair: Q·Kᵀ and P·V (counted once per spec)."""
         pairs = mask_pairs(self) if self.rule.mask == "bool" else self.attended_pairs * self.heads
         return 2 * (self.head_dim + self.head_dim_v) * pairs
 
@@ -487,6 +488,46 @@ def check_attn_mask(mask: Any, full: tuple[int, int, int, int], q: Any) -> tuple
 
         return cupy.broadcast_to(cupy.asarray(mask), full), kind
     return np.broadcast_to(mask, full), kind
+
+
+#: (kwarg, type, value) keys whose values are compared by value in the spec memo below
+_MEMO_SCALARS = (type(None), bool, int, float, str)
+_MEMO_SIZE = 256
+_spec_memo: dict[tuple, AttentionSpec] = {}
+
+
+def _memo_value(value: object) -> tuple | None:
+    """(type, value) for a plain scalar or a tuple of them (types kept apart: 1 and True are different
+    arguments here); None for anything else (an array, an object of the caller's own type)."""
+    kind = type(value)
+    if kind in _MEMO_SCALARS:
+        return (kind, value)
+    if kind is tuple and all(type(x) in _MEMO_SCALARS for x in value):  # type: ignore[union-attr]
+        return (kind, tuple((type(x), x) for x in value))  # type: ignore[union-attr]
+    return None
+
+
+def make_spec_memo(q: Any, k: Any, v: Any, **kwargs: Any) -> AttentionSpec:
+    """:func:`make_spec`, remembered for calls that repeat one another: the spec depends on q, k and v
+    only through their types, shapes and dtypes, and on the options by value.  Calls with an array
+    option (a mask, slopes, lengths) or dropout without a seed (each call draws its own) are never
+    remembered; nor is a call that fails its checks (it raises again, the same way, every time)."""
+    parts = [(type(x), tuple(x.shape), x.dtype) for x in (q, k, v)]
+    for name in sorted(kwargs):
+        value = _memo_value(kwargs[name])
+        if value is None:
+            return make_spec(q, k, v, **kwargs)
+        parts.append((name, value))
+    if kwargs.get("dropout_p") not in (None, 0, 0.0) and kwargs.get("seed") is None:
+        return make_spec(q, k, v, **kwargs)
+    key = tuple(parts)
+    spec = _spec_memo.get(key)
+    if spec is None:
+        spec = make_spec(q, k, v, **kwargs)
+        if len(_spec_memo) >= _MEMO_SIZE:
+            _spec_memo.clear()
+        _spec_memo[key] = spec
+    return spec
 
 
 def make_spec(

@@ -142,6 +142,8 @@ def describe() -> dict:
 
 def _kernel_view(x: np.ndarray) -> np.ndarray:
     """The array itself when its byte strides are usable; a copy only for odd cases."""
+    if x.flags.c_contiguous and x.dtype.isnative:   # the common case, without a look at each stride
+        return x
     if x.dtype.byteorder not in ("=", "|") or any(s % x.itemsize for s in x.strides):
         return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
     return x

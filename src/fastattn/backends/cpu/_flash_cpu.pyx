@@ -119,6 +119,16 @@ cdef extern from "<string.h>" nogil:
 
 ISA_NAMES = {FA_ISA_GENERIC: "generic", FA_ISA_AVX2: "avx2", FA_ISA_AVX512: "avx512"}
 _DTYPES = {"float32": FA_DTYPE_F32, "float64": FA_DTYPE_F64, "float16": FA_DTYPE_F16, "bfloat16": FA_DTYPE_BF16}
+_codes_by_dtype = {}   # (table id, dtype) -> code: numpy's dtype.name is built anew at each access
+
+
+cdef int _dtype_code(dict table, object dtype) except? -1:
+    key = (id(table), dtype)
+    code = _codes_by_dtype.get(key)
+    if code is None:
+        code = table[dtype.name]
+        _codes_by_dtype[key] = code
+    return code
 
 
 def isa_code(str name):
@@ -169,7 +179,7 @@ cdef void _fill_views(fa_params *p, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
         p.out_strides[axis] = out.strides[axis] // out.itemsize
     p.lse = cnp.PyArray_DATA(lse)
     p.lse_rows = q.shape[2]
-    p.in_dtype = _DTYPES[q.dtype.name]
+    p.in_dtype = _dtype_code(_DTYPES, q.dtype)
     p.heads, p.heads_kv = q.shape[1], k.shape[1]
     p.group = p.heads // p.heads_kv if p.heads_kv else 1
     p.head_dim, p.head_dim_v = q.shape[3], v.shape[3]
@@ -214,7 +224,7 @@ cdef void _fill_call(fa_params *p, int64_t batch, int64_t seq_q, int64_t seq_kv,
     if mask is not None:
         mask_arr = mask
         p.mask = <const char *> cnp.PyArray_DATA(mask_arr)
-        p.mask_dtype = _MASK_DTYPES[mask_arr.dtype.name]
+        p.mask_dtype = _dtype_code(_MASK_DTYPES, mask_arr.dtype)
         _fill_strides(p.mask_strides, mask_arr)
     p.lens_q = _ints(lens_q)
     p.lens_kv = _ints(lens_kv)
