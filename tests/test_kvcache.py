@@ -138,7 +138,7 @@ def _untouched(call, *caches):
 
 
 @pytest.mark.parametrize("case", ["overflow", "negative", "heads", "dtype", "head_dim", "table", "table_shape",
-                                  "k_without_v", "new_shape"])
+                                  "k_without_v", "new_shape", "read_only"])
 def test_bad_input_leaves_the_cache_untouched(backend, rng, case):
     kc, vc = random_array(rng, (2, 20, 2, 8)), random_array(rng, (2, 20, 2, 8))
     q = random_array(rng, (2, 3, 4, 8))
@@ -174,6 +174,10 @@ def test_bad_input_leaves_the_cache_untouched(backend, rng, case):
     elif case == "new_shape":
         args[4] = random_array(rng, (2, 2, 2, 8))
         match = "v must be"
+    elif case == "read_only":   # after a good call of the same shapes (the checked-call memo is warm)
+        fastattn.flash_attention_with_kvcache(q, kc.copy(), vc.copy(), k, v, **kw)
+        vc.flags.writeable = False
+        match = "v_cache is read-only"
     with pytest.raises(error, match=match):
         _untouched(lambda: fastattn.flash_attention_with_kvcache(*args, **kw), kc, vc)
     # and nothing was written

@@ -263,6 +263,11 @@ _MAX_TOKENS = 2**31 - 1
 
 def check_values(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) -> None:
     """The checks on cache_seqlens' and block_table's values (run before any write to the cache)."""
+    if call.k is not None:
+        for name in ("k_cache", "v_cache"):
+            arr = getattr(call, name)
+            if isinstance(arr, np.ndarray) and not arr.flags.writeable:
+                raise ValueError(f"{name} is read-only; appending k / v writes the new tokens into it")
     if (lens < 0).any():
         raise ValueError(f"cache_seqlens must be >= 0; got {lens.min()} at index {int(lens.argmin())}")
     total = lens + call.seq_new
@@ -291,8 +296,11 @@ _SEEN: dict[tuple, tuple[CacheCall, Any]] = {}
 
 
 def _meta(x: Any, torch_tensor: type | None, cupy_array: type | None) -> tuple | None:
-    """(shape, dtype, device) of a GPU torch tensor or CuPy array that needs no conversion, else None."""
+    """(shape, dtype, device) of a NumPy array, a GPU torch tensor or a CuPy array (each needs no conversion),
+    else None."""
     t = type(x)
+    if t is np.ndarray:
+        return (x.shape, x.dtype, "host")
     if t is torch_tensor:
         if x.requires_grad or not x.is_cuda:
             return None
@@ -304,8 +312,8 @@ def _meta(x: Any, torch_tensor: type | None, cupy_array: type | None) -> tuple |
 
 def _repeat_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any, slopes: Any,
                 options: tuple) -> tuple | None:
-    """What check_call's verdict depends on, for GPU torch / CuPy arrays (None: not such a call; checked
-    in full).  An int cache_seqlens enters by its sign only (its value changes every step)."""
+    """What check_call's verdict depends on, for NumPy, GPU torch and CuPy arrays (None: not such a call;
+    checked in full).  An int cache_seqlens enters by its sign only (its value changes every step)."""
     if slopes is not None:
         return None
     torch = sys.modules.get("torch")

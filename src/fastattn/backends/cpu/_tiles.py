@@ -149,6 +149,16 @@ def plan_call(*, n_heads: int, seq_q: int, seq_kv: int, head_dim: int, compute_i
     query rows (the ``group`` query heads of a k/v head are packed as rows) against ``seq_kv`` keys.
     ``flops`` is the call's work (``AttentionSpec.flops``); ``threads`` is the most the caller allows
     (see ``_threads.choose_threads``)."""
+    from ._threads import cpu_limit
+
+    # the CPUs this process may use now are part of the key: the plan itself is a pure function
+    return _plan(n_heads, seq_q, seq_kv, head_dim, compute_itemsize, flops, min(threads, cpu_limit()), block_q,
+                 block_kv, group)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(n_heads: int, seq_q: int, seq_kv: int, head_dim: int, compute_itemsize: int, flops: int, threads: int,
+          block_q: int | None, block_kv: int | None, group: int) -> CallPlan:
     from ._threads import choose_threads
 
     rows = seq_q * group
