@@ -563,20 +563,34 @@ template <typename T> struct kern {
         }
     }
 
-    /* Mask rows are asked for ahead of their use (into L2): a mask or bias row is a short stream of its own,
-     * which the hardware prefetchers do not see coming.  The logit hook asks for the row mask_ahead rows
-     * below its own; an item asks for its first mask_ahead rows before a tile's products, which leave them
-     * the time to arrive.  With 2 threads on the Zen 5, a float32 bias (1, 8, 1024, 1024) kept 0.79 of the
-     * unmasked rate with the hook alone asking 4 rows ahead, and 0.82-0.86 this way with 4 to 32 rows ahead
-     * (the spread between those is run-to-run noise). */
+    /* Mask rows are asked for ahead of their use: a mask or bias row is a short stream of its own, which the
+     * hardware prefetchers do not see coming, and the hook reads a whole tile of them in a short burst.  So
+     * the next tile's rows go into L2 a row block at a time during this tile's P.V (the longest stretch of
+     * arithmetic between two bursts); the logit hook asks for the row mask_ahead rows below its own and an
+     * item for its first mask_ahead rows before a tile's products, into L1.  With 2 threads on the Zen 5, a
+     * float32 bias (1, 8, 1024, 1024) kept 0.79 of the unmasked rate with the hook alone asking 4 rows ahead
+     * and 0.82-0.86 with the item's first rows too; with the next tile's rows as well, one thread kept
+     * 0.89-0.90 whether the other core was idle or busy compiling (0.82-0.91 without: a busy neighbour took
+     * the bandwidth of the burst), two threads 0.88-0.89 (0.83-0.90 without). */
     static const int64_t mask_ahead = 8;
+    template <int LOCALITY = 3>
     static inline void prefetch_mask_row(const fa_params *p, const char *mrow, int64_t c0, int64_t c1) {
         static const int64_t bytes[] = {0, 1, 2, 2, 4, 8};   /* by FA_MASK_* */
         const int64_t sj = p->mask_strides[3];
         if (p->mask_dtype < FA_MASK_BOOL || p->mask_dtype > FA_MASK_F64 || sj != bytes[p->mask_dtype]) return;
         const char *end = mrow + c1 * sj;
         for (const char *x = (const char *)((uintptr_t)(mrow + c0 * sj) & ~(uintptr_t)63); x < end; x += 64)
-            __builtin_prefetch(x, 0, 1);
+            __builtin_prefetch(x, 0, LOCALITY);
+    }
+
+    /* The mask rows [r0, r1) of an item's rows for the tile of keys k0 .. k0 + ncols, each over its visible columns */
+    template <int LOCALITY>
+    static inline void prefetch_tile_masks(const fa_params *p, const scratch *ws, int64_t b, int64_t r0, int64_t r1,
+                                           int64_t k0, int64_t ncols) {
+        for (int64_t r = r0; r < r1; ++r)
+            prefetch_mask_row<LOCALITY>(p, p->mask + b * p->mask_strides[0] + ws->row_h[r] * p->mask_strides[1]
+                                     + ws->row_i[r] * p->mask_strides[2] + k0 * p->mask_strides[3],
+                              clamp64(ws->lo[r] - k0, 0, ncols), clamp64(ws->hi[r] - k0, 0, ncols));
     }
 
     /* The logit hook, one row of a tile: S[c] for the row's visible columns [c0, c1) (keys k0 + c)
@@ -918,11 +932,9 @@ template <typename T> struct kern {
             if (u0 >= u1 || tile_hidden(p, b, hkv, k0, u0, u1)) continue;
             const int64_t a0 = round_down(u0, W), a1 = round_up(u1, W);
 
-            if (km.hook)
-                for (int64_t r = 0; r < live && r < mask_ahead; ++r)
-                    prefetch_mask_row(p, p->mask + b * p->mask_strides[0] + ws->row_h[r] * p->mask_strides[1]
-                                             + ws->row_i[r] * p->mask_strides[2] + k0 * p->mask_strides[3],
-                                      clamp64(ws->lo[r] - k0, 0, ncols), clamp64(ws->hi[r] - k0, 0, ncols));
+            if (km.hook) prefetch_tile_masks<3>(p, ws, b, 0, live < mask_ahead ? live : mask_ahead, k0, ncols);
+            /* the next tile's mask rows are asked for during this tile's P.V, a row block at a time */
+            const int64_t k0n = k0 + bkv, ncols_n = k0n < kv_hi ? (e.len_kv - k0n < bkv ? e.len_kv - k0n : bkv) : 0;
             scores_tile(live, ws->lo, ws->hi, k0, ncols, a0, a1, ws->qp, d, kt, bkvp, d, ws->s);
 
             /* logits (the hook), P = 2^((S - m') c), running max / sum, dropout */
@@ -964,6 +976,7 @@ template <typename T> struct kern {
                     o_rows<2>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
                 if (cd < dvp)
                     o_rows<1>(mr, prow, bkvp, vp + p0 * dvp + cd, dvp, p1 - p0, ws->alpha + rb, orow + cd, dvp);
+                if (km.hook && ncols_n > 0) prefetch_tile_masks<1>(p, ws, b, rb, rb + mr, k0n, ncols_n);
             }
         }
         for (int64_t r = 0; r < live; ++r) overflow |= ws->l[r] != ws->l[r];
