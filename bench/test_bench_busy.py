@@ -1,6 +1,7 @@
 """Small calls on an idle and on a busy machine (every core kept busy by other processes).
 
-A decode-sized call (q 1x8x1x64 against 512 or 4096 keys) and a large one (B1 H8 N2048 D64), each
+A tiny call (one query, one key: the per-call cost alone), a short one (16 x 16), a decode-sized call
+(q 1x8x1x64 against 512 or 4096 keys) and a large one (B1 H8 N2048 D64), each
 with the default thread count, with one thread, and PyTorch's SDPA beside (when installed), with
 and without a background load that this file starts and stops itself: one spinning process per
 CPU this process may use.  ``benchmark.group`` puts the variants of one case side by side::
@@ -21,6 +22,8 @@ import fastattn
 from fastattn.backends.cpu._threads import cpu_limit
 
 CASES = {  # name -> (batch, heads, seq_q, seq_kv, head_dim)
+    "tiny": (1, 1, 1, 1, 8),  # nothing but the per-call cost
+    "short-16": (1, 8, 16, 16, 64),
     "decode-512": (1, 8, 1, 512, 64),
     "decode-4096": (1, 8, 1, 4096, 64),
     "prefill-2048": (1, 8, 2048, 2048, 64),
@@ -67,4 +70,7 @@ def test_call_under_load(benchmark, load, case, impl):
     benchmark.group = f"{case} {load}"
     benchmark.extra_info.update(case=case, load=load, impl=impl)
     rounds = 20 if sq == 1 else 5
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=2)
+    # the tiny and short calls as a loop of them runs (a round of one call would time the timer's own
+    # bookkeeping around it and a cold instruction cache)
+    iterations = 200 if skv <= 16 else 1
+    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=2)
