@@ -109,27 +109,29 @@ static inline V ldrow(const T *row, int64_t dd) {
     }
 }
 
-/* S[r][c] = q_r . k_c for MR rows and columns [c0, c1): 4 keys at a time, MR x 4 accumulators. */
+/* S[r][c] = q_r . k_c for MR rows and columns [c0, c1): KB keys at a time, MR x KB accumulators (8 keys for a
+ * single row: with 4, each accumulator's chain of FMAs along d would leave the FMA units waiting on its latency). */
 template <int MR, int BF>
 static void dec_score_rows(const T *q, int64_t dp, const T *const *krow, int64_t c0, int64_t c1, T *s,
                            int64_t lds) {
+    constexpr int KB = MR == 1 ? 8 : 4;
     int64_t c = c0;
-    for (; c + 4 <= c1; c += 4) {
-        V acc[MR][4];
+    for (; c + KB <= c1; c += KB) {
+        V acc[MR][KB];
         for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < 4; ++j) acc[i][j] = V{};
-        const T *k0 = krow[c], *k1 = krow[c + 1], *k2 = krow[c + 2], *k3 = krow[c + 3];
+            for (int j = 0; j < KB; ++j) acc[i][j] = V{};
+        const T *kr[KB];
+        for (int j = 0; j < KB; ++j) kr[j] = krow[c + j];
         for (int64_t dd = 0; dd < dp; dd += W) {
-            const V kv0 = ldrow<BF>(k0, dd), kv1 = ldrow<BF>(k1, dd), kv2 = ldrow<BF>(k2, dd), kv3 = ldrow<BF>(k3, dd);
+            V kv[KB];
+            for (int j = 0; j < KB; ++j) kv[j] = ldrow<BF>(kr[j], dd);
             for (int i = 0; i < MR; ++i) {
                 const V qv = load(q + i * dp + dd);
-                acc[i][0] += qv * kv0;
-                acc[i][1] += qv * kv1;
-                acc[i][2] += qv * kv2;
-                acc[i][3] += qv * kv3;
+                for (int j = 0; j < KB; ++j) acc[i][j] += qv * kv[j];
             }
         }
-        for (int i = 0; i < MR; ++i) hsum4(acc[i], s + i * lds + c);
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < KB; j += 4) hsum4(acc[i] + j, s + i * lds + c + j);
     }
     for (; c < c1; ++c) {
         V acc[MR];
@@ -166,6 +168,28 @@ static void dec_pv(const T *s, int64_t lds, const T *const *vrow, int64_t c0, in
         const int mr = (int)(r1 - rb < FA_O_MR ? r1 - rb : FA_O_MR);
         for (int64_t cd = 0; cd < dvp; cd += FA_O_ND * W) {
             const int nd = (int)((dvp - cd) / W < FA_O_ND ? (dvp - cd) / W : FA_O_ND);
+            if (mr == 1) {   /* one row: even and odd keys into two sets of sums, twice the chains of FMAs */
+                V even[FA_O_ND], odd[FA_O_ND];
+                for (int j = 0; j < FA_O_ND; ++j) even[j] = odd[j] = V{};
+                const T *srow = s + rb * lds;
+                int64_t c = c0;
+                for (; c + 2 <= c1; c += 2) {
+                    const V a0 = splat(srow[c]), a1 = splat(srow[c + 1]);
+                    for (int j = 0; j < FA_O_ND; ++j)
+                        if (j < nd) {
+                            even[j] += a0 * ldrow<BF>(vrow[c], cd + j * W);
+                            odd[j] += a1 * ldrow<BF>(vrow[c + 1], cd + j * W);
+                        }
+                }
+                if (c < c1) {
+                    const V a0 = splat(srow[c]);
+                    for (int j = 0; j < FA_O_ND; ++j)
+                        if (j < nd) even[j] += a0 * ldrow<BF>(vrow[c], cd + j * W);
+                }
+                T *orow = o + rb * dvp + cd;
+                for (int j = 0; j < nd; ++j) store(orow + j * W, load(orow + j * W) * alpha[rb] + (even[j] + odd[j]));
+                continue;
+            }
             V acc[FA_O_MR][FA_O_ND];
             for (int i = 0; i < FA_O_MR; ++i)
                 for (int j = 0; j < FA_O_ND; ++j) acc[i][j] = V{};
