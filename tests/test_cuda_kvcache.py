@@ -777,9 +777,9 @@ LONG_VARIANTS = [dict(window=(40, 0)), dict(window=(8, 2)), dict(softcap=3.0), d
 def test_long_chunk_variants(rng, monkeypatch, cache, kw):
     seen = _count_long(monkeypatch)
     lens = np.array([70, 0, 200], np.int32)
-    cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, "float16", 130, cache, lens, hq=8, hkv=2, d=64)
+    cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, "float16", 130, cache, lens, hq=32, hkv=8, d=64)
     if "alibi_slopes" in kw:
-        shape = (8,) if kw["alibi_slopes"] == "heads" else (3, 8)
+        shape = (32,) if kw["alibi_slopes"] == "heads" else (3, 32)
         kw = dict(alibi_slopes=rng.uniform(0.05, 0.5, shape).astype(np.float32))
     want, want_lse, kc_want, _ = _reference(q, kc, vc, k, v, lens, **kw)
     gkw = {n: (_gpu(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
@@ -878,8 +878,8 @@ def test_long_chunk_cuda_graph_torch(rng, monkeypatch, paged):
 
 
 def test_long_route_rule():
-    """Which calls take the long-chunk path: float16 / bfloat16, num_splits None, rows per k/v head at or
-    above LONG_MIN_ROWS."""
+    """Which calls take the long-chunk path: float16 / bfloat16, num_splits None, at least LONG_MIN_ROWS rows
+    a k/v head, and the forward's tiles filling LONG_FILL of the machine (LONG_FILL_SHORT for short caches)."""
     import dataclasses
 
     from fastattn.backends.cuda import _decode
@@ -889,14 +889,47 @@ def test_long_route_rule():
         dtype: str = "float16"
         num_splits: int | None = None
         batch: int = 1
-        capacity: int = 4096
+        capacity: int = 16384
         seq_q: int = 512
-        group: int = 4
+        heads_q: int = 32
+        heads_kv: int = 8
 
-    rows = _decode.LONG_MIN_ROWS
-    assert _decode.long_route(Call(seq_q=-(-rows // 4)))
-    assert not _decode.long_route(Call(seq_q=rows // 4 - 1))
-    assert not _decode.long_route(Call(num_splits=1))
-    assert not _decode.long_route(Call(dtype="float32"))
-    assert not _decode.long_route(Call(capacity=0))
-    assert _decode.long_route(Call(dtype="bfloat16"))
+        @property
+        def group(self) -> int:
+            return self.heads_q // self.heads_kv
+
+    sms = 132
+    assert _decode.long_fill(Call(seq_q=128), sms) == pytest.approx(32 * 128 / (132 * 128))
+    assert _decode.long_fill(Call(seq_q=64), sms) == pytest.approx(32 * 64 * 0.5 / (132 * 128))
+    assert _decode.long_route(Call(seq_q=512), 16384, sms)
+    assert _decode.long_route(Call(seq_q=256), 16384, sms)  # fill 0.48
+    assert not _decode.long_route(Call(seq_q=128), 16384, sms)  # fill 0.24, a long cache: decode
+    assert _decode.long_route(Call(seq_q=128), 4096, sms)  # fill 0.24, a short cache: forward
+    assert not _decode.long_route(Call(seq_q=64), 4096, sms)  # 256 rows, fill 0.12
+    assert not _decode.long_route(Call(seq_q=32, batch=64), 4096, sms)  # 128 rows a k/v head
+    assert not _decode.long_route(Call(num_splits=1), 16384, sms)
+    assert not _decode.long_route(Call(dtype="float32"), 16384, sms)
+    assert not _decode.long_route(Call(capacity=0), 0, sms)
+    assert _decode.long_route(Call(dtype="bfloat16"), 16384, sms)
+
+
+def test_long_chunks_on_the_mma_kernel(rng, monkeypatch):
+    """With the Hopper kernel off (FASTATTN_CUDA_KERNEL=mma, as on other GPUs) a contiguous cache's long chunk
+    runs on fa_fwd_mma; a paged one stays on the decode kernel (only fa_fwd_sm90 has the block-table loads)."""
+    from fastattn.backends.cuda import _decode, _launch
+
+    monkeypatch.setenv("FASTATTN_CUDA_KERNEL", "mma")
+    monkeypatch.setattr(_decode, "_PLANS", {})
+    monkeypatch.setattr(_launch, "_PLANS", {})
+    seen = _count_long(monkeypatch)
+    lens = np.array([0, 1, 333], np.int32)
+    for cache in ("contiguous", "paged16"):
+        cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, "float16", 200, cache, lens, hq=32, hkv=8)
+        want, _, kc_want, _ = _reference(q, kc, vc, k, v, lens)
+        out = fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=_gpu(lens),
+                                                    block_table=None if table_h is None else _gpu(table_h))
+        _check_out(_host(out), want, "float16", _plain(q, kc_want.astype(np.float16), _reference(
+            q, kc, vc, k, v, lens)[3].astype(np.float16), lens + 200, "float16"))
+        kh, _ = _cache_after(kg, vg, table_h, cap)
+        np.testing.assert_array_equal(_bits(kh), _bits(kc_want.astype(np.float16)))
+    assert seen == ["mma.sync"]

@@ -109,19 +109,21 @@ PY
 longsan)  # compute-sanitizer memcheck on a long chunk, contiguous and paged (append + forward)
   cat > /tmp/kvlongsan.py <<'PY'
 import numpy as np, cupy, fastattn
+from fastattn.backends.cuda import _decode
 rng = np.random.default_rng(1)
 def g(*s, dt="float16"): return cupy.asarray(rng.standard_normal(s).astype(dt))
 lens = cupy.asarray(np.array([0, 17, 333], np.int32))
 for dt in ("float16", "bfloat16"):
-    q, k, v = g(3, 130, 16, 128, dt=dt), g(3, 130, 4, 128, dt=dt), g(3, 130, 4, 128, dt=dt)
-    kc, vc = g(3, 470, 4, 128, dt=dt), g(3, 470, 4, 128, dt=dt)
+    q, k, v = g(3, 130, 32, 128, dt=dt), g(3, 130, 8, 128, dt=dt), g(3, 130, 8, 128, dt=dt)
+    kc, vc = g(3, 470, 8, 128, dt=dt), g(3, 470, 8, 128, dt=dt)
     out = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, softcap=5.0)
     table = cupy.asarray(rng.permutation(3 * 30).reshape(3, 30).astype(np.int32))
-    kp, vp = g(3 * 30, 16, 4, 128, dt=dt), g(3 * 30, 16, 4, 128, dt=dt)
+    kp, vp = g(3 * 30, 16, 8, 128, dt=dt), g(3 * 30, 16, 8, 128, dt=dt)
     out2 = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table,
                                                  window=(100, 0))
     cupy.cuda.Device().synchronize()
-    print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()), float(abs(out2.astype(cupy.float32)).sum()))
+    print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()), float(abs(out2.astype(cupy.float32)).sum()),
+          [p.long.kernel for p in _decode._PLANS.values() if p.long is not None])
 PY
   timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvlongsan.py 2>&1 | tee $OUT/longsan.log | tail -8
   echo "sanitizer exit: ${PIPESTATUS[0]}"

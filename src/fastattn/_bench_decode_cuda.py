@@ -11,9 +11,8 @@
   (what fits in device memory).
 - chunked prefill (seq_q 16 .. 512 appended to a 4k / 16k cache): TFLOP/s over the attended pairs
   (4 x head_dim flops each) beside SDPA given the equivalent explicit bottom-right boolean mask; fastattn as
-  routed (num_splits=None: the decode kernel for short chunks, the forward kernel from
-  ``_decode.LONG_MIN_ROWS`` rows a k/v head), the decode kernel alone (the rule's threshold lifted), and a
-  paged cache (64-token blocks, shuffled) as routed.
+  routed (num_splits=None: ``_decode.long_route`` picks the decode kernel or the forward kernel), each
+  kernel alone (``_decode.LONG_ROUTE`` forced), and a paged cache (64-token blocks, shuffled) as routed.
 - host overhead: time per call of a loop of 1000 decode calls on a tiny cache (fastattn with an int
   length, with a device length (the value check reads it to the host), SDPA), the median of 5 rounds
   taken in turns: wall (to the synchronization after the loop) and host (the loop alone: where the GPU
@@ -39,8 +38,10 @@ BATCHES = (1, 8, 64)
 HEADS = ((32, 32), (32, 8))
 PREFILL_SEQ_Q = (16, 32, 64, 128, 256, 512)
 PREFILL_CACHES = (4096, 16384)
-#: the extra shapes of ``--crossover`` (where the forward kernel overtakes the decode kernel): (batch, hq, hkv)
+#: the extra shapes and caches of ``--crossover`` (where the forward kernel overtakes the decode kernel):
+#: (batch, hq, hkv), and an 8k cache for every shape
 CROSSOVER_SHAPES = ((1, 32, 32), (4, 32, 8))
+CROSSOVER_CACHES = (8192,)
 PAGE = 64
 
 
@@ -192,8 +193,9 @@ def _prefill_row(seq_q: int, cache: int, hq: int = 32, hkv: int = 8, batch: int 
                dtype="float16", pairs=pairs)
     row["fastattn_ms"] = _graph_time_ms(
         [lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=past)])
-    row["decode_ms"] = _decode_kernel_ms(
-        lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=past))
+    for route in ("decode", "forward"):
+        row[f"{route}_ms"] = _forced_ms(
+            lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=past), route)
     blocks = -(-cache // PAGE)
     table = torch.randperm(batch * blocks, device=dev, dtype=torch.int32).reshape(batch, blocks)
     kp = kc.reshape(batch * blocks, PAGE, hkv, D)[table.flatten().argsort()]  # the same rows, shuffled blocks
@@ -220,24 +222,23 @@ def _prefill_row(seq_q: int, cache: int, hq: int = 32, hkv: int = 8, batch: int 
             best = (ms, variant)
     if best is not None:
         row["sdpa_ms"], row["sdpa_variant"] = best
-    for name in ("fastattn", "decode", "paged", "sdpa"):
+    for name in ("fastattn", "decode", "forward", "paged", "sdpa"):
         if f"{name}_ms" in row:
             row[f"{name}_tflops"] = 4 * D * pairs / (row[f"{name}_ms"] * 1e-3) / 1e12
     return row
 
 
-def _decode_kernel_ms(fn: Callable[[], Any]) -> float:
-    """Device ms of a call kept on the decode kernel (the long-chunk rule's threshold lifted)."""
+def _forced_ms(fn: Callable[[], Any], route: str) -> float:
+    """Device ms of a call served by one kernel ("decode" or "forward": ``_decode.LONG_ROUTE``)."""
     from fastattn import _kvcache
     from fastattn.backends.cuda import _decode
 
-    rows = _decode.LONG_MIN_ROWS
-    _decode.LONG_MIN_ROWS = 2**31
+    _decode.LONG_ROUTE = route
     _kvcache._FAST.clear()  # a remembered repeat state would keep the routed plan
     try:
         return _graph_time_ms([fn])
     finally:
-        _decode.LONG_MIN_ROWS = rows
+        _decode.LONG_ROUTE = "auto"
         _kvcache._FAST.clear()
 
 
@@ -328,8 +329,11 @@ def run_decode_bench(quick: bool = False, progress: Callable[[dict], None] | Non
 def _prefill_rows(quick: bool, progress: Callable[[dict], None] | None, crossover: bool) -> list[dict]:
     rows = []
     shapes = ((1, 32, 8),) + (CROSSOVER_SHAPES if crossover else ())
+    caches = PREFILL_CACHES[:1] if quick else PREFILL_CACHES
+    if crossover:
+        caches = tuple(sorted(caches + CROSSOVER_CACHES))
     for batch, hq, hkv in shapes:
-        for cache in PREFILL_CACHES[:1] if quick else PREFILL_CACHES:
+        for cache in caches:
             for seq_q in PREFILL_SEQ_Q:
                 rows.append(_prefill_row(seq_q, cache, hq, hkv, batch))
                 _torch().cuda.empty_cache()
@@ -359,16 +363,17 @@ def format_decode_table(rows: list[dict]) -> str:
             f"{_f(sdpa)} | {_f(ours / sdpa if ours and sdpa else None)}x | "
             f"{_f(paged / ours if paged and ours else None)} | {_f(ours / copy if ours and copy else None)} |")
     lines += ["", "chunked prefill, float16, head_dim 128, TFLOP/s over attended pairs (SDPA with the explicit "
-                  "bottom-right mask; fastattn as routed, the decode kernel alone, paged as routed)",
-              "| batch | heads q/kv | cache | seq_q | fastattn | decode kernel | paged | SDPA | fastattn/SDPA | "
-              "decode/SDPA | paged/SDPA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "bottom-right mask; fastattn as routed, each kernel alone, paged as routed)",
+              "| batch | heads q/kv | cache | seq_q | fastattn | decode kernel | forward kernel | paged | SDPA | "
+              "fastattn/SDPA | decode/SDPA | forward/SDPA | paged/SDPA |", "|---" * 13 + "|"]
+    names = ("fastattn", "decode", "forward", "paged")
     for r in rows:
         if r["kind"] == "prefill":
-            ours, dec, paged, sdpa = (r.get(f"{n}_tflops") for n in ("fastattn", "decode", "paged", "sdpa"))
-            ratios = " | ".join(f"{_f(x / sdpa if x and sdpa else None)}x" for x in (ours, dec, paged))
+            sdpa = r.get("sdpa_tflops")
+            ours = [r.get(f"{n}_tflops") for n in names]
+            ratios = " | ".join(f"{_f(x / sdpa if x and sdpa else None)}x" for x in ours)
             lines.append(f"| {r['batch']} | {r['heads_q']}/{r['heads_kv']} | {r['cache'] // 1024}k | {r['seq_q']} | "
-                         f"{_f(ours, '{:.1f}')} | {_f(dec, '{:.1f}')} | {_f(paged, '{:.1f}')} | {_f(sdpa, '{:.1f}')} | "
-                         f"{ratios} |")
+                         + " | ".join(_f(x, '{:.1f}') for x in ours) + f" | {_f(sdpa, '{:.1f}')} | {ratios} |")
     lines += ["", "host overhead per call (loop of 1000, tiny decode step, median of 5 rounds)",
               "| what | wall us per call | host us per call |", "|---|---|---|"]
     for r in rows:

@@ -325,7 +325,7 @@ def _plan(call: Any, facts: dict) -> _Plan:
                  and (block_rows * _FUSED_MAX_SPLITS + 2 * block_rows) * 4 <= smem and _FUSE)
     p.splits_by_tiles = {}
     p.long = _long_plan(call, facts, (*front, *mid, _I32(1), _I32(q_tiles), *static_tail[:3])) \
-        if long_route(call) else None
+        if facts["long"] else None
     return p
 
 
@@ -461,9 +461,11 @@ def kvcache(call: Any) -> tuple[Any, Any]:
             cp.cuda.runtime.setDevice(prev_device)
 
 
-def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr | None, device: int) -> _Plan:
-    """The plan of a call's geometry (built once per geometry; ``aligned``: every base pointer 16-byte
-    aligned, which the 16-byte loads need)."""
+def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr | None, device: int,
+             max_len: int) -> _Plan:
+    """The plan of a call's geometry (built once per geometry and route; ``aligned``: every base pointer
+    16-byte aligned, which the 16-byte loads need; ``max_len``: the longest sequence, for long_route)."""
+    route = long_route(call, max_len, _device_facts(device)[0])
     layout, new = call.layout, kn is not None
     q_s = _bshd(q.strides, layout)
     if call.paged:
@@ -477,7 +479,7 @@ def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr |
     aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
     key = (device, call.dtype, layout, call.paged, call.batch, sq, hq, call.heads_kv, call.head_dim, dv,
            call.seq_new, call.capacity, call.block_size, call.num_blocks, q_s, k_s, v_s, kn_s, vn_s, aligned,
-           call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale, long_route(call),
+           call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale, route,
            int(call.alibi_slopes.shape[0]) if call.alibi_slopes is not None else 0)
     plan = _PLANS.get(key)
     if plan is None:
@@ -488,7 +490,8 @@ def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr |
             if new:
                 shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
             vec = _vec_ok(shapes, 2) and dv % 8 == 0
-        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec, aligned=aligned)
+        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec, aligned=aligned,
+                     long=route)
         plan = _plan(call, facts)
         if len(_PLANS) > 256:
             _PLANS.clear()
@@ -544,7 +547,7 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
     new = call.k is not None
     kn = _arr(call.k) if new else None
     vn = _arr(call.v) if new else None
-    plan = _plan_of(call, q, kc, vc, kn, vn, device)
+    plan = _plan_of(call, q, kc, vc, kn, vn, device, max_len)
     if plan.long is not None:  # a long chunk: the append alone, then the forward kernel
         values = (lens_ptr, lens_kind, lens_const, table_ptr, table_kind, table_sb, slopes_ptr)
         out, lse = _run_long(call, plan.long, q, kc, vc, kn, vn, device, values, stream_ptr)
@@ -588,19 +591,49 @@ def _launch_call(plan: _Plan, ptrs: tuple, out_ptr: int, lse_ptr: int, scratch: 
 
 # --- long chunks: the append alone, then the forward kernel on the cache in place -----------------------
 
-#: rows per k/v head (seq_q x heads_q / heads_kv) from which a float16 / bfloat16 call with num_splits=None
-#: goes through the forward kernel (fa_fwd_sm90 on Hopper, fa_fwd_mma elsewhere) instead of fa_decode_mma.
-#: Measured on the H100 (fp16, head_dim 128, heads 32/8, caches 4k / 16k; docs/cuda.md, "Chunked prefill")
+# Which kernel serves a float16 / bfloat16 chunk (long_route).  The forward kernel runs one block per
+# (128-row query tile, batch entry, query head) over all of the tile's keys; the decode kernel splits the keys
+# (so a few rows still fill the machine) but computes 64-row tiles at about half the forward's rate.  So the
+# forward wins once its tiles keep enough of the machine busy: fill = useful query rows / (SMs x 128), the
+# rows of partial tiles counted by their share of a tile (a 64-row chunk fills half of each tile it takes).
+# Measured on the H100 (fp16, head_dim 128, heads 32/8 and 32/32, batch 1 and 4, caches 4k / 8k / 16k;
+# docs/cuda.md, "Chunked prefill"): the forward ahead from fill 0.4 at every cache length, from fill 0.2 on
+# short caches (at 4k keys, fill 0.24: 84 vs 68 TFLOP/s; at 16k keys the decode kernel, 151 vs 98).
+
+#: rows per k/v head (seq_q x heads_q / heads_kv) below which the decode kernel always serves
 LONG_MIN_ROWS = 256
+#: fill from which the forward kernel serves at any cache length
+LONG_FILL = 0.4
+#: fill from which it serves calls whose longest sequence holds at most LONG_SHORT_KEYS keys
+LONG_FILL_SHORT = 0.2
+LONG_SHORT_KEYS = 6144
+#: "auto" (the rule above), or "decode" / "forward" for every eligible call (benchmarks and tests)
+LONG_ROUTE = "auto"
+#: query rows of a forward block (fa_fwd_sm90's two warpgroups; fa_fwd_mma's four warps of 32 rows)
+_FWD_ROWS = 128
 
 
-def long_route(call: Any) -> bool:
+def long_fill(call: Any, multiprocessors: int) -> float:
+    """The share of the machine the forward kernel's query tiles keep busy (see above)."""
+    tiles = -(-call.seq_q // _FWD_ROWS)
+    share = call.seq_q / (tiles * _FWD_ROWS)
+    return call.batch * call.heads_q * call.seq_q * share / (multiprocessors * _FWD_ROWS)
+
+
+def long_route(call: Any, max_len: int, multiprocessors: int) -> bool:
     """Does a call go the long-chunk way (append, then the forward kernel)?  float16 / bfloat16, no
-    explicit num_splits (a split of the keys is the decode kernel's), a nonempty batch and cache, and at
-    least ``LONG_MIN_ROWS`` query rows per k/v head.  (A paged cache also needs the Hopper kernel:
-    ``_long_plan`` says None where it cannot serve.)"""
-    return (_specs.is_mma_dtype(call.dtype) and call.num_splits is None and call.batch > 0 and call.capacity > 0
-            and call.seq_q * call.group >= LONG_MIN_ROWS)
+    explicit num_splits (a split of the keys is the decode kernel's: num_splits keeps a call there), a
+    nonempty batch and cache, then the rule above (``max_len``: the longest sequence after the append, the
+    capacity where unknown).  A paged cache also needs the Hopper kernel: ``_long_plan`` says None where it
+    cannot serve."""
+    if not (_specs.is_mma_dtype(call.dtype) and call.num_splits is None and call.batch > 0 and call.capacity > 0):
+        return False
+    if LONG_ROUTE != "auto":
+        return LONG_ROUTE == "forward"
+    if call.seq_q * call.group < LONG_MIN_ROWS:
+        return False
+    fill = long_fill(call, multiprocessors)
+    return fill >= LONG_FILL or (fill >= LONG_FILL_SHORT and max_len <= LONG_SHORT_KEYS)
 
 
 class _LongPlan(NamedTuple):
@@ -835,10 +868,10 @@ def repeat_entry(call: Any) -> Repeat | None:
     q, kc, vc = _arr(call.q), _arr(call.k_cache), _arr(call.v_cache)
     new = call.k is not None
     kn, vn = (_arr(call.k), _arr(call.v)) if new else (None, None)
+    if long_route(call, 0, _device_facts(q.device)[0]):  # chunks the forward kernel may serve: the full path
+        return None  # (it routes by each call's lengths; their launches outweigh its host time)
     r = Repeat()
-    r.plan = _plan_of(call, q, kc, vc, kn, vn, q.device)
-    if r.plan.long is not None:  # long chunks: the full path (their launches outweigh its host time)
-        return None
+    r.plan = _plan_of(call, q, kc, vc, kn, vn, q.device, 0)
     r.call = dataclasses.replace(call, q=None, k_cache=None, v_cache=None, k=None, v=None, like=None,
                                  cache_seqlens=None, block_table=None)  # check_values' facts, no arrays
     r.device, r.new, r.paged, r.seq_new = q.device, new, call.paged, call.seq_new

@@ -137,24 +137,26 @@ struct kv_pages {
     }
 };
 
-// load_tile through the block table
+// load_tile through the block table: every row's block id first (independent loads, in flight together),
+// then the copies (a cp.async is a memory barrier to the compiler: a table load between two would wait)
 template <int R, int D, int NT>
 __device__ __forceinline__ void load_tile_paged(unsigned sbase, const unsigned short* __restrict__ g, long long ss,
                                                 long long sb, const kv_pages& pg, int row0, int seq, int d, int tid) {
-    constexpr int CPR = D / 8, TOTAL = R * CPR;
+    constexpr int CPR = D / 8, TOTAL = R * CPR, PER = (TOTAL + NT - 1) / NT;
+    int blk[PER];  // the row's block, or -1 (zeros: past the keys, or an id outside the pool)
 #pragma unroll
-    for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+    for (int i = 0; i < PER; ++i) {
+        const int c = tid + i * NT, j = row0 + c / CPR;
+        blk[i] = (TOTAL % NT == 0 || c < TOTAL) && j < seq ? (int)pg.block(j) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
         const int c = tid + i * NT;
         if (TOTAL % NT == 0 || c < TOTAL) {
-            const int r = c / CPR, ch = c % CPR, j = row0 + r;
-            const unsigned short* src = g;
-            bool ok = j < seq && ch * 8 < d;
-            if (ok) {
-                const long long blk = pg.block(j);
-                ok = blk >= 0;
-                src = g + blk * sb + (long long)pg.row_in_block(j) * ss + ch * 8;
-            }
-            cp_async_16(sbase + sw128_offset<R>(r, ch), ok ? src : g, ok ? 16 : 0);
+            const int r = c / CPR, ch = c % CPR;
+            const bool ok = blk[i] >= 0 && ch * 8 < d;
+            const long long off = (long long)blk[i] * sb + (long long)pg.row_in_block(row0 + r) * ss + ch * 8;
+            cp_async_16(sbase + sw128_offset<R>(r, ch), ok ? g + off : g, ok ? 16 : 0);
         }
     }
 }
