@@ -360,17 +360,14 @@ def _expected_steps(lens, kc, vc, table, steps):
     return outs, kh, vh
 
 
-@pytest.mark.parametrize("paged", [False, True])
-def test_cuda_graph_torch(rng, paged):
-    """Capture one decode step with torch.cuda.graph; write new q / k / v and lengths in place; replay."""
-    torch = _torch()
-    lens, kc, vc, table = _graph_case(rng, paged)
-    steps = _steps(rng, 3)
+def _captured_call(torch, kc, vc, table, lens, shapes):
+    """A call captured with torch.cuda.graph on device copies of the caches, the table and the lengths, with
+    zero q / k / v of these shapes to write in place: (graph, out, (k_cache, v_cache, lengths, q, k, v))."""
     dev = torch.device("cuda")
     kt, vt = torch.from_numpy(kc).to(dev), torch.from_numpy(vc).to(dev)
-    tt = torch.from_numpy(table).to(dev) if paged else None
+    tt = torch.from_numpy(table).to(dev) if table is not None else None
     lt = torch.from_numpy(lens.copy()).to(dev)
-    qs, ks, vs = (torch.zeros(s.shape, dtype=torch.float16, device=dev) for s in steps[0])
+    qs, ks, vs = (torch.zeros(s, dtype=torch.float16, device=dev) for s in shapes)
     kc0, vc0 = kt.clone(), vt.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -382,6 +379,16 @@ def test_cuda_graph_torch(rng, paged):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fastattn.flash_attention_with_kvcache(qs, kt, vt, ks, vs, cache_seqlens=lt, block_table=tt)
+    return graph, out, (kt, vt, lt, qs, ks, vs)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_graph_torch(rng, paged):
+    """Capture one decode step with torch.cuda.graph; write new q / k / v and lengths in place; replay."""
+    torch = _torch()
+    lens, kc, vc, table = _graph_case(rng, paged)
+    steps = _steps(rng, 3)
+    graph, out, (kt, vt, lt, qs, ks, vs) = _captured_call(torch, kc, vc, table, lens, [s.shape for s in steps[0]])
     want, kw, _ = _expected_steps(lens, kc, vc, table, steps)
     for i, (q, k, v) in enumerate(steps):
         qs.copy_(torch.from_numpy(q))
@@ -839,23 +846,8 @@ def test_long_chunk_cuda_graph_torch(rng, monkeypatch, paged):
     table = None
     if paged:
         kc, vc, table = _paged(rng, kc, vc, 16)
-    dev = torch.device("cuda")
-    kt, vt = torch.from_numpy(kc).to(dev), torch.from_numpy(vc).to(dev)
-    tt = torch.from_numpy(table).to(dev) if paged else None
-    lt = torch.from_numpy(lens.copy()).to(dev)
     shapes = ((2, seq_q, 32, 128), (2, seq_q, 8, 128), (2, seq_q, 8, 128))
-    qs, ks, vs = (torch.zeros(s, dtype=torch.float16, device=dev) for s in shapes)
-    kc0, vc0 = kt.clone(), vt.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fastattn.flash_attention_with_kvcache(qs, kt, vt, ks, vs, cache_seqlens=lt, block_table=tt)
-    torch.cuda.current_stream().wait_stream(side)
-    kt.copy_(kc0)
-    vt.copy_(vc0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fastattn.flash_attention_with_kvcache(qs, kt, vt, ks, vs, cache_seqlens=lt, block_table=tt)
+    graph, out, (kt, vt, lt, qs, ks, vs) = _captured_call(torch, kc, vc, table, lens, shapes)
     assert len(seen) == 2
     kh = (_unpage(kc, table, cap) if paged else kc).astype(np.float64)
     vh = (_unpage(vc, table, cap) if paged else vc).astype(np.float64)
