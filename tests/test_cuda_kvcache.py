@@ -871,7 +871,8 @@ def test_long_chunk_cuda_graph_torch(rng, monkeypatch, paged):
 
 def test_long_route_rule():
     """Which calls take the long-chunk path: float16 / bfloat16, num_splits None, at least LONG_MIN_ROWS rows
-    a k/v head, and the forward's tiles filling LONG_FILL of the machine (LONG_FILL_SHORT for short caches)."""
+    a k/v head, half of each forward tile filled, and the forward's tiles filling LONG_FILL of the machine
+    (LONG_FILL_SHORT for short caches)."""
     import dataclasses
 
     from fastattn.backends.cuda import _decode
@@ -898,7 +899,11 @@ def test_long_route_rule():
     assert not _decode.long_route(Call(seq_q=128), 16384, sms)  # fill 0.24, a long cache: decode
     assert _decode.long_route(Call(seq_q=128), 4096, sms)  # fill 0.24, a short cache: forward
     assert not _decode.long_route(Call(seq_q=64), 4096, sms)  # 256 rows, fill 0.12
-    assert not _decode.long_route(Call(seq_q=32, batch=64), 4096, sms)  # 128 rows a k/v head
+    assert _decode.long_route(Call(seq_q=64, batch=4), 4096, sms)  # fill 0.24, half of each tile
+    assert not _decode.long_route(Call(seq_q=64, batch=4), 8192, sms)
+    assert _decode.long_route(Call(seq_q=128, heads_kv=32), 4096, sms)  # 128 rows a k/v head, fill 0.24
+    assert not _decode.long_route(Call(seq_q=64, heads_kv=32, batch=8), 4096, sms)  # 64 rows a k/v head
+    assert not _decode.long_route(Call(seq_q=32, batch=64), 4096, sms)  # a quarter of each tile
     assert not _decode.long_route(Call(num_splits=1), 16384, sms)
     assert not _decode.long_route(Call(dtype="float32"), 16384, sms)
     assert not _decode.long_route(Call(capacity=0), 0, sms)

@@ -595,13 +595,17 @@ def _launch_call(plan: _Plan, ptrs: tuple, out_ptr: int, lse_ptr: int, scratch: 
 # (128-row query tile, batch entry, query head) over all of the tile's keys; the decode kernel splits the keys
 # (so a few rows still fill the machine) but computes 64-row tiles at about half the forward's rate.  So the
 # forward wins once its tiles keep enough of the machine busy: fill = useful query rows / (SMs x 128), the
-# rows of partial tiles counted by their share of a tile (a 64-row chunk fills half of each tile it takes).
-# Measured on the H100 (fp16, head_dim 128, heads 32/8 and 32/32, batch 1 and 4, caches 4k / 8k / 16k;
-# docs/cuda.md, "Chunked prefill"): the forward ahead from fill 0.4 at every cache length, from fill 0.2 on
-# short caches (at 4k keys, fill 0.24: 84 vs 68 TFLOP/s; at 16k keys the decode kernel, 151 vs 98).
+# rows of partial tiles counted by their share of a tile (a 64-row chunk fills half of each tile it takes),
+# and wastes no more than half of each tile.  Measured on the H100 with each kernel forced (fp16, head_dim
+# 128, heads 32/8 and 32/32, batch 1 and 4, caches 4k / 8k / 16k, seq_q 16-512; docs/cuda.md, "Long
+# chunks"): the forward ahead from fill 0.4 at every cache length, from fill 0.2 on caches up to 4k keys (at
+# fill 0.24: 84 vs 70 TFLOP/s at 4k, 92 vs 107 at 8k, 97 vs 148 at 16k); this rule picks the faster kernel
+# in every measured row.
 
 #: rows per k/v head (seq_q x heads_q / heads_kv) below which the decode kernel always serves
-LONG_MIN_ROWS = 256
+LONG_MIN_ROWS = 128
+#: the least share of its 128-row tiles a chunk must fill (seq_q 64 fills half of one)
+LONG_MIN_SHARE = 0.5
 #: fill from which the forward kernel serves at any cache length
 LONG_FILL = 0.4
 #: fill from which it serves calls whose longest sequence holds at most LONG_SHORT_KEYS keys
@@ -613,11 +617,14 @@ LONG_ROUTE = "auto"
 _FWD_ROWS = 128
 
 
+def long_share(call: Any) -> float:
+    """The share of its 128-row query tiles a chunk's rows fill."""
+    return call.seq_q / (-(-call.seq_q // _FWD_ROWS) * _FWD_ROWS)
+
+
 def long_fill(call: Any, multiprocessors: int) -> float:
     """The share of the machine the forward kernel's query tiles keep busy (see above)."""
-    tiles = -(-call.seq_q // _FWD_ROWS)
-    share = call.seq_q / (tiles * _FWD_ROWS)
-    return call.batch * call.heads_q * call.seq_q * share / (multiprocessors * _FWD_ROWS)
+    return call.batch * call.heads_q * call.seq_q * long_share(call) / (multiprocessors * _FWD_ROWS)
 
 
 def long_route(call: Any, max_len: int, multiprocessors: int) -> bool:
@@ -630,7 +637,7 @@ def long_route(call: Any, max_len: int, multiprocessors: int) -> bool:
         return False
     if LONG_ROUTE != "auto":
         return LONG_ROUTE == "forward"
-    if call.seq_q * call.group < LONG_MIN_ROWS:
+    if call.seq_q * call.group < LONG_MIN_ROWS or long_share(call) < LONG_MIN_SHARE:
         return False
     fill = long_fill(call, multiprocessors)
     return fill >= LONG_FILL or (fill >= LONG_FILL_SHORT and max_len <= LONG_SHORT_KEYS)
