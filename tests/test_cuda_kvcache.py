@@ -907,6 +907,7 @@ def test_long_route_rule():
     assert not _decode.long_route(Call(num_splits=1), 16384, sms)
     assert not _decode.long_route(Call(dtype="float32"), 16384, sms)
     assert not _decode.long_route(Call(capacity=0), 0, sms)
+    assert not _decode.long_route(Call(seq_q=0), 16384, sms)
     assert _decode.long_route(Call(dtype="bfloat16"), 16384, sms)
 
 

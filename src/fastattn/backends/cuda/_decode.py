@@ -630,10 +630,11 @@ def long_fill(call: Any, multiprocessors: int) -> float:
 def long_route(call: Any, max_len: int, multiprocessors: int) -> bool:
     """Does a call go the long-chunk way (append, then the forward kernel)?  float16 / bfloat16, no
     explicit num_splits (a split of the keys is the decode kernel's: num_splits keeps a call there), a
-    nonempty batch and cache, then the rule above (``max_len``: the longest sequence after the append, the
+    nonempty batch, cache and chunk, then the rule above (``max_len``: the longest sequence after the append, the
     capacity where unknown).  A paged cache also needs the Hopper kernel: ``_long_plan`` says None where it
     cannot serve."""
-    if not (_specs.is_mma_dtype(call.dtype) and call.num_splits is None and call.batch > 0 and call.capacity > 0):
+    if not (_specs.is_mma_dtype(call.dtype) and call.num_splits is None and call.batch > 0 and call.capacity > 0
+            and call.seq_q > 0):
         return False
     if LONG_ROUTE != "auto":
         return LONG_ROUTE == "forward"
