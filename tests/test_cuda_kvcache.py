@@ -360,17 +360,14 @@ def _expected_steps(lens, kc, vc, table, steps):
     return outs, kh, vh
 
 
-@pytest.mark.parametrize("paged", [False, True])
-def test_cuda_graph_torch(rng, paged):
-    """Capture one decode step with torch.cuda.graph; write new q / k / v and lengths in place; replay."""
-    torch = _torch()
-    lens, kc, vc, table = _graph_case(rng, paged)
-    steps = _steps(rng, 3)
+def _captured_call(torch, kc, vc, table, lens, shapes):
+    """A call captured with torch.cuda.graph on device copies of the caches, the table and the lengths, with
+    zero q / k / v of these shapes to write in place: (graph, out, (k_cache, v_cache, lengths, q, k, v))."""
     dev = torch.device("cuda")
     kt, vt = torch.from_numpy(kc).to(dev), torch.from_numpy(vc).to(dev)
-    tt = torch.from_numpy(table).to(dev) if paged else None
+    tt = torch.from_numpy(table).to(dev) if table is not None else None
     lt = torch.from_numpy(lens.copy()).to(dev)
-    qs, ks, vs = (torch.zeros(s.shape, dtype=torch.float16, device=dev) for s in steps[0])
+    qs, ks, vs = (torch.zeros(s, dtype=torch.float16, device=dev) for s in shapes)
     kc0, vc0 = kt.clone(), vt.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -382,6 +379,16 @@ def test_cuda_graph_torch(rng, paged):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fastattn.flash_attention_with_kvcache(qs, kt, vt, ks, vs, cache_seqlens=lt, block_table=tt)
+    return graph, out, (kt, vt, lt, qs, ks, vs)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_graph_torch(rng, paged):
+    """Capture one decode step with torch.cuda.graph; write new q / k / v and lengths in place; replay."""
+    torch = _torch()
+    lens, kc, vc, table = _graph_case(rng, paged)
+    steps = _steps(rng, 3)
+    graph, out, (kt, vt, lt, qs, ks, vs) = _captured_call(torch, kc, vc, table, lens, [s.shape for s in steps[0]])
     want, kw, _ = _expected_steps(lens, kc, vc, table, steps)
     for i, (q, k, v) in enumerate(steps):
         qs.copy_(torch.from_numpy(q))
@@ -674,3 +681,253 @@ def test_cuda_graph_of_a_split_call_owns_its_counters(rng):
         torch.cuda.synchronize()
         for e, o in zip(eager, outs, strict=True):
             assert torch.equal(e, o)
+
+
+# --- long chunks: the append alone, then the forward kernel on the cache in place ------------------------
+
+def _count_long(monkeypatch):
+    """Counts the calls that took the long-chunk path (append, then the forward kernel)."""
+    from fastattn.backends.cuda import _decode
+
+    seen = []
+    run = _decode._run_long
+
+    def counted(*args, **kw):
+        seen.append(args[1].kernel)
+        return run(*args, **kw)
+
+    monkeypatch.setattr(_decode, "_run_long", counted)
+    return seen
+
+
+def _long_case(rng, dtype, seq_q, cache, lens, hq=16, hkv=4, d=128, new=True):
+    cap = int(max(lens)) + seq_q + 5
+    kc, vc = _cache(rng, len(lens), cap, hkv, d, dtype, lens)
+    q = random_array(rng, (len(lens), seq_q, hq, d), dtype)
+    k = random_array(rng, (len(lens), seq_q, hkv, d), dtype) if new else None
+    v = random_array(rng, (len(lens), seq_q, hkv, d), dtype) if new else None
+    table_h = None
+    if cache == "contiguous":
+        kg, vg = _gpu(kc), _gpu(vc)
+    else:
+        kp, vp, table_h = _paged(rng, kc, vc, int(cache[5:]))
+        kg, vg = _gpu(kp), _gpu(vp)
+    return cap, kc, vc, q, k, v, kg, vg, table_h
+
+
+def _cache_after(kg, vg, table_h, cap):
+    kh, vh = _host(kg), _host(vg)
+    if table_h is not None:
+        spare = sorted(set(range(kh.shape[0])) - set(table_h.ravel().tolist()))
+        assert np.isnan(kh[spare].astype(np.float32)).all(), "a block outside the table was written"
+        assert np.isnan(vh[spare].astype(np.float32)).all(), "a block outside the table was written"
+        kh, vh = _unpage(kh, table_h, cap), _unpage(vh, table_h, cap)
+    return kh, vh
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cache", ["contiguous", "paged16", "paged48", "paged64"])
+@pytest.mark.parametrize("seq_q", [128, 300, 512])
+def test_long_chunks_against_reference(rng, monkeypatch, dtype, cache, seq_q):
+    """Chunks of 128-512 tokens (GQA 16/4: 512-2048 rows a k/v head) go through the forward kernel; lengths
+    0, 1 and odd ones; out, lse, and the cache element by element after the in-place append."""
+    seen = _count_long(monkeypatch)
+    lens = np.array([0, 1, 333], np.int32)
+    cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, dtype, seq_q, cache, lens)
+    want, want_lse, kc_want, vc_want = _reference(q, kc, vc, k, v, lens)
+    table = None if table_h is None else _gpu(table_h.astype(np.int64) if cache == "paged48" else table_h)
+    out, lse = fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=_gpu(lens),
+                                                     block_table=table, return_lse=True)
+    assert len(seen) == 1, "the long-chunk path did not serve the call"
+    dt = dtype_of(dtype)
+    plain = _plain(q, kc_want.astype(dt), vc_want.astype(dt), lens + seq_q, dtype)
+    _check_out(_host(out), want, dtype, plain)
+    _check_lse(_host(lse), want_lse, dtype)
+    kh, vh = _cache_after(kg, vg, table_h, cap)
+    np.testing.assert_array_equal(_bits(kh), _bits(kc_want.astype(dt)))
+    np.testing.assert_array_equal(_bits(vh), _bits(vc_want.astype(dt)))
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged64"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_long_chunks_equal_the_decode_path(rng, monkeypatch, cache, layout):
+    """The forward kernel's result equals the decode kernel's (num_splits=1 keeps a call there) to rounding,
+    both layouts; each call appends the same tokens to its own copy of the cache."""
+    seen = _count_long(monkeypatch)
+    lens = np.array([17, 400], np.int32)
+    cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, "float16", 160, cache, lens, hq=32, hkv=8)
+    table = None if table_h is None else _gpu(table_h)
+    results = []
+    for splits in (None, 1):
+        kg2, vg2 = kg.copy(), vg.copy()
+        args = [_gpu(q), kg2, vg2, _gpu(k), _gpu(v)]
+        if layout == "bhsd":
+            args = [x.swapaxes(1, 2) if (i != 1 and i != 2) or table is None else x for i, x in enumerate(args)]
+        out, lse = fastattn.flash_attention_with_kvcache(*args, cache_seqlens=_gpu(lens), block_table=table,
+                                                         num_splits=splits, return_lse=True, layout=layout)
+        results.append((_host(out), _host(lse), _cache_after(kg2, vg2, table_h, cap)))
+    assert len(seen) == 1
+    (o1, l1, c1), (o2, l2, c2) = results
+    assert rel_error(o1, o2) <= 2e-3, rel_error(o1, o2)
+    np.testing.assert_allclose(l1, l2, rtol=1e-3, atol=1e-3)
+    for a, b in zip(c1, c2, strict=True):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+LONG_VARIANTS = [dict(window=(40, 0)), dict(window=(8, 2)), dict(softcap=3.0), dict(causal=False),
+                 dict(alibi_slopes="heads"), dict(alibi_slopes="batch"), dict(causal=False, window=(20, 20))]
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged16"])
+@pytest.mark.parametrize("kw", LONG_VARIANTS,
+                         ids=["window", "window-right", "softcap", "noncausal", "alibi", "alibi-batch", "band"])
+def test_long_chunk_variants(rng, monkeypatch, cache, kw):
+    seen = _count_long(monkeypatch)
+    lens = np.array([70, 0, 200], np.int32)
+    cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, "float16", 130, cache, lens, hq=32, hkv=8, d=64)
+    if "alibi_slopes" in kw:
+        shape = (32,) if kw["alibi_slopes"] == "heads" else (3, 32)
+        kw = dict(alibi_slopes=rng.uniform(0.05, 0.5, shape).astype(np.float32))
+    want, want_lse, kc_want, _ = _reference(q, kc, vc, k, v, lens, **kw)
+    gkw = {n: (_gpu(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+    table = None if table_h is None else _gpu(table_h)
+    out, lse = fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=_gpu(lens),
+                                                     block_table=table, return_lse=True, **gkw)
+    assert len(seen) == 1
+    out = np.asarray(_host(out), np.float64)
+    fin = np.isfinite(want)
+    assert np.array_equal(np.isfinite(out), fin)
+    assert rel_error(out[fin], want[fin]) <= 4e-3
+    _check_lse(_host(lse), want_lse, "float16")
+    kh, _ = _cache_after(kg, vg, table_h, cap)
+    np.testing.assert_array_equal(_bits(kh), _bits(kc_want.astype(np.float16)))
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged64"])
+def test_long_chunk_without_new_tokens_and_int_lengths(rng, monkeypatch, cache):
+    """No k / v (the chunk's queries against the cache alone, a length of 0 sees nothing) and an int
+    cache_seqlens."""
+    seen = _count_long(monkeypatch)
+    lens = np.array([0, 250, 250], np.int32)
+    cap, kc, vc, q, _, _, kg, vg, table_h = _long_case(rng, "float16", 100, cache, lens, hq=32, hkv=8, new=False)
+    table = None if table_h is None else _gpu(table_h)
+    want, want_lse, _, _ = _reference(q, kc, vc, None, None, lens)
+    out, lse = fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, cache_seqlens=_gpu(lens), block_table=table,
+                                                     return_lse=True)
+    out, lse = _host(out), _host(lse)
+    assert np.isneginf(lse[0]).all() and not np.asarray(out[0], np.float32).any()  # no keys: 0 and -inf
+    _check_out(out[1:], want[1:], "float16", _plain(q[1:], kc[1:], vc[1:], lens[1:], "float16"))
+    _check_lse(lse, want_lse, "float16")
+    out2 = fastattn.flash_attention_with_kvcache(_gpu(q[1:]), _gpu(kc[1:]), _gpu(vc[1:]), cache_seqlens=250)
+    _check_out(_host(out2), want[1:], "float16", _plain(q[1:], kc[1:], vc[1:], lens[1:], "float16"))
+    assert len(seen) == 2
+
+
+def test_long_chunk_bad_values_leave_the_cache_untouched(rng, monkeypatch):
+    lens = np.array([5, 100], np.int32)
+    cap, kc, vc, q, k, v, kg, vg, _ = _long_case(rng, "float16", 128, "contiguous", lens)
+    before = [_host(kg), _host(vg)]
+    with pytest.raises(ValueError, match="sequence 1 would hold"):
+        fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=_gpu(lens + 10))
+    for got, was in zip((_host(kg), _host(vg)), before, strict=True):
+        np.testing.assert_array_equal(_bits(got), _bits(was))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_long_chunk_cuda_graph_torch(rng, monkeypatch, paged):
+    """A long chunk captured with torch.cuda.graph (append and forward launches, device lengths), replayed
+    with new q / k / v and lengths written in place."""
+    torch = _torch()
+    seen = _count_long(monkeypatch)
+    lens = np.array([100, 7], np.int32)
+    seq_q, steps = 96, 2
+    kc, vc = _cache(rng, 2, 100 + steps * seq_q + 8, 8, 128, "float16", lens)
+    cap = kc.shape[1]
+    table = None
+    if paged:
+        kc, vc, table = _paged(rng, kc, vc, 16)
+    shapes = ((2, seq_q, 32, 128), (2, seq_q, 8, 128), (2, seq_q, 8, 128))
+    graph, out, (kt, vt, lt, qs, ks, vs) = _captured_call(torch, kc, vc, table, lens, shapes)
+    assert len(seen) == 2
+    kh = (_unpage(kc, table, cap) if paged else kc).astype(np.float64)
+    vh = (_unpage(vc, table, cap) if paged else vc).astype(np.float64)
+    for i in range(steps):
+        q, k, v = (random_array(rng, s, "float16") for s in shapes)
+        want = fastattn.flash_attention_with_kvcache(q.astype(np.float64), kh, vh, k.astype(np.float64),
+                                                     v.astype(np.float64), cache_seqlens=lens + i * seq_q,
+                                                     backend="reference")
+        qs.copy_(torch.from_numpy(q))
+        ks.copy_(torch.from_numpy(k))
+        vs.copy_(torch.from_numpy(v))
+        lt.copy_(torch.from_numpy(lens + i * seq_q))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out.cpu().numpy(), want) <= 4e-3, f"step {i}"
+    got = kt.cpu().numpy()
+    if paged:
+        got = _unpage(got, table, cap)
+    np.testing.assert_array_equal(_bits(got), _bits(kh.astype(np.float16)))
+
+
+def test_long_route_rule():
+    """Which calls take the long-chunk path: float16 / bfloat16, num_splits None, at least LONG_MIN_ROWS rows
+    a k/v head, half of each forward tile filled, and the forward's tiles filling LONG_FILL of the machine
+    (LONG_FILL_SHORT for short caches)."""
+    import dataclasses
+
+    from fastattn.backends.cuda import _decode
+
+    @dataclasses.dataclass
+    class Call:
+        dtype: str = "float16"
+        num_splits: int | None = None
+        batch: int = 1
+        capacity: int = 16384
+        seq_q: int = 512
+        heads_q: int = 32
+        heads_kv: int = 8
+
+        @property
+        def group(self) -> int:
+            return self.heads_q // self.heads_kv
+
+    sms = 132
+    assert _decode.long_fill(Call(seq_q=128), sms) == pytest.approx(32 * 128 / (132 * 128))
+    assert _decode.long_fill(Call(seq_q=64), sms) == pytest.approx(32 * 64 * 0.5 / (132 * 128))
+    assert _decode.long_route(Call(seq_q=512), 16384, sms)
+    assert _decode.long_route(Call(seq_q=256), 16384, sms)  # fill 0.48
+    assert not _decode.long_route(Call(seq_q=128), 16384, sms)  # fill 0.24, a long cache: decode
+    assert _decode.long_route(Call(seq_q=128), 4096, sms)  # fill 0.24, a short cache: forward
+    assert not _decode.long_route(Call(seq_q=64), 4096, sms)  # 256 rows, fill 0.12
+    assert _decode.long_route(Call(seq_q=64, batch=4), 4096, sms)  # fill 0.24, half of each tile
+    assert not _decode.long_route(Call(seq_q=64, batch=4), 8192, sms)
+    assert _decode.long_route(Call(seq_q=128, heads_kv=32), 4096, sms)  # 128 rows a k/v head, fill 0.24
+    assert not _decode.long_route(Call(seq_q=64, heads_kv=32, batch=8), 4096, sms)  # 64 rows a k/v head
+    assert not _decode.long_route(Call(seq_q=32, batch=64), 4096, sms)  # a quarter of each tile
+    assert not _decode.long_route(Call(num_splits=1), 16384, sms)
+    assert not _decode.long_route(Call(dtype="float32"), 16384, sms)
+    assert not _decode.long_route(Call(capacity=0), 0, sms)
+    assert not _decode.long_route(Call(seq_q=0), 16384, sms)
+    assert _decode.long_route(Call(dtype="bfloat16"), 16384, sms)
+
+
+def test_long_chunks_on_the_mma_kernel(rng, monkeypatch):
+    """With the Hopper kernel off (FASTATTN_CUDA_KERNEL=mma, as on other GPUs) a contiguous cache's long chunk
+    runs on fa_fwd_mma; a paged one stays on the decode kernel (only fa_fwd_sm90 has the block-table loads)."""
+    from fastattn.backends.cuda import _decode, _launch
+
+    monkeypatch.setenv("FASTATTN_CUDA_KERNEL", "mma")
+    monkeypatch.setattr(_decode, "_PLANS", {})
+    monkeypatch.setattr(_launch, "_PLANS", {})
+    seen = _count_long(monkeypatch)
+    lens = np.array([0, 1, 333], np.int32)
+    for cache in ("contiguous", "paged16"):
+        cap, kc, vc, q, k, v, kg, vg, table_h = _long_case(rng, "float16", 200, cache, lens, hq=32, hkv=8)
+        want, _, kc_want, _ = _reference(q, kc, vc, k, v, lens)
+        out = fastattn.flash_attention_with_kvcache(_gpu(q), kg, vg, _gpu(k), _gpu(v), cache_seqlens=_gpu(lens),
+                                                    block_table=None if table_h is None else _gpu(table_h))
+        _check_out(_host(out), want, "float16", _plain(q, kc_want.astype(np.float16), _reference(
+            q, kc, vc, k, v, lens)[3].astype(np.float16), lens + 200, "float16"))
+        kh, _ = _cache_after(kg, vg, table_h, cap)
+        np.testing.assert_array_equal(_bits(kh), _bits(kc_want.astype(np.float16)))
+    assert seen == ["mma.sync"]

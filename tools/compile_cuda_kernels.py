@@ -48,10 +48,11 @@ def translation_unit(names: list[str], source: str = _specs.KERNEL_SOURCE) -> st
     return f'#include "{source}"\n\nconst void* const fastattn_kernels[] = {{\n    {refs}\n}};\n'
 
 
-def compile_one(nvcc: str, arch: str, src: Path, out: Path, resource_usage: bool) -> tuple[bool, str]:
+def compile_one(nvcc: str, arch: str, src: Path, out: Path, resource_usage: bool,
+                defines: tuple[str, ...] = ()) -> tuple[bool, str]:
     # sm_90a through -gencode: the -arch shorthand also runs a plain sm_90 pass, which rejects wgmma
     target = ["-gencode=arch=compute_90a,code=sm_90a"] if arch == SM90A else [f"-arch={arch}"]
-    cmd = [nvcc, "-std=c++17", "-cubin", *target, "-I", str(_specs.KERNEL_DIR), "-o", str(out), str(src)]
+    cmd = [nvcc, "-std=c++17", "-cubin", *target, *defines, "-I", str(_specs.KERNEL_DIR), "-o", str(out), str(src)]
     if resource_usage:
         cmd.insert(1, "--resource-usage")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     decode_names = [n for n in _specs.all_decode_name_expressions() if args.filter in n]
     bwd_names = [n for n in _specs.all_bwd_name_expressions() if args.filter in n]
     sm90_names = [n for n in _specs.all_sm90_name_expressions() if args.filter in n] if "sm_90" in archs else []
+    paged_names = ([n for n in _specs.all_sm90_paged_name_expressions() if args.filter in n]
+                   if "sm_90" in archs else [])
     if nvcc is None:
         print(f"nvcc not found: skipping the compilation of "
-              f"{len(names) + len(decode_names) + len(bwd_names) + len(sm90_names)} "
+              f"{len(names) + len(decode_names) + len(bwd_names) + len(sm90_names) + len(paged_names)} "
               "CUDA kernel specializations")
         return 0
     print(f"compiling {len(names)} + {len(decode_names)} (decode) + {len(bwd_names)} (backward) specializations for "
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             src = Path(tmp) / f"chunk{c}.cu"
             src.write_text(translation_unit(names[start:start + args.chunk]))
             for arch in archs:
-                jobs.append((arch, src, Path(tmp) / f"chunk{c}_{arch}.cubin", names[start:start + args.chunk]))
+                jobs.append((arch, src, Path(tmp) / f"chunk{c}_{arch}.cubin", names[start:start + args.chunk], ()))
         for prefix, source, chunk_names in (("decode_", _specs.KERNEL_SOURCE_DECODE, decode_names),
                                             ("bwd_", _specs.KERNEL_SOURCE_BWD, bwd_names)):
             for c, start in enumerate(range(0, len(chunk_names), args.chunk)):
@@ -97,15 +100,20 @@ def main(argv: list[str] | None = None) -> int:
                 src = Path(tmp) / f"{prefix}chunk{c}.cu"
                 src.write_text(translation_unit(chunk, source))
                 for arch in archs:
-                    jobs.append((arch, src, Path(tmp) / f"{prefix}chunk{c}_{arch}.cubin", chunk))
+                    jobs.append((arch, src, Path(tmp) / f"{prefix}chunk{c}_{arch}.cubin", chunk, ()))
         for c, start in enumerate(range(0, len(sm90_names), args.chunk)):
             chunk = sm90_names[start:start + args.chunk]
             src = Path(tmp) / f"sm90_chunk{c}.cu"
             src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_SM90))
-            jobs.append((SM90A, src, Path(tmp) / f"sm90_chunk{c}.cubin", chunk))
+            jobs.append((SM90A, src, Path(tmp) / f"sm90_chunk{c}.cubin", chunk, ()))
+        for c, start in enumerate(range(0, len(paged_names), args.chunk)):  # the KV cache's paged reads
+            chunk = paged_names[start:start + args.chunk]
+            src = Path(tmp) / f"sm90_paged_chunk{c}.cu"
+            src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_SM90))
+            jobs.append((SM90A, src, Path(tmp) / f"sm90_paged_chunk{c}.cubin", chunk, _specs.SM90_PAGED_OPTIONS))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {pool.submit(compile_one, nvcc, arch, src, out, args.resource_usage): (arch, chunk)
-                       for arch, src, out, chunk in jobs}
+            futures = {pool.submit(compile_one, nvcc, arch, src, out, args.resource_usage, defines): (arch, chunk)
+                       for arch, src, out, chunk, defines in jobs}
             for fut in concurrent.futures.as_completed(futures):
                 arch, chunk = futures[fut]
                 ok, log = fut.result()
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(log, flush=True)
     total = len(jobs)
     print(f"{total - failures}/{total} translation units compiled ({len(names)} + {len(decode_names)} (decode) + "
-          f"{len(bwd_names)} (backward) specializations x {len(archs)} archs, {len(sm90_names)} for {SM90A})")
+          f"{len(bwd_names)} (backward) specializations x {len(archs)} archs, {len(sm90_names)} + {len(paged_names)} "
+          f"(paged K/V) for {SM90A})")
     return 1 if failures else 0
 
 

@@ -3,6 +3,8 @@
 # (NVRTC, 16 processes), tests/test_cuda_kvcache.py, a forward smoke test, compute-sanitizer memcheck on
 # split-KV and paged calls and torch repeat calls, the decode benchmark (logs and JSON under $OUT).
 #   STEPS="compile tests fwd sanitize bench" bash tools/gpu_decode_session.sh
+# Long chunks (append + forward kernel): "smoke" (one call against the decode kernel), "longsan" (memcheck,
+# contiguous and paged), "prefill" (the chunked-prefill rows alone; BENCH_ARGS=--crossover adds more shapes)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvout}; mkdir -p $OUT
@@ -11,19 +13,23 @@ for step in $STEPS; do
 echo "=== $step $(date +%T)"
 case $step in
 compile)
-  timeout 200 python3 - <<'PY' 2>&1 | tee $OUT/compile.log | tail -8
+  timeout ${COMPILE_TIMEOUT:-200} python3 - <<'PY' 2>&1 | tee $OUT/compile.log | tail -8
 import concurrent.futures as cf, os, time
 from fastattn.backends.cuda import _specs
-names = [n for n in _specs.all_decode_name_expressions()
+names = [(n, ()) for n in _specs.all_decode_name_expressions()
          if any(f"{t}, {d}," in n for d in (64, 128) for t in ("__half", "__nv_bfloat16", "float", "double"))
-         or "combine" in n]
-def one(n):
+         or "combine" in n or "fa_kv_append" in n]
+# the long chunks' forward kernels (head dims 64 / 128): the Hopper kernel plain and with the paged loads
+sm90 = [n for n in _specs.all_sm90_paged_name_expressions() if any(f", {d}, {d}," in n for d in (64, 128))]
+names = [(n, _specs.SM90_PAGED_OPTIONS) for n in sm90] + [(n, ()) for n in sm90] + names
+def one(item):
     from fastattn.backends.cuda import _launch
+    n, opts = item
     t = time.time()
     try:
-        k = _launch.get_kernel(n, 0); return None, time.time() - t, n, getattr(k, "num_regs", -1)
+        k = _launch.get_kernel(n, 0, opts); return None, time.time() - t, n + " " + " ".join(opts), getattr(k, "num_regs", -1)
     except Exception as e:
-        return f"{n}: {e}", time.time() - t, n, -1
+        return f"{n} {opts}: {e}", time.time() - t, n, -1
 t0 = time.time()
 with cf.ProcessPoolExecutor(16) as pool:
     res = list(pool.map(one, names))
@@ -31,11 +37,11 @@ errs = [e for e, *_ in res if e]
 print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} decode specializations in {time.time() - t0:.0f}s")
 for e in errs[:3]: print("FAILED", e[:4000])
 for _, s, n, r in res:
-    if "__half, 128" in n: print(n, f"{s:.1f}s regs {r}")
+    if "__half, 128" in n or "<false, 128" in n: print(n, f"{s:.1f}s regs {r}")
 PY
   ;;
 tests)
-  timeout 330 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --maxfail=40 tests/test_cuda_kvcache.py ${PYTEST_ARGS:-} 2>&1 | tee $OUT/tests.log | tail -60
+  timeout ${TEST_TIMEOUT:-330} python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs --maxfail=40 tests/test_cuda_kvcache.py ${PYTEST_ARGS:-} 2>&1 | tee $OUT/tests.log | tail -60
   ;;
 fwd)  # the forward kernels still compile and compute after elem.cuh moved out of flash_fwd.cu
   timeout 200 python3 -m pytest -o addopts="" -p no:cacheprovider -q tests/test_cuda_variants.py -k "float16-mma and (gqa or window)" 2>&1 | tail -3
@@ -74,6 +80,56 @@ print("torch repeats ok", float(out.float().abs().sum()))
 PY
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvsan.py 2>&1 | tee $OUT/sanitize.log | tail -8
   echo "sanitizer exit: ${PIPESTATUS[0]}"
+  ;;
+smoke)  # one long chunk, contiguous and paged, against the decode kernel (num_splits=1)
+  timeout 120 python3 - <<'PY' 2>&1 | tee $OUT/smoke.log | tail -12
+import numpy as np, cupy, fastattn
+from fastattn.backends.cuda import _decode
+rng = np.random.default_rng(0)
+def g(*s): return cupy.asarray(rng.standard_normal(s).astype(np.float16))
+lens = cupy.asarray(np.array([0, 17, 1000], np.int32))
+q, k, v = g(3, 300, 32, 128), g(3, 300, 8, 128), g(3, 300, 8, 128)
+kc, vc = g(3, 1400, 8, 128), g(3, 1400, 8, 128)
+table = cupy.asarray(rng.permutation(3 * 22).reshape(3, 22).astype(np.int32))
+kp, vp = g(3 * 22, 64, 8, 128), g(3 * 22, 64, 8, 128)
+for name, caches, tb in (("contiguous", (kc, vc), None), ("paged", (kp, vp), table)):
+    res = []
+    for splits in (None, 1):
+        c = [x.copy() for x in caches]
+        out, lse = fastattn.flash_attention_with_kvcache(q, *c, k, v, cache_seqlens=lens, block_table=tb,
+                                                         num_splits=splits, return_lse=True)
+        res.append((out.astype(cupy.float32), lse, c))
+    (a, la, ca), (b, lb, cb) = res
+    err = float(cupy.linalg.norm(a - b) / cupy.linalg.norm(b))
+    plan = [p for p in _decode._PLANS.values() if p.long is not None]
+    print(name, "rel diff vs decode kernel", err, "lse max diff", float(cupy.nanmax(cupy.abs(la - lb))),
+          "caches equal", all(bool((x == y).all()) for x, y in zip(ca, cb)), [p.long.kernel for p in plan])
+PY
+  ;;
+longsan)  # compute-sanitizer memcheck on a long chunk, contiguous and paged (append + forward)
+  cat > /tmp/kvlongsan.py <<'PY'
+import numpy as np, cupy, fastattn
+from fastattn.backends.cuda import _decode
+rng = np.random.default_rng(1)
+def g(*s, dt="float16"): return cupy.asarray(rng.standard_normal(s).astype(dt))
+lens = cupy.asarray(np.array([0, 17, 333], np.int32))
+for dt in ("float16", "bfloat16"):
+    q, k, v = g(3, 130, 32, 128, dt=dt), g(3, 130, 8, 128, dt=dt), g(3, 130, 8, 128, dt=dt)
+    kc, vc = g(3, 470, 8, 128, dt=dt), g(3, 470, 8, 128, dt=dt)
+    out = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, softcap=5.0)
+    table = cupy.asarray(rng.permutation(3 * 30).reshape(3, 30).astype(np.int32))
+    kp, vp = g(3 * 30, 16, 8, 128, dt=dt), g(3 * 30, 16, 8, 128, dt=dt)
+    out2 = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table,
+                                                 window=(100, 0))
+    cupy.cuda.Device().synchronize()
+    print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()), float(abs(out2.astype(cupy.float32)).sum()),
+          [p.long.kernel for p in _decode._PLANS.values() if p.long is not None])
+PY
+  timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvlongsan.py 2>&1 | tee $OUT/longsan.log | tail -8
+  echo "sanitizer exit: ${PIPESTATUS[0]}"
+  ;;
+prefill)
+  timeout ${BENCH_TIMEOUT:-400} python3 -m fastattn._bench_decode_cuda --prefill ${BENCH_ARGS:-} --json $OUT/prefill_bench.json 2>&1 | tee $OUT/prefill.log | tail -50
   ;;
 bench)
   timeout ${BENCH_TIMEOUT:-400} python3 -m fastattn._bench_decode_cuda ${BENCH_ARGS:-} --json $OUT/decode_bench.json 2>&1 | tee $OUT/bench.log | tail -70

@@ -10,7 +10,9 @@
   cache - 1, an int).  Grid: batch {1, 8, 64} x heads_q/heads_kv {32/32, 32/8} x cache {4k .. 128k}
   (what fits in device memory).
 - chunked prefill (seq_q 16 .. 512 appended to a 4k / 16k cache): TFLOP/s over the attended pairs
-  (4 x head_dim flops each) beside SDPA given the equivalent explicit bottom-right boolean mask.
+  (4 x head_dim flops each) beside SDPA given the equivalent explicit bottom-right boolean mask; fastattn as
+  routed (num_splits=None: ``_decode.long_route`` picks the decode kernel or the forward kernel), each
+  kernel alone (``_decode.LONG_ROUTE`` forced), and a paged cache (64-token blocks, shuffled) as routed.
 - host overhead: time per call of a loop of 1000 decode calls on a tiny cache (fastattn with an int
   length, with a device length (the value check reads it to the host), SDPA), the median of 5 rounds
   taken in turns: wall (to the synchronization after the loop) and host (the loop alone: where the GPU
@@ -34,8 +36,12 @@ CACHES = (4096, 16384, 32768, 65536, 131072)
 QUICK_CACHES = (4096, 32768, 131072)
 BATCHES = (1, 8, 64)
 HEADS = ((32, 32), (32, 8))
-PREFILL_SEQ_Q = (16, 64, 128, 512)
+PREFILL_SEQ_Q = (16, 32, 64, 128, 256, 512)
 PREFILL_CACHES = (4096, 16384)
+#: the extra shapes and caches of ``--crossover`` (where the forward kernel overtakes the decode kernel):
+#: (batch, hq, hkv), and an 8k cache for every shape
+CROSSOVER_SHAPES = ((1, 32, 32), (4, 32, 8))
+CROSSOVER_CACHES = (8192,)
 PAGE = 64
 
 
@@ -187,6 +193,15 @@ def _prefill_row(seq_q: int, cache: int, hq: int = 32, hkv: int = 8, batch: int 
                dtype="float16", pairs=pairs)
     row["fastattn_ms"] = _graph_time_ms(
         [lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=past)])
+    for route in ("decode", "forward"):
+        row[f"{route}_ms"] = _forced_ms(
+            lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=past), route)
+    blocks = -(-cache // PAGE)
+    table = torch.randperm(batch * blocks, device=dev, dtype=torch.int32).reshape(batch, blocks)
+    kp = kc.reshape(batch * blocks, PAGE, hkv, D)[table.flatten().argsort()]  # the same rows, shuffled blocks
+    vp = vc.reshape(batch * blocks, PAGE, hkv, D)[table.flatten().argsort()]
+    row["paged_ms"] = _graph_time_ms(
+        [lambda: fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=past, block_table=table)])
     i = torch.arange(seq_q, device=dev)[:, None]
     j = torch.arange(cache, device=dev)[None, :]
     mask = j <= i + past  # bottom-right causal
@@ -207,10 +222,24 @@ def _prefill_row(seq_q: int, cache: int, hq: int = 32, hkv: int = 8, batch: int 
             best = (ms, variant)
     if best is not None:
         row["sdpa_ms"], row["sdpa_variant"] = best
-    for name in ("fastattn", "sdpa"):
+    for name in ("fastattn", "decode", "forward", "paged", "sdpa"):
         if f"{name}_ms" in row:
             row[f"{name}_tflops"] = 4 * D * pairs / (row[f"{name}_ms"] * 1e-3) / 1e12
     return row
+
+
+def _forced_ms(fn: Callable[[], Any], route: str) -> float:
+    """Device ms of a call served by one kernel ("decode" or "forward": ``_decode.LONG_ROUTE``)."""
+    from fastattn import _kvcache
+    from fastattn.backends.cuda import _decode
+
+    _decode.LONG_ROUTE = route
+    _kvcache._FAST.clear()  # a remembered repeat state would keep the routed plan
+    try:
+        return _graph_time_ms([fn])
+    finally:
+        _decode.LONG_ROUTE = "auto"
+        _kvcache._FAST.clear()
 
 
 def _overhead_rows(n: int = 1000, rounds: int = 5) -> list[dict]:
@@ -268,13 +297,18 @@ def _overhead_rows(n: int = 1000, rounds: int = 5) -> list[dict]:
     return rows
 
 
-def run_decode_bench(quick: bool = False, progress: Callable[[dict], None] | None = None) -> list[dict]:
+def run_decode_bench(quick: bool = False, progress: Callable[[dict], None] | None = None,
+                     prefill_only: bool = False, crossover: bool = False) -> list[dict]:
     """Every row of the decode benchmark (see the module docstring); ``quick``: caches 4k / 32k / 128k and
-    fewer prefill rows."""
+    fewer prefill rows; ``prefill_only``: the chunked-prefill rows alone; ``crossover``: also the prefill
+    rows of CROSSOVER_SHAPES."""
     torch = _torch()
     rows = [dict(kind="copy", tbps=copy_bandwidth(), device=torch.cuda.get_device_name(0))]
     if progress:
         progress(rows[-1])
+    if prefill_only:
+        rows += _prefill_rows(quick, progress, crossover)
+        return rows
     for batch in BATCHES:
         for hq, hkv in HEADS:
             for cache in (QUICK_CACHES if quick else CACHES):
@@ -284,15 +318,27 @@ def run_decode_bench(quick: bool = False, progress: Callable[[dict], None] | Non
                 rows.append(row)
                 if progress:
                     progress(row)
-    for cache in PREFILL_CACHES[:1] if quick else PREFILL_CACHES:
-        for seq_q in PREFILL_SEQ_Q:
-            rows.append(_prefill_row(seq_q, cache))
-            if progress:
-                progress(rows[-1])
+    rows += _prefill_rows(quick, progress, crossover)
     rows += _overhead_rows()
     if progress:
         for r in rows[-4:]:
             progress(r)
+    return rows
+
+
+def _prefill_rows(quick: bool, progress: Callable[[dict], None] | None, crossover: bool) -> list[dict]:
+    rows = []
+    shapes = ((1, 32, 8),) + (CROSSOVER_SHAPES if crossover else ())
+    caches = PREFILL_CACHES[:1] if quick else PREFILL_CACHES
+    if crossover:
+        caches = tuple(sorted(caches + CROSSOVER_CACHES))
+    for batch, hq, hkv in shapes:
+        for cache in caches:
+            for seq_q in PREFILL_SEQ_Q:
+                rows.append(_prefill_row(seq_q, cache, hq, hkv, batch))
+                _torch().cuda.empty_cache()
+                if progress:
+                    progress(rows[-1])
     return rows
 
 
@@ -316,14 +362,18 @@ def format_decode_table(rows: list[dict]) -> str:
             f"| {r['batch']} | {r['heads_q']}/{r['heads_kv']} | {r['cache'] // 1024}k | {_f(ours)} | {_f(paged)} | "
             f"{_f(sdpa)} | {_f(ours / sdpa if ours and sdpa else None)}x | "
             f"{_f(paged / ours if paged and ours else None)} | {_f(ours / copy if ours and copy else None)} |")
-    lines += ["", "chunked prefill, float16, heads 32/8, head_dim 128, TFLOP/s over attended pairs "
-                  "(SDPA with the explicit bottom-right mask)",
-              "| cache | seq_q | fastattn | SDPA | ratio |", "|---|---|---|---|---|"]
+    lines += ["", "chunked prefill, float16, head_dim 128, TFLOP/s over attended pairs (SDPA with the explicit "
+                  "bottom-right mask; fastattn as routed, each kernel alone, paged as routed)",
+              "| batch | heads q/kv | cache | seq_q | fastattn | decode kernel | forward kernel | paged | SDPA | "
+              "fastattn/SDPA | decode/SDPA | forward/SDPA | paged/SDPA |", "|---" * 13 + "|"]
+    names = ("fastattn", "decode", "forward", "paged")
     for r in rows:
         if r["kind"] == "prefill":
-            ours, sdpa = r.get("fastattn_tflops"), r.get("sdpa_tflops")
-            lines.append(f"| {r['cache'] // 1024}k | {r['seq_q']} | {_f(ours, '{:.1f}')} | {_f(sdpa, '{:.1f}')} | "
-                         f"{_f(ours / sdpa if ours and sdpa else None)}x |")
+            sdpa = r.get("sdpa_tflops")
+            ours = [r.get(f"{n}_tflops") for n in names]
+            ratios = " | ".join(f"{_f(x / sdpa if x and sdpa else None)}x" for x in ours)
+            lines.append(f"| {r['batch']} | {r['heads_q']}/{r['heads_kv']} | {r['cache'] // 1024}k | {r['seq_q']} | "
+                         + " | ".join(_f(x, '{:.1f}') for x in ours) + f" | {_f(sdpa, '{:.1f}')} | {ratios} |")
     lines += ["", "host overhead per call (loop of 1000, tiny decode step, median of 5 rounds)",
               "| what | wall us per call | host us per call |", "|---|---|---|"]
     for r in rows:
@@ -340,8 +390,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="decode benchmark (GPU)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--prefill", action="store_true", help="the chunked-prefill rows alone")
+    parser.add_argument("--crossover", action="store_true", help="also the prefill rows of CROSSOVER_SHAPES")
     args = parser.parse_args()
-    result = run_decode_bench(args.quick, progress=lambda r: print(r, flush=True))
+    result = run_decode_bench(args.quick, progress=lambda r: print(r, flush=True), prefill_only=args.prefill,
+                              crossover=args.crossover)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

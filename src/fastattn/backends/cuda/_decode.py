@@ -230,7 +230,7 @@ class _Plan:
 
     __slots__ = ("kernel", "threads", "smem", "block_rows", "block_kv", "per_sm", "combine", "mid_len", "acc",
                  "attend", "merge", "q_tiles", "units", "n_rows", "out_shape", "lse_shape", "dv", "fusable",
-                 "sms", "splits_by_tiles", "at_splits")
+                 "sms", "splits_by_tiles", "at_splits", "long")
 
     def splits(self, max_len: int, requested: int | None) -> int:
         key_tiles = -(-max_len // self.block_kv)
@@ -324,6 +324,8 @@ def _plan(call: Any, facts: dict) -> _Plan:
     p.fusable = (acc == "float32" and _specs.is_mma_dtype(dtype) and dv % 4 == 0 and p.units <= _SEM_SLICE
                  and (block_rows * _FUSED_MAX_SPLITS + 2 * block_rows) * 4 <= smem and _FUSE)
     p.splits_by_tiles = {}
+    p.long = _long_plan(call, facts, (*front, *mid, _I32(1), _I32(q_tiles), *static_tail[:3])) \
+        if facts["long"] else None
     return p
 
 
@@ -459,9 +461,11 @@ def kvcache(call: Any) -> tuple[Any, Any]:
             cp.cuda.runtime.setDevice(prev_device)
 
 
-def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr | None, device: int) -> _Plan:
-    """The plan of a call's geometry (built once per geometry; ``aligned``: every base pointer 16-byte
-    aligned, which the 16-byte loads need)."""
+def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr | None, device: int,
+             max_len: int) -> _Plan:
+    """The plan of a call's geometry (built once per geometry and route; ``aligned``: every base pointer
+    16-byte aligned, which the 16-byte loads need; ``max_len``: the longest sequence, for long_route)."""
+    route = long_route(call, max_len, _device_facts(device)[0])
     layout, new = call.layout, kn is not None
     q_s = _bshd(q.strides, layout)
     if call.paged:
@@ -475,7 +479,8 @@ def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr |
     aligned = ((q.ptr | kc.ptr | vc.ptr | (kn.ptr | vn.ptr if new else 0)) % 16) == 0
     key = (device, call.dtype, layout, call.paged, call.batch, sq, hq, call.heads_kv, call.head_dim, dv,
            call.seq_new, call.capacity, call.block_size, call.num_blocks, q_s, k_s, v_s, kn_s, vn_s, aligned,
-           call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale)
+           call.causal, call.window, call.softcap, call.alibi_slopes is not None, call.scale, route,
+           int(call.alibi_slopes.shape[0]) if call.alibi_slopes is not None else 0)
     plan = _PLANS.get(key)
     if plan is None:
         vec = False
@@ -485,7 +490,8 @@ def _plan_of(call: Any, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr |
             if new:
                 shapes += [(kn, call.head_dim, tuple(call.k.shape)), (vn, dv, tuple(call.v.shape))]
             vec = _vec_ok(shapes, 2) and dv % 8 == 0
-        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec)
+        facts = dict(device=device, q=q_s, kc=k_s, vc=v_s, kn=kn_s, vn=vn_s, out=out_s, vec=vec, aligned=aligned,
+                     long=route)
         plan = _plan(call, facts)
         if len(_PLANS) > 256:
             _PLANS.clear()
@@ -531,7 +537,8 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
     slopes = call.alibi_slopes
     if slopes is not None:
         sa = _arr(slopes)
-        if int(slopes.shape[-1]) > 1 and sa.strides[-1] != 1:
+        rows, heads = int(slopes.shape[0]), int(slopes.shape[-1])
+        if (heads > 1 and sa.strides[-1] != 1) or (rows > 1 and sa.strides[0] != heads):  # (rows, heads) rows
             slopes = slopes.contiguous() if _is_torch(slopes) else _cupy().ascontiguousarray(slopes)
             sa = _arr(slopes)
         slopes_ptr = sa.ptr
@@ -540,7 +547,12 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
     new = call.k is not None
     kn = _arr(call.k) if new else None
     vn = _arr(call.v) if new else None
-    plan = _plan_of(call, q, kc, vc, kn, vn, device)
+    plan = _plan_of(call, q, kc, vc, kn, vn, device, max_len)
+    if plan.long is not None:  # a long chunk: the append alone, then the forward kernel
+        values = (lens_ptr, lens_kind, lens_const, table_ptr, table_kind, table_sb, slopes_ptr)
+        out, lse = _run_long(call, plan.long, q, kc, vc, kn, vn, device, values, stream_ptr)
+        del lens_dev, table_dev, slopes
+        return out, lse
     splits = plan.splits(max_len, call.num_splits)
     sem = _SEMS.get(device, stream_ptr, capturing) if splits > 1 and plan.fusable and \
         splits <= _FUSED_MAX_SPLITS else 0
@@ -575,6 +587,182 @@ def _launch_call(plan: _Plan, ptrs: tuple, out_ptr: int, lse_ptr: int, scratch: 
     if splits > 1 and not sem:
         plan.merge.launch((po_ptr, pl_ptr, out_ptr, lse_ptr, splits), 0, (), (plan.n_rows, 1), 128, 0,
                           stream_ptr)  # one block a row
+
+
+# --- long chunks: the append alone, then the forward kernel on the cache in place -----------------------
+
+# Which kernel serves a float16 / bfloat16 chunk (long_route).  The forward kernel runs one block per
+# (128-row query tile, batch entry, query head) over all of the tile's keys; the decode kernel splits the keys
+# (so a few rows still fill the machine) but computes 64-row tiles at about half the forward's rate.  So the
+# forward wins once its tiles keep enough of the machine busy: fill = useful query rows / (SMs x 128), the
+# rows of partial tiles counted by their share of a tile (a 64-row chunk fills half of each tile it takes),
+# and wastes no more than half of each tile.  Measured on the H100 with each kernel forced (fp16, head_dim
+# 128, heads 32/8 and 32/32, batch 1 and 4, caches 4k / 8k / 16k, seq_q 16-512; docs/cuda.md, "Long
+# chunks"): the forward ahead from fill 0.4 at every cache length, from fill 0.2 on caches up to 4k keys (at
+# fill 0.24: 84 vs 70 TFLOP/s at 4k, 92 vs 107 at 8k, 97 vs 148 at 16k); this rule picks the faster kernel
+# in every measured row.
+
+#: rows per k/v head (seq_q x heads_q / heads_kv) below which the decode kernel always serves
+LONG_MIN_ROWS = 128
+#: the least share of its 128-row tiles a chunk must fill (seq_q 64 fills half of one)
+LONG_MIN_SHARE = 0.5
+#: fill from which the forward kernel serves at any cache length
+LONG_FILL = 0.4
+#: fill from which it serves calls whose longest sequence holds at most LONG_SHORT_KEYS keys
+LONG_FILL_SHORT = 0.2
+LONG_SHORT_KEYS = 6144
+#: "auto" (the rule above), or "decode" / "forward" for every eligible call (benchmarks and tests)
+LONG_ROUTE = "auto"
+#: query rows of a forward block (fa_fwd_sm90's two warpgroups; fa_fwd_mma's four warps of 32 rows)
+_FWD_ROWS = 128
+
+
+def long_share(call: Any) -> float:
+    """The share of its 128-row query tiles a chunk's rows fill."""
+    return call.seq_q / (-(-call.seq_q // _FWD_ROWS) * _FWD_ROWS)
+
+
+def long_fill(call: Any, multiprocessors: int) -> float:
+    """The share of the machine the forward kernel's query tiles keep busy (see above)."""
+    return call.batch * call.heads_q * call.seq_q * long_share(call) / (multiprocessors * _FWD_ROWS)
+
+
+def long_route(call: Any, max_len: int, multiprocessors: int) -> bool:
+    """Does a call go the long-chunk way (append, then the forward kernel)?  float16 / bfloat16, no
+    explicit num_splits (a split of the keys is the decode kernel's: num_splits keeps a call there), a
+    nonempty batch, cache and chunk, then the rule above (``max_len``: the longest sequence after the append, the
+    capacity where unknown).  A paged cache also needs the Hopper kernel: ``_long_plan`` says None where it
+    cannot serve."""
+    if not (_specs.is_mma_dtype(call.dtype) and call.num_splits is None and call.batch > 0 and call.capacity > 0
+            and call.seq_q > 0):
+        return False
+    if LONG_ROUTE != "auto":
+        return LONG_ROUTE == "forward"
+    if call.seq_q * call.group < LONG_MIN_ROWS or long_share(call) < LONG_MIN_SHARE:
+        return False
+    fill = long_fill(call, multiprocessors)
+    return fill >= LONG_FILL or (fill >= LONG_FILL_SHORT and max_len <= LONG_SHORT_KEYS)
+
+
+class _LongPlan(NamedTuple):
+    """The two launches of a long chunk: fa_kv_append (the decode kernels' parameter buffer plus rag) and
+    the forward kernel (its parameter buffer: pointers first, the block table last when paged)."""
+
+    append: _Launch
+    append_grid: tuple[int, int]
+    forward: _Launch
+    forward_grid: tuple[int, int]
+    threads: int
+    smem: int
+    paged_at: int  # the block table's slot (paged), else 0
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, ...]
+    kernel: str
+
+
+def _view(ptr: int, device: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> Any:
+    """A CuPy array over device memory it does not own (the forward launcher's plan reads its shape,
+    strides and alignment; launches take the pointers of each call)."""
+    cp = _cupy()
+    dt = np.uint16 if itemsize == 2 else np.float32
+    mem = cp.cuda.UnownedMemory(ptr, 1, None, device)
+    return cp.ndarray(shape, dtype=dt, memptr=cp.cuda.MemoryPointer(mem, 0),
+                      strides=tuple(int(s) * itemsize for s in strides))
+
+
+def _long_plan(call: Any, facts: dict, append_args: tuple) -> _LongPlan | None:
+    """The long-chunk launches of a call's geometry, or None where the decode kernel must serve it (a paged
+    cache without the Hopper kernel: only fa_fwd_sm90 has the block-table loads)."""
+    from ..._masks import MaskRule
+    from ..._validate import AttentionSpec, MaskArrays, numpy_dtype
+    from . import _launch as fwd
+
+    device, dtype = facts["device"], call.dtype
+    b, hq, hkv, sq, d, dv = call.batch, call.heads_q, call.heads_kv, call.seq_q, call.head_dim, call.head_dim_v
+    cap = call.capacity
+    base = 1 << 20  # a 16-byte aligned stand-in pointer: alignment is part of the plan's key
+    if not facts["aligned"]:
+        base += 2
+    qs, os_ = facts["q"], facts["out"]  # (b, s, h, d); out (b, s, h) element strides
+    q_v = _view(base, device, (b, hq, sq, d), (qs[0], qs[2], qs[1], qs[3]), 2)
+    out_v = _view(1 << 20, device, (b, hq, sq, dv), (os_[0], os_[2], os_[1], 1), 2)
+    lse_v = _view(1 << 20, device, (b, hq, sq), (hq * sq, sq, 1), 4)
+    ks, vs = facts["kc"], facts["vc"]  # contiguous: (b, s, h, d); paged: (block, row, h, d)
+    if call.paged:
+        k_v = _view(base, device, (b, hkv, cap, d), (0, ks[2], ks[1], ks[3]), 2)
+        v_v = _view(base, device, (b, hkv, cap, dv), (0, vs[2], vs[1], vs[3]), 2)
+    else:
+        k_v = _view(base, device, (b, hkv, cap, d), (ks[0], ks[2], ks[1], ks[3]), 2)
+        v_v = _view(base, device, (b, hkv, cap, dv), (vs[0], vs[2], vs[1], vs[3]), 2)
+    slopes = call.alibi_slopes
+    rule = MaskRule(causal=call.causal, bottom_right=True, window_left=call.window[0],
+                    window_right=call.window[1], softcap=call.softcap, alibi=slopes is not None)
+    spec = AttentionSpec(batch=b, heads=hq, seq_q=sq, seq_kv=cap, head_dim=d, dtype=numpy_dtype(dtype),
+                         causal=call.causal, scale=call.scale, dropout_p=0.0, seed=None, block_q=None, block_kv=None,
+                         num_threads=None, q_shape=(b, hq, sq, d), heads_kv=hkv, head_dim_v=dv, layout="bhsd",
+                         rule=rule, ragged="padded",
+                         arrays=MaskArrays(alibi_slopes=_SlopesShape(int(slopes.shape[0])) if slopes is not None
+                                           else None))
+    family, extra, config = fwd.kernel_family(), (), None
+    if call.paged:
+        vec = facts["vec"]
+        if not (vec and family == "auto" and fwd.device_capability() == (9, 0) and device not in fwd._SM90_FAILED):
+            return None
+        d_pad, _ = fwd.dims(spec, dtype, True)
+        config, extra = fwd.tile_config(spec, dtype, d_pad, True), _specs.SM90_PAGED_OPTIONS
+    try:
+        kernel, grid, threads, smem, static_args, used, _ = fwd._make_plan(
+            q_v, k_v, v_v, out_v, lse_v, spec, dtype, config, extra, family)
+    except Exception:  # noqa: BLE001 - the paged Hopper kernel did not build here: the decode kernel serves
+        if not call.paged:
+            raise
+        return None
+    ptrs = (_U64(0),) * 10  # q, k, v, out, lse, attn_mask, slopes, rag_q, rag_kv, v_flag
+    paged = ()
+    if call.paged:
+        paged = (_U64(0), _I32(0), _I64(0), _I32(call.block_size), _I32(call.num_blocks), _I64(ks[0]),
+                 _I64(vs[0]))
+    args = (*ptrs, *static_args, *paged)
+    append = _Launch(get_kernel(_specs.kv_append_name(dtype), 0), (*append_args, _U64(0)))
+    return _LongPlan(append=append, append_grid=(b * hkv, max(1, -(-call.seq_new // _APPEND_TOKENS))),
+                     forward=_Launch(kernel, args), forward_grid=(int(grid[0]), 1), threads=int(threads[0]),
+                     smem=int(smem), paged_at=len(ptrs) + len(static_args) if call.paged else 0,
+                     out_shape=(b, sq, hq, dv) if call.layout == "bshd" else (b, hq, sq, dv), lse_shape=(b, hq, sq),
+                     kernel=used.kernel)
+
+
+#: new tokens a block of fa_kv_append copies (decode.cu: DEC_APPEND_TOKENS)
+_APPEND_TOKENS = 16
+
+
+class _SlopesShape(NamedTuple):
+    """What the forward's plan reads of alibi_slopes: its batch axis (the pointer is the call's)."""
+
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.rows,)
+
+
+def _run_long(call: Any, lp: _LongPlan, q: _Arr, kc: _Arr, vc: _Arr, kn: _Arr | None, vn: _Arr | None,
+              device: int, values: tuple, stream_ptr: int) -> tuple[Any, Any]:
+    """fa_kv_append (the new tokens into the cache, and the forward's lengths: seq_q and cached + new per
+    sequence), then the forward kernel reading the cache in place (bottom-right causal, ragged keys), on one
+    stream: no copy of the cache, capturable as the decode path is."""
+    lens_ptr, lens_kind, lens_const, table_ptr, table_kind, table_sb, slopes_ptr = values
+    arrays = _alloc(call, device, [(lp.out_shape, call.dtype), (lp.lse_shape, "float32"),
+                                   ((2 * call.batch,), "int32")])
+    (out, out_ptr), (lse, lse_ptr), (_, rag_ptr) = arrays
+    new_ptrs = (kn.ptr, vn.ptr) if kn is not None else (0, 0)
+    front = (q.ptr, kc.ptr, vc.ptr, *new_ptrs, out_ptr, lse_ptr, 0, 0, 0, lens_ptr, lens_kind, lens_const,
+             table_ptr, table_kind, table_sb, slopes_ptr, 0)
+    lp.append.launch(front, len(lp.append.params) - 1, (rag_ptr,), lp.append_grid, 128, 0, stream_ptr)
+    lp.forward.launch((q.ptr, kc.ptr, vc.ptr, out_ptr, lse_ptr, 0, slopes_ptr, rag_ptr, rag_ptr + 4 * call.batch, 0),
+                      lp.paged_at, (table_ptr, table_kind, table_sb) if lp.paged_at else (), lp.forward_grid,
+                      lp.threads, lp.smem, stream_ptr)
+    del arrays
+    return out, lse
 
 
 # --- the repeat path: a call whose geometry was seen (torch tensors, outside graph capture) ---------------
@@ -688,8 +876,10 @@ def repeat_entry(call: Any) -> Repeat | None:
     q, kc, vc = _arr(call.q), _arr(call.k_cache), _arr(call.v_cache)
     new = call.k is not None
     kn, vn = (_arr(call.k), _arr(call.v)) if new else (None, None)
+    if long_route(call, 0, _device_facts(q.device)[0]):  # chunks the forward kernel may serve: the full path
+        return None  # (it routes by each call's lengths; their launches outweigh its host time)
     r = Repeat()
-    r.plan = _plan_of(call, q, kc, vc, kn, vn, q.device)
+    r.plan = _plan_of(call, q, kc, vc, kn, vn, q.device, 0)
     r.call = dataclasses.replace(call, q=None, k_cache=None, v_cache=None, k=None, v=None, like=None,
                                  cache_seqlens=None, block_table=None)  # check_values' facts, no arrays
     r.device, r.new, r.paged, r.seq_new = q.device, new, call.paged, call.seq_new

@@ -358,6 +358,25 @@ def all_sm90_name_expressions() -> list[str]:
     return _unique(names)
 
 
+#: the Hopper kernel reading a paged K/V cache through its block table (flash_attention_with_kvcache's long
+#: chunks): the same source and names compiled with this define (flash_fwd_sm90.cu: FA_PAGED_KV), so the
+#: plain forward's cubins do not change
+SM90_PAGED_OPTIONS = ("-DFA_PAGED_KV",)
+
+
+def all_sm90_paged_name_expressions() -> list[str]:
+    """The Hopper kernel's specializations the KV-cache path launches with ``SM90_PAGED_OPTIONS``: every
+    head dim pair, causal / window or not, softcap / ALiBi (MODS_FORM 2) or not, no attn_mask."""
+    names: list[str] = []
+    for dtype in ("float16", "bfloat16"):
+        for dim, dv in sm90_dim_pairs():
+            for interval in (False, True):
+                for mods in (False, True):
+                    for _, cfg in SM90_RULES[(dim, interval)]:
+                        names.append(sm90_name(dtype, dim, cfg, interval, dv, mods, attn_mask=False))
+    return _unique(names)
+
+
 def v_scan_name(dtype: str) -> str:
     """The V pre-scan of the Hopper kernel (does V hold inf / NaN?)."""
     return f"fa_v_nonfinite<{_b(dtype == 'bfloat16')}>"
@@ -431,6 +450,11 @@ def decode_simt_name(dtype: str, head_dim: int, interval: bool, mods: bool) -> s
     return f"fa_decode_simt<{_CXX_TYPE[dtype]}, {_LSE_TYPE[dtype]}, {head_dim}, {_b(interval)}, {_b(mods)}>"
 
 
+def kv_append_name(dtype: str) -> str:
+    """The append alone (decode.cu: fa_kv_append), before the forward kernel attends a long chunk."""
+    return f"fa_kv_append<{_CXX_TYPE[dtype]}>"
+
+
 def decode_combine_name(dtype: str) -> str:
     lse = "double" if dtype == "float64" else "float"
     return f"fa_decode_combine<{_CXX_TYPE[dtype]}, {lse}>"
@@ -464,11 +488,13 @@ def all_decode_name_expressions() -> list[str]:
                 names.append(decode_simt_name(dtype, dim, interval, mods))
     for dtype in ("float16", "bfloat16", "float32", "float64"):
         names.append(decode_combine_name(dtype))
+    for dtype in ("float16", "bfloat16"):
+        names.append(kv_append_name(dtype))
     return _unique(names)
 
 
 def is_decode_name(name: str) -> bool:
-    return name.startswith("fa_decode_")
+    return name.startswith(("fa_decode_", "fa_kv_append"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,14 +127,21 @@ __device__ __forceinline__ dec_seq<T> dec_seq_of(const T* k_cache, const T* v_ca
     return s;
 }
 
-// The append: new token t of sequence b, head hkv -> cache position cached + t (positions at or past
-// capacity and invalid blocks are skipped).  Every thread of the block takes a share.
+// The append: new tokens [t0, t1) of sequence b, head hkv -> cache positions cached + t (positions at or
+// past capacity and invalid blocks are skipped; t1 <= total - cached).  Every thread of the block takes
+// a share: 16-byte chunks where vec (unit stride along d, 16-byte aligned rows, d and dv multiples of 8:
+// checked by the launcher), else elements.
 template <typename T>
-__device__ __forceinline__ void dec_append(const dec_seq<T>& s, int d, int dv, int tid, int nt) {
-    const long long k_sd = s.k_sd, v_sd = s.v_sd, kn_sd = s.kn_sd, vn_sd = s.vn_sd;
-    const int width = d + dv;  // a token's k then v elements
-    for (int e = tid; e < (s.total - s.cached) * width; e += nt) {
-        const int t = e / width, c = e - (e / width) * width, j = s.cached + t;
+__device__ __forceinline__ void dec_append_rows(const dec_seq<T>& s, int t0, int t1, int d, int dv, bool vec,
+                                                int tid, int nt) {
+    const int step = vec ? 16 / (int)sizeof(T) : 1;  // elements a copy moves
+    const long long k_sd = vec ? 1 : s.k_sd, v_sd = vec ? 1 : s.v_sd, kn_sd = vec ? 1 : s.kn_sd,
+                    vn_sd = vec ? 1 : s.vn_sd;
+    const int ck = d / step, width = ck + dv / step;  // a token's k then v copies
+    T* kc = const_cast<T*>(s.kc);
+    T* vc = const_cast<T*>(s.vc);
+    for (int e = tid; e < (t1 - t0) * width; e += nt) {
+        const int t = t0 + e / width, c = e - (e / width) * width, j = s.cached + t;
         long long k_off = (long long)j * s.k_ss, v_off = (long long)j * s.v_ss;  // contiguous: row j
         if (s.block_size != 0) {
             const long long blk = s.block_of(j);
@@ -142,12 +149,20 @@ __device__ __forceinline__ void dec_append(const dec_seq<T>& s, int d, int dv, i
             k_off = blk * s.k_sb + (long long)(j % s.block_size) * s.k_ss;
             v_off = blk * s.v_sb + (long long)(j % s.block_size) * s.v_ss;
         }
-        if (c < d)
-            const_cast<T*>(s.kc)[k_off + (long long)c * k_sd] = s.kn[(long long)t * s.kn_ss + (long long)c * kn_sd];
+        const bool is_k = c < ck;
+        const long long col = (long long)(is_k ? c : c - ck) * step;
+        T* dst = is_k ? kc + k_off + col * k_sd : vc + v_off + col * v_sd;
+        const T* src = is_k ? s.kn + (long long)t * s.kn_ss + col * kn_sd : s.vn + (long long)t * s.vn_ss + col * vn_sd;
+        if (vec)
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
         else
-            const_cast<T*>(s.vc)[v_off + (long long)(c - d) * v_sd] =
-                s.vn[(long long)t * s.vn_ss + (long long)(c - d) * vn_sd];
+            *dst = *src;
     }
+}
+
+template <typename T>
+__device__ __forceinline__ void dec_append(const dec_seq<T>& s, int d, int dv, bool vec, int tid, int nt) {
+    dec_append_rows<T>(s, 0, s.total - s.cached, d, dv, vec, tid, nt);
 }
 
 // ROWS rows of DIM (padded) elements into shared memory rows of LD elements; row_ptr(r) gives row r's
@@ -409,7 +424,7 @@ __global__ void __launch_bounds__(WR* WK * 32)
                                        k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, kn_sb, kn_ss, kn_sh, vn_sb, vn_ss, vn_sh, k_sd, v_sd,
                                        kn_sd, vn_sd);
     if (split == 0 && q_tile == 0 && seq_new > 0)
-        dec_append<T>(s, d, dv, tid, NT);
+        dec_append<T>(s, d, dv, vec != 0, tid, NT);
 
     const int rows = seq_q * group;
     const int r_begin = q_tile * BR, r_end = min(r_begin + BR, rows);
@@ -735,7 +750,7 @@ __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), do
                                        k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, kn_sb, kn_ss, kn_sh, vn_sb, vn_ss, vn_sh, k_sd, v_sd,
                                        kn_sd, vn_sd);
     if (split == 0 && q_tile == 0 && seq_new > 0)
-        dec_append<T>(s, d, dv, tid, NT);
+        dec_append<T>(s, d, dv, vec != 0, tid, NT);
 
     const int rows = seq_q * group;
     const int r_begin = q_tile * BR, r_end = min(r_begin + BR, rows);
@@ -857,6 +872,32 @@ __global__ void __launch_bounds__(128) fa_decode_simt(FA_DECODE_PARAMS(T, L), do
 // rows and many splits), the warps' sums added in shared memory in a fixed order; the math of fastattn.merge_attention: a row no split saw a key of gives 0 and -inf, a
 // NaN lse makes the row NaN.
 // ------------------------------------------------------------------------------------------------
+// ------------------------------------------------------------------------------------------------
+// fa_kv_append: the append alone, for chunks the forward kernel attends (the launcher's long-chunk
+// path: fa_fwd_sm90 / fa_fwd_mma read the cache in place after this launch, on the same stream).  The
+// decode kernels' arguments (one parameter buffer), then rag: the forward's padded-batch lengths,
+// rag[b] = seq_q and rag[batch + b] = total (the clamped cache length plus the new tokens), written by
+// block (b, head 0, 0).  Grid (batch * heads_kv, ceil(seq_new / DEC_APPEND_TOKENS)): block (b * heads_kv
+// + hkv, y) copies new tokens [y * DEC_APPEND_TOKENS, ...) of that sequence and head.
+// ------------------------------------------------------------------------------------------------
+#define DEC_APPEND_TOKENS 16
+
+template <typename T>
+__global__ void __launch_bounds__(128) fa_kv_append(FA_DECODE_PARAMS(T, float), int* __restrict__ rag) {
+    const int hkv = (int)(blockIdx.x % (unsigned)heads_kv), b = (int)(blockIdx.x / (unsigned)heads_kv);
+    const dec_seq<T> s = dec_seq_of<T>(k_cache, v_cache, k_new, v_new, lens, lens_kind, lens_const, table,
+                                       table_kind, table_sb, b, hkv, seq_new, capacity, block_size, num_blocks,
+                                       k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, kn_sb, kn_ss, kn_sh, vn_sb, vn_ss, vn_sh,
+                                       k_sd, v_sd, kn_sd, vn_sd);
+    if (hkv == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+        rag[b] = seq_q;
+        rag[batch + b] = s.total;
+    }
+    const int t0 = (int)blockIdx.y * DEC_APPEND_TOKENS, t1 = min(t0 + DEC_APPEND_TOKENS, s.total - s.cached);
+    if (seq_new > 0 && t0 < t1)
+        dec_append_rows<T>(s, t0, t1, d, dv, vec != 0, threadIdx.x, 128);
+}
+
 #ifndef FA_DECODE_MAX_DV
 #define FA_DECODE_MAX_DV 256  // the largest head dim of v the launcher passes (_specs.MAX_HEAD_DIM)
 #endif

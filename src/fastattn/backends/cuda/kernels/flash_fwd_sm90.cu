@@ -116,7 +116,59 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
     }
 }
 
+#ifdef FA_PAGED_KV
+// A paged K/V cache (fastattn.flash_attention_with_kvcache's long chunks; compiled only with
+// -DFA_PAGED_KV, so the plain forward's cubins do not change): key row j of batch entry b is row
+// j % block_size of block table[b * table_sb + j / block_size]; a block id outside [0, num_blocks)
+// reads as zeros (the launcher checks the table unless a CUDA graph is being captured).  g points
+// at the head's row 0 of block 0; sb is the block stride.
+struct kv_pages {
+    const void* table;
+    long long row_off, sb_k, sb_v;
+    int kind, block_size, shift, num_blocks;
+    __device__ __forceinline__ long long block(int j) const {
+        const int slot = shift >= 0 ? (j >> shift) : j / block_size;
+        const long long blk = kind == 8 ? reinterpret_cast<const long long*>(table)[row_off + slot]
+                                        : (long long)reinterpret_cast<const int*>(table)[row_off + slot];
+        return (blk < 0 || blk >= num_blocks) ? -1 : blk;
+    }
+    __device__ __forceinline__ int row_in_block(int j) const {
+        return shift >= 0 ? (j & (block_size - 1)) : j % block_size;
+    }
+};
+
+// load_tile through the block table: every row's block id first (independent loads, in flight together),
+// then the copies (a cp.async is a memory barrier to the compiler: a table load between two would wait)
+template <int R, int D, int NT>
+__device__ __forceinline__ void load_tile_paged(unsigned sbase, const unsigned short* __restrict__ g, long long ss,
+                                                long long sb, const kv_pages& pg, int row0, int seq, int d, int tid) {
+    constexpr int CPR = D / 8, TOTAL = R * CPR, PER = (TOTAL + NT - 1) / NT;
+    int blk[PER];  // the row's block, or -1 (zeros: past the keys, or an id outside the pool)
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int c = tid + i * NT, j = row0 + c / CPR;
+        blk[i] = (TOTAL % NT == 0 || c < TOTAL) && j < seq ? (int)pg.block(j) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int c = tid + i * NT;
+        if (TOTAL % NT == 0 || c < TOTAL) {
+            const int r = c / CPR, ch = c % CPR;
+            const bool ok = blk[i] >= 0 && ch * 8 < d;
+            const long long off = (long long)blk[i] * sb + (long long)pg.row_in_block(row0 + r) * ss + ch * 8;
+            cp_async_16(sbase + sw128_offset<R>(r, ch), ok ? g + off : g, ok ? 16 : 0);
+        }
+    }
+}
+#define FA_LOAD_K(dst, row0) load_tile_paged<BKV, D, NT>(dst, kp, k_ss, pages.sb_k, pages, row0, lk, d, tid)
+#define FA_LOAD_V(dst, row0) load_tile_paged<BKV, DV, NT>(dst, vp, v_ss, pages.sb_v, pages, row0, lk, dv, tid)
+#else
+#define FA_LOAD_K(dst, row0) load_tile<BKV, D, NT>(dst, kp, k_ss, row0, lk, d, tid)
+#define FA_LOAD_V(dst, row0) load_tile<BKV, DV, NT>(dst, vp, v_ss, row0, lk, dv, tid)
+#endif
+
 }  // namespace fa_sm90
+
 
 // attn_mask elements (i, j) and (i, j + 1) of kind MK as floats (a bias) or 0 / 1 (a boolean mask),
 // from row pointer row (bytes); pair: one aligned load of both (unit key stride); ok0 / ok1: the
@@ -349,7 +401,12 @@ enum { FA_MODS_NONE = 0, FA_MODS_ALL = 1, FA_MODS_LOGITS = 2, FA_MODS_TILES = 3 
 template <bool BF16, int D, int DV, int NWG, int BKV, int MINB, bool INTERVAL, int MODS_FORM>
 __global__ void __launch_bounds__(NWG * 128, MINB)
     fa_fwd_sm90(FA_COMMON_PARAMS(unsigned short, float), float softcap, float scale_log2, float scale,
-                unsigned long long seed, unsigned threshold, float keep_scale) {
+                unsigned long long seed, unsigned threshold, float keep_scale
+#ifdef FA_PAGED_KV
+                , const void* __restrict__ block_table, int table_kind, long long table_sb, int block_size,
+                int num_blocks, long long k_blk, long long v_blk
+#endif
+    ) {
     using namespace fa_sm90;
     static_assert(D % 64 == 0 && DV % 64 == 0 && BKV % 16 == 0, "D, DV: whole 64-column panels; BKV: whole k-steps");
     constexpr int BQ = 64 * NWG, NT = 128 * NWG;
@@ -401,6 +458,12 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const unsigned short* qp = q + e.view_b * q_sb + e.h * q_sh + e.q_row * q_ss;
     const unsigned short* kp = k + e.view_b * k_sb + (e.h / group) * k_sh + e.kv_row * k_ss;
     const unsigned short* vp = v + e.view_b * v_sb + (e.h / group) * v_sh + e.kv_row * v_ss;
+#ifdef FA_PAGED_KV
+    kv_pages pages;
+    pages.table = block_table, pages.row_off = (long long)e.b * table_sb, pages.sb_k = k_blk, pages.sb_v = v_blk;
+    pages.kind = table_kind, pages.block_size = block_size, pages.num_blocks = num_blocks;
+    pages.shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
+#endif
 
     // the key tiles this block needs (the one tile-skipping rule); none: every row sees no key
     int kv_lo = 0, kv_hi = 0;
@@ -469,13 +532,13 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         for (int jt = 0; jt < MST; ++jt) load_mask(jt);
     }
     load_tile<BQ, D, NT>(sQ, qp, q_ss, q0, e.lq, d, tid);
-    load_tile<BKV, D, NT>(sK, kp, k_ss, kv_begin, lk, d, tid);
+    FA_LOAD_K(sK, kv_begin);
     mbar_arrive_cp_async(full_k);
     if (n_tiles > 1) {
-        load_tile<BKV, D, NT>(sK + K_BYTES, kp, k_ss, kv_begin + BKV, lk, d, tid);
+        FA_LOAD_K(sK + K_BYTES, kv_begin + BKV);
         mbar_arrive_cp_async(full_k + 8);
     }
-    load_tile<BKV, DV, NT>(sV, vp, v_ss, kv_begin, lk, dv, tid);
+    FA_LOAD_V(sV, kv_begin);
     mbar_arrive_cp_async(full_v);
 
     float s[NS], o[NO];
@@ -667,11 +730,11 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         // while the tensor cores run: K_{j+1} into the buffer of K_{j-1}, V_j into that of V_{j-2}
         if (j + 1 < n_tiles) {
             mbar_wait(empty_k + 8 * ((j + 1) & 1), ((j - 1) >> 1) & 1);
-            load_tile<BKV, D, NT>(sK + ((j + 1) & 1) * K_BYTES, kp, k_ss, kv_begin + (j + 1) * BKV, lk, d, tid);
+            FA_LOAD_K(sK + ((j + 1) & 1) * K_BYTES, kv_begin + (j + 1) * BKV);
             mbar_arrive_cp_async(full_k + 8 * ((j + 1) & 1));
         }
         if (j >= 2) mbar_wait(empty_v + 8 * (j & 1), ((j - 2) >> 1) & 1);
-        load_tile<BKV, DV, NT>(sV + (j & 1) * V_BYTES, vp, v_ss, kv_begin + j * BKV, lk, dv, tid);
+        FA_LOAD_V(sV + (j & 1) * V_BYTES, kv_begin + j * BKV);
         mbar_arrive_cp_async(full_v + 8 * (j & 1));
         wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
         reg_fence(s);
