@@ -474,6 +474,307 @@ __global__ void __launch_bounds__(NWARPS * 32)
 }
 
 // ------------------------------------------------------------------------------------------------
+// fa_bwd_split_mma: fa_bwd_mma's work (one block per (key tile, batch * k/v head), walking the query
+// tiles that see it; dQ by atomics or not at all) with FlashAttention-2's warp layouts, so that each
+// warp reads only part of the Q / dO / K / V tiles from shared memory per product:
+//   S = Q K^T, dP = dO V^T   warps WQS (queries) x NWARPS / WQS (keys); P z and dS' go to shared memory
+//   dV += (P z)^T dO, dK += dS'^T Q   warps WKD (keys) x NWARPS / WKD (columns of d / dv): each warp
+//                            keeps its slice of dK and dV in registers over the whole walk
+//   dQ = dS' K               warps WQQ (queries) x NWARPS / WQQ (columns of d), added into dq_acc
+// Two barriers a query tile: the tile has landed (and every warp is done with the last one's P / dS'),
+// and P / dS' are complete.  Shared memory: K BKV x (D+8), V BKV x (DV+8), two stages of Q BQ x (D+8)
+// and dO BQ x (DV+8), P and dS' BQ x (BKV+8) ([query][key]), two stages of BQ lse and D values.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int D, int DV, int NWARPS, int BQ, int BKV, int WQS, int WKD, int WQQ, bool INTERVAL,
+          bool MODS, bool DROPOUT, bool VEC>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+    fa_bwd_split_mma(FA_BWD_PARAMS(T, float), float softcap, float scale_log2, float scale,
+                     unsigned long long seed, unsigned threshold, float keep_scale) {
+    constexpr int NT = NWARPS * 32;
+    constexpr int LDS = D + 8, LDV = DV + 8, LDP = BKV + 8;
+    constexpr int SM = BQ / WQS, SN = BKV / (NWARPS / WQS);  // S / dP warp tile: SM queries x SN keys
+    constexpr int MS = SM / 16, NS = SN / 8;
+    constexpr int KM = BKV / WKD, MK = KM / 16;              // dK / dV warp tile: KM keys x KC / VC columns
+    constexpr int KC = D / (NWARPS / WKD), VC = DV / (NWARPS / WKD);
+    constexpr int QM = BQ / WQQ, MQ = QM / 16;               // dQ warp tile: QM queries x QC columns
+    constexpr int QC = D / (NWARPS / WQQ);
+    static_assert(MS * 16 == SM && NS % 2 == 0 && MK * 16 == KM && MQ * 16 == QM, "whole m-tiles");
+    static_assert(KC % 16 == 0 && VC % 16 == 0 && QC % 16 == 0, "16-column slices");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sV = sK + BKV * LDS;
+    T* sQ = sV + BKV * LDV;             // 2 stages
+    T* sdO = sQ + 2 * BQ * LDS;         // 2 stages
+    T* sP = sdO + 2 * BQ * LDV;         // P z: [query][key]
+    T* sdS = sP + BQ * LDP;             // dS': [query][key]
+    float* sL = reinterpret_cast<float*>(sdS + BQ * LDP);  // 2 stages
+    float* sD = sL + 2 * BQ;                                // 2 stages
+
+    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
+    const int heads_kv = heads / group;
+    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
+                             seq_kv);
+    const int hkv = e.h;
+    const int kv0 = kv_block * BKV;
+    const int lq = e.lq, lk = e.lk;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const bool dropout = threshold != 0u;
+
+    int r_lo = 0, r_hi = 0;
+    if (kv0 < lk) {
+        e.h = hkv * group;
+        const fa_mask<INTERVAL, MODS> m0 = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
+        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
+    }
+    const int qt_begin = (r_lo / BQ) * BQ;
+    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
+    const int n_iter = n_qt * group;
+
+    const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
+
+    auto load_q_tile = [&](int it, int st) {
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
+        const T* dop = dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss;
+        load_tile<T, BQ, D, LDS, NT, VEC>(sQ + st * BQ * LDS, qp, q_ss, q_sd, q0, lq, d, tid);
+        load_tile<T, BQ, DV, LDV, NT, VEC>(sdO + st * BQ * LDV, dop, do_ss, do_sd, q0, lq, dv, tid);
+        const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+        for (int r = tid; r < BQ; r += NT) {
+            const int i = q0 + r;
+            sL[st * BQ + r] = i < lq ? lse_log2(lse[lrow + i]) : FA_INF;
+            sD[st * BQ + r] = i < lq ? dsum[lrow + i] : 0.0f;
+        }
+    };
+
+    if (n_iter > 0) {
+        load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
+        load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
+        load_q_tile(0, 0);
+    }
+    cp_async_commit();
+
+    // this warp's tiles: S / dP rows qs0.. (of the query tile), keys ks0.. (of the block); dK / dV keys
+    // kk0.., columns kc0 (d) / vc0 (dv); dQ rows qq0.., columns qc0
+    const int qs0 = (warp % WQS) * SM, ks0 = (warp / WQS) * SN;
+    const int kk0 = (warp % WKD) * KM, kc0 = (warp / WKD) * KC, vc0 = (warp / WKD) * VC;
+    const int qq0 = (warp % WQQ) * QM, qc0 = (warp / WQQ) * QC;
+
+    float acc_k[MK][KC / 8][4], acc_v[MK][VC / 8][4];
+    zero_acc(acc_k);
+    zero_acc(acc_v);
+
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int st = it & 1;
+        // tile `it` has landed; every warp is done with tile it-1 (its Q / dO stage, P and dS')
+        cp_async_wait<0>();
+        __syncthreads();
+        if (it + 1 < n_iter) load_q_tile(it + 1, st ^ 1);
+        cp_async_commit();
+
+        const int gh = it / n_qt;
+        const int h = hkv * group + gh;
+        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+        e.h = h;
+        const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
+        const T* sQs = sQ + st * BQ * LDS;
+        const T* sdOs = sdO + st * BQ * LDV;
+        const int i0 = q0 + qs0, j0 = kv0 + ks0;
+
+        if (!mask.tile_hidden(i0, SM, j0, SN)) {
+            float s[MS][NS][4], dp[MS][NS][4];
+            zero_acc(s);
+            zero_acc(dp);
+#pragma unroll
+            for (int kt = 0; kt < D / 16; ++kt) {
+                unsigned a[MS][4];
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                            smem_u32(sQs + (qs0 + mt * 16 + a_row) * LDS + kt * 16 + a_col));
+#pragma unroll
+                for (int np = 0; np < NS / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3, smem_u32(sK + (ks0 + np * 16 + b_row) * LDS + kt * 16 + b_col));
+#pragma unroll
+                    for (int mt = 0; mt < MS; ++mt) {
+                        elem<T>::mma(s[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+#pragma unroll
+            for (int kt = 0; kt < DV / 16; ++kt) {
+                unsigned a[MS][4];
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                            smem_u32(sdOs + (qs0 + mt * 16 + a_row) * LDV + kt * 16 + a_col));
+#pragma unroll
+                for (int np = 0; np < NS / 2; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3, smem_u32(sV + (ks0 + np * 16 + b_row) * LDV + kt * 16 + b_col));
+#pragma unroll
+                    for (int mt = 0; mt < MS; ++mt) {
+                        elem<T>::mma(dp[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(dp[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+
+            // P z into s, dS' into dp; element (row i0 + 16 mt + g + 8 r, key j0 + 8 n + 2 t4 + c), e2 = 2 r + c
+            const bool needs = mask.tile_needs_mask(i0, SM, j0, SN);
+#pragma unroll
+            for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int il = qs0 + mt * 16 + g + 8 * r, i = q0 + il;
+                    const float l2 = sL[st * BQ + il], dsum_i = sD[st * BQ + il];
+                    if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
+                        // the usual tile: every entry visible, nothing else to apply
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int c = 0; c < 2; ++c) {
+                                const float p = exp2_approx(fmaf(s[mt][n][2 * r + c], scale_log2, -l2));
+                                dp[mt][n][2 * r + c] = p * (dp[mt][n][2 * r + c] - dsum_i);
+                                s[mt][n][2 * r + c] = p;
+                            }
+                    } else {
+#pragma unroll
+                        for (int n = 0; n < NS; ++n) {
+                            const int j = j0 + n * 8 + 2 * t4;
+                            bool keep0 = true, keep1 = true;
+                            if (DROPOUT && dropout) {  // keys j, j + 1 share one Philox group (j even)
+                                const uint4 w = dropout_words(seed, e.b, h, i, j);
+                                keep0 = ((t4 & 1) ? w.z : w.x) >= threshold;
+                                keep1 = ((t4 & 1) ? w.w : w.y) >= threshold;
+                            }
+#pragma unroll
+                            for (int c = 0; c < 2; ++c) {
+                                float* db = nullptr;
+                                if (MODS && dbias != nullptr && i < lq && j + c < lk)
+                                    db = dbias + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv +
+                                         e.kv_row + j + c;
+                                float p;
+                                dp[mt][n][2 * r + c] =
+                                    bwd_element(mask, needs, s[mt][n][2 * r + c], dp[mt][n][2 * r + c], l2, dsum_i, i,
+                                                j + c, scale_log2, c ? keep1 : keep0, keep_scale, p, db);
+                                s[mt][n][2 * r + c] = p;
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+            for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int n = 0; n < NS; ++n) {
+                        const int o = (qs0 + mt * 16 + g + 8 * r) * LDP + ks0 + n * 8 + 2 * t4;
+                        *reinterpret_cast<unsigned*>(sP + o) = elem<T>::pack2(s[mt][n][2 * r], s[mt][n][2 * r + 1]);
+                        *reinterpret_cast<unsigned*>(sdS + o) =
+                            elem<T>::pack2(dp[mt][n][2 * r], dp[mt][n][2 * r + 1]);
+                    }
+        } else {  // no entry of this warp's tile is visible: P and dS' are 0
+            for (int w = lane; w < SM * SN / 2; w += 32) {
+                const int o = (qs0 + w / (SN / 2)) * LDP + ks0 + (w % (SN / 2)) * 2;
+                *reinterpret_cast<unsigned*>(sP + o) = 0u;
+                *reinterpret_cast<unsigned*>(sdS + o) = 0u;
+            }
+        }
+        __syncthreads();  // P and dS' of the tile are complete
+
+        // dV += (P z)^T dO and dK += dS'^T Q: P^T / dS'^T as the A operand through ldmatrix.trans
+        if (!mask.tile_hidden(q0, BQ, kv0 + kk0, KM)) {
+#pragma unroll
+            for (int kb = 0; kb < BQ / 16; ++kb) {
+                unsigned a[MK][4];
+#pragma unroll
+                for (int mt = 0; mt < MK; ++mt)
+                    ldsm_x4_trans(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                                  smem_u32(sP + (kb * 16 + b_row) * LDP + kk0 + mt * 16 + b_col));
+#pragma unroll
+                for (int np = 0; np < VC / 16; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sdOs + (kb * 16 + a_row) * LDV + vc0 + np * 16 + a_col));
+#pragma unroll
+                    for (int mt = 0; mt < MK; ++mt) {
+                        elem<T>::mma(acc_v[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(acc_v[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < MK; ++mt)
+                    ldsm_x4_trans(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                                  smem_u32(sdS + (kb * 16 + b_row) * LDP + kk0 + mt * 16 + b_col));
+#pragma unroll
+                for (int np = 0; np < KC / 16; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sQs + (kb * 16 + a_row) * LDS + kc0 + np * 16 + a_col));
+#pragma unroll
+                    for (int mt = 0; mt < MK; ++mt) {
+                        elem<T>::mma(acc_k[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(acc_k[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+        }
+
+        // dQ of the tile (rows q0 + qq0.., columns qc0..) = dS' K, added into dq_acc
+        if (dq_acc != nullptr && !mask.tile_hidden(q0 + qq0, QM, kv0, BKV)) {
+            float acc_q[MQ][QC / 8][4];
+            zero_acc(acc_q);
+#pragma unroll
+            for (int kb = 0; kb < BKV / 16; ++kb) {
+                unsigned a[MQ][4];
+#pragma unroll
+                for (int mt = 0; mt < MQ; ++mt)
+                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                            smem_u32(sdS + (qq0 + mt * 16 + a_row) * LDP + kb * 16 + a_col));
+#pragma unroll
+                for (int np = 0; np < QC / 16; ++np) {
+                    unsigned b0, b1, b2, b3;
+                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sK + (kb * 16 + a_row) * LDS + qc0 + np * 16 + a_col));
+#pragma unroll
+                    for (int mt = 0; mt < MQ; ++mt) {
+                        elem<T>::mma(acc_q[mt][2 * np], a[mt], b0, b1);
+                        elem<T>::mma(acc_q[mt][2 * np + 1], a[mt], b2, b3);
+                    }
+                }
+            }
+            float* qa = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row) * D + qc0;
+#pragma unroll
+            for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = q0 + qq0 + mt * 16 + g + 8 * r;
+                    if (i >= lq) continue;
+                    float* row = qa + (long long)i * D;
+#pragma unroll
+                    for (int n = 0; n < QC / 8; ++n)
+                        red_add_f32x2(row + n * 8 + 2 * t4, acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
+                }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK (times the scale) and dV of this warp's keys and columns; keys past Lk (a padded batch) get 0
+    const int rows_out = ragged == 2 ? lk : seq_kv;
+    store_acc_rows<T, MK, KC / 8>(dk_out + e.view_b * dk_sb + hkv * dk_sh + e.kv_row * dk_ss + kc0, dk_ss,
+                                  kv0 + kk0, rows_out, d - kc0, acc_k, scale, lane);
+    store_acc_rows<T, MK, VC / 8>(dv_out + e.view_b * dv_sb + hkv * dv_sh + e.kv_row * dv_ss + vc0, dv_ss,
+                                  kv0 + kk0, rows_out, dv - vc0, acc_v, 1.0f, lane);
+}
+
+// ------------------------------------------------------------------------------------------------
 // fa_bwd_dq_mma: dQ alone, deterministic (no atomics).  The forward's work split: one block per
 // (query tile, batch * head), each warp owns 16 * MT query rows and walks the key tiles the rule gives
 // (K / V double-buffered through cp.async); per tile S = Q K^T and dP = dO V^T, dS' in registers,
