@@ -3,6 +3,11 @@
 16 keys) and fa_bwd_split_mma (FlashAttention-2's warp layouts), beside PyTorch SDPA's flash backend.
 
     python tools/gpu_backward_ab.py [--seqs 1024 4096 16384] [--dims 64 128] [--dtypes float16]
+                                    [--tiles 64:8,64,128,2,4,2 ...] [--options -DNAME=VALUE ...]
+
+``--tiles D:warps,block_q,block_kv,wq_s,wk_dkv,wq_dq`` replaces fa_bwd_split_mma's tiles of head dim D
+(``_specs.BWD_SPLIT_CONFIGS``) for this run: a tile sweep.  ``--options`` compiles fa_bwd_split_mma with
+these extra NVRTC options (its experiment switches, e.g. ``-DFA_BWD_SPLIT_DQ_LAST=1``).
 
 FlashAttention's grid (16k tokens, hidden 2048); backward TFLOP/s with the backward counted as 2.5x the
 forward's FLOPs; ``triton.testing.do_bench`` medians, same process and buffers.  Each row also gives the
@@ -61,7 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtypes", nargs="+", default=["float16"])
+    parser.add_argument("--tiles", nargs="*", default=[], help="D:warps,block_q,block_kv,wq_s,wk_dkv,wq_dq")
+    parser.add_argument("--options", nargs="*", default=[], help="extra NVRTC options of fa_bwd_split_mma")
     args = parser.parse_args(argv)
+    from fastattn.backends.cuda import _backward, _launch, _specs
+
+    if args.options:
+        options = tuple(args.options)
+        print("fa_bwd_split_mma options:", *options)
+
+        def get_kernel(name, smem, extra=()):
+            return _launch.get_kernel(name, smem, extra + options if name.startswith("fa_bwd_split_mma<") else extra)
+
+        _backward.get_kernel = get_kernel
+
+    for text in args.tiles:
+        dim, fields = text.split(":")
+        _specs.BWD_SPLIT_CONFIGS[int(dim)] = _specs.BwdSplitConfig(*(int(x) for x in fields.split(",")))
+        print(f"D={dim}: {_specs.BWD_SPLIT_CONFIGS[int(dim)]}")
     print(f"{'dtype':9} {'D':>4} {'causal':>6} {'N':>6} | {'mma ms':>7} {'split':>7} {'FA2':>7} | "
           f"{'mma':>5} {'split':>5} {'FA2':>5} TF | {'gain':>6} {'vs FA2':>6} | max rel diff")
     for dtype in args.dtypes:

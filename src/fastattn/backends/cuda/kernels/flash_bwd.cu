@@ -473,6 +473,107 @@ __global__ void __launch_bounds__(NWARPS * 32)
                               acc_v, 1.0f, lane);
 }
 
+// experiment switches of fa_bwd_split_mma (tools/gpu_backward_ab.py --options): P to shared memory before
+// the dP product where the tile allows it; dQ after dK instead of before
+#ifndef FA_BWD_SPLIT_EARLY_P
+#define FA_BWD_SPLIT_EARLY_P 1
+#endif
+#ifndef FA_BWD_SPLIT_DQ_LAST
+#define FA_BWD_SPLIT_DQ_LAST 0
+#endif
+
+// One warp's C (16 MT x 8 NN) += A B over KS k-steps of 16, from shared memory, in the three operand forms
+// of the backward (lane offsets inside a 16 x 16 block: a_* for A and .trans B, b_* for B and .trans A):
+//   nt: A [m][k] (row stride lda), B^T [n][k] (ldb): S = Q K^T, dP = dO V^T
+//   tn: A^T [k][m], B [k][n] (ldmatrix.trans both): dV += P^T dO, dK += dS'^T Q
+//   nn: A [m][k], B [k][n] (B through ldmatrix.trans): dQ = dS' K
+template <typename T, int MT, int NN, int KS>
+__device__ __forceinline__ void warp_gemm_nt(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb,
+                                             int lane) {
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kt = 0; kt < KS; ++kt) {
+        unsigned af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            ldsm_x4(af[mt][0], af[mt][1], af[mt][2], af[mt][3], smem_u32(a + (mt * 16 + a_row) * lda + kt * 16 + a_col));
+#pragma unroll
+        for (int np = 0; np < NN / 2; ++np) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3, smem_u32(b + (np * 16 + b_row) * ldb + kt * 16 + b_col));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
+                elem<T>::mma(c[mt][2 * np + 1], af[mt], b2, b3);
+            }
+        }
+    }
+}
+
+template <typename T, int MT, int NN, int KS>
+__device__ __forceinline__ void warp_gemm_tn(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb,
+                                             int lane) {
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kt = 0; kt < KS; ++kt) {
+        unsigned af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            ldsm_x4_trans(af[mt][0], af[mt][1], af[mt][2], af[mt][3],
+                          smem_u32(a + (kt * 16 + b_row) * lda + mt * 16 + b_col));
+#pragma unroll
+        for (int np = 0; np < NN / 2; ++np) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_trans(b0, b1, b2, b3, smem_u32(b + (kt * 16 + a_row) * ldb + np * 16 + a_col));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
+                elem<T>::mma(c[mt][2 * np + 1], af[mt], b2, b3);
+            }
+        }
+    }
+}
+
+template <typename T, int MT, int NN, int KS>
+__device__ __forceinline__ void warp_gemm_nn(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb,
+                                             int lane) {
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+#pragma unroll
+    for (int kt = 0; kt < KS; ++kt) {
+        unsigned af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            ldsm_x4(af[mt][0], af[mt][1], af[mt][2], af[mt][3], smem_u32(a + (mt * 16 + a_row) * lda + kt * 16 + a_col));
+#pragma unroll
+        for (int np = 0; np < NN / 2; ++np) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_trans(b0, b1, b2, b3, smem_u32(b + (kt * 16 + a_row) * ldb + np * 16 + a_col));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
+                elem<T>::mma(c[mt][2 * np + 1], af[mt], b2, b3);
+            }
+        }
+    }
+}
+
+// accumulators c[MT][NN][4] as 16-bit pairs into a [row][column] tile of shared memory (row stride ld):
+// element (16 mt + g + 8 r, 8 n + 2 t4 + {0, 1})
+template <typename T, int MT, int NN>
+__device__ __forceinline__ void store_acc_pairs(T* base, int ld, const float (&c)[MT][NN][4], int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int n = 0; n < NN; ++n)
+                *reinterpret_cast<unsigned*>(base + (mt * 16 + g + 8 * r) * ld + n * 8 + 2 * t4) =
+                    elem<T>::pack2(c[mt][n][2 * r], c[mt][n][2 * r + 1]);
+}
+
 // ------------------------------------------------------------------------------------------------
 // fa_bwd_split_mma: fa_bwd_mma's work (one block per (key tile, batch * k/v head), walking the query
 // tiles that see it; dQ by atomics or not at all) with FlashAttention-2's warp layouts, so that each
@@ -568,9 +669,6 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
     zero_acc(acc_k);
     zero_acc(acc_v);
 
-    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
-
     for (int it = 0; it < n_iter; ++it) {
         const int st = it & 1;
         // tile `it` has landed; every warp is done with tile it-1 (its Q / dO stage, P and dS')
@@ -589,56 +687,51 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         const int i0 = q0 + qs0, j0 = kv0 + ks0;
 
         if (!mask.tile_hidden(i0, SM, j0, SN)) {
+            // element (row i0 + 16 mt + g + 8 r, key j0 + 8 n + 2 t4 + c) of S, dP, P, dS: [mt][n][2 r + c]
+            const bool needs = mask.tile_needs_mask(i0, SM, j0, SN);
+            // without dropout or mods, P alone is known after S: it goes to shared memory while dP computes
+            const bool early_p = FA_BWD_SPLIT_EARLY_P && !MODS && !(DROPOUT && dropout);
             float s[MS][NS][4], dp[MS][NS][4];
             zero_acc(s);
+            warp_gemm_nt<T, MS, NS, D / 16>(s, sQs + qs0 * LDS, LDS, sK + ks0 * LDS, LDS, lane);
+            if (early_p) {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int il = qs0 + mt * 16 + g + 8 * r, i = q0 + il;
+                        const float l2 = sL[st * BQ + il];
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int c = 0; c < 2; ++c) {
+                                float p = exp2_approx(fmaf(s[mt][n][2 * r + c], scale_log2, -l2));
+                                if (needs && !mask.visible(i, j0 + n * 8 + 2 * t4 + c)) p = 0.0f;
+                                s[mt][n][2 * r + c] = p;
+                            }
+                    }
+                store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
+            }
             zero_acc(dp);
-#pragma unroll
-            for (int kt = 0; kt < D / 16; ++kt) {
-                unsigned a[MS][4];
-#pragma unroll
-                for (int mt = 0; mt < MS; ++mt)
-                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                            smem_u32(sQs + (qs0 + mt * 16 + a_row) * LDS + kt * 16 + a_col));
-#pragma unroll
-                for (int np = 0; np < NS / 2; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3, smem_u32(sK + (ks0 + np * 16 + b_row) * LDS + kt * 16 + b_col));
-#pragma unroll
-                    for (int mt = 0; mt < MS; ++mt) {
-                        elem<T>::mma(s[mt][2 * np], a[mt], b0, b1);
-                        elem<T>::mma(s[mt][2 * np + 1], a[mt], b2, b3);
-                    }
-                }
-            }
-#pragma unroll
-            for (int kt = 0; kt < DV / 16; ++kt) {
-                unsigned a[MS][4];
-#pragma unroll
-                for (int mt = 0; mt < MS; ++mt)
-                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                            smem_u32(sdOs + (qs0 + mt * 16 + a_row) * LDV + kt * 16 + a_col));
-#pragma unroll
-                for (int np = 0; np < NS / 2; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3, smem_u32(sV + (ks0 + np * 16 + b_row) * LDV + kt * 16 + b_col));
-#pragma unroll
-                    for (int mt = 0; mt < MS; ++mt) {
-                        elem<T>::mma(dp[mt][2 * np], a[mt], b0, b1);
-                        elem<T>::mma(dp[mt][2 * np + 1], a[mt], b2, b3);
-                    }
-                }
-            }
+            warp_gemm_nt<T, MS, NS, DV / 16>(dp, sdOs + qs0 * LDV, LDV, sV + ks0 * LDV, LDV, lane);
 
-            // P z into s, dS' into dp; element (row i0 + 16 mt + g + 8 r, key j0 + 8 n + 2 t4 + c), e2 = 2 r + c
-            const bool needs = mask.tile_needs_mask(i0, SM, j0, SN);
+            // dS' into dp (and P z into s where not done above)
 #pragma unroll
             for (int mt = 0; mt < MS; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int il = qs0 + mt * 16 + g + 8 * r, i = q0 + il;
                     const float l2 = sL[st * BQ + il], dsum_i = sD[st * BQ + il];
-                    if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
-                        // the usual tile: every entry visible, nothing else to apply
+                    if (early_p) {
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int c = 0; c < 2; ++c) {
+                                const float p = s[mt][n][2 * r + c];
+                                const float ds = p * (dp[mt][n][2 * r + c] - dsum_i);
+                                dp[mt][n][2 * r + c] = needs && p == 0.0f ? 0.0f : ds;  // hidden: exactly 0
+                            }
+                    } else if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
 #pragma unroll
                         for (int n = 0; n < NS; ++n)
 #pragma unroll
@@ -672,17 +765,8 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
                         }
                     }
                 }
-#pragma unroll
-            for (int mt = 0; mt < MS; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-#pragma unroll
-                    for (int n = 0; n < NS; ++n) {
-                        const int o = (qs0 + mt * 16 + g + 8 * r) * LDP + ks0 + n * 8 + 2 * t4;
-                        *reinterpret_cast<unsigned*>(sP + o) = elem<T>::pack2(s[mt][n][2 * r], s[mt][n][2 * r + 1]);
-                        *reinterpret_cast<unsigned*>(sdS + o) =
-                            elem<T>::pack2(dp[mt][n][2 * r], dp[mt][n][2 * r + 1]);
-                    }
+            if (!early_p) store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
+            store_acc_pairs<T, MS, NS>(sdS + qs0 * LDP + ks0, LDP, dp, lane);
         } else {  // no entry of this warp's tile is visible: P and dS' are 0
             for (int w = lane; w < SM * SN / 2; w += 32) {
                 const int o = (qs0 + w / (SN / 2)) * LDP + ks0 + (w % (SN / 2)) * 2;
@@ -692,64 +776,20 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         }
         __syncthreads();  // P and dS' of the tile are complete
 
-        // dV += (P z)^T dO and dK += dS'^T Q: P^T / dS'^T as the A operand through ldmatrix.trans
-        if (!mask.tile_hidden(q0, BQ, kv0 + kk0, KM)) {
-#pragma unroll
-            for (int kb = 0; kb < BQ / 16; ++kb) {
-                unsigned a[MK][4];
-#pragma unroll
-                for (int mt = 0; mt < MK; ++mt)
-                    ldsm_x4_trans(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                                  smem_u32(sP + (kb * 16 + b_row) * LDP + kk0 + mt * 16 + b_col));
-#pragma unroll
-                for (int np = 0; np < VC / 16; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sdOs + (kb * 16 + a_row) * LDV + vc0 + np * 16 + a_col));
-#pragma unroll
-                    for (int mt = 0; mt < MK; ++mt) {
-                        elem<T>::mma(acc_v[mt][2 * np], a[mt], b0, b1);
-                        elem<T>::mma(acc_v[mt][2 * np + 1], a[mt], b2, b3);
-                    }
-                }
-#pragma unroll
-                for (int mt = 0; mt < MK; ++mt)
-                    ldsm_x4_trans(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                                  smem_u32(sdS + (kb * 16 + b_row) * LDP + kk0 + mt * 16 + b_col));
-#pragma unroll
-                for (int np = 0; np < KC / 16; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sQs + (kb * 16 + a_row) * LDS + kc0 + np * 16 + a_col));
-#pragma unroll
-                    for (int mt = 0; mt < MK; ++mt) {
-                        elem<T>::mma(acc_k[mt][2 * np], a[mt], b0, b1);
-                        elem<T>::mma(acc_k[mt][2 * np + 1], a[mt], b2, b3);
-                    }
-                }
-            }
-        }
-
-        // dQ of the tile (rows q0 + qq0.., columns qc0..) = dS' K, added into dq_acc
+        // dV += (P z)^T dO and dK += dS'^T Q (P^T / dS'^T as the A operand through ldmatrix.trans), and the
+        // tile's dQ (rows q0 + qq0.., columns qc0..) = dS' K added into dq_acc: its reductions drain while
+        // dK computes
+        const bool kv_part = !mask.tile_hidden(q0, BQ, kv0 + kk0, KM);
+        if (kv_part)
+            warp_gemm_tn<T, MK, VC / 8, BQ / 16>(acc_v, sP + kk0, LDP, sdOs + vc0, LDV, lane);
+#if FA_BWD_SPLIT_DQ_LAST
+        if (kv_part)
+            warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
+#endif
         if (dq_acc != nullptr && !mask.tile_hidden(q0 + qq0, QM, kv0, BKV)) {
             float acc_q[MQ][QC / 8][4];
             zero_acc(acc_q);
-#pragma unroll
-            for (int kb = 0; kb < BKV / 16; ++kb) {
-                unsigned a[MQ][4];
-#pragma unroll
-                for (int mt = 0; mt < MQ; ++mt)
-                    ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                            smem_u32(sdS + (qq0 + mt * 16 + a_row) * LDP + kb * 16 + a_col));
-#pragma unroll
-                for (int np = 0; np < QC / 16; ++np) {
-                    unsigned b0, b1, b2, b3;
-                    ldsm_x4_trans(b0, b1, b2, b3, smem_u32(sK + (kb * 16 + a_row) * LDS + qc0 + np * 16 + a_col));
-#pragma unroll
-                    for (int mt = 0; mt < MQ; ++mt) {
-                        elem<T>::mma(acc_q[mt][2 * np], a[mt], b0, b1);
-                        elem<T>::mma(acc_q[mt][2 * np + 1], a[mt], b2, b3);
-                    }
-                }
-            }
+            warp_gemm_nn<T, MQ, QC / 8, BKV / 16>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
             float* qa = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row) * D + qc0;
 #pragma unroll
             for (int mt = 0; mt < MQ; ++mt)
@@ -763,6 +803,10 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
                         red_add_f32x2(row + n * 8 + 2 * t4, acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
                 }
         }
+#if !FA_BWD_SPLIT_DQ_LAST
+        if (kv_part)
+            warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
+#endif
     }
     cp_async_wait<0>();
 
