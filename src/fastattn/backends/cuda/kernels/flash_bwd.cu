@@ -559,6 +559,24 @@ __device__ __forceinline__ void warp_gemm_nn(float (&c)[MT][NN][4], const T* a, 
     }
 }
 
+// ROWS whole rows of D elements (16-byte aligned, unit column stride: load_tile's VEC case with every row
+// and column inside the matrix) from g (row stride ss) into shared memory rows of LDS elements, by
+// cp.async: no bounds checks, one source pointer a thread
+template <typename T, int ROWS, int D, int LDS, int NT>
+__device__ __forceinline__ void load_rows_whole(T* smem, const T* __restrict__ g, long long ss, int tid) {
+    constexpr int CHUNKS = D / 8;
+    static_assert(NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0, "whole passes of the block's threads");
+    constexpr int RS = NT / CHUNKS;
+    const int ch = tid % CHUNKS, r0 = tid / CHUNKS;
+    const T* src = g + (long long)r0 * ss + ch * 8;
+    const unsigned dst = smem_u32(smem + r0 * LDS + ch * 8);
+#pragma unroll
+    for (int i = 0; i < ROWS / RS; ++i) {
+        cp_async_16(dst + i * RS * LDS * (int)sizeof(T), src, 16);
+        src += (long long)RS * ss;
+    }
+}
+
 // accumulators c[MT][NN][4] as 16-bit pairs into a [row][column] tile of shared memory (row stride ld):
 // element (16 mt + g + 8 r, 8 n + 2 t4 + {0, 1})
 template <typename T, int MT, int NN>
@@ -636,26 +654,35 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
     const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
 
-    auto load_q_tile = [&](int it, int st) {
-        const int gh = it / n_qt;
-        const int h = hkv * group + gh;
-        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
+    // Q, dO, lse and D of the query tile at row q0 of head h into stage st; whole 16-byte rows inside
+    // the entry (the usual tile) skip load_tile's per-row checks
+    auto load_q_tile = [&](int h, int q0, int st) {
         const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
         const T* dop = dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss;
-        load_tile<T, BQ, D, LDS, NT, VEC>(sQ + st * BQ * LDS, qp, q_ss, q_sd, q0, lq, d, tid);
-        load_tile<T, BQ, DV, LDV, NT, VEC>(sdO + st * BQ * LDV, dop, do_ss, do_sd, q0, lq, dv, tid);
-        const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
-        for (int r = tid; r < BQ; r += NT) {
-            const int i = q0 + r;
-            sL[st * BQ + r] = i < lq ? lse_log2(lse[lrow + i]) : FA_INF;
-            sD[st * BQ + r] = i < lq ? dsum[lrow + i] : 0.0f;
+        if (VEC && q0 + BQ <= lq && d == D && dv == DV) {
+            load_rows_whole<T, BQ, D, LDS, NT>(sQ + st * BQ * LDS, qp + q0 * q_ss, q_ss, tid);
+            load_rows_whole<T, BQ, DV, LDV, NT>(sdO + st * BQ * LDV, dop + q0 * do_ss, do_ss, tid);
+        } else {
+            load_tile<T, BQ, D, LDS, NT, VEC>(sQ + st * BQ * LDS, qp, q_ss, q_sd, q0, lq, d, tid);
+            load_tile<T, BQ, DV, LDV, NT, VEC>(sdO + st * BQ * LDV, dop, do_ss, do_sd, q0, lq, dv, tid);
+        }
+        static_assert(BQ <= NT, "one lse / D value a thread");
+        if (tid < BQ) {
+            const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+            const int i = q0 + tid;
+            sL[st * BQ + tid] = i < lq ? lse_log2(lse[lrow + i]) : FA_INF;
+            sD[st * BQ + tid] = i < lq ? dsum[lrow + i] : 0.0f;
         }
     };
 
+    // the walk: query tiles q0 = qt_begin, qt_begin + BQ, .. (n_qt of them) of head h, then the next head
+    // of the group
+    const int q_end = qt_begin + n_qt * BQ;
+    int h = hkv * group, q0 = qt_begin;
     if (n_iter > 0) {
         load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
-        load_q_tile(0, 0);
+        load_q_tile(h, q0, 0);
     }
     cp_async_commit();
 
@@ -674,12 +701,11 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         // tile `it` has landed; every warp is done with tile it-1 (its Q / dO stage, P and dS')
         cp_async_wait<0>();
         __syncthreads();
-        if (it + 1 < n_iter) load_q_tile(it + 1, st ^ 1);
+        const int q0_next = q0 + BQ < q_end ? q0 + BQ : qt_begin;
+        const int h_next = q0 + BQ < q_end ? h : h + 1;
+        if (it + 1 < n_iter) load_q_tile(h_next, q0_next, st ^ 1);
         cp_async_commit();
 
-        const int gh = it / n_qt;
-        const int h = hkv * group + gh;
-        const int q0 = qt_begin + (it - gh * n_qt) * BQ;
         e.h = h;
         const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
         const T* sQs = sQ + st * BQ * LDS;
@@ -694,53 +720,78 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
             float s[MS][NS][4], dp[MS][NS][4];
             zero_acc(s);
             warp_gemm_nt<T, MS, NS, D / 16>(s, sQs + qs0 * LDS, LDS, sK + ks0 * LDS, LDS, lane);
-            if (early_p) {
+            // lse (log2 units) and D of this thread's rows, each read where it is needed (registers are short)
+            auto row_vals = [&](const float* v, float(&out)[MS][2]) {
 #pragma unroll
                 for (int mt = 0; mt < MS; ++mt)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int il = qs0 + mt * 16 + g + 8 * r, i = q0 + il;
-                        const float l2 = sL[st * BQ + il];
+                    for (int r = 0; r < 2; ++r) out[mt][r] = v[st * BQ + qs0 + mt * 16 + g + 8 * r];
+            };
+            float l2[MS][2], dsum_r[MS][2];
+            row_vals(sL, l2);
+            if (early_p) {
+                if (!needs) {  // the usual tile: every entry visible
+#pragma unroll
+                    for (int mt = 0; mt < MS; ++mt)
 #pragma unroll
                         for (int n = 0; n < NS; ++n)
 #pragma unroll
-                            for (int c = 0; c < 2; ++c) {
-                                float p = exp2_approx(fmaf(s[mt][n][2 * r + c], scale_log2, -l2));
-                                if (needs && !mask.visible(i, j0 + n * 8 + 2 * t4 + c)) p = 0.0f;
-                                s[mt][n][2 * r + c] = p;
+                            for (int e2 = 0; e2 < 4; ++e2)
+                                s[mt][n][e2] = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][e2 >> 1]));
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int e2 = 0; e2 < 4; ++e2) {
+                                const int i = i0 + mt * 16 + g + 8 * (e2 >> 1), j = j0 + n * 8 + 2 * t4 + (e2 & 1);
+                                const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][e2 >> 1]));
+                                s[mt][n][e2] = mask.visible(i, j) ? p : 0.0f;
                             }
-                    }
+                }
                 store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
             }
             zero_acc(dp);
             warp_gemm_nt<T, MS, NS, DV / 16>(dp, sdOs + qs0 * LDV, LDV, sV + ks0 * LDV, LDV, lane);
 
             // dS' into dp (and P z into s where not done above)
+            row_vals(sD, dsum_r);
+            if (early_p && !needs) {
 #pragma unroll
-            for (int mt = 0; mt < MS; ++mt)
+                for (int mt = 0; mt < MS; ++mt)
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int il = qs0 + mt * 16 + g + 8 * r, i = q0 + il;
-                    const float l2 = sL[st * BQ + il], dsum_i = sD[st * BQ + il];
-                    if (early_p) {
+                    for (int n = 0; n < NS; ++n)
 #pragma unroll
-                        for (int n = 0; n < NS; ++n)
+                        for (int e2 = 0; e2 < 4; ++e2)
+                            dp[mt][n][e2] = s[mt][n][e2] * (dp[mt][n][e2] - dsum_r[mt][e2 >> 1]);
+            } else if (early_p) {
 #pragma unroll
-                            for (int c = 0; c < 2; ++c) {
-                                const float p = s[mt][n][2 * r + c];
-                                const float ds = p * (dp[mt][n][2 * r + c] - dsum_i);
-                                dp[mt][n][2 * r + c] = needs && p == 0.0f ? 0.0f : ds;  // hidden: exactly 0
-                            }
-                    } else if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
+                for (int mt = 0; mt < MS; ++mt)
 #pragma unroll
-                        for (int n = 0; n < NS; ++n)
+                    for (int n = 0; n < NS; ++n)
 #pragma unroll
-                            for (int c = 0; c < 2; ++c) {
-                                const float p = exp2_approx(fmaf(s[mt][n][2 * r + c], scale_log2, -l2));
-                                dp[mt][n][2 * r + c] = p * (dp[mt][n][2 * r + c] - dsum_i);
-                                s[mt][n][2 * r + c] = p;
-                            }
-                    } else {
+                        for (int e2 = 0; e2 < 4; ++e2) {  // hidden entries: exactly 0, whatever dP holds
+                            const float p = s[mt][n][e2];
+                            dp[mt][n][e2] = p == 0.0f ? 0.0f : p * (dp[mt][n][e2] - dsum_r[mt][e2 >> 1]);
+                        }
+            } else if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e2 = 0; e2 < 4; ++e2) {
+                            const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][e2 >> 1]));
+                            dp[mt][n][e2] = p * (dp[mt][n][e2] - dsum_r[mt][e2 >> 1]);
+                            s[mt][n][e2] = p;
+                        }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = i0 + mt * 16 + g + 8 * r;
 #pragma unroll
                         for (int n = 0; n < NS; ++n) {
                             const int j = j0 + n * 8 + 2 * t4;
@@ -757,14 +808,14 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
                                     db = dbias + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv +
                                          e.kv_row + j + c;
                                 float p;
-                                dp[mt][n][2 * r + c] =
-                                    bwd_element(mask, needs, s[mt][n][2 * r + c], dp[mt][n][2 * r + c], l2, dsum_i, i,
-                                                j + c, scale_log2, c ? keep1 : keep0, keep_scale, p, db);
+                                dp[mt][n][2 * r + c] = bwd_element(mask, needs, s[mt][n][2 * r + c], dp[mt][n][2 * r + c],
+                                                                   l2[mt][r], dsum_r[mt][r], i, j + c, scale_log2,
+                                                                   c ? keep1 : keep0, keep_scale, p, db);
                                 s[mt][n][2 * r + c] = p;
                             }
                         }
                     }
-                }
+            }
             if (!early_p) store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
             store_acc_pairs<T, MS, NS>(sdS + qs0 * LDP + ks0, LDP, dp, lane);
         } else {  // no entry of this warp's tile is visible: P and dS' are 0
@@ -790,23 +841,26 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
             float acc_q[MQ][QC / 8][4];
             zero_acc(acc_q);
             warp_gemm_nn<T, MQ, QC / 8, BKV / 16>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
-            float* qa = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row) * D + qc0;
+            // this thread's rows q0 + qq0 + 16 mt + g + 8 r: one pointer and constant offsets
+            const int i_first = q0 + qq0 + g;
+            float* row0 = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i_first) * D + qc0 + 2 * t4;
+            const bool rows_in = q0 + qq0 + QM <= lq;
 #pragma unroll
             for (int mt = 0; mt < MQ; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const int i = q0 + qq0 + mt * 16 + g + 8 * r;
-                    if (i >= lq) continue;
-                    float* row = qa + (long long)i * D;
+                    if (!rows_in && i_first + mt * 16 + 8 * r >= lq) continue;
 #pragma unroll
                     for (int n = 0; n < QC / 8; ++n)
-                        red_add_f32x2(row + n * 8 + 2 * t4, acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
+                        red_add_f32x2(row0 + (mt * 16 + 8 * r) * D + n * 8, acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
                 }
         }
 #if !FA_BWD_SPLIT_DQ_LAST
         if (kv_part)
             warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
 #endif
+        h = h_next;
+        q0 = q0_next;
     }
     cp_async_wait<0>();
 
