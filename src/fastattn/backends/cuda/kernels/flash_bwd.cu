@@ -479,7 +479,7 @@ __global__ void __launch_bounds__(NWARPS * 32)
 #define FA_BWD_SPLIT_EARLY_P 1
 #endif
 #ifndef FA_BWD_SPLIT_DQ_LAST
-#define FA_BWD_SPLIT_DQ_LAST 0
+#define FA_BWD_SPLIT_DQ_LAST 1
 #endif
 
 // One warp's C (16 MT x 8 NN) += A B over KS k-steps of 16, from shared memory, in the three operand forms
@@ -557,6 +557,11 @@ __device__ __forceinline__ void warp_gemm_nn(float (&c)[MT][NN][4], const T* a, 
             }
         }
     }
+}
+
+// 4-byte global->shared copy; src_bytes 0 writes a zero
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
 // ROWS whole rows of D elements (16-byte aligned, unit column stride: load_tile's VEC case with every row
@@ -666,12 +671,14 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
             load_tile<T, BQ, D, LDS, NT, VEC>(sQ + st * BQ * LDS, qp, q_ss, q_sd, q0, lq, d, tid);
             load_tile<T, BQ, DV, LDV, NT, VEC>(sdO + st * BQ * LDV, dop, do_ss, do_sd, q0, lq, dv, tid);
         }
+        // lse (natural units, turned into log2 units where read) and D by cp.async too, so no warp waits on
+        // them here; rows past Lq get 0 and 0 (only masked elements read them)
         static_assert(BQ <= NT, "one lse / D value a thread");
         if (tid < BQ) {
             const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
-            const int i = q0 + tid;
-            sL[st * BQ + tid] = i < lq ? lse_log2(lse[lrow + i]) : FA_INF;
-            sD[st * BQ + tid] = i < lq ? dsum[lrow + i] : 0.0f;
+            const int bytes = q0 + tid < lq ? 4 : 0;
+            cp_async_4(smem_u32(sL + st * BQ + tid), lse + lrow + (bytes ? q0 + tid : 0), bytes);
+            cp_async_4(smem_u32(sD + st * BQ + tid), dsum + lrow + (bytes ? q0 + tid : 0), bytes);
         }
     };
 
@@ -729,6 +736,8 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
             };
             float l2[MS][2], dsum_r[MS][2];
             row_vals(sL, l2);
+#pragma unroll
+            for (int mt = 0; mt < MS; ++mt) l2[mt][0] = lse_log2(l2[mt][0]), l2[mt][1] = lse_log2(l2[mt][1]);
             if (early_p) {
                 if (!needs) {  // the usual tile: every entry visible
 #pragma unroll
