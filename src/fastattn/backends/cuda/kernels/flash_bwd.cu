@@ -474,9 +474,13 @@ __global__ void __launch_bounds__(NWARPS * 32)
 }
 
 // experiment switches of fa_bwd_split_mma (tools/gpu_backward_ab.py --options): P to shared memory before
-// the dP product where the tile allows it; dQ after dK instead of before
+// the dP product where the tile allows it; each key block's walk starting at its own query tile; dQ after
+// dK instead of before
 #ifndef FA_BWD_SPLIT_EARLY_P
 #define FA_BWD_SPLIT_EARLY_P 1
+#endif
+#ifndef FA_BWD_SPLIT_ROTATE
+#define FA_BWD_SPLIT_ROTATE 1
 #endif
 #ifndef FA_BWD_SPLIT_DQ_LAST
 #define FA_BWD_SPLIT_DQ_LAST 1
@@ -682,10 +686,12 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         }
     };
 
-    // the walk: query tiles q0 = qt_begin, qt_begin + BQ, .. (n_qt of them) of head h, then the next head
-    // of the group
+    // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group.  Each key
+    // block starts at its own tile (kv_block mod n_qt) and wraps around: blocks of one head that run side
+    // by side then add into different dQ rows, not all into the same ones at once
     const int q_end = qt_begin + n_qt * BQ;
-    int h = hkv * group, q0 = qt_begin;
+    const int rot = FA_BWD_SPLIT_ROTATE && n_qt > 0 ? kv_block % n_qt : 0;
+    int h = hkv * group, q0 = qt_begin + rot * BQ, t_head = 0;
     if (n_iter > 0) {
         load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
@@ -709,7 +715,8 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         cp_async_wait<0>();
         __syncthreads();
         const int q0_next = q0 + BQ < q_end ? q0 + BQ : qt_begin;
-        const int h_next = q0 + BQ < q_end ? h : h + 1;
+        const int t_next = t_head + 1 < n_qt ? t_head + 1 : 0;
+        const int h_next = t_next == 0 ? h + 1 : h;
         if (it + 1 < n_iter) load_q_tile(h_next, q0_next, st ^ 1);
         cp_async_commit();
 
@@ -870,6 +877,7 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
 #endif
         h = h_next;
         q0 = q0_next;
+        t_head = t_next;
     }
     cp_async_wait<0>();
 
