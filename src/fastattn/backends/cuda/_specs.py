@@ -560,11 +560,11 @@ def bwd_split_name(dtype: str, head_dim: int, head_dim_v: int, cfg: BwdSplitConf
 
 
 def bwd_split_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdSplitConfig) -> int:
-    """K, V of the block, two stages of Q and dO, P and dS', two stages of the tile's lse and D (rows padded
-    by 8)."""
+    """K, V of the block, two stages of Q and dO, P and dS', two stages of the tile's lse and D, the tile's
+    dQ in float32 (the bulk reductions of sm_90) (rows padded by 8)."""
     bkv, bq = cfg.block_kv, cfg.block_q
     halves = bkv * (head_dim + 8) + bkv * (head_dim_v + 8) + 2 * bq * (head_dim + 8) + 2 * bq * (head_dim_v + 8)
-    return (halves + 2 * bq * (bkv + 8)) * 2 + 4 * bq * 4
+    return (halves + 2 * bq * (bkv + 8)) * 2 + (4 * bq + bq * (head_dim + 8)) * 4
 
 
 #: fa_bwd_dq_mma tiles per padded q/k head_dim

@@ -480,7 +480,10 @@ __global__ void __launch_bounds__(NWARPS * 32)
 #define FA_BWD_SPLIT_EARLY_P 1
 #endif
 #ifndef FA_BWD_SPLIT_ROTATE
-#define FA_BWD_SPLIT_ROTATE 1
+#define FA_BWD_SPLIT_ROTATE 0
+#endif
+#ifndef FA_BWD_SPLIT_BULK_DQ
+#define FA_BWD_SPLIT_BULK_DQ 1
 #endif
 #ifndef FA_BWD_SPLIT_DQ_LAST
 #define FA_BWD_SPLIT_DQ_LAST 1
@@ -563,6 +566,43 @@ __device__ __forceinline__ void warp_gemm_nn(float (&c)[MT][NN][4], const T* a, 
     }
 }
 
+// sm_90's bulk asynchronous reduction (the TMA unit): dQ tiles leave shared memory as one float32 add per
+// row instead of a red.global per pair of elements
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FA_HAS_BULK_REDUCE 1
+#else
+#define FA_HAS_BULK_REDUCE 0
+#endif
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// global[dst .. dst + bytes) += shared[src .. src + bytes) (float32; 16-byte aligned, bytes % 16 == 0)
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, unsigned src, int bytes) {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+                 "r"(bytes)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// this thread's bulk operations have read their shared memory / have completed
+__device__ __forceinline__ void bulk_wait_read() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_all() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 // 4-byte global->shared copy; src_bytes 0 writes a zero
 __device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
@@ -638,6 +678,9 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
     T* sdS = sP + BQ * LDP;             // dS': [query][key]
     float* sL = reinterpret_cast<float*>(sdS + BQ * LDP);  // 2 stages
     float* sD = sL + 2 * BQ;                                // 2 stages
+    float* sdQ = sD + 2 * BQ;  // BULK_DQ: the tile's dQ, BQ x (D+8) float32
+    constexpr int LDQ = D + 8;
+    constexpr bool BULK_DQ = FA_BWD_SPLIT_BULK_DQ && FA_HAS_BULK_REDUCE;
 
     const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
     const int heads_kv = heads / group;
@@ -686,12 +729,24 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         }
     };
 
+    // BULK_DQ: the dQ of the tile at row q0 of head h, complete in sdQ (written, fenced for the async proxy,
+    // then a barrier), added into dq_acc
+    // row by row (one bulk reduction a row, by threads 0 .. BQ-1; rows past Lq are left out)
+    auto issue_dq = [&](int h, int q0) {
+        if (tid < BQ && q0 + tid < lq) {
+            bulk_reduce_add_f32(dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row + q0 + tid) * D,
+                                smem_u32(sdQ + tid * LDQ), D * 4);
+        }
+        bulk_commit();
+    };
+
     // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group.  Each key
     // block starts at its own tile (kv_block mod n_qt) and wraps around: blocks of one head that run side
     // by side then add into different dQ rows, not all into the same ones at once
     const int q_end = qt_begin + n_qt * BQ;
     const int rot = FA_BWD_SPLIT_ROTATE && n_qt > 0 ? kv_block % n_qt : 0;
     int h = hkv * group, q0 = qt_begin + rot * BQ, t_head = 0;
+    int h_prev = h, q0_prev = q0;  // the last tile's (BULK_DQ)
     if (n_iter > 0) {
         load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
@@ -719,6 +774,7 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         const int h_next = t_next == 0 ? h + 1 : h;
         if (it + 1 < n_iter) load_q_tile(h_next, q0_next, st ^ 1);
         cp_async_commit();
+        if (BULK_DQ && dq_acc != nullptr && it > 0) issue_dq(h_prev, q0_prev);
 
         e.h = h;
         const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
@@ -841,6 +897,8 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
                 *reinterpret_cast<unsigned*>(sdS + o) = 0u;
             }
         }
+        // BULK_DQ: sdQ is read (last tile's reductions) before any warp writes it again, after this barrier
+        if (BULK_DQ && dq_acc != nullptr && tid < BQ) bulk_wait_read();
         __syncthreads();  // P and dS' of the tile are complete
 
         // dV += (P z)^T dO and dK += dS'^T Q (P^T / dS'^T as the A operand through ldmatrix.trans), and the
@@ -853,7 +911,21 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         if (kv_part)
             warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
 #endif
-        if (dq_acc != nullptr && !mask.tile_hidden(q0 + qq0, QM, kv0, BKV)) {
+        if (BULK_DQ && dq_acc != nullptr) {
+            float acc_q[MQ][QC / 8][4];
+            zero_acc(acc_q);
+            if (!mask.tile_hidden(q0 + qq0, QM, kv0, BKV))
+                warp_gemm_nn<T, MQ, QC / 8, BKV / 16>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
+#pragma unroll
+            for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int n = 0; n < QC / 8; ++n)
+                        *reinterpret_cast<float2*>(sdQ + (qq0 + mt * 16 + g + 8 * r) * LDQ + qc0 + n * 8 + 2 * t4) =
+                            make_float2(acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
+            fence_proxy_async_shared();  // these writes, then a barrier, then the bulk reductions read them
+        } else if (dq_acc != nullptr && !mask.tile_hidden(q0 + qq0, QM, kv0, BKV)) {
             float acc_q[MQ][QC / 8][4];
             zero_acc(acc_q);
             warp_gemm_nn<T, MQ, QC / 8, BKV / 16>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
@@ -875,11 +947,17 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         if (kv_part)
             warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
 #endif
+        h_prev = h, q0_prev = q0;
         h = h_next;
         q0 = q0_next;
         t_head = t_next;
     }
     cp_async_wait<0>();
+    if (BULK_DQ && dq_acc != nullptr && n_iter > 0) {
+        __syncthreads();  // the last tile's dQ is complete in sdQ
+        issue_dq(h_prev, q0_prev);
+        if (tid < BQ) bulk_wait_all();
+    }
 
     // dK (times the scale) and dV of this warp's keys and columns; keys past Lk (a padded batch) get 0
     const int rows_out = ragged == 2 ? lk : seq_kv;
