@@ -474,8 +474,8 @@ __global__ void __launch_bounds__(NWARPS * 32)
 }
 
 // experiment switches of fa_bwd_split_mma (tools/gpu_backward_ab.py --options): P to shared memory before
-// the dP product where the tile allows it; each key block's walk starting at its own query tile; dQ after
-// dK instead of before
+// the dP product where the tile allows it; the key blocks' walks starting at R different query tiles; dQ
+// after dK instead of before; dQ by bulk reductions (sm_90) instead of red.global
 #ifndef FA_BWD_SPLIT_EARLY_P
 #define FA_BWD_SPLIT_EARLY_P 1
 #endif
@@ -740,11 +740,12 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         bulk_commit();
     };
 
-    // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group.  Each key
-    // block starts at its own tile (kv_block mod n_qt) and wraps around: blocks of one head that run side
-    // by side then add into different dQ rows, not all into the same ones at once
+    // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group.  With
+    // FA_BWD_SPLIT_ROTATE = R > 1 the key blocks form R groups (kv_block mod R), each starting 1/R of the
+    // way further and wrapping around: blocks of one head that run side by side add into R different dQ
+    // tiles at once instead of one
     const int q_end = qt_begin + n_qt * BQ;
-    const int rot = FA_BWD_SPLIT_ROTATE && n_qt > 0 ? kv_block % n_qt : 0;
+    const int rot = FA_BWD_SPLIT_ROTATE > 1 ? (kv_block % FA_BWD_SPLIT_ROTATE) * (n_qt / FA_BWD_SPLIT_ROTATE) : 0;
     int h = hkv * group, q0 = qt_begin + rot * BQ, t_head = 0;
     int h_prev = h, q0_prev = q0;  // the last tile's (BULK_DQ)
     if (n_iter > 0) {
