@@ -11,7 +11,8 @@ these extra NVRTC options (its experiment switches, e.g. ``-DFA_BWD_SPLIT_DQ_LAS
 
 FlashAttention's grid (16k tokens, hidden 2048); backward TFLOP/s with the backward counted as 2.5x the
 forward's FLOPs; ``triton.testing.do_bench`` medians, same process and buffers.  Each row also gives the
-largest relative difference (norm) of dq / dk / dv between the two kernels.
+largest relative difference (norm) of dq / dk / dv between the two kernels.  ``--fwd-bwd`` also times the
+forward alone and forward + backward together (the benchmark's third figure), for each kernel.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+FWD_BWD = False
 
 
 def _one(dtype: str, d: int, causal: bool, n: int) -> None:
@@ -45,11 +49,20 @@ def _one(dtype: str, d: int, causal: bool, n: int) -> None:
     def bwd():
         return fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal, backend="cuda")
 
+    def both():
+        o, lse_ = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
+        return fastattn.flash_attention_backward(do, q, k, v, o, lse_, causal=causal, backend="cuda")
+
     times, grads = {}, {}
     for split in (False, True):
         _backward.SPLIT_KERNEL = split
         times[split] = _bench(bwd)
         grads[split] = [g.astype(cupy.float32) for g in bwd()[:3]]
+        if FWD_BWD:
+            t_fwd = _bench(lambda: fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda"))
+            t_both = _bench(both)
+            print(f"    {'split' if split else 'mma'}: fwd {t_fwd:.3f} ms + bwd {times[split]:.3f} ms = "
+                  f"{t_fwd + times[split]:.3f} ms; fwd+bwd timed together {t_both:.3f} ms", flush=True)
     _backward.SPLIT_KERNEL = True
     diff = max(float(cupy.linalg.norm(a - c) / cupy.linalg.norm(c))
                for a, c in zip(grads[True], grads[False], strict=True))
@@ -68,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float16"])
     parser.add_argument("--tiles", nargs="*", default=[], help="D:warps,block_q,block_kv,wq_s,wk_dkv,wq_dq")
     parser.add_argument("--options", nargs="*", default=[], help="extra NVRTC options of fa_bwd_split_mma")
+    parser.add_argument("--fwd-bwd", action="store_true", help="also time the forward, and forward + backward")
     args = parser.parse_args(argv)
+    global FWD_BWD
+    FWD_BWD = args.fwd_bwd
     from fastattn.backends.cuda import _backward, _launch, _specs
 
     if args.options:
