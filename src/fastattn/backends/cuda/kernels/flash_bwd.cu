@@ -474,89 +474,42 @@ __global__ void __launch_bounds__(NWARPS * 32)
 }
 
 // experiment switches of fa_bwd_split_mma (tools/gpu_backward_ab.py --options): P to shared memory before
-// the dP product where the tile allows it; the key blocks' walks starting at R different query tiles; dQ
-// after dK instead of before; dQ by bulk reductions (sm_90) instead of red.global
+// the dP product where the tile allows it; dQ by bulk reductions (sm_90) instead of red.global
 #ifndef FA_BWD_SPLIT_EARLY_P
 #define FA_BWD_SPLIT_EARLY_P 1
-#endif
-#ifndef FA_BWD_SPLIT_ROTATE
-#define FA_BWD_SPLIT_ROTATE 0
 #endif
 #ifndef FA_BWD_SPLIT_BULK_DQ
 #define FA_BWD_SPLIT_BULK_DQ 1
 #endif
-#ifndef FA_BWD_SPLIT_DQ_LAST
-#define FA_BWD_SPLIT_DQ_LAST 1
-#endif
 
-// One warp's C (16 MT x 8 NN) += A B over KS k-steps of 16, from shared memory, in the three operand forms
-// of the backward (lane offsets inside a 16 x 16 block: a_* for A and .trans B, b_* for B and .trans A):
-//   nt: A [m][k] (row stride lda), B^T [n][k] (ldb): S = Q K^T, dP = dO V^T
-//   tn: A^T [k][m], B [k][n] (ldmatrix.trans both): dV += P^T dO, dK += dS'^T Q
-//   nn: A [m][k], B [k][n] (B through ldmatrix.trans): dQ = dS' K
-template <typename T, int MT, int NN, int KS>
-__device__ __forceinline__ void warp_gemm_nt(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb,
-                                             int lane) {
+// One warp's C (16 MT x 8 NN) += A B over KS k-steps of 16, both operands from shared memory:
+//   A_KM: A stored [k][m] (read through ldmatrix.trans), else [m][k]   (row stride lda)
+//   B_KN: B stored [k][n] (read through ldmatrix.trans), else [n][k]   (row stride ldb)
+// S = Q K^T, dP = dO V^T: <false, false>; dV += P^T dO, dK += dS'^T Q: <true, true>; dQ = dS' K: <false, true>.
+// Lane offsets inside a 16 x 16 block: a_* address A [m][k] and B [k][n], b_* B [n][k] and A [k][m].
+template <typename T, int MT, int NN, int KS, bool A_KM, bool B_KN>
+__device__ __forceinline__ void warp_gemm(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb, int lane) {
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
     const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int kt = 0; kt < KS; ++kt) {
         unsigned af[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-            ldsm_x4(af[mt][0], af[mt][1], af[mt][2], af[mt][3], smem_u32(a + (mt * 16 + a_row) * lda + kt * 16 + a_col));
-#pragma unroll
-        for (int np = 0; np < NN / 2; ++np) {
-            unsigned b0, b1, b2, b3;
-            ldsm_x4(b0, b1, b2, b3, smem_u32(b + (np * 16 + b_row) * ldb + kt * 16 + b_col));
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
-                elem<T>::mma(c[mt][2 * np + 1], af[mt], b2, b3);
-            }
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (A_KM)
+                ldsm_x4_trans(af[mt][0], af[mt][1], af[mt][2], af[mt][3],
+                              smem_u32(a + (kt * 16 + b_row) * lda + mt * 16 + b_col));
+            else
+                ldsm_x4(af[mt][0], af[mt][1], af[mt][2], af[mt][3],
+                        smem_u32(a + (mt * 16 + a_row) * lda + kt * 16 + a_col));
         }
-    }
-}
-
-template <typename T, int MT, int NN, int KS>
-__device__ __forceinline__ void warp_gemm_tn(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb,
-                                             int lane) {
-    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int kt = 0; kt < KS; ++kt) {
-        unsigned af[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-            ldsm_x4_trans(af[mt][0], af[mt][1], af[mt][2], af[mt][3],
-                          smem_u32(a + (kt * 16 + b_row) * lda + mt * 16 + b_col));
 #pragma unroll
         for (int np = 0; np < NN / 2; ++np) {
             unsigned b0, b1, b2, b3;
-            ldsm_x4_trans(b0, b1, b2, b3, smem_u32(b + (kt * 16 + a_row) * ldb + np * 16 + a_col));
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
-                elem<T>::mma(c[mt][2 * np + 1], af[mt], b2, b3);
-            }
-        }
-    }
-}
-
-template <typename T, int MT, int NN, int KS>
-__device__ __forceinline__ void warp_gemm_nn(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb,
-                                             int lane) {
-    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-#pragma unroll
-    for (int kt = 0; kt < KS; ++kt) {
-        unsigned af[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-            ldsm_x4(af[mt][0], af[mt][1], af[mt][2], af[mt][3], smem_u32(a + (mt * 16 + a_row) * lda + kt * 16 + a_col));
-#pragma unroll
-        for (int np = 0; np < NN / 2; ++np) {
-            unsigned b0, b1, b2, b3;
-            ldsm_x4_trans(b0, b1, b2, b3, smem_u32(b + (kt * 16 + a_row) * ldb + np * 16 + a_col));
+            if constexpr (B_KN)
+                ldsm_x4_trans(b0, b1, b2, b3, smem_u32(b + (kt * 16 + a_row) * ldb + np * 16 + a_col));
+            else
+                ldsm_x4(b0, b1, b2, b3, smem_u32(b + (np * 16 + b_row) * ldb + kt * 16 + b_col));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
@@ -740,13 +693,9 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         bulk_commit();
     };
 
-    // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group.  With
-    // FA_BWD_SPLIT_ROTATE = R > 1 the key blocks form R groups (kv_block mod R), each starting 1/R of the
-    // way further and wrapping around: blocks of one head that run side by side add into R different dQ
-    // tiles at once instead of one
+    // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group
     const int q_end = qt_begin + n_qt * BQ;
-    const int rot = FA_BWD_SPLIT_ROTATE > 1 ? (kv_block % FA_BWD_SPLIT_ROTATE) * (n_qt / FA_BWD_SPLIT_ROTATE) : 0;
-    int h = hkv * group, q0 = qt_begin + rot * BQ, t_head = 0;
+    int h = hkv * group, q0 = qt_begin;
     int h_prev = h, q0_prev = q0;  // the last tile's (BULK_DQ)
     if (n_iter > 0) {
         load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
@@ -771,8 +720,7 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         cp_async_wait<0>();
         __syncthreads();
         const int q0_next = q0 + BQ < q_end ? q0 + BQ : qt_begin;
-        const int t_next = t_head + 1 < n_qt ? t_head + 1 : 0;
-        const int h_next = t_next == 0 ? h + 1 : h;
+        const int h_next = q0 + BQ < q_end ? h : h + 1;
         if (it + 1 < n_iter) load_q_tile(h_next, q0_next, st ^ 1);
         cp_async_commit();
         if (BULK_DQ && dq_acc != nullptr && it > 0) issue_dq(h_prev, q0_prev);
@@ -790,7 +738,7 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
             const bool early_p = FA_BWD_SPLIT_EARLY_P && !MODS && !(DROPOUT && dropout);
             float s[MS][NS][4], dp[MS][NS][4];
             zero_acc(s);
-            warp_gemm_nt<T, MS, NS, D / 16>(s, sQs + qs0 * LDS, LDS, sK + ks0 * LDS, LDS, lane);
+            warp_gemm<T, MS, NS, D / 16, false, false>(s, sQs + qs0 * LDS, LDS, sK + ks0 * LDS, LDS, lane);
             // lse (log2 units) and D of this thread's rows, each read where it is needed (registers are short)
             auto row_vals = [&](const float* v, float(&out)[MS][2]) {
 #pragma unroll
@@ -826,7 +774,7 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
                 store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
             }
             zero_acc(dp);
-            warp_gemm_nt<T, MS, NS, DV / 16>(dp, sdOs + qs0 * LDV, LDV, sV + ks0 * LDV, LDV, lane);
+            warp_gemm<T, MS, NS, DV / 16, false, false>(dp, sdOs + qs0 * LDV, LDV, sV + ks0 * LDV, LDV, lane);
 
             // dS' into dp (and P z into s where not done above)
             row_vals(sD, dsum_r);
@@ -902,56 +850,49 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
         if (BULK_DQ && dq_acc != nullptr && tid < BQ) bulk_wait_read();
         __syncthreads();  // P and dS' of the tile are complete
 
-        // dV += (P z)^T dO and dK += dS'^T Q (P^T / dS'^T as the A operand through ldmatrix.trans), and the
-        // tile's dQ (rows q0 + qq0.., columns qc0..) = dS' K added into dq_acc: its reductions drain while
-        // dK computes
-        const bool kv_part = !mask.tile_hidden(q0, BQ, kv0 + kk0, KM);
-        if (kv_part)
-            warp_gemm_tn<T, MK, VC / 8, BQ / 16>(acc_v, sP + kk0, LDP, sdOs + vc0, LDV, lane);
-#if FA_BWD_SPLIT_DQ_LAST
-        if (kv_part)
-            warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
-#endif
-        if (BULK_DQ && dq_acc != nullptr) {
-            float acc_q[MQ][QC / 8][4];
-            zero_acc(acc_q);
-            if (!mask.tile_hidden(q0 + qq0, QM, kv0, BKV))
-                warp_gemm_nn<T, MQ, QC / 8, BKV / 16>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
-#pragma unroll
-            for (int mt = 0; mt < MQ; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-#pragma unroll
-                    for (int n = 0; n < QC / 8; ++n)
-                        *reinterpret_cast<float2*>(sdQ + (qq0 + mt * 16 + g + 8 * r) * LDQ + qc0 + n * 8 + 2 * t4) =
-                            make_float2(acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
-            fence_proxy_async_shared();  // these writes, then a barrier, then the bulk reductions read them
-        } else if (dq_acc != nullptr && !mask.tile_hidden(q0 + qq0, QM, kv0, BKV)) {
-            float acc_q[MQ][QC / 8][4];
-            zero_acc(acc_q);
-            warp_gemm_nn<T, MQ, QC / 8, BKV / 16>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
-            // this thread's rows q0 + qq0 + 16 mt + g + 8 r: one pointer and constant offsets
-            const int i_first = q0 + qq0 + g;
-            float* row0 = dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i_first) * D + qc0 + 2 * t4;
-            const bool rows_in = q0 + qq0 + QM <= lq;
-#pragma unroll
-            for (int mt = 0; mt < MQ; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    if (!rows_in && i_first + mt * 16 + 8 * r >= lq) continue;
-#pragma unroll
-                    for (int n = 0; n < QC / 8; ++n)
-                        red_add_f32x2(row0 + (mt * 16 + 8 * r) * D + n * 8, acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
-                }
+        // dV += (P z)^T dO and dK += dS'^T Q (P^T / dS'^T as the A operand through ldmatrix.trans), then the
+        // tile's dQ (rows q0 + qq0.., columns qc0..) = dS' K (measured: dQ last beats dQ between dV and dK)
+        if (!mask.tile_hidden(q0, BQ, kv0 + kk0, KM)) {
+            warp_gemm<T, MK, VC / 8, BQ / 16, true, true>(acc_v, sP + kk0, LDP, sdOs + vc0, LDV, lane);
+            warp_gemm<T, MK, KC / 8, BQ / 16, true, true>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
         }
-#if !FA_BWD_SPLIT_DQ_LAST
-        if (kv_part)
-            warp_gemm_tn<T, MK, KC / 8, BQ / 16>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
-#endif
+        if (dq_acc != nullptr) {
+            const bool dq_part = !mask.tile_hidden(q0 + qq0, QM, kv0, BKV);
+            float acc_q[MQ][QC / 8][4];
+            zero_acc(acc_q);
+            if (dq_part)
+                warp_gemm<T, MQ, QC / 8, BKV / 16, false, true>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
+            if (BULK_DQ) {  // into sdQ (every warp, zeros where hidden): issue_dq adds it after the next barrier
+#pragma unroll
+                for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int n = 0; n < QC / 8; ++n)
+                            *reinterpret_cast<float2*>(sdQ + (qq0 + mt * 16 + g + 8 * r) * LDQ + qc0 + n * 8 + 2 * t4) =
+                                make_float2(acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
+                fence_proxy_async_shared();  // these writes, then a barrier, then the bulk reductions read them
+            } else if (dq_part) {
+                // this thread's rows q0 + qq0 + 16 mt + g + 8 r: one pointer and constant offsets
+                const int i_first = q0 + qq0 + g;
+                float* row0 =
+                    dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i_first) * D + qc0 + 2 * t4;
+                const bool rows_in = q0 + qq0 + QM <= lq;
+#pragma unroll
+                for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        if (!rows_in && i_first + mt * 16 + 8 * r >= lq) continue;
+#pragma unroll
+                        for (int n = 0; n < QC / 8; ++n)
+                            red_add_f32x2(row0 + (mt * 16 + 8 * r) * D + n * 8, acc_q[mt][n][2 * r],
+                                          acc_q[mt][n][2 * r + 1]);
+                    }
+            }
+        }
         h_prev = h, q0_prev = q0;
         h = h_next;
         q0 = q0_next;
-        t_head = t_next;
     }
     cp_async_wait<0>();
     if (BULK_DQ && dq_acc != nullptr && n_iter > 0) {
