@@ -57,6 +57,41 @@
 #define FA_BWD_MASK_ARGS(e) \
     e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb
 
+// The key block of a kv-side kernel (one block per (key tile, batch * k/v head), heavy tiles first) and the
+// query tiles it walks: [qt_begin, qt_begin + n_qt BQ) of each query head of the GQA group, n_iter in all,
+// from the rows that see a key of the block (the forward's tile-skipping rule read the other way).
+// e.h is the k/v head.
+struct fa_bwd_key_block {
+    fa_entry e;
+    int kv_block, kv0, qt_begin, n_qt, n_iter;
+};
+
+template <bool INTERVAL, bool MODS, int BKV, int BQ>
+__device__ __forceinline__ fa_bwd_key_block fa_bwd_key_block_of(
+    int num_blocks, int heads, int group, int ragged, const int* rag_q, const int* rag_kv, int seq_q, int seq_kv,
+    int bottom_right, int win_left, int win_right, const unsigned char* attn_mask, long long m_sb, long long m_sh,
+    long long m_si, long long m_sj, int mask_kind, const float* slopes, int slopes_sb, float scale, float softcap) {
+    fa_bwd_key_block kb;
+    kb.kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
+    kb.e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads / group, ragged, rag_q, rag_kv, seq_q, seq_kv);
+    kb.kv0 = kb.kv_block * BKV;
+    int r_lo = 0, r_hi = 0;
+    if (kb.kv0 < kb.e.lk) {
+        fa_entry eq = kb.e;
+        eq.h = kb.e.h * group;
+        const fa_mask<INTERVAL, MODS> m0 = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(eq), scale, softcap);
+        m0.query_range(kb.kv0, min(kb.kv0 + BKV, kb.e.lk), r_lo, r_hi);
+    }
+    kb.qt_begin = (r_lo / BQ) * BQ;
+    kb.n_qt = r_hi > r_lo ? (r_hi - kb.qt_begin + BQ - 1) / BQ : 0;
+    kb.n_iter = kb.n_qt * group;
+    return kb;
+}
+#define FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, scale, softcap)                                                \
+    fa_bwd_key_block_of<INTERVAL, MODS, BKV, BQ>(num_blocks, heads, group, ragged, rag_q, rag_kv, seq_q, seq_kv,  \
+                                                 bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, \
+                                                 m_sj, mask_kind, slopes, slopes_sb, scale, softcap)
+
 // ------------------------------------------------------------------------------------------------
 // element conversions (any input dtype to the float32 / float64 of the sums)
 // ------------------------------------------------------------------------------------------------
@@ -215,30 +250,14 @@ __global__ void __launch_bounds__(NWARPS * 32)
     float* sL = reinterpret_cast<float*>(sdS + 2 * BKV * LDP);  // 2 stages
     float* sD = sL + 2 * BQ;                                // 2 stages
 
-    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);  // heavy (causal: first) key tiles first
-    const int heads_kv = heads / group;
-    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
-                             seq_kv);
-    const int hkv = e.h;
-    const int kv0 = kv_block * BKV;
-    const int lq = e.lq, lk = e.lk;
+    const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, scale, softcap);
+    fa_entry e = kb.e;
+    const int hkv = e.h, kv0 = kb.kv0, lq = e.lq, lk = e.lk;
+    const int qt_begin = kb.qt_begin, n_qt = kb.n_qt, n_iter = kb.n_iter;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int kw0 = kv0 + warp * WK;  // first key of this warp
     const bool dropout = threshold != 0u;
-
-    // the query rows that see a key of this block (the tile-skipping rule read the other way), in
-    // BQ-row tiles, for every query head of the group
-    int r_lo = 0, r_hi = 0;
-    if (kv0 < lk) {
-        e.h = hkv * group;
-        const fa_mask<INTERVAL, MODS> m0 =
-            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
-        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
-    }
-    const int qt_begin = (r_lo / BQ) * BQ;
-    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
-    const int n_iter = n_qt * group;
 
     const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
@@ -635,26 +654,13 @@ __global__ void __launch_bounds__(NWARPS * 32, 1)
     constexpr int LDQ = D + 8;
     constexpr bool BULK_DQ = FA_BWD_SPLIT_BULK_DQ && FA_HAS_BULK_REDUCE;
 
-    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
-    const int heads_kv = heads / group;
-    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
-                             seq_kv);
-    const int hkv = e.h;
-    const int kv0 = kv_block * BKV;
-    const int lq = e.lq, lk = e.lk;
+    const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, scale, softcap);
+    fa_entry e = kb.e;
+    const int hkv = e.h, kv0 = kb.kv0, lq = e.lq, lk = e.lk;
+    const int qt_begin = kb.qt_begin, n_qt = kb.n_qt, n_iter = kb.n_iter;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const bool dropout = threshold != 0u;
-
-    int r_lo = 0, r_hi = 0;
-    if (kv0 < lk) {
-        e.h = hkv * group;
-        const fa_mask<INTERVAL, MODS> m0 = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
-        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
-    }
-    const int qt_begin = (r_lo / BQ) * BQ;
-    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
-    const int n_iter = n_qt * group;
 
     const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
@@ -1140,27 +1146,13 @@ __global__ void __launch_bounds__(BKV * 4)
     T* sL = sS + BKV * LDP;
     T* sD = sL + BQ;
 
-    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
-    const int heads_kv = heads / group;
-    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
-                             seq_kv);
-    const int hkv = e.h;
-    const int kv0 = kv_block * BKV;
-    const int lq = e.lq, lk = e.lk;
+    const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, (float)scale, (float)softcap);
+    fa_entry e = kb.e;
+    const int hkv = e.h, kv0 = kb.kv0, lq = e.lq, lk = e.lk;
+    const int qt_begin = kb.qt_begin, n_qt = kb.n_qt, n_iter = kb.n_iter;
     const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
     const int j = kv0 + r;
     const bool dropout = threshold != 0u;
-
-    int r_lo = 0, r_hi = 0;
-    if (kv0 < lk) {
-        e.h = hkv * group;
-        const fa_mask<INTERVAL, MODS> m0 =
-            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), (float)scale, (float)softcap);
-        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
-    }
-    const int qt_begin = (r_lo / BQ) * BQ;
-    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
-    const int n_iter = n_qt * group;
 
     T acc_k[NU], acc_v[NU];
 #pragma unroll
