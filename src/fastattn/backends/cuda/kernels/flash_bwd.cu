@@ -16,6 +16,9 @@
 // Kernels (the mask, the tile-skipping rule and the logit hook are the forward's: common.cuh fa_mask;
 // query_range is key_range read the other way):
 //   fa_bwd_prep        D_i (one warp a row), float32 (float64 for float64)
+//   fa_bwd_split_mma   float16 / bfloat16 at padded head dims 64 / 128 (v's alike) where a block has
+//                      ~210 KB of shared memory: fa_bwd_mma's work with FlashAttention-2's warp layouts
+//                      (P and dS' through shared memory; see the kernel)
 //   fa_bwd_mma         float16 / bfloat16, mma.sync m16n8k16 with fp32 accumulation.  One block per
 //                      (key tile, batch * k/v head): each warp owns 16 * MT keys and keeps their dK and
 //                      dV in registers while the block walks every query tile (of every query head of
@@ -622,8 +625,10 @@ __device__ __forceinline__ void store_acc_pairs(T* base, int ld, const float (&c
 //                            keeps its slice of dK and dV in registers over the whole walk
 //   dQ = dS' K               warps WQQ (queries) x NWARPS / WQQ (columns of d), added into dq_acc
 // Two barriers a query tile: the tile has landed (and every warp is done with the last one's P / dS'),
-// and P / dS' are complete.  Shared memory: K BKV x (D+8), V BKV x (DV+8), two stages of Q BQ x (D+8)
-// and dO BQ x (DV+8), P and dS' BQ x (BKV+8) ([query][key]), two stages of BQ lse and D values.
+// and P / dS' are complete.  On sm_90 dQ leaves through a float32 tile in shared memory and bulk
+// asynchronous reductions (one a row) issued after the next tile's first barrier.  Shared memory: K
+// BKV x (D+8), V BKV x (DV+8), two stages of Q BQ x (D+8) and dO BQ x (DV+8), P and dS' BQ x (BKV+8)
+// ([query][key]), two stages of BQ lse and D values, dQ BQ x (D+8) float32 (_specs.bwd_split_smem_bytes).
 // ------------------------------------------------------------------------------------------------
 template <typename T, int D, int DV, int NWARPS, int BQ, int BKV, int WQS, int WKD, int WQQ, bool INTERVAL,
           bool MODS, bool DROPOUT, bool VEC>
