@@ -1,7 +1,8 @@
 """The CUDA backward pass against the float64 reference's analytic gradients (backends.reference).
 
-Every forward feature on every kernel family (float16 / bfloat16 on ``fa_bwd_mma``, with dQ through atomics
-and, ``deterministic=True``, through ``fa_bwd_dq_mma``; float32 / float64 on the SIMT kernels), over odd shapes
+Every forward feature on every kernel family (float16 / bfloat16 on ``fa_bwd_split_mma`` at padded head dims
+64 / 128 and ``fa_bwd_mma`` elsewhere, and on ``fa_bwd_mma`` at 64 / 128 too; dQ through atomics and,
+``deterministic=True``, through ``fa_bwd_dq_mma``; float32 / float64 on the SIMT kernels), over odd shapes
 and head dims.  Half precision is judged by FlashAttention's rule where a naive same-precision implementation
 (torch autograd through a materialized attention in float16 / bfloat16 on the GPU) can express the call: each
 of dq, dk, dv within twice its error against float64, plus a small term; ragged calls by a fixed bound.
