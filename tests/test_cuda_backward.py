@@ -1,7 +1,8 @@
 """The CUDA backward pass against the float64 reference's analytic gradients (backends.reference).
 
-Every forward feature on every kernel family (float16 / bfloat16 on ``fa_bwd_mma``, with dQ through atomics
-and, ``deterministic=True``, through ``fa_bwd_dq_mma``; float32 / float64 on the SIMT kernels), over odd shapes
+Every forward feature on every kernel family (float16 / bfloat16 on ``fa_bwd_split_mma`` at padded head dims
+64 / 128 and ``fa_bwd_mma`` elsewhere, and on ``fa_bwd_mma`` at 64 / 128 too; dQ through atomics and,
+``deterministic=True``, through ``fa_bwd_dq_mma``; float32 / float64 on the SIMT kernels), over odd shapes
 and head dims.  Half precision is judged by FlashAttention's rule where a naive same-precision implementation
 (torch autograd through a materialized attention in float16 / bfloat16 on the GPU) can express the call: each
 of dq, dk, dv within twice its error against float64, plus a small term; ragged calls by a fixed bound.
@@ -57,6 +58,11 @@ def test_backward_kernels_are_listed_and_fit_a_block():
             assert _specs.bwd_mma_smem_bytes(d, d, a100) <= 163 * 1024
             assert _specs.bwd_mma_name(dtype, d, d, a100, True, False, False, True) in names
             assert _specs.bwd_dq_smem_bytes(d, d, _specs.BWD_DQ_CONFIGS[d]) <= 163 * 1024
+        for d, cfg in _specs.BWD_SPLIT_CONFIGS.items():  # FlashAttention-2's layouts where a block has room
+            assert _specs.bwd_split_config(d, d, 227 * 1024) == cfg
+            assert _specs.bwd_split_name(dtype, d, d, cfg, True, True, True, False) in names
+            assert _specs.bwd_split_config(d, d, 163 * 1024) is None  # A100: fa_bwd_mma's smaller tiles
+    assert _specs.bwd_split_config(64, 32, 227 * 1024) is None
     for key in _specs.BWD_SIMT_CONFIGS:
         assert max(_specs.bwd_simt_smem_bytes(*key)) <= 163 * 1024
 
@@ -263,6 +269,19 @@ def test_gradients_match_reference(name, dtype):
                                   "d256"])
 def test_deterministic_gradients_match_reference(name, dtype):
     _check(name, dtype, deterministic=True)
+
+
+@gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["causal_128", "causal_1000", "gqa", "mqa", "bias", "seqlens", "everything"])
+def test_one_warp_per_16_keys_kernel(name, dtype, deterministic, monkeypatch):
+    """fa_bwd_mma at the head dims fa_bwd_split_mma serves on an H100 (what a device with less shared
+    memory a block runs)."""
+    from fastattn.backends.cuda import _backward
+
+    monkeypatch.setattr(_backward, "SPLIT_KERNEL", False)
+    _check(name, dtype, deterministic=deterministic)
 
 
 @gpu

@@ -6,6 +6,8 @@
 For FlashAttention's grid shapes (16k tokens, hidden 2048, float16): the whole backward, fa_bwd_prep,
 fa_bwd_mma with dQ by atomics and without dQ, fa_bwd_dq_mma, fa_bwd_dq_convert; TFLOP/s with the backward
 counted as 2.5x the forward's FLOPs (per kernel: of the whole backward's FLOPs, so the parts' shares show).
+It times fa_bwd_mma at every head dim (``_backward.SPLIT_KERNEL`` off: its ``-DFA_BWD_NO_RED`` experiment
+is that kernel's); tools/gpu_backward_ab.py compares fa_bwd_split_mma with it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     args = parser.parse_args(argv)
+    from fastattn.backends.cuda import _backward
+
+    _backward.SPLIT_KERNEL = False
 
     print(f"{'D':>4} {'causal':>6} {'N':>6} | {'bwd ms':>7} {'TF':>5} | {'prep':>6} {'mma+atomic':>10} {'no red':>8} "
           f"{'mma no dQ':>9} {'dq_mma':>7} {'convert':>7} | det ms")

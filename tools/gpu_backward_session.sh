@@ -4,6 +4,7 @@
 #             .cache/ beside this tree, so a later session that carries it skips the work)
 #   tests     pytest tests/test_cuda_backward.py (16 workers)
 #   sanitize  compute-sanitizer memcheck over a call of each variant, every kernel family and dQ mode
+#   racecheck compute-sanitizer racecheck over causal / GQA / packed calls of both tensor-core layouts
 #   bench     python -m fastattn._bench_backward_cuda (BENCH_ARGS, e.g. --quick)
 #   STEPS="compile tests sanitize bench" bash tools/gpu_backward_session.sh
 set -u
@@ -80,6 +81,31 @@ PY
     timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/bsan.py 2>&1 \
       | tee "$OUT/sanitize.log" | tail -15
     echo "sanitizer exit: ${PIPESTATUS[0]}"
+    ;;
+  racecheck)  # shared-memory hazards of the tensor-core backward kernels (both layouts, both dQ modes)
+    cat > /tmp/brace.py <<'PY'
+import numpy as np, cupy, fastattn
+from fastattn.backends.cuda import _backward
+rng = np.random.default_rng(0)
+def g(*s): return cupy.asarray(rng.standard_normal(s).astype("float16"))
+cu = cupy.asarray(np.array([0, 5, 5, 140, 203], np.int32))
+for split in (True, False):
+    _backward.SPLIT_KERNEL = split
+    _backward._PLANS.clear()
+    for d in (64, 128):
+        q, k, v, do = g(1, 4, 150, d), g(1, 2, 200, d), g(1, 2, 200, d), g(1, 4, 150, d)
+        out, lse = fastattn.flash_attention(q, k, v, causal=True, return_lse=True)
+        for det in (False, True):
+            fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=True, deterministic=det)
+    qp, kp, vp, dop = g(203, 4, 128), g(203, 2, 128), g(203, 2, 128), g(203, 4, 128)
+    out, lse = fastattn.flash_attention_varlen(qp, kp, vp, cu, cu, causal=True, return_lse=True)
+    fastattn.flash_attention_varlen_backward(dop, qp, kp, vp, out, lse, cu, cu, causal=True)
+    cupy.cuda.Device().synchronize()
+    print("split" if split else "fa_bwd_mma", "ok")
+PY
+    timeout ${RACE_TIMEOUT:-300} compute-sanitizer --tool racecheck --error-exitcode 9 python3 /tmp/brace.py 2>&1 \
+      | tee "$OUT/racecheck.log" | tail -8
+    echo "racecheck exit: ${PIPESTATUS[0]}"
     ;;
   bench)
     timeout ${BENCH_TIMEOUT:-400} python3 -m fastattn._bench_backward_cuda ${BENCH_ARGS:-} --json "$OUT/bench.json" \

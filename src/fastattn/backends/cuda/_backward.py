@@ -2,9 +2,12 @@
 
     fa_bwd_prep                      D = rowsum(dO o O)                              (every dtype)
     float16 / bfloat16:
-      fa_bwd_mma                     dK, dV per key tile; dQ into a float32 buffer with atomics
+      fa_bwd_split_mma               dK, dV per key tile; dQ into a float32 buffer with atomics
+                                     (FlashAttention-2's warp layouts: padded head dims 64 / 128, q/k and v
+                                     alike, where a block may take its shared memory)
+      fa_bwd_mma                     the same work for every other head dim (each warp owns 16 keys)
       fa_bwd_dq_convert              dq = scale * that buffer, in the input dtype
-      deterministic=True: fa_bwd_mma without dQ, then fa_bwd_dq_mma (dQ per query tile, no atomics)
+      deterministic=True: either of them without dQ, then fa_bwd_dq_mma (dQ per query tile, no atomics)
     float32 / float64: fa_bwd_simt_kv (dK, dV) and fa_bwd_simt_q (dQ), exact FMA, deterministic
 
 Every launch's arguments but the pointers are a pure function of the call's geometry: worked out once per
@@ -54,6 +57,10 @@ class BwdPlan(NamedTuple):
 
 
 _PLANS: dict[tuple, BwdPlan] = {}
+
+#: take fa_bwd_split_mma where _specs.bwd_split_config offers tiles (False: fa_bwd_mma for every call; the
+#: benchmarks and tests compare the two)
+SPLIT_KERNEL = True
 
 
 def _cupy():
@@ -134,11 +141,17 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
             (i32(heads), i32(view_q), i32(dvd), *(i64(s) for s in do_s), *(i64(s) for s in o_s), i64(rows)))
     if mma:
         vec = all(_vec_ok(x, n) for x, n in ((q, d), (k, d), (v, dvd), (dout, dvd)))
-        cfg = _specs.bwd_mma_config(d_pad, dv_pad, _smem_optin())
-        smem = _specs.bwd_mma_smem_bytes(d_pad, dv_pad, cfg)
+        split = _specs.bwd_split_config(d_pad, dv_pad, _smem_optin()) if SPLIT_KERNEL else None
+        if split is not None:
+            cfg = split
+            smem = _specs.bwd_split_smem_bytes(d_pad, dv_pad, cfg)
+            name = _specs.bwd_split_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec)
+        else:
+            cfg = _specs.bwd_mma_config(d_pad, dv_pad, _smem_optin())
+            smem = _specs.bwd_mma_smem_bytes(d_pad, dv_pad, cfg)
+            name = _specs.bwd_mma_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec)
         nkb = -(-spec.seq_kv // cfg.block_kv)
-        main = (get_kernel(_specs.bwd_mma_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec), smem),
-                (nkb * batch * (heads // group),), (cfg.warps * 32,), smem, static(nkb))
+        main = (get_kernel(name, smem), (nkb * batch * (heads // group),), (cfg.warps * 32,), smem, static(nkb))
         block_q, block_kv, threads, family = cfg.block_q, cfg.block_kv, cfg.warps * 32, "mma.sync"
         dq_plan = convert = None
         if deterministic:
@@ -190,7 +203,7 @@ def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, spec: Attent
     key = (cp_device(), dtype, q.shape, k.shape, v.shape, q.strides, k.strides, v.strides, dout.strides,
            out.strides, tuple(x.data.ptr % 16 == 0 for x in (q, k, v, dout)), spec.scale, spec.dropout_p,
            spec.seed, spec.rule, spec.ragged, spec.layout, spec.batch, spec.seq_q, spec.seq_kv, _mask_geometry(spec),
-           deterministic)
+           deterministic, SPLIT_KERNEL)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(dout, q, k, v, out, lse, dq, dk, dv, spec, dtype, deterministic)

@@ -547,6 +547,52 @@ def bwd_mma_config(head_dim: int, head_dim_v: int, smem_limit: int) -> BwdMmaCon
     if bwd_mma_smem_bytes(head_dim, head_dim_v, cfg) > smem_limit and head_dim in BWD_MMA_SMALL_CONFIGS:
         cfg = BWD_MMA_SMALL_CONFIGS[head_dim]
     return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdSplitConfig:
+    """Tiles of ``fa_bwd_split_mma`` (FlashAttention-2's warp layouts): ``warps`` warps, key tiles of
+    ``block_kv``, query tiles of ``block_q``; S / dP split ``wq_s`` (queries) x warps / wq_s (keys), dK / dV
+    ``wk_dkv`` (keys) x warps / wk_dkv (columns), dQ ``wq_dq`` (queries) x warps / wq_dq (columns)."""
+
+    warps: int
+    block_q: int
+    block_kv: int
+    wq_s: int
+    wk_dkv: int
+    wq_dq: int
+
+
+#: fa_bwd_split_mma tiles per padded head_dim (q/k and v alike; FlashAttention-2's sm80 choices)
+BWD_SPLIT_CONFIGS: dict[int, BwdSplitConfig] = {
+    64: BwdSplitConfig(8, 128, 128, 2, 4, 4), 128: BwdSplitConfig(8, 64, 128, 2, 4, 2),
+}
+
+
+def bwd_split_config(head_dim: int, head_dim_v: int, smem_limit: int) -> BwdSplitConfig | None:
+    """The fa_bwd_split_mma tiles of padded head dims, or None where fa_bwd_mma serves the call."""
+    cfg = BWD_SPLIT_CONFIGS.get(head_dim) if head_dim == head_dim_v else None
+    if cfg is None or bwd_split_smem_bytes(head_dim, head_dim_v, cfg) > smem_limit:
+        return None
+    return cfg
+
+
+def bwd_split_name(dtype: str, head_dim: int, head_dim_v: int, cfg: BwdSplitConfig, interval: bool, mods: bool,
+                   dropout: bool, vec: bool) -> str:
+    interval, mods, dropout = kernel_flags(interval, mods, dropout)
+    return (f"fa_bwd_split_mma<{_CXX_TYPE[dtype]}, {head_dim}, {head_dim_v}, {cfg.warps}, {cfg.block_q}, "
+            f"{cfg.block_kv}, {cfg.wq_s}, {cfg.wk_dkv}, {cfg.wq_dq}, {_b(interval)}, {_b(mods)}, {_b(dropout)}, "
+            f"{_b(vec)}>")
+
+
+def bwd_split_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdSplitConfig) -> int:
+    """K, V of the block, two stages of Q and dO, P and dS', two stages of the tile's lse and D, the tile's
+    dQ in float32 (the bulk reductions of sm_90) (rows padded by 8)."""
+    bkv, bq = cfg.block_kv, cfg.block_q
+    halves = bkv * (head_dim + 8) + bkv * (head_dim_v + 8) + 2 * bq * (head_dim + 8) + 2 * bq * (head_dim_v + 8)
+    return (halves + 2 * bq * (bkv + 8)) * 2 + (4 * bq + bq * (head_dim + 8)) * 4
+
+
 #: fa_bwd_dq_mma tiles per padded q/k head_dim
 BWD_DQ_CONFIGS: dict[int, BwdDqConfig] = {
     32: BwdDqConfig(4, 1, 64), 64: BwdDqConfig(4, 1, 64), 96: BwdDqConfig(4, 1, 64),
@@ -627,6 +673,9 @@ def all_bwd_name_expressions() -> list[str]:
                             if cfg is not None:
                                 names.append(bwd_mma_name(dtype, dim, dv, cfg, interval, mods, dropout, vec))
                         names.append(bwd_dq_name(dtype, dim, dv, BWD_DQ_CONFIGS[dim], interval, mods, dropout, vec))
+                        if dim == dv and dim in BWD_SPLIT_CONFIGS:
+                            names.append(bwd_split_name(dtype, dim, dv, BWD_SPLIT_CONFIGS[dim], interval, mods,
+                                                        dropout, vec))
     for dtype in ("float32", "float64"):
         names.append(bwd_prep_name(dtype))
         for dim in SIMT_HEAD_DIMS:

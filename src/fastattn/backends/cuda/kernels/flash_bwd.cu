@@ -16,6 +16,9 @@
 // Kernels (the mask, the tile-skipping rule and the logit hook are the forward's: common.cuh fa_mask;
 // query_range is key_range read the other way):
 //   fa_bwd_prep        D_i (one warp a row), float32 (float64 for float64)
+//   fa_bwd_split_mma   float16 / bfloat16 at padded head dims 64 / 128 (v's alike) where a block has
+//                      ~210 KB of shared memory: fa_bwd_mma's work with FlashAttention-2's warp layouts
+//                      (P and dS' through shared memory; see the kernel)
 //   fa_bwd_mma         float16 / bfloat16, mma.sync m16n8k16 with fp32 accumulation.  One block per
 //                      (key tile, batch * k/v head): each warp owns 16 * MT keys and keeps their dK and
 //                      dV in registers while the block walks every query tile (of every query head of
@@ -56,6 +59,41 @@
 
 #define FA_BWD_MASK_ARGS(e) \
     e, bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, m_sj, mask_kind, slopes, slopes_sb
+
+// The key block of a kv-side kernel (one block per (key tile, batch * k/v head), heavy tiles first) and the
+// query tiles it walks: [qt_begin, qt_begin + n_qt BQ) of each query head of the GQA group, n_iter in all,
+// from the rows that see a key of the block (the forward's tile-skipping rule read the other way).
+// e.h is the k/v head.
+struct fa_bwd_key_block {
+    fa_entry e;
+    int kv_block, kv0, qt_begin, n_qt, n_iter;
+};
+
+template <bool INTERVAL, bool MODS, int BKV, int BQ>
+__device__ __forceinline__ fa_bwd_key_block fa_bwd_key_block_of(
+    int num_blocks, int heads, int group, int ragged, const int* rag_q, const int* rag_kv, int seq_q, int seq_kv,
+    int bottom_right, int win_left, int win_right, const unsigned char* attn_mask, long long m_sb, long long m_sh,
+    long long m_si, long long m_sj, int mask_kind, const float* slopes, int slopes_sb, float scale, float softcap) {
+    fa_bwd_key_block kb;
+    kb.kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
+    kb.e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads / group, ragged, rag_q, rag_kv, seq_q, seq_kv);
+    kb.kv0 = kb.kv_block * BKV;
+    int r_lo = 0, r_hi = 0;
+    if (kb.kv0 < kb.e.lk) {
+        fa_entry eq = kb.e;
+        eq.h = kb.e.h * group;
+        const fa_mask<INTERVAL, MODS> m0 = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(eq), scale, softcap);
+        m0.query_range(kb.kv0, min(kb.kv0 + BKV, kb.e.lk), r_lo, r_hi);
+    }
+    kb.qt_begin = (r_lo / BQ) * BQ;
+    kb.n_qt = r_hi > r_lo ? (r_hi - kb.qt_begin + BQ - 1) / BQ : 0;
+    kb.n_iter = kb.n_qt * group;
+    return kb;
+}
+#define FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, scale, softcap)                                                \
+    fa_bwd_key_block_of<INTERVAL, MODS, BKV, BQ>(num_blocks, heads, group, ragged, rag_q, rag_kv, seq_q, seq_kv,  \
+                                                 bottom_right, win_left, win_right, attn_mask, m_sb, m_sh, m_si, \
+                                                 m_sj, mask_kind, slopes, slopes_sb, scale, softcap)
 
 // ------------------------------------------------------------------------------------------------
 // element conversions (any input dtype to the float32 / float64 of the sums)
@@ -215,30 +253,14 @@ __global__ void __launch_bounds__(NWARPS * 32)
     float* sL = reinterpret_cast<float*>(sdS + 2 * BKV * LDP);  // 2 stages
     float* sD = sL + 2 * BQ;                                // 2 stages
 
-    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);  // heavy (causal: first) key tiles first
-    const int heads_kv = heads / group;
-    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
-                             seq_kv);
-    const int hkv = e.h;
-    const int kv0 = kv_block * BKV;
-    const int lq = e.lq, lk = e.lk;
+    const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, scale, softcap);
+    fa_entry e = kb.e;
+    const int hkv = e.h, kv0 = kb.kv0, lq = e.lq, lk = e.lk;
+    const int qt_begin = kb.qt_begin, n_qt = kb.n_qt, n_iter = kb.n_iter;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int kw0 = kv0 + warp * WK;  // first key of this warp
     const bool dropout = threshold != 0u;
-
-    // the query rows that see a key of this block (the tile-skipping rule read the other way), in
-    // BQ-row tiles, for every query head of the group
-    int r_lo = 0, r_hi = 0;
-    if (kv0 < lk) {
-        e.h = hkv * group;
-        const fa_mask<INTERVAL, MODS> m0 =
-            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
-        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
-    }
-    const int qt_begin = (r_lo / BQ) * BQ;
-    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
-    const int n_iter = n_qt * group;
 
     const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
@@ -473,6 +495,431 @@ __global__ void __launch_bounds__(NWARPS * 32)
                               acc_v, 1.0f, lane);
 }
 
+// experiment switches of fa_bwd_split_mma (tools/gpu_backward_ab.py --options): P to shared memory before
+// the dP product where the tile allows it; dQ by bulk reductions (sm_90) instead of red.global
+#ifndef FA_BWD_SPLIT_EARLY_P
+#define FA_BWD_SPLIT_EARLY_P 1
+#endif
+#ifndef FA_BWD_SPLIT_BULK_DQ
+#define FA_BWD_SPLIT_BULK_DQ 1
+#endif
+
+// One warp's C (16 MT x 8 NN) += A B over KS k-steps of 16, both operands from shared memory:
+//   A_KM: A stored [k][m] (read through ldmatrix.trans), else [m][k]   (row stride lda)
+//   B_KN: B stored [k][n] (read through ldmatrix.trans), else [n][k]   (row stride ldb)
+// S = Q K^T, dP = dO V^T: <false, false>; dV += P^T dO, dK += dS'^T Q: <true, true>; dQ = dS' K: <false, true>.
+// Lane offsets inside a 16 x 16 block: a_* address A [m][k] and B [k][n], b_* B [n][k] and A [k][m].
+template <typename T, int MT, int NN, int KS, bool A_KM, bool B_KN>
+__device__ __forceinline__ void warp_gemm(float (&c)[MT][NN][4], const T* a, int lda, const T* b, int ldb, int lane) {
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kt = 0; kt < KS; ++kt) {
+        unsigned af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (A_KM)
+                ldsm_x4_trans(af[mt][0], af[mt][1], af[mt][2], af[mt][3],
+                              smem_u32(a + (kt * 16 + b_row) * lda + mt * 16 + b_col));
+            else
+                ldsm_x4(af[mt][0], af[mt][1], af[mt][2], af[mt][3],
+                        smem_u32(a + (mt * 16 + a_row) * lda + kt * 16 + a_col));
+        }
+#pragma unroll
+        for (int np = 0; np < NN / 2; ++np) {
+            unsigned b0, b1, b2, b3;
+            if constexpr (B_KN)
+                ldsm_x4_trans(b0, b1, b2, b3, smem_u32(b + (kt * 16 + a_row) * ldb + np * 16 + a_col));
+            else
+                ldsm_x4(b0, b1, b2, b3, smem_u32(b + (np * 16 + b_row) * ldb + kt * 16 + b_col));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                elem<T>::mma(c[mt][2 * np], af[mt], b0, b1);
+                elem<T>::mma(c[mt][2 * np + 1], af[mt], b2, b3);
+            }
+        }
+    }
+}
+
+// sm_90's bulk asynchronous reduction (the TMA unit): dQ tiles leave shared memory as one float32 add per
+// row instead of a red.global per pair of elements
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FA_HAS_BULK_REDUCE 1
+#else
+#define FA_HAS_BULK_REDUCE 0
+#endif
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// global[dst .. dst + bytes) += shared[src .. src + bytes) (float32; 16-byte aligned, bytes % 16 == 0)
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, unsigned src, int bytes) {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+                 "r"(bytes)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// this thread's bulk operations have read their shared memory / have completed
+__device__ __forceinline__ void bulk_wait_read() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_all() {
+#if FA_HAS_BULK_REDUCE
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// 4-byte global->shared copy; src_bytes 0 writes a zero
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+// ROWS whole rows of D elements (16-byte aligned, unit column stride: load_tile's VEC case with every row
+// and column inside the matrix) from g (row stride ss) into shared memory rows of LDS elements, by
+// cp.async: no bounds checks, one source pointer a thread
+template <typename T, int ROWS, int D, int LDS, int NT>
+__device__ __forceinline__ void load_rows_whole(T* smem, const T* __restrict__ g, long long ss, int tid) {
+    constexpr int CHUNKS = D / 8;
+    static_assert(NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0, "whole passes of the block's threads");
+    constexpr int RS = NT / CHUNKS;
+    const int ch = tid % CHUNKS, r0 = tid / CHUNKS;
+    const T* src = g + (long long)r0 * ss + ch * 8;
+    const unsigned dst = smem_u32(smem + r0 * LDS + ch * 8);
+#pragma unroll
+    for (int i = 0; i < ROWS / RS; ++i) {
+        cp_async_16(dst + i * RS * LDS * (int)sizeof(T), src, 16);
+        src += (long long)RS * ss;
+    }
+}
+
+// accumulators c[MT][NN][4] as 16-bit pairs into a [row][column] tile of shared memory (row stride ld):
+// element (16 mt + g + 8 r, 8 n + 2 t4 + {0, 1})
+template <typename T, int MT, int NN>
+__device__ __forceinline__ void store_acc_pairs(T* base, int ld, const float (&c)[MT][NN][4], int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int n = 0; n < NN; ++n)
+                *reinterpret_cast<unsigned*>(base + (mt * 16 + g + 8 * r) * ld + n * 8 + 2 * t4) =
+                    elem<T>::pack2(c[mt][n][2 * r], c[mt][n][2 * r + 1]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// fa_bwd_split_mma: fa_bwd_mma's work (one block per (key tile, batch * k/v head), walking the query
+// tiles that see it; dQ by atomics or not at all) with FlashAttention-2's warp layouts, so that each
+// warp reads only part of the Q / dO / K / V tiles from shared memory per product:
+//   S = Q K^T, dP = dO V^T   warps WQS (queries) x NWARPS / WQS (keys); P z and dS' go to shared memory
+//   dV += (P z)^T dO, dK += dS'^T Q   warps WKD (keys) x NWARPS / WKD (columns of d / dv): each warp
+//                            keeps its slice of dK and dV in registers over the whole walk
+//   dQ = dS' K               warps WQQ (queries) x NWARPS / WQQ (columns of d), added into dq_acc
+// Two barriers a query tile: the tile has landed (and every warp is done with the last one's P / dS'),
+// and P / dS' are complete.  On sm_90 dQ leaves through a float32 tile in shared memory and bulk
+// asynchronous reductions (one a row) issued after the next tile's first barrier.  Shared memory: K
+// BKV x (D+8), V BKV x (DV+8), two stages of Q BQ x (D+8) and dO BQ x (DV+8), P and dS' BQ x (BKV+8)
+// ([query][key]), two stages of BQ lse and D values, dQ BQ x (D+8) float32 (_specs.bwd_split_smem_bytes).
+// ------------------------------------------------------------------------------------------------
+template <typename T, int D, int DV, int NWARPS, int BQ, int BKV, int WQS, int WKD, int WQQ, bool INTERVAL,
+          bool MODS, bool DROPOUT, bool VEC>
+__global__ void __launch_bounds__(NWARPS * 32, 1)
+    fa_bwd_split_mma(FA_BWD_PARAMS(T, float), float softcap, float scale_log2, float scale,
+                     unsigned long long seed, unsigned threshold, float keep_scale) {
+    constexpr int NT = NWARPS * 32;
+    constexpr int LDS = D + 8, LDV = DV + 8, LDP = BKV + 8;
+    constexpr int SM = BQ / WQS, SN = BKV / (NWARPS / WQS);  // S / dP warp tile: SM queries x SN keys
+    constexpr int MS = SM / 16, NS = SN / 8;
+    constexpr int KM = BKV / WKD, MK = KM / 16;              // dK / dV warp tile: KM keys x KC / VC columns
+    constexpr int KC = D / (NWARPS / WKD), VC = DV / (NWARPS / WKD);
+    constexpr int QM = BQ / WQQ, MQ = QM / 16;               // dQ warp tile: QM queries x QC columns
+    constexpr int QC = D / (NWARPS / WQQ);
+    static_assert(MS * 16 == SM && NS % 2 == 0 && MK * 16 == KM && MQ * 16 == QM, "whole m-tiles");
+    static_assert(KC % 16 == 0 && VC % 16 == 0 && QC % 16 == 0, "16-column slices");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sV = sK + BKV * LDS;
+    T* sQ = sV + BKV * LDV;             // 2 stages
+    T* sdO = sQ + 2 * BQ * LDS;         // 2 stages
+    T* sP = sdO + 2 * BQ * LDV;         // P z: [query][key]
+    T* sdS = sP + BQ * LDP;             // dS': [query][key]
+    float* sL = reinterpret_cast<float*>(sdS + BQ * LDP);  // 2 stages
+    float* sD = sL + 2 * BQ;                                // 2 stages
+    float* sdQ = sD + 2 * BQ;  // BULK_DQ: the tile's dQ, BQ x (D+8) float32
+    constexpr int LDQ = D + 8;
+    constexpr bool BULK_DQ = FA_BWD_SPLIT_BULK_DQ && FA_HAS_BULK_REDUCE;
+
+    const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, scale, softcap);
+    fa_entry e = kb.e;
+    const int hkv = e.h, kv0 = kb.kv0, lq = e.lq, lk = e.lk;
+    const int qt_begin = kb.qt_begin, n_qt = kb.n_qt, n_iter = kb.n_iter;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const bool dropout = threshold != 0u;
+
+    const T* kp = k + e.view_b * k_sb + hkv * k_sh + e.kv_row * k_ss;
+    const T* vp = v + e.view_b * v_sb + hkv * v_sh + e.kv_row * v_ss;
+
+    // Q, dO, lse and D of the query tile at row q0 of head h into stage st; whole 16-byte rows inside
+    // the entry (the usual tile) skip load_tile's per-row checks
+    auto load_q_tile = [&](int h, int q0, int st) {
+        const T* qp = q + e.view_b * q_sb + h * q_sh + e.q_row * q_ss;
+        const T* dop = dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss;
+        if (VEC && q0 + BQ <= lq && d == D && dv == DV) {
+            load_rows_whole<T, BQ, D, LDS, NT>(sQ + st * BQ * LDS, qp + q0 * q_ss, q_ss, tid);
+            load_rows_whole<T, BQ, DV, LDV, NT>(sdO + st * BQ * LDV, dop + q0 * do_ss, do_ss, tid);
+        } else {
+            load_tile<T, BQ, D, LDS, NT, VEC>(sQ + st * BQ * LDS, qp, q_ss, q_sd, q0, lq, d, tid);
+            load_tile<T, BQ, DV, LDV, NT, VEC>(sdO + st * BQ * LDV, dop, do_ss, do_sd, q0, lq, dv, tid);
+        }
+        // lse (natural units, turned into log2 units where read) and D by cp.async too, so no warp waits on
+        // them here; rows past Lq get 0 and 0 (only masked elements read them)
+        static_assert(BQ <= NT, "one lse / D value a thread");
+        if (tid < BQ) {
+            const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+            const int bytes = q0 + tid < lq ? 4 : 0;
+            cp_async_4(smem_u32(sL + st * BQ + tid), lse + lrow + (bytes ? q0 + tid : 0), bytes);
+            cp_async_4(smem_u32(sD + st * BQ + tid), dsum + lrow + (bytes ? q0 + tid : 0), bytes);
+        }
+    };
+
+    // BULK_DQ: the dQ of the tile at row q0 of head h, complete in sdQ (written, fenced for the async proxy,
+    // then a barrier), added into dq_acc
+    // row by row (one bulk reduction a row, by threads 0 .. BQ-1; rows past Lq are left out)
+    auto issue_dq = [&](int h, int q0) {
+        if (tid < BQ && q0 + tid < lq) {
+            bulk_reduce_add_f32(dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row + q0 + tid) * D,
+                                smem_u32(sdQ + tid * LDQ), D * 4);
+        }
+        bulk_commit();
+    };
+
+    // the walk: the n_qt query tiles [qt_begin, q_end) of head h, then the next head of the group
+    const int q_end = qt_begin + n_qt * BQ;
+    int h = hkv * group, q0 = qt_begin;
+    int h_prev = h, q0_prev = q0;  // the last tile's (BULK_DQ)
+    if (n_iter > 0) {
+        load_tile<T, BKV, D, LDS, NT, VEC>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
+        load_tile<T, BKV, DV, LDV, NT, VEC>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
+        load_q_tile(h, q0, 0);
+    }
+    cp_async_commit();
+
+    // this warp's tiles: S / dP rows qs0.. (of the query tile), keys ks0.. (of the block); dK / dV keys
+    // kk0.., columns kc0 (d) / vc0 (dv); dQ rows qq0.., columns qc0
+    const int qs0 = (warp % WQS) * SM, ks0 = (warp / WQS) * SN;
+    const int kk0 = (warp % WKD) * KM, kc0 = (warp / WKD) * KC, vc0 = (warp / WKD) * VC;
+    const int qq0 = (warp % WQQ) * QM, qc0 = (warp / WQQ) * QC;
+
+    float acc_k[MK][KC / 8][4], acc_v[MK][VC / 8][4];
+    zero_acc(acc_k);
+    zero_acc(acc_v);
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int st = it & 1;
+        // tile `it` has landed; every warp is done with tile it-1 (its Q / dO stage, P and dS')
+        cp_async_wait<0>();
+        __syncthreads();
+        const int q0_next = q0 + BQ < q_end ? q0 + BQ : qt_begin;
+        const int h_next = q0 + BQ < q_end ? h : h + 1;
+        if (it + 1 < n_iter) load_q_tile(h_next, q0_next, st ^ 1);
+        cp_async_commit();
+        if (BULK_DQ && dq_acc != nullptr && it > 0) issue_dq(h_prev, q0_prev);
+
+        e.h = h;
+        const fa_mask<INTERVAL, MODS> mask = fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), scale, softcap);
+        const T* sQs = sQ + st * BQ * LDS;
+        const T* sdOs = sdO + st * BQ * LDV;
+        const int i0 = q0 + qs0, j0 = kv0 + ks0;
+
+        if (!mask.tile_hidden(i0, SM, j0, SN)) {
+            // element (row i0 + 16 mt + g + 8 r, key j0 + 8 n + 2 t4 + c) of S, dP, P, dS: [mt][n][2 r + c]
+            const bool needs = mask.tile_needs_mask(i0, SM, j0, SN);
+            // without dropout or mods, P alone is known after S: it goes to shared memory while dP computes
+            const bool early_p = FA_BWD_SPLIT_EARLY_P && !MODS && !(DROPOUT && dropout);
+            float s[MS][NS][4], dp[MS][NS][4];
+            zero_acc(s);
+            warp_gemm<T, MS, NS, D / 16, false, false>(s, sQs + qs0 * LDS, LDS, sK + ks0 * LDS, LDS, lane);
+            // lse (log2 units) and D of this thread's rows, each read where it is needed (registers are short)
+            auto row_vals = [&](const float* v, float(&out)[MS][2]) {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) out[mt][r] = v[st * BQ + qs0 + mt * 16 + g + 8 * r];
+            };
+            float l2[MS][2], dsum_r[MS][2];
+            row_vals(sL, l2);
+#pragma unroll
+            for (int mt = 0; mt < MS; ++mt) l2[mt][0] = lse_log2(l2[mt][0]), l2[mt][1] = lse_log2(l2[mt][1]);
+            if (early_p) {
+                if (!needs) {  // the usual tile: every entry visible
+#pragma unroll
+                    for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int e2 = 0; e2 < 4; ++e2)
+                                s[mt][n][e2] = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][e2 >> 1]));
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int e2 = 0; e2 < 4; ++e2) {
+                                const int i = i0 + mt * 16 + g + 8 * (e2 >> 1), j = j0 + n * 8 + 2 * t4 + (e2 & 1);
+                                const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][e2 >> 1]));
+                                s[mt][n][e2] = mask.visible(i, j) ? p : 0.0f;
+                            }
+                }
+                store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
+            }
+            zero_acc(dp);
+            warp_gemm<T, MS, NS, DV / 16, false, false>(dp, sdOs + qs0 * LDV, LDV, sV + ks0 * LDV, LDV, lane);
+
+            // dS' into dp (and P z into s where not done above)
+            row_vals(sD, dsum_r);
+            if (early_p && !needs) {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e2 = 0; e2 < 4; ++e2)
+                            dp[mt][n][e2] = s[mt][n][e2] * (dp[mt][n][e2] - dsum_r[mt][e2 >> 1]);
+            } else if (early_p) {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e2 = 0; e2 < 4; ++e2) {  // hidden entries: exactly 0, whatever dP holds
+                            const float p = s[mt][n][e2];
+                            dp[mt][n][e2] = p == 0.0f ? 0.0f : p * (dp[mt][n][e2] - dsum_r[mt][e2 >> 1]);
+                        }
+            } else if (!MODS && !needs && !(DROPOUT && dropout) && dbias == nullptr) {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e2 = 0; e2 < 4; ++e2) {
+                            const float p = exp2_approx(fmaf(s[mt][n][e2], scale_log2, -l2[mt][e2 >> 1]));
+                            dp[mt][n][e2] = p * (dp[mt][n][e2] - dsum_r[mt][e2 >> 1]);
+                            s[mt][n][e2] = p;
+                        }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MS; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = i0 + mt * 16 + g + 8 * r;
+#pragma unroll
+                        for (int n = 0; n < NS; ++n) {
+                            const int j = j0 + n * 8 + 2 * t4;
+                            bool keep0 = true, keep1 = true;
+                            if (DROPOUT && dropout) {  // keys j, j + 1 share one Philox group (j even)
+                                const uint4 w = dropout_words(seed, e.b, h, i, j);
+                                keep0 = ((t4 & 1) ? w.z : w.x) >= threshold;
+                                keep1 = ((t4 & 1) ? w.w : w.y) >= threshold;
+                            }
+#pragma unroll
+                            for (int c = 0; c < 2; ++c) {
+                                float* db = nullptr;
+                                if (MODS && dbias != nullptr && i < lq && j + c < lk)
+                                    db = dbias + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv +
+                                         e.kv_row + j + c;
+                                float p;
+                                dp[mt][n][2 * r + c] = bwd_element(mask, needs, s[mt][n][2 * r + c], dp[mt][n][2 * r + c],
+                                                                   l2[mt][r], dsum_r[mt][r], i, j + c, scale_log2,
+                                                                   c ? keep1 : keep0, keep_scale, p, db);
+                                s[mt][n][2 * r + c] = p;
+                            }
+                        }
+                    }
+            }
+            if (!early_p) store_acc_pairs<T, MS, NS>(sP + qs0 * LDP + ks0, LDP, s, lane);
+            store_acc_pairs<T, MS, NS>(sdS + qs0 * LDP + ks0, LDP, dp, lane);
+        } else {  // no entry of this warp's tile is visible: P and dS' are 0
+            for (int w = lane; w < SM * SN / 2; w += 32) {
+                const int o = (qs0 + w / (SN / 2)) * LDP + ks0 + (w % (SN / 2)) * 2;
+                *reinterpret_cast<unsigned*>(sP + o) = 0u;
+                *reinterpret_cast<unsigned*>(sdS + o) = 0u;
+            }
+        }
+        // BULK_DQ: sdQ is read (last tile's reductions) before any warp writes it again, after this barrier
+        if (BULK_DQ && dq_acc != nullptr && tid < BQ) bulk_wait_read();
+        __syncthreads();  // P and dS' of the tile are complete
+
+        // dV += (P z)^T dO and dK += dS'^T Q (P^T / dS'^T as the A operand through ldmatrix.trans), then the
+        // tile's dQ (rows q0 + qq0.., columns qc0..) = dS' K (measured: dQ last beats dQ between dV and dK)
+        if (!mask.tile_hidden(q0, BQ, kv0 + kk0, KM)) {
+            warp_gemm<T, MK, VC / 8, BQ / 16, true, true>(acc_v, sP + kk0, LDP, sdOs + vc0, LDV, lane);
+            warp_gemm<T, MK, KC / 8, BQ / 16, true, true>(acc_k, sdS + kk0, LDP, sQs + kc0, LDS, lane);
+        }
+        if (dq_acc != nullptr) {
+            const bool dq_part = !mask.tile_hidden(q0 + qq0, QM, kv0, BKV);
+            float acc_q[MQ][QC / 8][4];
+            zero_acc(acc_q);
+            if (dq_part)
+                warp_gemm<T, MQ, QC / 8, BKV / 16, false, true>(acc_q, sdS + qq0 * LDP, LDP, sK + qc0, LDS, lane);
+            if (BULK_DQ) {  // into sdQ (every warp, zeros where hidden): issue_dq adds it after the next barrier
+#pragma unroll
+                for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int n = 0; n < QC / 8; ++n)
+                            *reinterpret_cast<float2*>(sdQ + (qq0 + mt * 16 + g + 8 * r) * LDQ + qc0 + n * 8 + 2 * t4) =
+                                make_float2(acc_q[mt][n][2 * r], acc_q[mt][n][2 * r + 1]);
+                fence_proxy_async_shared();  // these writes, then a barrier, then the bulk reductions read them
+            } else if (dq_part) {
+                // this thread's rows q0 + qq0 + 16 mt + g + 8 r: one pointer and constant offsets
+                const int i_first = q0 + qq0 + g;
+                float* row0 =
+                    dq_acc + ((long long)(e.view_b * heads + h) * view_q + e.q_row + i_first) * D + qc0 + 2 * t4;
+                const bool rows_in = q0 + qq0 + QM <= lq;
+#pragma unroll
+                for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        if (!rows_in && i_first + mt * 16 + 8 * r >= lq) continue;
+#pragma unroll
+                        for (int n = 0; n < QC / 8; ++n)
+                            red_add_f32x2(row0 + (mt * 16 + 8 * r) * D + n * 8, acc_q[mt][n][2 * r],
+                                          acc_q[mt][n][2 * r + 1]);
+                    }
+            }
+        }
+        h_prev = h, q0_prev = q0;
+        h = h_next;
+        q0 = q0_next;
+    }
+    cp_async_wait<0>();
+    if (BULK_DQ && dq_acc != nullptr && n_iter > 0) {
+        __syncthreads();  // the last tile's dQ is complete in sdQ
+        issue_dq(h_prev, q0_prev);
+        if (tid < BQ) bulk_wait_all();
+    }
+
+    // dK (times the scale) and dV of this warp's keys and columns; keys past Lk (a padded batch) get 0
+    const int rows_out = ragged == 2 ? lk : seq_kv;
+    store_acc_rows<T, MK, KC / 8>(dk_out + e.view_b * dk_sb + hkv * dk_sh + e.kv_row * dk_ss + kc0, dk_ss,
+                                  kv0 + kk0, rows_out, d - kc0, acc_k, scale, lane);
+    store_acc_rows<T, MK, VC / 8>(dv_out + e.view_b * dv_sb + hkv * dv_sh + e.kv_row * dv_ss + vc0, dv_ss,
+                                  kv0 + kk0, rows_out, dv - vc0, acc_v, 1.0f, lane);
+}
+
 // ------------------------------------------------------------------------------------------------
 // fa_bwd_dq_mma: dQ alone, deterministic (no atomics).  The forward's work split: one block per
 // (query tile, batch * head), each warp owns 16 * MT query rows and walks the key tiles the rule gives
@@ -704,27 +1151,13 @@ __global__ void __launch_bounds__(BKV * 4)
     T* sL = sS + BKV * LDP;
     T* sD = sL + BQ;
 
-    const int kv_block = (int)(blockIdx.x % (unsigned)num_blocks);
-    const int heads_kv = heads / group;
-    fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads_kv, ragged, rag_q, rag_kv, seq_q,
-                             seq_kv);
-    const int hkv = e.h;
-    const int kv0 = kv_block * BKV;
-    const int lq = e.lq, lk = e.lk;
+    const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, (float)scale, (float)softcap);
+    fa_entry e = kb.e;
+    const int hkv = e.h, kv0 = kb.kv0, lq = e.lq, lk = e.lk;
+    const int qt_begin = kb.qt_begin, n_qt = kb.n_qt, n_iter = kb.n_iter;
     const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
     const int j = kv0 + r;
     const bool dropout = threshold != 0u;
-
-    int r_lo = 0, r_hi = 0;
-    if (kv0 < lk) {
-        e.h = hkv * group;
-        const fa_mask<INTERVAL, MODS> m0 =
-            fa_mask_of<INTERVAL, MODS>(FA_BWD_MASK_ARGS(e), (float)scale, (float)softcap);
-        m0.query_range(kv0, min(kv0 + BKV, lk), r_lo, r_hi);
-    }
-    const int qt_begin = (r_lo / BQ) * BQ;
-    const int n_qt = r_hi > r_lo ? (r_hi - qt_begin + BQ - 1) / BQ : 0;
-    const int n_iter = n_qt * group;
 
     T acc_k[NU], acc_v[NU];
 #pragma unroll
