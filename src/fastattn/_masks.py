@@ -59,18 +59,21 @@ class MaskRule:
     def key_range(self, rows: np.ndarray, len_q: int, len_k: int) -> tuple[np.ndarray, np.ndarray]:
         """``[lo, hi)`` of the keys each query row in ``rows`` may see (before a boolean mask)."""
         rows = np.asarray(rows, dtype=np.int64)
-        pos = rows + self.offset(len_q, len_k)
-        lo = np.zeros_like(rows)
-        hi = np.full_like(rows, len_k)
+        return self.bounds(rows + self.offset(len_q, len_k), np.zeros_like(rows), np.full_like(rows, len_k),
+                           len_k, np.minimum, np.maximum)
+
+    def bounds(self, pos: Any, lo: Any, hi: Any, len_k: int, lower: Any = min, upper: Any = max) -> tuple[Any, Any]:
+        """The rule itself: ``[lo, hi)`` narrowed for query position(s) ``pos`` (bottom-right offset included),
+        clipped to the keys.  ``lower`` / ``upper``: the elementwise min / max of the operands' kind (builtins
+        for Python ints, NumPy's for arrays)."""
         if self.causal:
-            hi = np.minimum(hi, pos + 1)
+            hi = lower(hi, pos + 1)
         if self.window_right >= 0:
-            hi = np.minimum(hi, pos + self.window_right + 1)
+            hi = lower(hi, pos + self.window_right + 1)
         if self.window_left >= 0:
-            lo = np.maximum(lo, pos - self.window_left)
-        lo = np.clip(lo, 0, len_k)
-        hi = np.clip(hi, 0, len_k)
-        return lo, np.maximum(hi, lo)
+            lo = upper(lo, pos - self.window_left)
+        lo, hi = lower(upper(lo, 0), len_k), lower(upper(hi, 0), len_k)
+        return lo, upper(hi, lo)
 
 
 def allowed_and_bias(rule: MaskRule, len_q: int, len_k: int, *, bool_mask: np.ndarray | None = None,
@@ -89,19 +92,6 @@ def allowed_and_bias(rule: MaskRule, len_q: int, len_k: int, *, bool_mask: np.nd
     if bias is not None:
         add = np.asarray(bias, dtype=dtype) if add is None else add + np.asarray(bias, dtype=dtype)
     return allowed, add
-
-
-def _visible_count(rule: MaskRule, pos: int, len_k: int) -> int:
-    """hi - lo of :meth:`MaskRule.key_range` for one row at position ``pos`` (Python ints)."""
-    hi, lo = len_k, 0
-    if rule.causal:
-        hi = min(hi, pos + 1)
-    if rule.window_right >= 0:
-        hi = min(hi, pos + rule.window_right + 1)
-    if rule.window_left >= 0:
-        lo = max(lo, pos - rule.window_left)
-    lo, hi = min(max(lo, 0), len_k), min(max(hi, 0), len_k)
-    return max(hi - lo, 0)
 
 
 def attended_pairs(rule: MaskRule, len_q: int, len_k: int) -> int:
@@ -129,7 +119,7 @@ def attended_pairs(rule: MaskRule, len_q: int, len_k: int) -> int:
                 cuts.add(row)
     cuts_sorted = sorted(cuts)
     total = 0
-    for a, b in zip(cuts_sorted, cuts_sorted[1:], strict=False):
-        first, last = _visible_count(rule, a + off, len_k), _visible_count(rule, b - 1 + off, len_k)
-        total += (first + last) * (b - a) // 2
+    for a, b in zip(cuts_sorted, cuts_sorted[1:], strict=False):  # rows a .. b - 1: one linear piece
+        (lo_a, hi_a), (lo_b, hi_b) = rule.bounds(a + off, 0, len_k, len_k), rule.bounds(b - 1 + off, 0, len_k, len_k)
+        total += (hi_a - lo_a + hi_b - lo_b) * (b - a) // 2
     return total

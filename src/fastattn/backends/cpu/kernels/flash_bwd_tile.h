@@ -90,8 +90,7 @@ static void bwd_pack_tile(const fa_params *p, int64_t bh, int64_t t, T *panel) {
         const V x = load(kr + i);
         const V z = x - x;
         bad |= (VI)(z != z);
-        const V ax = x < V{} ? -x : x;
-        big = (ax > big && z == z) ? ax : big;   /* the largest finite |k| (inf and NaN are not overflows) */
+        big = vmax(big, finite_abs(x));   /* the largest finite |k| (inf and NaN are not overflows) */
     }
     L.flags(panel)[t] = lane_bits(bad) ? (T)1 : (T)0;
     L.kmax(panel)[t] = hmax(big);
