@@ -175,6 +175,20 @@ template <typename T> struct kern {
      * subnormal arithmetic in the products that follow).  double: the whole range down to the
      * smallest subnormal, 2^-1074, with 2^n built as 2^(n - n/2) 2^(n/2) (both normal). */
     static inline V exp2v(V x) {
+#if FA_VBYTES == 64
+        if constexpr (sizeof(T) == 4) {
+            /* AVX-512: the same n (round to nearest even), f and polynomial, with 2^n applied by
+             * vscalefps and the zero below 2^-126 by its zero-masking: bit for bit the result of
+             * the portable form below, in 9 vector operations instead of 16 */
+            const __m512 xv = (__m512)x;
+            const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  /* NaN kept */
+            const __m512 nv = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const V f = x - (V)nv;
+            V p = splat(vec_traits<T>::poly(vec_traits<T>::DEG));
+            for (int k = vec_traits<T>::DEG - 1; k >= 0; --k) p = p * f + vec_traits<T>::poly(k);
+            return (V)_mm512_maskz_scalef_ps(keep, (__m512)p, nv);
+        }
+#endif
         const T magic = (T)1.5 * (T)((I)1 << vec_traits<T>::MANT);
         const bool wide = vec_traits<T>::MANT == 52;
         const V lo = splat(wide ? (T)-1075 : (T)-126);
