@@ -182,7 +182,7 @@ template <typename T> struct kern {
              * the portable form below, in 9 vector operations instead of 16 */
             const __m512 xv = (__m512)x;
             const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  /* NaN kept */
-            const __m512 nv = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 nv = _mm512_mask_roundscale_ps(xv, (__mmask16)0xFFFF, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             const V f = x - (V)nv;
             V p = splat(vec_traits<T>::poly(vec_traits<T>::DEG));
             for (int k = vec_traits<T>::DEG - 1; k >= 0; --k) p = p * f + vec_traits<T>::poly(k);
@@ -192,7 +192,9 @@ template <typename T> struct kern {
         const T magic = (T)1.5 * (T)((I)1 << vec_traits<T>::MANT);
         const bool wide = vec_traits<T>::MANT == 52;
         const V lo = splat(wide ? (T)-1075 : (T)-126);
-        V xc = x < lo ? lo : x;
+        /* float: below 2^-126 x becomes -127, whose biased exponent 0 makes 2^n, and so the
+         * result, +0 with no select at the end */
+        V xc = x < lo ? (wide ? lo : splat((T)-127)) : x;
         V t = xc + magic;                 /* rounds xc to an integer in t's low mantissa bits */
         V n = t - magic;
         V f = xc - n;
@@ -207,7 +209,7 @@ template <typename T> struct kern {
         } else {
             r = p * (V)((ni + bias) << (int)vec_traits<T>::MANT);
         }
-        return x < lo ? V{} : r;
+        return wide ? (x < lo ? V{} : r) : r;
     }
 
     /* acc[r][0..N*W) = sum_{k0 <= k < k1} A[r][k] * B[k][0..N*W) for MR rows, from zero (broadcast FMA):
