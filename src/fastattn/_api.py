@@ -52,25 +52,32 @@ def _to_caller(out4: Any, spec: AttentionSpec, shape: tuple[int, ...] | None = N
     return out4.reshape(spec.out_shape if shape is None else shape)
 
 
-def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str, *, count_flops: bool = True) -> AttentionResult:
+def _attend(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str) -> tuple[Any, Any, Any, AttentionSpec, str]:
+    """(out, lse, backend stats, spec, backend name) of one call: the work of every entry point below."""
     like = q  # outputs go back as the caller's kind (a torch tensor for torch input)
     q, k, v = _inputs(q, k, v)
     engine = backends.resolve(backend, q, k, v)
     spec: AttentionSpec = make_spec_memo(q, k, v, **spec_kwargs)  # every check before any work
     engine.check_spec(spec)  # what this backend cannot do, also before any work
-    q, k, v = (engine.prepare(x) for x in (q, k, v))
+    q, k, v = engine.prepare(q), engine.prepare(k), engine.prepare(v)
     if spec.ragged == "packed":
         q4, k4, v4 = packed_4d(q), packed_4d(k), packed_4d(v)
     else:
-        q4, k4, v4 = (as_4d(x, spec.layout) for x in (q, k, v))
+        layout = spec.layout
+        q4, k4, v4 = as_4d(q, layout), as_4d(k, layout), as_4d(v, layout)
     res = engine.forward(q4, k4, v4, spec)
     out = engine.restore(_to_caller(res.out, spec), like)
     lse = engine.restore(res.lse.reshape(spec.lse_shape), like)
+    return out, lse, res.stats, spec, engine.NAME
+
+
+def _run(q: Any, k: Any, v: Any, spec_kwargs: dict, backend: str, *, count_flops: bool = True) -> AttentionResult:
+    out, lse, stats, spec, name = _attend(q, k, v, spec_kwargs, backend)
     return AttentionResult(
         output=out, logsumexp=lse, flops=spec.flops if count_flops else 0,
-        peak_sram_bytes=res.stats.peak_sram_bytes,
-        backend=engine.NAME, seed=spec.seed, block_size_q=res.stats.block_q,
-        block_size_kv=res.stats.block_kv, num_threads=res.stats.num_threads, kernel=res.stats.simd,
+        peak_sram_bytes=stats.peak_sram_bytes,
+        backend=name, seed=spec.seed, block_size_q=stats.block_q,
+        block_size_kv=stats.block_kv, num_threads=stats.num_threads, kernel=stats.simd,
     )
 
 
@@ -142,14 +149,14 @@ def flash_attention(
     ``backend``: "auto" (GPU arrays -> "cuda", else "cpu"), "cpu", "cuda" or "reference".
     """
     return_lse = check_bool("return_lse", return_lse)
-    res = _run(
+    out, lse, _, _, _ = _attend(
         q, k, v,
         dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
              seqlens_q=seqlens_q, seqlens_kv=seqlens_kv, layout=layout, scale=scale, dropout_p=dropout_p,
              seed=seed, block_q=block_size_q, block_kv=block_size_kv, num_threads=num_threads),
-        backend, count_flops=False,  # nobody reads them here (a boolean mask's count is not free)
+        backend,
     )
-    return (res.output, res.logsumexp) if return_lse else res.output
+    return (out, lse) if return_lse else out
 
 
 def flash_attention_varlen(
@@ -189,15 +196,15 @@ def flash_attention_varlen(
     ``max_seqlen_q`` / ``max_seqlen_kv`` are optional (checked when given: at least the longest).
     """
     return_lse = check_bool("return_lse", return_lse)
-    res = _run(
+    out, lse, _, _, _ = _attend(
         q, k, v,
         dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
              cu_seqlens_kv=cu_seqlens_kv, max_seqlen_q=max_seqlen_q, max_seqlen_kv=max_seqlen_kv, layout="bshd",
              scale=scale, dropout_p=dropout_p, seed=seed, block_q=block_size_q, block_kv=block_size_kv,
              num_threads=num_threads),
-        backend, count_flops=False,
+        backend,
     )
-    return (res.output, res.logsumexp) if return_lse else res.output
+    return (out, lse) if return_lse else out
 
 
 def standard_attention(q: Any, k: Any, v: Any, *, causal: bool | str = False, scale: float | None = None,

@@ -490,21 +490,11 @@ def check_attn_mask(mask: Any, full: tuple[int, int, int, int], q: Any) -> tuple
     return np.broadcast_to(mask, full), kind
 
 
-#: (kwarg, type, value) keys whose values are compared by value in the spec memo below
-_MEMO_SCALARS = (type(None), bool, int, float, str)
+#: option types whose values the spec memo below compares by value (and tuples of them: a window)
+_MEMO_TYPES = frozenset((type(None), bool, int, float, str))
+_MEMO_TYPES_OR_TUPLE = _MEMO_TYPES | {tuple}
 _MEMO_SIZE = 256
 _spec_memo: dict[tuple, AttentionSpec] = {}
-
-
-def _memo_value(value: object) -> tuple | None:
-    """(type, value) for a plain scalar or a tuple of them (types kept apart: 1 and True are different
-    arguments here); None for anything else (an array, an object of the caller's own type)."""
-    kind = type(value)
-    if kind in _MEMO_SCALARS:
-        return (kind, value)
-    if kind is tuple and all(type(x) in _MEMO_SCALARS for x in value):  # type: ignore[union-attr]
-        return (kind, tuple((type(x), x) for x in value))  # type: ignore[union-attr]
-    return None
 
 
 def make_spec_memo(q: Any, k: Any, v: Any, **kwargs: Any) -> AttentionSpec:
@@ -512,15 +502,19 @@ def make_spec_memo(q: Any, k: Any, v: Any, **kwargs: Any) -> AttentionSpec:
     only through their types, shapes and dtypes, and on the options by value.  Calls with an array
     option (a mask, slopes, lengths) or dropout without a seed (each call draws its own) are never
     remembered; nor is a call that fails its checks (it raises again, the same way, every time)."""
-    parts = [(type(x), tuple(x.shape), x.dtype) for x in (q, k, v)]
-    for name in sorted(kwargs):
-        value = _memo_value(kwargs[name])
-        if value is None:
+    values = tuple(kwargs.values())
+    types = tuple(map(type, values))  # part of the key: True, 1 and 1.0 are different arguments here
+    if not _MEMO_TYPES.issuperset(types):
+        if not _MEMO_TYPES_OR_TUPLE.issuperset(types):
             return make_spec(q, k, v, **kwargs)
-        parts.append((name, value))
+        inner = tuple(tuple(map(type, x)) if t is tuple else None for t, x in zip(types, values))
+        if not all(_MEMO_TYPES.issuperset(t) for t in inner if t is not None):
+            return make_spec(q, k, v, **kwargs)
+        types = (types, inner)
     if kwargs.get("dropout_p") not in (None, 0, 0.0) and kwargs.get("seed") is None:
         return make_spec(q, k, v, **kwargs)
-    key = tuple(parts)
+    key = (type(q), q.shape, q.dtype, type(k), k.shape, k.dtype, type(v), v.shape, v.dtype,
+           tuple(kwargs), values, types)
     spec = _spec_memo.get(key)
     if spec is None:
         spec = make_spec(q, k, v, **kwargs)

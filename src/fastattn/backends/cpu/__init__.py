@@ -11,6 +11,7 @@ work can keep busy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
@@ -153,44 +154,70 @@ def _host(x: Any) -> Any:
     return None if x is None else np.ascontiguousarray(x)
 
 
-def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What a forward call passes to the kernel besides its arrays: a function of the spec and of the
+    machine state in ``key`` (threads allowed, CPUs usable, SIMD path), so a spec that repeats (the
+    validation memo returns the same object) plans once per state."""
+
+    key: tuple
+    compute: Any
+    threads: int
+    group: int
+    n_q_tiles: int
+    kernel_args: dict
+    stats: BackendStats
+
+
+def _launch(spec: AttentionSpec) -> _Launch:
+    simd = simd_in_use()
+    threads_asked = spec.num_threads or _flash_cpu.default_threads()
+    key = (threads_asked, _threads.cpu_limit(), simd)
+    cached = spec.__dict__.get("_cpu_launch")
+    if cached is not None and cached.key == key:
+        return cached
     compute = np.float64 if spec.dtype == np.float64 else np.float32
     itemsize = np.dtype(compute).itemsize
-    n_panels = spec.batch * spec.heads_kv
-    plan = plan_call(n_heads=n_panels, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
+    plan = plan_call(n_heads=spec.batch * spec.heads_kv, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
                      head_dim=max(spec.head_dim, spec.head_dim_v), compute_itemsize=itemsize, flops=spec.flops,
-                     threads=spec.num_threads or _flash_cpu.default_threads(),
-                     block_q=spec.block_q, block_kv=spec.block_kv, group=spec.group)
-    block_q, block_kv, threads, group = plan.block_q, plan.block_kv, plan.threads, plan.group
+                     threads=threads_asked, block_q=spec.block_q, block_kv=spec.block_kv, group=spec.group)
+    drop = spec.dropout_p > 0.0
+    rule, arrays = spec.rule, spec.arrays
+    kernel_args = dict(
+        batch=spec.batch, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
+        block_q=plan.block_q, block_kv=plan.block_kv, scale=spec.scale, causal=rule.causal,
+        bottom_right=rule.bottom_right, window_left=rule.window_left, window_right=rule.window_right,
+        softcap=rule.softcap, alibi=_host(arrays.alibi_slopes), mask=arrays.attn_mask, lens_q=_host(arrays.seqlens_q),
+        lens_kv=_host(arrays.seqlens_kv), cu_q=_host(arrays.cu_seqlens_q), cu_kv=_host(arrays.cu_seqlens_kv),
+        dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
+        drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
+        isa=simd, num_threads=plan.threads, group=plan.group,
+    )
+    stats = BackendStats(block_q=plan.block_q, block_kv=plan.block_kv,
+                         peak_sram_bytes=working_set_bytes(plan.block_q, plan.block_kv, spec.head_dim, itemsize),
+                         num_threads=plan.threads, simd=simd)
+    launch = _Launch(key, compute, plan.threads, plan.group, plan.n_q_tiles, kernel_args, stats)
+    spec.__dict__["_cpu_launch"] = launch  # lives and dies with the spec (a cache beside its cached flops)
+    return launch
+
+
+def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) -> ForwardOutput:
+    launch = _launch(spec)
+    compute, kernel_args = launch.compute, launch.kernel_args
     b4, h4, s4 = q.shape[:3]
     if spec.layout == "bshd" or spec.ragged == "packed":  # memory in the caller's (batch, seq, heads) order
         out = np.empty((b4, s4, h4, spec.head_dim_v), dtype=compute).swapaxes(1, 2)
     else:
         out = np.empty((b4, h4, s4, spec.head_dim_v), dtype=compute)
     lse = np.empty((b4, h4, s4), dtype=compute)
-    if _forked_child and threads > 1:
+    if _forked_child and launch.threads > 1:
         _warn_forked_once()
-        threads = 1
-        group = panel_group(n_panels, plan.n_q_tiles, 1) if group else 0
-    drop = spec.dropout_p > 0.0
-    simd = simd_in_use()
-    rule, arrays = spec.rule, spec.arrays
-    used = _flash_cpu.forward(
-        _kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse,
-        batch=spec.batch, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
-        block_q=block_q, block_kv=block_kv, scale=spec.scale, causal=rule.causal, bottom_right=rule.bottom_right,
-        window_left=rule.window_left, window_right=rule.window_right, softcap=rule.softcap,
-        alibi=_host(arrays.alibi_slopes), mask=arrays.attn_mask, lens_q=_host(arrays.seqlens_q),
-        lens_kv=_host(arrays.seqlens_kv), cu_q=_host(arrays.cu_seqlens_q), cu_kv=_host(arrays.cu_seqlens_kv),
-        dropout=drop, drop_threshold=dropout_threshold(spec.dropout_p) if drop else 0,
-        drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
-        isa=simd, num_threads=threads, group=group,
-    )
-    stats = BackendStats(
-        block_q=block_q, block_kv=block_kv,
-        peak_sram_bytes=working_set_bytes(block_q, block_kv, spec.head_dim, itemsize),
-        num_threads=max(used, 1), simd=simd,
-    )
+        group = panel_group(spec.batch * spec.heads_kv, launch.n_q_tiles, 1) if launch.group else 0
+        kernel_args = dict(kernel_args, num_threads=1, group=group)
+    used = _flash_cpu.forward(_kernel_view(q), _kernel_view(k), _kernel_view(v), out, lse, **kernel_args)
+    stats = launch.stats
+    if max(used, 1) != stats.num_threads:
+        stats = dataclasses.replace(stats, num_threads=max(used, 1))
     if out.dtype != spec.dtype:
         out = out.astype(spec.dtype)
     return ForwardOutput(out, lse, stats)
