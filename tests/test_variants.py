@@ -148,6 +148,32 @@ def test_gqa(backend, rng, dtype, hq, hkv, causal):
     check(backend, q, k, v, dtype=dtype, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("sq,skv,hq,hkv", [(1, 300, 4, 4), (2, 77, 6, 2), (4, 513, 8, 1), (3, 6, 2, 2)])
+@pytest.mark.parametrize("extra", [
+    {}, {"causal": True}, {"causal": "bottom_right"}, {"causal": "bottom_right", "window": (20, 0)},
+    {"window": (5, 3)}, {"softcap": 2.0, "causal": True}, {"alibi": True}, {"alibi": True, "causal": "bottom_right"},
+], ids=lambda e: "+".join(f"{k}={v}" for k, v in e.items()) or "plain")
+def test_short_rows_take_the_decode_kernel(backend, rng, dtype, layout, sq, skv, hq, hkv, extra):
+    """A few query rows per k/v head against more keys (a decode step through flash_attention) run the
+    decode kernel on the CPU (it reports its 32-key tiles) wherever its bottom-right rule can state the
+    call's mask, and the forward kernel where it cannot (a top-left window with seq_q < seq_kv); the
+    same answers either way, every alignment, window, softcap and ALiBi, GQA and both layouts."""
+    q, k, v = _qkv(rng, 2, hq, hkv, sq, skv, 24, 24, dtype, layout)
+    kw = dict(extra)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = rng.uniform(0.05, 0.5, (2, hq)).astype(np.float32)
+    check(backend, q, k, v, dtype=dtype, layout=layout, **kw)
+    if backend == "cpu":
+        cfg = fastattn.FlashAttentionConfig(head_dim=24, num_heads=hq, num_kv_heads=hkv, layout=layout,
+                                            **{n: x for n, x in kw.items() if n != "alibi_slopes"})
+        res = fastattn.FlashAttention(cfg, backend="cpu").forward_multi_head(q, k, v, alibi_slopes=kw.get("alibi_slopes"))
+        top_left_window = "window" in kw and kw.get("causal") != "bottom_right"
+        decode = sq * hq // hkv <= 16 and skv >= 2 * sq and not top_left_window
+        assert (res.block_size_kv == 32 and res.block_size_q == sq * hq // hkv) == decode, res
+
+
 @pytest.mark.parametrize("d,dv", [(16, 8), (8, 24), (192, 128), (64, 1), (3, 80)])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_value_head_dim_differs(backend, rng, d, dv, dtype):
