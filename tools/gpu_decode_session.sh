@@ -5,6 +5,10 @@
 #   STEPS="compile tests fwd sanitize bench" bash tools/gpu_decode_session.sh
 # Long chunks (append + forward kernel): "smoke" (one call against the decode kernel), "longsan" (memcheck,
 # contiguous and paged), "prefill" (the chunked-prefill rows alone; BENCH_ARGS=--crossover adds more shapes)
+# "pagedcompile": NVRTC of every paged Hopper specialization alone.
+# "pagedprobe": the forward kernel alone (LONG_ROUTE forced) on long chunks, contiguous beside paged caches of
+# block sizes 16 / 32 / 48 / 64 / 256 (shuffled blocks), TFLOP/s; SDPA beside it unless PROBE_SDPA=0.
+# PAGED_OPTS (pagedprobe, longsan): extra defines for the paged kernel (experiments: "-DNAME=VALUE ...")
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvout}; mkdir -p $OUT
@@ -108,6 +112,10 @@ PY
   ;;
 longsan)  # compute-sanitizer memcheck on a long chunk, contiguous and paged (append + forward)
   cat > /tmp/kvlongsan.py <<'PY'
+import os
+from fastattn.backends.cuda import _specs as _sp
+if os.environ.get("PAGED_OPTS"):  # experiments: extra defines for the paged kernel
+    _sp.SM90_PAGED_OPTIONS = ("-DFA_PAGED_KV",) + tuple(os.environ["PAGED_OPTS"].split())
 import numpy as np, cupy, fastattn
 from fastattn.backends.cuda import _decode
 rng = np.random.default_rng(1)
@@ -117,16 +125,101 @@ for dt in ("float16", "bfloat16"):
     q, k, v = g(3, 130, 32, 128, dt=dt), g(3, 130, 8, 128, dt=dt), g(3, 130, 8, 128, dt=dt)
     kc, vc = g(3, 470, 8, 128, dt=dt), g(3, 470, 8, 128, dt=dt)
     out = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, softcap=5.0)
-    table = cupy.asarray(rng.permutation(3 * 30).reshape(3, 30).astype(np.int32))
-    kp, vp = g(3 * 30, 16, 8, 128, dt=dt), g(3 * 30, 16, 8, 128, dt=dt)
-    out2 = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table,
-                                                 window=(100, 0))
+    sums = []
+    for bs, itype in ((16, np.int32), (48, np.int64), (64, np.int32), (256, np.int32)):  # paged block sizes
+        per = -(-470 // bs)
+        table = cupy.asarray(rng.permutation(3 * per + 2)[:3 * per].reshape(3, per).astype(itype))
+        kp, vp = g(3 * per + 2, bs, 8, 128, dt=dt), g(3 * per + 2, bs, 8, 128, dt=dt)
+        out2 = fastattn.flash_attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lens, block_table=table,
+                                                     window=(100, 0) if bs == 16 else (-1, -1))
+        sums.append(float(abs(out2.astype(cupy.float32)).sum()))
     cupy.cuda.Device().synchronize()
-    print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()), float(abs(out2.astype(cupy.float32)).sum()),
+    print(dt, "ok", float(abs(out.astype(cupy.float32)).sum()), sums,
           [p.long.kernel for p in _decode._PLANS.values() if p.long is not None])
 PY
-  timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvlongsan.py 2>&1 | tee $OUT/longsan.log | tail -8
+  timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvlongsan.py 2>&1 | tee $OUT/longsan${PROBE_TAG:-}.log | tail -8
   echo "sanitizer exit: ${PIPESTATUS[0]}"
+  ;;
+pagedcompile)  # NVRTC: every paged Hopper specialization (-DFA_PAGED_KV), 16 processes
+  timeout ${COMPILE_TIMEOUT:-200} python3 - <<'PY' 2>&1 | tee $OUT/pagedcompile.log | tail -6
+import concurrent.futures as cf, time
+from fastattn.backends.cuda import _specs
+names = _specs.all_sm90_paged_name_expressions()
+def one(n):
+    from fastattn.backends.cuda import _launch
+    t = time.time()
+    try:
+        k = _launch.get_kernel(n, 0, _specs.SM90_PAGED_OPTIONS)
+        return None, time.time() - t, n, getattr(k, "num_regs", -1)
+    except Exception as e:
+        return f"{n}: {e}", time.time() - t, n, -1
+t0 = time.time()
+with cf.ProcessPoolExecutor(16) as pool:
+    res = list(pool.map(one, names))
+errs = [e for e, *_ in res if e]
+print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} paged Hopper specializations in {time.time() - t0:.0f}s")
+for e in errs[:3]: print("FAILED", e[:4000])
+for _, s, n, r in res:
+    if "<false, 128, 128, 2, 128" in n: print(n, f"{s:.1f}s regs {r}")
+PY
+  ;;
+pagedprobe)  # the forward kernel alone: contiguous vs paged by block size (and SDPA), TFLOP/s over attended pairs
+  timeout ${PROBE_TIMEOUT:-300} python3 - <<'PY' 2>&1 | tee $OUT/pagedprobe${PROBE_TAG:-}.log | tail -40
+import os
+from fastattn.backends.cuda import _specs as _sp
+if os.environ.get("PAGED_OPTS"):  # experiments: extra defines for the paged kernel
+    _sp.SM90_PAGED_OPTIONS = ("-DFA_PAGED_KV",) + tuple(os.environ["PAGED_OPTS"].split())
+import os, torch, fastattn
+from fastattn import _bench_decode_cuda as bd
+from fastattn.backends.cuda import _decode
+D, hq, hkv, batch = 128, 32, 8, 1
+sdpa = os.environ.get("PROBE_SDPA", "1") == "1"
+F = torch.nn.functional
+dev = "cuda"
+print("cache seq_q | contiguous | paged bs16 bs32 bs48 bs64 bs256 | SDPA   (TFLOP/s; max |paged - contiguous|)")
+for cache in (4096, 16384):
+    for seq_q in (128, 256, 512):
+        g = torch.Generator(device=dev).manual_seed(cache + seq_q)
+        r = lambda *s: torch.randn(*s, device=dev, dtype=torch.float16, generator=g)
+        kc, vc = r(batch, cache, hkv, D), r(batch, cache, hkv, D)
+        q, k, v = r(batch, seq_q, hq, D), r(batch, seq_q, hkv, D), r(batch, seq_q, hkv, D)
+        past = cache - seq_q
+        pairs = batch * hq * (seq_q * past + seq_q * (seq_q + 1) // 2)
+        tf = lambda ms: 4 * D * pairs / (ms * 1e-3) / 1e12
+        _decode.LONG_ROUTE = "forward"
+        ref = fastattn.flash_attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=past).float()
+        res = [tf(bd._graph_time_ms([lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v,
+                                                                                    cache_seqlens=past)]))]
+        diffs = []
+        for bs in (16, 32, 48, 64, 256):
+            blocks = -(-cache // bs)
+            perm = torch.randperm(batch * blocks + 3, device=dev, generator=g)[:batch * blocks]
+            table = perm.to(torch.int32).reshape(batch, blocks)
+            pad = blocks * bs - cache
+            kpad = torch.cat([kc, kc.new_zeros(batch, pad, hkv, D)], 1) if pad else kc
+            vpad = torch.cat([vc, vc.new_zeros(batch, pad, hkv, D)], 1) if pad else vc
+            kp = kc.new_zeros(batch * blocks + 3, bs, hkv, D)
+            vp = torch.zeros_like(kp)
+            kp[perm] = kpad.reshape(batch * blocks, bs, hkv, D)
+            vp[perm] = vpad.reshape(batch * blocks, bs, hkv, D)
+            out = fastattn.flash_attention_with_kvcache(q, kp.clone(), vp.clone(), k, v, cache_seqlens=past,
+                                                        block_table=table).float()
+            diffs.append(float((out - ref).abs().max()))
+            res.append(tf(bd._graph_time_ms([lambda: fastattn.flash_attention_with_kvcache(
+                q, kp, vp, k, v, cache_seqlens=past, block_table=table)])))
+        _decode.LONG_ROUTE = "auto"
+        if sdpa:
+            i = torch.arange(seq_q, device=dev)[:, None]
+            j = torch.arange(cache, device=dev)[None, :]
+            mask = j <= i + past
+            qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+            res.append(tf(bd._graph_time_ms([lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask,
+                                                                                     enable_gqa=True)])))
+        print(f"{cache:5d} {seq_q:4d} | " + " ".join(f"{x:6.1f}" for x in res) + f"   maxdiff {max(diffs):.2e}",
+              flush=True)
+        del kc, vc, kp, vp
+        torch.cuda.empty_cache()
+PY
   ;;
 prefill)
   timeout ${BENCH_TIMEOUT:-400} python3 -m fastattn._bench_decode_cuda --prefill ${BENCH_ARGS:-} --json $OUT/prefill_bench.json 2>&1 | tee $OUT/prefill.log | tail -50

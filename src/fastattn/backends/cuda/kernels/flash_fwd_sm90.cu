@@ -122,46 +122,134 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
 // j % block_size of block table[b * table_sb + j / block_size]; a block id outside [0, num_blocks)
 // reads as zeros (the launcher checks the table unless a CUDA graph is being captured).  g points
 // at the head's row 0 of block 0; sb is the block stride.
+//
+// The block ids are read a key tile ahead, one table entry a lane: lane l of every warp holds the id
+// of block slot(row0) + l of a tile starting at key row0 (a tile of BKV keys spans at most
+// BKV / 16 + 1 blocks, block_size being a multiple of 16), and each row's copy takes its id from that
+// lane by a shuffle.  Two tiles are held: v_* the tile whose V is copied next (its K was copied a
+// tile earlier) and k_* the one after it, whose K is copied next; after each V tile's copies the
+// entries of the tile after that are loaded, so a table load has a whole tile's work to land in
+// before its first use (the copies no longer wait on a dependent global load).  An entry is kept
+// raw, as two 32-bit words (lo, hi; an int32 table's hi is 0, its negative ids read as huge
+// unsigned ones): nothing touches a loaded register before the copies that need it, where the
+// range check turns it into an id or -1.
 struct kv_pages {
     const void* table;
     long long row_off, sb_k, sb_v;
     int kind, block_size, shift, num_blocks;
-    __device__ __forceinline__ long long block(int j) const {
-        const int slot = shift >= 0 ? (j >> shift) : j / block_size;
-        const long long blk = kind == 8 ? reinterpret_cast<const long long*>(table)[row_off + slot]
-                                        : (long long)reinterpret_cast<const int*>(table)[row_off + slot];
-        return (blk < 0 || blk >= num_blocks) ? -1 : blk;
+    int row_v;                            // first key of the tile held in v_*
+    unsigned v_lo, v_hi, k_lo, k_hi;     // this lane's raw table entries of tiles row_v, row_v + BKV
+    __device__ __forceinline__ int slot_of(int j) const { return shift >= 0 ? (j >> shift) : j / block_size; }
+    __device__ __forceinline__ int row_in_block(int j, int slot) const {
+        return shift >= 0 ? (j & (block_size - 1)) : j - slot * block_size;
     }
-    __device__ __forceinline__ int row_in_block(int j) const {
-        return shift >= 0 ? (j & (block_size - 1)) : j % block_size;
+    // this lane's raw entry of the tile at row0 (all ones where the lane's block holds no key < seq or
+    // lies past the tile): independent loads, nothing here waits for them
+    template <int BKV>
+    __device__ __forceinline__ void load_raw(int row0, int seq, unsigned& lo, unsigned& hi) const {
+        const int s0 = slot_of(row0), slot = s0 + (int)(threadIdx.x & 31u);
+        lo = hi = 0xffffffffu;
+        if (slot <= slot_of(row0 + BKV - 1) && (long long)slot * block_size < seq) {
+            const unsigned* t = reinterpret_cast<const unsigned*>(table);
+            if (kind == 8) {
+                const long long at = 2 * (row_off + slot);
+                lo = __ldg(t + at);
+                hi = __ldg(t + at + 1);
+            } else {
+                lo = __ldg(t + row_off + slot);
+                hi = 0u;
+            }
+        }
+    }
+    __device__ __forceinline__ int id_of(unsigned lo, unsigned hi) const {
+        return hi == 0u && lo < (unsigned)num_blocks ? (int)lo : -1;
+    }
+    // before the first tile: the entries of tiles row0 and row0 + BKV
+    template <int BKV>
+    __device__ __forceinline__ void start(int row0, int seq) {
+        row_v = row0;
+        load_raw<BKV>(row0, seq, v_lo, v_hi);
+        load_raw<BKV>(row0 + BKV, seq, k_lo, k_hi);
+    }
+    // this lane's block id of the tile at row0 (row_v or row_v + BKV)
+    __device__ __forceinline__ int ids(int row0) const {
+        return row0 == row_v ? id_of(v_lo, v_hi) : id_of(k_lo, k_hi);
+    }
+    // after the V copies of tile row_v: hold the next two tiles, the entries of the later one loading
+    template <int BKV>
+    __device__ __forceinline__ void advance(int seq) {
+        row_v += BKV;
+        v_lo = k_lo;
+        v_hi = k_hi;
+        load_raw<BKV>(row_v + BKV, seq, k_lo, k_hi);
     }
 };
 
-// load_tile through the block table: every row's block id first (independent loads, in flight together),
-// then the copies (a cp.async is a memory barrier to the compiler: a table load between two would wait)
+// load_tile through the block table, the tile's block ids in the lanes (ids: lane l holds block
+// slot(row0) + l, or -1); every thread of the block takes part (the shuffles).  Where a thread's
+// chunks are whole rows apart (NT a multiple of D / 8: head dims 64, 128, 256) its rows step by
+// RS = NT / (D / 8) and the row's block and row in the block are carried from chunk to chunk (a
+// block holds at least 16 rows, so a step crosses at most ceil(RS / 16) block ends): no division
+// per chunk.  Else each chunk divides.
 template <int R, int D, int NT>
 __device__ __forceinline__ void load_tile_paged(unsigned sbase, const unsigned short* __restrict__ g, long long ss,
-                                                long long sb, const kv_pages& pg, int row0, int seq, int d, int tid) {
+                                                long long sb, const kv_pages& pg, int ids, int row0, int seq, int d,
+                                                int tid) {
+    static_assert(R / 16 + 1 <= 32, "a tile's blocks: one a lane");
     constexpr int CPR = D / 8, TOTAL = R * CPR, PER = (TOTAL + NT - 1) / NT;
-    int blk[PER];  // the row's block, or -1 (zeros: past the keys, or an id outside the pool)
+    const int s0 = pg.slot_of(row0);
+    if constexpr (NT % CPR == 0) {
+        constexpr int RS = NT / CPR;
+        const int r0 = tid / CPR, ch = tid % CPR;
+        const int j0 = row0 + r0, slot0 = pg.slot_of(j0);
+        int lane_i = slot0 - s0;                  // the lane holding the block of this thread's row
+        int rib = j0 - slot0 * pg.block_size;     // the row inside its block
+        const int left = ch * 8 < d ? seq - j0 : 0;  // chunk i is read where i * RS < left
+        const unsigned short* gc = g + ch * 8;
+        const unsigned s_base = sbase + sw128_offset<R>(r0, ch);
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const int c = tid + i * NT, j = row0 + c / CPR;
-        blk[i] = (TOTAL % NT == 0 || c < TOTAL) && j < seq ? (int)pg.block(j) : -1;
-    }
+        for (int i = 0; i < PER; ++i) {
+            const int blk = __shfl_sync(0xffffffffu, ids, lane_i);
+            if (TOTAL % NT == 0 || r0 + i * RS < R) {
+                const bool ok = blk >= 0 && i * RS < left;
+                const unsigned short* src = gc + ((long long)(unsigned)blk * sb + (long long)(unsigned)rib * ss);
+                const unsigned dst = RS % 8 == 0 ? s_base + (unsigned)(i * RS * 128)
+                                                 : sbase + sw128_offset<R>(r0 + i * RS, ch);
+                cp_async_16(dst, ok ? src : g, ok ? 16 : 0);
+            }
+            if (i + 1 < PER) {
+                rib += RS;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        const int c = tid + i * NT;
-        if (TOTAL % NT == 0 || c < TOTAL) {
-            const int r = c / CPR, ch = c % CPR;
-            const bool ok = blk[i] >= 0 && ch * 8 < d;
-            const long long off = (long long)blk[i] * sb + (long long)pg.row_in_block(row0 + r) * ss + ch * 8;
-            cp_async_16(sbase + sw128_offset<R>(r, ch), ok ? g + off : g, ok ? 16 : 0);
+                for (int k = 0; k < (RS + 15) / 16; ++k) {
+                    if (rib >= pg.block_size) {
+                        rib -= pg.block_size;
+                        ++lane_i;
+                    }
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int c = tid + i * NT;
+            const int r = c / CPR, ch = c % CPR, j = row0 + r;
+            const int slot = pg.slot_of(j);
+            const int blk = __shfl_sync(0xffffffffu, ids, (slot - s0) & 31);
+            if (TOTAL % NT == 0 || c < TOTAL) {
+                const bool ok = blk >= 0 && j < seq && ch * 8 < d;
+                const long long off = (long long)blk * sb + (long long)pg.row_in_block(j, slot) * ss + ch * 8;
+                cp_async_16(sbase + sw128_offset<R>(r, ch), ok ? g + off : g, ok ? 16 : 0);
+            }
         }
     }
 }
-#define FA_LOAD_K(dst, row0) load_tile_paged<BKV, D, NT>(dst, kp, k_ss, pages.sb_k, pages, row0, lk, d, tid)
-#define FA_LOAD_V(dst, row0) load_tile_paged<BKV, DV, NT>(dst, vp, v_ss, pages.sb_v, pages, row0, lk, dv, tid)
+#define FA_LOAD_K(dst, row0) \
+    load_tile_paged<BKV, D, NT>(dst, kp, k_ss, pages.sb_k, pages, pages.ids(row0), row0, lk, d, tid)
+#define FA_LOAD_V(dst, row0)                                                                                  \
+    do {                                                                                                      \
+        load_tile_paged<BKV, DV, NT>(dst, vp, v_ss, pages.sb_v, pages, pages.ids(row0), row0, lk, dv, tid); \
+        pages.advance<BKV>(lk);                                                                               \
+    } while (0)
 #else
 #define FA_LOAD_K(dst, row0) load_tile<BKV, D, NT>(dst, kp, k_ss, row0, lk, d, tid)
 #define FA_LOAD_V(dst, row0) load_tile<BKV, DV, NT>(dst, vp, v_ss, row0, lk, dv, tid)
@@ -478,6 +566,9 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const int kv_begin = (kv_lo / BKV) * BKV;
     const int n_tiles = (kv_hi - kv_begin + BKV - 1) / BKV;  // >= 1
     const int lk = e.lk;
+#ifdef FA_PAGED_KV
+    pages.start<BKV>(kv_begin, lk);  // the first two tiles' block ids, loading
+#endif
 
     // K/V buffers handed over on mbarriers instead of one __syncthreads a tile, so the warpgroups
     // may drift apart by up to a tile: full_{K,V}[b] complete when every thread's copies into buffer
