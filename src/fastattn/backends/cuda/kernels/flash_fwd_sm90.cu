@@ -346,57 +346,6 @@ __device__ __forceinline__ void fa_hook_kind(float (&s)[NS], const Mask& mask, i
 #define FA_SOFTCAP_TANH_F16 1
 #endif
 
-// With a softcap (FA_MODS_LOGITS) every score takes two MUFU operations (tanh, and the softmax's
-// exp2) against the plain kernel's one, so the MUFU runs about as long as the tile's MMAs.  The
-// exp2 of FA_EXP2_POLY of every 8 key columns (the n-blocks n % 8 < FA_EXP2_POLY) runs instead on
-// the FMA pipe (fa_sm90::exp2_poly3): 0 turns it off.
-#ifndef FA_EXP2_POLY
-#define FA_EXP2_POLY 2
-#endif
-
-namespace fa_sm90 {
-// 2^x without the MUFU, for x <= 0 (the softmax's exponents: at most the row max) or -inf or NaN:
-// x clamped to >= -127 (NaN kept), split as n + f with n = round(x) (the 1.5 * 2^23 add rounds
-// to an integer; the magic number's extra 127 leaves n + 127 in the low bits, so t << 23 is 2^n's
-// bit pattern, and 0 at n = -127), f in [-0.5, 0.5]; 2^f by a degree-3 polynomial fitted for
-// relative error (at most 7.5e-5, 6.5x under the rounding of P to float16: 2^-11), times 2^n.
-// -inf -> 0 exactly, NaN -> NaN (NaN * 2^n's NaN-derived bits), x in [-127, -126.5) -> 0.
-// Nine FMA / ALU instructions (FMNMX, three FADD, three FFMA, SHL, FMUL) instead of one MUFU op.
-__device__ __forceinline__ float exp2_poly3(float x) {
-    float xc, t, n;
-    asm("max.NaN.f32 %0, %1, 0fC2FE0000;\n" : "=f"(xc) : "f"(x));   // max(x, -127)
-    asm("add.rn.f32 %0, %1, 0f4B40007F;\n" : "=f"(t) : "f"(xc));    // 1.5 * 2^23 + 127 + round(x)
-    asm("sub.rn.f32 %0, %1, 0f4B40007F;\n" : "=f"(n) : "f"(t));     // round(x), exactly
-    const float f = xc - n;                                          // exact, |f| <= 0.5
-    const float p = fmaf(fmaf(fmaf(0.05517132207751274f, f, 0.24261054396629333f), f, 0.6932609677314758f), f,
-                         0.9999281167984009f);
-    return p * __uint_as_float(__float_as_uint(t) << 23);
-}
-// the softmax's exponents of row r (0: g, 1: g + 8) of a tile's S accumulators, in place; returns
-// their sum.  LOGITS: 2^(kx s + mk) (FA_MODS_LOGITS), else 2^((s - m) sl2); POLY: the n-blocks
-// n % 8 < FA_EXP2_POLY through exp2_poly3
-template <bool LOGITS, bool POLY, int NS>
-__device__ __forceinline__ float exps_row(float (&s)[NS], int r, float kx, float mk, float m_use, float sl2) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int n = 0; n < NS / 4; ++n) {
-        float p0, p1;
-        if constexpr (LOGITS) {
-            const float x0 = fmaf(s[4 * n + 2 * r], kx, mk), x1 = fmaf(s[4 * n + 2 * r + 1], kx, mk);
-            if (POLY && n % 8 < FA_EXP2_POLY) p0 = exp2_poly3(x0), p1 = exp2_poly3(x1);
-            else p0 = exp2_approx(x0), p1 = exp2_approx(x1);
-        } else {
-            p0 = exp2_approx((s[4 * n + 2 * r] - m_use) * sl2);
-            p1 = exp2_approx((s[4 * n + 2 * r + 1] - m_use) * sl2);
-        }
-        sum += p0 + p1;
-        s[4 * n + 2 * r] = p0;
-        s[4 * n + 2 * r + 1] = p1;
-    }
-    return sum;
-}
-}  // namespace fa_sm90
-
 // ------------------------------------------------------------------------------------------------
 // fa_v_nonfinite: sets *flag when v (heads x seq rows per batch entry, dv columns, unit stride
 // along dv, 16-byte aligned rows: what fa_fwd_sm90 reads) holds inf or NaN.  Run before a call
@@ -663,11 +612,17 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
             const float mk = -m_use * kx;                      // FA_MODS_LOGITS: exponent kx s + mk
             alpha[r] = exp2_approx((m_i[r] - m_use) * (LOGITS ? kx : sl2));  // m_i = -inf -> 0
             m_i[r] = mx;
-            float tile_sum;
-            // the softcap's tanh is the second MUFU op a score: part of the exp2 on the FMA pipe
-            // (uniform: one loop per tile)
-            if (LOGITS && FA_EXP2_POLY > 0 && mask.softcap) tile_sum = exps_row<LOGITS, true>(s, r, kx, mk, m_use, sl2);
-            else tile_sum = exps_row<LOGITS, false>(s, r, kx, mk, m_use, sl2);
+            float tile_sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NS / 4; ++n) {
+                const float p0 = LOGITS ? exp2_approx(fmaf(s[4 * n + 2 * r], kx, mk))
+                                        : exp2_approx((s[4 * n + 2 * r] - m_use) * sl2);
+                const float p1 = LOGITS ? exp2_approx(fmaf(s[4 * n + 2 * r + 1], kx, mk))
+                                        : exp2_approx((s[4 * n + 2 * r + 1] - m_use) * sl2);
+                tile_sum += p0 + p1;
+                s[4 * n + 2 * r] = p0;
+                s[4 * n + 2 * r + 1] = p1;
+            }
             l_i[r] = l_i[r] * alpha[r] + tile_sum;
         }
     };
