@@ -721,6 +721,10 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
 
     for (int j = 1; j < n_tiles; ++j) {
         if constexpr (ALL && !TILES) mask.prefetch_rows(row_w0, kv_begin + j * BKV, BKV, lane);
+        if constexpr (TILES) {
+            __syncwarp();      // every lane is done with the slot's tile j - 1
+            load_mask(j + MST - 1);  // into the slot of tile j - 1
+        }
         mbar_wait(full_k + 8 * (j & 1), (j >> 1) & 1);
         mbar_wait(full_v + 8 * ((j - 1) & 1), ((j - 1) >> 1) & 1);
         const unsigned v_prev = sV + ((j - 1) & 1) * V_BYTES;
@@ -742,12 +746,6 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
         if (j >= 2) mbar_wait(empty_v + 8 * (j & 1), ((j - 2) >> 1) & 1);
         FA_LOAD_V(sV + (j & 1) * V_BYTES, kv_begin + j * BKV);
         mbar_arrive_cp_async(full_v + 8 * (j & 1));
-        // the attn_mask tile j + MST - 1 into the slot of tile j - 1, also while the tensor cores run
-        // (after the MMAs' issue, and after the K / V barriers' arrivals, which then do not wait for it)
-        if constexpr (TILES) {
-            __syncwarp();  // every lane is done with the slot's tile j - 1
-            load_mask(j + MST - 1);
-        }
         wgmma_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
         reg_fence(s);
         if (lane == 0) mbar_arrive(empty_k + 8 * (j & 1));
