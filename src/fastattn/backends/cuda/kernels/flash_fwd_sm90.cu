@@ -461,6 +461,12 @@ __global__ void __launch_bounds__(256)
     if (nonfinite_seen(acc)) *flag = 1;
 }
 
+// timing probe of the attn_mask tiles (FA_MODS_TILES; results wrong, never the default): bit 0 skips the
+// mask copies, bit 1 the mask in the hook (the scores still scaled to logits, the interval test kept)
+#ifndef FA_PROBE_MASK
+#define FA_PROBE_MASK 0
+#endif
+
 enum { FA_MODS_NONE = 0, FA_MODS_ALL = 1, FA_MODS_LOGITS = 2, FA_MODS_TILES = 3 };  // fa_fwd_sm90's MODS_FORM
 
 // ------------------------------------------------------------------------------------------------
@@ -600,7 +606,7 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
     const long long m_step = (long long)m_rstep * mask.m_si * mes;  // bytes between a lane's rows
     const unsigned char* m_row0 = TILES ? mask.m + (long long)(row_w0 + m_r0) * mask.m_si * mes : nullptr;
     auto load_mask = [&](int jt) {
-        if (TILES && jt < n_tiles) {
+        if (TILES && jt < n_tiles && (FA_PROBE_MASK & 1) == 0) {
             const int key = kv_begin + jt * BKV + m_ch * (16 / mes);
             const int kbytes = max(0, min(16, (mask.lk - key) * mes));
             const unsigned char* src = m_row0 + (long long)key * mes;
@@ -675,11 +681,15 @@ __global__ void __launch_bounds__(NWG * 128, MINB)
                 cp_async_wait<MST - 1>();
                 __syncwarp();
             }
-            switch (mask.mods_form()) {  // uniform: one loop per tile, no branch per element
-                case 0: fa_hook_kind<0, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
-                case 1: fa_hook_kind<1, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
-                case 2: fa_hook_kind<2, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
-                default: fa_hook_kind<3, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+            if constexpr (TILES && (FA_PROBE_MASK & 2) != 0) {  // timing probe: the hook without the mask
+                fa_hook_needs<0, 0, TANH>(s, mask, kv0, r0, t4, needs);
+            } else {
+                switch (mask.mods_form()) {  // uniform: one loop per tile, no branch per element
+                    case 0: fa_hook_kind<0, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                    case 1: fa_hook_kind<1, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                    case 2: fa_hook_kind<2, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                    default: fa_hook_kind<3, TANH, TILES>(s, mask, kv0, r0, t4, needs, msh); break;
+                }
             }
         } else if constexpr (MODS_FORM == FA_MODS_LOGITS) {
             const bool needs = mask.tile_needs_mask(row_w0, 16, kv0, BKV);
