@@ -221,6 +221,11 @@ def _launch_kernel() -> Any:
 _FRONT = 18
 #: splits a unit's last block merges itself (dec_merge_unit: four splits a lane) and counters per slice
 _FUSED_MAX_SPLITS = 128
+#: ... and only for units of this few rows: the merging block reads every split's rows after its own tiles
+#: (a unit of 64 rows with 32 splits reads 1 MB alone), where the combine launch spreads the merge over many
+#: blocks.  H100, fp16, D 128, 4k / 16k keys: units of 1-4 rows merged in place 0-4% faster, of 16-64 rows
+#: 2-32% slower (tools/gpu_decode_fuse_probe.py)
+_FUSED_MAX_ROWS = 8
 _SEM_SLICE = 2048
 _SEM_POOL = 1 << 20
 
@@ -230,7 +235,7 @@ class _Plan:
 
     __slots__ = ("kernel", "threads", "smem", "block_rows", "block_kv", "per_sm", "combine", "mid_len", "acc",
                  "attend", "merge", "q_tiles", "units", "n_rows", "out_shape", "lse_shape", "dv", "fusable",
-                 "sms", "splits_by_tiles", "at_splits", "long")
+                 "sms", "splits_by_tiles", "at_splits", "long", "unit_rows")
 
     def splits(self, max_len: int, requested: int | None) -> int:
         key_tiles = -(-max_len // self.block_kv)
@@ -314,6 +319,7 @@ def _plan(call: Any, facts: dict) -> _Plan:
     p.merge = _Launch(combine, (*(_U64(0),) * 4, _I32(1), _I32(hq), _I32(sq), _I32(dv), _I64(n_rows),
                                 *(_I64(x) for x in facts["out"]), _I64(hq * sq), _I64(sq)))
     p.q_tiles = q_tiles
+    p.unit_rows = min(rows, block_rows)
     p.at_splits = _FRONT + len(mid)
     p.units = call.batch * call.heads_kv * p.q_tiles
     b = call.batch
@@ -331,6 +337,11 @@ def _plan(call: Any, facts: dict) -> _Plan:
 
 #: the fused merge (a unit's last block merges its splits); False: always the combine launch (experiments)
 _FUSE = True
+
+
+def _fused(plan: _Plan, splits: int) -> bool:
+    """Does a unit's last block merge the splits (else the combine launch does)?"""
+    return plan.fusable and splits <= _FUSED_MAX_SPLITS and plan.unit_rows <= _FUSED_MAX_ROWS
 
 #: the cost model's fixed terms, in key tiles of one block: a block's start and end (its first tiles'
 #: latency, the epilogue), and the combine kernel of a split launch
@@ -554,8 +565,7 @@ def _run(call: Any, q: _Arr, kc: _Arr, vc: _Arr, device: int, stream: Any, captu
         del lens_dev, table_dev, slopes
         return out, lse
     splits = plan.splits(max_len, call.num_splits)
-    sem = _SEMS.get(device, stream_ptr, capturing) if splits > 1 and plan.fusable and \
-        splits <= _FUSED_MAX_SPLITS else 0
+    sem = _SEMS.get(device, stream_ptr, capturing) if splits > 1 and _fused(plan, splits) else 0
     lse_dt = "float64" if call.dtype == "float64" else "float32"
     want = [(plan.out_shape, call.dtype), (plan.lse_shape, lse_dt)]
     if splits > 1:  # the splits' partial outputs, then their lse, in one allocation
@@ -819,7 +829,7 @@ class Repeat:
         if splits > 1:
             po_ptr = _scratch(self.torch, dev, self.tdevice, stream_ptr, splits * plan.n_rows * (plan.dv + 1))
             pl_ptr = po_ptr + splits * plan.n_rows * plan.dv * 4
-            if plan.fusable and splits <= _FUSED_MAX_SPLITS:
+            if _fused(plan, splits):
                 sem = _SEMS.get(dev, stream_ptr, False)
         out_ptr, lse_ptr = out.data_ptr(), lse.data_ptr() if lse is not None else 0
         attend = plan.attend
