@@ -16,16 +16,22 @@ STEPS=${STEPS:-"compile tests fwd sanitize bench"}
 for step in $STEPS; do
 echo "=== $step $(date +%T)"
 case $step in
-compile)
-  timeout ${COMPILE_TIMEOUT:-200} python3 - <<'PY' 2>&1 | tee $OUT/compile.log | tail -8
+compile|pagedcompile)  # NVRTC, 16 processes: "compile" the decode kernels and the long chunks' forward kernels
+  # (head dims 64 / 128, plain and with the paged loads), "pagedcompile" every paged Hopper specialization alone
+  STEP=$step timeout ${COMPILE_TIMEOUT:-200} python3 - <<'PY' 2>&1 | tee $OUT/$step.log | tail -8
 import concurrent.futures as cf, os, time
 from fastattn.backends.cuda import _specs
-names = [(n, ()) for n in _specs.all_decode_name_expressions()
-         if any(f"{t}, {d}," in n for d in (64, 128) for t in ("__half", "__nv_bfloat16", "float", "double"))
-         or "combine" in n or "fa_kv_append" in n]
-# the long chunks' forward kernels (head dims 64 / 128): the Hopper kernel plain and with the paged loads
-sm90 = [n for n in _specs.all_sm90_paged_name_expressions() if any(f", {d}, {d}," in n for d in (64, 128))]
-names = [(n, _specs.SM90_PAGED_OPTIONS) for n in sm90] + [(n, ()) for n in sm90] + names
+paged_only = os.environ["STEP"] == "pagedcompile"
+if paged_only:
+    names = [(n, _specs.SM90_PAGED_OPTIONS) for n in _specs.all_sm90_paged_name_expressions()]
+    what, shown = "paged Hopper", ("<false, 128, 128, 2, 128",)
+else:
+    names = [(n, ()) for n in _specs.all_decode_name_expressions()
+             if any(f"{t}, {d}," in n for d in (64, 128) for t in ("__half", "__nv_bfloat16", "float", "double"))
+             or "combine" in n or "fa_kv_append" in n]
+    sm90 = [n for n in _specs.all_sm90_paged_name_expressions() if any(f", {d}, {d}," in n for d in (64, 128))]
+    names = [(n, _specs.SM90_PAGED_OPTIONS) for n in sm90] + [(n, ()) for n in sm90] + names
+    what, shown = "decode", ("__half, 128", "<false, 128")
 def one(item):
     from fastattn.backends.cuda import _launch
     n, opts = item
@@ -38,10 +44,10 @@ t0 = time.time()
 with cf.ProcessPoolExecutor(16) as pool:
     res = list(pool.map(one, names))
 errs = [e for e, *_ in res if e]
-print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} decode specializations in {time.time() - t0:.0f}s")
+print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} {what} specializations in {time.time() - t0:.0f}s")
 for e in errs[:3]: print("FAILED", e[:4000])
 for _, s, n, r in res:
-    if "__half, 128" in n or "<false, 128" in n: print(n, f"{s:.1f}s regs {r}")
+    if any(x in n for x in shown): print(n, f"{s:.1f}s regs {r}")
 PY
   ;;
 tests)
@@ -139,29 +145,6 @@ for dt in ("float16", "bfloat16"):
 PY
   timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 /tmp/kvlongsan.py 2>&1 | tee $OUT/longsan${PROBE_TAG:-}.log | tail -8
   echo "sanitizer exit: ${PIPESTATUS[0]}"
-  ;;
-pagedcompile)  # NVRTC: every paged Hopper specialization (-DFA_PAGED_KV), 16 processes
-  timeout ${COMPILE_TIMEOUT:-200} python3 - <<'PY' 2>&1 | tee $OUT/pagedcompile.log | tail -6
-import concurrent.futures as cf, time
-from fastattn.backends.cuda import _specs
-names = _specs.all_sm90_paged_name_expressions()
-def one(n):
-    from fastattn.backends.cuda import _launch
-    t = time.time()
-    try:
-        k = _launch.get_kernel(n, 0, _specs.SM90_PAGED_OPTIONS)
-        return None, time.time() - t, n, getattr(k, "num_regs", -1)
-    except Exception as e:
-        return f"{n}: {e}", time.time() - t, n, -1
-t0 = time.time()
-with cf.ProcessPoolExecutor(16) as pool:
-    res = list(pool.map(one, names))
-errs = [e for e, *_ in res if e]
-print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} paged Hopper specializations in {time.time() - t0:.0f}s")
-for e in errs[:3]: print("FAILED", e[:4000])
-for _, s, n, r in res:
-    if "<false, 128, 128, 2, 128" in n: print(n, f"{s:.1f}s regs {r}")
-PY
   ;;
 pagedprobe)  # the forward kernel alone: contiguous vs paged by block size (and SDPA), TFLOP/s over attended pairs
   timeout ${PROBE_TIMEOUT:-300} python3 - <<'PY' 2>&1 | tee $OUT/pagedprobe${PROBE_TAG:-}.log | tail -40
