@@ -174,15 +174,15 @@ class _Launch:
 #: many keys as queries (_decode_route).  One thread, Zen 5, against the forward kernel: seq_q 1 with 128-4096 keys
 #: 1.3-3.8x faster (H 8/8, 32/8, 32/32), 16 rows against 512 keys 2.2-4.8x, 16 against 16 0.76-0.96x
 _ROUTE_MAX_ROWS = 16
-_ROUTE_ON = True
 
 
 def _decode_route(spec: AttentionSpec) -> int:
     """The keys each row block sees when a plain call is a decode step in disguise (a few query rows per k/v
     head against their keys: no mask array, dropout, ragged lengths or explicit tiles), so the decode kernel
-    reads K and V where they lie instead of packing them; -1 otherwise (also past its int32 key counts).  The decode kernel aligns its rule
-    bottom-right over that many keys: the call's own keys when its rule is bottom-right or cannot tell the
-    alignments apart, its first seq_q keys for top-left causal (query i sees keys 0..i either way)."""
+    reads K and V where they lie instead of packing them; -1 otherwise (also past its int32 key counts).  The
+    decode kernel aligns its rule bottom-right over that many keys: the call's own keys when its rule is
+    bottom-right or cannot tell the alignments apart, its first seq_q keys for top-left causal (query i sees
+    keys 0..i either way)."""
     rule, arrays = spec.rule, spec.arrays
     rows = spec.seq_q * spec.group
     if (rows > _ROUTE_MAX_ROWS or spec.seq_q == 0 or spec.seq_kv < 2 * spec.seq_q or spec.seq_kv >= 2**31
@@ -222,15 +222,12 @@ def _launch(spec: AttentionSpec) -> _Launch:
         drop_scale=1.0 / (1.0 - spec.dropout_p), seed=spec.seed if drop else 0,
         isa=simd, num_threads=plan.threads, group=plan.group,
     )
-    stats = BackendStats(block_q=plan.block_q, block_kv=plan.block_kv,
-                         peak_sram_bytes=working_set_bytes(plan.block_q, plan.block_kv, spec.head_dim, itemsize),
+    decode_len = _decode_route(spec)
+    # the tiles of the kernel that runs (the decode kernel: the item's rows against 32 keys at a time)
+    tile_q, tile_kv = (spec.seq_q * spec.group, _DECODE_TILE) if decode_len >= 0 else (plan.block_q, plan.block_kv)
+    stats = BackendStats(block_q=tile_q, block_kv=tile_kv,
+                         peak_sram_bytes=working_set_bytes(tile_q, tile_kv, spec.head_dim, itemsize),
                          num_threads=plan.threads, simd=simd)
-    decode_len = _decode_route(spec) if _ROUTE_ON else -1
-    if decode_len >= 0:  # the decode kernel's tiles: the item's rows against 32 keys at a time
-        rows = spec.seq_q * spec.group
-        stats = BackendStats(block_q=rows, block_kv=_DECODE_TILE,
-                             peak_sram_bytes=working_set_bytes(rows, _DECODE_TILE, spec.head_dim, itemsize),
-                             num_threads=plan.threads, simd=simd)
     launch = _Launch(key, compute, plan.threads, plan.group, plan.n_q_tiles, kernel_args, stats, decode_len)
     spec.__dict__["_cpu_launch"] = launch  # lives and dies with the spec (a cache beside its cached flops)
     return launch
@@ -364,6 +361,22 @@ def decode_heads_per_item(k4: np.ndarray, heads_kv: int) -> int:
     return max(1, min(heads_kv, _DECODE_RUN_BYTES // max(row_bytes, 1)))
 
 
+def _cache_work(lens: np.ndarray, heads_kv: int, seq_q: int, group: int, head_dim: int, head_dim_v: int,
+                itemsize: int, threads_asked: int) -> tuple[int, int, int]:
+    """(longest sequence, FLOPs, threads) of attention against ``lens[b]`` keys per sequence: the thread
+    rule's inputs for both kernels of a cache call (one thread in a forked child)."""
+    longest = int(lens.max(initial=0))
+    keys = int(lens.sum()) * heads_kv
+    flops = 2 * keys * seq_q * group * (head_dim + head_dim_v)
+    threads = _threads.choose_threads(threads_asked, flops=flops, kv_elements=keys * (head_dim + head_dim_v) // 2,
+                                      compute_itemsize=itemsize,
+                                      items=len(lens) * heads_kv * max(1, -(-longest // _MIN_KEYS_PER_SPLIT)))
+    if _forked_child and threads > 1:
+        _warn_forked_once()
+        threads = 1
+    return longest, flops, threads
+
+
 def _decode(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray, out: np.ndarray, lse: np.ndarray, *, lens: np.ndarray,
             table: np.ndarray | None, scale: float, causal: bool, window: tuple[int, int], softcap: float,
             slopes: Any, simd: str, threads_asked: int, num_splits: int | None, head_dim: int, itemsize: int) -> int:
@@ -372,16 +385,7 @@ def _decode(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray, out: np.ndarray, lse
     here for every caller (flash_attention_with_kvcache, and flash_attention's short rows)."""
     b, heads_kv, s = q4.shape[0], k4.shape[1], q4.shape[2]
     group = q4.shape[1] // max(heads_kv, 1)
-    dv = v4.shape[3]
-    longest = int(lens.max(initial=0))
-    keys = int(lens.sum()) * heads_kv
-    flops = 2 * keys * s * group * (head_dim + dv)
-    threads = _threads.choose_threads(threads_asked, flops=flops, kv_elements=keys * (head_dim + dv) // 2,
-                                      compute_itemsize=itemsize,
-                                      items=b * heads_kv * max(1, -(-longest // _MIN_KEYS_PER_SPLIT)))
-    if _forked_child and threads > 1:
-        _warn_forked_once()
-        threads = 1
+    longest, _, threads = _cache_work(lens, heads_kv, s, group, head_dim, v4.shape[3], itemsize, threads_asked)
     heads = decode_heads_per_item(k4, heads_kv) if s * group <= _DECODE_WIDE_ROWS else 1
     items = b * -(-heads_kv // heads)
     splits = decode_splits(items, threads, longest, num_splits)
@@ -426,16 +430,9 @@ def kvcache(call: Any) -> tuple[Any, Any]:
                 threads_asked=call.num_threads or _flash_cpu.default_threads(), num_splits=call.num_splits,
                 head_dim=call.head_dim, itemsize=itemsize)
     else:
-        keys = int(total.sum()) * call.heads_kv
-        flops = 2 * keys * call.seq_q * call.group * (call.head_dim + dv)
+        longest, flops, threads = _cache_work(total, call.heads_kv, s, call.group, call.head_dim, dv, itemsize,
+                                              call.num_threads or _flash_cpu.default_threads())
         items = b * call.heads_kv
-        threads = _threads.choose_threads(call.num_threads or _flash_cpu.default_threads(), flops=flops,
-                                          kv_elements=keys * (call.head_dim + dv) // 2, compute_itemsize=itemsize,
-                                          items=items * max(1, -(-int(total.max(initial=0)) // _MIN_KEYS_PER_SPLIT)))
-        if _forked_child and threads > 1:
-            _warn_forked_once()
-            threads = 1
-        longest = int(total.max(initial=0))
         if not call.paged:
             k4, v4 = k4[:, :, :longest], v4[:, :, :longest]
         plan = plan_call(n_heads=items, seq_q=s, seq_kv=longest, head_dim=max(call.head_dim, dv),
