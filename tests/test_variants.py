@@ -168,7 +168,8 @@ def test_short_rows_take_the_decode_kernel(backend, rng, dtype, layout, sq, skv,
     if backend == "cpu":
         cfg = fastattn.FlashAttentionConfig(head_dim=24, num_heads=hq, num_kv_heads=hkv, layout=layout,
                                             **{n: x for n, x in kw.items() if n != "alibi_slopes"})
-        res = fastattn.FlashAttention(cfg, backend="cpu").forward_multi_head(q, k, v, alibi_slopes=kw.get("alibi_slopes"))
+        res = fastattn.FlashAttention(cfg, backend="cpu").forward_multi_head(q, k, v,
+                                                                            alibi_slopes=kw.get("alibi_slopes"))
         top_left_window = "window" in kw and kw.get("causal") != "bottom_right"
         decode = sq * hq // hkv <= 16 and skv >= 2 * sq and not top_left_window
         assert (res.block_size_kv == 32 and res.block_size_q == sq * hq // hkv) == decode, res

@@ -507,7 +507,7 @@ def make_spec_memo(q: Any, k: Any, v: Any, **kwargs: Any) -> AttentionSpec:
     if not _MEMO_TYPES.issuperset(types):
         if not _MEMO_TYPES_OR_TUPLE.issuperset(types):
             return make_spec(q, k, v, **kwargs)
-        inner = tuple(tuple(map(type, x)) if t is tuple else None for t, x in zip(types, values))
+        inner = tuple(tuple(map(type, x)) if t is tuple else None for t, x in zip(types, values, strict=True))
         if not all(_MEMO_TYPES.issuperset(t) for t in inner if t is not None):
             return make_spec(q, k, v, **kwargs)
         types = (types, inner)
