@@ -589,7 +589,14 @@ def test_simd_selection_errors(cpu_backend, make_qkv, monkeypatch):
     with pytest.raises(ValueError, match="sse9"):
         with set_simd("sse9"):
             pass
+    with pytest.raises(TypeError, match="str"):
+        with set_simd(None):
+            pass
     q, k, v = make_qkv(1, 1, 8, 8, 8)
+    # a str subclass (what indexing a NumPy array of names gives) is a name like any other
+    with set_simd(np.array(["generic"])[0]):
+        out = fastattn.flash_attention(q, k, v, backend=cpu_backend)
+    assert_close_to_reference(out, q, k, v, rtol=1e-5)
     monkeypatch.setenv("FASTATTN_SIMD", "sse9")
     with pytest.raises(ValueError, match="sse9"):
         fastattn.flash_attention(q, k, v, backend=cpu_backend)

@@ -81,6 +81,9 @@ def simd_in_use() -> str:
 
 
 def _checked_simd(name: str, source: str = "") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{source}a SIMD path is a str ({', '.join(SIMD_NAMES)}), got {name!r}")
+    name = str(name)  # a str subclass (numpy.str_) as the plain str the kernel takes
     if name not in SIMD_NAMES:
         raise ValueError(f"{source}{name!r} is not a SIMD path; use {', '.join(SIMD_NAMES)}")
     if name not in simd_paths():
@@ -91,7 +94,7 @@ def _checked_simd(name: str, source: str = "") -> str:
 @contextlib.contextmanager
 def set_simd(name: str) -> Iterator[None]:
     """Forces a SIMD path for calls made on this thread inside the ``with`` block."""
-    _checked_simd(name)
+    name = _checked_simd(name)
     previous = getattr(_forced, "name", None)
     _forced.name = name
     try:
