@@ -243,16 +243,16 @@ def test_backend_gradients_match_the_reference(backend, dtype, feature, shape):
         err = np.linalg.norm(got.astype(np.float64) - want) / denom
         if dtype == "float64":
             assert err <= 1e-12, (name, err)
-        elif sq == 1:
-            # one query row, its softmax nearly one-hot (or one key): dS = P (dP - D) cancels, and D = dout.out
-            # (FlashAttention's formulation, from the forward's rounded output) carries a rounding that a plain
-            # implementation (D = sum P dP, from the same P and dP) does not.  On this project's Zen 5 build
-            # (GCC 12) a single-key row gives dq = 0 exactly; on the lent GPU host's Intel Xeon (GCC 13.3) it
-            # measured up to 8.7e-5 of the floor above (about 1e-6 of |dout|), on the avx512 and avx2 paths
-            assert err <= 2e-4, (name, err)
-        else:  # no worse than a plain float32 implementation (2x at most, plus a small absolute term)
+        else:
+            # no worse than a plain float32 implementation (2x at most, plus a small absolute term).  One query
+            # row: dS = P (dP - D) cancels most there, and D = dout.out (FlashAttention's formulation, from the
+            # forward's rounded output) carries a rounding that the plain implementation's D = sum P dP does
+            # not; rows whose keys fit one tile now take that sum (and P divided by its sum), and what is left
+            # is a sum of a few roundings on both sides, whose ratio has a long tail: over 300 random inputs
+            # x 13 features x 3 gradients on this shape (Zen 4, every SIMD path) the largest error was 1.6e-6
+            # (before: 4.2e-6, and up to 2e-4 on another CPU), 0.9% of them above 2x plain + 2e-7 (before: 8.6%)
             plain_err = np.linalg.norm(plain[("dq", "dk", "dv").index(name)] - want) / denom
-            assert err <= 2 * plain_err + 2e-7, (name, err, plain_err)
+            assert err <= 2 * plain_err + (4e-6 if sq == 1 else 2e-7), (name, err, plain_err)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -293,6 +293,26 @@ def test_every_simd_path(backend, simd, feature, monkeypatch):
         ref = _reference_grads(q, k, v, dout, opts)
         for got, want in zip(grads, ref, strict=False):
             assert rel_error(got, want) <= (1e-12 if dtype == "float64" else 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sq, sk", [(1, 40), (7, 60), (33, 300)])
+def test_key_shards_given_the_whole_rows_lse_add_up_to_the_whole_gradient(backend, dtype, sq, sk):
+    """Ring attention's backward: each shard of the keys gets the out and lse of the whole row (merged over
+    every shard); the shards' dq add up, their dk / dv are their keys' rows.  A shard's rows that fit one
+    tile must not be renormalized over the shard's keys alone, where their weights sum to less than 1."""
+    rng = np.random.default_rng(sq * 1000 + sk)
+    q, k, v, dout = _inputs(rng, 2, 4, 2, sq, sk, 24, 16, dtype=dtype)
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend=backend)
+    whole = fastattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend)
+    cuts = (0, sk // 3, sk)
+    parts = [fastattn.flash_attention_backward(dout, q, k[:, :, a:b], v[:, :, a:b], out, lse, backend=backend)
+             for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    assert rel_error(sum(p[0].astype(np.float64) for p in parts), whole[0].astype(np.float64)) <= tol
+    assert rel_error(np.concatenate([p[1] for p in parts], axis=2), whole[1]) <= tol
+    assert rel_error(np.concatenate([p[2] for p in parts], axis=2), whole[2]) <= tol
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -256,6 +256,15 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
             const T lse_hi = ws->lse_hi[r], lse_lo = ws->lse_lo[r];
             const bool sees = c0 < c1 && lse_hi != -__builtin_inf();
             const int64_t e0 = sees ? round_down(c0, W) : a0, e1 = sees ? round_up(c1, W) : a0;
+            /* A row whose visible keys all lie in this tile (rows up to a tile long) has its whole P here.
+             * When P sums to 1 but for the rounding of the lse passed in (rounded to the input's precision:
+             * float32 about 6e-8 |lse|, 1e-6 of every weight at lse = 16, an error common to the row's
+             * weights that a plain implementation, normalizing its own P, does not make), P is divided by
+             * its sum ("local").  A sum further from 1 means the lse and out passed in cover keys this call
+             * does not hold (a shard of ring attention: a part of the row's mass is elsewhere); such rows
+             * keep P and D as given.  (A shard missing less mass than the tolerance below is normalized: its
+             * weights move by at most that much, the size of the rounding the lse itself carries.) */
+            bool local = sees && ws->lo[r] / bkv == (ws->hi[r] - 1) / bkv;
             if (sees) {
                 if (p->softcap > 0) for (int64_t c = c0; c < c1; ++c) zrow[c] = srow[c];
                 if (hook) logit_row(p, e, b, h, i, k0, c0, c1, smul, srow);
@@ -263,6 +272,21 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
                 for (int64_t c = e0; c < e1; c += W) store(srow + c, exp2v(((load(srow + c) - vh) - vl) * vc));
                 for (int64_t c = e0; c < c0; ++c) srow[c] = 0;
                 for (int64_t c = c1; c < e1; ++c) srow[c] = 0;
+                if (local) {   /* whole vectors over [e0, e1): P is 0 around [c0, c1) */
+                    V acc = V{};
+                    for (int64_t c = e0; c < e1; c += W) acc += load(srow + c);
+                    const double psum = (double)hsum(acc);
+                    /* the rounding of the lse passed in (half an ulp of |lse|), of the sum, and of scores that
+                     * the forward computed in another order than S here (the decode route sums q.k along d:
+                     * a few ulps of |lse|; 1.5e-5 measured at lse = 35 in float32) */
+                    const double eps = sizeof(T) == 4 ? 0x1p-24 : 0x1p-53;
+                    const double tol = 8 * eps * (fabs((double)lse_hi * unit) + 2 * W + 16);
+                    local = fabs(psum - 1.0) <= tol;
+                    if (local) {
+                        const V inv = splat((T)(1.0 / psum));
+                        for (int64_t c = e0; c < e1; c += W) store(srow + c, load(srow + c) * inv);
+                    }
+                }
             }
             for (int64_t c = a0; c < e0; c += W) store(srow + c, V{});
             for (int64_t c = e1; c < a1; c += W) store(srow + c, V{});
@@ -273,6 +297,18 @@ static void bwd_tile(const fa_params *p, const fa_bwd *g, int64_t b, int64_t hkv
                     apply_dropout(p, b, h, i, k0, c0, c1, pdrow);
                     apply_dropout(p, b, h, i, k0, c0, c1, dsrow);
                 }
+            }
+            /* ... and D = sum_j P_ij dP_ij from the P and dP just computed, not dO.O: the same
+             * value in exact arithmetic, but consistent with this P and dP, so the rounding of the forward's
+             * output and of each dP no longer enters dS = P (dP - D) on its own (dS sums to 0 over the row and
+             * cancels most in short rows). */
+            if (local) {   /* dP outside the row's keys may hold anything (inf, NaN): P = 0 there selects 0 */
+                V acc = V{};
+                for (int64_t c = e0; c < e1; c += W) {
+                    const V pv = load(srow + c);
+                    acc += pv == V{} ? V{} : pv * load(dsrow + c);
+                }
+                ws->dd[r] = hsum(acc);
             }
             /* dS = P (dP - D); where P is 0 (hidden, or underflowed) dS is 0 whatever dP holds */
             const V vd = splat(ws->dd[r]);
