@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 FWD_BWD = False
+#: extra options of every fastattn call (--softcap, --window): FA2's column is then its plain call, for reference
+OPTS: dict = {}
 
 
 def _one(dtype: str, d: int, causal: bool, n: int) -> None:
@@ -44,15 +46,15 @@ def _one(dtype: str, d: int, causal: bool, n: int) -> None:
         x = rng.standard_normal((b, h, n, d), dtype=cupy.float32)
         arrays.append(_to_bf16(x, torch) if dtype == "bfloat16" else x.astype(dtype))
     q, k, v, do = arrays
-    out, lse = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
+    out, lse = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda", **OPTS)
     flops = 2.5 * 4.0 * b * h * n * n * d / (2.0 if causal else 1.0)
 
     def bwd():
-        return fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal, backend="cuda")
+        return fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal, backend="cuda", **OPTS)
 
     def both():
-        o, lse_ = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
-        return fastattn.flash_attention_backward(do, q, k, v, o, lse_, causal=causal, backend="cuda")
+        o, lse_ = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda", **OPTS)
+        return fastattn.flash_attention_backward(do, q, k, v, o, lse_, causal=causal, backend="cuda", **OPTS)
 
     times, grads, fwd_bwd = {}, {}, {}
     for which, split, sm90 in (("mma", False, False), ("split", True, False), ("wgmma", True, True)):
@@ -60,7 +62,8 @@ def _one(dtype: str, d: int, causal: bool, n: int) -> None:
         times[which] = _bench(bwd)
         grads[which] = [g.astype(cupy.float32) for g in bwd()[:3]]
         if FWD_BWD:
-            t_fwd = _bench(lambda: fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda"))
+            t_fwd = _bench(lambda: fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda",
+                                                            **OPTS))
             fwd_bwd[which] = t_both = _bench(both)
             print(f"    {which}: fwd {t_fwd:.3f} ms + bwd {times[which]:.3f} ms = "
                   f"{t_fwd + times[which]:.3f} ms; fwd+bwd timed together {t_both:.3f} ms", flush=True)
@@ -92,9 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", nargs="*", default=[], help="D:warps,block_q,block_kv,wq_s,wk_dkv,wq_dq")
     parser.add_argument("--options", nargs="*", default=[], help="extra NVRTC options of fa_bwd_split_mma")
     parser.add_argument("--fwd-bwd", action="store_true", help="also time the forward, and forward + backward")
+    parser.add_argument("--softcap", type=float, default=0.0, help="a softcap on every fastattn call")
+    parser.add_argument("--window", type=int, nargs=2, default=None, help="a window (left, right) likewise")
+    parser.add_argument("--causal", choices=["both", "no", "yes"], default="both")
     args = parser.parse_args(argv)
     global FWD_BWD
     FWD_BWD = args.fwd_bwd
+    if args.softcap:
+        OPTS["softcap"] = args.softcap
+    if args.window:
+        OPTS["window"] = tuple(args.window)
+    if OPTS:
+        print("fastattn options:", OPTS, "(FA2: its plain call)")
     from fastattn.backends.cuda import _backward, _launch, _specs
 
     if args.options:
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
           "rel diff to mma: split wgmma")
     for dtype in args.dtypes:
         for d in args.dims:
-            for causal in (False, True):
+            for causal in {"both": (False, True), "no": (False,), "yes": (True,)}[args.causal]:
                 for n in args.seqs:
                     _one(dtype, d, causal, n)
                     import cupy

@@ -8,6 +8,9 @@
 #   sanitize  compute-sanitizer memcheck over a call of each variant, every kernel family and dQ mode
 #   racecheck compute-sanitizer racecheck over causal / GQA / packed calls of the three tensor-core kernels
 #   ab        tools/gpu_backward_ab.py (AB_ARGS): each tensor-core backward beside FA2's, same process
+#   warm90    the calls of tools/gpu_backward_sm90_calls.py, one process each (16 at a time), and the kernels
+#             of the benchmark: compiled into the disk caches before the sanitizers load them
+#   sanitize90 / racecheck90   compute-sanitizer memcheck / racecheck over those calls (fa_bwd_sm90)
 #   bench     python -m fastattn._bench_backward_cuda (BENCH_ARGS, e.g. --quick)
 #   STEPS="compile tests sanitize bench" bash tools/gpu_backward_session.sh
 set -u
@@ -76,8 +79,43 @@ sys.exit(0 if worst < 2e-2 else 1)
 PY
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke FAILED: stopping"; exit 1; }
     ;;
+  warm90)
+    timeout ${WARM_TIMEOUT:-300} python3 - <<'PY' 2>&1 | tee "$OUT/warm90.log"
+import concurrent.futures as cf, subprocess, sys, time
+from fastattn.backends.cuda import _specs
+n = int(subprocess.check_output([sys.executable, "tools/gpu_backward_sm90_calls.py", "--count"]))
+names = [_specs.sm90_name(dt, d, cfg, iv) for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)
+         for _, cfg in _specs.SM90_RULES[(d, iv)]]
+names += [_specs.bwd_sm90_name(dt, d, iv, False) for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)]
+names += [_specs.bwd_split_name(dt, d, d, _specs.BWD_SPLIT_CONFIGS[d], iv, False, False, True)
+          for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)]
+names += [_specs.bwd_mma_name(dt, d, d, _specs.BWD_MMA_CONFIGS[d], iv, False, False, True)
+          for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)]
+names += [f(dt) for dt in ("float16", "bfloat16") for f in (_specs.bwd_prep_name, _specs.bwd_convert_name)]
+def one(job):
+    t = time.time()
+    if isinstance(job, int):
+        r = subprocess.run([sys.executable, "tools/gpu_backward_sm90_calls.py", str(job)], capture_output=True, text=True)
+        return (r.stdout + r.stderr[-2000:] if r.returncode else r.stdout).strip(), time.time() - t
+    from fastattn.backends.cuda import _launch
+    _launch.get_kernel(job, 0)
+    return None, time.time() - t
+t0 = time.time()
+with cf.ProcessPoolExecutor(16) as pool:
+    res = list(pool.map(one, list(range(n)) + names))
+for r, s in res:
+    if r: print(f"{s:6.1f}s", r)
+print(f"warm: {n} calls and {len(names)} kernels in {time.time() - t0:.0f}s")
+PY
+    ;;
+  sanitize90|racecheck90)
+    tool=$([ $step = sanitize90 ] && echo memcheck || echo racecheck)
+    timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/gpu_backward_sm90_calls.py \
+      2>&1 | tee "$OUT/$step.log" | tail -8
+    echo "$tool exit: ${PIPESTATUS[0]}"
+    ;;
   ab)
-    timeout ${AB_TIMEOUT:-300} python3 tools/gpu_backward_ab.py ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log"
+    timeout ${AB_TIMEOUT:-300} python3 tools/gpu_backward_ab.py ${AB_ARGS:-} 2>&1 | tee "$OUT/${AB_LOG:-ab}.log"
     ;;
   tests)
     timeout ${TEST_TIMEOUT:-400} python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -n 16 --maxfail=80 \
