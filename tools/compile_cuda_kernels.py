@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     sm90_bwd_names = ([n for n in _specs.all_sm90_bwd_name_expressions() if args.filter in n]
                       if "sm_90" in archs else [])
     if nvcc is None:
-        count = len(names) + len(decode_names) + len(bwd_names) + len(sm90_names) + len(paged_names) + len(sm90_bwd_names)
+        count = (len(names) + len(decode_names) + len(bwd_names) + len(sm90_names) + len(paged_names)
+                 + len(sm90_bwd_names))
         print(f"nvcc not found: skipping the compilation of {count} CUDA kernel specializations")
         return 0
     print(f"compiling {len(names)} + {len(decode_names)} (decode) + {len(bwd_names)} (backward) specializations for "

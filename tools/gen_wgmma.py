@@ -53,7 +53,8 @@ struct wgmma<{bf16}, {n}> {{
                                                int accumulate) {{
         asm volatile(
             "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            "wgmma.mma_async.sync.aligned.{shape} {{{regs(0, nd)}}}, %{nd}, %{nd + 1}, p, 1, 1, %{nd + 3}, %{nd + 4};\\n}}\\n"
+            "wgmma.mma_async.sync.aligned.{shape} {{{regs(0, nd)}}}, %{nd}, %{nd + 1}, p, 1, 1, "
+            "%{nd + 3}, %{nd + 4};\\n}}\\n"
             : {outs(nd)}
             : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TA), "n"(TB));
     }}

@@ -12,8 +12,9 @@ these extra NVRTC options (its experiment switches, e.g. ``-DFA_BWD_SPLIT_DQ_LAS
 
 FlashAttention's grid (16k tokens, hidden 2048); backward TFLOP/s with the backward counted as 2.5x the
 forward's FLOPs; ``triton.testing.do_bench`` medians, same process and buffers.  Each row also gives the
-largest relative difference (norm) of dq / dk / dv of fa_bwd_split_mma and of fa_bwd_sm90 against fa_bwd_mma's.  ``--fwd-bwd`` also times the
-forward alone and forward + backward together (the benchmark's third figure), for each kernel.
+largest relative difference (norm) of dq / dk / dv of fa_bwd_split_mma and of fa_bwd_sm90 against fa_bwd_mma's.
+``--fwd-bwd`` also times the forward alone and forward + backward together (the benchmark's third figure), for
+each kernel, and FA2's forward + backward.
 """
 
 from __future__ import annotations
