@@ -223,7 +223,7 @@ CASES = {
 
 
 def _options(rng, b, h, sq, sk, spec):
-    opts = {key: val for key, val in spec.items() if key not in ("alibi", "bias", "bool_mask", "seqlens")}
+    opts = {key: val for key, val in spec.items() if key not in ("alibi", "bias", "bool_mask", "seqlens", "no_dbias")}
     if spec.get("alibi"):
         opts["alibi_slopes"] = rng.uniform(0.05, 0.5, (b, h)).astype(np.float32)
     if spec.get("bias"):
@@ -249,6 +249,7 @@ SM90_CASES = {
     "h_d40_1000": (1, 2, 2, 1000, 1000, 40, 40, {"window": (200, 200)}),
     "h_softcap_alibi": (2, 2, 2, 130, 257, 128, 128, {"softcap": 4.0, "alibi": True, "causal": True}),
     "h_bool_mask": (2, 2, 2, 129, 200, 64, 64, {"bool_mask": True}),
+    "h_bias_no_dbias": (2, 2, 2, 100, 140, 128, 128, {"bias": True, "no_dbias": True, "causal": True}),
 }
 
 
@@ -258,7 +259,7 @@ def _check(name, dtype, deterministic=False, seed=0):
     layout = spec.get("layout", "bhsd")
     q, k, v, do = _arrays(rng, b, h, hk, sq, sk, d, dv, dtype, layout)
     opts = _options(rng, b, h, sq, sk, spec)
-    want_dbias = "attn_mask" in opts and opts["attn_mask"].dtype != bool
+    want_dbias = "attn_mask" in opts and opts["attn_mask"].dtype != bool and not spec.get("no_dbias")
     ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), opts, dbias=want_dbias)[1:]
     gopts = {key: _gpu(val) for key, val in opts.items()}
     sizes = [x.nbytes for x in (q, k, v)] + ([b * h * sq * sk * 4] if want_dbias else [])
