@@ -63,6 +63,20 @@ def test_backward_kernels_are_listed_and_fit_a_block():
             assert _specs.bwd_split_name(dtype, d, d, cfg, True, True, True, False) in names
             assert _specs.bwd_split_config(d, d, 163 * 1024) is None  # A100: fa_bwd_mma's smaller tiles
     assert _specs.bwd_split_config(64, 32, 227 * 1024) is None
+    # the Hopper backward: its own source (NVRTC without include paths, sm_90a), every mask flag listed
+    sm90 = _specs.all_sm90_bwd_name_expressions()
+    assert len(sm90) == len(set(sm90)) and not set(sm90) & set(names)
+    src90 = _specs.kernel_source(_specs.KERNEL_SOURCE_SM90_BWD)
+    assert "#include" not in src90 and "wgmma.mma_async" in src90 and "cp.reduce.async.bulk" in src90
+    assert "fa_mask<INTERVAL, MODS> mask" in src90 and "bwd_element(" in src90
+    for dtype in ("float16", "bfloat16"):
+        for d in _specs.BWD_SM90_BLOCK_Q:
+            assert _specs.bwd_sm90_smem_bytes(d) <= 227 * 1024
+            for interval, mods in _specs.MASK_FLAGS:
+                name = _specs.bwd_sm90_name(dtype, d, interval, mods)
+                assert name in sm90 and _specs.source_of(name) == _specs.KERNEL_SOURCE_SM90_BWD
+                assert _specs.is_sm90_name(name)
+    assert not _specs.bwd_sm90_serves(64, 32, False, False) and not _specs.bwd_sm90_serves(96, 96, False, False)
     for key in _specs.BWD_SIMT_CONFIGS:
         assert max(_specs.bwd_simt_smem_bytes(*key)) <= 163 * 1024
 
@@ -209,7 +223,7 @@ CASES = {
 
 
 def _options(rng, b, h, sq, sk, spec):
-    opts = {key: val for key, val in spec.items() if key not in ("alibi", "bias", "bool_mask", "seqlens")}
+    opts = {key: val for key, val in spec.items() if key not in ("alibi", "bias", "bool_mask", "seqlens", "no_dbias")}
     if spec.get("alibi"):
         opts["alibi_slopes"] = rng.uniform(0.05, 0.5, (b, h)).astype(np.float32)
     if spec.get("bias"):
@@ -224,13 +238,28 @@ def _options(rng, b, h, sq, sk, spec):
     return opts
 
 
+#: shapes for the Hopper backward (fa_bwd_sm90, padded head dims 64 / 128): odd row counts on both sides of
+#: its 64 / 128-row query tiles and 128-key blocks, GQA, both causal alignments, windows
+SM90_CASES = {
+    "h_rows_17": (2, 2, 2, 17, 300, 128, 128, {}),
+    "h_rows_100_window": (1, 4, 2, 100, 260, 128, 128, {"window": (30, 7)}),
+    "h_gqa_1500": (1, 4, 2, 1500, 1300, 128, 128, {"causal": True}),
+    "h_br_1100": (1, 2, 2, 1100, 1700, 64, 64, {"causal": "bottom_right"}),
+    "h_tl_1037": (1, 3, 1, 1037, 777, 64, 64, {"causal": True}),
+    "h_d40_1000": (1, 2, 2, 1000, 1000, 40, 40, {"window": (200, 200)}),
+    "h_softcap_alibi": (2, 2, 2, 130, 257, 128, 128, {"softcap": 4.0, "alibi": True, "causal": True}),
+    "h_bool_mask": (2, 2, 2, 129, 200, 64, 64, {"bool_mask": True}),
+    "h_bias_no_dbias": (2, 2, 2, 100, 140, 128, 128, {"bias": True, "no_dbias": True, "causal": True}),
+}
+
+
 def _check(name, dtype, deterministic=False, seed=0):
-    b, h, hk, sq, sk, d, dv, spec = CASES[name]
+    b, h, hk, sq, sk, d, dv, spec = CASES[name] if name in CASES else SM90_CASES[name]
     rng = np.random.default_rng(seed)
     layout = spec.get("layout", "bhsd")
     q, k, v, do = _arrays(rng, b, h, hk, sq, sk, d, dv, dtype, layout)
     opts = _options(rng, b, h, sq, sk, spec)
-    want_dbias = "attn_mask" in opts and opts["attn_mask"].dtype != bool
+    want_dbias = "attn_mask" in opts and opts["attn_mask"].dtype != bool and not spec.get("no_dbias")
     ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), opts, dbias=want_dbias)[1:]
     gopts = {key: _gpu(val) for key, val in opts.items()}
     sizes = [x.nbytes for x in (q, k, v)] + ([b * h * sq * sk * 4] if want_dbias else [])
@@ -282,6 +311,35 @@ def test_one_warp_per_16_keys_kernel(name, dtype, deterministic, monkeypatch):
 
     monkeypatch.setattr(_backward, "SPLIT_KERNEL", False)
     _check(name, dtype, deterministic=deterministic)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(SM90_CASES) + ["one_row", "causal_1000", "gqa", "mqa", "bshd", "seqlens",
+                                                     "window", "bottom_right"])
+def test_hopper_backward_kernel(name, dtype):
+    """fa_bwd_sm90 where it serves the call (compute capability 9.0), else the kernels that do: the same
+    bounds; on Hopper the plan must say wgmma."""
+    from fastattn.backends.cuda import _backward
+    from fastattn.backends.cuda._launch import device_capability
+
+    _backward._PLANS.clear()
+    _check(name, dtype)
+    if device_capability() == (9, 0):
+        assert {p.kernel for p in _backward._PLANS.values()} == {"wgmma"}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["causal_128", "causal_1000", "gqa", "bshd", "softcap", "seqlens", "h_br_1100"])
+def test_split_kernel_without_wgmma(name, dtype, monkeypatch):
+    """fa_bwd_split_mma at the head dims fa_bwd_sm90 serves on Hopper (what other GPUs run)."""
+    from fastattn.backends.cuda import _backward
+
+    monkeypatch.setattr(_backward, "SM90_KERNEL", False)
+    _backward._PLANS.clear()
+    _check(name, dtype)
+    assert "wgmma" not in {p.kernel for p in _backward._PLANS.values()}
 
 
 @gpu

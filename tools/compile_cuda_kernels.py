@@ -8,7 +8,8 @@ instance (``all_name_expressions()``, the same list the backend launches from), 
 cubin for every architecture, and exits non-zero if any compilation fails; the KV-cache kernels of
 ``decode.cu`` (``all_decode_name_expressions()``) and the backward pass of ``flash_bwd.cu``
 (``all_bwd_name_expressions()``) likewise, for every architecture.  The Hopper kernel
-(``all_sm90_name_expressions()``, ``wgmma``) is compiled for its own target, sm_90a, whenever the
+(``all_sm90_name_expressions()``, ``wgmma``) and the Hopper backward (``all_sm90_bwd_name_expressions()``,
+``flash_bwd_sm90.cu``) are compiled for their own target, sm_90a, whenever the
 architectures asked for include sm_90.  Without ``nvcc`` on the
 PATH (or under $CUDA_HOME/bin, /usr/local/cuda/bin) it says so and exits 0.
 """
@@ -76,14 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     sm90_names = [n for n in _specs.all_sm90_name_expressions() if args.filter in n] if "sm_90" in archs else []
     paged_names = ([n for n in _specs.all_sm90_paged_name_expressions() if args.filter in n]
                    if "sm_90" in archs else [])
+    sm90_bwd_names = ([n for n in _specs.all_sm90_bwd_name_expressions() if args.filter in n]
+                      if "sm_90" in archs else [])
     if nvcc is None:
-        print(f"nvcc not found: skipping the compilation of "
-              f"{len(names) + len(decode_names) + len(bwd_names) + len(sm90_names) + len(paged_names)} "
-              "CUDA kernel specializations")
+        count = (len(names) + len(decode_names) + len(bwd_names) + len(sm90_names) + len(paged_names)
+                 + len(sm90_bwd_names))
+        print(f"nvcc not found: skipping the compilation of {count} CUDA kernel specializations")
         return 0
     print(f"compiling {len(names)} + {len(decode_names)} (decode) + {len(bwd_names)} (backward) specializations for "
           f"{', '.join(archs)} and "
-          f"{len(sm90_names)} for {SM90A} with {nvcc}", flush=True)
+          f"{len(sm90_names)} + {len(sm90_bwd_names)} (backward) for {SM90A} with {nvcc}", flush=True)
 
     failures = 0
     with tempfile.TemporaryDirectory(prefix="fastattn-cuda-") as tmp:
@@ -111,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             src = Path(tmp) / f"sm90_paged_chunk{c}.cu"
             src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_SM90))
             jobs.append((SM90A, src, Path(tmp) / f"sm90_paged_chunk{c}.cubin", chunk, _specs.SM90_PAGED_OPTIONS))
+        for c, start in enumerate(range(0, len(sm90_bwd_names), args.chunk)):  # the Hopper backward
+            chunk = sm90_bwd_names[start:start + args.chunk]
+            src = Path(tmp) / f"sm90_bwd_chunk{c}.cu"
+            src.write_text(translation_unit(chunk, _specs.KERNEL_SOURCE_SM90_BWD))
+            jobs.append((SM90A, src, Path(tmp) / f"sm90_bwd_chunk{c}.cubin", chunk, ()))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {pool.submit(compile_one, nvcc, arch, src, out, args.resource_usage, defines): (arch, chunk)
                        for arch, src, out, chunk, defines in jobs}
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     total = len(jobs)
     print(f"{total - failures}/{total} translation units compiled ({len(names)} + {len(decode_names)} (decode) + "
           f"{len(bwd_names)} (backward) specializations x {len(archs)} archs, {len(sm90_names)} + {len(paged_names)} "
-          f"(paged K/V) for {SM90A})")
+          f"(paged K/V) + {len(sm90_bwd_names)} (backward) for {SM90A})")
     return 1 if failures else 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The two float16 / bfloat16 backward kernels side by side (on a GPU machine): fa_bwd_mma (each warp owns
-16 keys) and fa_bwd_split_mma (FlashAttention-2's warp layouts), beside PyTorch SDPA's flash backend.
+"""The float16 / bfloat16 backward kernels side by side (on a GPU machine): fa_bwd_mma (each warp owns 16 keys),
+fa_bwd_split_mma (FlashAttention-2's warp layouts) and, on Hopper, fa_bwd_sm90 (wgmma), beside PyTorch SDPA's
+flash backend.
 
     python tools/gpu_backward_ab.py [--seqs 1024 4096 16384] [--dims 64 128] [--dtypes float16]
                                     [--tiles 64:8,64,128,2,4,2 ...] [--options -DNAME=VALUE ...]
@@ -11,8 +12,9 @@ these extra NVRTC options (its experiment switches, e.g. ``-DFA_BWD_SPLIT_DQ_LAS
 
 FlashAttention's grid (16k tokens, hidden 2048); backward TFLOP/s with the backward counted as 2.5x the
 forward's FLOPs; ``triton.testing.do_bench`` medians, same process and buffers.  Each row also gives the
-largest relative difference (norm) of dq / dk / dv between the two kernels.  ``--fwd-bwd`` also times the
-forward alone and forward + backward together (the benchmark's third figure), for each kernel.
+largest relative difference (norm) of dq / dk / dv of fa_bwd_split_mma and of fa_bwd_sm90 against fa_bwd_mma's.
+``--fwd-bwd`` also times the forward alone and forward + backward together (the benchmark's third figure), for
+each kernel, and FA2's forward + backward.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 FWD_BWD = False
+#: extra options of every fastattn call (--softcap, --window): FA2's column is then its plain call, for reference
+OPTS: dict = {}
 
 
 def _one(dtype: str, d: int, causal: bool, n: int) -> None:
@@ -43,35 +47,45 @@ def _one(dtype: str, d: int, causal: bool, n: int) -> None:
         x = rng.standard_normal((b, h, n, d), dtype=cupy.float32)
         arrays.append(_to_bf16(x, torch) if dtype == "bfloat16" else x.astype(dtype))
     q, k, v, do = arrays
-    out, lse = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
+    out, lse = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda", **OPTS)
     flops = 2.5 * 4.0 * b * h * n * n * d / (2.0 if causal else 1.0)
 
     def bwd():
-        return fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal, backend="cuda")
+        return fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal, backend="cuda", **OPTS)
 
     def both():
-        o, lse_ = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
-        return fastattn.flash_attention_backward(do, q, k, v, o, lse_, causal=causal, backend="cuda")
+        o, lse_ = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda", **OPTS)
+        return fastattn.flash_attention_backward(do, q, k, v, o, lse_, causal=causal, backend="cuda", **OPTS)
 
-    times, grads = {}, {}
-    for split in (False, True):
-        _backward.SPLIT_KERNEL = split
-        times[split] = _bench(bwd)
-        grads[split] = [g.astype(cupy.float32) for g in bwd()[:3]]
+    times, grads, fwd_bwd = {}, {}, {}
+    for which, split, sm90 in (("mma", False, False), ("split", True, False), ("wgmma", True, True)):
+        _backward.SPLIT_KERNEL, _backward.SM90_KERNEL = split, sm90
+        times[which] = _bench(bwd)
+        grads[which] = [g.astype(cupy.float32) for g in bwd()[:3]]
         if FWD_BWD:
-            t_fwd = _bench(lambda: fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda"))
-            t_both = _bench(both)
-            print(f"    {'split' if split else 'mma'}: fwd {t_fwd:.3f} ms + bwd {times[split]:.3f} ms = "
-                  f"{t_fwd + times[split]:.3f} ms; fwd+bwd timed together {t_both:.3f} ms", flush=True)
-    _backward.SPLIT_KERNEL = True
-    diff = max(float(cupy.linalg.norm(a - c) / cupy.linalg.norm(c))
-               for a, c in zip(grads[True], grads[False], strict=True))
+            t_fwd = _bench(lambda: fastattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda",
+                                                            **OPTS))
+            fwd_bwd[which] = t_both = _bench(both)
+            print(f"    {which}: fwd {t_fwd:.3f} ms + bwd {times[which]:.3f} ms = "
+                  f"{t_fwd + times[which]:.3f} ms; fwd+bwd timed together {t_both:.3f} ms", flush=True)
+    _backward.SPLIT_KERNEL = _backward.SM90_KERNEL = True
+
+    def diff(which):
+        return max(float(cupy.linalg.norm(a - c) / cupy.linalg.norm(c))
+                   for a, c in zip(grads[which], grads["mma"], strict=True))
+
     _, tbwd, _ = _torch_fns(torch, torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, do, causal)
     t_fa2 = _bench(tbwd)
-    old, new = times[False], times[True]
-    print(f"{dtype:9} {d:>4} {str(causal):>6} {n:>6} | {old:7.3f} {new:7.3f} {t_fa2:7.3f} | "
-          f"{flops / old / 1e9:5.0f} {flops / new / 1e9:5.0f} {flops / t_fa2 / 1e9:5.0f} | "
-          f"{old / new:5.2f}x {t_fa2 / new:5.2f}x | {diff:.1e}", flush=True)
+    old, new, wg = times["mma"], times["split"], times["wgmma"]
+    line = (f"{dtype:9} {d:>4} {str(causal):>6} {n:>6} | {old:7.3f} {new:7.3f} {wg:7.3f} {t_fa2:7.3f} | "
+            f"{flops / old / 1e9:5.0f} {flops / new / 1e9:5.0f} {flops / wg / 1e9:5.0f} {flops / t_fa2 / 1e9:5.0f} | "
+            f"{new / wg:5.2f}x {t_fa2 / wg:5.2f}x | {diff('split'):.1e} {diff('wgmma'):.1e}")
+    if FWD_BWD:
+        ftorch, _, fboth = _torch_fns(torch, torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, do, causal)
+        t_fa2_both = _bench(fboth)
+        line += (f" | fwd+bwd split {fwd_bwd['split']:.3f} wgmma {fwd_bwd['wgmma']:.3f} FA2 {t_fa2_both:.3f} ms: "
+                 f"{t_fa2_both / fwd_bwd['wgmma']:.2f}x")
+    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", nargs="*", default=[], help="D:warps,block_q,block_kv,wq_s,wk_dkv,wq_dq")
     parser.add_argument("--options", nargs="*", default=[], help="extra NVRTC options of fa_bwd_split_mma")
     parser.add_argument("--fwd-bwd", action="store_true", help="also time the forward, and forward + backward")
+    parser.add_argument("--softcap", type=float, default=0.0, help="a softcap on every fastattn call")
+    parser.add_argument("--window", type=int, nargs=2, default=None, help="a window (left, right) likewise")
+    parser.add_argument("--causal", choices=["both", "no", "yes"], default="both")
     args = parser.parse_args(argv)
     global FWD_BWD
     FWD_BWD = args.fwd_bwd
+    if args.softcap:
+        OPTS["softcap"] = args.softcap
+    if args.window:
+        OPTS["window"] = tuple(args.window)
+    if OPTS:
+        print("fastattn options:", OPTS, "(FA2: its plain call)")
     from fastattn.backends.cuda import _backward, _launch, _specs
 
     if args.options:
@@ -100,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         dim, fields = text.split(":")
         _specs.BWD_SPLIT_CONFIGS[int(dim)] = _specs.BwdSplitConfig(*(int(x) for x in fields.split(",")))
         print(f"D={dim}: {_specs.BWD_SPLIT_CONFIGS[int(dim)]}")
-    print(f"{'dtype':9} {'D':>4} {'causal':>6} {'N':>6} | {'mma ms':>7} {'split':>7} {'FA2':>7} | "
-          f"{'mma':>5} {'split':>5} {'FA2':>5} TF | {'gain':>6} {'vs FA2':>6} | max rel diff")
+    print(f"{'dtype':9} {'D':>4} {'causal':>6} {'N':>6} | {'mma ms':>7} {'split':>7} {'wgmma':>7} {'FA2':>7} | "
+          f"{'mma':>5} {'split':>5} {'wgmma':>5} {'FA2':>5} TF | {'vs split':>6} {'vs FA2':>6} | "
+          "rel diff to mma: split wgmma")
     for dtype in args.dtypes:
         for d in args.dims:
-            for causal in (False, True):
+            for causal in {"both": (False, True), "no": (False,), "yes": (True,)}[args.causal]:
                 for n in args.seqs:
                     _one(dtype, d, causal, n)
                     import cupy

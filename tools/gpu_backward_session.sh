@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # One GPU session for the CUDA backward pass (logs under $OUT):
-#   compile   NVRTC compile of every backward specialization (16 processes; CuPy's disk cache is kept in
-#             .cache/ beside this tree, so a later session that carries it skips the work)
+#   compile   NVRTC compile of every backward specialization, the Hopper backward's included (16 processes;
+#             CuPy's disk cache is kept in .cache/ beside this tree, so a later session that carries it skips
+#             the work)
+#   smoke     fa_bwd_sm90 (wgmma) against fa_bwd_split_mma on a few shapes (exit 1 if they disagree)
 #   tests     pytest tests/test_cuda_backward.py (16 workers)
 #   sanitize  compute-sanitizer memcheck over a call of each variant, every kernel family and dQ mode
-#   racecheck compute-sanitizer racecheck over causal / GQA / packed calls of both tensor-core layouts
+#   racecheck compute-sanitizer racecheck over causal / GQA / packed calls of the three tensor-core kernels
+#   ab        tools/gpu_backward_ab.py (AB_ARGS): each tensor-core backward beside FA2's, same process
+#   warm90    the calls of tools/gpu_backward_sm90_calls.py, one process each (16 at a time), and the kernels
+#             of the benchmark: compiled into the disk caches before the sanitizers load them
+#   sanitize90 / racecheck90   compute-sanitizer memcheck / racecheck over those calls (fa_bwd_sm90)
 #   bench     python -m fastattn._bench_backward_cuda (BENCH_ARGS, e.g. --quick)
 #   STEPS="compile tests sanitize bench" bash tools/gpu_backward_session.sh
 set -u
@@ -23,7 +29,7 @@ for step in $STEPS; do
     timeout ${COMPILE_TIMEOUT:-300} python3 - <<'PY' 2>&1 | tee "$OUT/compile.log"
 import concurrent.futures as cf, os, time
 from fastattn.backends.cuda import _specs
-names = _specs.all_bwd_name_expressions()
+names = _specs.all_bwd_name_expressions() + _specs.all_sm90_bwd_name_expressions()
 extra = os.environ.get("COMPILE_FILTER", "")
 names = [n for n in names if extra in n]
 def one(n):
@@ -41,6 +47,75 @@ print(f"NVRTC compiled {len(names) - len(errs)}/{len(names)} backward specializa
       f"(longest {max(s for _, s in res):.1f}s)")
 for e in errs: print("FAILED", e[:3000])
 PY
+    ;;
+  smoke)
+    timeout ${SMOKE_TIMEOUT:-200} python3 - <<'PY' 2>&1 | tee "$OUT/smoke.log"
+import sys, cupy, fastattn
+from fastattn.backends.cuda import _backward
+from fastattn._bench_cuda import _to_bf16
+import torch
+rng = cupy.random.default_rng(0)
+worst = 0.0
+for dt in ("float16", "bfloat16"):
+    for d, hk, n, nk, causal in ((128, 2, 300, 300, True), (64, 2, 1000, 777, "bottom_right"), (128, 1, 4096, 4096, False),
+                                 (64, 4, 2048, 2048, True), (128, 2, 77, 1300, False)):
+        def arr(*s):
+            x = rng.standard_normal(s, dtype=cupy.float32)
+            return _to_bf16(x, torch) if dt == "bfloat16" else x.astype(dt)
+        q, k, v, do = arr(2, 4, n, d), arr(2, hk, nk, d), arr(2, hk, nk, d), arr(2, 4, n, d)
+        out, lse = fastattn.flash_attention(q, k, v, causal=causal, return_lse=True)
+        res = {}
+        for sm90 in (False, True):
+            _backward.SM90_KERNEL = sm90
+            res[sm90] = [g.astype(cupy.float32) for g in fastattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal)[:3]]
+        kinds = {p.kernel for p in _backward._PLANS.values()}
+        diffs = [float(cupy.linalg.norm(a - b) / cupy.linalg.norm(b)) for a, b in zip(res[True], res[False])]
+        fin = all(bool(cupy.isfinite(a).all()) for a in res[True])
+        worst = max(worst, *diffs) if fin else 1.0
+        print(dt, d, hk, n, nk, causal, "finite" if fin else "NONFINITE", " ".join(f"{x:.1e}" for x in diffs), kinds, flush=True)
+        _backward._PLANS.clear()
+print("smoke worst rel diff", worst)
+sys.exit(0 if worst < 2e-2 else 1)
+PY
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke FAILED: stopping"; exit 1; }
+    ;;
+  warm90)
+    timeout ${WARM_TIMEOUT:-300} python3 - <<'PY' 2>&1 | tee "$OUT/warm90.log"
+import concurrent.futures as cf, subprocess, sys, time
+from fastattn.backends.cuda import _specs
+n = int(subprocess.check_output([sys.executable, "tools/gpu_backward_sm90_calls.py", "--count"]))
+names = [_specs.sm90_name(dt, d, cfg, iv) for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)
+         for _, cfg in _specs.SM90_RULES[(d, iv)]]
+names += [_specs.bwd_sm90_name(dt, d, iv, False) for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)]
+names += [_specs.bwd_split_name(dt, d, d, _specs.BWD_SPLIT_CONFIGS[d], iv, False, False, True)
+          for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)]
+names += [_specs.bwd_mma_name(dt, d, d, _specs.BWD_MMA_CONFIGS[d], iv, False, False, True)
+          for dt in ("float16", "bfloat16") for d in (64, 128) for iv in (False, True)]
+names += [f(dt) for dt in ("float16", "bfloat16") for f in (_specs.bwd_prep_name, _specs.bwd_convert_name)]
+def one(job):
+    t = time.time()
+    if isinstance(job, int):
+        r = subprocess.run([sys.executable, "tools/gpu_backward_sm90_calls.py", str(job)], capture_output=True, text=True)
+        return (r.stdout + r.stderr[-2000:] if r.returncode else r.stdout).strip(), time.time() - t
+    from fastattn.backends.cuda import _launch
+    _launch.get_kernel(job, 0)
+    return None, time.time() - t
+t0 = time.time()
+with cf.ProcessPoolExecutor(16) as pool:
+    res = list(pool.map(one, list(range(n)) + names))
+for r, s in res:
+    if r: print(f"{s:6.1f}s", r)
+print(f"warm: {n} calls and {len(names)} kernels in {time.time() - t0:.0f}s")
+PY
+    ;;
+  sanitize90|racecheck90)
+    tool=$([ $step = sanitize90 ] && echo memcheck || echo racecheck)
+    timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/gpu_backward_sm90_calls.py \
+      2>&1 | tee "$OUT/$step.log" | tail -8
+    echo "$tool exit: ${PIPESTATUS[0]}"
+    ;;
+  ab)
+    timeout ${AB_TIMEOUT:-300} python3 tools/gpu_backward_ab.py ${AB_ARGS:-} 2>&1 | tee "$OUT/${AB_LOG:-ab}.log"
     ;;
   tests)
     timeout ${TEST_TIMEOUT:-400} python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -n 16 --maxfail=80 \
@@ -89,8 +164,8 @@ from fastattn.backends.cuda import _backward
 rng = np.random.default_rng(0)
 def g(*s): return cupy.asarray(rng.standard_normal(s).astype("float16"))
 cu = cupy.asarray(np.array([0, 5, 5, 140, 203], np.int32))
-for split in (True, False):
-    _backward.SPLIT_KERNEL = split
+for split, sm90 in ((True, True), (True, False), (False, False)):
+    _backward.SPLIT_KERNEL, _backward.SM90_KERNEL = split, sm90
     _backward._PLANS.clear()
     for d in (64, 128):
         q, k, v, do = g(1, 4, 150, d), g(1, 2, 200, d), g(1, 2, 200, d), g(1, 4, 150, d)
@@ -101,7 +176,7 @@ for split in (True, False):
     out, lse = fastattn.flash_attention_varlen(qp, kp, vp, cu, cu, causal=True, return_lse=True)
     fastattn.flash_attention_varlen_backward(dop, qp, kp, vp, out, lse, cu, cu, causal=True)
     cupy.cuda.Device().synchronize()
-    print("split" if split else "fa_bwd_mma", "ok")
+    print({p.kernel + ("" if p.kernel == "wgmma" or split else " (fa_bwd_mma)") for p in _backward._PLANS.values()}, "ok")
 PY
     timeout ${RACE_TIMEOUT:-300} compute-sanitizer --tool racecheck --error-exitcode 9 python3 /tmp/brace.py 2>&1 \
       | tee "$OUT/racecheck.log" | tail -8

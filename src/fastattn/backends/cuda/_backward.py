@@ -2,6 +2,9 @@
 
     fa_bwd_prep                      D = rowsum(dO o O)                              (every dtype)
     float16 / bfloat16:
+      fa_bwd_sm90 (flash_bwd_sm90.cu) on compute capability 9.0: warpgroup MMA (wgmma), the same work as
+                                     fa_bwd_split_mma (padded head dims 64 / 128, q/k and v alike, 16-byte rows,
+                                     no dropout, no dbias, dQ through the float32 buffer)
       fa_bwd_split_mma               dK, dV per key tile; dQ into a float32 buffer with atomics
                                      (FlashAttention-2's warp layouts: padded head dims 64 / 128, q/k and v
                                      alike, where a block may take its shared memory)
@@ -32,6 +35,7 @@ from ._launch import (
     _vec_ok,
     _window,
     cp_device,
+    device_capability,
     get_kernel,
     mask_flags,
 )
@@ -48,7 +52,7 @@ class BwdPlan(NamedTuple):
     block_kv: int
     threads: int
     smem: int
-    kernel: str        # "mma.sync" or "simt"
+    kernel: str        # "wgmma", "mma.sync" or "simt"
     d_pad: int
     main: tuple        # (kernel, grid, threads, smem, static args) of fa_bwd_mma / fa_bwd_simt_kv
     dq: tuple | None   # fa_bwd_dq_mma / fa_bwd_simt_q, or None (dQ through atomics)
@@ -61,6 +65,9 @@ _PLANS: dict[tuple, BwdPlan] = {}
 #: take fa_bwd_split_mma where _specs.bwd_split_config offers tiles (False: fa_bwd_mma for every call; the
 #: benchmarks and tests compare the two)
 SPLIT_KERNEL = True
+#: take fa_bwd_sm90 (wgmma) on compute capability 9.0 where _specs.bwd_sm90_serves the call (False: the
+#: mma.sync kernels; the benchmarks and tests compare them)
+SM90_KERNEL = True
 
 
 def _cupy():
@@ -95,7 +102,7 @@ def _dynamic(spec: AttentionSpec) -> tuple:
 
 
 def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, dk: Any, dv: Any,
-               spec: AttentionSpec, dtype: str, deterministic: bool) -> BwdPlan:
+               spec: AttentionSpec, dtype: str, deterministic: bool, want_dbias: bool = False) -> BwdPlan:
     d, dvd = spec.head_dim, spec.head_dim_v
     heads, group, batch = spec.heads, spec.group, spec.batch
     vb, _, view_q, _ = (int(n) for n in q.shape)
@@ -142,7 +149,17 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
     if mma:
         vec = all(_vec_ok(x, n) for x, n in ((q, d), (k, d), (v, dvd), (dout, dvd)))
         split = _specs.bwd_split_config(d_pad, dv_pad, _smem_optin()) if SPLIT_KERNEL else None
-        if split is not None:
+        sm90 = (SM90_KERNEL and vec and not deterministic and not dropout and not want_dbias
+                and _specs.bwd_sm90_serves(d_pad, dv_pad, interval, mods) and device_capability() == (9, 0)
+                and _specs.bwd_sm90_smem_bytes(d_pad) <= _smem_optin())
+        if sm90:
+            smem = _specs.bwd_sm90_smem_bytes(d_pad)
+            name = _specs.bwd_sm90_name(dtype, d_pad, interval, mods)
+            nkb = -(-spec.seq_kv // _specs.BWD_SM90_BLOCK_KV)
+            main = (get_kernel(name, smem), (nkb * batch * (heads // group),), (256,), smem, static(nkb))
+            block_q, block_kv, threads, family = (_specs.BWD_SM90_BLOCK_Q[d_pad], _specs.BWD_SM90_BLOCK_KV, 256,
+                                                  "wgmma")
+        elif split is not None:
             cfg = split
             smem = _specs.bwd_split_smem_bytes(d_pad, dv_pad, cfg)
             name = _specs.bwd_split_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec)
@@ -150,9 +167,10 @@ def _make_plan(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, d
             cfg = _specs.bwd_mma_config(d_pad, dv_pad, _smem_optin())
             smem = _specs.bwd_mma_smem_bytes(d_pad, dv_pad, cfg)
             name = _specs.bwd_mma_name(dtype, d_pad, dv_pad, cfg, interval, mods, dropout, vec)
-        nkb = -(-spec.seq_kv // cfg.block_kv)
-        main = (get_kernel(name, smem), (nkb * batch * (heads // group),), (cfg.warps * 32,), smem, static(nkb))
-        block_q, block_kv, threads, family = cfg.block_q, cfg.block_kv, cfg.warps * 32, "mma.sync"
+        if not sm90:
+            nkb = -(-spec.seq_kv // cfg.block_kv)
+            main = (get_kernel(name, smem), (nkb * batch * (heads // group),), (cfg.warps * 32,), smem, static(nkb))
+            block_q, block_kv, threads, family = cfg.block_q, cfg.block_kv, cfg.warps * 32, "mma.sync"
         dq_plan = convert = None
         if deterministic:
             dcfg = _specs.BWD_DQ_CONFIGS[d_pad]
@@ -203,10 +221,10 @@ def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, spec: Attent
     key = (cp_device(), dtype, q.shape, k.shape, v.shape, q.strides, k.strides, v.strides, dout.strides,
            out.strides, tuple(x.data.ptr % 16 == 0 for x in (q, k, v, dout)), spec.scale, spec.dropout_p,
            spec.seed, spec.rule, spec.ragged, spec.layout, spec.batch, spec.seq_q, spec.seq_kv, _mask_geometry(spec),
-           deterministic, SPLIT_KERNEL)
+           deterministic, want_dbias, SPLIT_KERNEL, SM90_KERNEL)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _make_plan(dout, q, k, v, out, lse, dq, dk, dv, spec, dtype, deterministic)
+        plan = _make_plan(dout, q, k, v, out, lse, dq, dk, dv, spec, dtype, deterministic, want_dbias)
         if len(_PLANS) > 256:
             _PLANS.clear()
         _PLANS[key] = plan

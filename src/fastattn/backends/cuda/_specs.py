@@ -26,7 +26,9 @@ KERNEL_SOURCE_SM90 = "flash_fwd_sm90.cu"
 KERNEL_SOURCE_DECODE = "decode.cu"
 #: the backward pass: fa_bwd_prep, fa_bwd_mma, fa_bwd_dq_mma, fa_bwd_dq_convert, fa_bwd_simt_kv, fa_bwd_simt_q
 KERNEL_SOURCE_BWD = "flash_bwd.cu"
-KERNEL_HEADERS = ("common.cuh", "elem.cuh", "philox.cuh", "wgmma.cuh")
+#: the Hopper backward (wgmma, fa_bwd_sm90): compiled for sm_90a only, launched on compute capability 9.0
+KERNEL_SOURCE_SM90_BWD = "flash_bwd_sm90.cu"
+KERNEL_HEADERS = ("common.cuh", "elem.cuh", "philox.cuh", "wgmma.cuh", "sm90.cuh", "bwd.cuh")
 
 #: padded head_dim of the tensor-core kernel (float16 / bfloat16)
 MMA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -688,17 +690,53 @@ def is_bwd_name(name: str) -> bool:
     return name.startswith("fa_bwd_")
 
 
+#: fa_bwd_sm90 (the Hopper backward): 128 keys a block (two warpgroups of 64), query tiles per padded head
+#: dim (q/k and v alike): the dQ product gives each warpgroup 64 x 64 (rows split at 128, columns at 64)
+BWD_SM90_BLOCK_KV = 128
+BWD_SM90_BLOCK_Q: dict[int, int] = {64: 128, 128: 64}
+#: the mask flags (interval, mods) a call may take fa_bwd_sm90 with (each measured against fa_bwd_split_mma)
+BWD_SM90_FLAGS: frozenset[tuple[bool, bool]] = frozenset(MASK_FLAGS)
+
+
+def bwd_sm90_name(dtype: str, head_dim: int, interval: bool, mods: bool) -> str:
+    interval, mods, _ = kernel_flags(interval, mods, False)
+    return (f"fa_bwd_sm90<{_b(dtype == 'bfloat16')}, {head_dim}, {BWD_SM90_BLOCK_Q[head_dim]}, {_b(interval)}, "
+            f"{_b(mods)}>")
+
+
+def bwd_sm90_smem_bytes(head_dim: int) -> int:
+    """K and V, two stages of Q and dO, dS'^T (16-bit, swizzled), the tile's dQ in float32 (rows padded by
+    8), two stages of lse and D; 1024 bytes to align the swizzled tiles."""
+    bq, bkv = BWD_SM90_BLOCK_Q[head_dim], BWD_SM90_BLOCK_KV
+    return 1024 + (2 * bkv * head_dim + 4 * bq * head_dim + bkv * bq) * 2 + bq * (head_dim + 8) * 4 + 4 * bq * 4
+
+
+def bwd_sm90_serves(head_dim: int, head_dim_v: int, interval: bool, mods: bool) -> bool:
+    """Padded head dims and mask flags fa_bwd_sm90 serves (the launcher adds: compute capability 9.0,
+    16-byte rows, no dropout, no dbias, dQ through the float32 buffer)."""
+    return head_dim == head_dim_v and head_dim in BWD_SM90_BLOCK_Q and kernel_flags(interval, mods, False)[
+        :2] in BWD_SM90_FLAGS
+
+
+def all_sm90_bwd_name_expressions() -> list[str]:
+    """Every specialization of the Hopper backward (``flash_bwd_sm90.cu``, compiled for sm_90a only)."""
+    return [bwd_sm90_name(dtype, dim, interval, mods) for dtype in ("float16", "bfloat16")
+            for dim in BWD_SM90_BLOCK_Q for interval, mods in MASK_FLAGS]
+
+
 def source_of(name: str) -> str:
     """The kernel source file that holds a name expression."""
     if is_decode_name(name):
         return KERNEL_SOURCE_DECODE
+    if name.startswith("fa_bwd_sm90<"):
+        return KERNEL_SOURCE_SM90_BWD
     if is_bwd_name(name):
         return KERNEL_SOURCE_BWD
     return KERNEL_SOURCE_SM90 if is_sm90_name(name) else KERNEL_SOURCE
 
 
 def is_sm90_name(name: str) -> bool:
-    return name.startswith(("fa_fwd_sm90<", "fa_v_nonfinite<"))
+    return name.startswith(("fa_fwd_sm90<", "fa_v_nonfinite<", "fa_bwd_sm90<"))
 
 
 def kernel_source(source: str = KERNEL_SOURCE) -> str:
