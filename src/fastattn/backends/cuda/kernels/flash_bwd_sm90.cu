@@ -135,25 +135,23 @@ __global__ void __launch_bounds__(256, 1)
         const unsigned sQs = sQ + st * Q_BYTES, sdOs = sdO + st * Q_BYTES;
         const unsigned sLs = sL + st * BQ * 4, sDss = sDs + st * BQ * 4;
 
-        // S^T and dP^T: D/16 k-steps each (panel kk / 4, 32 bytes a k-step inside the 128-byte row)
+        // S^T = K Q^T and dP^T = V dO^T, one commit group each: D/16 k-steps (panel kk / 4, 32 bytes a k-step
+        // inside the 128-byte row) of this warpgroup's 64 keys against the tile's queries
         float s[NS], dp[NS];
         reg_fence(s);
         reg_fence(dp);
         wgmma_fence();
+        const auto keys_by_queries = [&](float* acc, unsigned keys, unsigned queries) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned a = sK + wg * 64 * 128 + (kk >> 2) * (BKV * 128) + (kk & 3) * 32;
-            const unsigned b = sQs + (kk >> 2) * (BQ * 128) + (kk & 3) * 32;
-            wgmma<BF16, BQ>::ss(s, desc_sw128(a, 16, 1024), desc_sw128(b, 16, 1024), kk > 0);
-        }
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned a = sV + wg * 64 * 128 + (kk >> 2) * (BKV * 128) + (kk & 3) * 32;
-            const unsigned b = sdOs + (kk >> 2) * (BQ * 128) + (kk & 3) * 32;
-            wgmma<BF16, BQ>::ss(dp, desc_sw128(a, 16, 1024), desc_sw128(b, 16, 1024), kk > 0);
-        }
-        wgmma_commit();
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const unsigned a = keys + wg * 64 * 128 + (kk >> 2) * (BKV * 128) + (kk & 3) * 32;
+                const unsigned b = queries + (kk >> 2) * (BQ * 128) + (kk & 3) * 32;
+                wgmma<BF16, BQ>::ss(acc, desc_sw128(a, 16, 1024), desc_sw128(b, 16, 1024), kk > 0);
+            }
+            wgmma_commit();
+        };
+        keys_by_queries(s, sK, sQs);
+        keys_by_queries(dp, sV, sdOs);
 
         // element (key j_thr + 8 r, query q0 + 8 n + 2 t4 + c) of S^T, dP^T: index 4 n + 2 r + c
         const bool needs = MODS || mask.tile_needs_mask(q0, BQ, kw0, 64);
