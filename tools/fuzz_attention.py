@@ -92,6 +92,20 @@ def dense(q, k, v, *, causal, window, softcap, slopes, mask, scale, lens_q=None,
     return torch.stack(outs), torch.stack(lses)
 
 
+def _call_array(t: torch.Tensor, device: str):
+    """A tensor as fastattn is given it: NumPy on the cpu (torch for bfloat16, which NumPy lacks), else on the GPU."""
+    if device == "cpu":
+        return t if t.dtype == torch.bfloat16 else t.numpy()
+    return t.to(device)
+
+
+def _aux(x: np.ndarray | None, device: str):
+    """A mask, slopes, lengths or block table where q lives (NumPy for cpu, a torch tensor on the GPU)."""
+    if x is None or device == "cpu":
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
 class Case:
     """One random draw; ``arrays`` go to fastattn, the float64 tensors to the reference."""
 
@@ -152,22 +166,17 @@ class Case:
             wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
             wide[..., ::2] = t
             t = wide[..., ::2]
-        return t.to(self.device)
+        return _call_array(t, self.device)
 
     def canonical(self, t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2) if self.layout == "bshd" else t
 
-    def host(self, x):
-        """mask / slopes / lengths where q lives (NumPy for cpu, torch CUDA tensors for cuda)."""
-        if x is None or self.device == "cpu":
-            return x
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-
     def options(self) -> dict:
-        kw = dict(causal=self.causal, window=self.window, softcap=self.softcap, alibi_slopes=self.host(self.slopes),
-                  attn_mask=self.host(self.mask), layout=self.layout, scale=self.scale)
+        kw = dict(causal=self.causal, window=self.window, softcap=self.softcap,
+                  alibi_slopes=_aux(self.slopes, self.device), attn_mask=_aux(self.mask, self.device),
+                  layout=self.layout, scale=self.scale)
         if self.lens is not None:
-            kw.update(seqlens_q=self.host(self.lens[0]), seqlens_kv=self.host(self.lens[1]))
+            kw.update(seqlens_q=_aux(self.lens[0], self.device), seqlens_kv=_aux(self.lens[1], self.device))
         if self.device == "cpu":
             kw.update(num_threads=self.threads)
         return kw
@@ -237,8 +246,6 @@ def _judge(kind: str, dtype: str, err: float, plain: float) -> bool:
 
 def forward_case(case: Case) -> list[str]:
     q, k, v = (case.tensor(x, case.dtype) for x in (case.q64, case.k64, case.v64))
-    if case.device == "cpu":
-        q, k, v = (x.numpy() if x.dtype != torch.bfloat16 else x for x in (q, k, v))
     with _simd(case):
         out, lse = fastattn.flash_attention(q, k, v, return_lse=True, **case.options())
     out = case.valid_rows(case.canonical(torch.as_tensor(out) if not isinstance(out, torch.Tensor) else out), "q")
@@ -265,8 +272,6 @@ def forward_case(case: Case) -> list[str]:
 
 def backward_case(case: Case) -> list[str]:
     q, k, v, do = (case.tensor(x, case.dtype) for x in (case.q64, case.k64, case.v64, case.do64))
-    if case.device == "cpu":
-        q, k, v, do = (x.numpy() if x.dtype != torch.bfloat16 else x for x in (q, k, v, do))
     opts = case.options()
     with _simd(case):
         out, lse = fastattn.flash_attention(q, k, v, return_lse=True, **opts)
@@ -324,17 +329,10 @@ def kvcache_case(rng: np.random.Generator, device: str) -> tuple[dict, list[str]
         k_cache, v_cache = kc.clone(), vc.clone()
 
     def place(x):
-        if x is None:
-            return None
-        if device == "cpu":
-            return x if x.dtype == torch.bfloat16 else x.numpy()
-        return x.to(device)
+        return None if x is None else _call_array(x, device)
 
-    def where(x):
-        return x if x is None or device == "cpu" else torch.from_numpy(x).to(device)
-
-    kwargs = dict(cache_seqlens=where(lens), block_table=where(table), causal=causal, window=window, softcap=softcap,
-                  num_splits=splits, return_lse=True, alibi_slopes=where(slopes))
+    kwargs = dict(cache_seqlens=_aux(lens, device), block_table=_aux(table, device), causal=causal, window=window,
+                  softcap=softcap, num_splits=splits, return_lse=True, alibi_slopes=_aux(slopes, device))
     if device == "cpu":
         kwargs.update(num_threads=threads)
     k_arg, v_arg = place(k_cache), place(v_cache)
