@@ -419,3 +419,166 @@ def test_paged_block_size_256_and_an_unused_table_tail(rng):
                                                 num_splits=2)
     kc[np.arange(3), lens], vc[np.arange(3), lens] = k[:, 0], v[:, 0]
     _close(out, _expected(q, kc, vc, lens + 1)[0], "float32")
+
+
+def _paged_copy(kc, vc, block_size, rng):
+    """The (batch, capacity, heads, d) caches as shuffled blocks of ``block_size`` tokens, and their table."""
+    batch, capacity = kc.shape[:2]
+    per = -(-capacity // block_size)
+    table = rng.permutation(batch * per + 3)[:batch * per].reshape(batch, per).astype(np.int32)
+    kp = np.full((batch * per + 3, block_size, *kc.shape[2:]), np.nan, kc.dtype)
+    vp = np.full_like(kp, np.nan)
+    for b in range(batch):
+        for j in range(capacity):
+            kp[table[b, j // block_size], j % block_size] = kc[b, j]
+            vp[table[b, j // block_size], j % block_size] = vc[b, j]
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("lens_kind", ["int", "array"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_cpu_repeats_read_their_own_arrays_lengths_and_tables(rng, monkeypatch, paged, lens_kind, layout):
+    """A decode loop of NumPy calls of one geometry: after the first call (checked in full) every repeat
+    skips check_call, and each still reads its own q / k / v, its length and its table, appends in place
+    and equals the reference on the grown cache."""
+    require_backend("cpu")
+    from fastattn import _kvcache
+
+    batch, capacity, heads, d = 2, 70, (4, 2), 16
+    n = 40
+    kc, vc = _cache(rng, batch, capacity, heads[1], d, "float32", [n, n])
+    kh, vh = kc.copy(), vc.copy()  # what the cache should hold, kept here in (batch, seq, heads, d)
+    block_size = 8
+    if paged:
+        kp, vp, table = _paged_copy(kc, vc, block_size, rng)
+    for step in range(6):
+        q = random_array(rng, (batch, 1, heads[0], d))
+        k, v = random_array(rng, (batch, 1, heads[1], d)), random_array(rng, (batch, 1, heads[1], d))
+        lens = n if lens_kind == "int" else np.full(batch, n, np.int32)
+        kw = dict(cache_seqlens=lens, layout=layout, backend="cpu")
+        if paged:
+            if step == 3:  # the blocks move: the table of this call is read, not the first one's
+                kp2, vp2, table2 = _paged_copy(kh, vh, block_size, rng)
+                kp[...], vp[...], table = kp2, vp2, table2
+            caches = (kp, vp)
+            kw["block_table"] = table.copy()
+        else:
+            caches = (kc, vc) if layout == "bshd" else (kc.swapaxes(1, 2), vc.swapaxes(1, 2))
+        qa, ka, va = (x if layout == "bshd" else x.swapaxes(1, 2) for x in (q, k, v))
+        with monkeypatch.context() as m:
+            if step >= 2:
+                m.setattr(_kvcache, "check_call", lambda *a, **k: pytest.fail("a repeat went the long way"))
+            out = fastattn.flash_attention_with_kvcache(qa, *caches, ka, va, **kw)
+        kh[:, n], vh[:, n] = k[:, 0], v[:, 0]
+        n += 1
+        want, _ = _expected(q, kh, vh, np.full(batch, n))
+        _close(out if layout == "bshd" else out.swapaxes(1, 2), want, "float32")
+    if paged:
+        for b in range(batch):
+            for j in range(n):
+                np.testing.assert_array_equal(kp[table[b, j // block_size], j % block_size], kh[b, j])
+    else:
+        np.testing.assert_array_equal(kc[:, :n], kh[:, :n])
+        np.testing.assert_array_equal(vc[:, :n], vh[:, :n])
+    assert any(type(r).__name__ == "CacheRepeat" for r in _kvcache._FAST.values())
+
+
+@pytest.mark.parametrize("case", ["overflow_int", "negative_int", "overflow_array", "negative_array", "table",
+                                  "read_only"])
+def test_cpu_repeats_refuse_bad_values_before_any_write(rng, case):
+    """A repeat of a checked NumPy call refuses what the first call would, with the same message, before it
+    appends anything."""
+    require_backend("cpu")
+    kc, vc = random_array(rng, (2, 20, 2, 8)), random_array(rng, (2, 20, 2, 8))
+    q = random_array(rng, (2, 3, 4, 8))
+    k, v = random_array(rng, (2, 3, 2, 8)), random_array(rng, (2, 3, 2, 8))
+    kw: dict = dict(backend="cpu")
+    if case == "table":
+        kc, vc = random_array(rng, (6, 8, 2, 8)), random_array(rng, (6, 8, 2, 8))
+        kw["block_table"] = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
+    good = 5 if case.endswith("_int") else np.array([5, 17 if case == "table" else 12], np.int32)
+    for _ in range(2):  # checked in full, then remembered
+        fastattn.flash_attention_with_kvcache(q, kc.copy(), vc.copy(), k, v, cache_seqlens=good, **kw)
+    bad, match = good, None
+    if case == "overflow_int":
+        bad, match = 18, "would hold 21 tokens"
+    elif case == "negative_int":
+        bad, match = -1, "cache_seqlens must be >= 0"
+    elif case == "overflow_array":
+        bad, match = np.array([5, 18], np.int32), "sequence 1 would hold 21 tokens"
+    elif case == "negative_array":
+        bad, match = np.array([-2, 5], np.int32), "cache_seqlens must be >= 0"
+    elif case == "table":
+        kw["block_table"] = np.array([[0, 1, 2], [3, 4, 9]], np.int32)
+        match = "block_table\\[1, 2\\] = 9"
+    elif case == "read_only":
+        vc.flags.writeable = False
+        match = "v_cache is read-only"
+    with pytest.raises(ValueError, match=match):
+        _untouched(lambda: fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=bad, **kw), kc, vc)
+    _untouched(lambda: None, kc, vc)
+
+
+def test_cpu_repeats_follow_the_simd_path_and_threads_of_each_call(rng):
+    """A repeat reads FASTATTN_SIMD / set_simd and num_threads at each call, as the full path does."""
+    require_backend("cpu")
+    from fastattn.backends import cpu
+
+    kc, vc = _cache(rng, 1, 600, 2, 32, "float32", [600])
+    q = random_array(rng, (1, 1, 8, 32))
+    want = _expected(q, kc, vc, [600])[0]
+    seen = []
+    real = cpu._flash_cpu.decode
+
+    def spy(*a, **kw):
+        seen.append((kw["isa"], kw["num_threads"]))
+        return real(*a, **kw)
+
+    cpu._flash_cpu.decode = spy
+    try:
+        for path in cpu.simd_paths() * 2:
+            with cpu.set_simd(path):
+                _close(fastattn.flash_attention_with_kvcache(q, kc, vc, cache_seqlens=600, num_splits=2,
+                                                             num_threads=1), want, "float32")
+    finally:
+        cpu._flash_cpu.decode = real
+    assert [s[0] for s in seen] == cpu.simd_paths() * 2
+    assert all(s[1] == 1 for s in seen)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lens_kind", ["int", "tensor", "numpy"])
+def test_torch_cpu_repeats_write_into_the_tensors_and_match_numpy(rng, monkeypatch, dtype, lens_kind):
+    """A decode loop on torch CPU tensors goes through zero-copy NumPy views (its repeats the short way): the
+    appended tokens land in the caller's tensors, each step equals the same call on NumPy arrays bit for bit,
+    and a tensor that requires grad is still refused."""
+    torch = pytest.importorskip("torch")
+    require_backend("cpu")
+    from fastattn import _kvcache
+
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    kc = torch.randn(2, 30, 2, 16).to(tdt)
+    vc = torch.randn(2, 30, 2, 16).to(tdt)
+    kn, vn = (x.clone() for x in (kc, vc))
+    as_np = (lambda x: x.float().numpy()) if dtype == "float32" else (
+        lambda x: x.view(torch.int16).numpy().view(__import__("ml_dtypes").bfloat16))
+    n = 10
+    for step in range(4):
+        q, k, v = torch.randn(2, 1, 8, 16).to(tdt), torch.randn(2, 1, 2, 16).to(tdt), torch.randn(2, 1, 2, 16).to(tdt)
+        lens = {"int": n, "tensor": torch.full((2,), n, dtype=torch.int32),
+                "numpy": np.full(2, n, np.int32)}[lens_kind]
+        with monkeypatch.context() as m:
+            if step >= 2:
+                m.setattr(_kvcache, "check_call", lambda *a, **k: pytest.fail("a repeat went the long way"))
+            out, lse = fastattn.flash_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, return_lse=True)
+        assert isinstance(out, torch.Tensor) and out.dtype == tdt and isinstance(lse, torch.Tensor)
+        want, want_lse = fastattn.flash_attention_with_kvcache(as_np(q), as_np(kn), as_np(vn), as_np(k), as_np(v),
+                                                               cache_seqlens=n, return_lse=True)
+        kn[:, n], vn[:, n] = k[:, 0], v[:, 0]
+        assert torch.equal(kc, kn) and torch.equal(vc, vn)
+        np.testing.assert_array_equal(as_np(out), want)
+        np.testing.assert_array_equal(lse.numpy(), want_lse)
+        n += 1
+    with pytest.raises(TypeError, match="requires grad"):
+        fastattn.flash_attention_with_kvcache(q.float().requires_grad_(), kc.float(), vc.float(), cache_seqlens=n)

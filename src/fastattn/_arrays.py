@@ -46,7 +46,7 @@ def check_no_grad(name: str, x: Any) -> None:
             )
 
 
-def _torch_cpu_to_numpy(x: Any) -> np.ndarray:
+def torch_cpu_to_numpy(x: Any) -> np.ndarray:
     import torch
 
     x = x.detach()
@@ -71,7 +71,7 @@ def input_array(name: str, x: Any) -> Any:
         return x
     if is_torch_tensor(x):
         if x.device.type == "cpu":
-            return _torch_cpu_to_numpy(x)
+            return torch_cpu_to_numpy(x)
         return x  # GPU (or other device) tensors: the backend decides
     if is_gpu_array(x):
         return x
@@ -94,6 +94,6 @@ def like_input(y: Any, like: Any) -> Any:
         return y
     import torch
 
-    if y.dtype.name == "bfloat16":
+    if y.dtype.kind == "V" and y.dtype.name == "bfloat16":  # (the name is built at each access: kind first)
         return torch.from_numpy(y.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(y)

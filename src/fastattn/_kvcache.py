@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import input_array, like_input
+from ._arrays import input_array, like_input, torch_cpu_to_numpy
 from ._checks import check_bool, check_positive_int
 from ._validate import dtype_name, is_gpu_array, to_host
 
@@ -386,6 +386,58 @@ def _fast_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, tab
     return tuple(key)
 
 
+#: torch dtypes whose CPU tensors ``Tensor.numpy`` views as they are (filled in at the first such call)
+_NUMPY_TORCH_DTYPES: set = set()
+
+
+def _torch_cpu_views(tensor: type, arrays: tuple) -> tuple | None:
+    """q, the caches, k, v, cache_seqlens and block_table with every CPU torch tensor as its zero-copy NumPy
+    view (``input_array``'s), or None where one is anything else (a tensor that requires grad, on another
+    device, of another type): such calls take the full path, which names what it refuses."""
+    if not _NUMPY_TORCH_DTYPES:
+        import torch
+
+        _NUMPY_TORCH_DTYPES.update((torch.float32, torch.float64, torch.float16, torch.int32, torch.int64))
+    out = []
+    for x in arrays:
+        if x is None or type(x) is int or type(x) is np.ndarray:
+            out.append(x)
+        elif type(x) is tensor and x.is_cpu and not x.requires_grad:
+            out.append(x.numpy() if x.dtype in _NUMPY_TORCH_DTYPES and not x.is_neg() else torch_cpu_to_numpy(x))
+        else:
+            return None
+    return tuple(out)
+
+
+def _host_key(q: np.ndarray, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any,
+              options: tuple) -> tuple | None:
+    """``_fast_key`` for NumPy arrays: every array's shape, byte strides and dtype, the caches' writeability
+    when appending, and the options; None for any other call."""
+    nd = np.ndarray
+    if type(k_cache) is not nd or type(v_cache) is not nd:
+        return None
+    key = ["host", q.shape, q.strides, q.dtype, k_cache.shape, k_cache.strides, k_cache.dtype,
+           v_cache.shape, v_cache.strides, v_cache.dtype]
+    if k is not None or table is not None:
+        for x in (k, v, table):
+            if x is None:
+                key.append(None)
+                continue
+            if type(x) is not nd:
+                return None
+            key += (x.shape, x.strides, x.dtype)
+        if k is not None:
+            key += (k_cache.flags.writeable, v_cache.flags.writeable)
+    if type(lens) is int:
+        key.append(int)
+    elif type(lens) is nd:
+        key += (lens.shape, lens.strides, lens.dtype)
+    else:
+        return None
+    key += (options, tuple(map(type, options)))  # typed: True and 1 are checked apart
+    return tuple(key)
+
+
 def flash_attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -416,8 +468,22 @@ def flash_attention_with_kvcache(
     options = (causal, window, softcap, scale, num_splits, return_lse, layout, backend, num_threads)
     torch = sys.modules.get("torch")
     fast = None
-    if torch is not None and type(q) is torch.Tensor and alibi_slopes is None:
-        fast = _fast_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options, torch.Tensor)
+    if type(q) is np.ndarray:
+        if alibi_slopes is None:
+            fast = _host_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options)
+    elif torch is not None and type(q) is torch.Tensor and alibi_slopes is None:
+        if q.is_cpu:  # the NumPy call on zero-copy views (its repeats take the short way too)
+            host = _torch_cpu_views(torch.Tensor, (q, k_cache, v_cache, k, v, cache_seqlens, block_table))
+            if host is not None:
+                res = flash_attention_with_kvcache(
+                    *host[:5], cache_seqlens=host[5], block_table=host[6], causal=causal, window=window,
+                    softcap=softcap, scale=scale, num_splits=num_splits, return_lse=return_lse, layout=layout,
+                    backend=backend, num_threads=num_threads)
+                if return_lse:
+                    return like_input(res[0], q), like_input(res[1], q)
+                return like_input(res, q)
+        else:
+            fast = _fast_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options, torch.Tensor)
     if fast is not None:
         try:
             repeat = _FAST.get(fast)
@@ -511,16 +577,26 @@ def _check_table(block_table: Any, batch: int, on_gpu: bool) -> tuple[int, int]:
 
 def append(call: CacheCall, lens: np.ndarray, table: np.ndarray | None) -> None:
     """Writes the new tokens into the cache at each sequence's length (in place; values checked)."""
-    for cache, new in ((call.k_cache, call.k), (call.v_cache, call.v)):
+    append_arrays(call, call.k_cache, call.v_cache, call.k, call.v, lens, table)
+
+
+def append_arrays(call: CacheCall, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: np.ndarray | int,
+                  table: np.ndarray | None) -> None:
+    """``append`` on the arrays given (a repeat of a checked call); an int ``lens``: every sequence's."""
+    for cache, new in ((k_cache, k), (v_cache, v)):
         new_bshd = call.bshd(new)
         if table is None:
             cache_bshd = call.bshd(cache)
+            if type(lens) is int:
+                cache_bshd[:, lens:lens + call.seq_new] = new_bshd
+                continue
             for b in range(call.batch):
                 cache_bshd[b, lens[b]:lens[b] + call.seq_new] = new_bshd[b]
             continue
         bs = call.block_size
         for b in range(call.batch):
-            j0, j1 = int(lens[b]), int(lens[b]) + call.seq_new
+            j0 = lens if type(lens) is int else int(lens[b])
+            j1 = j0 + call.seq_new
             start = j0
             while start < j1:
                 stop = min(j1, (start // bs + 1) * bs)  # the run of new tokens inside one block

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import os
 import threading
@@ -76,8 +77,17 @@ def simd_in_use() -> str:
     forced = getattr(_forced, "name", None)
     if forced:
         return forced
-    from_env = os.environ.get("FASTATTN_SIMD", "").strip().lower()
-    return _checked_simd(from_env, "FASTATTN_SIMD=") if from_env else _flash_cpu.best_isa()
+    from_env = os.environ.get("FASTATTN_SIMD")
+    if from_env:
+        from_env = from_env.strip().lower()
+        if from_env:
+            return _checked_simd(from_env, "FASTATTN_SIMD=")
+    return _best_isa()
+
+
+@functools.lru_cache(maxsize=1)
+def _best_isa() -> str:
+    return _flash_cpu.best_isa()
 
 
 def _checked_simd(name: str, source: str = "") -> str:
@@ -247,11 +257,13 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec: AttentionSpec) ->
     lse = np.empty((b4, h4, s4), dtype=compute)
     if launch.decode_len >= 0:
         k4, v4 = _kernel_view(k), _kernel_view(v)
-        used = _decode(_kernel_view(q), k4, v4, out, lse, lens=np.full(spec.batch, launch.decode_len, np.int32),
-                       table=None, scale=spec.scale, causal=spec.rule.causal, window=(kernel_args["window_left"],
-                       kernel_args["window_right"]), softcap=spec.rule.softcap, slopes=kernel_args["alibi"],
-                       simd=kernel_args["isa"], threads_asked=spec.num_threads or _flash_cpu.default_threads(),
-                       num_splits=None, head_dim=spec.head_dim, itemsize=np.dtype(compute).itemsize)
+        q4 = _kernel_view(q)
+        st = _decode_static(q4, k4, v4, scale=spec.scale, causal=spec.rule.causal,
+                            window=(kernel_args["window_left"], kernel_args["window_right"]), softcap=spec.rule.softcap,
+                            slopes=kernel_args["alibi"], head_dim=spec.head_dim, itemsize=np.dtype(compute).itemsize)
+        used = _decode_run(st, q4, k4, v4, out, lse, np.full(spec.batch, launch.decode_len, np.int32), None,
+                           kernel_args["isa"], spec.num_threads or _flash_cpu.default_threads(), None,
+                           launch.decode_len)
     else:
         if _forked_child and launch.threads > 1:
             _warn_forked_once()
@@ -365,11 +377,15 @@ def decode_heads_per_item(k4: np.ndarray, heads_kv: int) -> int:
 
 
 def _cache_work(lens: np.ndarray, heads_kv: int, seq_q: int, group: int, head_dim: int, head_dim_v: int,
-                itemsize: int, threads_asked: int) -> tuple[int, int, int]:
+                itemsize: int, threads_asked: int, every: int | None = None) -> tuple[int, int, int]:
     """(longest sequence, FLOPs, threads) of attention against ``lens[b]`` keys per sequence: the thread
-    rule's inputs for both kernels of a cache call (one thread in a forked child)."""
-    longest = int(lens.max(initial=0))
-    keys = int(lens.sum()) * heads_kv
+    rule's inputs for both kernels of a cache call (one thread in a forked child).  ``every``: the length
+    of every sequence, where the caller knows it (lens then is not read)."""
+    if every is None:
+        longest = int(lens.max(initial=0))
+        keys = int(lens.sum()) * heads_kv
+    else:
+        longest, keys = every, every * len(lens) * heads_kv
     flops = 2 * keys * seq_q * group * (head_dim + head_dim_v)
     threads = _threads.choose_threads(threads_asked, flops=flops, kv_elements=keys * (head_dim + head_dim_v) // 2,
                                       compute_itemsize=itemsize,
@@ -380,21 +396,43 @@ def _cache_work(lens: np.ndarray, heads_kv: int, seq_q: int, group: int, head_di
     return longest, flops, threads
 
 
-def _decode(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray, out: np.ndarray, lse: np.ndarray, *, lens: np.ndarray,
-            table: np.ndarray | None, scale: float, causal: bool, window: tuple[int, int], softcap: float,
-            slopes: Any, simd: str, threads_asked: int, num_splits: int | None, head_dim: int, itemsize: int) -> int:
-    """The decode kernel over (b, h, s, d) views (k / v: a contiguous cache's or a paged one's with ``table``),
-    each sequence's rule bottom-right over its ``lens[b]`` keys: threads, heads per item and splits planned
-    here for every caller (flash_attention_with_kvcache, and flash_attention's short rows)."""
+@dataclasses.dataclass(frozen=True)
+class _DecodeStatic:
+    """What the decode kernel takes that a call's geometry and options fix (worked out once for a call that
+    repeats): the thread rule's inputs, the work items, and the kernel's keyword arguments."""
+
+    heads_kv: int
+    seq_q: int
+    group: int
+    head_dim: int
+    head_dim_v: int
+    itemsize: int
+    items: int
+    kwargs: dict
+
+
+def _decode_static(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray, *, scale: float, causal: bool,
+                   window: tuple[int, int], softcap: float, slopes: Any, head_dim: int, itemsize: int) -> _DecodeStatic:
     b, heads_kv, s = q4.shape[0], k4.shape[1], q4.shape[2]
     group = q4.shape[1] // max(heads_kv, 1)
-    longest, _, threads = _cache_work(lens, heads_kv, s, group, head_dim, v4.shape[3], itemsize, threads_asked)
     heads = decode_heads_per_item(k4, heads_kv) if s * group <= _DECODE_WIDE_ROWS else 1
-    items = b * -(-heads_kv // heads)
-    splits = decode_splits(items, threads, longest, num_splits)
-    return _flash_cpu.decode(q4, k4, v4, out, lse, lens_kv=lens, block_table=table, scale=scale, causal=causal,
-                             window_left=window[0], window_right=window[1], softcap=softcap, alibi=slopes, isa=simd,
-                             num_threads=max(1, min(threads, items * splits)), nsplit=splits, heads_per_item=heads)
+    return _DecodeStatic(heads_kv, s, group, head_dim, v4.shape[3], itemsize, b * -(-heads_kv // heads),
+                         dict(scale=scale, causal=causal, window_left=window[0], window_right=window[1],
+                              softcap=softcap, alibi=slopes, heads_per_item=heads))
+
+
+def _decode_run(st: _DecodeStatic, q4: np.ndarray, k4: np.ndarray, v4: np.ndarray, out: np.ndarray,
+                lse: np.ndarray, lens: np.ndarray, table: np.ndarray | None, simd: str, threads_asked: int,
+                num_splits: int | None, every: int | None = None) -> int:
+    """The decode kernel over (b, h, s, d) views (k / v: a contiguous cache's or a paged one's with ``table``),
+    each sequence's rule bottom-right over its ``lens[b]`` keys (``every``: all of them that long, where the
+    caller knows it): threads and splits planned here for every caller (flash_attention_with_kvcache, and
+    flash_attention's short rows)."""
+    longest, _, threads = _cache_work(lens, st.heads_kv, st.seq_q, st.group, st.head_dim, st.head_dim_v,
+                                      st.itemsize, threads_asked, every)
+    splits = decode_splits(st.items, threads, longest, num_splits)
+    return _flash_cpu.decode(q4, k4, v4, out, lse, lens_kv=lens, block_table=table, isa=simd,
+                             num_threads=max(1, min(threads, st.items * splits)), nsplit=splits, **st.kwargs)
 
 
 def kvcache(call: Any) -> tuple[Any, Any]:
@@ -409,48 +447,133 @@ def kvcache(call: Any) -> tuple[Any, Any]:
     if call.k is not None:
         append(call, lens, table)
     total = (lens + call.seq_new).astype(np.int32)
-    compute = np.float64 if call.dtype == "float64" else np.float32
-    q4 = _kernel_view(call.bshd(call.q).swapaxes(1, 2))  # (b, h, s, d)
-    if call.paged:  # (num_blocks, h_kv, block_size, d)
-        k4, v4 = (_kernel_view(x.swapaxes(1, 2)) for x in (call.k_cache, call.v_cache))
-        table32 = np.ascontiguousarray(table, dtype=np.int32)
-    else:
-        k4, v4 = (_kernel_view(call.bshd(x).swapaxes(1, 2)) for x in (call.k_cache, call.v_cache))
-        table32 = None
-    b, h, s, dv = call.batch, call.heads_q, call.seq_q, call.head_dim_v
+    table32 = np.ascontiguousarray(table, dtype=np.int32) if call.paged else None
+    q4, k4, v4 = (_kernel_view(x) for x in _cache_views(call, call.q, call.k_cache, call.v_cache))
+    out, lse = _attend_cache(_cache_facts(call, q4, k4, v4), q4, k4, v4, total, table32)
+    return like_input(out, call.like), like_input(lse, call.like)
+
+
+def _cache_views(call: Any, q: Any, k_cache: Any, v_cache: Any) -> tuple[Any, Any, Any]:
+    """q as (b, h, s, d), the caches as (b, h_kv, s, d) or a paged cache's (num_blocks, h_kv, block_size, d)."""
     if call.layout == "bshd":
-        out = np.empty((b, s, h, dv), dtype=compute).swapaxes(1, 2)
-    else:
-        out = np.empty((b, h, s, dv), dtype=compute)
-    lse = np.empty((b, h, s), dtype=compute)
-    left, right = call.window
-    slopes = _host(call.alibi_slopes)
-    simd = simd_in_use()
-    itemsize = np.dtype(compute).itemsize
+        return q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)
+    if call.paged:
+        return q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)
+    return q, k_cache, v_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class _CacheFacts:
+    """What attending a checked cache call needs besides its arrays and lengths (a repeat keeps it)."""
+
+    call: Any
+    compute: Any
+    out_bshd: bool       # the output's memory in (batch, seq, heads) order (swapped back at the end)
+    out_shape: tuple
+    cast: Any            # the caller's dtype where it is not the compute type, else None
+    decode: _DecodeStatic | None  # None: the forward kernel (rows per k/v head past DECODE_MAX_ROWS)
+
+
+def _cache_facts(call: Any, q4: np.ndarray, k4: np.ndarray, v4: np.ndarray) -> _CacheFacts:
+    compute = np.float64 if call.dtype == "float64" else np.float32
+    b, h, s, dv = call.batch, call.heads_q, call.seq_q, call.head_dim_v
+    bshd = call.layout == "bshd"
+    decode = None
     if s * call.group <= DECODE_MAX_ROWS:
-        _decode(q4, k4, v4, out, lse, lens=total, table=table32, scale=call.scale, causal=call.causal,
-                window=(left, right), softcap=call.softcap, slopes=slopes, simd=simd,
-                threads_asked=call.num_threads or _flash_cpu.default_threads(), num_splits=call.num_splits,
-                head_dim=call.head_dim, itemsize=itemsize)
+        decode = _decode_static(q4, k4, v4, scale=call.scale, causal=call.causal, window=call.window,
+                                softcap=call.softcap, slopes=_host(call.alibi_slopes), head_dim=call.head_dim,
+                                itemsize=np.dtype(compute).itemsize)
+    cast = None if np.dtype(call.dtype) == np.dtype(compute) else call.dtype
+    return _CacheFacts(call, compute, bshd, (b, s, h, dv) if bshd else (b, h, s, dv), cast, decode)
+
+
+def _attend_cache(facts: _CacheFacts, q4: np.ndarray, k4: np.ndarray, v4: np.ndarray, total: np.ndarray,
+                  table32: np.ndarray | None, every: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Attention of a checked cache call (its views, the new tokens already appended; ``total`` int32 keys per
+    sequence, ``every``: the length of all of them where one length serves) through the decode kernel or, for
+    long chunks, the forward kernel.  Returns NumPy (out, lse) in the caller's layout and dtype."""
+    call, compute = facts.call, facts.compute
+    out = np.empty(facts.out_shape, dtype=compute)
+    out4 = out.swapaxes(1, 2) if facts.out_bshd else out
+    lse = np.empty(facts.out_shape[:3] if not facts.out_bshd else (call.batch, call.heads_q, call.seq_q),
+                   dtype=compute)
+    simd = simd_in_use()
+    threads_asked = call.num_threads or _flash_cpu.default_threads()
+    if facts.decode is not None:
+        _decode_run(facts.decode, q4, k4, v4, out4, lse, total, table32, simd, threads_asked, call.num_splits, every)
     else:
+        b, s, dv = call.batch, call.seq_q, call.head_dim_v
+        itemsize = np.dtype(compute).itemsize
         longest, flops, threads = _cache_work(total, call.heads_kv, s, call.group, call.head_dim, dv, itemsize,
-                                              call.num_threads or _flash_cpu.default_threads())
+                                              threads_asked, every)
         items = b * call.heads_kv
         if not call.paged:
             k4, v4 = k4[:, :, :longest], v4[:, :, :longest]
         plan = plan_call(n_heads=items, seq_q=s, seq_kv=longest, head_dim=max(call.head_dim, dv),
                          compute_itemsize=itemsize, flops=flops, threads=threads, block_q=None, block_kv=None,
                          group=call.group)
+        left, right = call.window
         _flash_cpu.forward(
-            q4, k4, v4, out, lse, batch=b, seq_q=s, seq_kv=longest, block_q=plan.block_q, block_kv=plan.block_kv,
+            q4, k4, v4, out4, lse, batch=b, seq_q=s, seq_kv=longest, block_q=plan.block_q, block_kv=plan.block_kv,
             scale=call.scale, causal=call.causal, bottom_right=True, window_left=left, window_right=right,
-            softcap=call.softcap, alibi=slopes, mask=None, lens_q=None, lens_kv=total, cu_q=None, cu_kv=None,
-            dropout=False, drop_threshold=0, drop_scale=1.0, seed=0, isa=simd,
+            softcap=call.softcap, alibi=_host(call.alibi_slopes), mask=None, lens_q=None, lens_kv=total, cu_q=None,
+            cu_kv=None, dropout=False, drop_threshold=0, drop_scale=1.0, seed=0, isa=simd,
             num_threads=plan.threads if not _forked_child else 1,
             group=plan.group if not _forked_child else panel_group(items, plan.n_q_tiles, 1),
             block_table=table32,
         )
-    if out.dtype != np.dtype(call.dtype):
-        out = out.astype(call.dtype)
-    out = out.swapaxes(1, 2) if call.layout == "bshd" else out
-    return like_input(out, call.like), like_input(lse, call.like)
+    if facts.cast is not None:
+        out = out.astype(facts.cast)
+    return out, lse
+
+
+class CacheRepeat:
+    """A checked NumPy cache call's facts, for its repeats (``_kvcache`` keys them by every shape, stride,
+    dtype and option of the call, and by the caches' writeability when appending): a repeat checks the
+    lengths and the table, appends, and attends.  ``run`` returns None where the full path must take the
+    call (a length to refuse: the full path names the error)."""
+
+    __slots__ = ("facts", "call", "new", "paged", "limit", "seq_new", "check_values", "append")
+
+    def run(self, q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any) -> Any:
+        call, seq_new = self.call, self.seq_new
+        if type(lens) is int and not self.paged:
+            if lens < 0 or lens + seq_new > self.limit:
+                return None
+            if self.new:
+                self.append(call, k_cache, v_cache, k, v, lens, None)
+            every = lens + seq_new
+            return _attend_cache(self.facts, *_cache_views(call, q, k_cache, v_cache),
+                                 np.full(call.batch, every, np.int32), None, every)
+        lens_h = np.full(call.batch, lens, np.int64) if type(lens) is int else lens.astype(np.int64)
+        table_h = table.astype(np.int64) if self.paged else None
+        self.check_values(call, lens_h, table_h)  # before any write
+        if self.new:
+            self.append(call, k_cache, v_cache, k, v, lens_h, table_h)
+        table32 = np.ascontiguousarray(table_h, dtype=np.int32) if self.paged else None
+        return _attend_cache(self.facts, *_cache_views(call, q, k_cache, v_cache),
+                             (lens_h + seq_new).astype(np.int32), table32)
+
+
+def kvcache_repeat(call: Any) -> CacheRepeat | None:
+    """The repeat state of a NumPy cache call ``kvcache`` just ran, or None (GPU arrays, ALiBi slopes,
+    unsigned 64-bit lengths or tables, views the kernels would need copied)."""
+    from ..._kvcache import append_arrays, check_values
+
+    arrays = (call.q, call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens, call.block_table)
+    if call.on_gpu or call.alibi_slopes is not None or any(
+            x is not None and type(x) is not np.ndarray for x in arrays if type(x) is not int):
+        return None
+    if any(isinstance(x, np.ndarray) and x.dtype == np.uint64 for x in (call.cache_seqlens, call.block_table)):
+        return None  # their values are checked against int64 on the full path
+    views = _cache_views(call, call.q, call.k_cache, call.v_cache)
+    if any(_kernel_view(x) is not x for x in views):
+        return None
+    r = CacheRepeat()
+    r.call = dataclasses.replace(call, q=None, k_cache=None, v_cache=None, k=None, v=None, like=None,
+                                 cache_seqlens=None, block_table=None)  # check_values' facts, no arrays
+    r.facts = dataclasses.replace(_cache_facts(call, *views), call=r.call)
+    r.new, r.paged, r.seq_new = call.k is not None, call.paged, call.seq_new
+    r.limit = min(call.capacity, 2**31 - 1)
+    r.check_values, r.append = check_values, append_arrays
+    return r

@@ -117,4 +117,7 @@ def work_estimate_ns(flops: int, kv_elements: int, compute_itemsize: int) -> flo
 def choose_threads(asked: int, *, flops: int, kv_elements: int, compute_itemsize: int, items: int) -> int:
     """The thread count of one call (see the module docstring)."""
     useful = 1 + int(work_estimate_ns(flops, kv_elements, compute_itemsize) // MIN_WORK_PER_THREAD_NS)
-    return max(1, min(asked, cpu_limit(), useful, max(items, 1)))
+    most = min(asked, useful, items)
+    if most <= 1:  # one thread whatever the CPUs (a decode step: no affinity lookup)
+        return 1
+    return max(1, min(most, cpu_limit()))
