@@ -61,14 +61,14 @@ def torch_cpu_to_numpy(x: Any) -> np.ndarray:
 
 def input_array(name: str, x: Any) -> Any:
     """``x`` as an array the backends read (see the module docstring), or a TypeError naming it."""
+    if type(x) is np.ndarray:  # the common case first
+        return x
     check_no_grad(name, x)
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{name} is a numpy.ma masked array; fastattn would ignore its mask. Pass "
             f"{name}.filled(value) (or np.asarray({name}) to use the data under the mask as it is)"
         )
-    if type(x) is np.ndarray:
-        return x
     if is_torch_tensor(x):
         if x.device.type == "cpu":
             return torch_cpu_to_numpy(x)

@@ -114,9 +114,17 @@ def get_backend(name: str) -> ModuleType:
     """The backend module for a registry name (not checked for availability)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {name!r}")
+    module = _LOADED.get(name)
+    if module is not None:
+        return module
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_MODULES)}")
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
+
+
+#: the backend modules imported so far, by name (an import each call costs a lookup in sys.modules and more)
+_LOADED: dict[str, ModuleType] = {}
 
 
 def available_backends() -> list[str]:

