@@ -19,6 +19,12 @@ Semantics (FlashAttention-2's ``flash_attn_with_kvcache``):
 - Every check runs before any write: an append past the cache's capacity (or past the blocks of block_table),
   block numbers out of range, negative lengths, head or dtype mismatches raise and leave the cache untouched.
 
+A decode loop repeats one geometry: a call whose arrays have the shapes, strides (byte strides for NumPy),
+dtypes and devices of a call already checked, with the same options, skips ``check_call`` (NumPy arrays and
+CPU torch tensors, which are read as zero-copy NumPy views: the CPU backend's ``CacheRepeat``; torch CUDA
+tensors: the CUDA backend's ``Repeat``).  Only the values are checked again (lengths, the block table),
+before any write, with the full path's messages.
+
 ``merge_attention(outs, lses)``: exact attention over the union of key sets from the results over each part
 (``out = Σ_i e^(lse_i − lse) out_i``, ``lse = log Σ_i e^(lse_i)``); split-KV decoding and ring attention
 combine their partial results with it.
