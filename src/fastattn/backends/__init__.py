@@ -32,6 +32,8 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from .._validate import is_gpu_array
 
 _MODULES = {
@@ -144,6 +146,8 @@ def resolve(name: str, *arrays: Any) -> ModuleType:
     """Picks the backend: an explicit name, or "auto" by where the data lives."""
     if name != "auto":
         return require(name)
+    if _AUTO_HOST and all(type(a) is np.ndarray for a in arrays):  # NumPy arrays: the answer of the first time
+        return _AUTO_HOST[0]
     on_gpu = [is_gpu_array(a) for a in arrays]
     if any(on_gpu):
         if not all(on_gpu):
@@ -152,10 +156,14 @@ def resolve(name: str, *arrays: Any) -> ModuleType:
     cpu = get_backend("cpu")
     reason = cpu.availability()
     if reason is None:
+        _AUTO_HOST[:] = [cpu]
         return cpu
     _warn_fallback_once(reason)
     return require("reference")
 
+
+#: the backend "auto" picked for host arrays once the cpu backend answered available (it stays so)
+_AUTO_HOST: list[ModuleType] = []
 
 _warned_fallback = False
 
