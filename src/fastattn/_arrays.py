@@ -49,7 +49,8 @@ def check_no_grad(name: str, x: Any) -> None:
 def torch_cpu_to_numpy(x: Any) -> np.ndarray:
     import torch
 
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     if x.is_neg():  # a lazily negated view: NumPy cannot see the sign bit, resolve it
         x = x.resolve_neg()
     if x.dtype == torch.bfloat16:
@@ -70,7 +71,7 @@ def input_array(name: str, x: Any) -> Any:
             f"{name}.filled(value) (or np.asarray({name}) to use the data under the mask as it is)"
         )
     if is_torch_tensor(x):
-        if x.device.type == "cpu":
+        if x.is_cpu:
             return torch_cpu_to_numpy(x)
         return x  # GPU (or other device) tensors: the backend decides
     if is_gpu_array(x):
