@@ -996,20 +996,48 @@ __global__ void __launch_bounds__(NWARPS * 32)
 // hidden one) is skipped, so no value behind the mask reaches a gradient.
 // ------------------------------------------------------------------------------------------------
 
+// P (before dropout) of one element in the input precision (natural units), and the softcap's derivative
+template <typename F, bool INTERVAL, bool MODS>
+__device__ __forceinline__ F bwd_prob_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F lse_i, int i, int j,
+                                           double scale, double softcap, F& dt) {
+    F x;
+    dt = F(1);
+    if constexpr (MODS) x = mask.template logit_dtanh<F>(s, scale, softcap, i, j, dt);
+    else x = s * (F)scale;
+    return (lse_i == -FA_INF || !mask.visible(i, j)) ? F(0) : exp_t<F>(x - lse_i);
+}
+
 // P z and dS' of one element in the input precision (natural units)
 template <typename F, bool INTERVAL, bool MODS>
 __device__ __forceinline__ F bwd_element_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F dp, F lse_i, F dsum_i,
                                               int i, int j, double scale, double softcap, bool keep, F keep_scale,
                                               F& p, F& dt) {
-    F x;
-    dt = F(1);
-    if constexpr (MODS) x = mask.template logit_dtanh<F>(s, scale, softcap, i, j, dt);
-    else x = s * (F)scale;
-    F pr = (lse_i == -FA_INF || !mask.visible(i, j)) ? F(0) : exp_t<F>(x - lse_i);
+    const F pr = bwd_prob_simt<F>(mask, s, lse_i, i, j, scale, softcap, dt);
     const F z = keep ? keep_scale : F(0);
     const F ds = pr == F(0) ? F(0) : pr * (dp * z - dsum_i);
     p = pr * z;
     return ds;  // dS: the caller multiplies by dt (dbias wants dS itself)
+}
+
+// A local row's psum = sum_j P_ij and D = sum_j (P_ij / psum) dP_ij over the keys j0 .. j0 + n - 1 of its
+// tile (P at p[j * ps], dP z at dp[j * ps]; ascending keys, the same order in fa_bwd_simt_kv and
+// fa_bwd_simt_q, so both kernels get the same bits).  psum = 0 when P is not normalized (bwd.cuh).
+template <typename F, int C>
+__device__ __forceinline__ void bwd_local_sums_simt(const F* p, const F* dp, int ps, int n, F lse_i, F& psum,
+                                                    F& dsum_i) {
+    F sum = F(0);
+#pragma unroll 1
+    for (int j = 0; j < n; ++j) sum += p[j * ps];
+    psum = F(0);
+    if (!bwd_psum_is_one<F, C>(sum, lse_i)) return;
+    F dd = F(0);
+#pragma unroll 1
+    for (int j = 0; j < n; ++j) {
+        const F pj = p[j * ps];
+        if (pj != F(0)) dd = fma(pj / sum, dp[j * ps], dd);  // dP where P = 0 may hold inf / NaN
+    }
+    psum = sum;
+    dsum_i = dd;
 }
 
 template <typename T, typename L, int D, int BKV, int BQ, bool INTERVAL, bool MODS>
@@ -1019,6 +1047,7 @@ __global__ void __launch_bounds__(BKV * 4)
     constexpr int NT = BKV * 4;
     constexpr int LDS = D + 1, LDP = BQ + 1;
     constexpr int NU = D / 4, NI = BQ / 4;
+    constexpr int LC = BKV < BQ ? BKV : BQ;  // local rows' key chunk (bwd.cuh), fa_bwd_simt_q's too
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = reinterpret_cast<T*>(smem_raw);
@@ -1027,8 +1056,10 @@ __global__ void __launch_bounds__(BKV * 4)
     T* sdO = sQ + BQ * LDS;
     T* sP = sdO + BQ * LDS;
     T* sS = sP + BKV * LDP;
-    T* sL = sS + BKV * LDP;
+    T* sT = sS + BKV * LDP;  // local rows: the softcap's derivative
+    T* sL = sT + BKV * LDP;
     T* sD = sL + BQ;
+    T* sN = sD + BQ;         // local rows: psum (0: P not normalized)
 
     const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, (float)scale, (float)softcap);
     fa_entry e = kb.e;
@@ -1067,6 +1098,7 @@ __global__ void __launch_bounds__(BKV * 4)
             sD[rr] = i < lq ? (T)dsum[lrow + i] : T(0);
         }
         __syncthreads();
+        const bool tile_local = bwd_tile_has_local<LC>(mask, q0, BQ, kv0, BKV);
 
 #pragma unroll 1
         for (int u = 0; u < NI; ++u) {
@@ -1076,12 +1108,41 @@ __global__ void __launch_bounds__(BKV * 4)
             for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
             const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
             T p, dt;
+            if (tile_local && bwd_row_local<LC>(mask, i)) {  // P, dP z, dt now; dS once the row's sums are in
+                sP[r * LDP + il] = bwd_prob_simt<T>(mask, s, sL[il], i, j, scale, softcap, dt);
+                sS[r * LDP + il] = keep ? dp * (T)keep_scale : T(0);
+                if constexpr (MODS) sT[r * LDP + il] = dt;
+                continue;
+            }
             const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], i, j, scale, softcap, keep,
                                              (T)keep_scale, p, dt);
             if (dbias != nullptr && i < lq && j < lk)
                 dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
             sP[r * LDP + il] = p;
             sS[r * LDP + il] = ds * dt;
+        }
+        if (tile_local) {
+            // a local row's keys are all in this block: its sums over the block's keys (one thread a query)
+            __syncthreads();
+            for (int il = tid; il < BQ; il += NT)
+                if (bwd_row_local<LC>(mask, q0 + il))
+                    bwd_local_sums_simt<T, LC>(sP + il, sS + il, LDP, BKV, sL[il], sN[il], sD[il]);
+            __syncthreads();
+#pragma unroll 1
+            for (int u = 0; u < NI; ++u) {
+                const int il = part + 4 * u, i = q0 + il;
+                if (!bwd_row_local<LC>(mask, i)) continue;
+                const T psum = sN[il], pr = sP[r * LDP + il], dpz = sS[r * LDP + il];
+                const T pn = psum != T(0) ? pr / psum : pr;
+                const T ds = pn == T(0) ? T(0) : pn * (dpz - sD[il]);
+                const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
+                if (dbias != nullptr && i < lq && j < lk)
+                    dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
+                sP[r * LDP + il] = keep ? pn * (T)keep_scale : T(0);
+                T dt = T(1);
+                if constexpr (MODS) dt = sT[r * LDP + il];
+                sS[r * LDP + il] = ds * dt;
+            }
         }
         __syncwarp();
         for (int il = 0; il < BQ; ++il) {
@@ -1115,6 +1176,7 @@ __global__ void __launch_bounds__(BQ * 4)
     constexpr int NT = BQ * 4;
     constexpr int LDS = D + 1, LDP = BKV + 1;
     constexpr int NU = D / 4, NJ = BKV / 4;
+    constexpr int LC = BKV < BQ ? BKV : BQ;  // local rows' key chunk (bwd.cuh), fa_bwd_simt_kv's too
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -1122,6 +1184,8 @@ __global__ void __launch_bounds__(BQ * 4)
     T* sK = sdO + BQ * LDS;
     T* sV = sK + BKV * LDS;
     T* sS = sV + BKV * LDS;
+    T* sP = sS + BQ * LDP;   // local rows: dP z
+    T* sT = sP + BQ * LDP;   // local rows: the softcap's derivative
 
     const int q_block = num_blocks - 1 - (int)(blockIdx.x % (unsigned)num_blocks);
     const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads, ragged, rag_q, rag_kv, seq_q,
@@ -1142,6 +1206,7 @@ __global__ void __launch_bounds__(BQ * 4)
     const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
     const T lse_i = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
     const T dsum_i = i < lq ? (T)dsum[lrow + i] : T(0);
+    const bool row_local = bwd_row_local<LC>(mask, i);
     const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
     if (kv_hi > kv_lo) {
@@ -1159,6 +1224,8 @@ __global__ void __launch_bounds__(BQ * 4)
         load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
         __syncthreads();
+        const bool tile_local = bwd_tile_has_local<LC>(mask, q0, BQ, kv0, BKV);
+        const bool local = tile_local && row_local;
 #pragma unroll 1
         for (int u = 0; u < NJ; ++u) {
             const int jl = part + 4 * u, j = kv0 + jl;
@@ -1167,11 +1234,37 @@ __global__ void __launch_bounds__(BQ * 4)
             for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
             const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
             T p, dt;
+            if (local) {  // P, dP z, dt now; dS once the row's sums are in
+                sS[r * LDP + jl] = bwd_prob_simt<T>(mask, s, lse_i, i, j, scale, softcap, dt);
+                sP[r * LDP + jl] = keep ? dp * (T)keep_scale : T(0);
+                if constexpr (MODS) sT[r * LDP + jl] = dt;
+                continue;
+            }
             const T ds =
                 bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i, i, j, scale, softcap, keep, (T)keep_scale, p, dt);
             sS[r * LDP + jl] = ds * dt;
         }
         __syncwarp();
+        if (tile_local) {
+            // a local row's keys are all in this tile: each of its four threads sums them (the same bits as
+            // fa_bwd_simt_kv's), then turns its own elements into dS'
+            T psum = T(0), dloc = dsum_i;
+            if (local) bwd_local_sums_simt<T, LC>(sS + r * LDP, sP + r * LDP, 1, BKV, lse_i, psum, dloc);
+            __syncwarp();
+            if (local) {
+#pragma unroll 1
+                for (int u = 0; u < NJ; ++u) {
+                    const int jl = part + 4 * u;
+                    const T pr = sS[r * LDP + jl];
+                    const T pn = psum != T(0) ? pr / psum : pr;
+                    const T ds = pn == T(0) ? T(0) : pn * (sP[r * LDP + jl] - dloc);
+                    T dt = T(1);
+                    if constexpr (MODS) dt = sT[r * LDP + jl];
+                    sS[r * LDP + jl] = ds * dt;
+                }
+            }
+            __syncwarp();
+        }
         for (int jl = 0; jl < BKV; ++jl) {
             const T ds = sS[r * LDP + jl];
             if (ds == T(0)) continue;
