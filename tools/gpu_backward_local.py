@@ -2,7 +2,7 @@
 """The CUDA backward's local rows (bwd.cuh, issue 12) on a GPU machine: the SIMT pair's calls for the
 sanitizers, and its timings.
 
-    python tools/gpu_backward_local.py calls        # one call of each local-row shape, float32 and float64
+    python tools/gpu_backward_local.py calls [--quick]  # one call of each local-row shape, float32 and float64
     python tools/gpu_backward_local.py time [--label NAME]
 
 ``calls`` runs fa_bwd_simt_kv / fa_bwd_simt_q over shapes whose rows see one key, two, a chunk's worth, or
@@ -23,7 +23,7 @@ if not any(Path(p).joinpath("fastattn").is_dir() for p in sys.path if p):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def calls() -> None:
+def calls(quick: bool = False) -> None:
     import cupy
     import numpy as np
 
@@ -34,8 +34,8 @@ def calls() -> None:
     def g(*shape, dt):
         return cupy.asarray(rng.standard_normal(shape).astype(dt))
 
-    for dt in ("float32", "float64"):
-        for d in (64, 256):
+    for dt in ("float32",) if quick else ("float32", "float64"):
+        for d in (64,) if quick else (64, 256):
             q, k, v, do = g(2, 4, 70, d, dt=dt), g(2, 2, 70, d, dt=dt), g(2, 2, 70, d, dt=dt), g(2, 4, 70, d, dt=dt)
             one = np.zeros((2, 1, 70, 70), bool)
             one[:, :, np.arange(70), rng.integers(0, 70, 70)] = True
@@ -96,5 +96,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("calls", "time"))
     parser.add_argument("--label", default="")
+    parser.add_argument("--quick", action="store_true", help="calls: float32 at head dim 64 only")
     args = parser.parse_args()
-    calls() if args.what == "calls" else time(args.label)
+    calls(args.quick) if args.what == "calls" else time(args.label)

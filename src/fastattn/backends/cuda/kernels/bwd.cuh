@@ -95,8 +95,8 @@ __device__ __forceinline__ float bwd_element(const fa_mask<INTERVAL, MODS>& mask
 // given.  Rows that see no key (lse = -inf, P = 0) sum to 0 and stay as given (dS = 0).
 //
 // Every kernel that computes a row's P must agree on its P and D: dK / dV (key-major) and dQ
-// (query-major) use the same C, and sum P and P dP in the same order (ascending keys, one thread a
-// row), so the sums are the same bits in both.
+// (query-major) use the same C; the SIMT pair computes the sums once (flash_bwd.cu, fa_bwd_simt_kv) and
+// hands them to the other kernel.
 // ------------------------------------------------------------------------------------------------
 template <int C, bool INTERVAL, bool MODS>
 __device__ __forceinline__ bool bwd_row_local(const fa_mask<INTERVAL, MODS>& mask, int i) {
@@ -104,17 +104,12 @@ __device__ __forceinline__ bool bwd_row_local(const fa_mask<INTERVAL, MODS>& mas
     const int lo = mask.lo(i), hi = mask.hi(i);
     return lo < hi && lo / C == (hi - 1) / C;
 }
-// Does some row of [r0, r0 + rows) qualify with its keys in [kv0, kv0 + n)?  A block-uniform switch:
-// tiles without such a row take the plain path and pay nothing (rows <= 128: a loop of integer math).
+// a local row whose chunk starts in the key block [kv0, kv0 + n): the block that owns its sums
 template <int C, bool INTERVAL, bool MODS>
-__device__ __forceinline__ bool bwd_tile_has_local(const fa_mask<INTERVAL, MODS>& mask, int r0, int rows, int kv0,
-                                                   int n) {
-    if (!INTERVAL) return r0 < mask.lq && mask.lk > 0 && mask.lk <= C && kv0 == 0;
-    const int r1 = min(r0 + rows, mask.lq);
-#pragma unroll 1
-    for (int i = r0; i < r1; ++i)
-        if (bwd_row_local<C>(mask, i) && mask.lo(i) >= kv0 && mask.lo(i) < kv0 + n) return true;
-    return false;
+__device__ __forceinline__ bool bwd_row_owned(const fa_mask<INTERVAL, MODS>& mask, int i, int kv0, int n) {
+    if (!bwd_row_local<C>(mask, i)) return false;
+    const int lo = mask.lo(i);
+    return lo >= kv0 && lo < kv0 + n;
 }
 // is psum, the sum of P over a local row's keys, 1 but for rounding?  The lse passed in carries half
 // an ulp of |lse| (an error common to the row's weights: 6e-8 |lse| in float32), the forward's scores

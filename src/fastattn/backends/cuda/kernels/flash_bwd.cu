@@ -1008,38 +1008,25 @@ __device__ __forceinline__ F bwd_prob_simt(const fa_mask<INTERVAL, MODS>& mask, 
 }
 
 // P z and dS' of one element in the input precision (natural units)
+// (psum_i: a local row's sum of P, which P is divided by; 0 for every other row)
 template <typename F, bool INTERVAL, bool MODS>
 __device__ __forceinline__ F bwd_element_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F dp, F lse_i, F dsum_i,
-                                              int i, int j, double scale, double softcap, bool keep, F keep_scale,
-                                              F& p, F& dt) {
-    const F pr = bwd_prob_simt<F>(mask, s, lse_i, i, j, scale, softcap, dt);
+                                              F psum_i, int i, int j, double scale, double softcap, bool keep,
+                                              F keep_scale, F& p, F& dt) {
+    F pr = bwd_prob_simt<F>(mask, s, lse_i, i, j, scale, softcap, dt);
+    if (psum_i != F(0)) pr = pr / psum_i;
     const F z = keep ? keep_scale : F(0);
     const F ds = pr == F(0) ? F(0) : pr * (dp * z - dsum_i);
     p = pr * z;
     return ds;  // dS: the caller multiplies by dt (dbias wants dS itself)
 }
 
-// A local row's psum = sum_j P_ij and D = sum_j (P_ij / psum) dP_ij over the keys j0 .. j0 + n - 1 of its
-// tile (P at p[j * ps], dP z at dp[j * ps]; ascending keys, the same order in fa_bwd_simt_kv and
-// fa_bwd_simt_q, so both kernels get the same bits).  psum = 0 when P is not normalized (bwd.cuh).
-template <typename F, int C>
-__device__ __forceinline__ void bwd_local_sums_simt(const F* p, const F* dp, int ps, int n, F lse_i, F& psum,
-                                                    F& dsum_i) {
-    F sum = F(0);
-#pragma unroll 1
-    for (int j = 0; j < n; ++j) sum += p[j * ps];
-    psum = F(0);
-    if (!bwd_psum_is_one<F, C>(sum, lse_i)) return;
-    F dd = F(0);
-#pragma unroll 1
-    for (int j = 0; j < n; ++j) {
-        const F pj = p[j * ps];
-        if (pj != F(0)) dd = fma(pj / sum, dp[j * ps], dd);  // dP where P = 0 may hold inf / NaN
-    }
-    psum = sum;
-    dsum_i = dd;
-}
-
+// The SIMT pair's local rows (bwd.cuh): fa_bwd_simt_kv owns each one in the key block that holds its
+// chunk (bwd_row_owned), sums its P there (ascending keys), and publishes psum (0: P not normalized) and
+// the D to use at local_sums[2 x, 2 x + 1] (x the row's lse index; the launcher passes this float buffer
+// of the lse's dtype as dq_acc, which the SIMT kernels have no other use for).  fa_bwd_simt_q, launched
+// after it, reads them: both kernels divide the same P by the same psum, so dK / dV and dQ agree bit for
+// bit, and fa_bwd_simt_q pays nothing but a compare per element (no second pass, no shared memory).
 template <typename T, typename L, int D, int BKV, int BQ, bool INTERVAL, bool MODS>
 __global__ void __launch_bounds__(BKV * 4)
     fa_bwd_simt_kv(FA_BWD_PARAMS(T, L), double softcap, double scale, unsigned long long seed, unsigned threshold,
@@ -1056,10 +1043,10 @@ __global__ void __launch_bounds__(BKV * 4)
     T* sdO = sQ + BQ * LDS;
     T* sP = sdO + BQ * LDS;
     T* sS = sP + BKV * LDP;
-    T* sT = sS + BKV * LDP;  // local rows: the softcap's derivative
-    T* sL = sT + BKV * LDP;
+    T* sL = sS + BKV * LDP;
     T* sD = sL + BQ;
-    T* sN = sD + BQ;         // local rows: psum (0: P not normalized)
+    T* sN = sD + BQ;  // local rows: psum (0: P not normalized)
+    L* local_sums = reinterpret_cast<L*>(dq_acc);
 
     const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, (float)scale, (float)softcap);
     fa_entry e = kb.e;
@@ -1092,13 +1079,15 @@ __global__ void __launch_bounds__(BKV * 4)
         load_tile_simt<T, BQ, D, LDS, NT>(sdO, dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss, do_ss, do_sd,
                                           q0, lq, dv, tid);
         const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+        bool owns = false;
         for (int rr = tid; rr < BQ; rr += NT) {
             const int i = q0 + rr;
             sL[rr] = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
             sD[rr] = i < lq ? (T)dsum[lrow + i] : T(0);
+            owns |= bwd_row_owned<LC>(mask, i, kv0, BKV);
         }
-        __syncthreads();
-        const bool tile_local = bwd_tile_has_local<LC>(mask, q0, BQ, kv0, BKV);
+        // does this tile hold a local row of this block?  (the barrier the tile needs anyway)
+        const bool tile_local = __syncthreads_or(owns);
 
 #pragma unroll 1
         for (int u = 0; u < NI; ++u) {
@@ -1107,14 +1096,15 @@ __global__ void __launch_bounds__(BKV * 4)
             for (int c = 0; c < d; ++c) s = fma(sK[r * LDS + c], sQ[il * LDS + c], s);
             for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
             const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
-            T p, dt;
-            if (tile_local && bwd_row_local<LC>(mask, i)) {  // P, dP z, dt now; dS once the row's sums are in
-                sP[r * LDP + il] = bwd_prob_simt<T>(mask, s, sL[il], i, j, scale, softcap, dt);
+            if (tile_local && bwd_row_owned<LC>(mask, i, kv0, BKV)) {
+                // the raw score and dP z now (P and the softcap's derivative are recomputed from s, the same
+                // bits); dS once the row's sums are in
+                sP[r * LDP + il] = s;
                 sS[r * LDP + il] = keep ? dp * (T)keep_scale : T(0);
-                if constexpr (MODS) sT[r * LDP + il] = dt;
                 continue;
             }
-            const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], i, j, scale, softcap, keep,
+            T p, dt;
+            const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], T(0), i, j, scale, softcap, keep,
                                              (T)keep_scale, p, dt);
             if (dbias != nullptr && i < lq && j < lk)
                 dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
@@ -1122,25 +1112,43 @@ __global__ void __launch_bounds__(BKV * 4)
             sS[r * LDP + il] = ds * dt;
         }
         if (tile_local) {
-            // a local row's keys are all in this block: its sums over the block's keys (one thread a query)
             __syncthreads();
-            for (int il = tid; il < BQ; il += NT)
-                if (bwd_row_local<LC>(mask, q0 + il))
-                    bwd_local_sums_simt<T, LC>(sP + il, sS + il, LDP, BKV, sL[il], sN[il], sD[il]);
+            // one thread a local row: psum and D over the block's keys, ascending
+            for (int il = tid; il < BQ; il += NT) {
+                const int i = q0 + il;
+                if (!bwd_row_owned<LC>(mask, i, kv0, BKV)) continue;
+                T psum = T(0), dt;
+#pragma unroll 1
+                for (int rr = 0; rr < BKV; ++rr)
+                    psum += bwd_prob_simt<T>(mask, sP[rr * LDP + il], sL[il], i, kv0 + rr, scale, softcap, dt);
+                if (bwd_psum_is_one<T, LC>(psum, sL[il])) {
+                    T dd = T(0);
+#pragma unroll 1
+                    for (int rr = 0; rr < BKV; ++rr) {
+                        const T pr = bwd_prob_simt<T>(mask, sP[rr * LDP + il], sL[il], i, kv0 + rr, scale, softcap, dt);
+                        if (pr != T(0)) dd = fma(pr / psum, sS[rr * LDP + il], dd);  // dP z where P = 0: anything
+                    }
+                    sD[il] = dd;
+                } else {
+                    psum = T(0);
+                }
+                sN[il] = psum;
+                local_sums[2 * (lrow + i)] = (L)psum;
+                local_sums[2 * (lrow + i) + 1] = (L)sD[il];
+            }
             __syncthreads();
 #pragma unroll 1
             for (int u = 0; u < NI; ++u) {
                 const int il = part + 4 * u, i = q0 + il;
-                if (!bwd_row_local<LC>(mask, i)) continue;
-                const T psum = sN[il], pr = sP[r * LDP + il], dpz = sS[r * LDP + il];
-                const T pn = psum != T(0) ? pr / psum : pr;
-                const T ds = pn == T(0) ? T(0) : pn * (dpz - sD[il]);
+                if (!bwd_row_owned<LC>(mask, i, kv0, BKV)) continue;
+                T dt;
+                const T pr = bwd_prob_simt<T>(mask, sP[r * LDP + il], sL[il], i, j, scale, softcap, dt);
+                const T pn = sN[il] != T(0) ? pr / sN[il] : pr;
+                const T ds = pn == T(0) ? T(0) : pn * (sS[r * LDP + il] - sD[il]);
                 const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
                 if (dbias != nullptr && i < lq && j < lk)
                     dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
                 sP[r * LDP + il] = keep ? pn * (T)keep_scale : T(0);
-                T dt = T(1);
-                if constexpr (MODS) dt = sT[r * LDP + il];
                 sS[r * LDP + il] = ds * dt;
             }
         }
@@ -1184,8 +1192,6 @@ __global__ void __launch_bounds__(BQ * 4)
     T* sK = sdO + BQ * LDS;
     T* sV = sK + BKV * LDS;
     T* sS = sV + BKV * LDS;
-    T* sP = sS + BQ * LDP;   // local rows: dP z
-    T* sT = sP + BQ * LDP;   // local rows: the softcap's derivative
 
     const int q_block = num_blocks - 1 - (int)(blockIdx.x % (unsigned)num_blocks);
     const fa_entry e = fa_entry_of((int)(blockIdx.x / (unsigned)num_blocks), heads, ragged, rag_q, rag_kv, seq_q,
@@ -1205,8 +1211,12 @@ __global__ void __launch_bounds__(BQ * 4)
 
     const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
     const T lse_i = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
-    const T dsum_i = i < lq ? (T)dsum[lrow + i] : T(0);
-    const bool row_local = bwd_row_local<LC>(mask, i);
+    T dsum_i = i < lq ? (T)dsum[lrow + i] : T(0), psum_i = T(0);
+    if (bwd_row_local<LC>(mask, i)) {  // fa_bwd_simt_kv's sums of this local row
+        const L* ls = reinterpret_cast<const L*>(dq_acc);
+        psum_i = (T)ls[2 * (lrow + i)];
+        dsum_i = (T)ls[2 * (lrow + i) + 1];
+    }
     const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
     if (kv_hi > kv_lo) {
@@ -1224,8 +1234,6 @@ __global__ void __launch_bounds__(BQ * 4)
         load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
         __syncthreads();
-        const bool tile_local = bwd_tile_has_local<LC>(mask, q0, BQ, kv0, BKV);
-        const bool local = tile_local && row_local;
 #pragma unroll 1
         for (int u = 0; u < NJ; ++u) {
             const int jl = part + 4 * u, j = kv0 + jl;
@@ -1234,37 +1242,11 @@ __global__ void __launch_bounds__(BQ * 4)
             for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
             const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
             T p, dt;
-            if (local) {  // P, dP z, dt now; dS once the row's sums are in
-                sS[r * LDP + jl] = bwd_prob_simt<T>(mask, s, lse_i, i, j, scale, softcap, dt);
-                sP[r * LDP + jl] = keep ? dp * (T)keep_scale : T(0);
-                if constexpr (MODS) sT[r * LDP + jl] = dt;
-                continue;
-            }
-            const T ds =
-                bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i, i, j, scale, softcap, keep, (T)keep_scale, p, dt);
+            const T ds = bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i, psum_i, i, j, scale, softcap, keep,
+                                             (T)keep_scale, p, dt);
             sS[r * LDP + jl] = ds * dt;
         }
         __syncwarp();
-        if (tile_local) {
-            // a local row's keys are all in this tile: each of its four threads sums them (the same bits as
-            // fa_bwd_simt_kv's), then turns its own elements into dS'
-            T psum = T(0), dloc = dsum_i;
-            if (local) bwd_local_sums_simt<T, LC>(sS + r * LDP, sP + r * LDP, 1, BKV, lse_i, psum, dloc);
-            __syncwarp();
-            if (local) {
-#pragma unroll 1
-                for (int u = 0; u < NJ; ++u) {
-                    const int jl = part + 4 * u;
-                    const T pr = sS[r * LDP + jl];
-                    const T pn = psum != T(0) ? pr / psum : pr;
-                    const T ds = pn == T(0) ? T(0) : pn * (sP[r * LDP + jl] - dloc);
-                    T dt = T(1);
-                    if constexpr (MODS) dt = sT[r * LDP + jl];
-                    sS[r * LDP + jl] = ds * dt;
-                }
-            }
-            __syncwarp();
-        }
         for (int jl = 0; jl < BKV; ++jl) {
             const T ds = sS[r * LDP + jl];
             if (ds == T(0)) continue;
