@@ -111,6 +111,12 @@ __device__ __forceinline__ bool bwd_row_owned(const fa_mask<INTERVAL, MODS>& mas
     const int lo = mask.lo(i);
     return lo >= kv0 && lo < kv0 + n;
 }
+// a compile-time switch for generic lambdas: a loop written once, instantiated with and without the
+// local rows' work, so tiles without local rows run the plain loop
+template <bool B>
+struct fa_flag {
+    static constexpr bool value = B;
+};
 // is psum, the sum of P over a local row's keys, 1 but for rounding?  The lse passed in carries half
 // an ulp of |lse| (an error common to the row's weights: 6e-8 |lse| in float32), the forward's scores
 // were summed in another order, and the sum of up to C terms rounds: 8 eps (|lse| + 2 C + 16), the CPU

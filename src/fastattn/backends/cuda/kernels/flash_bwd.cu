@@ -1089,28 +1089,35 @@ __global__ void __launch_bounds__(BKV * 4)
         // does this tile hold a local row of this block?  (the barrier the tile needs anyway)
         const bool tile_local = __syncthreads_or(owns);
 
+        auto scores = [&](auto local_flag) {
+            constexpr bool LOCAL = decltype(local_flag)::value;
 #pragma unroll 1
-        for (int u = 0; u < NI; ++u) {
-            const int il = part + 4 * u, i = q0 + il;
-            T s = T(0), dp = T(0);
-            for (int c = 0; c < d; ++c) s = fma(sK[r * LDS + c], sQ[il * LDS + c], s);
-            for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
-            const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
-            if (tile_local && bwd_row_owned<LC>(mask, i, kv0, BKV)) {
-                // the raw score and dP z now (P and the softcap's derivative are recomputed from s, the same
-                // bits); dS once the row's sums are in
-                sP[r * LDP + il] = s;
-                sS[r * LDP + il] = keep ? dp * (T)keep_scale : T(0);
-                continue;
+            for (int u = 0; u < NI; ++u) {
+                const int il = part + 4 * u, i = q0 + il;
+                T s = T(0), dp = T(0);
+                for (int c = 0; c < d; ++c) s = fma(sK[r * LDS + c], sQ[il * LDS + c], s);
+                for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
+                const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
+                if constexpr (LOCAL) {
+                    if (bwd_row_owned<LC>(mask, i, kv0, BKV)) {
+                        // the raw score and dP z now (P and the softcap's derivative are recomputed from s,
+                        // the same bits); dS once the row's sums are in
+                        sP[r * LDP + il] = s;
+                        sS[r * LDP + il] = keep ? dp * (T)keep_scale : T(0);
+                        continue;
+                    }
+                }
+                T p, dt;
+                const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], T(0), i, j, scale, softcap, keep,
+                                                 (T)keep_scale, p, dt);
+                if (dbias != nullptr && i < lq && j < lk)
+                    dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
+                sP[r * LDP + il] = p;
+                sS[r * LDP + il] = ds * dt;
             }
-            T p, dt;
-            const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], T(0), i, j, scale, softcap, keep,
-                                             (T)keep_scale, p, dt);
-            if (dbias != nullptr && i < lq && j < lk)
-                dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
-            sP[r * LDP + il] = p;
-            sS[r * LDP + il] = ds * dt;
-        }
+        };
+        if (tile_local) scores(fa_flag<true>{});
+        else scores(fa_flag<false>{});
         if (tile_local) {
             __syncthreads();
             // one thread a local row: psum and D over the block's keys, ascending
@@ -1229,23 +1236,29 @@ __global__ void __launch_bounds__(BQ * 4)
     T acc_q[NU];
 #pragma unroll
     for (int u = 0; u < NU; ++u) acc_q[u] = T(0);
+    const bool block_local = __syncthreads_or(psum_i != T(0));  // some row's P is divided by its sum
     for (int kv0 = kv_begin; kv0 < kv_hi; kv0 += BKV) {
         __syncthreads();
         load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
         __syncthreads();
+        auto scores = [&](auto local_flag) {
 #pragma unroll 1
-        for (int u = 0; u < NJ; ++u) {
-            const int jl = part + 4 * u, j = kv0 + jl;
-            T s = T(0), dp = T(0);
-            for (int c = 0; c < d; ++c) s = fma(sQ[r * LDS + c], sK[jl * LDS + c], s);
-            for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
-            const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
-            T p, dt;
-            const T ds = bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i, psum_i, i, j, scale, softcap, keep,
-                                             (T)keep_scale, p, dt);
-            sS[r * LDP + jl] = ds * dt;
-        }
+            for (int u = 0; u < NJ; ++u) {
+                const int jl = part + 4 * u, j = kv0 + jl;
+                T s = T(0), dp = T(0);
+                for (int c = 0; c < d; ++c) s = fma(sQ[r * LDS + c], sK[jl * LDS + c], s);
+                for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
+                const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
+                T p, dt;
+                const T ds = bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i,
+                                                 decltype(local_flag)::value ? psum_i : T(0), i, j, scale, softcap,
+                                                 keep, (T)keep_scale, p, dt);
+                sS[r * LDP + jl] = ds * dt;
+            }
+        };
+        if (block_local) scores(fa_flag<true>{});
+        else scores(fa_flag<false>{});
         __syncwarp();
         for (int jl = 0; jl < BKV; ++jl) {
             const T ds = sS[r * LDP + jl];
