@@ -30,7 +30,9 @@
 //                      fast, order-dependent path); fa_bwd_dq_convert then writes dq.
 //   fa_bwd_dq_mma      the deterministic dQ: one block per (query tile, batch * head), warps own query
 //                      rows and walk the key tiles (the forward's work split), recomputing S and dP.
-//   fa_bwd_simt_kv / fa_bwd_simt_q   float32 / float64: the same two passes in exact FMA arithmetic.
+//   fa_bwd_simt_kv / fa_bwd_simt_q   float32 / float64: the same two passes in exact FMA arithmetic; a
+//                      row whose keys lie in one chunk has its P normalized and D = sum_j P_ij dP_ij
+//                      (bwd.cuh "Local rows": fa_bwd_simt_kv computes the sums, fa_bwd_simt_q reads them).
 // Hidden entries never reach a gradient through P: P = 0 there and dS is set to exactly 0 (not
 // 0 * dP, which is NaN when V or dO holds inf / NaN at an entry the mask hides).
 #include <cuda_fp16.h>
