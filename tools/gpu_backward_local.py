@@ -4,6 +4,7 @@ sanitizers, and its timings.
 
     python tools/gpu_backward_local.py calls [--quick]  # one call of each local-row shape, float32 and float64
     python tools/gpu_backward_local.py time [--label NAME]
+    python tools/gpu_backward_local.py kernels [--label NAME]   # each kernel's own time (CUDA events)
 
 ``calls`` runs fa_bwd_simt_kv / fa_bwd_simt_q over shapes whose rows see one key, two, a chunk's worth, or
 none (causal + window, a boolean mask, padded lengths, dropout, softcap + ALiBi + a float bias with dbias,
@@ -92,10 +93,48 @@ def time(label: str) -> None:
         print(f"{label:8s} {dt} b{b} h{h} n{n} d{d} {opts}: {ms:.3f} ms", flush=True)
 
 
+def kernels(label: str) -> None:
+    """Median time of each launch of the backward (prep, fa_bwd_simt_kv, fa_bwd_simt_q) over the TIMED shapes,
+    from CUDA events around each kernel (the plans' kernels wrapped after a first call)."""
+    import statistics
+
+    import cupy
+
+    import fastattn
+    from fastattn.backends.cuda import _backward
+
+    class Timed:
+        def __init__(self, name, kernel):
+            self.name, self.kernel, self.ms = name, kernel, []
+
+        def __call__(self, *args, **kwargs):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            self.kernel(*args, **kwargs)
+            end.record()
+            end.synchronize()
+            self.ms.append(cupy.cuda.get_elapsed_time(start, end))
+
+    rng = cupy.random.default_rng(0)
+    for dt, b, h, n, d, opts in TIMED:
+        q, k, v, do = (rng.standard_normal((b, h, n, d), dtype=cupy.float64).astype(dt) for _ in range(4))
+        out, lse = fastattn.flash_attention(q, k, v, return_lse=True, backend="cuda", **opts)
+        _backward._PLANS.clear()
+        fastattn.flash_attention_backward(do, q, k, v, out, lse, backend="cuda", **opts)
+        (key, plan), = _backward._PLANS.items()
+        timers = [Timed("kv", plan.main[0]), Timed("q", plan.dq[0])]
+        _backward._PLANS[key] = plan._replace(main=(timers[0], *plan.main[1:]), dq=(timers[1], *plan.dq[1:]))
+        for _ in range(60):
+            fastattn.flash_attention_backward(do, q, k, v, out, lse, backend="cuda", **opts)
+        cols = "  ".join(f"{t.name} {statistics.median(t.ms[10:]):.3f}" for t in timers)
+        print(f"{label:8s} {dt} b{b} h{h} n{n} d{d} {opts}: {cols} ms", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("calls", "time"))
+    parser.add_argument("what", choices=("calls", "time", "kernels"))
     parser.add_argument("--label", default="")
     parser.add_argument("--quick", action="store_true", help="calls: float32 at head dim 64 only")
     args = parser.parse_args()
-    calls(args.quick) if args.what == "calls" else time(args.label)
+    {"calls": lambda: calls(args.quick), "time": lambda: time(args.label),
+     "kernels": lambda: kernels(args.label)}[args.what]()

@@ -6,6 +6,7 @@
 #   pytest  pytest tests/test_cuda_backward.py -k PYTEST_K
 #   memcheck / racecheck   compute-sanitizer over tools/gpu_backward_local.py calls
 #   time    tools/gpu_backward_local.py time, alternating this tree and BASE_SRC (a copy of the base's src/)
+#   kernels the same, each kernel's own time (CUDA events)
 #   STEPS="tests memcheck" BASE_SRC=../base/src bash tools/gpu_backward_local_session.sh
 set -u
 OUT=${OUT:-/tmp/fastattn-gpu}; mkdir -p "$OUT"
@@ -49,13 +50,13 @@ for step in $STEPS; do
       calls $([ $step = racecheck ] && echo --quick) 2>&1 | tee "$OUT/$step.log" | tail -6
     echo "$step exit: ${PIPESTATUS[0]}"
     ;;
-  time)
-    python3 tools/gpu_backward_local.py time --label new > /dev/null 2>&1  # compile both trees' kernels first
-    PYTHONPATH=$BASE_SRC python3 tools/gpu_backward_local.py time --label base > /dev/null 2>&1
+  time|kernels)
+    python3 tools/gpu_backward_local.py $step --label new > /dev/null 2>&1  # compile both trees' kernels first
+    PYTHONPATH=$BASE_SRC python3 tools/gpu_backward_local.py $step --label base > /dev/null 2>&1
     for round in 1 2; do
-      PYTHONPATH=$BASE_SRC python3 tools/gpu_backward_local.py time --label base
-      python3 tools/gpu_backward_local.py time --label new
-    done 2>&1 | tee "$OUT/time.log"
+      PYTHONPATH=$BASE_SRC python3 tools/gpu_backward_local.py $step --label base
+      python3 tools/gpu_backward_local.py $step --label new
+    done 2>&1 | tee "$OUT/$step.log"
     ;;
   esac
 done
