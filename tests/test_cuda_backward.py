@@ -426,3 +426,130 @@ def test_zero_sizes(sq, sk):
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     for g in (dq, dk, dv):
         assert not bool(g.any())
+
+
+# ---------------------------------------------------------------------------------------------
+# rows that see one or two keys (issue 12): the exact dS is 0 (or nearly); a plain implementation,
+# normalizing its own P, gets it, and so must the kernels (bwd.cuh "Local rows")
+# ---------------------------------------------------------------------------------------------
+
+def _plain_float32(q, k, v, do, opts):
+    """dq, dk, dv of a materialized attention in float32 (NumPy, bhsd; causal / window / softcap / boolean
+    mask / padded lengths): softmax normalizing its own P, D = rowsum(P dP)."""
+    f = np.float32
+    b, h, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    scale = f(opts.get("scale", 1 / np.sqrt(d)))
+    causal = opts.get("causal", False)
+    left, right = opts.get("window") or (-1, -1)
+    rule = MaskRule(causal=bool(causal), bottom_right=causal == "bottom_right", window_left=left, window_right=right)
+    lens_q = opts.get("seqlens_q", [sq] * b)
+    lens_k = opts.get("seqlens_kv", [sk] * b)
+    mask = opts.get("attn_mask")
+    dq, dk, dv = (np.zeros(x.shape, f) for x in (q, k, v))
+    for bi in range(b):
+        lq, lk = int(lens_q[bi]), int(lens_k[bi])
+        if lq == 0 or lk == 0:
+            continue
+        for hi in range(h):
+            hh = hi // (h // hk)
+            qh, kh, vh, doh = q[bi, hi, :lq].astype(f), k[bi, hh, :lk].astype(f), v[bi, hh, :lk].astype(f), \
+                do[bi, hi, :lq].astype(f)
+            allowed = allowed_and_bias(rule, lq, lk)[0].copy()
+            if mask is not None:
+                allowed &= np.broadcast_to(mask, (b, h, sq, sk))[bi, hi, :lq, :lk]
+            z = (qh @ kh.T) * scale
+            cap = f(opts.get("softcap", 0.0))
+            t = np.tanh(z / cap) if cap else None
+            s = np.where(allowed, z if t is None else cap * t, -np.inf).astype(f)
+            m = s.max(axis=1, keepdims=True)
+            m = np.where(np.isneginf(m), f(0), m)
+            p = np.exp(s - m)
+            rs = p.sum(axis=1, keepdims=True)
+            p = np.where(rs > 0, p / np.where(rs > 0, rs, f(1)), f(0)).astype(f)
+            dp = doh @ vh.T
+            ds = np.where(allowed, p * (dp - (p * dp).sum(axis=1, keepdims=True)), f(0)).astype(f)
+            if t is not None:
+                ds = (ds * (f(1) - t * t)).astype(f)
+            dq[bi, hi, :lq] = (ds @ kh) * scale
+            dk[bi, hh, :lk] += (ds.T @ qh) * scale
+            dv[bi, hh, :lk] += p.T @ doh
+    return [x.astype(np.float64) for x in (dq, dk, dv)]
+
+
+def _one_key_mask(rng, b, sq, sk):
+    """A boolean mask (b, 1, sq, sk) leaving one random key per row, and no key to row 1."""
+    mask = np.zeros((b, 1, sq, sk), bool)
+    mask[np.arange(b)[:, None], 0, np.arange(sq)[None, :], rng.integers(0, sk, (b, sq))] = True
+    mask[:, :, 1] = False
+    return mask
+
+
+#: name -> (b, h, hk, sq, sk, d, options): every row sees one key, or two
+FEW_KEY_CASES = {
+    "one_key_causal_window_0": (2, 2, 1, 77, 77, 64, {"causal": True, "window": (0, 0)}),
+    "two_keys_window_1": (1, 3, 3, 70, 70, 64, {"causal": True, "window": (1, 0)}),
+    "one_key_bool_mask": (2, 2, 2, 40, 29, 64, {"bool_one_key": True}),
+    "two_keys_softcap": (2, 2, 2, 2, 2, 32, {"causal": True, "softcap": 5.0}),
+    "ragged_length_1": (3, 2, 2, 20, 30, 64, {"seqlens_q": [1, 20, 3], "seqlens_kv": [1, 2, 30]}),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(FEW_KEY_CASES))
+def test_rows_that_see_one_or_two_keys(name, dtype):
+    b, h, hk, sq, sk, d, spec = FEW_KEY_CASES[name]
+    rng = np.random.default_rng(12)
+    q, k, v, do = _arrays(rng, b, h, hk, sq, sk, d, d, dtype)
+    opts = {key: val for key, val in spec.items() if key != "bool_one_key"}
+    if spec.get("bool_one_key"):
+        opts["attn_mask"] = _one_key_mask(rng, b, sq, sk)
+    for key in ("seqlens_q", "seqlens_kv"):
+        if key in opts:
+            opts[key] = np.array(opts[key], np.int32)
+    ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), opts)[1:]
+    _poison_pool([x.nbytes for x in (q, k, v)])
+    got = [_host(g) for g in _grads("cuda", *(_gpu(x) for x in (q, k, v, do)), {key: _gpu(val) for key, val in
+                                                                                  opts.items()})[1:]]
+    # errors in units of the call's largest reference gradient (dq and dk of one-key rows are exactly 0)
+    unit = max(float(np.linalg.norm(r)) for r in ref)
+    if dtype in ("float32", "float64"):
+        plain = _plain_float32(q, k, v, do, opts) if dtype == "float32" else ref
+        slack = 1e-7 if dtype == "float32" else 1e-15
+    else:
+        plain = _naive_half_grads(q, k, v, do, opts, dtype)
+        slack = 2e-4
+    for i, (which, g, r) in enumerate(zip(("dq", "dk", "dv"), got, ref, strict=True)):
+        assert np.isfinite(g).all(), f"{which}: non-finite (unwritten?) elements"
+        err = float(np.linalg.norm(g - r)) / unit
+        if plain is None:
+            assert err <= FIXED_TOL[dtype], f"{which}: error {err:.3g}"
+            continue
+        plain_err = float(np.linalg.norm(plain[i] - r)) / unit
+        assert err <= 2 * plain_err + slack, f"{which}: error {err:.3g}, plain {dtype}'s {plain_err:.3g}"
+        if dtype in ("float32", "float64") and name.startswith("one_key") and which != "dv":
+            assert not g.any(), f"{which}: a row that sees one key has dS = 0 exactly"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("sk", [3, 6, 40])
+def test_key_shards_with_the_whole_rows_lse_are_not_renormalized(dtype, sk):
+    """Ring attention: each shard of the keys gets the whole row's out and lse; a shard's P sums to less
+    than 1 and must stay as given even where the shard's keys fit one tile, so the shards' dq add up to the
+    whole gradient and their dk / dv are the whole gradient's rows."""
+    rng = np.random.default_rng(sk)
+    q, k, v, do = _arrays(rng, 2, 2, 2, 37, sk, 64, 64, dtype)
+    ref = _grads("reference", *(x.astype(np.float64) for x in (q, k, v, do)), {})[1:]
+    gq, gk, gv, gdo = (_gpu(x) for x in (q, k, v, do))
+    out, lse = fastattn.flash_attention(gq, gk, gv, return_lse=True, backend="cuda")
+    cuts = (0, sk // 3, sk)
+    parts = [[_host(g) for g in fastattn.flash_attention_backward(gdo, gq, gk[:, :, a:c], gv[:, :, a:c], out, lse,
+                                                                  backend="cuda")[:3]]
+             for a, c in zip(cuts[:-1], cuts[1:], strict=True)]
+    tol = FIXED_TOL[dtype]
+    assert _rel(sum(p[0] for p in parts), ref[0]) <= tol
+    assert _rel(np.concatenate([p[1] for p in parts], axis=2), ref[1]) <= tol
+    assert _rel(np.concatenate([p[2] for p in parts], axis=2), ref[2]) <= tol
+

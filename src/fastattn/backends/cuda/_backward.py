@@ -11,7 +11,9 @@
       fa_bwd_mma                     the same work for every other head dim (each warp owns 16 keys)
       fa_bwd_dq_convert              dq = scale * that buffer, in the input dtype
       deterministic=True: either of them without dQ, then fa_bwd_dq_mma (dQ per query tile, no atomics)
-    float32 / float64: fa_bwd_simt_kv (dK, dV) and fa_bwd_simt_q (dQ), exact FMA, deterministic
+    float32 / float64: fa_bwd_simt_kv (dK, dV) and fa_bwd_simt_q (dQ), exact FMA, deterministic; a row whose
+                       keys lie in one chunk has its P normalized (kernels/bwd.cuh, "Local rows"), the sums
+                       passed from the first kernel to the second in a float buffer of 2 x lse's size
 
 Every launch's arguments but the pointers are a pure function of the call's geometry: worked out once per
 geometry and cached, as the forward's launch plan (``_launch``).
@@ -232,6 +234,8 @@ def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, spec: Attent
     kernel, grid, args = plan.prep
     kernel(grid, (256,), (dout, out, dsum, *args))
     dq_acc = None
+    if plan.kernel == "simt":  # the local rows' (sum of P, D), fa_bwd_simt_kv to fa_bwd_simt_q (flash_bwd.cu)
+        dq_acc = cp.zeros(2 * lse.size, dtype=lse_dtype)
     if plan.convert is not None:
         dq_acc = cp.zeros((vb, spec.heads, view_q, plan.d_pad), dtype=np.float32)
     ptrs = (q, k, v, dout, lse, dsum, dq, dk, dv, _NULL if dq_acc is None else dq_acc,

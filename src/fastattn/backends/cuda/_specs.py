@@ -655,11 +655,12 @@ def bwd_dq_smem_bytes(head_dim: int, head_dim_v: int, cfg: BwdDqConfig) -> int:
 
 
 def bwd_simt_smem_bytes(dtype: str, head_dim: int) -> tuple[int, int]:
-    """Shared memory of (fa_bwd_simt_kv, fa_bwd_simt_q)."""
+    """Shared memory of (fa_bwd_simt_kv, fa_bwd_simt_q): the four tiles, rows x (cols + 1) of P and dS' (one of
+    them in fa_bwd_simt_q), fa_bwd_simt_kv's per-query lse, D and local rows' sum of P."""
     rows, cols = BWD_SIMT_CONFIGS[(dtype, head_dim)]
     itemsize = 8 if dtype == "float64" else 4
     tiles = (2 * rows + 2 * cols) * (head_dim + 1)
-    return ((tiles + 2 * rows * (cols + 1) + 2 * cols) * itemsize, (tiles + rows * (cols + 1)) * itemsize)
+    return ((tiles + 2 * rows * (cols + 1) + 3 * cols) * itemsize, (tiles + rows * (cols + 1)) * itemsize)
 
 
 def all_bwd_name_expressions() -> list[str]:

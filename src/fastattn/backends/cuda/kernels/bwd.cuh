@@ -83,6 +83,51 @@ __device__ __forceinline__ float bwd_element(const fa_mask<INTERVAL, MODS>& mask
     return ds * dt;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Local rows (the CPU backward's rule, docs/design.md "The backward"): a row whose keys [lo, hi) (the
+// interval of the masking rule, before a boolean mask) lie in one chunk of C keys (chunks aligned at
+// multiples of C) has its whole P in one key tile of every kernel whose key tiles are multiples of C.
+// For such a row the kernels sum P over the chunk; when the sum is 1 but for the rounding of the lse
+// passed in (and of the sum), P is divided by it and D = sum_j P_ij dP_ij (from that P and this dP)
+// replaces the rounded dO . O, so a row that sees one key gets P = 1 and dS = 0 exactly and a row
+// that sees two gets the accuracy of a plain implementation normalizing its own P.  A sum further
+// from 1 means the lse covers keys this call does not hold (a ring-attention shard): P and D stay as
+// given.  Rows that see no key (lse = -inf, P = 0) sum to 0 and stay as given (dS = 0).
+//
+// Every kernel that computes a row's P must agree on its P and D: dK / dV (key-major) and dQ
+// (query-major) use the same C; the SIMT pair computes the sums once (flash_bwd.cu, fa_bwd_simt_kv) and
+// hands them to the other kernel.
+// ------------------------------------------------------------------------------------------------
+template <int C, bool INTERVAL, bool MODS>
+__device__ __forceinline__ bool bwd_row_local(const fa_mask<INTERVAL, MODS>& mask, int i) {
+    if (i >= mask.lq) return false;
+    const int lo = mask.lo(i), hi = mask.hi(i);
+    return lo < hi && lo / C == (hi - 1) / C;
+}
+// a local row whose chunk starts in the key block [kv0, kv0 + n): the block that owns its sums
+template <int C, bool INTERVAL, bool MODS>
+__device__ __forceinline__ bool bwd_row_owned(const fa_mask<INTERVAL, MODS>& mask, int i, int kv0, int n) {
+    if (!bwd_row_local<C>(mask, i)) return false;
+    const int lo = mask.lo(i);
+    return lo >= kv0 && lo < kv0 + n;
+}
+// a compile-time switch for generic lambdas: a loop written once, instantiated with and without the
+// local rows' work, so tiles without local rows run the plain loop
+template <bool B>
+struct fa_flag {
+    static constexpr bool value = B;
+};
+// is psum, the sum of P over a local row's keys, 1 but for rounding?  The lse passed in carries half
+// an ulp of |lse| (an error common to the row's weights: 6e-8 |lse| in float32), the forward's scores
+// were summed in another order, and the sum of up to C terms rounds: 8 eps (|lse| + 2 C + 16), the CPU
+// kernel's tolerance with C for its vector width.  NaN and 0 (a row that sees nothing) fail.
+template <typename F, int C>
+__device__ __forceinline__ bool bwd_psum_is_one(F psum, F lse) {
+    const double eps = sizeof(F) == 4 ? 0x1p-24 : 0x1p-53;
+    const double tol = 8.0 * eps * (fabs((double)lse) + 2.0 * C + 16.0);
+    return fabs((double)psum - 1.0) <= tol;
+}
+
 // sm_90's bulk asynchronous reduction (the TMA unit): dQ tiles leave shared memory as one float32 add per
 // row instead of a red.global per pair of elements
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

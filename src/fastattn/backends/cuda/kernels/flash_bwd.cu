@@ -30,7 +30,9 @@
 //                      fast, order-dependent path); fa_bwd_dq_convert then writes dq.
 //   fa_bwd_dq_mma      the deterministic dQ: one block per (query tile, batch * head), warps own query
 //                      rows and walk the key tiles (the forward's work split), recomputing S and dP.
-//   fa_bwd_simt_kv / fa_bwd_simt_q   float32 / float64: the same two passes in exact FMA arithmetic.
+//   fa_bwd_simt_kv / fa_bwd_simt_q   float32 / float64: the same two passes in exact FMA arithmetic; a
+//                      row whose keys lie in one chunk has its P normalized and D = sum_j P_ij dP_ij
+//                      (bwd.cuh "Local rows": fa_bwd_simt_kv computes the sums, fa_bwd_simt_q reads them).
 // Hidden entries never reach a gradient through P: P = 0 there and dS is set to exactly 0 (not
 // 0 * dP, which is NaN when V or dO holds inf / NaN at an entry the mask hides).
 #include <cuda_fp16.h>
@@ -996,22 +998,37 @@ __global__ void __launch_bounds__(NWARPS * 32)
 // hidden one) is skipped, so no value behind the mask reaches a gradient.
 // ------------------------------------------------------------------------------------------------
 
-// P z and dS' of one element in the input precision (natural units)
+// P (before dropout) of one element in the input precision (natural units), and the softcap's derivative
 template <typename F, bool INTERVAL, bool MODS>
-__device__ __forceinline__ F bwd_element_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F dp, F lse_i, F dsum_i,
-                                              int i, int j, double scale, double softcap, bool keep, F keep_scale,
-                                              F& p, F& dt) {
+__device__ __forceinline__ F bwd_prob_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F lse_i, int i, int j,
+                                           double scale, double softcap, F& dt) {
     F x;
     dt = F(1);
     if constexpr (MODS) x = mask.template logit_dtanh<F>(s, scale, softcap, i, j, dt);
     else x = s * (F)scale;
-    F pr = (lse_i == -FA_INF || !mask.visible(i, j)) ? F(0) : exp_t<F>(x - lse_i);
+    return (lse_i == -FA_INF || !mask.visible(i, j)) ? F(0) : exp_t<F>(x - lse_i);
+}
+
+// P z and dS' of one element in the input precision (natural units)
+// (psum_i: a local row's sum of P, which P is divided by; 0 for every other row)
+template <typename F, bool INTERVAL, bool MODS>
+__device__ __forceinline__ F bwd_element_simt(const fa_mask<INTERVAL, MODS>& mask, F s, F dp, F lse_i, F dsum_i,
+                                              F psum_i, int i, int j, double scale, double softcap, bool keep,
+                                              F keep_scale, F& p, F& dt) {
+    F pr = bwd_prob_simt<F>(mask, s, lse_i, i, j, scale, softcap, dt);
+    if (psum_i != F(0)) pr = pr / psum_i;
     const F z = keep ? keep_scale : F(0);
     const F ds = pr == F(0) ? F(0) : pr * (dp * z - dsum_i);
     p = pr * z;
     return ds;  // dS: the caller multiplies by dt (dbias wants dS itself)
 }
 
+// The SIMT pair's local rows (bwd.cuh): fa_bwd_simt_kv owns each one in the key block that holds its
+// chunk (bwd_row_owned), sums its P there (ascending keys), and publishes psum (0: P not normalized) and
+// the D to use at local_sums[2 x, 2 x + 1] (x the row's lse index; the launcher passes this float buffer
+// of the lse's dtype as dq_acc, which the SIMT kernels have no other use for).  fa_bwd_simt_q, launched
+// after it, reads them: both kernels divide the same P by the same psum, so dK / dV and dQ agree bit for
+// bit, and fa_bwd_simt_q pays nothing but a compare per element (no second pass, no shared memory).
 template <typename T, typename L, int D, int BKV, int BQ, bool INTERVAL, bool MODS>
 __global__ void __launch_bounds__(BKV * 4)
     fa_bwd_simt_kv(FA_BWD_PARAMS(T, L), double softcap, double scale, unsigned long long seed, unsigned threshold,
@@ -1019,6 +1036,7 @@ __global__ void __launch_bounds__(BKV * 4)
     constexpr int NT = BKV * 4;
     constexpr int LDS = D + 1, LDP = BQ + 1;
     constexpr int NU = D / 4, NI = BQ / 4;
+    constexpr int LC = BKV < BQ ? BKV : BQ;  // local rows' key chunk (bwd.cuh), fa_bwd_simt_q's too
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = reinterpret_cast<T*>(smem_raw);
@@ -1029,6 +1047,8 @@ __global__ void __launch_bounds__(BKV * 4)
     T* sS = sP + BKV * LDP;
     T* sL = sS + BKV * LDP;
     T* sD = sL + BQ;
+    T* sN = sD + BQ;  // local rows: psum (0: P not normalized)
+    L* local_sums = reinterpret_cast<L*>(dq_acc);
 
     const fa_bwd_key_block kb = FA_BWD_KEY_BLOCK(INTERVAL, MODS, BKV, BQ, (float)scale, (float)softcap);
     fa_entry e = kb.e;
@@ -1061,27 +1081,85 @@ __global__ void __launch_bounds__(BKV * 4)
         load_tile_simt<T, BQ, D, LDS, NT>(sdO, dout + e.view_b * do_sb + h * do_sh + e.q_row * do_ss, do_ss, do_sd,
                                           q0, lq, dv, tid);
         const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
+        bool owns = false;
         for (int rr = tid; rr < BQ; rr += NT) {
             const int i = q0 + rr;
             sL[rr] = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
             sD[rr] = i < lq ? (T)dsum[lrow + i] : T(0);
+            owns |= bwd_row_owned<LC>(mask, i, kv0, BKV);
         }
-        __syncthreads();
+        // does this tile hold a local row of this block?  (the barrier the tile needs anyway)
+        const bool tile_local = __syncthreads_or(owns);
 
+        auto scores = [&](auto local_flag) {
+            constexpr bool LOCAL = decltype(local_flag)::value;
 #pragma unroll 1
-        for (int u = 0; u < NI; ++u) {
-            const int il = part + 4 * u, i = q0 + il;
-            T s = T(0), dp = T(0);
-            for (int c = 0; c < d; ++c) s = fma(sK[r * LDS + c], sQ[il * LDS + c], s);
-            for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
-            const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
-            T p, dt;
-            const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], i, j, scale, softcap, keep,
-                                             (T)keep_scale, p, dt);
-            if (dbias != nullptr && i < lq && j < lk)
-                dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
-            sP[r * LDP + il] = p;
-            sS[r * LDP + il] = ds * dt;
+            for (int u = 0; u < NI; ++u) {
+                const int il = part + 4 * u, i = q0 + il;
+                T s = T(0), dp = T(0);
+                for (int c = 0; c < d; ++c) s = fma(sK[r * LDS + c], sQ[il * LDS + c], s);
+                for (int c = 0; c < dv; ++c) dp = fma(sV[r * LDS + c], sdO[il * LDS + c], dp);
+                const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
+                if constexpr (LOCAL) {
+                    if (bwd_row_owned<LC>(mask, i, kv0, BKV)) {
+                        // the raw score and dP z now (P and the softcap's derivative are recomputed from s,
+                        // the same bits); dS once the row's sums are in
+                        sP[r * LDP + il] = s;
+                        sS[r * LDP + il] = keep ? dp * (T)keep_scale : T(0);
+                        continue;
+                    }
+                }
+                T p, dt;
+                const T ds = bwd_element_simt<T>(mask, s, dp, sL[il], sD[il], T(0), i, j, scale, softcap, keep,
+                                                 (T)keep_scale, p, dt);
+                if (dbias != nullptr && i < lq && j < lk)
+                    dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
+                sP[r * LDP + il] = p;
+                sS[r * LDP + il] = ds * dt;
+            }
+        };
+        if (tile_local) scores(fa_flag<true>{});
+        else scores(fa_flag<false>{});
+        if (tile_local) {
+            __syncthreads();
+            // one thread a local row: psum and D over the block's keys, ascending
+            for (int il = tid; il < BQ; il += NT) {
+                const int i = q0 + il;
+                if (!bwd_row_owned<LC>(mask, i, kv0, BKV)) continue;
+                T psum = T(0), dt;
+#pragma unroll 1
+                for (int rr = 0; rr < BKV; ++rr)
+                    psum += bwd_prob_simt<T>(mask, sP[rr * LDP + il], sL[il], i, kv0 + rr, scale, softcap, dt);
+                if (bwd_psum_is_one<T, LC>(psum, sL[il])) {
+                    T dd = T(0);
+#pragma unroll 1
+                    for (int rr = 0; rr < BKV; ++rr) {
+                        const T pr = bwd_prob_simt<T>(mask, sP[rr * LDP + il], sL[il], i, kv0 + rr, scale, softcap, dt);
+                        if (pr != T(0)) dd = fma(pr / psum, sS[rr * LDP + il], dd);  // dP z where P = 0: anything
+                    }
+                    sD[il] = dd;
+                } else {
+                    psum = T(0);
+                }
+                sN[il] = psum;
+                local_sums[2 * (lrow + i)] = (L)psum;
+                local_sums[2 * (lrow + i) + 1] = (L)sD[il];
+            }
+            __syncthreads();
+#pragma unroll 1
+            for (int u = 0; u < NI; ++u) {
+                const int il = part + 4 * u, i = q0 + il;
+                if (!bwd_row_owned<LC>(mask, i, kv0, BKV)) continue;
+                T dt;
+                const T pr = bwd_prob_simt<T>(mask, sP[r * LDP + il], sL[il], i, j, scale, softcap, dt);
+                const T pn = sN[il] != T(0) ? pr / sN[il] : pr;
+                const T ds = pn == T(0) ? T(0) : pn * (sS[r * LDP + il] - sD[il]);
+                const bool keep = !dropout || dropout_keep(seed, threshold, e.b, h, i, j);
+                if (dbias != nullptr && i < lq && j < lk)
+                    dbias[((long long)(e.view_b * heads + h) * view_q + e.q_row + i) * view_kv + e.kv_row + j] = ds;
+                sP[r * LDP + il] = keep ? pn * (T)keep_scale : T(0);
+                sS[r * LDP + il] = ds * dt;
+            }
         }
         __syncwarp();
         for (int il = 0; il < BQ; ++il) {
@@ -1115,6 +1193,7 @@ __global__ void __launch_bounds__(BQ * 4)
     constexpr int NT = BQ * 4;
     constexpr int LDS = D + 1, LDP = BKV + 1;
     constexpr int NU = D / 4, NJ = BKV / 4;
+    constexpr int LC = BKV < BQ ? BKV : BQ;  // local rows' key chunk (bwd.cuh), fa_bwd_simt_kv's too
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -1141,7 +1220,12 @@ __global__ void __launch_bounds__(BQ * 4)
 
     const long long lrow = e.view_b * lse_sb + h * lse_sh + e.q_row;
     const T lse_i = i < lq ? (T)lse[lrow + i] : (T)(-FA_INF);
-    const T dsum_i = i < lq ? (T)dsum[lrow + i] : T(0);
+    T dsum_i = i < lq ? (T)dsum[lrow + i] : T(0), psum_i = T(0);
+    if (bwd_row_local<LC>(mask, i)) {  // fa_bwd_simt_kv's sums of this local row
+        const L* ls = reinterpret_cast<const L*>(dq_acc);
+        psum_i = (T)ls[2 * (lrow + i)];
+        dsum_i = (T)ls[2 * (lrow + i) + 1];
+    }
     const T* kp = k + e.view_b * k_sb + (h / group) * k_sh + e.kv_row * k_ss;
     const T* vp = v + e.view_b * v_sb + (h / group) * v_sh + e.kv_row * v_ss;
     if (kv_hi > kv_lo) {
@@ -1154,23 +1238,29 @@ __global__ void __launch_bounds__(BQ * 4)
     T acc_q[NU];
 #pragma unroll
     for (int u = 0; u < NU; ++u) acc_q[u] = T(0);
+    const bool block_local = __syncthreads_or(psum_i != T(0));  // some row's P is divided by its sum
     for (int kv0 = kv_begin; kv0 < kv_hi; kv0 += BKV) {
         __syncthreads();
         load_tile_simt<T, BKV, D, LDS, NT>(sK, kp, k_ss, k_sd, kv0, lk, d, tid);
         load_tile_simt<T, BKV, D, LDS, NT>(sV, vp, v_ss, v_sd, kv0, lk, dv, tid);
         __syncthreads();
+        auto scores = [&](auto local_flag) {
 #pragma unroll 1
-        for (int u = 0; u < NJ; ++u) {
-            const int jl = part + 4 * u, j = kv0 + jl;
-            T s = T(0), dp = T(0);
-            for (int c = 0; c < d; ++c) s = fma(sQ[r * LDS + c], sK[jl * LDS + c], s);
-            for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
-            const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
-            T p, dt;
-            const T ds =
-                bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i, i, j, scale, softcap, keep, (T)keep_scale, p, dt);
-            sS[r * LDP + jl] = ds * dt;
-        }
+            for (int u = 0; u < NJ; ++u) {
+                const int jl = part + 4 * u, j = kv0 + jl;
+                T s = T(0), dp = T(0);
+                for (int c = 0; c < d; ++c) s = fma(sQ[r * LDS + c], sK[jl * LDS + c], s);
+                for (int c = 0; c < dv; ++c) dp = fma(sdO[r * LDS + c], sV[jl * LDS + c], dp);
+                const bool keep = !dropout || dropout_keep(seed, threshold, b, h, i, j);
+                T p, dt;
+                const T ds = bwd_element_simt<T>(mask, s, dp, lse_i, dsum_i,
+                                                 decltype(local_flag)::value ? psum_i : T(0), i, j, scale, softcap,
+                                                 keep, (T)keep_scale, p, dt);
+                sS[r * LDP + jl] = ds * dt;
+            }
+        };
+        if (block_local) scores(fa_flag<true>{});
+        else scores(fa_flag<false>{});
         __syncwarp();
         for (int jl = 0; jl < BKV; ++jl) {
             const T ds = sS[r * LDP + jl];
