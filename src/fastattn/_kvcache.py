@@ -392,24 +392,16 @@ def _fast_key(q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, tab
     return tuple(key)
 
 
-#: torch dtypes whose CPU tensors ``Tensor.numpy`` views as they are (filled in at the first such call)
-_NUMPY_TORCH_DTYPES: set = set()
-
-
 def _torch_cpu_views(tensor: type, arrays: tuple) -> tuple | None:
     """q, the caches, k, v, cache_seqlens and block_table with every CPU torch tensor as its zero-copy NumPy
     view (``input_array``'s), or None where one is anything else (a tensor that requires grad, on another
     device, of another type): such calls take the full path, which names what it refuses."""
-    if not _NUMPY_TORCH_DTYPES:
-        import torch
-
-        _NUMPY_TORCH_DTYPES.update((torch.float32, torch.float64, torch.float16, torch.int32, torch.int64))
     out = []
     for x in arrays:
         if x is None or type(x) is int or type(x) is np.ndarray:
             out.append(x)
         elif type(x) is tensor and x.is_cpu and not x.requires_grad:
-            out.append(x.numpy() if x.dtype in _NUMPY_TORCH_DTYPES and not x.is_neg() else torch_cpu_to_numpy(x))
+            out.append(torch_cpu_to_numpy(x))
         else:
             return None
     return tuple(out)

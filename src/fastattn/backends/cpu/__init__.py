@@ -440,17 +440,25 @@ def kvcache(call: Any) -> tuple[Any, Any]:
     the decode kernel (the cache read where it lies, paged blocks through the table, the keys split across
     threads when the heads alone cannot keep them busy) or, for long chunks, the forward kernel reading the
     cache (paged too) through the same row addressing."""
-    from ..._kvcache import append, check_values, host_values
+    from ..._kvcache import host_values
 
-    lens, table = host_values(call)
-    check_values(call, lens, table)  # before any write
-    if call.k is not None:
-        append(call, lens, table)
-    total = (lens + call.seq_new).astype(np.int32)
-    table32 = np.ascontiguousarray(table, dtype=np.int32) if call.paged else None
+    total, table32 = _checked_append(call, call.k_cache, call.v_cache, call.k, call.v, *host_values(call))
     q4, k4, v4 = (_kernel_view(x) for x in _cache_views(call, call.q, call.k_cache, call.v_cache))
     out, lse = _attend_cache(_cache_facts(call, q4, k4, v4), q4, k4, v4, total, table32)
     return like_input(out, call.like), like_input(lse, call.like)
+
+
+def _checked_append(call: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: np.ndarray,
+                    table: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The values checked (before any write), then the new tokens appended: (keys per sequence as int32, the
+    block table as int32 or None).  ``lens`` and ``table`` are int64 host arrays."""
+    from ..._kvcache import append_arrays, check_values
+
+    check_values(call, lens, table)
+    if k is not None:
+        append_arrays(call, k_cache, v_cache, k, v, lens, table)
+    table32 = np.ascontiguousarray(table, dtype=np.int32) if table is not None else None
+    return (lens + call.seq_new).astype(np.int32), table32
 
 
 def _cache_views(call: Any, q: Any, k_cache: Any, v_cache: Any) -> tuple[Any, Any, Any]:
@@ -495,8 +503,7 @@ def _attend_cache(facts: _CacheFacts, q4: np.ndarray, k4: np.ndarray, v4: np.nda
     call, compute = facts.call, facts.compute
     out = np.empty(facts.out_shape, dtype=compute)
     out4 = out.swapaxes(1, 2) if facts.out_bshd else out
-    lse = np.empty(facts.out_shape[:3] if not facts.out_bshd else (call.batch, call.heads_q, call.seq_q),
-                   dtype=compute)
+    lse = np.empty((call.batch, call.heads_q, call.seq_q), dtype=compute)
     simd = simd_in_use()
     threads_asked = call.num_threads or _flash_cpu.default_threads()
     if facts.decode is not None:
@@ -533,32 +540,28 @@ class CacheRepeat:
     lengths and the table, appends, and attends.  ``run`` returns None where the full path must take the
     call (a length to refuse: the full path names the error)."""
 
-    __slots__ = ("facts", "call", "new", "paged", "limit", "seq_new", "check_values", "append")
+    __slots__ = ("facts", "limit", "append")  # append: _kvcache.append_arrays, held here (no import per call)
 
     def run(self, q: Any, k_cache: Any, v_cache: Any, k: Any, v: Any, lens: Any, table: Any) -> Any:
-        call, seq_new = self.call, self.seq_new
-        if type(lens) is int and not self.paged:
-            if lens < 0 or lens + seq_new > self.limit:
+        call = self.facts.call
+        if type(lens) is int and not call.paged:
+            if lens < 0 or lens + call.seq_new > self.limit:
                 return None
-            if self.new:
+            if k is not None:
                 self.append(call, k_cache, v_cache, k, v, lens, None)
-            every = lens + seq_new
+            every = lens + call.seq_new
             return _attend_cache(self.facts, *_cache_views(call, q, k_cache, v_cache),
                                  np.full(call.batch, every, np.int32), None, every)
         lens_h = np.full(call.batch, lens, np.int64) if type(lens) is int else lens.astype(np.int64)
-        table_h = table.astype(np.int64) if self.paged else None
-        self.check_values(call, lens_h, table_h)  # before any write
-        if self.new:
-            self.append(call, k_cache, v_cache, k, v, lens_h, table_h)
-        table32 = np.ascontiguousarray(table_h, dtype=np.int32) if self.paged else None
-        return _attend_cache(self.facts, *_cache_views(call, q, k_cache, v_cache),
-                             (lens_h + seq_new).astype(np.int32), table32)
+        table_h = table.astype(np.int64) if call.paged else None
+        total, table32 = _checked_append(call, k_cache, v_cache, k, v, lens_h, table_h)
+        return _attend_cache(self.facts, *_cache_views(call, q, k_cache, v_cache), total, table32)
 
 
 def kvcache_repeat(call: Any) -> CacheRepeat | None:
     """The repeat state of a NumPy cache call ``kvcache`` just ran, or None (GPU arrays, ALiBi slopes,
     unsigned 64-bit lengths or tables, views the kernels would need copied)."""
-    from ..._kvcache import append_arrays, check_values
+    from ..._kvcache import append_arrays
 
     arrays = (call.q, call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens, call.block_table)
     if call.on_gpu or call.alibi_slopes is not None or any(
@@ -570,10 +573,8 @@ def kvcache_repeat(call: Any) -> CacheRepeat | None:
     if any(_kernel_view(x) is not x for x in views):
         return None
     r = CacheRepeat()
-    r.call = dataclasses.replace(call, q=None, k_cache=None, v_cache=None, k=None, v=None, like=None,
-                                 cache_seqlens=None, block_table=None)  # check_values' facts, no arrays
-    r.facts = dataclasses.replace(_cache_facts(call, *views), call=r.call)
-    r.new, r.paged, r.seq_new = call.k is not None, call.paged, call.seq_new
-    r.limit = min(call.capacity, 2**31 - 1)
-    r.check_values, r.append = check_values, append_arrays
+    kept = dataclasses.replace(call, q=None, k_cache=None, v_cache=None, k=None, v=None, like=None,
+                               cache_seqlens=None, block_table=None)  # check_values' facts, no arrays
+    r.facts = dataclasses.replace(_cache_facts(call, *views), call=kept)
+    r.limit, r.append = min(call.capacity, 2**31 - 1), append_arrays
     return r

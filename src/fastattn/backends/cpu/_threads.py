@@ -120,4 +120,4 @@ def choose_threads(asked: int, *, flops: int, kv_elements: int, compute_itemsize
     most = min(asked, useful, items)
     if most <= 1:  # one thread whatever the CPUs (a decode step: no affinity lookup)
         return 1
-    return max(1, min(most, cpu_limit()))
+    return min(most, cpu_limit())
